@@ -1,0 +1,127 @@
+"""The tokenizer shared by prepare.py, train.py and sample.py: char-level or tiktoken BPE.
+
+A Tokenizer is fully described by a small JSON-able dict (describe()), which prepare.py
+writes into meta.json and train.py copies into the checkpoint, so sample.py rebuilds the
+exact same tokenizer with from_description() and needs nothing from data/.
+"""
+import numpy as np
+import tiktoken
+
+from errors import UserError
+
+CHAR = "char"
+
+
+def _id_list(ids) -> list[int]:
+    """Plain Python ints from a list, numpy array or torch tensor of ids."""
+    return ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
+
+
+class Tokenizer:
+    """Char-level (id = index into `chars`) or a tiktoken encoding such as gpt2."""
+
+    def __init__(self, name: str, vocab_size: int, eot_id: int | None,
+                 chars: list[str] | None = None, encoding: tiktoken.Encoding | None = None):
+        self.name = name  # "char" or a tiktoken encoding name
+        self.vocab_size = vocab_size
+        self.eot_id = eot_id  # tiktoken's <|endoftext|> id; None for char
+        self.chars = chars  # char-level only: the ordered vocabulary
+        self._encoding = encoding
+        if chars is not None:
+            # Code points sorted, with the id of each: a vectorised lookup for encode.
+            codepoints = np.array([ord(c) for c in chars], dtype=np.uint32)
+            self._order = np.argsort(codepoints, kind="stable").astype(np.uint32)
+            self._sorted_codepoints = codepoints[self._order]
+            self._stoi = {c: i for i, c in enumerate(chars)}
+
+    # ---- construction ----
+
+    @classmethod
+    def char_from_text(cls, chars_iterable) -> "Tokenizer":
+        """Char-level vocabulary: the sorted set of characters (of a string, or any iterable)."""
+        chars = sorted(set(chars_iterable))
+        return cls(CHAR, len(chars), None, chars=chars)
+
+    @classmethod
+    def tiktoken(cls, name: str) -> "Tokenizer":
+        """A tiktoken encoding by name (gpt2, r50k_base, cl100k_base, o200k_base, ...)."""
+        valid = tiktoken.list_encoding_names()
+        if name not in valid:
+            raise UserError(f"unknown tokenizer {name!r}; valid: {', '.join([CHAR] + valid)}")
+        try:
+            encoding = tiktoken.get_encoding(name)
+        except Exception as e:  # network errors (requests, urllib, OSError), hash mismatch
+            raise UserError(
+                f"could not load the tiktoken encoding {name!r} ({type(e).__name__}: {e}); "
+                "tiktoken downloads its files on first use: without internet, set "
+                "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached files") from None
+        return cls(name, encoding.n_vocab, encoding.eot_token, encoding=encoding)
+
+    @classmethod
+    def from_description(cls, d: dict) -> "Tokenizer":
+        """Inverse of describe(); also accepts a meta.json dict (name under "tokenizer")."""
+        name = d.get("name", d.get("tokenizer"))
+        if name is None:
+            raise UserError("tokenizer description has no 'name' (or 'tokenizer') key")
+        if name == CHAR:
+            if not d.get("chars"):
+                raise UserError("char tokenizer description has no 'chars' list; re-run prepare.py")
+            tok = cls(CHAR, len(d["chars"]), None, chars=list(d["chars"]))
+        else:
+            tok = cls.tiktoken(name)
+        if "vocab_size" in d and d["vocab_size"] != tok.vocab_size:
+            raise UserError(f"tokenizer {name!r} has vocab_size {tok.vocab_size}, but the "
+                            f"description says {d['vocab_size']}; re-run prepare.py")
+        return tok
+
+    def describe(self) -> dict:
+        """JSON-able description: {"name", "vocab_size", "eot_id"} (+ "chars" for char)."""
+        d = {"name": self.name, "vocab_size": self.vocab_size, "eot_id": self.eot_id}
+        if self.chars is not None:
+            d["chars"] = list(self.chars)
+        return d
+
+    # ---- encode / decode ----
+
+    def encode_to_numpy(self, text: str, drop_unknown: bool = False) -> np.ndarray:
+        """Token ids of `text` as a uint32 array (fast path used by prepare.py).
+
+        BPE treats the whole text as ordinary text: a literal "<|endoftext|>" in the data
+        is encoded as its characters, never as the end-of-text token.
+        """
+        if self._encoding is not None:
+            # Same ids as encode_ordinary (no allowed specials), without a Python list.
+            return self._encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+        codepoints = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+        pos = np.searchsorted(self._sorted_codepoints, codepoints)
+        pos = np.minimum(pos, len(self._sorted_codepoints) - 1)
+        known = self._sorted_codepoints[pos] == codepoints
+        if not known.all():
+            if not drop_unknown:
+                unknown = sorted({chr(c) for c in codepoints[~known].tolist()})
+                shown = ", ".join(repr(c) for c in unknown[:10])
+                more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+                raise UserError(f"{len(unknown)} character(s) not in the char vocabulary: "
+                                f"{shown}{more}; pass --drop_unknown to drop them")
+            pos = pos[known]
+        return self._order[pos]
+
+    def encode(self, text: str, drop_unknown: bool = False) -> list[int]:
+        """Token ids of `text`. Char: unknown characters raise UserError unless drop_unknown."""
+        return self.encode_to_numpy(text, drop_unknown=drop_unknown).tolist()
+
+    def decode(self, ids) -> str:
+        ids = _id_list(ids)
+        if self._encoding is not None:
+            return self._encoding.decode(ids)
+        return "".join(self.chars[i] for i in ids)
+
+    def decode_bytes(self, ids) -> bytes:
+        """Raw bytes, for a streaming printer with an incremental UTF-8 decoder (a BPE token
+        can hold part of a character)."""
+        if self._encoding is not None:
+            return self._encoding.decode_bytes(_id_list(ids))
+        return self.decode(ids).encode("utf-8")
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
