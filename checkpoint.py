@@ -1,0 +1,91 @@
+"""Checkpoint I/O: atomic writes and safe reads of <out_dir>/ckpt.pt.
+
+A checkpoint is one dict of plain data (tensors, numbers, strings, lists, dicts) that
+`torch.load(path, weights_only=True)` opens without running any code from the file:
+
+    format, version        "nanogpt-ckpt", 1
+    model                  state_dict of the uncompiled module (no `_orig_mod.` prefix)
+    model_args             GPTConfig fields
+    optimizer, scaler      optimizer and GradScaler state
+    iter_num, best_val_loss
+    config                 the full resolved training config
+    tokenizer              Tokenizer.describe(), so sample.py needs nothing from data/
+    rng                    torch (and cuda) RNG states and the data sampler's generator
+
+It is written to a temporary file in the same folder, flushed, fsync'd and renamed over
+the old one, so a crash or a full disk at any moment leaves the previous checkpoint intact.
+"""
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from errors import UserError
+
+FORMAT = "nanogpt-ckpt"
+VERSION = 1
+REQUIRED = ("model", "model_args", "iter_num", "config", "tokenizer")
+
+
+def save(checkpoint: dict, path) -> None:
+    """Write checkpoint to path atomically; on failure the previous file is untouched."""
+    path = Path(path)
+    checkpoint = {"format": FORMAT, "version": VERSION, **checkpoint}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a run that was killed mid-save
+            stale.unlink(missing_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        kept = " The previous checkpoint is unchanged." if path.exists() else ""
+        raise UserError(f"could not write checkpoint {path}: {reason}. Free some disk space or "
+                        f"choose another --out_dir.{kept}") from None
+
+
+def load(path, map_location="cpu") -> dict:
+    """Read a checkpoint written by save(); refuse anything else with a clear message."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "ckpt.pt"
+    if not path.exists():
+        raise UserError(f"no checkpoint at {path}; train one with `python train.py ...` "
+                        f"or point --out_dir at the folder that holds ckpt.pt")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise UserError(f"{path} holds pickled objects that are not plain data; refusing to load "
+                            f"it (nothing in it was run). Only load checkpoints you trust, "
+                            f"written by train.py") from None
+        raise UserError(f"{path} is corrupted ({first}); restore it or train again") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path} is truncated or corrupted ({first}); restore it or train again") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise UserError(f"{path} is not a checkpoint of this project (no '{FORMAT}' format tag); "
+                        f"it was written by another program")
+    if checkpoint.get("version", 0) > VERSION:
+        raise UserError(f"{path} has checkpoint version {checkpoint['version']}, newer than this "
+                        f"code reads ({VERSION}); update the code")
+    missing = [k for k in REQUIRED if k not in checkpoint]
+    if missing:
+        raise UserError(f"{path} is missing {', '.join(missing)}; it is incomplete or from another program")
+    return checkpoint

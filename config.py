@@ -1,0 +1,174 @@
+"""Configuration: one typed dataclass per script, a config file, then command-line flags.
+
+    python train.py configs/shakespeare.py --batch_size=32 --compile false
+
+A config file is plain Python assignments, run on its own and read as a namespace (never
+exec'd into a script's globals). Flags `--key=value` or `--key value` override it, coerced
+to the field's type; a bool flag alone (`--compile`) means true. Unknown keys, values of
+the wrong type and settings the script's `problems()` rejects are all reported at once, in
+one line, with the closest valid key. `--help` lists every key, its default and the comment
+written beside it in the dataclass.
+"""
+import dataclasses
+import difflib
+import inspect
+import math
+import re
+import runpy
+import sys
+import types
+import typing
+from pathlib import Path
+
+from errors import UserError
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _field_types(cls) -> dict[str, type]:
+    """Field name -> its plain type; `X | None` unwraps to X (None is then a valid value)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _optional(tp) -> tuple[type, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        return inner[0], True
+    return tp, False
+
+
+def coerce(key: str, value, tp):
+    """Turn a string (from the command line) or a Python value (from a config file) into tp."""
+    tp, nullable = _optional(tp)
+    if value is None or (nullable and isinstance(value, str) and value.lower() in ("none", "null")):
+        if nullable:
+            return None
+        raise ValueError(f"--{key} cannot be None")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ValueError(f"--{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError(f"--{key} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            number = float(value)  # accepts "5000", "5e3", 5000.0
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number) or number != int(number):
+            raise ValueError(f"--{key} must be an integer, got {value!r}")
+        return int(number)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"--{key} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"--{key} must be a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"--{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")  # our bug, not the user's
+
+
+def _closest(key: str, names) -> str:
+    match = difflib.get_close_matches(key, list(names), n=1, cutoff=0.5)
+    return f" (did you mean --{match[0]}?)" if match else ""
+
+
+def field_comments(cls) -> dict[str, str]:
+    """The `# comment` written after each field in the dataclass source, for --help."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
+def help_text(cls, prog: str) -> str:
+    comments = field_comments(cls)
+    lines = [f"usage: python {prog} [config.py] [--key=value ...]", "", (cls.__doc__ or "").strip(), ""]
+    for f in dataclasses.fields(cls):
+        lines.append(f"  --{f.name}={f.default!r}".ljust(40) + f"  {comments.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def read_config_file(path: str) -> dict:
+    """Run a config file on its own and return its plain assignments (no modules, functions, _names)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {path} not found; the shipped ones are in configs/")
+    try:
+        namespace = runpy.run_path(str(p))
+    except Exception as e:  # a typo in the user's file: show where, not our traceback
+        where = f" line {e.lineno}" if isinstance(e, SyntaxError) else ""
+        raise UserError(f"config file {path}{where} could not be read: {type(e).__name__}: {e}") from None
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
+
+
+def parse_config(cls, argv: list[str] | None = None, prog: str | None = None):
+    """Build cls from [config.py] [--key=value | --key value | --flag ...].
+
+    Returns (config, explicit): explicit is the set of keys set by the file or the flags,
+    so a script can tell a default from a choice (e.g. to refuse a conflicting resume).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    prog = prog or Path(sys.argv[0]).name
+    types_ = _field_types(cls)
+    if "-h" in argv or "--help" in argv:
+        print(help_text(cls, prog))
+        sys.exit(0)
+
+    raw: dict[str, object] = {}  # key -> value, file first, then flags
+    errors: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            if arg.endswith(".py"):
+                raw.update(read_config_file(arg))
+            else:
+                errors.append(f"unexpected argument {arg!r}: settings are passed as --key=value")
+            i += 1
+            continue
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            is_bool = key in types_ and _optional(types_[key])[0] is bool
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is not None and not nxt.startswith("--") and not (is_bool and nxt.lower() not in _TRUE | _FALSE):
+                value, i = nxt, i + 1
+            elif is_bool:
+                value = "true"
+            else:
+                errors.append(f"--{key} needs a value, e.g. --{key}=...")
+                i += 1
+                continue
+        raw[key] = value
+        i += 1
+
+    values = {}
+    for key, value in raw.items():
+        if key not in types_:
+            errors.append(f"unknown setting {key!r}{_closest(key, types_)}; see --help")
+            continue
+        try:
+            values[key] = coerce(key, value, types_[key])
+        except ValueError as e:
+            errors.append(str(e))
+    config = cls(**values)  # keys that failed keep their defaults, so problems() still runs
+    if hasattr(config, "problems"):
+        errors.extend(config.problems())
+    if errors:
+        raise UserError("; ".join(errors))
+    return config, set(values)

@@ -1,0 +1,112 @@
+"""Device and precision, chosen once for every script, with the reason printed.
+
+device "auto": cuda, then mps, then cpu.
+dtype "auto": the fastest safe choice for that device
+  - cuda with bf16 support   -> bfloat16 autocast
+  - older cuda               -> float16 autocast with a GradScaler
+  - cpu with AMX or AVX512-BF16 (native bf16 matrix units) -> bfloat16 autocast,
+    several times faster than float32 there
+  - anything else (mps, older cpus) -> float32
+"""
+import contextlib
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+from errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU has bf16 matrix instructions (x86 AMX-BF16 or AVX512-BF16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:  # not Linux: macOS arm CPUs and Windows are treated as float32 machines
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def mps_available() -> bool:
+    return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+
+
+@dataclass
+class Precision:
+    device: str  # "cuda", "cuda:1", "mps" or "cpu"
+    dtype: str  # "float32", "bfloat16" or "float16": the autocast dtype (float32 = no autocast)
+    reason: str  # why this device and dtype were chosen, printed once
+
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def autocast(self):
+        """Context for forward passes: autocast to dtype, or nothing for float32."""
+        if self.dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.torch_dtype)
+
+    def synchronize(self):
+        if self.device_type == "cuda":
+            torch.cuda.synchronize()
+        elif self.device_type == "mps":
+            torch.mps.synchronize()
+
+
+def resolve(device: str = "auto", dtype: str = "auto") -> Precision:
+    """Pick the device and dtype, checking that an explicit choice can run here."""
+    why = []
+    if device == "auto":
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif mps_available():
+            device = "mps"
+        else:
+            device = "cpu"
+        why.append(f"device {device} (best available)")
+    else:
+        kind = device.split(":")[0]
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device {device!r} requested but CUDA is not available here; use --device=auto or --device=cpu")
+        if kind == "mps" and not mps_available():
+            raise UserError(f"device {device!r} requested but MPS is not available here; use --device=auto or --device=cpu")
+        if kind not in ("cuda", "mps", "cpu"):
+            raise UserError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+        why.append(f"device {device} (as requested)")
+    kind = device.split(":")[0]
+
+    if dtype == "auto":
+        if kind == "cuda":
+            if torch.cuda.is_bf16_supported():
+                dtype, because = "bfloat16", "this GPU supports bf16"
+            else:
+                dtype, because = "float16", "this GPU lacks bf16; float16 with a GradScaler"
+        elif kind == "cpu" and cpu_has_native_bf16():
+            dtype, because = "bfloat16", "this CPU has native bf16 (AMX/AVX512-BF16)"
+        elif kind == "cpu":
+            dtype, because = "float32", "this CPU has no native bf16, autocast would be slower"
+        else:
+            dtype, because = "float32", "the safe choice on mps"
+        why.append(f"dtype {dtype} ({because})")
+    elif dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    else:
+        if dtype == "float16" and kind == "cpu":
+            raise UserError("float16 autocast is not supported on cpu; use --dtype=bfloat16 or --dtype=float32")
+        why.append(f"dtype {dtype} (as requested)")
+    return Precision(device, dtype, ", ".join(why))
+
+
+def set_cpu_threads():
+    """Use every core for intra-op work unless the user set OMP_NUM_THREADS."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(os.cpu_count() or 1)

@@ -1,0 +1,240 @@
+"""The GPT: GPT-2's architecture, a KV cache, and generation.
+
+Module names follow GPT-2 (transformer.wte, wpe, h.N.ln_1, attn.c_attn, attn.c_proj, ln_2,
+mlp.c_fc, mlp.c_proj, ln_f, lm_head) so GPT-2 weights map by name. References:
+1) OpenAI's GPT-2 TensorFlow code: https://github.com/openai/gpt-2/blob/master/src/model.py
+2) nanoGPT's model.py, which this file follows closely.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest context the model sees (learned position embeddings)
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads per block
+    n_embd: int = 768  # embedding width
+    dropout: float = 0.0  # dropout probability in training
+    bias: bool = True  # biases in Linear layers and LayerNorms, as in GPT-2
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, so each new token costs
+    one position's work instead of a forward pass over the whole context."""
+
+    def __init__(self, n_layer: int):
+        self.k: list[torch.Tensor | None] = [None] * n_layer  # each (B, nh, T, hs)
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.length = 0  # positions filled
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Append this step's k, v (B, nh, T_new, hs) for one layer; return the full k, v."""
+        if self.k[layer] is None:
+            self.k[layer], self.v[layer] = k, v
+        else:
+            self.k[layer] = torch.cat([self.k[layer], k], dim=2)
+            self.v[layer] = torch.cat([self.v[layer], v], dim=2)
+        return self.k[layer], self.v[layer]
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.layer = layer
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        # key, query, value projections for all heads, in one batch
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.size()  # batch, sequence length, embedding width
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        hs = C // self.n_head
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is None or kv_cache.length == 0:
+            if kv_cache is not None:
+                kv_cache.update(self.layer, k, v)
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        else:
+            # new queries at positions [past, past + T) see every cached key and the new
+            # ones up to their own position
+            past = kv_cache.length
+            k, v = kv_cache.update(self.layer, k, v)  # (B, nh, past + T, hs)
+            if T == 1:
+                y = F.scaled_dot_product_attention(q, k, v)
+            else:
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying: https://paperswithcode.com/method/weight-tying
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2 scales the init of residual projections by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters; position embeddings are left out by default, as in nanoGPT (the token
+        embeddings count, since they are tied to the output head)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, idx, targets=None, kv_cache: KVCache | None = None):
+        """idx (B, T) token ids -> logits (B, T, vocab) and the mean cross-entropy loss.
+
+        Without targets only the last position's logits are computed (B, 1, vocab): that is
+        all generation needs. With kv_cache, idx holds only the tokens not yet cached.
+        """
+        B, T = idx.size()
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, kv_cache)
+        x = self.transformer.ln_f(x)
+        if kv_cache is not None:
+            kv_cache.length += T
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None  # list index keeps the time dim
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; weight decay on 2-D weights (matmuls, embeddings) only, not biases or norms."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        # the fused kernel updates every parameter in one pass, on cpu and cuda alike
+        fused = device_type in ("cuda", "cpu")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        generator=None, use_cache=True):
+        """Yield the next token ids (B,) one step at a time, continuing idx (B, T).
+
+        Context past block_size slides: when the tokens since the window start no longer
+        fit in block_size, the window jumps forward to keep the last block_size // 2 tokens
+        and the cache is rebuilt from them. So the model always sees between block_size // 2
+        and block_size tokens of context, and each re-fill is paid once per block_size // 2
+        new tokens. Without the cache, the same window is recomputed every step, so greedy
+        output with and without the cache is the same.
+        """
+        block_size = self.config.block_size
+        start = 0  # first token of the current window
+        cache = None
+        for _ in range(max_new_tokens):
+            n = idx.size(1)
+            if n - start > block_size:
+                start = n - block_size // 2
+                cache = None
+            if use_cache:
+                if cache is None:
+                    cache = KVCache(self.config.n_layer)
+                logits, _ = self(idx[:, start + cache.length:], kv_cache=cache)
+            else:
+                logits, _ = self(idx[:, start:])
+            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
+            idx = torch.cat((idx, next_id[:, None]), dim=1)
+            yield next_id
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, **kwargs):
+        """idx (B, T) -> (B, T + max_new_tokens): the prompt and its continuation."""
+        new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
+        return torch.cat([idx] + [t[:, None] for t in new], dim=1) if new else idx
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick the next token from logits (B, vocab). temperature 0 is greedy; top_k keeps the k
+    most likely (clamped to the vocabulary, None or 0 = off); top_p keeps the smallest set
+    whose probability reaches p (nucleus sampling, Holtzman et al. 2019; 1.0 = off)."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k:
+        k = min(top_k, logits.size(-1))
+        kth = torch.topk(logits, k).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens before it already reach top_p (the first always stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)

@@ -1,0 +1,486 @@
+"""Train a GPT on a prepared dataset, on one device (cuda, mps or cpu) or under torchrun.
+
+    python train.py configs/shakespeare_cpu.py
+    python train.py configs/shakespeare.py --batch_size=32 --compile
+    python train.py configs/shakespeare.py --init_from=resume     # continue from out_dir/ckpt.pt
+    torchrun --standalone --nproc_per_node=4 train.py configs/shakespeare.py
+
+Reads data/<dataset>/{train,val}.bin and meta.json (see prepare.py), writes
+<out_dir>/ckpt.pt (see checkpoint.py) and <out_dir>/metrics.jsonl.
+"""
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import checkpoint
+import hardware
+from config import parse_config
+from errors import UserError, run_main
+from model import GPT, GPTConfig
+
+
+@dataclass
+class TrainConfig:
+    """Settings of train.py. Names and meanings follow nanoGPT's train.py."""
+    # I/O
+    out_dir: str = "out"  # folder for ckpt.pt and metrics.jsonl
+    eval_interval: int = 2000  # evaluate train/val loss (and checkpoint) every this many iterations
+    log_interval: int = 1  # log the training loss every this many iterations
+    eval_iters: int = 200  # batches per split in each evaluation
+    eval_only: bool = False  # evaluate once and exit
+    always_save_checkpoint: bool = True  # checkpoint at every evaluation, not only when val improves
+    init_from: str = "scratch"  # scratch (a new model) or resume (from out_dir/ckpt.pt)
+    # logging
+    wandb_log: bool = False  # log to Weights & Biases (WANDB_MODE=offline works)
+    wandb_project: str = "nanogpt"  # wandb project name
+    wandb_run_name: str = "run"  # wandb run name
+    # data
+    dataset: str = "shakespeare_char"  # folder under data_dir made by prepare.py
+    data_dir: str = "data"  # where prepared datasets live
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step (global, split across ranks)
+    batch_size: int = 12  # sequences per micro-step
+    block_size: int = 1024  # context length in tokens
+    # model
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads
+    n_embd: int = 768  # embedding width
+    dropout: float = 0.0  # dropout probability; 0 for pretraining, 0.1+ for finetuning
+    bias: bool = False  # biases in Linear layers and LayerNorms
+    # AdamW optimizer
+    learning_rate: float = 6e-4  # peak learning rate
+    max_iters: int = 600000  # optimizer steps in the whole run
+    weight_decay: float = 1e-1  # AdamW weight decay (2-D weights only)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip gradients to this global norm; 0 disables
+    # learning rate schedule
+    decay_lr: bool = True  # warm up linearly then decay with a cosine; false keeps learning_rate
+    warmup_iters: int = 2000  # linear warmup steps
+    lr_decay_iters: int = 600000  # step where the cosine reaches min_lr (~max_iters per Chinchilla)
+    min_lr: float = 6e-5  # floor of the schedule (~learning_rate / 10 per Chinchilla)
+    # system
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
+    dtype: str = "auto"  # auto, float32, bfloat16 or float16 (autocast dtype)
+    compile: bool = False  # torch.compile the model (helps on GPUs; measured no gain on CPU)
+    seed: int = 1337  # seed for weights, dropout and batch sampling
+    backend: str = "nccl"  # torch.distributed backend under torchrun on GPUs (gloo on CPUs)
+
+    def problems(self) -> list[str]:
+        """Every setting that cannot work, so all are reported at once before any work."""
+        p = []
+        positive = ["eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps",
+                    "batch_size", "block_size", "n_layer", "n_head", "n_embd"]
+        p += [f"--{k} must be at least 1, got {getattr(self, k)}" for k in positive if getattr(self, k) < 1]
+        for k in ["learning_rate", "weight_decay", "grad_clip", "min_lr"]:
+            v = getattr(self, k)
+            if not (math.isfinite(v) and v >= 0):
+                p.append(f"--{k} must be a finite number >= 0, got {v}")
+        if self.learning_rate == 0:
+            p.append("--learning_rate must be above 0")
+        for k in ["beta1", "beta2"]:
+            if not 0 <= getattr(self, k) < 1:
+                p.append(f"--{k} must be in [0, 1), got {getattr(self, k)}")
+        if not 0 <= self.dropout < 1:
+            p.append(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.n_layer >= 1 and self.n_head >= 1 and self.n_embd % self.n_head:
+            p.append(f"--n_embd ({self.n_embd}) must be divisible by --n_head ({self.n_head})")
+        if self.max_iters < 0:
+            p.append(f"--max_iters must be >= 0, got {self.max_iters}")
+        if self.decay_lr:
+            if self.warmup_iters < 0:
+                p.append(f"--warmup_iters must be >= 0, got {self.warmup_iters}")
+            elif self.warmup_iters > self.max_iters:
+                p.append(f"--warmup_iters ({self.warmup_iters}) is longer than the run "
+                         f"(--max_iters={self.max_iters}); lower it")
+            if self.lr_decay_iters < self.warmup_iters:
+                p.append(f"--lr_decay_iters ({self.lr_decay_iters}) is shorter than --warmup_iters "
+                         f"({self.warmup_iters}); set it to about --max_iters")
+            if self.min_lr > self.learning_rate:
+                p.append(f"--min_lr ({self.min_lr}) is above --learning_rate ({self.learning_rate})")
+        if self.init_from not in ("scratch", "resume"):
+            p.append(f"--init_from must be scratch or resume, got {self.init_from!r}")
+        return p
+
+
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # fixed once a model exists
+
+
+# ---------------------------------------------------------------------------- data
+
+class Dataset:
+    """The token bins of data/<name>/, read as memory maps.
+
+    Each batch opens a fresh np.memmap: keeping one open lets its pages pile up in the
+    process (the leak nanoGPT works around the same way)."""
+
+    def __init__(self, data_dir: str, name: str):
+        folder = Path(data_dir) / name
+        meta_path = folder / "meta.json"
+        if not meta_path.exists():
+            raise UserError(f"dataset {name!r} not found ({meta_path} is missing); run "
+                            f"`python prepare.py {name}` or `python prepare.py --input FILE --name {name}` first")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+            self.dtype = np.dtype(self.meta["dtype"])
+            self.vocab_size = int(self.meta["vocab_size"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{meta_path} is not a valid meta.json ({e}); run prepare.py again") from None
+        self.paths = {split: folder / f"{split}.bin" for split in ("train", "val")}
+        self.sizes = {}
+        for split, path in self.paths.items():
+            if not path.exists():
+                raise UserError(f"{path} is missing; run prepare.py for {name!r} again")
+            n = path.stat().st_size // self.dtype.itemsize
+            expected = self.meta.get(f"{split}_tokens", n)
+            if n != expected or path.stat().st_size % self.dtype.itemsize:
+                raise UserError(f"{path} holds {n} tokens but meta.json says {expected}; "
+                                f"the dataset is damaged, run prepare.py again")
+            self.sizes[split] = n
+
+    def get_batch(self, split, batch_size, block_size, generator, device):
+        """Random windows: x (B, T) and the next-token targets y (B, T), int64 on device."""
+        data = np.memmap(self.paths[split], dtype=self.dtype, mode="r")
+        starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
+        windows = data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)  # (B, T+1)
+        xy = torch.from_numpy(windows)
+        x, y = xy[:, :-1], xy[:, 1:]
+        if device.startswith("cuda"):  # pinned memory lets the copy overlap with compute
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.contiguous().to(device), y.contiguous().to(device)
+
+
+def get_lr(it: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it > cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # from 1 down to 0
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+# ---------------------------------------------------------------------------- logging
+
+class MetricsLog:
+    """Appends every log and eval record to <out_dir>/metrics.jsonl and, when a wandb run
+    is given, logs the same record there; the loop never branches on the logger."""
+
+    def __init__(self, out_dir: str, wandb_run=None):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.wandb_run = wandb_run
+
+    def log(self, record: dict):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(record, step=record["iter"])
+
+    def finish(self):
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def start_wandb(cfg: TrainConfig):
+    if not cfg.wandb_log:
+        return None
+    import wandb
+    try:
+        return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name,
+                          config=dataclasses.asdict(cfg), dir=cfg.out_dir)
+    except Exception as e:  # not logged in, no network in online mode, ...
+        raise UserError(f"wandb could not start ({type(e).__name__}: {e}); run `wandb login`, "
+                        f"set WANDB_MODE=offline, or pass --wandb_log=false") from None
+
+
+class Progress:
+    """A tqdm bar with loss, lr and tokens/s on a terminal; plain log lines otherwise."""
+
+    def __init__(self, start: int, total: int, enabled: bool):
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True)
+
+    def step(self, record: dict | None):
+        if self.bar is not None:
+            self.bar.update(1)
+            if record:
+                self.bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                     tok_s=f"{record['tokens_per_sec']:,.0f}")
+        elif record:
+            print(f"iter {record['iter']}: loss {record['train/loss']:.4f}, lr {record['lr']:.2e}, "
+                  f"{record['tokens_per_sec']:,.0f} tokens/s, {record['step_ms']:.1f} ms/step", flush=True)
+
+    def write(self, line: str):
+        (self.bar.write if self.bar is not None else print)(line)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------------- stop requests
+
+class StopRequest:
+    """Ctrl-C or SIGTERM asks the loop to stop at the next step boundary, where the state
+    is consistent; the loop then checkpoints and exits. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------- main
+
+def main(argv=None):
+    cfg, explicit = parse_config(TrainConfig, argv, prog="train.py")
+
+    # distributed: torchrun sets RANK; otherwise one process on one device
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        from torch.distributed import init_process_group
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+        backend = cfg.backend if torch.cuda.is_available() else "gloo"
+        init_process_group(backend=backend)
+        if torch.cuda.is_available():
+            cfg.device = f"cuda:{local_rank}"
+            torch.cuda.set_device(cfg.device)
+    else:
+        rank, world_size = 0, 1
+    master = rank == 0
+
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    ckpt = None
+    if cfg.init_from == "resume":
+        ckpt = checkpoint.load(ckpt_path)
+        # the saved run's settings, with what was set explicitly now on top
+        saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
+        conflicts = [f"--{k}={getattr(cfg, k)} (checkpoint has {ckpt['model_args'][k]})"
+                     for k in MODEL_KEYS if k in explicit and getattr(cfg, k) != ckpt["model_args"][k]]
+        if conflicts:
+            raise UserError(f"cannot resume {ckpt_path} with a different model shape: {', '.join(conflicts)}; "
+                            f"drop these flags or start a new run with another --out_dir")
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in explicit},
+                                  init_from="resume")
+        problems = cfg.problems()
+        if problems:
+            raise UserError("; ".join(problems))
+    if cfg.gradient_accumulation_steps % world_size:
+        raise UserError(f"--gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be "
+                        f"a multiple of the number of processes ({world_size})")
+    accum = cfg.gradient_accumulation_steps // world_size  # micro-steps of this process
+
+    precision = hardware.resolve(cfg.device, cfg.dtype)
+    device = precision.device
+    data = Dataset(cfg.data_dir, cfg.dataset)
+    for split, n in data.sizes.items():
+        if n <= cfg.block_size:
+            raise UserError(f"the {split} split of {cfg.dataset!r} has {n} tokens, too few for one window of "
+                            f"--block_size={cfg.block_size}; lower --block_size or prepare more text")
+    tokenizer = {k: data.meta.get(k) for k in ("vocab_size", "eot_id", "chars")}
+    tokenizer["name"] = data.meta.get("tokenizer")
+
+    if master:
+        print(f"{precision.reason}")
+        print("config: " + json.dumps(dataclasses.asdict(cfg)))
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    if master:
+        print(f"tokens per iteration: {tokens_per_iter:,}")
+
+    torch.manual_seed(cfg.seed + rank)
+    data_gen = torch.Generator().manual_seed(cfg.seed + rank)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+    # model
+    model_args = {k: getattr(cfg, k) for k in MODEL_KEYS}
+    model_args.update(vocab_size=data.vocab_size, dropout=cfg.dropout)
+    if ckpt is not None:
+        model_args.update({k: ckpt["model_args"][k] for k in MODEL_KEYS + ("vocab_size",)})
+        if ckpt["model_args"]["vocab_size"] != data.vocab_size:
+            raise UserError(f"{ckpt_path} was trained with vocab_size {ckpt['model_args']['vocab_size']} but "
+                            f"dataset {cfg.dataset!r} has {data.vocab_size}; resume on the same dataset")
+    model = GPT(GPTConfig(**model_args))
+    iter_num, best_val_loss = 0, float("inf")
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+    model.to(device)
+    if master:
+        print(f"number of parameters: {model.num_params() / 1e6:.2f}M")
+
+    scaler = torch.amp.GradScaler(precision.device_type, enabled=precision.dtype == "float16")
+    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                          precision.device_type)
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"].get("cuda") and precision.device_type == "cuda":
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        data_gen.set_state(ckpt["rng"]["data"][rank] if ddp else ckpt["rng"]["data"][0])
+    ckpt = None  # free memory
+
+    raw_model = model  # saved weights always come from the uncompiled module
+    if cfg.compile:
+        if master:
+            print("compiling the model... (takes a minute)")
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if precision.device_type == "cuda" else None)
+
+    @torch.no_grad()
+    def estimate_loss():
+        """Mean loss over eval_iters batches of each split. The batches come from their own
+        generator, re-seeded every time: evaluations compare like with like, and they never
+        move the training RNG (so exact resume holds)."""
+        out = {}
+        model.eval()
+        for i, split in enumerate(("train", "val")):
+            gen = torch.Generator().manual_seed(cfg.seed + 1000 + i)
+            losses = torch.zeros(cfg.eval_iters)
+            for k in range(cfg.eval_iters):
+                x, y = data.get_batch(split, cfg.batch_size, cfg.block_size, gen, device)
+                with precision.autocast():
+                    _, loss = model(x, y)
+                losses[k] = loss.item()
+            out[split] = losses.mean().item()
+        model.train()
+        return out
+
+    def save_checkpoint():
+        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+            raise UserError(f"the model holds NaN or inf at iteration {iter_num}; not saving it over "
+                            f"{ckpt_path}. Lower --learning_rate or use --dtype=float32")
+        if ddp:
+            data_states = [torch.empty_like(data_gen.get_state()) for _ in range(world_size)]
+            torch.distributed.all_gather_object(data_states, data_gen.get_state())
+        else:
+            data_states = [data_gen.get_state()]
+        checkpoint.save({
+            "model": raw_model.state_dict(),
+            "model_args": model_args,
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "iter_num": iter_num,
+            "best_val_loss": best_val_loss,
+            "config": dataclasses.asdict(cfg),
+            "tokenizer": tokenizer,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if precision.device_type == "cuda" else [],
+                    "data": data_states},
+        }, ckpt_path)
+
+    log = MetricsLog(cfg.out_dir, start_wandb(cfg) if master else None)
+    progress = Progress(iter_num, cfg.max_iters, enabled=master)
+    stop = StopRequest()
+    skip_eval_at = iter_num if cfg.init_from == "resume" else None  # that eval is in the checkpoint
+    t0, steps_timed = time.perf_counter(), 0
+    while True:
+        # learning rate for this iteration
+        lr = get_lr(iter_num, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # evaluate and checkpoint, every eval_interval and after the last step
+        last = iter_num >= cfg.max_iters
+        if (iter_num % cfg.eval_interval == 0 or last or cfg.eval_only) and iter_num != skip_eval_at:
+            losses = estimate_loss()
+            if master:
+                progress.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                log.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
+                improved = losses["val"] < best_val_loss
+                best_val_loss = min(best_val_loss, losses["val"])
+                if iter_num > 0 and (improved or cfg.always_save_checkpoint) and not cfg.eval_only:
+                    save_checkpoint()
+                    progress.write(f"saved checkpoint to {ckpt_path}")
+            t0, steps_timed = time.perf_counter(), 0  # keep eval out of the throughput figures
+        if last or cfg.eval_only:
+            break
+        if stop.signum is not None:
+            if master:
+                save_checkpoint()
+                progress.close()
+                name = signal.Signals(stop.signum).name
+                print(f"{name} received: saved iteration {iter_num} to {ckpt_path}. Resume with the same "
+                      f"command plus --init_from=resume", file=sys.stderr)
+            sys.exit(128 + stop.signum)
+
+        # forward, backward, update; gradients of all micro-steps add up
+        for micro_step in range(accum):
+            x, y = data.get_batch("train", cfg.batch_size, cfg.block_size, data_gen, device)
+            # under DDP, gradients are synchronised on the last micro-step only
+            sync = nullcontext() if not ddp or micro_step == accum - 1 else model.no_sync()
+            with sync:
+                with precision.autocast():
+                    _, loss = model(x, y)
+                    loss = loss / accum
+                scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clip (and check) the true gradients, not the scaled ones
+        if cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in raw_model.parameters() if p.grad is not None])
+        if not torch.isfinite(grad_norm):
+            if not scaler.is_enabled():
+                raise UserError(f"the loss became non-finite (NaN or inf) at iteration {iter_num}; stopped "
+                                f"without saving. The last checkpoint in {cfg.out_dir} is intact: lower "
+                                f"--learning_rate, set --grad_clip, or use --dtype=float32")
+            if master:  # float16: the scaler skips this step and lowers its scale
+                progress.write(f"iteration {iter_num}: gradients overflowed in float16, step skipped")
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        # timing and logging (loss.item() waits for the device, so only every log_interval)
+        record = None
+        steps_timed += 1
+        if iter_num % cfg.log_interval == 0 and master:
+            train_loss = loss.item() * accum  # of the last micro-step
+            precision.synchronize()
+            dt = (time.perf_counter() - t0) / steps_timed
+            record = {"iter": iter_num, "train/loss": train_loss, "lr": lr,
+                      "tokens_per_sec": tokens_per_iter / dt, "step_ms": dt * 1000}
+            log.log(record)
+            t0, steps_timed = time.perf_counter(), 0
+        progress.step(record)
+        iter_num += 1
+
+    progress.close()
+    stop.restore()
+    log.finish()
+    if ddp:
+        torch.distributed.destroy_process_group()
+    if master and not cfg.eval_only:
+        print(f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}, checkpoint in {ckpt_path}")
+
+
+if __name__ == "__main__":
+    hardware.set_cpu_threads()
+    run_main(main)
