@@ -51,8 +51,9 @@ class Tokenizer:
         try:
             encoding = tiktoken.get_encoding(name)
         except Exception as e:  # network errors (requests, urllib, OSError), hash mismatch
+            reason = f"{type(e).__name__}: {str(e)[:150]}"
             raise UserError(
-                f"could not load the tiktoken encoding {name!r} ({type(e).__name__}: {e}); "
+                f"could not load the tiktoken encoding {name!r} ({reason}); "
                 "tiktoken downloads its files on first use: without internet, set "
                 "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached files") from None
         return cls(name, encoding.n_vocab, encoding.eot_token, encoding=encoding)
