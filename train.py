@@ -186,7 +186,7 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log(record, step=record["iter"])
+            self.wandb_run.log(record)  # "iter" inside the record is the x-axis, as in nanoGPT
 
     def finish(self):
         if self.wandb_run is not None:
@@ -247,6 +247,16 @@ class StopRequest:
     def _handle(self, signum, frame):
         self.signum = signum
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def requested(self, ddp: bool, device: str) -> bool:
+        """Under DDP all ranks must stop at the same step, so they agree first."""
+        flag = self.signum is not None
+        if ddp:
+            t = torch.tensor([float(flag)], device=device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            if t.item() and not flag:
+                flag, self.signum = True, signal.SIGTERM
+        return flag
 
     def restore(self):
         for sig, handler in self.previous.items():
@@ -370,11 +380,16 @@ def main(argv=None):
                 with precision.autocast():
                     _, loss = model(x, y)
                 losses[k] = loss.item()
-            out[split] = losses.mean().item()
+            mean = losses.mean()
+            if ddp:  # every rank takes the same checkpoint decision from the same numbers
+                torch.distributed.all_reduce(mean)
+                mean /= world_size
+            out[split] = mean.item()
         model.train()
         return out
 
     def save_checkpoint():
+        """Called on every rank (DDP gathers each rank's data-sampler state); rank 0 writes."""
         if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
             raise UserError(f"the model holds NaN or inf at iteration {iter_num}; not saving it over "
                             f"{ckpt_path}. Lower --learning_rate or use --dtype=float32")
@@ -383,6 +398,8 @@ def main(argv=None):
             torch.distributed.all_gather_object(data_states, data_gen.get_state())
         else:
             data_states = [data_gen.get_state()]
+        if not master:
+            return
         checkpoint.save({
             "model": raw_model.state_dict(),
             "model_args": model_args,
@@ -402,78 +419,81 @@ def main(argv=None):
     stop = StopRequest()
     skip_eval_at = iter_num if cfg.init_from == "resume" else None  # that eval is in the checkpoint
     t0, steps_timed = time.perf_counter(), 0
-    while True:
-        # learning rate for this iteration
-        lr = get_lr(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    try:
+        while True:
+            # learning rate for this iteration
+            lr = get_lr(iter_num, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-        # evaluate and checkpoint, every eval_interval and after the last step
-        last = iter_num >= cfg.max_iters
-        if (iter_num % cfg.eval_interval == 0 or last or cfg.eval_only) and iter_num != skip_eval_at:
-            losses = estimate_loss()
-            if master:
-                progress.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                log.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
+            # evaluate and checkpoint, every eval_interval and after the last step
+            last = iter_num >= cfg.max_iters
+            if (iter_num % cfg.eval_interval == 0 or last or cfg.eval_only) and iter_num != skip_eval_at:
+                losses = estimate_loss()
+                if master:
+                    progress.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                    log.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
                 if iter_num > 0 and (improved or cfg.always_save_checkpoint) and not cfg.eval_only:
                     save_checkpoint()
-                    progress.write(f"saved checkpoint to {ckpt_path}")
-            t0, steps_timed = time.perf_counter(), 0  # keep eval out of the throughput figures
-        if last or cfg.eval_only:
-            break
-        if stop.signum is not None:
-            if master:
+                    if master:
+                        progress.write(f"saved checkpoint to {ckpt_path}")
+                t0, steps_timed = time.perf_counter(), 0  # keep eval out of the throughput figures
+            if last or cfg.eval_only:
+                break
+            if stop.requested(ddp, device):
                 save_checkpoint()
-                progress.close()
-                name = signal.Signals(stop.signum).name
-                print(f"{name} received: saved iteration {iter_num} to {ckpt_path}. Resume with the same "
-                      f"command plus --init_from=resume", file=sys.stderr)
-            sys.exit(128 + stop.signum)
+                if master:
+                    progress.close()
+                    name = signal.Signals(stop.signum).name
+                    print(f"{name} received: saved iteration {iter_num} to {ckpt_path}. Resume with the same "
+                          f"command plus --init_from=resume", file=sys.stderr)
+                sys.exit(128 + stop.signum)
 
-        # forward, backward, update; gradients of all micro-steps add up
-        for micro_step in range(accum):
-            x, y = data.get_batch("train", cfg.batch_size, cfg.block_size, data_gen, device)
-            # under DDP, gradients are synchronised on the last micro-step only
-            sync = nullcontext() if not ddp or micro_step == accum - 1 else model.no_sync()
-            with sync:
-                with precision.autocast():
-                    _, loss = model(x, y)
-                    loss = loss / accum
-                scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)  # clip (and check) the true gradients, not the scaled ones
-        if cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in raw_model.parameters() if p.grad is not None])
-        if not torch.isfinite(grad_norm):
-            if not scaler.is_enabled():
-                raise UserError(f"the loss became non-finite (NaN or inf) at iteration {iter_num}; stopped "
-                                f"without saving. The last checkpoint in {cfg.out_dir} is intact: lower "
-                                f"--learning_rate, set --grad_clip, or use --dtype=float32")
-            if master:  # float16: the scaler skips this step and lowers its scale
-                progress.write(f"iteration {iter_num}: gradients overflowed in float16, step skipped")
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+            # forward, backward, update; gradients of all micro-steps add up
+            for micro_step in range(accum):
+                x, y = data.get_batch("train", cfg.batch_size, cfg.block_size, data_gen, device)
+                # under DDP, gradients are synchronised on the last micro-step only
+                sync = nullcontext() if not ddp or micro_step == accum - 1 else model.no_sync()
+                with sync:
+                    with precision.autocast():
+                        _, loss = model(x, y)
+                        loss = loss / accum
+                    scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # clip (and check) the true gradients, not the scaled ones
+            if cfg.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in raw_model.parameters() if p.grad is not None])
+            if not torch.isfinite(grad_norm):
+                if not scaler.is_enabled():
+                    raise UserError(f"the loss became non-finite (NaN or inf) at iteration {iter_num}; stopped "
+                                    f"without saving. The last checkpoint in {cfg.out_dir} is intact: lower "
+                                    f"--learning_rate, set --grad_clip, or use --dtype=float32")
+                if master:  # float16: the scaler skips this step and lowers its scale
+                    progress.write(f"iteration {iter_num}: gradients overflowed in float16, step skipped")
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
 
-        # timing and logging (loss.item() waits for the device, so only every log_interval)
-        record = None
-        steps_timed += 1
-        if iter_num % cfg.log_interval == 0 and master:
-            train_loss = loss.item() * accum  # of the last micro-step
-            precision.synchronize()
-            dt = (time.perf_counter() - t0) / steps_timed
-            record = {"iter": iter_num, "train/loss": train_loss, "lr": lr,
-                      "tokens_per_sec": tokens_per_iter / dt, "step_ms": dt * 1000}
-            log.log(record)
-            t0, steps_timed = time.perf_counter(), 0
-        progress.step(record)
-        iter_num += 1
+            # timing and logging (loss.item() waits for the device, so only every log_interval)
+            record = None
+            steps_timed += 1
+            if iter_num % cfg.log_interval == 0 and master:
+                train_loss = loss.item() * accum  # of the last micro-step
+                precision.synchronize()
+                dt = (time.perf_counter() - t0) / steps_timed
+                record = {"iter": iter_num, "train/loss": train_loss, "lr": lr,
+                          "tokens_per_sec": tokens_per_iter / dt, "step_ms": dt * 1000}
+                log.log(record)
+                t0, steps_timed = time.perf_counter(), 0
+            progress.step(record)
+            iter_num += 1
 
-    progress.close()
-    stop.restore()
+    finally:
+        stop.restore()
+        progress.close()
     log.finish()
     if ddp:
         torch.distributed.destroy_process_group()

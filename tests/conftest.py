@@ -23,3 +23,37 @@ def shakespeare_text() -> str:
     if not path.exists():
         pytest.skip(f"{path} not found")
     return path.read_text(encoding="utf-8")
+
+
+def write_char_dataset(data_dir: Path, text: str, name: str = "tiny", val_fraction: float = 0.1) -> Path:
+    """A char-level dataset in the prepared-data format (DESIGN.md contract 1), built
+    directly so the training tests do not depend on prepare.py."""
+    import json
+
+    import numpy as np
+    chars = sorted(set(text))
+    index = {c: i for i, c in enumerate(chars)}
+    ids = np.array([index[c] for c in text], dtype=np.uint16)
+    n = int(len(ids) * (1 - val_fraction))
+    folder = Path(data_dir) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    ids[:n].tofile(folder / "train.bin")
+    ids[n:].tofile(folder / "val.bin")
+    meta = {"version": 1, "tokenizer": "char", "vocab_size": len(chars), "dtype": "uint16",
+            "train_tokens": n, "val_tokens": len(ids) - n, "eot_id": None, "chars": chars,
+            "sources": []}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.fixture
+def tiny_data(tmp_path, shakespeare_text):
+    """data_dir holding dataset 'tiny': the first 60k characters of Shakespeare."""
+    write_char_dataset(tmp_path / "data", shakespeare_text[:60_000])
+    return tmp_path / "data"
+
+
+# A model small enough that a training step takes milliseconds.
+TINY = ["--dataset=tiny", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+        "--batch_size=4", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2",
+        "--dtype=float32", "--device=cpu"]

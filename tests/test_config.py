@@ -1,0 +1,89 @@
+"""The configuration system shared by train.py, sample.py and bench.py."""
+from pathlib import Path
+
+import pytest
+
+from config import parse_config
+from errors import UserError
+from train import TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "configs").glob("*.py"))
+
+
+def test_there_are_configs():
+    assert {"shakespeare.py", "shakespeare_cpu.py", "shakespeare_bpe.py"} <= {p.name for p in CONFIGS}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg, explicit = parse_config(TrainConfig, [str(path)])
+    assert explicit  # each recipe changes something
+    assert not cfg.problems()
+
+
+def test_shakespeare_recipe_is_the_classic_one():
+    cfg, _ = parse_config(TrainConfig, [str(ROOT / "configs" / "shakespeare.py")])
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) == (6, 6, 384, 256)
+    assert (cfg.dropout, cfg.learning_rate, cfg.max_iters) == (0.2, 1e-3, 5000)
+    assert cfg.out_dir == "out-shakespeare-char" and cfg.dataset == "shakespeare_char"
+
+
+def test_flags_override_file_in_both_spellings(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text("import math\nbatch_size = 7\nlearning_rate = math.sqrt(4) * 1e-3\n_private = 3\n")
+    cfg, explicit = parse_config(TrainConfig, [str(f), "--batch_size=9", "--n_layer", "3", "--compile",
+                                               "--bias", "false", "--max_iters=5e3"])
+    assert (cfg.batch_size, cfg.n_layer, cfg.compile, cfg.bias, cfg.max_iters) == (9, 3, True, False, 5000)
+    assert cfg.learning_rate == 2e-3
+    assert explicit == {"batch_size", "learning_rate", "n_layer", "compile", "bias", "max_iters"}
+
+
+def test_unknown_key_names_the_closest():
+    with pytest.raises(UserError, match=r"unknown setting 'batchsize' \(did you mean --batch_size\?\)"):
+        parse_config(TrainConfig, ["--batchsize=3"])
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(UserError) as e:
+        parse_config(TrainConfig, ["--batch_size=zero", "--n_layer=0", "--dropout=1.5", "--compile=maybe",
+                                   "--warmup_iters=100", "--max_iters=10"])
+    msg = str(e.value)
+    for part in ["--batch_size must be an integer", "--n_layer must be at least 1", "--dropout must be in",
+                 "--compile must be true or false", "--warmup_iters (100) is longer than the run"]:
+        assert part in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--learning_rate=nan", "--learning_rate must be a finite number"),
+    ("--max_iters=1.5", "--max_iters must be an integer"),
+    ("--batch_size", "--batch_size needs a value"),
+    ("--init_from=gpt7", "--init_from must be scratch or resume"),
+    ("--n_head=5", "must be divisible by --n_head"),
+])
+def test_bad_values(flag, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_config(TrainConfig, [flag])
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        parse_config(TrainConfig, [str(tmp_path / "missing.py")])
+    bad = tmp_path / "bad.py"
+    bad.write_text("batch_size = = 3\n")
+    with pytest.raises(UserError, match="line 1"):
+        parse_config(TrainConfig, [str(bad)])
+    typo = tmp_path / "typo.py"
+    typo.write_text("n_layers = 3\n")
+    with pytest.raises(UserError, match="did you mean --n_layer"):
+        parse_config(TrainConfig, [str(typo)])
+
+
+def test_help_lists_every_key_with_default_and_comment(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(TrainConfig, ["--help"], prog="train.py")
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--batch_size=12" in out and "sequences per micro-step" in out
+    assert out.count("\n  --") + 1 >= len(TrainConfig.__dataclass_fields__)
