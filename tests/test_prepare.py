@@ -1,0 +1,247 @@
+"""prepare.py: exact round trips, chunking that never changes BPE tokens, the meta.json
+contract, atomic writes, and one clear line for every bad input."""
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiktoken
+
+import prepare
+from conftest import ROOT, SHARED
+from errors import UserError
+from tokenizer import Tokenizer
+
+SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
+EOT = "<|endoftext|>"
+
+
+def run_prepare(data_dir, *args):
+    """main() in-process, writing under data_dir."""
+    prepare.main([*args, "--data_dir", str(data_dir)])
+
+
+def load(data_dir, name):
+    d = Path(data_dir) / name
+    meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
+    train = np.fromfile(d / "train.bin", dtype=meta["dtype"])
+    val = np.fromfile(d / "val.bin", dtype=meta["dtype"])
+    return meta, train, val
+
+
+def write_docs(folder, docs):
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, text in enumerate(docs):
+        p = folder / f"doc{i:02d}.txt"
+        p.write_bytes(text.encode("utf-8"))
+        paths.append(p)
+    return paths
+
+
+DOCS = ["Première ligne.\nZweite Zeile: grüße 😀\n", "第二个文件，中文。\n\n  indented\r\nend",
+        "third <|endoftext|> literal, 12345 numbers\n"]
+
+
+# ---------------------------------------------------------------- round trips
+
+def test_char_round_trip_several_files_non_ascii(tmp_path):
+    write_docs(tmp_path / "texts", DOCS * 30)
+    # a tiny chunk size: reads split multi-byte characters, many chunks per file
+    run_prepare(tmp_path / "data", "--input", str(tmp_path / "texts"), "--name", "c", "--tokenizer", "char",
+                "--chunk_size", "7", "--block_size", "8")
+    meta, train, val = load(tmp_path / "data", "c")
+    tok = Tokenizer.from_description(meta)
+    assert meta["dtype"] == "uint16" and meta["eot_id"] is None
+    assert tok.decode(np.concatenate([train, val])) == "".join(DOCS * 30)  # char: files concatenated
+    assert meta["chars"] == sorted(set("".join(DOCS)))
+
+
+@pytest.mark.parametrize("name,dtype", [("gpt2", "uint16"), ("cl100k_base", "uint32"), ("o200k_base", "uint32")])
+def test_bpe_round_trip_documents_joined_by_eot(tmp_path, name, dtype):
+    paths = write_docs(tmp_path / "texts", DOCS * 20)
+    run_prepare(tmp_path / "data", "--input", *map(str, paths), "--name", "b", "--tokenizer", name,
+                "--chunk_size", "16", "--block_size", "8")
+    meta, train, val = load(tmp_path / "data", "b")
+    ids = np.concatenate([train, val])
+    tok = Tokenizer.from_description(meta)
+    assert meta["dtype"] == dtype and meta["vocab_size"] == tok.vocab_size
+    assert tok.decode(ids) == EOT.join(DOCS * 20)
+    assert (ids == tok.eot_id).sum() == len(paths) - 1  # only the joins, never the literal text
+    assert ids.max() < tok.vocab_size
+
+
+@pytest.mark.parametrize("name", ["gpt2", "cl100k_base"])
+def test_named_dataset_with_input_equals_one_shot_encode(tmp_path, shakespeare_text, name):
+    run_prepare(tmp_path / "data", "shakespeare", "--input", str(SHAKESPEARE), "--tokenizer", name,
+                "--chunk_size", "4096")
+    meta, train, val = load(tmp_path / "data", "shakespeare")
+    ids = np.concatenate([train, val])
+    assert ids.tolist() == tiktoken.get_encoding(name).encode_ordinary(shakespeare_text)
+
+
+# ---------------------------------------------------------------- chunking
+
+def chunked_ids(enc, text, chunk_size, read_size):
+    pieces = [text[i:i + read_size] for i in range(0, len(text), read_size)]
+    chunks = list(prepare.chunk_text(pieces, chunk_size, max_chunk=10 ** 9))
+    assert "".join(chunks) == text
+    return [i for c in chunks for i in enc.encode_ordinary(c)], len(chunks)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "cl100k_base", "o200k_base"])
+def test_chunked_shakespeare_equals_one_shot(shakespeare_text, name):
+    enc = tiktoken.get_encoding(name)
+    text = shakespeare_text[:200_000]
+    ids, n_chunks = chunked_ids(enc, text, 500, 300)
+    assert n_chunks > 300
+    assert ids == enc.encode_ordinary(text)
+
+
+# Pieces where a careless cut changes the tokens: whitespace runs before newlines, CRLF,
+# punctuation + newline + "/", contractions, digit runs, CJK, marks, unicode spaces.
+FRAGMENTS = ["\n", "\n\n", " \n", "\r\n", "\t", "  ", " ", "a", "Word", "x", "don't", "'s", "'ll",
+             "12345", "7", ".", ",\n", "!?", ".\n/", "/", "\n/", "<|endoftext|>", "你好", "。", "é",
+             "e\u0301", "😀", "\u00a0", "\u2028", "\x85", "\x1c", "ﬁ", "ǅ", "ÀB", "½", "Ⅷ", "_", "-\n-"]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "cl100k_base", "o200k_base"])
+def test_chunked_adversarial_equals_one_shot(name):
+    enc = tiktoken.get_encoding(name)
+    rng = random.Random(0)
+    for trial in range(150):
+        text = "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 120)))
+        for chunk_size in (1, 2, 5, 16):
+            ids, _ = chunked_ids(enc, text, chunk_size, rng.randint(1, 9))
+            assert ids == enc.encode_ordinary(text), (trial, chunk_size, text)
+
+
+def test_chunk_text_hard_cut_bounds_memory():
+    chunks = list(prepare.chunk_text(["@" * 1000], 10, max_chunk=40))
+    assert "".join(chunks) == "@" * 1000 and max(map(len, chunks)) <= 40
+
+
+# ---------------------------------------------------------------- meta.json and split
+
+def test_meta_json_contract_and_deterministic_split(tmp_path, shakespeare_text):
+    data = tmp_path / "data"
+    run_prepare(data, "shakespeare_char", "--input", str(SHAKESPEARE))
+    meta, train, val = load(data, "shakespeare_char")
+    assert meta["version"] == 1 and meta["tokenizer"] == "char" and meta["dtype"] == "uint16"
+    assert meta["vocab_size"] == 65 == len(meta["chars"]) and meta["eot_id"] is None
+    n = len(shakespeare_text)
+    assert (meta["train_tokens"], meta["val_tokens"]) == (int(n * 0.9), n - int(n * 0.9))  # nanoGPT split
+    assert (len(train), len(val)) == (meta["train_tokens"], meta["val_tokens"])
+    assert meta["sources"] == [{"path": str(SHAKESPEARE), "bytes": 1115394,
+                                "sha256": prepare.SHAKESPEARE_SHA256}]
+    tok = Tokenizer.from_description(meta)
+    assert tok.decode(val) == shakespeare_text[int(n * 0.9):]  # val is the end of the text
+    first = [(data / "shakespeare_char" / f).read_bytes() for f in prepare.OUTPUTS]
+    run_prepare(data, "shakespeare_char", "--input", str(SHAKESPEARE))
+    assert [(data / "shakespeare_char" / f).read_bytes() for f in prepare.OUTPUTS] == first
+    assert os.listdir(data) == ["shakespeare_char"]  # no temporary folders left behind
+
+
+def test_named_dataset_uses_and_keeps_local_input_txt(tmp_path, shakespeare_text):
+    data = tmp_path / "data"
+    (data / "shakespeare_char").mkdir(parents=True)
+    shutil.copy(SHAKESPEARE, data / "shakespeare_char" / "input.txt")
+    for _ in range(2):  # the second run replaces the dataset and must keep input.txt
+        run_prepare(data, "shakespeare_char", "--val_fraction", "0.2")
+        meta, train, val = load(data, "shakespeare_char")
+        assert (data / "shakespeare_char" / "input.txt").read_text(encoding="utf-8") == shakespeare_text
+        assert meta["sources"][0]["path"] == str(data / "shakespeare_char" / "input.txt")
+        assert len(val) == len(shakespeare_text) - int(len(shakespeare_text) * 0.8)
+
+
+# ---------------------------------------------------------------- atomic writes
+
+def test_failure_mid_write_keeps_the_old_dataset(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    write_docs(tmp_path / "a", ["old text " * 200])
+    run_prepare(data, "--input", str(tmp_path / "a"), "--name", "d", "--tokenizer", "char", "--block_size", "8")
+    before = {f: (data / "d" / f).read_bytes() for f in prepare.OUTPUTS}
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash while writing")
+
+    write_docs(tmp_path / "b", ["brand new words " * 300])
+    monkeypatch.setattr(prepare, "split_tail", crash)  # after train.bin is written, before meta.json
+    with pytest.raises(RuntimeError):
+        run_prepare(data, "--input", str(tmp_path / "b"), "--name", "d", "--tokenizer", "char", "--block_size", "8")
+    assert {f: (data / "d" / f).read_bytes() for f in prepare.OUTPUTS} == before
+    assert os.listdir(data) == ["d"]
+
+
+def test_stale_temp_folders_of_killed_runs_are_removed(tmp_path):
+    data = tmp_path / "data"
+    stale = data / ".d.tmp-999999999-abc"  # no process has this id
+    stale.mkdir(parents=True)
+    (stale / "train.bin").write_bytes(b"\0" * 10)
+    write_docs(tmp_path / "a", ["some text " * 100])
+    run_prepare(data, "--input", str(tmp_path / "a"), "--name", "d", "--tokenizer", "char", "--block_size", "8")
+    assert os.listdir(data) == ["d"]
+
+
+# ---------------------------------------------------------------- bad inputs
+
+def cli(tmp_path, *args, code=None):
+    """Run prepare.py as a user would, in tmp_path; returns (returncode, stderr)."""
+    cmd = [sys.executable, str(ROOT / "prepare.py"), *args] if code is None else [sys.executable, "-c", code]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return r.returncode, r.stderr
+
+
+def assert_one_clear_line(rc, stderr, *needles):
+    assert rc != 0
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_bad_inputs_give_one_clear_line(tmp_path):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 ok".encode("utf-8") + b" na\xefve")
+    (tmp_path / "short.txt").write_text("just a few words\n", encoding="utf-8")
+    (tmp_path / "a_file").write_text("x", encoding="utf-8")
+    (tmp_path / "emptydir").mkdir()
+    cases = [
+        (["--input", "nope.txt", "--name", "x"], ["nope.txt", "not found"]),
+        (["--input", "empty.txt", "--name", "x"], ["empty"]),
+        (["--input", "emptydir", "--name", "x"], ["no files"]),
+        (["--input", "latin1.txt", "--name", "x", "--tokenizer", "char"], ["latin1.txt", "UTF-8", "offset 11"]),
+        (["--input", "short.txt", "--name", "x", "--tokenizer", "char"], ["val split", "--val_fraction", "--block_size"]),
+        (["--input", "short.txt", "--name", "x", "--tokenizer", "char", "--block_size", "4",
+          "--val_fraction", "0.9"], ["train split"]),
+        (["--input", "short.txt", "--name", "x", "--data_dir", "a_file/data"], ["cannot write", "a_file"]),
+        (["--input", "short.txt", "--name", "x", "--tokenizer", "gpt5"], ["unknown tokenizer", "cl100k_base"]),
+        ([], ["--input", "shakespeare_char"]),
+        (["tinystories"], ["unknown dataset"]),
+        (["--input", "short.txt"], ["--name"]),
+        (["--input", "short.txt", "--name", "x", "--val_fraction", "1.5"], ["--val_fraction"]),
+    ]
+    for args, needles in cases:
+        assert_one_clear_line(*cli(tmp_path, *args), *needles)
+        assert not (tmp_path / "data").exists() or os.listdir(tmp_path / "data") == [], args  # nothing written
+
+
+def test_offline_without_local_copy_says_where_to_put_it(tmp_path):
+    code = ("import prepare; from errors import run_main; "
+            "prepare.SHAKESPEARE_URL = 'http://127.0.0.1:9/input.txt'; run_main(prepare.main, ['shakespeare_char'])")
+    rc, stderr = cli(tmp_path, code=code)
+    assert_one_clear_line(rc, stderr, "could not download", "data/shakespeare_char/input.txt", "--input PATH")
+    assert os.listdir(tmp_path / "data") == []
+
+
+def test_download_failure_in_process(monkeypatch, tmp_path):
+    monkeypatch.setattr(prepare, "SHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
+    with pytest.raises(UserError, match="--input PATH"):
+        run_prepare(tmp_path / "data", "shakespeare")
