@@ -26,21 +26,37 @@ class GPTConfig:
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, so each new token costs
-    one position's work instead of a forward pass over the whole context."""
+    one position's work instead of a forward pass over the whole context.
 
-    def __init__(self, n_layer: int):
-        self.k: list[torch.Tensor | None] = [None] * n_layer  # each (B, nh, T, hs)
+    Each layer's buffer (B, nh, max_length, hs) is allocated once, on the first update, and
+    written in place: appending a token copies one position, where torch.cat would copy
+    the whole history every step.
+    """
+
+    def __init__(self, n_layer: int, max_length: int):
+        self.max_length = max_length  # positions the buffers hold (the model's block_size)
+        self.k: list[torch.Tensor | None] = [None] * n_layer  # each (B, nh, max_length, hs)
         self.v: list[torch.Tensor | None] = [None] * n_layer
-        self.length = 0  # positions filled
+        self.length = 0  # positions filled; GPT.forward advances it after all layers ran
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Append this step's k, v (B, nh, T_new, hs) for one layer; return the full k, v."""
-        if self.k[layer] is None:
-            self.k[layer], self.v[layer] = k, v
-        else:
-            self.k[layer] = torch.cat([self.k[layer], k], dim=2)
-            self.v[layer] = torch.cat([self.v[layer], v], dim=2)
-        return self.k[layer], self.v[layer]
+        """Write this step's k, v (B, nh, T_new, hs) of one layer after the filled positions;
+        return views of everything so far, (B, nh, length + T_new, hs)."""
+        B, nh, T, hs = k.shape
+        end = self.length + T
+        assert end <= self.max_length, f"KV cache holds {self.max_length} positions, asked for {end}"
+        buf = self.k[layer]
+        if buf is None or buf.shape[0] != B or buf.dtype != k.dtype or buf.device != k.device:
+            assert self.length == 0, "KV cache reused with another batch size, dtype or device"
+            self.k[layer] = k.new_empty(B, nh, self.max_length, hs)
+            self.v[layer] = v.new_empty(B, nh, self.max_length, hs)
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reset(self):
+        """Forget every position but keep the buffers, to refill them with a new window."""
+        self.length = 0
 
 
 class CausalSelfAttention(nn.Module):
@@ -180,37 +196,42 @@ class GPT(nn.Module):
         fused = device_type in ("cuda", "cpu")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         generator=None, use_cache=True):
         """Yield the next token ids (B,) one step at a time, continuing idx (B, T).
 
         Context past block_size slides: when the tokens since the window start no longer
         fit in block_size, the window jumps forward to keep the last block_size // 2 tokens
-        and the cache is rebuilt from them. So the model always sees between block_size // 2
-        and block_size tokens of context, and each re-fill is paid once per block_size // 2
-        new tokens. Without the cache, the same window is recomputed every step, so greedy
-        output with and without the cache is the same.
+        and the cache is refilled from them. So the model always sees between block_size // 2
+        and block_size tokens of context, and each refill is paid once per block_size // 2
+        new tokens. A prompt longer than block_size starts from its last block_size tokens.
+        Without the cache, the same window is recomputed every step, so greedy output with
+        and without the cache is the same.
         """
         block_size = self.config.block_size
-        start = 0  # first token of the current window
-        cache = None
+        B, T = idx.shape
+        # every token so far, written in place (B, T + max_new_tokens): no torch.cat per step
+        tokens = idx.new_empty(B, T + max_new_tokens)
+        tokens[:, :T] = idx
+        n = T  # tokens filled
+        start = max(0, n - block_size)  # first token of the current window
+        cache = KVCache(self.config.n_layer, block_size) if use_cache else None
         for _ in range(max_new_tokens):
-            n = idx.size(1)
             if n - start > block_size:
                 start = n - block_size // 2
-                cache = None
-            if use_cache:
-                if cache is None:
-                    cache = KVCache(self.config.n_layer)
-                logits, _ = self(idx[:, start + cache.length:], kv_cache=cache)
+                if cache is not None:
+                    cache.reset()
+            if cache is not None:
+                logits, _ = self(tokens[:, start + cache.length:n], kv_cache=cache)
             else:
-                logits, _ = self(idx[:, start:])
+                logits, _ = self(tokens[:, start:n])
             next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
-            idx = torch.cat((idx, next_id[:, None]), dim=1)
+            tokens[:, n] = next_id
+            n += 1
             yield next_id
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, idx, max_new_tokens, **kwargs):
         """idx (B, T) -> (B, T + max_new_tokens): the prompt and its continuation."""
         new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
@@ -224,7 +245,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    # shift the best logit to 0 first, so a tiny temperature gives -inf, never inf - inf = nan
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k:
         k = min(top_k, logits.size(-1))
         kth = torch.topk(logits, k).values[:, [-1]]
