@@ -210,7 +210,7 @@ def assert_one_clear_line(rc, stderr, *needles):
 def test_bad_inputs_give_one_clear_line(tmp_path):
     (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "latin1.txt").write_bytes("caf\u00e9 ok".encode("utf-8") + b" na\xefve")
-    (tmp_path / "short.txt").write_text("just a few words\n", encoding="utf-8")
+    (tmp_path / "short.txt").write_text("just a few words\n" * 60, encoding="utf-8")  # 1,020 chars
     (tmp_path / "a_file").write_text("x", encoding="utf-8")
     (tmp_path / "emptydir").mkdir()
     cases = [
@@ -219,8 +219,8 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
         (["--input", "emptydir", "--name", "x"], ["no files"]),
         (["--input", "latin1.txt", "--name", "x", "--tokenizer", "char"], ["latin1.txt", "UTF-8", "offset 11"]),
         (["--input", "short.txt", "--name", "x", "--tokenizer", "char"], ["val split", "--val_fraction", "--block_size"]),
-        (["--input", "short.txt", "--name", "x", "--tokenizer", "char", "--block_size", "4",
-          "--val_fraction", "0.9"], ["train split"]),
+        (["--input", "short.txt", "--name", "x", "--tokenizer", "char", "--block_size", "200",
+          "--val_fraction", "0.9"], ["train split", "smaller --val_fraction"]),
         (["--input", "short.txt", "--name", "x", "--data_dir", "a_file/data"], ["cannot write", "a_file"]),
         (["--input", "short.txt", "--name", "x", "--tokenizer", "gpt5"], ["unknown tokenizer", "cl100k_base"]),
         ([], ["--input", "shakespeare_char"]),
