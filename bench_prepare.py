@@ -49,9 +49,13 @@ def main(argv=None):
         if result.returncode != 0:
             raise UserError(f"prepare.py failed:\n{result.stdout}")
         print(result.stdout.strip())
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux: KiB
-    print(f"input {size / 1e6:.1f} MB, {seconds:.1f} s: {size / 1e6 / seconds:.1f} MB/s, "
-          f"peak RSS {peak_mb:.0f} MB, {os.cpu_count()} CPUs")
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak_mb = usage.ru_maxrss / 1024  # Linux reports KiB
+    cpu_seconds = usage.ru_utime + usage.ru_stime
+    # CPU time shows the cost even when other processes share the cores (wall time does not)
+    print(f"input {size / 1e6:.1f} MB in {seconds:.1f} s: {size / 1e6 / seconds:.1f} MB/s wall, "
+          f"{cpu_seconds:.1f} CPU-s ({size / 1e6 / cpu_seconds:.1f} MB per CPU-second), "
+          f"peak RSS {peak_mb:.0f} MB, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -238,7 +238,7 @@ def swap_into_place(tmp: Path, dest: Path) -> None:
     """Replace dest with tmp: rename the old away, the new in, then delete the old."""
     old = None
     if dest.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-{os.getpid()}-", dir=dest.parent))
         os.rename(dest, old / dest.name)
     try:
         os.rename(tmp, dest)
@@ -268,7 +268,8 @@ def remove_stale_temps(data_dir: Path, name: str) -> None:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
-        description="Prepare a text dataset: raw UTF-8 text -> data/<name>/{train.bin,val.bin,meta.json}.")
+        description="Prepare a text dataset: raw UTF-8 text -> data/<name>/{train.bin,val.bin,meta.json}.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("dataset", nargs="?", help=f"a named dataset: {', '.join(NAMED_DATASETS)}")
     p.add_argument("--input", nargs="+", metavar="PATH",
                    help="UTF-8 text files or folders of them (each file is one document)")
@@ -342,12 +343,15 @@ def main(argv=None):
         n_tokens = encode_files(files, tokenizer, tmp / "train.bin", dtype, args.chunk_size, args.num_threads)
         n_train = int(n_tokens * (1 - args.val_fraction))  # nanoGPT: data[:int(n*0.9)]
         n_val = n_tokens - n_train
-        for split, n, fix in (("train", n_train, "a smaller --val_fraction"),
-                              ("val", n_val, "a larger --val_fraction")):
-            if n < args.block_size + 1:
-                raise UserError(f"the {split} split has {n:,} tokens, fewer than block_size + 1 = "
-                                f"{args.block_size + 1} (one training window); use more text, "
-                                f"{fix}, or a smaller --block_size")
+        need = args.block_size + 1  # one training window: block_size inputs + the next token
+        if n_tokens < 2 * need:
+            raise UserError(f"the input has only {n_tokens:,} tokens, but train and val each need at "
+                            f"least block_size + 1 = {need}; use more text or a smaller --block_size")
+        for split, n, fix in (("train", n_train, "a smaller"), ("val", n_val, "a larger")):
+            if n < need:
+                raise UserError(f"the {split} split has {n:,} tokens, fewer than block_size + 1 = {need} "
+                                f"(one training window); use {fix} --val_fraction, more text, "
+                                "or a smaller --block_size")
         split_tail(tmp / "train.bin", n_train, tmp / "val.bin", dtype.itemsize)
         print(f"train has {n_train:,} tokens")
         print(f"val has {n_val:,} tokens")

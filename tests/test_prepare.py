@@ -221,6 +221,8 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
         (["--input", "short.txt", "--name", "x", "--tokenizer", "char"], ["val split", "--val_fraction", "--block_size"]),
         (["--input", "short.txt", "--name", "x", "--tokenizer", "char", "--block_size", "200",
           "--val_fraction", "0.9"], ["train split", "smaller --val_fraction"]),
+        (["--input", "short.txt", "--name", "x", "--tokenizer", "char", "--block_size", "600"],
+         ["only 1,020 tokens", "--block_size"]),
         (["--input", "short.txt", "--name", "x", "--data_dir", "a_file/data"], ["cannot write", "a_file"]),
         (["--input", "short.txt", "--name", "x", "--tokenizer", "gpt5"], ["unknown tokenizer", "cl100k_base"]),
         ([], ["--input", "shakespeare_char"]),
