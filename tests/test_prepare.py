@@ -51,7 +51,9 @@ DOCS = ["Première ligne.\nZweite Zeile: grüße 😀\n", "第二个文件，中
 # ---------------------------------------------------------------- round trips
 
 def test_char_round_trip_several_files_non_ascii(tmp_path):
-    write_docs(tmp_path / "texts", DOCS * 30)
+    write_docs(tmp_path / "texts" / "sub", DOCS * 30)  # folders recurse, in sorted order
+    write_docs(tmp_path / "texts" / ".git", ["hidden files and folders are skipped"])
+    (tmp_path / "texts" / ".notes.txt").write_text("skipped too", encoding="utf-8")
     # a tiny chunk size: reads split multi-byte characters, many chunks per file
     run_prepare(tmp_path / "data", "--input", str(tmp_path / "texts"), "--name", "c", "--tokenizer", "char",
                 "--chunk_size", "7", "--block_size", "8")
