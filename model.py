@@ -8,6 +8,7 @@ mlp.c_fc, mlp.c_proj, ln_f, lm_head) so GPT-2 weights map by name. References:
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
@@ -59,6 +60,109 @@ class KVCache:
         self.length = 0
 
 
+# ---------------------------------------------------------------------------- dropout on CPU
+# torch's CPU dropout draws its mask with bernoulli_ (about 10 ns an element), and SDPA with
+# dropout_p > 0 leaves the fused flash kernel for the unfused math path: at the Shakespeare
+# shape that made a bf16 training step about 3x slower at dropout 0.2 than at 0. The two
+# functions below draw the same masks (each element dropped independently with probability p,
+# survivors scaled by 1/(1-p)) from cheap random bits and keep attention in the flash kernel.
+# The bits come from numpy's SFC64 generator seeded from torch's global RNG, so
+# torch.manual_seed and torch.set_rng_state still determine every mask (exact resume holds).
+# Only used on CPU in eager mode: GPUs and torch.compile keep torch's own dropout.
+
+def use_cpu_dropout(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _dropped(shape, p: float) -> tuple[torch.Tensor, float]:
+    """A bool tensor of `shape`, True where an element is dropped, and the survivors' scale.
+
+    16 random bits per element: P(drop) = round(p * 2**16) / 2**16, within 8e-6 of p, and the
+    scale 1 / (1 - that) keeps the expectation exact."""
+    seed = int(torch.randint(0, 2**62, (1,)).item())  # one draw from torch's global RNG
+    n = math.prod(shape)
+    words = np.random.SFC64(seed).random_raw((n + 3) // 4)  # uint64, four int16 each
+    bits = torch.from_numpy(words.view(np.int16)[:n]).view(shape)  # uniform over [-2**15, 2**15)
+    drop_count = round(p * 65536)
+    return bits < drop_count - 32768, 65536 / (65536 - drop_count)
+
+
+class _CPUDropout(torch.autograd.Function):
+    """Dropout with a mask from _dropped; the mask is kept as bool for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, p):
+        drop, scale = _dropped(x.shape, p)
+        ctx.save_for_backward(drop)
+        ctx.scale = scale
+        return x.masked_fill(drop, 0).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (drop,) = ctx.saved_tensors
+        return grad.masked_fill(drop, 0).mul_(ctx.scale), None
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout, with the fast mask of _CPUDropout on CPU."""
+
+    def forward(self, x):
+        if self.training and self.p > 0 and use_cpu_dropout(x):
+            return _CPUDropout.apply(x, self.p)
+        return super().forward(x)
+
+
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+class _CPUFlashAttentionDropout(torch.autograd.Function):
+    """Causal attention with dropout on the attention probabilities, in the CPU flash kernel.
+
+    With P the causal softmax and M the keep-mask, the output is y_i = sum_j P_ij M_ij v_j / (1-p).
+    The flash kernel with M as an additive mask returns O^M (softmax over kept keys only) and its
+    log-sum-exp lse^M; the full causal call gives lse. The kept share of row i's probability
+    is S_i = exp(lse^M_i - lse_i), so y_i = O^M_i S_i / (1-p) (0 where a row keeps nothing:
+    the kernel then returns O^M_i = 0).
+    Backward, with g = dL/dy and D_i = g_i . y_i, the score gradient is
+      dL/ds_ij = P_ij M_ij/(1-p) g_i.v_j - P_ij D_i      (j <= i)
+    The masked kernel's backward, given dO = g S/(1-p) and a zero "output" (so its D is 0),
+    gives the first term and the exact dv; the causal kernel's backward, given dO = g, the
+    true y as output and v = 0, gives the second. Checked against the math in
+    tests/test_speed_paths.py.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, p, scale):
+        B, nh, T, hs = q.shape
+        drop, keep_scale = _dropped((B, nh, T, T), p)
+        mask = torch.zeros((), dtype=q.dtype).expand(B, nh, T, T).masked_fill(drop, float("-inf"))
+        out_m, lse_m = _flash_cpu(q, k, v, 0.0, True, attn_mask=mask, scale=scale)
+        _, lse = _flash_cpu(q, k, v, 0.0, True, scale=scale)  # (B, nh, T) float32
+        kept = (lse_m - lse).exp_().mul_(keep_scale).unsqueeze(-1)  # S / (1-p), (B, nh, T, 1)
+        y = (out_m * kept).to(q.dtype)
+        ctx.save_for_backward(q, k, v, mask, lse_m, lse, kept, y)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, mask, lse_m, lse, kept, y = ctx.saved_tensors
+        grad = grad.contiguous()
+        dq, dk, dv = _flash_cpu_backward((grad * kept).to(q.dtype), q, k, v, torch.zeros_like(y),
+                                         lse_m, 0.0, True, attn_mask=mask, scale=ctx.scale)
+        dq2, dk2, _ = _flash_cpu_backward(grad, q, k, torch.zeros_like(v), y, lse, 0.0, True,
+                                          scale=ctx.scale)
+        return dq + dq2, dk + dk2, dv, None, None
+
+
+def causal_attention(q, k, v, dropout_p: float) -> torch.Tensor:
+    """Causal SDPA of q, k, v (B, nh, T, hs) with attention dropout dropout_p (0 in eval)."""
+    if dropout_p > 0 and use_cpu_dropout(q) and q.dtype in (torch.float32, torch.bfloat16, torch.float64):
+        return _CPUFlashAttentionDropout.apply(q, k, v, dropout_p, 1.0 / math.sqrt(q.size(-1)))
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config: GPTConfig, layer: int):
@@ -71,7 +175,7 @@ class CausalSelfAttention(nn.Module):
         # key, query, value projections for all heads, in one batch
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.size()  # batch, sequence length, embedding width
@@ -83,8 +187,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is None or kv_cache.length == 0:
             if kv_cache is not None:
                 kv_cache.update(self.layer, k, v)
-            y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+            y = causal_attention(q, k, v, self.dropout if self.training else 0.0)
         else:
             # new queries at positions [past, past + T) see every cached key and the new
             # ones up to their own position
@@ -106,7 +209,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
@@ -135,7 +238,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
+            drop=Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
