@@ -136,7 +136,8 @@ def scan(files: list[Path], read_size: int, want_chars: bool) -> tuple[list[dict
 #    ways (`\s` one-shot, `\s++$` at the end of a chunk). A space before the "\n", or a
 #    "/" after it (o200k: punctuation + [\r\n/]*), would make the pieces differ.
 # 2. right before a space that follows a non-space and precedes a letter or digit: the
-#    space starts the next piece (" word", " 42" or " ") and nothing ends in a space.
+#    space starts the next piece (" word", " 42" or " ") and no piece takes a
+#    non-space and then a space.
 # The regexes find the *last* such cut in a buffer (greedy .* backtracks from the end).
 LAST_LINE_CUT = re.compile(r".*\S\n(?=[^\W_])", re.S)
 LAST_SPACE_CUT = re.compile(r".*\S(?= [^\W_])", re.S)
