@@ -1,0 +1,160 @@
+"""The CPU speed paths of model.py behave like the plain ones: dropout drops what it should,
+deterministically under torch.manual_seed, and the flash-kernel attention dropout equals a
+naive attention applying the same mask, forward and backward. Also: bench.py runs."""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model
+from model import GPT, GPTConfig, Dropout, _CPUFlashAttentionDropout, _dropped, causal_attention
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def test_dropout_rate_and_scale():
+    torch.manual_seed(0)
+    p, n = 0.2, 400_000
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.ones(n, dtype=dtype)
+        y = Dropout(p).train()(x)
+        dropped = (y == 0).float().mean().item()
+        assert abs(dropped - p) < 0.005  # ~8 standard deviations
+        survivors = y[y != 0].float()
+        assert torch.allclose(survivors, torch.full_like(survivors, 1 / (1 - p)), rtol=1e-2)
+        assert abs(y.float().mean().item() - 1.0) < 0.01  # unbiased
+
+
+def test_dropout_is_deterministic_under_the_global_seed():
+    x = torch.randn(64, 33)
+    drop = Dropout(0.3).train()
+    torch.manual_seed(7)
+    a = drop(x)
+    state = torch.get_rng_state()
+    b = drop(x)
+    torch.manual_seed(7)
+    assert torch.equal(drop(x), a)
+    torch.set_rng_state(state)
+    assert torch.equal(drop(x), b)
+    assert not torch.equal(a, b)
+
+
+def test_dropout_gradient_uses_the_same_mask():
+    torch.manual_seed(0)
+    x = torch.randn(1000, requires_grad=True)
+    y = Dropout(0.5).train()(x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(g == 0, y == 0)
+    assert torch.allclose(g[g != 0], torch.tensor(2.0))
+
+
+def test_dropout_zero_and_eval_are_the_identity():
+    x = torch.randn(8, 8)
+    assert torch.equal(Dropout(0.0).train()(x), x)
+    assert torch.equal(Dropout(0.5).eval()(x), x)
+
+
+def naive_attention(q, k, v, drop, keep_scale):
+    """Causal softmax attention, probabilities zeroed where drop is True and scaled."""
+    T = q.size(-2)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.size(-1))
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+    return (probs.masked_fill(drop, 0) * keep_scale) @ v
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5), (torch.bfloat16, 0.1)])
+def test_attention_dropout_equals_naive_attention_with_the_same_mask(dtype, tol):
+    torch.manual_seed(0)
+    B, nh, T, hs, p = 2, 3, 9, 8, 0.3
+    q, k, v = (torch.randn(B, nh, T, hs, dtype=dtype, requires_grad=True) for _ in range(3))
+    torch.manual_seed(1)
+    y = causal_attention(q, k, v, p)
+    torch.manual_seed(1)  # the same draw gives the mask the fast path used
+    drop, keep_scale = _dropped((B, nh, T, T), p)
+    assert drop[..., 0, 0].any()  # some first rows keep nothing: their output must be 0
+    ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = naive_attention(*ref_inputs, drop, keep_scale)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(y, (q, k, v), g.to(dtype))
+    ref_grads = torch.autograd.grad(ref, ref_inputs, g)
+    for ours, theirs in zip((y,) + grads, (ref,) + ref_grads):
+        assert (ours.double() - theirs).abs().max().item() < tol * max(1.0, theirs.abs().max().item())
+
+
+def test_attention_dropout_gradcheck():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+
+    def f(q, k, v):
+        torch.manual_seed(3)  # the same mask on every evaluation
+        return _CPUFlashAttentionDropout.apply(q, k, v, 0.4, 0.5)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_attention_dropout_rate():
+    """With q = k = 0 every causal key has probability 1/(i+1); one-hot values read the mask back."""
+    torch.manual_seed(0)
+    B, nh, T, p = 4, 4, 64, 0.2
+    q = k = torch.zeros(B, nh, T, T)
+    v = torch.eye(T).expand(B, nh, T, T)
+    y = causal_attention(q, k, v, p) * torch.arange(1, T + 1).view(T, 1)  # M_ij / (1-p)
+    lower = torch.ones(T, T, dtype=torch.bool).tril().expand_as(y)
+    kept = y[lower]
+    assert abs((kept == 0).float().mean().item() - p) < 0.01
+    assert torch.allclose(kept[kept != 0], torch.tensor(1 / (1 - p)), rtol=1e-4)
+    assert (y[~lower] == 0).all()  # still causal
+
+
+def test_dropout_zero_and_eval_keep_the_plain_paths():
+    torch.manual_seed(0)
+    cfg = dict(block_size=16, vocab_size=40, n_layer=2, n_head=2, n_embd=32, bias=True)
+    with_dropout, without = GPT(GPTConfig(dropout=0.3, **cfg)), GPT(GPTConfig(dropout=0.0, **cfg))
+    without.load_state_dict(with_dropout.state_dict())
+    idx = torch.randint(40, (3, 16))
+    with_dropout.eval()
+    without.train()  # dropout 0 in training: the same computation as eval
+    logits_eval, _ = with_dropout(idx, idx)
+    logits_train, _ = without(idx, idx)
+    assert torch.equal(logits_eval, logits_train)
+    q = k = v = torch.randn(2, 2, 8, 4)
+    assert torch.equal(causal_attention(q, k, v, 0.0), F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_fast_paths_are_cpu_only():
+    assert model.use_cpu_dropout(torch.empty(1))
+    assert not model.use_cpu_dropout(torch.empty(1, device="meta"))
+
+
+def test_training_with_dropout_is_deterministic_and_learns():
+    def run():
+        torch.manual_seed(0)
+        m = GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=2, n_head=2, n_embd=32, dropout=0.2))
+        opt = m.configure_optimizer(0.0, 3e-3, (0.9, 0.99), "cpu")
+        idx = torch.arange(17).remainder(20).repeat(4, 1)
+        losses = []
+        for _ in range(30):
+            _, loss = m(idx[:, :-1], idx[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        return losses
+
+    first, second = run(), run()
+    assert first == second
+    assert first[-1] < first[0] - 1.0
+
+
+def test_bench_runs_end_to_end():
+    flags = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2", "--vocab_size=50",
+             "--peak_size=64", "--warmup=0", "--repeats=2", "--train_steps=1", "--sample_tokens=4"]
+    out = subprocess.run([sys.executable, "bench.py", *flags], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    for name in ["matmul peak", "train ", "train MFU", "sample, kv cache", "sample, no cache"]:
+        assert name in out.stdout
