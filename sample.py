@@ -1,0 +1,272 @@
+"""Sample text from a trained model: one shot, several samples, or an interactive prompt.
+
+    python sample.py --out_dir=out-shakespeare-char --prompt="ROMEO:"
+    python sample.py --out_dir=out --prompt=FILE:prompt.txt --num_samples=3 --max_new_tokens=200
+    python sample.py --out_dir=out --interactive          # a `>> ` prompt; quit, Ctrl-D or Ctrl-C leave
+    python sample.py --out_dir=out --stats --use_cache=false   # tokens/s on stderr, without the KV cache
+
+Everything comes from <out_dir>/ckpt.pt: the weights, the model's shape and the tokenizer, so
+nothing in data/ is needed. Standard output holds only the text; the precision choice and
+--stats go to standard error, so `python sample.py ... > story.txt` keeps just the story.
+
+- Streaming: text is printed token by token as it is generated. A BPE token can end in the
+  middle of a multi-byte character, so the bytes pass through an incremental UTF-8 decoder
+  that holds a partial character back until it is complete: no broken characters mid-stream.
+- Several samples are generated as one batch (one forward pass per step for all of them):
+  the first streams as it is generated, the others are printed when the batch is done,
+  each followed by a line of dashes as in nanoGPT.
+- A KV cache makes each new token cost one position's work instead of the whole context;
+  --use_cache=false recomputes the context every step (same greedy output, much slower).
+- Longer than block_size: the context slides (see GPT.generate_stream in model.py). When
+  the window is full, it jumps forward to keep its last block_size // 2 tokens and the
+  cache is refilled from them, so generation goes on for any --max_new_tokens, and a prompt
+  longer than block_size is read from its last block_size tokens.
+- temperature 0 is greedy decoding; top_k above the vocabulary size means all tokens;
+  top_k 0 (or none) and top_p 1 are off. The same --seed gives the same samples.
+- Precision: --dtype=auto picks float32 on CPUs even where training uses bf16 autocast:
+  decoding one token at a time is a chain of small matrix-vector products, where autocast's
+  casts cost more than they save (measured ~2x slower). GPUs keep hardware.resolve's choice.
+"""
+import codecs
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import checkpoint
+import hardware
+from config import parse_config
+from errors import UserError, run_main
+from model import GPT, GPTConfig
+from tokenizer import Tokenizer
+
+
+@dataclass
+class SampleConfig:
+    """Settings of sample.py. Names and meanings follow nanoGPT's sample.py."""
+    out_dir: str = "out"  # folder holding ckpt.pt, written by train.py
+    prompt: str = "\n"  # text to continue; FILE:path reads it from a file
+    num_samples: int = 1  # samples to generate, as one batch
+    max_new_tokens: int = 500  # tokens generated per sample
+    temperature: float = 0.8  # 1.0 = the model's distribution, lower = more likely tokens, 0 = greedy
+    top_k: int | None = 200  # sample from the k most likely tokens only; 0 or none = off
+    top_p: float = 1.0  # sample from the smallest set of tokens whose probability reaches p; 1.0 = off
+    seed: int = 1337  # random seed: the same seed gives the same samples
+    interactive: bool = False  # read prompts line by line at a `>> ` prompt until quit or end of input
+    drop_unknown: bool = False  # drop prompt characters a char-level model does not know instead of refusing
+    use_cache: bool = True  # KV cache: each new token costs one position, not the whole context
+    stats: bool = False  # print generation speed (tokens/s) to stderr
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
+    dtype: str = "auto"  # auto (float32 on cpu, see above), float32, bfloat16 or float16
+    compile: bool = False  # torch.compile the model (slow to start; for long runs on GPUs)
+    cpu_threads: int = 1  # torch threads on cpu; 1 measured fastest for token-by-token decoding, 0 = all cores
+
+    def problems(self) -> list[str]:
+        """Every setting that cannot work, so all are reported at once before any work."""
+        p = []
+        if self.num_samples < 1:
+            p.append(f"--num_samples must be at least 1, got {self.num_samples}")
+        if self.max_new_tokens < 0:
+            p.append(f"--max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            p.append(f"--temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            p.append(f"--top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:  # also false for nan
+            p.append(f"--top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.cpu_threads < 0:
+            p.append(f"--cpu_threads must be >= 0 (0 = all cores), got {self.cpu_threads}")
+        if not self.out_dir:
+            p.append("--out_dir must name the folder holding ckpt.pt")
+        return p
+
+
+# ---------------------------------------------------------------------------- setup
+
+def choose_precision(device: str, dtype: str) -> hardware.Precision:
+    """hardware.resolve, except that dtype auto means float32 on cpu (see the docstring)."""
+    precision = hardware.resolve(device, dtype)
+    if dtype == "auto" and precision.device_type == "cpu" and precision.dtype != "float32":
+        device_reason = precision.reason.partition(", dtype")[0]
+        precision = hardware.Precision(precision.device, "float32", (
+            f"{device_reason}, dtype float32 (token-by-token decoding on cpu is faster without "
+            f"bf16 autocast; --dtype=bfloat16 to override)"))
+    return precision
+
+
+def load_model(out_dir: str, device: str) -> tuple[GPT, Tokenizer, dict]:
+    """The model (eval mode, on device) and tokenizer of <out_dir>/ckpt.pt, and the checkpoint."""
+    ckpt = checkpoint.load(Path(out_dir) / "ckpt.pt")
+    path = Path(out_dir) / "ckpt.pt"
+    try:
+        model = GPT(GPTConfig(**ckpt["model_args"]))
+    except TypeError as e:
+        raise UserError(f"{path} has model_args this code does not know ({e}); "
+                        f"it was written by another version of train.py") from None
+    # a checkpoint of a compiled model saved without unwrapping has every key prefixed
+    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise UserError(f"{path}: the weights do not match its model_args ({first}); "
+                        f"the file is damaged or was edited") from None
+    model.eval().to(device)
+    tokenizer = Tokenizer.from_description(ckpt["tokenizer"])
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
+                        f"only {model.config.vocab_size}; the checkpoint is inconsistent")
+    return model, tokenizer, ckpt
+
+
+def read_prompt(prompt: str) -> str:
+    """The prompt text; FILE:path reads it from a file, as in nanoGPT."""
+    if not prompt.startswith("FILE:"):
+        return prompt
+    path = Path(prompt[len("FILE:"):])
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"prompt file {path} not found (from --prompt=FILE:{path})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"could not read prompt file {path}: {e}") from None
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool) -> list[int]:
+    """Token ids of the prompt; at least one, since generation continues from something."""
+    ids = tokenizer.encode(text, drop_unknown=drop_unknown)
+    if ids:
+        return ids
+    if tokenizer.eot_id is not None:
+        return [tokenizer.eot_id]  # BPE: an empty prompt starts a new document
+    what = "has no character the model knows" if text else "is empty"
+    raise UserError(f"the prompt {what}; give some text, e.g. --prompt='\\n'")
+
+
+# ---------------------------------------------------------------------------- generation
+
+class TextStream:
+    """Prints token ids as text as they arrive. A BPE token can hold part of a multi-byte
+    character, so bytes go through an incremental UTF-8 decoder that keeps an incomplete
+    character back until its last byte comes."""
+
+    def __init__(self, tokenizer: Tokenizer, out):
+        self.tokenizer = tokenizer
+        self.out = out
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def write(self, ids: list[int]):
+        # ids past the tokenizer's vocabulary are the model's padding: never trained, never text
+        data = self.tokenizer.decode_bytes([i for i in ids if i < self.tokenizer.vocab_size])
+        self._emit(self.decoder.decode(data))
+
+    def close(self):
+        self._emit(self.decoder.decode(b"", final=True))
+
+    def _emit(self, text: str):
+        if text:
+            self.out.write(text)
+            self.out.flush()
+
+
+def complete(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cfg: SampleConfig,
+             precision: hardware.Precision, generator: torch.Generator, echo_prompt: bool, out):
+    """Generate cfg.num_samples continuations of prompt_ids as one batch; stream the first
+    to out and print the others when done. Returns (new tokens per sample, seconds)."""
+    idx = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=precision.device)  # (B, T)
+    stream = TextStream(tokenizer, out)
+    # the prompt as the model reads it (unknown characters dropped); not an end-of-text
+    # token that stands for an empty prompt
+    shown_prompt = [i for i in prompt_ids if i != tokenizer.eot_id] if echo_prompt else []
+    stream.write(shown_prompt)
+    new_ids: list[list[int]] = []  # one list of ids per step, each (B,)
+    start = time.perf_counter()
+    with precision.autocast():
+        steps = model.generate_stream(idx, cfg.max_new_tokens, temperature=cfg.temperature,
+                                      top_k=cfg.top_k or None, top_p=cfg.top_p,
+                                      generator=generator, use_cache=cfg.use_cache)
+        for next_id in steps:
+            ids = next_id.tolist()  # the one host sync per step, which streaming needs anyway
+            new_ids.append(ids)
+            stream.write(ids[:1])
+    seconds = time.perf_counter() - start
+    stream.close()
+    out.write("\n")
+    if cfg.num_samples > 1:
+        out.write("---------------\n")
+        for b in range(1, cfg.num_samples):
+            rest = [i for i in shown_prompt + [step[b] for step in new_ids]
+                    if i < tokenizer.vocab_size]
+            out.write(tokenizer.decode_bytes(rest).decode("utf-8", errors="replace") + "\n---------------\n")
+    out.flush()
+    return len(new_ids), seconds
+
+
+def report_stats(cfg: SampleConfig, n_tokens: int, seconds: float):
+    rate = n_tokens / seconds if seconds > 0 else float("inf")
+    print(f"{n_tokens} tokens x {cfg.num_samples} sample(s) in {seconds:.2f}s: {rate:.1f} tokens/s "
+          f"per sample ({'with' if cfg.use_cache else 'without'} KV cache)", file=sys.stderr)
+
+
+def interactive(model, tokenizer, cfg, precision, generator, out):
+    """Complete each line typed at the `>> ` prompt until quit, end of input or Ctrl-C."""
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    try:
+        while True:
+            try:
+                line = input(">> ")
+            except EOFError:
+                out.write("\n")
+                break
+            if line.strip() in ("quit", "exit"):
+                break
+            if not line:
+                continue
+            try:
+                prompt_ids = encode_prompt(tokenizer, line, cfg.drop_unknown)
+            except UserError as e:  # one bad line is no reason to leave
+                print(f"error: {e}", file=sys.stderr)
+                continue
+            n, seconds = complete(model, tokenizer, prompt_ids, cfg, precision, generator,
+                                  echo_prompt=False, out=out)
+            if cfg.stats:
+                report_stats(cfg, n, seconds)
+    except KeyboardInterrupt:
+        out.write("\n")
+    out.flush()
+
+
+def main(argv=None):
+    cfg, _ = parse_config(SampleConfig, argv, prog="sample.py")
+    prompt_text = None if cfg.interactive else read_prompt(cfg.prompt)  # a bad file fails before loading
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    else:
+        hardware.set_cpu_threads()
+    precision = choose_precision(cfg.device, cfg.dtype)
+    model, tokenizer, _ = load_model(cfg.out_dir, precision.device)
+    print(f"precision: {precision.reason}", file=sys.stderr)  # once the checkpoint proved readable
+    if cfg.compile:
+        model.compile(dynamic=True)  # dynamic: the cached context grows every step
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator(device=precision.device).manual_seed(cfg.seed)
+    out = sys.stdout
+
+    if cfg.interactive:
+        interactive(model, tokenizer, cfg, precision, generator, out)
+        return
+    prompt_ids = encode_prompt(tokenizer, prompt_text, cfg.drop_unknown)
+    n, seconds = complete(model, tokenizer, prompt_ids, cfg, precision, generator, echo_prompt=True, out=out)
+    if cfg.stats:
+        report_stats(cfg, n, seconds)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,220 @@
+"""sample.py and generation in model.py: the KV cache, the sliding window, the sampling
+settings, streaming, the interactive prompt and the errors a user can run into."""
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import checkpoint
+import sample
+from conftest import ROOT
+from errors import UserError, run_main
+from model import GPT, GPTConfig, KVCache, sample_next
+from tokenizer import Tokenizer
+
+CHARS = sorted(set("\n !,.:;?abcdefghijklmnopqrstuvwxyzAEMOR"))
+BLOCK = 8
+
+
+def tiny_model(vocab_size: int, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    args = dict(block_size=BLOCK, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=16, dropout=0.0, bias=True)
+    return GPT(GPTConfig(**args)).eval(), args
+
+
+def save_ckpt(out_dir, tokenizer: dict, vocab_size: int, prefix: str = ""):
+    model, args = tiny_model(vocab_size)
+    checkpoint.save({
+        "model": {prefix + k: v for k, v in model.state_dict().items()},
+        "model_args": args, "optimizer": {}, "iter_num": 0, "best_val_loss": 9.9,
+        "config": {}, "tokenizer": tokenizer}, out_dir / "ckpt.pt")
+    return str(out_dir)
+
+
+@pytest.fixture(scope="module")
+def char_dir(tmp_path_factory):
+    desc = {"name": "char", "vocab_size": len(CHARS), "eot_id": None, "chars": CHARS}
+    # saved with a compiled model's key prefix: sample.py strips it
+    return save_ckpt(tmp_path_factory.mktemp("char"), desc, len(CHARS), prefix="_orig_mod.")
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    try:
+        return Tokenizer.tiktoken("gpt2")
+    except UserError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory, gpt2):
+    return save_ckpt(tmp_path_factory.mktemp("bpe"), gpt2.describe(), gpt2.vocab_size)
+
+
+def run(argv, capsys) -> str:
+    """sample.main(argv) in this process; its standard output."""
+    sample.main(argv)
+    return capsys.readouterr().out
+
+
+def run_cli(args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": "utf-8"}, **kwargs)
+
+
+# ---------------------------------------------------------------------------- model.py
+
+def test_cache_and_no_cache_agree_greedily_past_three_block_sizes():
+    model, _ = tiny_model(len(CHARS))
+    for prompt_len in (3, 2 * BLOCK + 1):  # a short prompt, and one longer than block_size
+        idx = torch.randint(0, len(CHARS), (2, prompt_len))
+        n_new = 3 * BLOCK + 5
+        cached = model.generate(idx, n_new, temperature=0, use_cache=True)
+        uncached = model.generate(idx, n_new, temperature=0, use_cache=False)
+        assert cached.shape == (2, prompt_len + n_new)
+        assert torch.equal(cached, uncached)
+        assert torch.equal(model.generate(idx, n_new, temperature=0), cached)  # greedy is deterministic
+
+
+def test_kv_cache_writes_in_place():
+    model, _ = tiny_model(len(CHARS))
+    cache = KVCache(model.config.n_layer, BLOCK)
+    model(torch.zeros(1, 3, dtype=torch.long), kv_cache=cache)
+    buffer = cache.k[0].data_ptr()
+    logits, _ = model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
+    assert cache.length == 4 and cache.k[0].data_ptr() == buffer
+    full, _ = model(torch.zeros(1, 4, dtype=torch.long))
+    torch.testing.assert_close(logits, full)
+
+
+def test_sampling_settings():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 10)
+    greedy = logits.argmax(-1)
+    assert torch.equal(sample_next(logits, temperature=0), greedy)
+    assert torch.equal(sample_next(logits, temperature=1e-30), greedy)  # no inf - inf = nan
+    assert torch.equal(sample_next(logits, 1.0, top_k=1), greedy)
+    assert torch.equal(sample_next(logits, 1.0, top_p=1e-6), greedy)  # the top token always stays
+
+    def draw(**kw):
+        return sample_next(logits, 1.0, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(draw(top_k=1000), draw(top_k=None))  # clamped to the vocabulary
+    assert torch.equal(draw(top_k=0), draw(top_k=None))  # 0 is off
+    assert torch.equal(draw(top_p=1.0), draw())
+    # top_k=3: only the three most likely tokens ever come out
+    top3 = logits.topk(3).indices
+    for seed in range(20):
+        ids = sample_next(logits, 5.0, top_k=3, generator=torch.Generator().manual_seed(seed))
+        assert (top3 == ids[:, None]).any(dim=1).all()
+
+
+# ---------------------------------------------------------------------------- sample.py
+
+def test_same_seed_same_samples_and_batch(char_dir, capsys):
+    argv = [f"--out_dir={char_dir}", "--prompt=ROMEO:", "--max_new_tokens=30", "--num_samples=3"]
+    a = run(argv, capsys)
+    assert run(argv, capsys) == a
+    assert run(argv + ["--seed=7"], capsys) != a
+    samples = a.split("\n---------------\n")
+    assert len(samples) == 4 and samples[-1] == ""  # three samples, each followed by dashes
+    assert all(s.startswith("ROMEO:") and len(s) == len("ROMEO:") + 30 for s in samples[:3])
+
+
+def test_greedy_and_top_k_flags(char_dir, capsys):
+    base = [f"--out_dir={char_dir}", "--prompt=ab", "--max_new_tokens=40"]
+    greedy = run(base + ["--temperature=0"], capsys)
+    assert run(base + ["--temperature=0", "--use_cache=false"], capsys) == greedy
+    assert run(base + ["--top_k=100000"], capsys) == run(base + ["--top_k=0"], capsys)
+    assert run(base + ["--top_k=none", "--top_p=0.5"], capsys).startswith("ab")
+
+
+def test_long_prompt_and_output_slide(char_dir, capsys):
+    prompt = "a b c d e " * 5  # 50 characters, block_size 8
+    out = run([f"--out_dir={char_dir}", f"--prompt={prompt}", "--max_new_tokens=30"], capsys)
+    assert out.startswith(prompt) and len(out) == len(prompt) + 30 + 1
+
+
+def test_prompt_from_file(char_dir, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("MEAR: so\n", encoding="utf-8")
+    out = run([f"--out_dir={char_dir}", f"--prompt=FILE:{tmp_path / 'p.txt'}", "--max_new_tokens=5"], capsys)
+    assert out.startswith("MEAR: so\n")
+    with pytest.raises(UserError, match="not found"):
+        sample.main([f"--out_dir={char_dir}", f"--prompt=FILE:{tmp_path / 'nope.txt'}"])
+
+
+def test_unknown_prompt_characters(char_dir, capsys):
+    with pytest.raises(UserError, match=r"'é'.*'€'.*--drop_unknown"):
+        sample.main([f"--out_dir={char_dir}", "--prompt=ROMEO: é€", "--max_new_tokens=5"])
+    out = run([f"--out_dir={char_dir}", "--prompt=ROMEO: é€", "--max_new_tokens=5", "--drop_unknown"], capsys)
+    assert out.startswith("ROMEO: ") and len(out) == len("ROMEO: ") + 5 + 1
+    with pytest.raises(UserError, match="no character the model knows"):
+        sample.main([f"--out_dir={char_dir}", "--prompt=€", "--drop_unknown"])
+
+
+def test_missing_or_foreign_checkpoint(tmp_path, capsys):
+    with pytest.raises(UserError, match="no checkpoint"):
+        sample.main([f"--out_dir={tmp_path / 'missing'}"])
+    torch.save({"a": 1}, tmp_path / "ckpt.pt")
+    with pytest.raises(UserError, match="not a checkpoint of this project"):
+        sample.main([f"--out_dir={tmp_path}"])
+    (tmp_path / "ckpt.pt").write_bytes(b"not a zip file")
+    with pytest.raises(SystemExit) as exit_info:  # run_main turns it into one line and exit code 2
+        run_main(sample.main, [f"--out_dir={tmp_path}"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_nonsense_values_one_error_line_no_traceback(char_dir):
+    bad = ["--num_samples=0", "--max_new_tokens=-1", "--temperature=nan", "--top_k=-3", "--top_p=0",
+           "--top_p=1.5"]
+    result = run_cli([f"--out_dir={char_dir}", *bad])
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for flag in ("--num_samples", "--max_new_tokens", "--temperature", "--top_k", "--top_p"):
+        assert flag in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_interactive_answers_each_line_until_quit_or_end_of_input(char_dir):
+    base = [f"--out_dir={char_dir}", "--interactive", "--max_new_tokens=10", "--temperature=0"]
+    result = run_cli(base, input="ROMEO:\nab\nquit\nnever read\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(">> ") == 3  # two answers, then quit at the third prompt
+    answers = result.stdout.split(">> ")[1:3]
+    assert all(len(a) == 10 + 1 for a in answers)  # ten characters and a newline each
+
+    result = run_cli(base, input="ab\ncd é\n")  # end of input; a bad line is reported, not fatal
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(">> ") == 3 and "Traceback" not in result.stderr
+    assert "'é'" in result.stderr
+
+
+def test_bpe_stream_never_breaks_characters(gpt2, bpe_dir, capsys):
+    text = "héllo wörld — 日本語のテキスト 🙂🚀 naïve café"
+    ids = gpt2.encode(text)
+    # the test means something only if some tokens end inside a character
+    assert any(_invalid_utf8(gpt2.decode_bytes([i])) for i in ids)
+    out = io.StringIO()
+    chunks = []
+    stream = sample.TextStream(gpt2, out)
+    for i in ids:
+        stream.write([i])
+        chunks.append(out.getvalue())
+    stream.close()
+    assert out.getvalue() == text and "\ufffd" not in "".join(chunks)
+
+    printed = run([f"--out_dir={bpe_dir}", f"--prompt={text}", "--max_new_tokens=5"], capsys)
+    assert printed.startswith(text)
+    assert run([f"--out_dir={bpe_dir}", "--prompt=", "--max_new_tokens=3"], capsys)  # starts at <|endoftext|>
+
+
+def _invalid_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return False
+    except UnicodeDecodeError:
+        return True
