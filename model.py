@@ -62,10 +62,11 @@ class KVCache:
 
 # ---------------------------------------------------------------------------- dropout on CPU
 # torch's CPU dropout draws its mask with bernoulli_ (about 10 ns an element), and SDPA with
-# dropout_p > 0 leaves the fused flash kernel for the unfused math path: at the Shakespeare
-# shape that made a bf16 training step about 3x slower at dropout 0.2 than at 0. The two
-# functions below draw the same masks (each element dropped independently with probability p,
-# survivors scaled by 1/(1-p)) from cheap random bits and keep attention in the flash kernel.
+# dropout_p > 0 leaves the fused flash kernel for an unfused math path over full-size
+# temporaries: at the Shakespeare shape that made a bf16 training step about 3x slower at
+# dropout 0.2 than at 0. The code below draws the same masks (each element dropped
+# independently with probability p, survivors scaled by 1/(1-p)) from cheap random bits, and
+# computes attention dropout in cache-sized chunks.
 # The bits come from numpy's SFC64 generator seeded from torch's global RNG, so
 # torch.manual_seed and torch.set_rng_state still determine every mask (exact resume holds).
 # Only used on CPU in eager mode: GPUs and torch.compile keep torch's own dropout.
@@ -112,54 +113,61 @@ class Dropout(nn.Dropout):
         return super().forward(x)
 
 
-_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+def _row_chunks(n: int, per_row: int, budget: int = 1 << 19):
+    """Slices of range(n), each of about `budget` elements when a row holds per_row."""
+    step = max(1, budget // per_row)
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-class _CPUFlashAttentionDropout(torch.autograd.Function):
-    """Causal attention with dropout on the attention probabilities, in the CPU flash kernel.
+class _CPUAttentionDropout(torch.autograd.Function):
+    """Causal attention with dropout on the attention probabilities, for training on CPU.
 
-    With P the causal softmax and M the keep-mask, the output is y_i = sum_j P_ij M_ij v_j / (1-p).
-    The flash kernel with M as an additive mask returns O^M (softmax over kept keys only) and its
-    log-sum-exp lse^M; the full causal call gives lse. The kept share of row i's probability
-    is S_i = exp(lse^M_i - lse_i), so y_i = O^M_i S_i / (1-p) (0 where a row keeps nothing:
-    the kernel then returns O^M_i = 0).
-    Backward, with g = dL/dy and D_i = g_i . y_i, the score gradient is
-      dL/ds_ij = P_ij M_ij/(1-p) g_i.v_j - P_ij D_i      (j <= i)
-    The masked kernel's backward, given dO = g S/(1-p) and a zero "output" (so its D is 0),
-    gives the first term and the exact dv; the causal kernel's backward, given dO = g, the
-    true y as output and v = 0, gives the second. Checked against the math in
-    tests/test_speed_paths.py.
+    The same math as SDPA's unfused path, y = (softmax(q k^T * scale + causal) * M/(1-p)) @ v,
+    but with the cheap mask of _dropped, and computed a few sequences at a time so that the
+    (rows, nh, T, T) temporaries stay in cache. On CPU this beat both SDPA's math path and
+    the flash kernel with the mask as an additive bias (whose bf16 backward is slow and would
+    be needed twice). With P the probabilities, Pd = P * M/(1-p) and D_i = g_i . y_i:
+        dv = Pd^T g,   ds = Pd * (g v^T) - P * D,   dq = scale * ds k,   dk = scale * ds^T q
+    P and Pd are kept for the backward pass: 2 * nh * T * T values per sequence.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, p, scale):
+    def forward(ctx, q, k, v, p):
         B, nh, T, hs = q.shape
         drop, keep_scale = _dropped((B, nh, T, T), p)
-        mask = torch.zeros((), dtype=q.dtype).expand(B, nh, T, T).masked_fill(drop, float("-inf"))
-        out_m, lse_m = _flash_cpu(q, k, v, 0.0, True, attn_mask=mask, scale=scale)
-        _, lse = _flash_cpu(q, k, v, 0.0, True, scale=scale)  # (B, nh, T) float32
-        kept = (lse_m - lse).exp_().mul_(keep_scale).unsqueeze(-1)  # S / (1-p), (B, nh, T, 1)
-        y = (out_m * kept).to(q.dtype)
-        ctx.save_for_backward(q, k, v, mask, lse_m, lse, kept, y)
-        ctx.scale = scale
+        future = torch.ones(T, T, dtype=torch.bool).triu(1)  # keys after the query
+        q = q * (1.0 / math.sqrt(hs))
+        probs = torch.empty(B, nh, T, T, dtype=q.dtype)  # P
+        kept = torch.empty_like(probs)  # Pd
+        y = torch.empty(B, nh, T, hs, dtype=q.dtype)
+        for rows in _row_chunks(B, nh * T * T):
+            att = torch.matmul(q[rows], k[rows].transpose(-1, -2)).masked_fill_(future, float("-inf"))
+            torch.softmax(att, dim=-1, out=probs[rows])
+            torch.mul(probs[rows], keep_scale, out=kept[rows]).masked_fill_(drop[rows], 0.0)
+            torch.matmul(kept[rows], v[rows], out=y[rows])
+        ctx.save_for_backward(q, k, v, probs, kept, y)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, mask, lse_m, lse, kept, y = ctx.saved_tensors
-        grad = grad.contiguous()
-        dq, dk, dv = _flash_cpu_backward((grad * kept).to(q.dtype), q, k, v, torch.zeros_like(y),
-                                         lse_m, 0.0, True, attn_mask=mask, scale=ctx.scale)
-        dq2, dk2, _ = _flash_cpu_backward(grad, q, k, torch.zeros_like(v), y, lse, 0.0, True,
-                                          scale=ctx.scale)
-        return dq + dq2, dk + dk2, dv, None, None
+        q, k, v, probs, kept, y = ctx.saved_tensors  # q is already scaled
+        B, nh, T, hs = q.shape
+        scale = 1.0 / math.sqrt(hs)
+        minus_d = (grad.float() * y.float()).sum(-1, keepdim=True).neg_()  # -D, (B, nh, T, 1)
+        dq, dk, dv = (torch.empty(B, nh, T, hs, dtype=q.dtype) for _ in range(3))
+        for rows in _row_chunks(B, nh * T * T):
+            g = grad[rows]
+            torch.matmul(kept[rows].transpose(-1, -2), g, out=dv[rows])
+            ds = torch.matmul(g, v[rows].transpose(-1, -2)).mul_(kept[rows]).addcmul_(probs[rows], minus_d[rows])
+            torch.matmul(ds, k[rows], out=dq[rows])
+            torch.matmul(ds.transpose(-1, -2), q[rows], out=dk[rows])
+        return dq.mul_(scale), dk, dv, None
 
 
 def causal_attention(q, k, v, dropout_p: float) -> torch.Tensor:
     """Causal SDPA of q, k, v (B, nh, T, hs) with attention dropout dropout_p (0 in eval)."""
     if dropout_p > 0 and use_cpu_dropout(q) and q.dtype in (torch.float32, torch.bfloat16, torch.float64):
-        return _CPUFlashAttentionDropout.apply(q, k, v, dropout_p, 1.0 / math.sqrt(q.size(-1)))
+        return _CPUAttentionDropout.apply(q, k, v, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
 
@@ -350,9 +358,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         return logits.argmax(dim=-1)
     # shift the best logit to 0 first, so a tiny temperature gives -inf, never inf - inf = nan
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
-    if top_k:
-        k = min(top_k, logits.size(-1))
-        kth = torch.topk(logits, k).values[:, [-1]]
+    if top_k and top_k < logits.size(-1):  # k at or above the vocabulary keeps every token
+        kth = torch.topk(logits, top_k).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
