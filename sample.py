@@ -60,7 +60,7 @@ class SampleConfig:
     use_cache: bool = True  # KV cache: each new token costs one position, not the whole context
     stats: bool = False  # print generation speed (tokens/s) to stderr
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
-    dtype: str = "auto"  # auto (float32 on cpu, see above), float32, bfloat16 or float16
+    dtype: str = "auto"  # auto (float32 on cpu: faster for decoding; bf16 or fp16 on gpus), float32, bfloat16 or float16
     compile: bool = False  # torch.compile the model (slow to start; for long runs on GPUs)
     cpu_threads: int = 1  # torch threads on cpu; 1 measured fastest for token-by-token decoding, 0 = all cores
 
@@ -175,7 +175,7 @@ class TextStream:
 def complete(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cfg: SampleConfig,
              precision: hardware.Precision, generator: torch.Generator, echo_prompt: bool, out):
     """Generate cfg.num_samples continuations of prompt_ids as one batch; stream the first
-    to out and print the others when done. Returns (new tokens per sample, seconds)."""
+    to out and print the others when done. Returns (new tokens per sample, seconds, CPU seconds)."""
     idx = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=precision.device)  # (B, T)
     stream = TextStream(tokenizer, out)
     # the prompt as the model reads it (unknown characters dropped); not an end-of-text
@@ -183,7 +183,8 @@ def complete(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cfg: Sampl
     shown_prompt = [i for i in prompt_ids if i != tokenizer.eot_id] if echo_prompt else []
     stream.write(shown_prompt)
     new_ids: list[list[int]] = []  # one list of ids per step, each (B,)
-    start = time.perf_counter()
+    precision.synchronize()
+    start, start_cpu = time.perf_counter(), time.process_time()
     with precision.autocast():
         steps = model.generate_stream(idx, cfg.max_new_tokens, temperature=cfg.temperature,
                                       top_k=cfg.top_k or None, top_p=cfg.top_p,
@@ -192,7 +193,8 @@ def complete(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cfg: Sampl
             ids = next_id.tolist()  # the one host sync per step, which streaming needs anyway
             new_ids.append(ids)
             stream.write(ids[:1])
-    seconds = time.perf_counter() - start
+    precision.synchronize()
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     stream.close()
     out.write("\n")
     if cfg.num_samples > 1:
@@ -202,13 +204,16 @@ def complete(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cfg: Sampl
                     if i < tokenizer.vocab_size]
             out.write(tokenizer.decode_bytes(rest).decode("utf-8", errors="replace") + "\n---------------\n")
     out.flush()
-    return len(new_ids), seconds
+    return len(new_ids), seconds, cpu_seconds
 
 
-def report_stats(cfg: SampleConfig, n_tokens: int, seconds: float):
+def report_stats(cfg: SampleConfig, n_tokens: int, seconds: float, cpu_seconds: float):
+    """Speed on stderr. CPU time next to wall time shows how much of the machine we had:
+    on a shared CPU, wall-clock tokens/s falls with the other processes' load."""
     rate = n_tokens / seconds if seconds > 0 else float("inf")
-    print(f"{n_tokens} tokens x {cfg.num_samples} sample(s) in {seconds:.2f}s: {rate:.1f} tokens/s "
-          f"per sample ({'with' if cfg.use_cache else 'without'} KV cache)", file=sys.stderr)
+    print(f"{n_tokens} tokens x {cfg.num_samples} sample(s) in {seconds:.2f}s "
+          f"({cpu_seconds:.2f}s of CPU time, {torch.get_num_threads()} thread(s)): {rate:.1f} "
+          f"tokens/s per sample ({'with' if cfg.use_cache else 'without'} KV cache)", file=sys.stderr)
 
 
 def interactive(model, tokenizer, cfg, precision, generator, out):
@@ -234,10 +239,10 @@ def interactive(model, tokenizer, cfg, precision, generator, out):
             except UserError as e:  # one bad line is no reason to leave
                 print(f"error: {e}", file=sys.stderr)
                 continue
-            n, seconds = complete(model, tokenizer, prompt_ids, cfg, precision, generator,
-                                  echo_prompt=False, out=out)
+            timing = complete(model, tokenizer, prompt_ids, cfg, precision, generator,
+                              echo_prompt=False, out=out)
             if cfg.stats:
-                report_stats(cfg, n, seconds)
+                report_stats(cfg, *timing)
     except KeyboardInterrupt:
         out.write("\n")
     out.flush()
@@ -263,9 +268,9 @@ def main(argv=None):
         interactive(model, tokenizer, cfg, precision, generator, out)
         return
     prompt_ids = encode_prompt(tokenizer, prompt_text, cfg.drop_unknown)
-    n, seconds = complete(model, tokenizer, prompt_ids, cfg, precision, generator, echo_prompt=True, out=out)
+    timing = complete(model, tokenizer, prompt_ids, cfg, precision, generator, echo_prompt=True, out=out)
     if cfg.stats:
-        report_stats(cfg, n, seconds)
+        report_stats(cfg, *timing)
 
 
 if __name__ == "__main__":
