@@ -17,6 +17,7 @@ the old one, so a crash or a full disk at any moment leaves the previous checkpo
 """
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -68,14 +69,17 @@ def load(path, map_location="cpu") -> dict:
         raise UserError(f"no checkpoint at {path}; train one with `python train.py ...` "
                         f"or point --out_dir at the folder that holds ckpt.pt")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols; we refuse them below
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).splitlines()[0] if str(e) else ""
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "GLOBAL" in str(e) or "global" in str(e):  # a class or function the safe loader will not call
             raise UserError(f"{path} holds pickled objects that are not plain data; refusing to load "
                             f"it (nothing in it was run). Only load checkpoints you trust, "
                             f"written by train.py") from None
-        raise UserError(f"{path} is corrupted ({first}); restore it or train again") from None
+        raise UserError(f"{path} is truncated or corrupted (not a readable checkpoint); restore it or "
+                        f"train again") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{path} is truncated or corrupted ({first}); restore it or train again") from None

@@ -116,11 +116,13 @@ def read_config_file(path: str) -> dict:
             if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
 
 
-def parse_config(cls, argv: list[str] | None = None, prog: str | None = None):
+def parse_config(cls, argv: list[str] | None = None, prog: str | None = None, check: bool = True):
     """Build cls from [config.py] [--key=value | --key value | --flag ...].
 
     Returns (config, explicit): explicit is the set of keys set by the file or the flags,
     so a script can tell a default from a choice (e.g. to refuse a conflicting resume).
+    check=False leaves problems() to the caller, for settings that are completed later
+    (a resumed run takes the rest of its settings from the checkpoint).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = prog or Path(sys.argv[0]).name
@@ -167,7 +169,7 @@ def parse_config(cls, argv: list[str] | None = None, prog: str | None = None):
         except ValueError as e:
             errors.append(str(e))
     config = cls(**values)  # keys that failed keep their defaults, so problems() still runs
-    if hasattr(config, "problems"):
+    if check and hasattr(config, "problems"):
         errors.extend(config.problems())
     if errors:
         raise UserError("; ".join(errors))

@@ -100,8 +100,6 @@ def resolve(device: str = "auto", dtype: str = "auto") -> Precision:
     elif dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
     else:
-        if dtype == "float16" and kind == "cpu":
-            raise UserError("float16 autocast is not supported on cpu; use --dtype=bfloat16 or --dtype=float32")
         why.append(f"dtype {dtype} (as requested)")
     return Precision(device, dtype, ", ".join(why))
 

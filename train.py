@@ -183,8 +183,12 @@ class MetricsLog:
         self.wandb_run = wandb_run
 
     def log(self, record: dict):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise UserError(f"cannot write {self.path}: {e.strerror}; free some disk space or choose "
+                            f"another --out_dir (the last checkpoint is kept)") from None
         if self.wandb_run is not None:
             self.wandb_run.log(record)  # "iter" inside the record is the x-axis, as in nanoGPT
 
@@ -266,7 +270,10 @@ class StopRequest:
 # ---------------------------------------------------------------------------- main
 
 def main(argv=None):
-    cfg, explicit = parse_config(TrainConfig, argv, prog="train.py")
+    # a resumed run completes its settings from the checkpoint, so they are checked after that
+    cfg, explicit = parse_config(TrainConfig, argv, prog="train.py", check=False)
+    if cfg.init_from != "resume" and cfg.problems():
+        raise UserError("; ".join(cfg.problems()))
 
     # distributed: torchrun sets RANK; otherwise one process on one device
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -318,7 +325,10 @@ def main(argv=None):
     if master:
         print(f"{precision.reason}")
         print("config: " + json.dumps(dataclasses.asdict(cfg)))
-        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create --out_dir {cfg.out_dir}: {e.strerror}; choose another folder") from None
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     if master:
         print(f"tokens per iteration: {tokens_per_iter:,}")

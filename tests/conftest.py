@@ -13,6 +13,9 @@ sys.path.insert(0, str(ROOT))
 if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken").is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken")
 os.environ.setdefault("WANDB_MODE", "offline")
+# Test models are tiny: one thread each is fastest, and spinning OpenMP threads of parallel
+# test processes would otherwise fight over the cores. (Subprocesses inherit this.)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 

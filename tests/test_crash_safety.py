@@ -1,0 +1,241 @@
+"""Nothing lost: kills, signals, NaNs, bad checkpoints and full disks never cost a user their run."""
+import errno
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+import train
+from conftest import TINY
+from errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def train_cmd(data_dir, out_dir, *flags):
+    return [sys.executable, str(ROOT / "train.py"), f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY, *flags]
+
+
+def run_train(data_dir, out_dir, *flags):
+    train.main([f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY, *flags])
+
+
+def weights_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# A process that imports torch and train.py once, then forks a fresh training run for each
+# line of arguments it reads and prints the child's pid: each run starts in milliseconds
+# instead of seconds. It never computes anything itself, so forking it is safe.
+FORK_SERVER = """
+import os, sys, json
+sys.path.insert(0, sys.argv[1])
+import torch._dynamo  # torch.optim imports it on first use, which takes seconds
+import train
+from errors import run_main
+for line in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        sys.stdin.close()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        try:
+            run_main(train.main, json.loads(line))
+        finally:
+            os._exit(0)
+    print(pid, flush=True)
+"""
+
+
+def test_kill9_at_random_moments_never_loses_the_checkpoint(tiny_data, tmp_path):
+    """20+ SIGKILLs, some while a checkpoint is being written: after each one the checkpoint
+    loads with weights_only=True and its iteration never goes backwards; then the run finishes."""
+    import json
+    out = tmp_path / "out"
+    ckpt_path = out / "ckpt.pt"
+    # a checkpoint at every iteration, of a model big enough that writing one takes a while
+    flags = [f"--data_dir={tiny_data}", f"--out_dir={out}", *TINY, "--n_layer=4", "--n_embd=128",
+             "--eval_interval=1", "--eval_iters=1", "--max_iters=400", "--lr_decay_iters=400"]
+    server = subprocess.Popen([sys.executable, "-c", FORK_SERVER, str(ROOT)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    rng = random.Random(0)
+    last_iter, kills, mid_write = -1, 0, 0
+    deadline = time.monotonic() + 150  # bounded whatever the machine's speed
+    try:
+        while kills < 24 and time.monotonic() < deadline:
+            resume = ["--init_from=resume"] if ckpt_path.exists() else []
+            start_mtime = ckpt_path.stat().st_mtime_ns if ckpt_path.exists() else 0
+            server.stdin.write(json.dumps(flags + resume) + "\n")
+            server.stdin.flush()
+            pid = int(server.stdout.readline())
+            # wait until this run has written a checkpoint of its own
+            t_end = time.monotonic() + 30
+            while time.monotonic() < t_end:
+                if ckpt_path.exists() and ckpt_path.stat().st_mtime_ns != start_mtime:
+                    break
+                time.sleep(0.002)
+            if kills % 2 == 0:  # half the kills land while a temporary checkpoint file is open
+                t_end = time.monotonic() + 5
+                while time.monotonic() < t_end and not list(out.glob(".ckpt.pt.tmp-*")):
+                    time.sleep(0.0002)
+            else:
+                time.sleep(rng.uniform(0, 0.3))
+            os.kill(pid, signal.SIGKILL)
+            while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z":
+                time.sleep(0.001)  # dead once it is a zombie
+            kills += 1
+            mid_write += bool(list(out.glob(".ckpt.pt.tmp-*")))
+            ckpt = torch.load(ckpt_path, weights_only=True)  # the plain, safe loader opens it
+            assert checkpoint.load(ckpt_path)["iter_num"] == ckpt["iter_num"] >= last_iter
+            assert ckpt["iter_num"] < 400, "the run ended before it was killed"
+            last_iter = ckpt["iter_num"]
+    finally:
+        server.stdin.close()
+        server.wait(timeout=30)
+    assert kills >= 20, f"only {kills} kills fitted in the time bound"
+    assert mid_write >= 3, f"only {mid_write} kills hit a checkpoint being written"
+    # and the run still finishes from where it was
+    run_train(tiny_data, out, *flags[2 + len(TINY):], "--init_from=resume", "--eval_interval=1000")
+    assert checkpoint.load(ckpt_path)["iter_num"] == 400
+    assert not list(out.glob(".ckpt.pt.tmp-*"))  # stale temporary files were cleaned up
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_and_resume_is_exact(tiny_data, tmp_path, sig):
+    flags = ["--max_iters=200", "--eval_interval=1000", "--lr_decay_iters=200", "--dropout=0.1",
+             "--gradient_accumulation_steps=2"]
+    run_train(tiny_data, tmp_path / "full", *flags)
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(train_cmd(tiny_data, out, *flags), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    t_end = time.monotonic() + 60
+    while time.monotonic() < t_end and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") > 10:
+            break
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert "Resume with" in err and "--init_from=resume" in err and "Traceback" not in err
+    stopped_at = checkpoint.load(out / "ckpt.pt")["iter_num"]
+    assert 0 < stopped_at < 200
+    run_train(tiny_data, out, "--init_from=resume")
+    full = checkpoint.load(tmp_path / "full" / "ckpt.pt")
+    resumed = checkpoint.load(out / "ckpt.pt")
+    assert resumed["iter_num"] == 200
+    assert weights_equal(full["model"], resumed["model"])
+
+
+def poison_training_forward(monkeypatch, at_call):
+    """Make the loss NaN on the at_call-th training forward pass (eval passes not counted)."""
+    forward = train.GPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None, kv_cache=None):
+        logits, loss = forward(self, idx, targets, kv_cache)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == at_call:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(train.GPT, "forward", poisoned)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    poison_training_forward(monkeypatch, at_call=8)  # iteration 7
+    with pytest.raises(UserError, match="non-finite .* at iteration 7"):
+        run_train(tiny_data, tmp_path / "out", "--max_iters=20", "--eval_interval=5")
+    ckpt = checkpoint.load(tmp_path / "out" / "ckpt.pt")
+    assert ckpt["iter_num"] == 5
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_nonfinite_loss_under_float16_skips_the_step(tiny_data, tmp_path, monkeypatch, capsys):
+    poison_training_forward(monkeypatch, at_call=4)
+    run_train(tiny_data, tmp_path / "out", "--max_iters=10", "--eval_interval=5", "--dtype=float16")
+    assert "iteration 3: gradients overflowed in float16, step skipped" in capsys.readouterr().out
+    ckpt = checkpoint.load(tmp_path / "out" / "ckpt.pt")
+    assert ckpt["iter_num"] == 10
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_never_saves_nan_weights(tiny_data, tmp_path, monkeypatch):
+    run_train(tiny_data, tmp_path / "out", "--max_iters=5", "--eval_interval=5")
+    before = (tmp_path / "out" / "ckpt.pt").read_bytes()
+    load_state_dict = train.GPT.load_state_dict
+
+    def load_poisoned(self, state, *args, **kwargs):
+        state = {k: v * float("nan") if k.endswith("ln_f.weight") else v for k, v in state.items()}
+        return load_state_dict(self, state, *args, **kwargs)
+
+    monkeypatch.setattr(train.GPT, "load_state_dict", load_poisoned)
+    with pytest.raises(UserError, match="NaN or inf"):
+        run_train(tiny_data, tmp_path / "out", "--max_iters=10", "--init_from=resume", "--grad_clip=0")
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
+
+
+class RunsCode:
+    """A pickle that would run a command when unpickled unsafely."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_bad_checkpoints_are_refused_without_running_anything(tmp_path):
+    good = tmp_path / "good.pt"
+    checkpoint.save({"model": {"w": torch.ones(3)}, "model_args": {}, "iter_num": 1, "config": {},
+                     "tokenizer": {}}, good)
+    data = good.read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.pt").write_bytes(os.urandom(4096))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save({"a": 1}, tmp_path / "foreign.pt")
+    marker = tmp_path / "pwned"
+    torch.save({"format": checkpoint.FORMAT, "payload": RunsCode(marker)}, tmp_path / "evil.pt")
+    with open(tmp_path / "evil_pickle.pt", "wb") as f:
+        pickle.dump(RunsCode(marker), f)
+    expected = {"truncated": "truncated or corrupted", "garbage": "truncated or corrupted",
+                "empty": "truncated or corrupted", "foreign": "not a checkpoint of this project",
+                "evil": "not plain data", "evil_pickle": "not plain data|truncated or corrupted"}
+    for name, message in expected.items():
+        with pytest.raises(UserError, match=message):
+            checkpoint.load(tmp_path / f"{name}.pt")
+    assert not marker.exists()
+    assert checkpoint.load(good)["iter_num"] == 1
+
+
+def test_unwritable_out_dir_is_a_clear_error(tiny_data, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UserError, match="cannot create --out_dir"):
+        run_train(tiny_data, blocker / "out", "--max_iters=2", "--eval_interval=1")
+
+
+def test_full_disk_during_save_keeps_the_previous_checkpoint(tiny_data, tmp_path, monkeypatch):
+    run_train(tiny_data, tmp_path / "out", "--max_iters=5", "--eval_interval=5")
+    path = tmp_path / "out" / "ckpt.pt"
+    before = path.read_bytes()
+
+    def save_until_disk_is_full(obj, f):
+        f.write(b"\0" * 1000)  # part of the file lands, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint.torch, "save", save_until_disk_is_full)
+    with pytest.raises(UserError, match="No space left on device.*previous checkpoint is unchanged"):
+        run_train(tiny_data, tmp_path / "out", "--max_iters=10", "--eval_interval=5", "--init_from=resume")
+    assert path.read_bytes() == before
+    assert not list(path.parent.glob(".ckpt.pt.tmp-*"))
