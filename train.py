@@ -27,6 +27,7 @@ import hardware
 from config import parse_config
 from errors import UserError, run_main
 from model import GPT, GPTConfig
+from tokenizer import Tokenizer
 
 
 @dataclass
@@ -319,8 +320,7 @@ def main(argv=None):
         if n <= cfg.block_size:
             raise UserError(f"the {split} split of {cfg.dataset!r} has {n} tokens, too few for one window of "
                             f"--block_size={cfg.block_size}; lower --block_size or prepare more text")
-    tokenizer = {k: data.meta.get(k) for k in ("vocab_size", "eot_id", "chars")}
-    tokenizer["name"] = data.meta.get("tokenizer")
+    tokenizer = Tokenizer.from_description(data.meta).describe()  # saved so sample.py needs no data/
 
     if master:
         print(f"{precision.reason}")
