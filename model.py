@@ -135,16 +135,19 @@ class _CPUAttentionDropout(torch.autograd.Function):
     def forward(ctx, q, k, v, p):
         B, nh, T, hs = q.shape
         drop, keep_scale = _dropped((B, nh, T, T), p)
-        future = torch.ones(T, T, dtype=torch.bool).triu(1)  # keys after the query
-        q = q * (1.0 / math.sqrt(hs))
-        probs = torch.empty(B, nh, T, T, dtype=q.dtype)  # P
-        kept = torch.empty_like(probs)  # Pd
-        y = torch.empty(B, nh, T, hs, dtype=q.dtype)
-        for rows in _row_chunks(B, nh * T * T):
-            att = torch.matmul(q[rows], k[rows].transpose(-1, -2)).masked_fill_(future, float("-inf"))
-            torch.softmax(att, dim=-1, out=probs[rows])
-            torch.mul(probs[rows], keep_scale, out=kept[rows]).masked_fill_(drop[rows], 0.0)
-            torch.matmul(kept[rows], v[rows], out=y[rows])
+        # -inf on keys after the query; added to the scores inside the batched matmul
+        causal = torch.full((T, T), float("-inf"), dtype=q.dtype).triu_(1)
+        with torch.autocast("cpu", enabled=False):  # softmax stays in q's dtype
+            q = q.contiguous().mul_(1.0 / math.sqrt(hs)) if not q.is_contiguous() else q / math.sqrt(hs)
+            k, v = k.contiguous(), v.contiguous()
+            probs = torch.empty(B, nh, T, T, dtype=q.dtype)  # P
+            kept = torch.empty_like(probs)  # Pd
+            y = torch.empty(B, nh, T, hs, dtype=q.dtype)
+            for rows in _row_chunks(B, nh * T * T):
+                att = torch.baddbmm(causal, q[rows].flatten(0, 1), k[rows].flatten(0, 1).transpose(1, 2))
+                torch.softmax(att.view(-1, nh, T, T), dim=-1, out=probs[rows])
+                torch.mul(probs[rows], keep_scale, out=kept[rows]).masked_fill_(drop[rows], 0.0)
+                torch.matmul(kept[rows], v[rows], out=y[rows])
         ctx.save_for_backward(q, k, v, probs, kept, y)
         return y
 
@@ -152,8 +155,9 @@ class _CPUAttentionDropout(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, v, probs, kept, y = ctx.saved_tensors  # q is already scaled
         B, nh, T, hs = q.shape
-        scale = 1.0 / math.sqrt(hs)
-        minus_d = (grad.float() * y.float()).sum(-1, keepdim=True).neg_()  # -D, (B, nh, T, 1)
+        grad = grad.contiguous()
+        acc = torch.promote_types(q.dtype, torch.float32)
+        minus_d = (grad.to(acc) * y.to(acc)).sum(-1, keepdim=True).neg_()  # -D, (B, nh, T, 1)
         dq, dk, dv = (torch.empty(B, nh, T, hs, dtype=q.dtype) for _ in range(3))
         for rows in _row_chunks(B, nh * T * T):
             g = grad[rows]
@@ -161,7 +165,7 @@ class _CPUAttentionDropout(torch.autograd.Function):
             ds = torch.matmul(g, v[rows].transpose(-1, -2)).mul_(kept[rows]).addcmul_(probs[rows], minus_d[rows])
             torch.matmul(ds, k[rows], out=dq[rows])
             torch.matmul(ds.transpose(-1, -2), q[rows], out=dk[rows])
-        return dq.mul_(scale), dk, dv, None
+        return dq.mul_(1.0 / math.sqrt(hs)), dk, dv, None
 
 
 def causal_attention(q, k, v, dropout_p: float) -> torch.Tensor:
