@@ -75,17 +75,44 @@ def use_cpu_dropout(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def _dropped(shape, p: float) -> tuple[torch.Tensor, float]:
-    """A bool tensor of `shape`, True where an element is dropped, and the survivors' scale.
-
-    16 random bits per element: P(drop) = round(p * 2**16) / 2**16, within 8e-6 of p, and the
-    scale 1 / (1 - that) keeps the expectation exact."""
-    seed = int(torch.randint(0, 2**62, (1,)).item())  # one draw from torch's global RNG
-    n = math.prod(shape)
+def _random_int16(n: int) -> np.ndarray:
+    """n uniform int16 values from numpy's SFC64 (about 10x faster than torch's bernoulli_ on
+    CPU), seeded with one draw from torch's global RNG."""
+    seed = int(torch.randint(0, 2**62, (1,)).item())
     words = np.random.SFC64(seed).random_raw((n + 3) // 4)  # uint64, four int16 each
-    bits = torch.from_numpy(words.view(np.int16)[:n]).view(shape)  # uniform over [-2**15, 2**15)
+    return words.view(np.int16)[:n]
+
+
+def _drop_threshold(p: float) -> tuple[int, float]:
+    """16 random bits per element: an int16 below the threshold is dropped, so P(drop) =
+    round(p * 2**16) / 2**16, within 8e-6 of p; the survivors' scale 1 / (1 - that) keeps the
+    expectation exact."""
     drop_count = round(p * 65536)
-    return bits < drop_count - 32768, 65536 / (65536 - drop_count)
+    return drop_count - 32768, 65536 / (65536 - drop_count)
+
+
+def _dropped(shape, p: float) -> tuple[torch.Tensor, float]:
+    """A bool tensor of `shape`, True where an element is dropped, and the survivors' scale."""
+    threshold, scale = _drop_threshold(p)
+    bits = torch.from_numpy(_random_int16(math.prod(shape))).view(shape)
+    return bits < threshold, scale
+
+
+def _dropped_causal(B: int, nh: int, T: int, p: float) -> tuple[torch.Tensor, float]:
+    """Like _dropped((B, nh, T, T), p), but only the causal part (key <= query) is drawn: half
+    the random bits. Rows i and T-1-i need i+1 and T-i draws, T+1 together, so one row of
+    (T/2, T+1) draws serves both: row i reads it forwards, row T-1-i backwards from its end.
+    Entries above the diagonal repeat draws from below it and must not be used."""
+    if T % 2:
+        return _dropped((B, nh, T, T), p)
+    threshold, scale = _drop_threshold(p)
+    half = T // 2
+    bits = _random_int16(B * nh * half * (T + 1)).reshape(B * nh, half, T + 1)
+    drop = torch.empty(B, nh, T, T, dtype=torch.bool)
+    out = drop.numpy().reshape(B * nh, T, T)
+    np.less(bits[:, :, :T], threshold, out=out[:, :half])  # row i, columns 0..i used
+    np.less(bits[:, ::-1, :0:-1], threshold, out=out[:, half:])  # row T-1-i: draws T..i+1
+    return drop, scale
 
 
 class _CPUDropout(torch.autograd.Function):
@@ -96,12 +123,12 @@ class _CPUDropout(torch.autograd.Function):
         drop, scale = _dropped(x.shape, p)
         ctx.save_for_backward(drop)
         ctx.scale = scale
-        return x.masked_fill(drop, 0).mul_(scale)
+        return torch.where(drop, 0.0, x).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
         (drop,) = ctx.saved_tensors
-        return grad.masked_fill(drop, 0).mul_(ctx.scale), None
+        return torch.where(drop, 0.0, grad).mul_(ctx.scale), None
 
 
 class Dropout(nn.Dropout):
@@ -123,49 +150,52 @@ class _CPUAttentionDropout(torch.autograd.Function):
     """Causal attention with dropout on the attention probabilities, for training on CPU.
 
     The same math as SDPA's unfused path, y = (softmax(q k^T * scale + causal) * M/(1-p)) @ v,
-    but with the cheap mask of _dropped, and computed a few sequences at a time so that the
-    (rows, nh, T, T) temporaries stay in cache. On CPU this beat both SDPA's math path and
-    the flash kernel with the mask as an additive bias (whose bf16 backward is slow and would
-    be needed twice). With P the probabilities, Pd = P * M/(1-p) and D_i = g_i . y_i:
-        dv = Pd^T g,   ds = Pd * (g v^T) - P * D,   dq = scale * ds k,   dk = scale * ds^T q
-    P and Pd are kept for the backward pass: 2 * nh * T * T values per sequence.
+    but with the cheap mask of _dropped_causal, and computed a few sequences at a time so that
+    the (rows, nh, T, T) temporaries stay in cache. On CPU this beat both SDPA's math path and
+    the flash kernel with the mask as an additive bias (its bf16 backward is slow, and exact
+    gradients need it twice). With P the probabilities, Pm = P * M, c = 1/(1-p) (folded into
+    v as vc = c v) and D_i = g_i . y_i:
+        y = Pm vc,  dv = c Pm^T g,  ds = Pm * (g vc^T) - P * D,  dq = scale ds k,  dk = scale ds^T q
+    P and Pm are kept for the backward pass: 2 * nh * T * T values per sequence.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, p):
         B, nh, T, hs = q.shape
-        drop, keep_scale = _dropped((B, nh, T, T), p)
+        drop, keep_scale = _dropped_causal(B, nh, T, p)
         # -inf on keys after the query; added to the scores inside the batched matmul
         causal = torch.full((T, T), float("-inf"), dtype=q.dtype).triu_(1)
         with torch.autocast("cpu", enabled=False):  # softmax stays in q's dtype
-            q = q.contiguous().mul_(1.0 / math.sqrt(hs)) if not q.is_contiguous() else q / math.sqrt(hs)
-            k, v = k.contiguous(), v.contiguous()
-            probs = torch.empty(B, nh, T, T, dtype=q.dtype)  # P
-            kept = torch.empty_like(probs)  # Pd
-            y = torch.empty(B, nh, T, hs, dtype=q.dtype)
+            q = (q * (1.0 / math.sqrt(hs))).contiguous()
+            k, v = k.contiguous(), (v * keep_scale).contiguous()
+            probs, kept, ys = [], [], []  # per chunk: P, Pm, y
             for rows in _row_chunks(B, nh * T * T):
                 att = torch.baddbmm(causal, q[rows].flatten(0, 1), k[rows].flatten(0, 1).transpose(1, 2))
-                torch.softmax(att.view(-1, nh, T, T), dim=-1, out=probs[rows])
-                torch.mul(probs[rows], keep_scale, out=kept[rows]).masked_fill_(drop[rows], 0.0)
-                torch.matmul(kept[rows], v[rows], out=y[rows])
-        ctx.save_for_backward(q, k, v, probs, kept, y)
+                probs.append(torch.softmax(att, dim=-1).view(-1, nh, T, T))
+                kept.append(torch.where(drop[rows], 0.0, probs[-1]))
+                ys.append(torch.matmul(kept[-1], v[rows]))
+            y = torch.cat(ys)
+        ctx.save_for_backward(q, k, v, y, *probs, *kept)
+        ctx.keep_scale = keep_scale
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, probs, kept, y = ctx.saved_tensors  # q is already scaled
+        q, k, v, y, *chunks = ctx.saved_tensors  # q is scaled by 1/sqrt(hs), v by keep_scale
+        probs, kept = chunks[:len(chunks) // 2], chunks[len(chunks) // 2:]
         B, nh, T, hs = q.shape
         grad = grad.contiguous()
         acc = torch.promote_types(q.dtype, torch.float32)
         minus_d = (grad.to(acc) * y.to(acc)).sum(-1, keepdim=True).neg_()  # -D, (B, nh, T, 1)
-        dq, dk, dv = (torch.empty(B, nh, T, hs, dtype=q.dtype) for _ in range(3))
-        for rows in _row_chunks(B, nh * T * T):
+        dq, dk, dv = [], [], []
+        for rows, p_chunk, pm_chunk in zip(_row_chunks(B, nh * T * T), probs, kept):
             g = grad[rows]
-            torch.matmul(kept[rows].transpose(-1, -2), g, out=dv[rows])
-            ds = torch.matmul(g, v[rows].transpose(-1, -2)).mul_(kept[rows]).addcmul_(probs[rows], minus_d[rows])
-            torch.matmul(ds, k[rows], out=dq[rows])
-            torch.matmul(ds.transpose(-1, -2), q[rows], out=dk[rows])
-        return dq.mul_(1.0 / math.sqrt(hs)), dk, dv, None
+            dv.append(torch.matmul(pm_chunk.transpose(-1, -2), g))
+            ds = torch.matmul(g, v[rows].transpose(-1, -2)).mul_(pm_chunk).addcmul_(p_chunk, minus_d[rows])
+            dq.append(torch.matmul(ds, k[rows]))
+            dk.append(torch.matmul(ds.transpose(-1, -2), q[rows]))
+        return (torch.cat(dq).mul_(1.0 / math.sqrt(hs)), torch.cat(dk),
+                torch.cat(dv).mul_(ctx.keep_scale), None)
 
 
 def causal_attention(q, k, v, dropout_p: float) -> torch.Tensor:

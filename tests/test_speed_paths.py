@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import model
-from model import GPT, GPTConfig, Dropout, _CPUAttentionDropout, _dropped, causal_attention
+from model import GPT, GPTConfig, Dropout, _CPUAttentionDropout, _dropped_causal, causal_attention
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
@@ -66,15 +66,16 @@ def naive_attention(q, k, v, drop, keep_scale):
     return (probs.masked_fill(drop, 0) * keep_scale) @ v
 
 
+@pytest.mark.parametrize("T", [9, 10])  # odd T draws the full square mask, even T the causal half
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5), (torch.bfloat16, 0.1)])
-def test_attention_dropout_equals_naive_attention_with_the_same_mask(dtype, tol):
+def test_attention_dropout_equals_naive_attention_with_the_same_mask(dtype, tol, T):
     torch.manual_seed(0)
-    B, nh, T, hs, p = 2, 3, 9, 8, 0.3
+    B, nh, hs, p = 2, 3, 8, 0.3
     q, k, v = (torch.randn(B, nh, T, hs, dtype=dtype, requires_grad=True) for _ in range(3))
     torch.manual_seed(1)
     y = causal_attention(q, k, v, p)
     torch.manual_seed(1)  # the same draw gives the mask the fast path used
-    drop, keep_scale = _dropped((B, nh, T, T), p)
+    drop, keep_scale = _dropped_causal(B, nh, T, p)
     assert drop[..., 0, 0].any()  # some first rows keep nothing: their output must be 0
     ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = naive_attention(*ref_inputs, drop, keep_scale)
@@ -108,6 +109,19 @@ def test_attention_dropout_rate():
     assert abs((kept == 0).float().mean().item() - p) < 0.01
     assert torch.allclose(kept[kept != 0], torch.tensor(1 / (1 - p)), rtol=1e-4)
     assert (y[~lower] == 0).all()  # still causal
+
+
+def test_causal_mask_draws_every_causal_entry_independently():
+    """The half-size draw of _dropped_causal must not reuse a draw below the diagonal: a reused
+    draw would show up as two perfectly correlated entries."""
+    torch.manual_seed(0)
+    T = 16
+    drop, _ = _dropped_causal(500, 1, T, 0.5)
+    lower = torch.ones(T, T, dtype=torch.bool).tril()
+    samples = drop[:, 0][:, lower].float()  # (500, T(T+1)/2)
+    assert abs(samples.mean().item() - 0.5) < 0.01
+    corr = torch.corrcoef(samples.T) - torch.eye(samples.size(1))
+    assert corr.abs().max().item() < 0.35  # noise only (a reused draw gives 1)
 
 
 def test_dropout_zero_and_eval_keep_the_plain_paths():
