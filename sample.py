@@ -257,7 +257,9 @@ def main(argv=None):
         hardware.set_cpu_threads()
     precision = choose_precision(cfg.device, cfg.dtype)
     model, tokenizer, _ = load_model(cfg.out_dir, precision.device)
-    print(f"precision: {precision.reason}", file=sys.stderr)  # once the checkpoint proved readable
+    prompt_ids = None if cfg.interactive else encode_prompt(tokenizer, prompt_text, cfg.drop_unknown)
+    # only now that the checkpoint and the prompt are good: a mistake gets one line on stderr
+    print(f"precision: {precision.reason}", file=sys.stderr)
     if cfg.compile:
         model.compile(dynamic=True)  # dynamic: the cached context grows every step
     torch.manual_seed(cfg.seed)
@@ -267,11 +269,9 @@ def main(argv=None):
     if cfg.interactive:
         interactive(model, tokenizer, cfg, precision, generator, out)
         return
-    prompt_ids = encode_prompt(tokenizer, prompt_text, cfg.drop_unknown)
     timing = complete(model, tokenizer, prompt_ids, cfg, precision, generator, echo_prompt=True, out=out)
     if cfg.stats:
         report_stats(cfg, *timing)
-
 
 if __name__ == "__main__":
     run_main(main)

@@ -152,6 +152,7 @@ def test_unknown_prompt_characters(char_dir, capsys):
     assert out.startswith("ROMEO: ") and len(out) == len("ROMEO: ") + 5 + 1
     with pytest.raises(UserError, match="no character the model knows"):
         sample.main([f"--out_dir={char_dir}", "--prompt=€", "--drop_unknown"])
+    assert "precision" not in capsys.readouterr().err  # a mistake gets one line, nothing before it
 
 
 def test_missing_or_foreign_checkpoint(tmp_path, capsys):
