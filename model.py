@@ -146,33 +146,34 @@ def _row_chunks(n: int, per_row: int, budget: int = 1 << 19):
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-class _CPUAttentionDropout(torch.autograd.Function):
-    """Causal attention with dropout on the attention probabilities, for training on CPU.
+class _CPUAttention(torch.autograd.Function):
+    """Causal attention for training on CPU, with dropout on the attention probabilities.
 
     The same math as SDPA's unfused path, y = (softmax(q k^T * scale + causal) * M/(1-p)) @ v,
-    but with the cheap mask of _dropped_causal, and computed a few sequences at a time so that
-    the (rows, nh, T, T) temporaries stay in cache. On CPU this beat both SDPA's math path and
-    the flash kernel with the mask as an additive bias (its bf16 backward is slow, and exact
-    gradients need it twice). With P the probabilities, Pm = P * M, c = 1/(1-p) (folded into
-    v as vc = c v) and D_i = g_i . y_i:
+    computed a few sequences at a time so that the (rows, nh, T, T) temporaries stay in cache,
+    with the cheap mask of _dropped_causal. On CPU this beat SDPA's math path (which dropout
+    forces) and the flash kernel's backward, which is slow in bf16: ~45% of a step of a small
+    model (used without dropout too, for bf16). With P the probabilities, Pm = P * M,
+    c = 1/(1-p) (folded into v as vc = c v) and D_i = g_i . y_i:
         y = Pm vc,  dv = c Pm^T g,  ds = Pm * (g vc^T) - P * D,  dq = scale ds k,  dk = scale ds^T q
-    P and Pm are kept for the backward pass: 2 * nh * T * T values per sequence.
+    P and Pm are kept for the backward pass: 2 * nh * T * T values per sequence (one without
+    dropout, where Pm = P).
     """
 
     @staticmethod
     def forward(ctx, q, k, v, p):
         B, nh, T, hs = q.shape
-        drop, keep_scale = _dropped_causal(B, nh, T, p)
+        drop, keep_scale = _dropped_causal(B, nh, T, p) if p > 0 else (None, 1.0)
         # -inf on keys after the query; added to the scores inside the batched matmul
         causal = torch.full((T, T), float("-inf"), dtype=q.dtype).triu_(1)
         with torch.autocast("cpu", enabled=False):  # softmax stays in q's dtype
             q = (q * (1.0 / math.sqrt(hs))).contiguous()
-            k, v = k.contiguous(), (v * keep_scale).contiguous()
+            k, v = k.contiguous(), (v * keep_scale if p > 0 else v).contiguous()
             probs, kept, ys = [], [], []  # per chunk: P, Pm, y
             for rows in _row_chunks(B, nh * T * T):
                 att = torch.baddbmm(causal, q[rows].flatten(0, 1), k[rows].flatten(0, 1).transpose(1, 2))
                 probs.append(torch.softmax(att, dim=-1).view(-1, nh, T, T))
-                kept.append(torch.where(drop[rows], 0.0, probs[-1]))
+                kept.append(torch.where(drop[rows], 0.0, probs[-1]) if p > 0 else probs[-1])
                 ys.append(torch.matmul(kept[-1], v[rows]))
             y = torch.cat(ys)
         ctx.save_for_backward(q, k, v, y, *probs, *kept)
@@ -199,9 +200,11 @@ class _CPUAttentionDropout(torch.autograd.Function):
 
 
 def causal_attention(q, k, v, dropout_p: float) -> torch.Tensor:
-    """Causal SDPA of q, k, v (B, nh, T, hs) with attention dropout dropout_p (0 in eval)."""
-    if dropout_p > 0 and use_cpu_dropout(q) and q.dtype in (torch.float32, torch.bfloat16, torch.float64):
-        return _CPUAttentionDropout.apply(q, k, v, dropout_p)
+    """Causal SDPA of q, k, v (B, nh, T, hs) with attention dropout dropout_p (0 in eval).
+    Training on CPU with dropout, or in bf16, takes _CPUAttention; everything else SDPA."""
+    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if training and use_cpu_dropout(q) and (dropout_p > 0 or q.dtype == torch.bfloat16):
+        return _CPUAttention.apply(q, k, v, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
 
