@@ -85,12 +85,14 @@ def _closest(key: str, names) -> str:
 
 
 def field_comments(cls) -> dict[str, str]:
-    """The `# comment` written after each field in the dataclass source, for --help."""
+    """The `# comment` written after each field in the dataclass source, for --help; a subclass
+    (bench.py's BenchConfig extends TrainConfig) inherits its bases' comments."""
     comments = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
-        if m:
-            comments[m.group(1)] = m.group(2).strip()
+    for klass in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        for line in inspect.getsource(klass).splitlines():
+            m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+            if m:
+                comments[m.group(1)] = m.group(2).strip()
     return comments
 
 
