@@ -23,7 +23,7 @@ import hardware
 from config import parse_config
 from errors import run_main
 from model import GPT, GPTConfig
-from train import TrainConfig
+from train import TrainConfig, train_step
 
 
 @dataclass
@@ -85,7 +85,7 @@ def flops_per_token(model: GPT, cfg: BenchConfig) -> int:
 
 
 def bench_train(model, cfg: BenchConfig, precision) -> list[float]:
-    """Training tokens/s, one sample per repeat, with train.py's step on random tokens."""
+    """Training tokens/s, one sample per repeat, of train.py's train_step on random tokens."""
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                           precision.device_type)
     scaler = torch.amp.GradScaler(precision.device_type, enabled=precision.dtype == "float16")
@@ -98,17 +98,7 @@ def bench_train(model, cfg: BenchConfig, precision) -> list[float]:
 
     def steps():
         for _ in range(cfg.train_steps):
-            for x, y in batches:
-                with precision.autocast():
-                    _, loss = train_model(x, y)
-                    loss = loss / accum
-                scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(train_model, optimizer, scaler, batches, precision, cfg.grad_clip)
 
     tokens = cfg.train_steps * accum * cfg.batch_size * cfg.block_size
     return [tokens / t for t in timed(steps, precision, cfg.warmup, cfg.repeats)]

@@ -173,6 +173,35 @@ def get_lr(it: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
+# ---------------------------------------------------------------------------- one step
+
+def train_step(model, optimizer, scaler, batches, precision, grad_clip: float, ddp: bool = False):
+    """One optimizer step over the micro-batches [(x, y), ...] (gradient accumulation).
+
+    Returns the last micro-batch's loss and the global gradient norm. A non-finite norm means
+    the step was not taken: under float16 the GradScaler skips it and lowers its scale; in
+    other dtypes it is skipped here, and train.py stops. bench.py times this same function.
+    """
+    accum = len(batches)
+    for i, (x, y) in enumerate(batches):
+        # under DDP, gradients are synchronised on the last micro-step only
+        with model.no_sync() if ddp and i < accum - 1 else nullcontext():
+            with precision.autocast():
+                _, loss = model(x, y)
+            scaler.scale(loss / accum).backward()  # gradients of all micro-steps add up
+    scaler.unscale_(optimizer)  # clip (and check) the true gradients, not the scaled ones
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if scaler.is_enabled() or torch.isfinite(grad_norm):
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
 # ---------------------------------------------------------------------------- logging
 
 class MetricsLog:
@@ -461,37 +490,23 @@ def main(argv=None):
                           f"command plus --init_from=resume", file=sys.stderr)
                 sys.exit(128 + stop.signum)
 
-            # forward, backward, update; gradients of all micro-steps add up
-            for micro_step in range(accum):
-                x, y = data.get_batch("train", cfg.batch_size, cfg.block_size, data_gen, device)
-                # under DDP, gradients are synchronised on the last micro-step only
-                sync = nullcontext() if not ddp or micro_step == accum - 1 else model.no_sync()
-                with sync:
-                    with precision.autocast():
-                        _, loss = model(x, y)
-                        loss = loss / accum
-                    scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)  # clip (and check) the true gradients, not the scaled ones
-            if cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-            else:
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in raw_model.parameters() if p.grad is not None])
+            # forward, backward, clip, update
+            batches = [data.get_batch("train", cfg.batch_size, cfg.block_size, data_gen, device)
+                       for _ in range(accum)]
+            loss, grad_norm = train_step(model, optimizer, scaler, batches, precision, cfg.grad_clip, ddp)
             if not torch.isfinite(grad_norm):
                 if not scaler.is_enabled():
                     raise UserError(f"the loss became non-finite (NaN or inf) at iteration {iter_num}; stopped "
                                     f"without saving. The last checkpoint in {cfg.out_dir} is intact: lower "
                                     f"--learning_rate, set --grad_clip, or use --dtype=float32")
-                if master:  # float16: the scaler skips this step and lowers its scale
+                if master:  # float16: the scaler skipped this step and lowered its scale
                     progress.write(f"iteration {iter_num}: gradients overflowed in float16, step skipped")
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
 
             # timing and logging (loss.item() waits for the device, so only every log_interval)
             record = None
             steps_timed += 1
             if iter_num % cfg.log_interval == 0 and master:
-                train_loss = loss.item() * accum  # of the last micro-step
+                train_loss = loss.item()  # of the last micro-step
                 precision.synchronize()
                 dt = (time.perf_counter() - t0) / steps_timed
                 record = {"iter": iter_num, "train/loss": train_loss, "lr": lr,
