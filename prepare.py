@@ -16,7 +16,7 @@ decoding train.bin followed by val.bin gives the documents back exactly: joined 
 
 Inputs of any size stream with bounded memory in two passes: pass 1 checks the UTF-8,
 hashes each file and collects the characters; pass 2 encodes chunks of text on all cores
-(tiktoken releases the GIL) and appends the ids to one stream, which is then split by
+in worker processes and appends the ids to one stream, which is then split by
 moving its tail into val.bin. Everything is written into a hidden temporary folder that
 is swapped into place at the end, so an interrupted run leaves the previous dataset.
 """
@@ -31,7 +31,7 @@ import sys
 import tempfile
 import urllib.request
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -168,17 +168,32 @@ def chunk_text(pieces, chunk_size: int, max_chunk: int | None = None):
 
 # ---------------------------------------------------------------- encoding and writing
 
+_worker_tokenizer = None  # each encoder process builds its own tokenizer once
+
+
+def _start_worker(description: dict) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer.from_description(description)
+
+
+def _encode_chunk(text: str) -> np.ndarray:
+    return _worker_tokenizer.encode_to_numpy(text)
+
+
 def encode_files(files, tokenizer: Tokenizer, out_path: Path, dtype, chunk_size: int,
-                 num_threads: int) -> int:
+                 num_workers: int) -> int:
     """Pass 2: encode every file, documents joined by end-of-text (BPE), into one flat
     stream of ids at out_path. Returns the number of tokens written."""
     eot = None if tokenizer.eot_id is None else np.array([tokenizer.eot_id], dtype=dtype)
     total = sum(p.stat().st_size for p in files)
     n_tokens = 0
-    # A bounded queue of encodes in flight: the workers encode while this thread reads,
-    # cuts and writes, and memory holds a few chunks, never the whole input.
+    # A bounded queue of encodes in flight: worker processes encode while this one reads,
+    # cuts and writes, and memory holds a few chunks, never the whole input. Processes, not
+    # threads: tiktoken's threads contend with each other (measured 6.7 MB/s with two
+    # threads, 11.6 MB/s with two processes on 2 cores).
     pending: deque = deque()
-    with open(out_path, "wb") as out, ThreadPoolExecutor(num_threads) as pool, \
+    with open(out_path, "wb") as out, ProcessPoolExecutor(
+            num_workers, initializer=_start_worker, initargs=(tokenizer.describe(),)) as pool, \
             tqdm(total=total, unit="B", unit_scale=True, desc="encode", disable=None) as bar:
 
         def write_oldest():
@@ -192,8 +207,8 @@ def encode_files(files, tokenizer: Tokenizer, out_path: Path, dtype, chunk_size:
             if i > 0 and eot is not None:
                 pending.append(eot)
             for chunk in chunk_text(read_text(path, chunk_size, bar), chunk_size):
-                pending.append(pool.submit(tokenizer.encode_to_numpy, chunk))
-                while len(pending) > 2 * num_threads:
+                pending.append(pool.submit(_encode_chunk, chunk))
+                while len(pending) > 2 * num_workers:
                     write_oldest()
         while pending:
             write_oldest()
@@ -283,7 +298,7 @@ def parse_args(argv):
     p.add_argument("--data_dir", default="data", help="root folder of prepared datasets")
     p.add_argument("--chunk_size", type=int, default=1 << 20,
                    help="characters per encode call (also bytes per read)")
-    p.add_argument("--num_threads", type=int, default=os.cpu_count() or 1, help="encoder threads")
+    p.add_argument("--num_workers", type=int, default=os.cpu_count() or 1, help="encoder processes")
     return p.parse_args(argv)
 
 
@@ -302,8 +317,8 @@ def main(argv=None):
         raise UserError(f"--name {name!r} must be a plain folder name (no '/', not starting with '.')")
     if not 0 < args.val_fraction < 1:
         raise UserError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
-    if args.chunk_size < 1 or args.num_threads < 1 or args.block_size < 1:
-        raise UserError("--chunk_size, --num_threads and --block_size must be positive")
+    if args.chunk_size < 1 or args.num_workers < 1 or args.block_size < 1:
+        raise UserError("--chunk_size, --num_workers and --block_size must be positive")
 
     tokenizer_name = args.tokenizer or NAMED_DATASETS.get(args.dataset, "gpt2")
     tokenizer = None if tokenizer_name == CHAR else Tokenizer.tiktoken(tokenizer_name)
@@ -341,7 +356,7 @@ def main(argv=None):
         print(f"vocab size: {tokenizer.vocab_size:,} ({tokenizer.name})")
 
         dtype = np.dtype("<u2") if tokenizer.vocab_size <= 1 << 16 else np.dtype("<u4")
-        n_tokens = encode_files(files, tokenizer, tmp / "train.bin", dtype, args.chunk_size, args.num_threads)
+        n_tokens = encode_files(files, tokenizer, tmp / "train.bin", dtype, args.chunk_size, args.num_workers)
         n_train = int(n_tokens * (1 - args.val_fraction))  # nanoGPT: data[:int(n*0.9)]
         n_val = n_tokens - n_train
         need = args.block_size + 1  # one training window: block_size inputs + the next token
