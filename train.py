@@ -302,8 +302,6 @@ class StopRequest:
 def main(argv=None):
     # a resumed run completes its settings from the checkpoint, so they are checked after that
     cfg, explicit = parse_config(TrainConfig, argv, prog="train.py", check=False)
-    if cfg.init_from != "resume" and cfg.problems():
-        raise UserError("; ".join(cfg.problems()))
 
     # distributed: torchrun sets RANK; otherwise one process on one device
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -334,9 +332,8 @@ def main(argv=None):
                             f"drop these flags or start a new run with another --out_dir")
         cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in explicit},
                                   init_from="resume")
-        problems = cfg.problems()
-        if problems:
-            raise UserError("; ".join(problems))
+    if cfg.problems():  # every invalid setting at once, before any work
+        raise UserError("; ".join(cfg.problems()))
     if cfg.gradient_accumulation_steps % world_size:
         raise UserError(f"--gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be "
                         f"a multiple of the number of processes ({world_size})")
