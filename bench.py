@@ -87,7 +87,7 @@ def flops_per_token(model: GPT, cfg: BenchConfig) -> int:
 def bench_train(model, cfg: BenchConfig, precision) -> list[float]:
     """Training tokens/s, one sample per repeat, of train.py's train_step on random tokens."""
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                          precision.device_type)
+                                          precision.device_type, cfg.optimizer)
     scaler = torch.amp.GradScaler(precision.device_type, enabled=precision.dtype == "float16")
     accum = cfg.gradient_accumulation_steps
     shape = (cfg.batch_size, cfg.block_size)

@@ -91,44 +91,64 @@ def _drop_threshold(p: float) -> tuple[int, float]:
     return drop_count - 32768, 65536 / (65536 - drop_count)
 
 
-def _dropped(shape, p: float) -> tuple[torch.Tensor, float]:
-    """A bool tensor of `shape`, True where an element is dropped, and the survivors' scale."""
+_UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def _ones_where_kept(drop: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of dtype: 1 where `drop` (a numpy bool array) is False, 0 where True. Made as
+    the bit pattern of 1.0 times the kept bytes, in numpy: multiplying by this mask is about
+    10x faster on CPU than torch.where with a bool mask (41 ms against 3 ms for a 64x256x384
+    bf16 tensor), and gives the same values."""
+    uint = _UINT[torch.empty((), dtype=dtype).element_size()]
+    one = torch.ones((), dtype=dtype).view(getattr(torch, f"int{8 * np.dtype(uint).itemsize}")).item()
+    ones = np.multiply(np.logical_not(drop), uint(one), dtype=uint)
+    return torch.from_numpy(ones).view(dtype)
+
+
+def _dropped_numpy(shape, p: float) -> tuple[np.ndarray, float]:
+    """A numpy bool array of `shape`, True where an element is dropped, and the survivors' scale."""
     threshold, scale = _drop_threshold(p)
-    bits = torch.from_numpy(_random_int16(math.prod(shape))).view(shape)
-    return bits < threshold, scale
+    return np.less(_random_int16(math.prod(shape)).reshape(shape), threshold), scale
 
 
-def _dropped_causal(B: int, nh: int, T: int, p: float) -> tuple[torch.Tensor, float]:
-    """Like _dropped((B, nh, T, T), p), but only the causal part (key <= query) is drawn: half
-    the random bits. Rows i and T-1-i need i+1 and T-i draws, T+1 together, so one row of
+def _dropped_causal_numpy(B: int, nh: int, T: int, p: float) -> tuple[np.ndarray, float]:
+    """Like _dropped_numpy((B, nh, T, T), p), but only the causal part (key <= query) is drawn:
+    half the random bits. Rows i and T-1-i need i+1 and T-i draws, T+1 together, so one row of
     (T/2, T+1) draws serves both: row i reads it forwards, row T-1-i backwards from its end.
     Entries above the diagonal repeat draws from below it and must not be used."""
     if T % 2:
-        return _dropped((B, nh, T, T), p)
+        return _dropped_numpy((B, nh, T, T), p)
     threshold, scale = _drop_threshold(p)
     half = T // 2
     bits = _random_int16(B * nh * half * (T + 1)).reshape(B * nh, half, T + 1)
-    drop = torch.empty(B, nh, T, T, dtype=torch.bool)
-    out = drop.numpy().reshape(B * nh, T, T)
+    drop = np.empty((B, nh, T, T), dtype=np.bool_)
+    out = drop.reshape(B * nh, T, T)
     np.less(bits[:, :, :T], threshold, out=out[:, :half])  # row i, columns 0..i used
     np.less(bits[:, ::-1, :0:-1], threshold, out=out[:, half:])  # row T-1-i: draws T..i+1
     return drop, scale
 
 
+def _dropped_causal(B: int, nh: int, T: int, p: float) -> tuple[torch.Tensor, float]:
+    """_dropped_causal_numpy as a torch bool tensor (the mask the attention below uses)."""
+    drop, scale = _dropped_causal_numpy(B, nh, T, p)
+    return torch.from_numpy(drop), scale
+
+
 class _CPUDropout(torch.autograd.Function):
-    """Dropout with a mask from _dropped; the mask is kept as bool for the backward pass."""
+    """Dropout with a mask from _dropped_numpy, kept as 0/1 in x's dtype for the backward pass."""
 
     @staticmethod
     def forward(ctx, x, p):
-        drop, scale = _dropped(x.shape, p)
-        ctx.save_for_backward(drop)
+        drop, scale = _dropped_numpy(x.shape, p)
+        kept = _ones_where_kept(drop, x.dtype)
+        ctx.save_for_backward(kept)
         ctx.scale = scale
-        return torch.where(drop, 0.0, x).mul_(scale)
+        return (x * kept).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
-        (drop,) = ctx.saved_tensors
-        return torch.where(drop, 0.0, grad).mul_(ctx.scale), None
+        (kept,) = ctx.saved_tensors
+        return (grad * kept).mul_(ctx.scale), None
 
 
 class Dropout(nn.Dropout):
@@ -163,7 +183,8 @@ class _CPUAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, p):
         B, nh, T, hs = q.shape
-        drop, keep_scale = _dropped_causal(B, nh, T, p) if p > 0 else (None, 1.0)
+        drop, keep_scale = _dropped_causal_numpy(B, nh, T, p) if p > 0 else (None, 1.0)
+        kept_mask = _ones_where_kept(drop, q.dtype) if p > 0 else None  # M, 0/1
         # -inf on keys after the query; added to the scores inside the batched matmul
         causal = torch.full((T, T), float("-inf"), dtype=q.dtype).triu_(1)
         with torch.autocast("cpu", enabled=False):  # softmax stays in q's dtype
@@ -173,7 +194,7 @@ class _CPUAttention(torch.autograd.Function):
             for rows in _row_chunks(B, nh * T * T):
                 att = torch.baddbmm(causal, q[rows].flatten(0, 1), k[rows].flatten(0, 1).transpose(1, 2))
                 probs.append(torch.softmax(att, dim=-1).view(-1, nh, T, T))
-                kept.append(torch.where(drop[rows], 0.0, probs[-1]) if p > 0 else probs[-1])
+                kept.append(probs[-1] * kept_mask[rows] if p > 0 else probs[-1])
                 ys.append(torch.matmul(kept[-1], v[rows]))
             y = torch.cat(ys)
         ctx.save_for_backward(q, k, v, y, *probs, *kept)
@@ -320,29 +341,40 @@ class GPT(nn.Module):
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        pos_emb = self.transformer.wpe.weight[start:start + T]  # (T, C): positions start.., a view
+        x = self.transformer.drop(self.transformer.wte(idx) + pos_emb)  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, kv_cache)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.length += T
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None  # list index keeps the time dim
+            return self.lm_head(x[:, -1:, :]), None  # a slice keeps the time dim
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW; weight decay on 2-D weights (matmuls, embeddings) only, not biases or norms."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type, name="adamw"):
+        """AdamW, with weight decay on 2-D weights (matmuls, embeddings) only, not biases or norms.
+
+        name="muon": torch.optim.Muon for the 2-D weights inside the blocks, AdamW for the rest
+        (see MuonAdamW). Both take learning_rate and weight_decay: Muon scales its update to
+        AdamW's size (adjust_lr_fn="match_rms_adamw"), so one schedule drives both."""
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        hidden = [p for n, p in params.items() if name == "muon" and n.startswith("transformer.h.") and p.dim() == 2]
+        rest = [p for p in params.values() if id(p) not in {id(h) for h in hidden}]
+        groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
         # the fused kernel updates every parameter in one pass, on cpu and cuda alike
         fused = device_type in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        if name == "adamw":
+            return adamw
+        if name != "muon":
+            raise ValueError(f"unknown optimizer {name!r}")
+        muon = torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay,
+                                adjust_lr_fn="match_rms_adamw")
+        return MuonAdamW(muon, adamw)
 
     @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
@@ -384,6 +416,42 @@ class GPT(nn.Module):
         """idx (B, T) -> (B, T + max_new_tokens): the prompt and its continuation."""
         new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
         return torch.cat([idx] + [t[:, None] for t in new], dim=1) if new else idx
+
+
+class MuonAdamW:
+    """Muon for the matrices inside the blocks and AdamW for the rest, stepped as one optimizer.
+
+    Muon (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/) replaces each
+    matrix's momentum by its nearest orthogonal matrix (a few Newton-Schulz iterations), so
+    every direction of the update moves at the same rate. It applies to 2-D hidden weights
+    only; embeddings, the tied output head, norms and biases stay with AdamW, as in the
+    reference. On the small char-level models here it reached a given loss in about half
+    the steps of AdamW. The class holds both torch optimizers and shows their param_groups
+    as one list, which is all train_step, the lr schedule and GradScaler use.
+    """
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # looked up each time: load_state_dict replaces the optimizers' group lists
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self):
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -57,10 +57,11 @@ class TrainConfig:
     n_embd: int = 768  # embedding width
     dropout: float = 0.0  # dropout probability; 0 for pretraining, 0.1+ for finetuning
     bias: bool = False  # biases in Linear layers and LayerNorms
-    # AdamW optimizer
+    # optimizer
+    optimizer: str = "adamw"  # adamw, or muon (Muon for the matrices in the blocks, AdamW for the rest)
     learning_rate: float = 6e-4  # peak learning rate
     max_iters: int = 600000  # optimizer steps in the whole run
-    weight_decay: float = 1e-1  # AdamW weight decay (2-D weights only)
+    weight_decay: float = 1e-1  # decoupled weight decay of AdamW and Muon (2-D weights only)
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip gradients to this global norm; 0 disables
@@ -108,6 +109,8 @@ class TrainConfig:
                          f"({self.warmup_iters}); set it to about --max_iters")
             if self.min_lr > self.learning_rate:
                 p.append(f"--min_lr ({self.min_lr}) is above --learning_rate ({self.learning_rate})")
+        if self.optimizer not in ("adamw", "muon"):
+            p.append(f"--optimizer must be adamw or muon, got {self.optimizer!r}")
         if self.init_from not in ("scratch", "resume"):
             p.append(f"--init_from must be scratch or resume, got {self.init_from!r}")
         return p
@@ -325,11 +328,13 @@ def main(argv=None):
         ckpt = checkpoint.load(ckpt_path)
         # the saved run's settings, with what was set explicitly now on top
         saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
-        conflicts = [f"--{k}={getattr(cfg, k)} (checkpoint has {ckpt['model_args'][k]})"
-                     for k in MODEL_KEYS if k in explicit and getattr(cfg, k) != ckpt["model_args"][k]]
+        fixed = {**{k: ckpt["model_args"][k] for k in MODEL_KEYS},
+                 "optimizer": ckpt["config"].get("optimizer", "adamw")}  # its state is in the checkpoint
+        conflicts = [f"--{k}={getattr(cfg, k)} (checkpoint has {v})"
+                     for k, v in fixed.items() if k in explicit and getattr(cfg, k) != v]
         if conflicts:
-            raise UserError(f"cannot resume {ckpt_path} with a different model shape: {', '.join(conflicts)}; "
-                            f"drop these flags or start a new run with another --out_dir")
+            raise UserError(f"cannot resume {ckpt_path} with a different model shape or optimizer: "
+                            f"{', '.join(conflicts)}; drop these flags or start a new run with another --out_dir")
         cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in explicit},
                                   init_from="resume")
     if cfg.problems():  # every invalid setting at once, before any work
@@ -383,7 +388,7 @@ def main(argv=None):
 
     scaler = torch.amp.GradScaler(precision.device_type, enabled=precision.dtype == "float16")
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                          precision.device_type)
+                                          precision.device_type, cfg.optimizer)
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])

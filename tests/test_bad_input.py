@@ -73,6 +73,7 @@ CASES = {
     "train dropout 1": (T("--dropout=1"), "--dropout must be in [0, 1)"),
     "train heads do not divide": (T("--n_head=3"), "divisible by --n_head"),
     "train unknown init_from": (T("--init_from=gpt7"), "--init_from must be scratch or resume"),
+    "train unknown optimizer": (T("--optimizer=sgd"), "--optimizer must be adamw or muon"),
     "train unknown dtype": (T("--dtype=float8"), "unknown dtype"),
     "train cuda missing": (T("--device=cuda"), "CUDA is not available"),
     "train missing config file": (("train", ["{root}/nope.py"]), "not found"),
@@ -88,6 +89,7 @@ CASES = {
     # train.py: resuming
     "resume with no checkpoint": (T("--init_from=resume"), "no checkpoint at"),
     "resume shape conflict": (R("--n_layer=5"), "different model shape"),
+    "resume optimizer conflict": (R("--optimizer=muon"), "--optimizer=muon (checkpoint has adamw)"),
     "resume truncated checkpoint": (R("--out_dir={root}/truncated"), "truncated or corrupted"),
     "resume foreign checkpoint": (R("--out_dir={root}/foreign"), "not a checkpoint of this project"),
     "resume pickled code": (R("--out_dir={root}/evil"), "not plain data"),

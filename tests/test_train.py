@@ -50,17 +50,32 @@ def test_gpt2_module_names_and_weight_tying():
     assert model.lm_head.weight is model.transformer.wte.weight
 
 
-def test_single_batch_overfits():
-    model = tiny_model()
+def final_loss_on_one_batch(model, opt, steps=150):
     x = torch.randint(0, 40, (4, 16))
     y = torch.roll(x, -1, dims=1)
-    opt = model.configure_optimizer(0.0, 3e-3, (0.9, 0.95), "cpu")
-    for _ in range(150):
+    for _ in range(steps):
         _, loss = model(x, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss.item() < 0.05
+    return loss.item()
+
+
+def test_single_batch_overfits():
+    model = tiny_model()
+    assert final_loss_on_one_batch(model, model.configure_optimizer(0.0, 3e-3, (0.9, 0.95), "cpu")) < 0.05
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest():
+    model = tiny_model()
+    opt = model.configure_optimizer(0.1, 3e-3, (0.9, 0.95), "cpu", "muon")
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for g in opt.muon.param_groups for p in g["params"]}
+    adamw = {names[id(p)] for g in opt.adamw.param_groups for p in g["params"]}
+    assert muon == {n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
+    assert adamw == set(names.values()) - muon and "transformer.wte.weight" in adamw
+    assert len(opt.param_groups) == len(opt.muon.param_groups) + len(opt.adamw.param_groups)
+    assert final_loss_on_one_batch(model, opt) < 0.05
 
 
 def test_loss_falls_on_tiny_corpus(tiny_data, tmp_path):
@@ -90,7 +105,7 @@ def test_checkpoint_save_load_identical_logits(tiny_data, tmp_path):
     torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("flags", [["--dropout=0.1", "--gradient_accumulation_steps=2"]])
+@pytest.mark.parametrize("flags", [["--dropout=0.1", "--gradient_accumulation_steps=2"], ["--optimizer=muon"]])
 def test_exact_resume(tiny_data, tmp_path, flags):
     """A run stopped at iteration 8 and resumed to 12 ends bit-identical to one run to 12."""
     common = ["--eval_interval=4", "--lr_decay_iters=12", *flags]
@@ -105,7 +120,9 @@ def test_exact_resume(tiny_data, tmp_path, flags):
         assert torch.equal(tensor, part["model"][name]), name
     assert part["best_val_loss"] == full["best_val_loss"]
     # the resumed run picked up the saved settings it was not told to change
-    assert part["config"]["dropout"] == 0.1 and part["config"]["gradient_accumulation_steps"] == 2
+    for flag in flags:
+        key, value = flag[2:].split("=")
+        assert str(part["config"][key]) == value, key
 
 
 def test_best_val_loss_is_the_minimum(tiny_data, tmp_path):
