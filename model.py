@@ -155,7 +155,9 @@ class Dropout(nn.Dropout):
     """nn.Dropout, with the fast mask of _CPUDropout on CPU."""
 
     def forward(self, x):
-        if self.training and self.p > 0 and use_cpu_dropout(x):
+        if not self.training or self.p == 0:
+            return x  # nothing to drop (skips a dispatch per call when decoding token by token)
+        if use_cpu_dropout(x):
             return _CPUDropout.apply(x, self.p)
         return super().forward(x)
 
