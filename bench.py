@@ -9,7 +9,8 @@ Prints, as medians over `repeats` timed runs after a warm-up:
     because datasheets do not cover every CPU; it is the denominator of MFU
   - train: tokens/s and MFU of the same step as train.py (autocast forward, backward, grad
     clip, fused AdamW) on random tokens of the config's vocabulary
-  - sample: tokens/s of model.generate at batch 1, with and without the KV cache
+  - sample: tokens/s of model.generate in sample.py's precision (float32 on CPUs), at batch 1
+    with and without the KV cache, and in all for a batch of sample_batch sequences
 Any train.py config file or flag works here; the few extra keys are listed by --help.
 """
 import os
@@ -23,6 +24,7 @@ import hardware
 from config import parse_config
 from errors import run_main
 from model import GPT, GPTConfig
+from sample import choose_precision
 from train import TrainConfig, train_step
 
 
@@ -40,13 +42,14 @@ class BenchConfig(TrainConfig):
     warmup: int = 2  # untimed runs of each measurement before timing
     repeats: int = 5  # timed runs of each measurement; the table reports the median
     train_steps: int = 3  # optimizer steps per timed training run
-    sample_tokens: int = 100  # new tokens per timed sampling run (batch 1)
+    sample_tokens: int = 100  # new tokens per timed sampling run
+    sample_batch: int = 10  # sequences of the batched sampling row (sample.py --num_samples)
     peak_size: int = 4096  # side of the square matrices of the peak FLOP/s measurement
     skip_sample: bool = False  # measure training only
 
     def problems(self) -> list[str]:
         p = super().problems()
-        for k in ["vocab_size", "repeats", "train_steps", "sample_tokens", "peak_size"]:
+        for k in ["vocab_size", "repeats", "train_steps", "sample_tokens", "sample_batch", "peak_size"]:
             if getattr(self, k) < 1:
                 p.append(f"--{k} must be at least 1, got {getattr(self, k)}")
         if self.warmup < 0:
@@ -104,22 +107,22 @@ def bench_train(model, cfg: BenchConfig, precision) -> list[float]:
     return [tokens / t for t in timed(steps, precision, cfg.warmup, cfg.repeats)]
 
 
-def bench_sample(model, cfg: BenchConfig, precision, use_cache: bool) -> list[float]:
-    """Sampling tokens/s at batch 1 from a one-token prompt."""
+def bench_sample(model, cfg: BenchConfig, precision, use_cache: bool, batch: int = 1) -> list[float]:
+    """Sampling tokens/s (all sequences together) from a one-token prompt, as sample.py runs it."""
     model.eval()
-    idx = torch.zeros((1, 1), dtype=torch.long, device=precision.device)
+    idx = torch.zeros((batch, 1), dtype=torch.long, device=precision.device)
     generator = torch.Generator(device=precision.device).manual_seed(cfg.seed)
 
     def sample():
         with precision.autocast():
             model.generate(idx, cfg.sample_tokens, use_cache=use_cache, generator=generator)
 
-    return [cfg.sample_tokens / t for t in timed(sample, precision, cfg.warmup, cfg.repeats)]
+    return [batch * cfg.sample_tokens / t for t in timed(sample, precision, cfg.warmup, cfg.repeats)]
 
 
 def row(name: str, values: list[float], unit: str, scale: float = 1.0, extra: str = "") -> str:
     med, lo, hi = statistics.median(values) / scale, min(values) / scale, max(values) / scale
-    return f"{name:<22} {med:>12,.1f} {lo:>12,.1f} {hi:>12,.1f}  {unit:<12} {extra}"
+    return f"{name:<26} {med:>12,.1f} {lo:>12,.1f} {hi:>12,.1f}  {unit:<12} {extra}"
 
 
 def main(argv=None):
@@ -147,16 +150,18 @@ def main(argv=None):
     mfu = [t * per_token / peak_med for t in train]
     ms_per_step = [tokens_per_step / t * 1000 for t in train]
 
-    print(f"\n{'':<22} {'median':>12} {'min':>12} {'max':>12}  unit         (repeats={cfg.repeats})")
+    print(f"\n{'':<26} {'median':>12} {'min':>12} {'max':>12}  unit         (repeats={cfg.repeats})")
     print(row(f"matmul peak {precision.dtype}", peak, "GFLOP/s", 1e9, f"{cfg.peak_size}^3 matmul"))
     print(row("train", train, "tokens/s"))
     print(row("train step", ms_per_step, "ms"))
     print(row("train MFU", mfu, "%", 0.01, "of the measured matmul peak"))
     if not cfg.skip_sample:
-        for use_cache in (True, False):
-            rate = bench_sample(model, cfg, precision, use_cache)
-            print(row(f"sample, {'kv cache' if use_cache else 'no cache'}", rate, "tokens/s", 1.0,
-                      f"batch 1, {cfg.sample_tokens} new tokens"))
+        sampling = choose_precision(cfg.device, cfg.dtype)  # sample.py's choice: float32 on CPUs
+        for name, use_cache, batch in [("kv cache", True, 1), ("no cache", False, 1),
+                                       (f"kv cache, batch {cfg.sample_batch}", True, cfg.sample_batch)]:
+            rate = bench_sample(model, cfg, sampling, use_cache, batch)
+            print(row(f"sample, {name}", rate, "tokens/s", 1.0,
+                      f"batch {batch}, {cfg.sample_tokens} new tokens, {sampling.dtype}"))
 
 
 if __name__ == "__main__":
