@@ -160,17 +160,20 @@ def test_lr_schedule():
     assert train.get_lr(150, cfg) == pytest.approx(0.1)
 
 
-def test_runs_under_torchrun_with_ddp(tiny_data, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_runs_under_torchrun_with_ddp(tiny_data, tmp_path, optimizer):
     """The same train.py under torchrun: two CPU processes (gloo), then a resume."""
     import subprocess
     import sys
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "train.py"), f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'out'}"]
     first = subprocess.run(run + [*TINY, "--max_iters=4", "--eval_interval=2", "--lr_decay_iters=6",
-                                  "--gradient_accumulation_steps=2"], capture_output=True, text=True, timeout=300)
+                                  "--gradient_accumulation_steps=2", f"--optimizer={optimizer}"],
+                           capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
     second = subprocess.run(run + ["--init_from=resume", "--max_iters=6"], capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
     ckpt = checkpoint.load(tmp_path / "out" / "ckpt.pt")
     assert ckpt["iter_num"] == 6 and len(ckpt["rng"]["data"]) == 2  # one data sampler per rank
     assert ckpt["config"]["gradient_accumulation_steps"] == 2  # saved as the global setting
+    assert ckpt["config"]["optimizer"] == optimizer and ("muon" in ckpt["optimizer"]) == (optimizer == "muon")
