@@ -218,6 +218,17 @@ def test_bad_checkpoints_are_refused_without_running_anything(tmp_path):
     assert checkpoint.load(good)["iter_num"] == 1
 
 
+def test_random_bytes_are_refused_in_one_line(tmp_path):
+    """Random bytes reach many corners of the unpickler (IndexError, KeyError, struct.error
+    once escaped as tracebacks); every one must end as a clear error."""
+    rng = random.Random(0)
+    path = tmp_path / "ckpt.pt"
+    for _ in range(300):
+        path.write_bytes(rng.randbytes(rng.choice([1, 2, 16, 100, 4096])))
+        with pytest.raises(UserError, match="truncated or corrupted|not plain data"):
+            checkpoint.load(path)
+
+
 def test_unwritable_out_dir_is_a_clear_error(tiny_data, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
