@@ -14,7 +14,7 @@ log_interval = 50
 always_save_checkpoint = False
 
 dataset = "shakespeare_char"
-batch_size = 32
+batch_size = 32  # measured: 48 x 220 iterations gave 1.816-1.851 over three seeds, in about the same time
 block_size = 64  # measured: 32 (batch 64) no faster per step, 1.857 at 250 iterations
 
 n_layer = 4  # measured at 250 iterations: 3 layers 1.890, n_embd 96 1.897
