@@ -91,7 +91,7 @@ def _drop_threshold(p: float) -> tuple[int, float]:
     return drop_count - 32768, 65536 / (65536 - drop_count)
 
 
-_UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+_BITS = {2: (np.uint16, torch.int16), 4: (np.uint32, torch.int32), 8: (np.uint64, torch.int64)}  # by item size
 
 
 def _ones_where_kept(drop: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -99,8 +99,8 @@ def _ones_where_kept(drop: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     the bit pattern of 1.0 times the kept bytes, in numpy: multiplying by this mask is about
     10x faster on CPU than torch.where with a bool mask (41 ms against 3 ms for a 64x256x384
     bf16 tensor), and gives the same values."""
-    uint = _UINT[torch.empty((), dtype=dtype).element_size()]
-    one = torch.ones((), dtype=dtype).view(getattr(torch, f"int{8 * np.dtype(uint).itemsize}")).item()
+    uint, same_size_int = _BITS[torch.empty((), dtype=dtype).element_size()]
+    one = torch.ones((), dtype=dtype).view(same_size_int).item()  # the bits of 1.0 (positive)
     ones = np.multiply(np.logical_not(drop), uint(one), dtype=uint)
     return torch.from_numpy(ones).view(dtype)
 
@@ -364,7 +364,8 @@ class GPT(nn.Module):
         AdamW's size (adjust_lr_fn="match_rms_adamw"), so one schedule drives both."""
         params = {n: p for n, p in self.named_parameters() if p.requires_grad}
         hidden = [p for n, p in params.items() if name == "muon" and n.startswith("transformer.h.") and p.dim() == 2]
-        rest = [p for p in params.values() if id(p) not in {id(h) for h in hidden}]
+        in_muon = {id(p) for p in hidden}
+        rest = [p for p in params.values() if id(p) not in in_muon]
         groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
         # the fused kernel updates every parameter in one pass, on cpu and cuda alike
