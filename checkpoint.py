@@ -72,7 +72,6 @@ def load(path, map_location="cpu") -> dict:
             warnings.simplefilter("ignore")
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).splitlines()[0] if str(e) else ""
         if "GLOBAL" in str(e) or "global" in str(e):  # a class or function the safe loader will not call
             raise UserError(f"{path} holds pickled objects that are not plain data; refusing to load "
                             f"it (nothing in it was run). Only load checkpoints you trust, "

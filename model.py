@@ -362,10 +362,12 @@ class GPT(nn.Module):
         name="muon": torch.optim.Muon for the 2-D weights inside the blocks, AdamW for the rest
         (see MuonAdamW). Both take learning_rate and weight_decay: Muon scales its update to
         AdamW's size (adjust_lr_fn="match_rms_adamw"), so one schedule drives both."""
-        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
-        hidden = [p for n, p in params.items() if name == "muon" and n.startswith("transformer.h.") and p.dim() == 2]
-        in_muon = {id(p) for p in hidden}
-        rest = [p for p in params.values() if id(p) not in in_muon]
+        if name not in ("adamw", "muon"):
+            raise ValueError(f"unknown optimizer {name!r}")
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        is_hidden = [name == "muon" and n.startswith("transformer.h.") and p.dim() == 2 for n, p in params]
+        hidden = [p for (_, p), h in zip(params, is_hidden) if h]
+        rest = [p for (_, p), h in zip(params, is_hidden) if not h]
         groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
         # the fused kernel updates every parameter in one pass, on cpu and cuda alike
@@ -373,8 +375,6 @@ class GPT(nn.Module):
         adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
         if name == "adamw":
             return adamw
-        if name != "muon":
-            raise ValueError(f"unknown optimizer {name!r}")
         muon = torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay,
                                 adjust_lr_fn="match_rms_adamw")
         return MuonAdamW(muon, adamw)
