@@ -8,10 +8,12 @@ mlp.c_fc, mlp.c_proj, ln_f, lm_head) so GPT-2 weights map by name. References:
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from cpu_kernels import Dropout, causal_attention
+from optim import MuonAdamW
 
 
 @dataclass
@@ -58,177 +60,6 @@ class KVCache:
     def reset(self):
         """Forget every position but keep the buffers, to refill them with a new window."""
         self.length = 0
-
-
-# ---------------------------------------------------------------------------- dropout on CPU
-# torch's CPU dropout draws its mask with bernoulli_ (about 10 ns an element), and SDPA with
-# dropout_p > 0 leaves the fused flash kernel for an unfused math path over full-size
-# temporaries: at the Shakespeare shape that made a bf16 training step about 3x slower at
-# dropout 0.2 than at 0. The code below draws the same masks (each element dropped
-# independently with probability p, survivors scaled by 1/(1-p)) from cheap random bits, and
-# computes attention dropout in cache-sized chunks.
-# The bits come from numpy's SFC64 generator seeded from torch's global RNG, so
-# torch.manual_seed and torch.set_rng_state still determine every mask (exact resume holds).
-# Only used on CPU in eager mode: GPUs and torch.compile keep torch's own dropout.
-
-def use_cpu_dropout(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
-def _random_int16(n: int) -> np.ndarray:
-    """n uniform int16 values from numpy's SFC64 (about 10x faster than torch's bernoulli_ on
-    CPU), seeded with one draw from torch's global RNG."""
-    seed = int(torch.randint(0, 2**62, (1,)).item())
-    words = np.random.SFC64(seed).random_raw((n + 3) // 4)  # uint64, four int16 each
-    return words.view(np.int16)[:n]
-
-
-def _drop_threshold(p: float) -> tuple[int, float]:
-    """16 random bits per element: an int16 below the threshold is dropped, so P(drop) =
-    round(p * 2**16) / 2**16, within 8e-6 of p; the survivors' scale 1 / (1 - that) keeps the
-    expectation exact."""
-    drop_count = round(p * 65536)
-    return drop_count - 32768, 65536 / (65536 - drop_count)
-
-
-_BITS = {2: (np.uint16, torch.int16), 4: (np.uint32, torch.int32), 8: (np.uint64, torch.int64)}  # by item size
-
-
-def _ones_where_kept(drop: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """A tensor of dtype: 1 where `drop` (a numpy bool array) is False, 0 where True. Made as
-    the bit pattern of 1.0 times the kept bytes, in numpy: multiplying by this mask is about
-    10x faster on CPU than torch.where with a bool mask (41 ms against 3 ms for a 64x256x384
-    bf16 tensor), and gives the same values."""
-    uint, same_size_int = _BITS[torch.empty((), dtype=dtype).element_size()]
-    one = torch.ones((), dtype=dtype).view(same_size_int).item()  # the bits of 1.0 (positive)
-    ones = np.multiply(np.logical_not(drop), uint(one), dtype=uint)
-    return torch.from_numpy(ones).view(dtype)
-
-
-def _dropped_numpy(shape, p: float) -> tuple[np.ndarray, float]:
-    """A numpy bool array of `shape`, True where an element is dropped, and the survivors' scale."""
-    threshold, scale = _drop_threshold(p)
-    return np.less(_random_int16(math.prod(shape)).reshape(shape), threshold), scale
-
-
-def _dropped_causal_numpy(B: int, nh: int, T: int, p: float) -> tuple[np.ndarray, float]:
-    """Like _dropped_numpy((B, nh, T, T), p), but only the causal part (key <= query) is drawn:
-    half the random bits. Rows i and T-1-i need i+1 and T-i draws, T+1 together, so one row of
-    (T/2, T+1) draws serves both: row i reads it forwards, row T-1-i backwards from its end.
-    Entries above the diagonal repeat draws from below it and must not be used."""
-    if T % 2:
-        return _dropped_numpy((B, nh, T, T), p)
-    threshold, scale = _drop_threshold(p)
-    half = T // 2
-    bits = _random_int16(B * nh * half * (T + 1)).reshape(B * nh, half, T + 1)
-    drop = np.empty((B, nh, T, T), dtype=np.bool_)
-    out = drop.reshape(B * nh, T, T)
-    np.less(bits[:, :, :T], threshold, out=out[:, :half])  # row i, columns 0..i used
-    np.less(bits[:, ::-1, :0:-1], threshold, out=out[:, half:])  # row T-1-i: draws T..i+1
-    return drop, scale
-
-
-def _dropped_causal(B: int, nh: int, T: int, p: float) -> tuple[torch.Tensor, float]:
-    """_dropped_causal_numpy as a torch bool tensor (the mask the attention below uses)."""
-    drop, scale = _dropped_causal_numpy(B, nh, T, p)
-    return torch.from_numpy(drop), scale
-
-
-class _CPUDropout(torch.autograd.Function):
-    """Dropout with a mask from _dropped_numpy, kept as 0/1 in x's dtype for the backward pass."""
-
-    @staticmethod
-    def forward(ctx, x, p):
-        drop, scale = _dropped_numpy(x.shape, p)
-        kept = _ones_where_kept(drop, x.dtype)
-        ctx.save_for_backward(kept)
-        ctx.scale = scale
-        return (x * kept).mul_(scale)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (kept,) = ctx.saved_tensors
-        return (grad * kept).mul_(ctx.scale), None
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout, with the fast mask of _CPUDropout on CPU."""
-
-    def forward(self, x):
-        if not self.training or self.p == 0:
-            return x  # nothing to drop (skips a dispatch per call when decoding token by token)
-        if use_cpu_dropout(x):
-            return _CPUDropout.apply(x, self.p)
-        return super().forward(x)
-
-
-def _row_chunks(n: int, per_row: int, budget: int = 1 << 19):
-    """Slices of range(n), each of about `budget` elements when a row holds per_row."""
-    step = max(1, budget // per_row)
-    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
-
-
-class _CPUAttention(torch.autograd.Function):
-    """Causal attention for training on CPU, with dropout on the attention probabilities.
-
-    The same math as SDPA's unfused path, y = (softmax(q k^T * scale + causal) * M/(1-p)) @ v,
-    computed a few sequences at a time so that the (rows, nh, T, T) temporaries stay in cache,
-    with the cheap mask of _dropped_causal. On CPU this beat SDPA's math path (which dropout
-    forces) and the flash kernel's backward, which is slow in bf16: ~45% of a step of a small
-    model (used without dropout too, for bf16). With P the probabilities, Pm = P * M,
-    c = 1/(1-p) (folded into v as vc = c v) and D_i = g_i . y_i:
-        y = Pm vc,  dv = c Pm^T g,  ds = Pm * (g vc^T) - P * D,  dq = scale ds k,  dk = scale ds^T q
-    P and Pm are kept for the backward pass: 2 * nh * T * T values per sequence (one without
-    dropout, where Pm = P).
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, p):
-        B, nh, T, hs = q.shape
-        drop, keep_scale = _dropped_causal_numpy(B, nh, T, p) if p > 0 else (None, 1.0)
-        kept_mask = _ones_where_kept(drop, q.dtype) if p > 0 else None  # M, 0/1
-        # -inf on keys after the query; added to the scores inside the batched matmul
-        causal = torch.full((T, T), float("-inf"), dtype=q.dtype).triu_(1)
-        with torch.autocast("cpu", enabled=False):  # softmax stays in q's dtype
-            q = (q * (1.0 / math.sqrt(hs))).contiguous()
-            k, v = k.contiguous(), (v * keep_scale if p > 0 else v).contiguous()
-            probs, kept, ys = [], [], []  # per chunk: P, Pm, y
-            for rows in _row_chunks(B, nh * T * T):
-                att = torch.baddbmm(causal, q[rows].flatten(0, 1), k[rows].flatten(0, 1).transpose(1, 2))
-                probs.append(torch.softmax(att, dim=-1).view(-1, nh, T, T))
-                kept.append(probs[-1] * kept_mask[rows] if p > 0 else probs[-1])
-                ys.append(torch.matmul(kept[-1], v[rows]))
-            y = torch.cat(ys)
-        ctx.save_for_backward(q, k, v, y, *probs, *kept)
-        ctx.keep_scale = keep_scale
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, y, *chunks = ctx.saved_tensors  # q is scaled by 1/sqrt(hs), v by keep_scale
-        probs, kept = chunks[:len(chunks) // 2], chunks[len(chunks) // 2:]
-        B, nh, T, hs = q.shape
-        grad = grad.contiguous()
-        acc = torch.promote_types(q.dtype, torch.float32)
-        minus_d = (grad.to(acc) * y.to(acc)).sum(-1, keepdim=True).neg_()  # -D, (B, nh, T, 1)
-        dq, dk, dv = [], [], []
-        for rows, p_chunk, pm_chunk in zip(_row_chunks(B, nh * T * T), probs, kept):
-            g = grad[rows]
-            dv.append(torch.matmul(pm_chunk.transpose(-1, -2), g))
-            ds = torch.matmul(g, v[rows].transpose(-1, -2)).mul_(pm_chunk).addcmul_(p_chunk, minus_d[rows])
-            dq.append(torch.matmul(ds, k[rows]))
-            dk.append(torch.matmul(ds.transpose(-1, -2), q[rows]))
-        return (torch.cat(dq).mul_(1.0 / math.sqrt(hs)), torch.cat(dk),
-                torch.cat(dv).mul_(ctx.keep_scale), None)
-
-
-def causal_attention(q, k, v, dropout_p: float) -> torch.Tensor:
-    """Causal SDPA of q, k, v (B, nh, T, hs) with attention dropout dropout_p (0 in eval).
-    Training on CPU with dropout, or in bf16, takes _CPUAttention; everything else SDPA."""
-    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if training and use_cpu_dropout(q) and (dropout_p > 0 or q.dtype == torch.bfloat16):
-        return _CPUAttention.apply(q, k, v, dropout_p)
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
 
 class CausalSelfAttention(nn.Module):
@@ -419,42 +250,6 @@ class GPT(nn.Module):
         """idx (B, T) -> (B, T + max_new_tokens): the prompt and its continuation."""
         new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
         return torch.cat([idx] + [t[:, None] for t in new], dim=1) if new else idx
-
-
-class MuonAdamW:
-    """Muon for the matrices inside the blocks and AdamW for the rest, stepped as one optimizer.
-
-    Muon (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/) replaces each
-    matrix's momentum by its nearest orthogonal matrix (a few Newton-Schulz iterations), so
-    every direction of the update moves at the same rate. It applies to 2-D hidden weights
-    only; embeddings, the tied output head, norms and biases stay with AdamW, as in the
-    reference. On the small char-level models here it reached a given loss in about half
-    the steps of AdamW. The class holds both torch optimizers and shows their param_groups
-    as one list, which is all train_step, the lr schedule and GradScaler use.
-    """
-
-    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
-        self.muon, self.adamw = muon, adamw
-
-    @property
-    def param_groups(self) -> list[dict]:
-        # looked up each time: load_state_dict replaces the optimizers' group lists
-        return self.muon.param_groups + self.adamw.param_groups
-
-    def step(self):
-        self.muon.step()
-        self.adamw.step()
-
-    def zero_grad(self, set_to_none: bool = True):
-        self.muon.zero_grad(set_to_none)
-        self.adamw.zero_grad(set_to_none)
-
-    def state_dict(self) -> dict:
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
-
-    def load_state_dict(self, state: dict):
-        self.muon.load_state_dict(state["muon"])
-        self.adamw.load_state_dict(state["adamw"])
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
