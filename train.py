@@ -8,6 +8,7 @@
 Reads data/<dataset>/{train,val}.bin and meta.json (see prepare.py), writes
 <out_dir>/ckpt.pt (see checkpoint.py) and <out_dir>/metrics.jsonl.
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -24,6 +25,7 @@ import torch
 
 import checkpoint
 import hardware
+import runlock
 from config import parse_config
 from errors import UserError, run_main
 from model import GPT, GPTConfig
@@ -275,7 +277,10 @@ class StopRequest:
     """Ctrl-C or SIGTERM asks the loop to stop at the next step boundary, where the state
     is consistent; the loop then checkpoints and exits. A second Ctrl-C stops at once."""
 
-    def __init__(self):
+    def __init__(self, ddp: bool = False):
+        # under torchrun a Ctrl-C reaches each rank twice (from the terminal, and forwarded by
+        # torchrun), so a repeat cannot mean "stop at once": every rank must reach the save
+        self.repeat_stops_at_once = not ddp
         self.signum = None
         self.previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -283,7 +288,8 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         self.signum = signum
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self.repeat_stops_at_once:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def requested(self, ddp: bool, device: str) -> bool:
         """Under DDP all ranks must stop at the same step, so they agree first."""
@@ -300,9 +306,60 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def resume_rng(ckpt: dict, rank: int, world_size: int, iter_num: int, seed: int, data_gen, master: bool):
+    """Each rank takes back its own RNG states (dropout, batches), so a resumed run draws what an
+    uninterrupted one would. With another number of processes that cannot be: the weights and
+    the optimizer continue exactly, the batches come from fresh seeds."""
+    rng = ckpt["rng"]
+    if len(rng["data"]) == world_size:
+        torch.set_rng_state(rng.get("torch_ranks", [rng["torch"]] * world_size)[rank])
+        data_gen.set_state(rng["data"][rank])
+        return
+    if master:
+        print(f"note: the checkpoint was written by {len(rng['data'])} process(es), this run has {world_size}: "
+              f"the model and optimizer continue exactly, the batches are drawn afresh")
+    fresh = seed + rank + 1_000_003 * iter_num  # not a replay of the run's first batches
+    torch.manual_seed(fresh)
+    data_gen.manual_seed(fresh)
+
+
+# ---------------------------------------------------------------------------- one run per out_dir
+
+def lock_out_dir(lock: runlock.FolderLock, ddp: bool, master: bool, create: bool):
+    """Rank 0 creates out_dir (when create) and takes its lock (runlock.py); under DDP every
+    rank learns the outcome, so that all of them stop together when it failed."""
+    error = None
+    if master:
+        try:
+            if create:
+                try:
+                    lock.path.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise UserError(f"cannot create --out_dir {lock.path.parent}: {e.strerror}; "
+                                    f"choose another folder") from None
+            if lock.path.parent.is_dir():
+                lock.acquire()
+        except UserError as e:
+            error = str(e)
+    if ddp:
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        if master:
+            raise UserError(error)
+        sys.exit(2)  # rank 0 says why
+
+
 # ---------------------------------------------------------------------------- main
 
 def main(argv=None):
+    # the lock on out_dir (and anything else held) is released however the run ends
+    with contextlib.ExitStack() as held:
+        run(argv, held)
+
+
+def run(argv, held: contextlib.ExitStack):
     # a resumed run completes its settings from the checkpoint, so they are checked after that
     cfg, explicit = parse_config(TrainConfig, argv, prog="train.py", check=False)
 
@@ -322,12 +379,18 @@ def main(argv=None):
         rank, world_size = 0, 1
     master = rank == 0
 
+    # one run per out_dir: rank 0 holds <out_dir>/train.lock until this run ends
+    out_lock = runlock.FolderLock(Path(cfg.out_dir) / "train.lock", f"--out_dir {cfg.out_dir}",
+                                  "choose another --out_dir")
+    held.callback(out_lock.release)
     ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
     ckpt = None
     if cfg.init_from == "resume":
+        lock_out_dir(out_lock, ddp, master, create=False)  # before reading a checkpoint another run may write
         ckpt = checkpoint.load(ckpt_path)
         # the saved run's settings, with what was set explicitly now on top
         saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
+        saved.pop("out_dir", None)  # the run continues where its checkpoint is now, even if moved
         fixed = {**{k: ckpt["model_args"][k] for k in MODEL_KEYS},
                  "optimizer": ckpt["config"].get("optimizer", "adamw")}  # its state is in the checkpoint
         conflicts = [f"--{k}={getattr(cfg, k)} (checkpoint has {v})"
@@ -356,10 +419,7 @@ def main(argv=None):
     if master:
         print(f"{precision.reason}")
         print("config: " + json.dumps(dataclasses.asdict(cfg)))
-        try:
-            Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create --out_dir {cfg.out_dir}: {e.strerror}; choose another folder") from None
+    lock_out_dir(out_lock, ddp, master, create=True)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     if master:
         print(f"tokens per iteration: {tokens_per_iter:,}")
@@ -390,12 +450,18 @@ def main(argv=None):
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                           precision.device_type, cfg.optimizer)
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if ckpt["rng"].get("cuda") and precision.device_type == "cuda":
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        data_gen.set_state(ckpt["rng"]["data"][rank] if ddp else ckpt["rng"]["data"][0])
+        optimizer.load_state_dict(ckpt["optimizer"])  # its state moves to the parameters' device
+        if ckpt["scaler"]:  # empty when the saved run did not use float16: a fresh scaler starts
+            scaler.load_state_dict(ckpt["scaler"])
+        cuda_states = ckpt["rng"].get("cuda")
+        if cuda_states and precision.device_type == "cuda" and len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        resume_rng(ckpt, rank, world_size, iter_num, cfg.seed, data_gen, master)
+        was = ckpt.get("precision")
+        if master and was and (was["device"], was["dtype"]) != (precision.device, precision.dtype):
+            print(f"note: {ckpt_path} was trained on {was['device']} in {was['dtype']}, this run continues on "
+                  f"{precision.device} in {precision.dtype}: the same state, but the numbers from here on "
+                  f"will not match an uninterrupted run bit for bit")
     ckpt = None  # free memory
 
     raw_model = model  # saved weights always come from the uncompiled module
@@ -434,11 +500,10 @@ def main(argv=None):
         if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
             raise UserError(f"the model holds NaN or inf at iteration {iter_num}; not saving it over "
                             f"{ckpt_path}. Lower --learning_rate or use --dtype=float32")
+        states = [(data_gen.get_state(), torch.get_rng_state())]  # this rank's batches and dropout
         if ddp:
-            data_states = [torch.empty_like(data_gen.get_state()) for _ in range(world_size)]
-            torch.distributed.all_gather_object(data_states, data_gen.get_state())
-        else:
-            data_states = [data_gen.get_state()]
+            states = [None] * world_size
+            torch.distributed.all_gather_object(states, (data_gen.get_state(), torch.get_rng_state()))
         if not master:
             return
         checkpoint.save({
@@ -452,12 +517,14 @@ def main(argv=None):
             "tokenizer": tokenizer,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if precision.device_type == "cuda" else [],
-                    "data": data_states},
+                    "data": [data for data, _ in states],
+                    "torch_ranks": [rng for _, rng in states]},
+            "precision": {"device": precision.device, "dtype": precision.dtype},
         }, ckpt_path)
 
     log = MetricsLog(cfg.out_dir, start_wandb(cfg) if master else None)
     progress = Progress(iter_num, cfg.max_iters, enabled=master)
-    stop = StopRequest()
+    stop = StopRequest(ddp)
     skip_eval_at = iter_num if cfg.init_from == "resume" else None  # that eval is in the checkpoint
     t0, steps_timed = time.perf_counter(), 0
     try:
