@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+import runlock
 from errors import UserError, run_main
 from tokenizer import CHAR, Tokenizer
 
@@ -281,8 +282,15 @@ def remove_stale_temps(data_dir: Path, name: str) -> None:
 
 # ---------------------------------------------------------------- main
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, except that a mistake is one `error:` line (see errors.py), not usage + error."""
+
+    def error(self, message):
+        raise UserError(f"{message}; see python prepare.py --help")
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Prepare a text dataset: raw UTF-8 text -> data/<name>/{train.bin,val.bin,meta.json}.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("dataset", nargs="?", help=f"a named dataset: {', '.join(NAMED_DATASETS)}")
@@ -334,7 +342,10 @@ def main(argv=None):
     except OSError as e:
         raise UserError(f"cannot write to {data_dir}: {e.strerror or e}; pick another --data_dir") from None
 
+    # one prepare per dataset: held beside data/<name>/, which the swap below replaces whole
+    lock = runlock.FolderLock(data_dir / f".{name}.lock", f"dataset folder {dest}", "choose another --name")
     try:
+        lock.acquire()
         if args.input:
             files = list_files(args.input)
         elif (dest / "input.txt").is_file():
@@ -391,6 +402,7 @@ def main(argv=None):
         raise UserError(f"cannot write the dataset to {dest}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful swap
+        lock.release()
     print(f"wrote {dest}/: train.bin, val.bin ({dtype.name}), meta.json")
 
 

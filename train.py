@@ -303,6 +303,8 @@ class StopRequest:
 
     def restore(self):
         for sig, handler in self.previous.items():
+            if self.signum is not None and not self.repeat_stops_at_once:
+                handler = signal.SIG_IGN  # torchrun's forwarded copy may come late: the save is done
             signal.signal(sig, handler)
 
 
@@ -321,6 +323,14 @@ def resume_rng(ckpt: dict, rank: int, world_size: int, iter_num: int, seed: int,
     fresh = seed + rank + 1_000_003 * iter_num  # not a replay of the run's first batches
     torch.manual_seed(fresh)
     data_gen.manual_seed(fresh)
+
+
+def leave_process_group():
+    """The end of a DDP run, on every rank: the barrier holds each rank until all are done (rank 0
+    writes the last checkpoint while the others have nothing left to do), and only then does
+    the group shut down, so no rank tears gloo down while another still uses it."""
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------- one run per out_dir
@@ -526,6 +536,7 @@ def run(argv, held: contextlib.ExitStack):
     progress = Progress(iter_num, cfg.max_iters, enabled=master)
     stop = StopRequest(ddp)
     skip_eval_at = iter_num if cfg.init_from == "resume" else None  # that eval is in the checkpoint
+    stopped_by = None  # the signal that stopped the run early
     t0, steps_timed = time.perf_counter(), 0
     try:
         while True:
@@ -557,7 +568,8 @@ def run(argv, held: contextlib.ExitStack):
                     name = signal.Signals(stop.signum).name
                     print(f"{name} received: saved iteration {iter_num} to {ckpt_path}. Resume with the same "
                           f"command plus --init_from=resume", file=sys.stderr)
-                sys.exit(128 + stop.signum)
+                stopped_by = stop.signum
+                break
 
             # forward, backward, clip, update
             batches = [data.get_batch("train", cfg.batch_size, cfg.block_size, data_gen, device)
@@ -590,7 +602,9 @@ def run(argv, held: contextlib.ExitStack):
         progress.close()
     log.finish()
     if ddp:
-        torch.distributed.destroy_process_group()
+        leave_process_group()
+    if stopped_by is not None:
+        sys.exit(128 + stopped_by)
     if master and not cfg.eval_only:
         print(f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}, checkpoint in {ckpt_path}")
 

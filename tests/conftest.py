@@ -60,3 +60,17 @@ def tiny_data(tmp_path, shakespeare_text):
 TINY = ["--dataset=tiny", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
         "--batch_size=4", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2",
         "--dtype=float32", "--device=cpu"]
+
+
+def torchrun(log_dir, *args, nproc: int = 2) -> list[str]:
+    """`torchrun --standalone` with nproc CPU processes (gloo). Each rank's stdout and stderr go
+    to files under log_dir, which rank_output() reads back for failure messages."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            f"--log-dir={log_dir}", "--redirects=3", *args]
+
+
+def rank_output(log_dir, tail: int = 3000) -> str:
+    """The end of every rank's stdout and stderr under log_dir, one block per file."""
+    blocks = [f"--- {path.relative_to(log_dir)} ---\n{path.read_text(errors='replace')[-tail:]}"
+              for path in sorted(Path(log_dir).rglob("std*.log"))]
+    return "\n".join(blocks) or f"(no rank output under {log_dir})"

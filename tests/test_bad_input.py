@@ -161,3 +161,163 @@ def test_as_a_real_command(script, args, tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------- more of the same
+# Every script and input a user touches: flags, config files, datasets, checkpoints, a folder
+# another run is using, bench.py. Same rule: one `error:` line, a non-zero exit, nothing lost.
+
+import json  # noqa: E402
+
+import bench  # noqa: E402
+
+# holds a runlock lock until killed, as a running train.py or prepare.py would
+LOCK_HOLDER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import runlock
+runlock.FolderLock(sys.argv[2], "the folder", "choose another").acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture(scope="module")
+def more_world(world):
+    """world, plus more broken files and two folders held by other (live) processes."""
+    root, data = world, world / "data"
+    (root / "raises.py").write_text("batch_size = 1 / 0\n")
+    (root / "wrongtype.py").write_text("batch_size = 'big'\n")
+    (root / "folder.py").mkdir()
+    (root / "emptydir").mkdir()
+    (root / "medium.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 50)
+    write_char_dataset(data, "abcd" * 1000, name="other")  # 4 characters: not the checkpoint's vocabulary
+    for name, edit in [("novocab", lambda m: m.pop("vocab_size")), ("baddtype", lambda m: m.update(dtype="float99"))]:
+        folder = write_char_dataset(data, "abcd" * 1000, name=name)
+        meta = json.loads((folder / "meta.json").read_text())
+        edit(meta)
+        (folder / "meta.json").write_text(json.dumps(meta))
+    folder = write_char_dataset(data, "abcd" * 1000, name="noval")
+    (folder / "val.bin").unlink()
+    good = torch.load(root / "out" / "ckpt.pt", weights_only=True)
+    for name, ckpt in [("future", {**good, "version": 99}),
+                       ("nomodel", {k: v for k, v in good.items() if k != "model"}),
+                       ("shapes", {**good, "model_args": {**good["model_args"], "n_layer": 3}}),
+                       ("newargs", {**good, "model_args": {**good["model_args"], "n_expert": 8}})]:
+        (root / name).mkdir()
+        torch.save(ckpt, root / name / "ckpt.pt")
+    (root / "emptyckpt").mkdir()
+    (root / "emptyckpt" / "ckpt.pt").write_bytes(b"")
+    (root / "dirckpt" / "ckpt.pt").mkdir(parents=True)
+    (root / "busy").mkdir()
+    (root / "prepared").mkdir(exist_ok=True)
+    holders = [subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(ROOT), str(path)],
+                                stdout=subprocess.PIPE, text=True)
+               for path in (root / "busy" / "train.lock", root / "prepared" / ".busy.lock")]
+    try:
+        for holder in holders:
+            assert holder.stdout.readline() == "held\n"
+        yield root
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.communicate(timeout=30)
+
+
+def B(*flags):  # bench.py, which needs no dataset
+    return ("bench", list(flags))
+
+
+MORE_CASES = {
+    # train.py: settings that cannot work, all caught before any work
+    "train negative max_iters": (T("--max_iters=-1"), "--max_iters must be >= 0"),
+    "train beta1 of 1": (T("--beta1=1"), "--beta1 must be in [0, 1)"),
+    "train negative beta2": (T("--beta2=-0.1"), "--beta2 must be in [0, 1)"),
+    "train nan learning rate": (T("--learning_rate=nan"), "--learning_rate must be a finite number"),
+    "train zero learning rate": (T("--learning_rate=0"), "--learning_rate must be above 0"),
+    "train min_lr above learning_rate": (T("--min_lr=1"), "--min_lr (1.0) is above --learning_rate"),
+    "train infinite grad_clip": (T("--grad_clip=inf"), "--grad_clip must be a finite number"),
+    "train not a bool": (T("--compile=maybe"), "--compile must be true or false"),
+    "train flag without a value": (T("--batch_size"), "--batch_size needs a value"),
+    "train fraction for an integer": (T("--n_layer=2.5"), "--n_layer must be an integer"),
+    "train no attention heads": (T("--n_head=0"), "--n_head must be at least 1"),
+    "train unknown device": (T("--device=tpu"), "unknown device 'tpu'"),
+    "train mps missing": (T("--device=mps"), "MPS is not available"),
+    "train two mistakes in one line": (T("--batch_size=0", "--dropout=2"),
+                                       "--batch_size must be at least 1, got 0; --dropout must be in [0, 1)"),
+    # config files
+    "train config that raises": (("train", ["{root}/raises.py"]), "ZeroDivisionError"),
+    "train config value of the wrong type": (("train", ["{root}/wrongtype.py"]), "--batch_size must be an integer"),
+    "train config path is a folder": (("train", ["{root}/folder.py"]), "not found"),
+    # datasets
+    "train meta.json without vocab_size": (T("--dataset=novocab"), "not a valid meta.json"),
+    "train meta.json unknown dtype": (T("--dataset=baddtype"), "not a valid meta.json"),
+    "train val.bin missing": (T("--dataset=noval"), "val.bin is missing"),
+    # a folder another run holds
+    "train out_dir in use": (T("--out_dir={root}/busy"), "is in use by PID"),
+    "prepare dataset in use": (P("--input", "{root}/short.txt", "--name=busy", "--tokenizer=char",
+                                 "--block_size=4"), "is in use by PID"),
+    # checkpoints
+    "resume block_size conflict": (R("--block_size=64"), "--block_size=64 (checkpoint has 32)"),
+    "resume on another vocabulary": (R("--dataset=other"), "resume on the same dataset"),
+    "resume empty checkpoint": (R("--out_dir={root}/emptyckpt"), "truncated or corrupted"),
+    "resume checkpoint from a newer version": (R("--out_dir={root}/future"), "newer than this code reads"),
+    "resume checkpoint without weights": (R("--out_dir={root}/nomodel"), "is missing model"),
+    "resume ckpt.pt is a folder": (R("--out_dir={root}/dirckpt"), "no checkpoint at"),
+    "sample weights that do not match": (S("--out_dir={root}/shapes"), "do not match its model_args"),
+    "sample unknown model_args": (S("--out_dir={root}/newargs"), "model_args this code does not know"),
+    "sample pickled code": (S("--out_dir={root}/evil"), "not plain data"),
+    # sample.py
+    "sample empty prompt": (S("--prompt="), "the prompt is empty"),
+    "sample prompt file not utf-8": (S("--prompt=FILE:{root}/latin1.txt"), "could not read prompt file"),
+    "sample prompt file is a folder": (S("--prompt=FILE:{root}/emptydir"), "could not read prompt file"),
+    "sample negative cpu_threads": (S("--cpu_threads=-1"), "--cpu_threads must be >= 0"),
+    "sample unknown device": (S("--device=tpu"), "unknown device 'tpu'"),
+    "sample cuda missing": (S("--device=cuda"), "CUDA is not available"),
+    "sample unknown dtype": (S("--dtype=int8"), "unknown dtype 'int8'"),
+    "sample empty out_dir": (S("--out_dir="), "--out_dir must name the folder"),
+    "sample top_k not an integer": (S("--top_k=many"), "--top_k must be an integer"),
+    "sample infinite temperature": (S("--temperature=inf"), "--temperature must be"),
+    # prepare.py
+    "prepare unknown named dataset": (P("shakespeare_word"), "unknown dataset 'shakespeare_word'"),
+    "prepare name with a slash": (P("--input", "{root}/short.txt", "--name=a/b"), "must be a plain folder name"),
+    "prepare hidden name": (P("--input", "{root}/short.txt", "--name=.x"), "must be a plain folder name"),
+    "prepare val_fraction 0": (P("--input", "{root}/short.txt", "--name=x", "--val_fraction=0"),
+                               "--val_fraction must be between 0 and 1"),
+    "prepare no workers": (P("--input", "{root}/short.txt", "--name=x", "--num_workers=0"), "must be positive"),
+    "prepare folder with no files": (P("--input", "{root}/emptydir", "--name=x", "--tokenizer=char"),
+                                     "no files found in folder"),
+    "prepare input without a name": (P("--input", "{root}/short.txt"), "pass --name NAME"),
+    "prepare val split too small": (P("--input", "{root}/medium.txt", "--name=x", "--tokenizer=char",
+                                      "--block_size=64", "--val_fraction=0.01"), "the val split has"),
+    "prepare not an integer": (P("--block_size=abc"), "invalid int value: 'abc'"),
+    "prepare unknown flag": (P("--inputs", "{root}/short.txt"), "unrecognized arguments: --inputs"),
+    # bench.py
+    "bench vocab_size 0": (B("--vocab_size=0"), "--vocab_size must be at least 1"),
+    "bench negative warmup": (B("--warmup=-1"), "--warmup must be >= 0"),
+    "bench no repeats": (B("--repeats=0"), "--repeats must be at least 1"),
+    "bench unknown flag": (B("--repeat=3"), "did you mean --repeats"),
+    "bench cuda missing": (B("--device=cuda"), "CUDA is not available"),
+    "bench config with a typo": (("bench", ["{root}/typo.py"]), "did you mean --n_layer"),
+}
+
+MAINS["bench"] = bench.main
+
+
+def test_there_are_at_least_80_cases():
+    assert not set(CASES) & set(MORE_CASES)
+    assert len(CASES) + len(MORE_CASES) >= 80
+
+
+@pytest.mark.parametrize("name", list(MORE_CASES))
+def test_more_bad_input_gives_one_clear_line(name, more_world, capsys):
+    (script, args), message = MORE_CASES[name]
+    args = [a.format(root=more_world, data=more_world / "data") for a in args]
+    before = fingerprint(more_world)
+    with pytest.raises(SystemExit) as e:
+        run_main(MAINS[script], args)
+    assert e.value.code not in (0, None)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert message.format(root=more_world) in err[0]
+    assert fingerprint(more_world) == before  # nothing lost, nothing half written

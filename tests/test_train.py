@@ -7,7 +7,7 @@ import torch
 
 import checkpoint
 import train
-from conftest import TINY
+from conftest import TINY, rank_output, torchrun
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,20 +160,23 @@ def test_lr_schedule():
     assert train.get_lr(150, cfg) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_runs_under_torchrun_with_ddp(tiny_data, tmp_path, optimizer):
-    """The same train.py under torchrun: two CPU processes (gloo), then a resume."""
+def test_runs_under_torchrun_with_ddp(tiny_data, tmp_path, capsys):
+    """The same train.py under torchrun: two CPU processes (gloo), then a resume. (AdamW under
+    torchrun, with a stop and an exact resume, is in test_distributed.py.)"""
     import subprocess
-    import sys
-    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train.py"), f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'out'}"]
-    first = subprocess.run(run + [*TINY, "--max_iters=4", "--eval_interval=2", "--lr_decay_iters=6",
-                                  "--gradient_accumulation_steps=2", f"--optimizer={optimizer}"],
+    args = [str(ROOT / "train.py"), f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'out'}"]
+    first = subprocess.run(torchrun(tmp_path / "logs1", *args, *TINY, "--max_iters=4", "--eval_interval=2",
+                                    "--lr_decay_iters=6", "--gradient_accumulation_steps=2", "--optimizer=muon"),
                            capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr[-2000:]
-    second = subprocess.run(run + ["--init_from=resume", "--max_iters=6"], capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stderr[-2000:]
+    assert first.returncode == 0, first.stderr[-2000:] + rank_output(tmp_path / "logs1")
+    second = subprocess.run(torchrun(tmp_path / "logs2", *args, "--init_from=resume", "--max_iters=6"),
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:] + rank_output(tmp_path / "logs2")
     ckpt = checkpoint.load(tmp_path / "out" / "ckpt.pt")
     assert ckpt["iter_num"] == 6 and len(ckpt["rng"]["data"]) == 2  # one data sampler per rank
     assert ckpt["config"]["gradient_accumulation_steps"] == 2  # saved as the global setting
-    assert ckpt["config"]["optimizer"] == optimizer and ("muon" in ckpt["optimizer"]) == (optimizer == "muon")
+    assert ckpt["config"]["optimizer"] == "muon" and "muon" in ckpt["optimizer"]
+    # the same run continued by one process: the model and optimizer go on, the two samplers cannot
+    train.main([f"--out_dir={tmp_path / 'out'}", f"--data_dir={tiny_data}", "--init_from=resume", "--max_iters=8"])
+    assert "written by 2 process(es), this run has 1" in capsys.readouterr().out
+    assert checkpoint.load(tmp_path / "out" / "ckpt.pt")["iter_num"] == 8

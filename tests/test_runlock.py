@@ -1,0 +1,124 @@
+"""One run per folder: a second train.py or prepare.py on a busy folder stops with one line
+naming the holder; a lock its holder left behind (killed, or from another host) is taken over."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import checkpoint
+import prepare
+import runlock
+import train
+from conftest import TINY, write_char_dataset
+from errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A process that takes a lock with runlock and holds it until it is killed (no torch: starts fast).
+HOLDER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import runlock
+runlock.FolderLock(sys.argv[2], "the folder", "choose another").acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.fixture
+def hold_lock():
+    """hold_lock(path) -> the Popen of a process holding the lock at path; all killed at the end."""
+    procs = []
+
+    def start(path):
+        proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(ROOT), str(path)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline() == "held\n", proc.communicate(timeout=30)[1]
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.communicate(timeout=30)
+
+
+def run_train(data_dir, out_dir, *flags):
+    train.main([f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY, *flags])
+
+
+def test_second_run_is_refused_naming_the_first(tiny_data, tmp_path, hold_lock):
+    out = tmp_path / "out"
+    run_train(tiny_data, out, "--max_iters=2", "--eval_interval=2")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    holder = hold_lock(out / "train.lock")
+    for flags in (["--max_iters=4"], ["--max_iters=4", "--init_from=resume"]):
+        with pytest.raises(UserError) as e:
+            run_train(tiny_data, out, *flags)
+        message = str(e.value)
+        assert f"--out_dir {out} is in use by PID {holder.pid} on host {socket.gethostname()}" in message
+        assert f"kill {holder.pid}" in message and "choose another --out_dir" in message
+        assert "\n" not in message
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "train.lock"}
+    assert after == before  # the holder's folder is untouched
+
+
+def test_lock_of_a_killed_run_is_taken_over(tiny_data, tmp_path, hold_lock, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = hold_lock(out / "train.lock")
+    os.kill(holder.pid, signal.SIGKILL)  # no chance to clean up: the file stays
+    holder.wait(timeout=30)
+    assert json.loads((out / "train.lock").read_text())["pid"] == holder.pid
+    run_train(tiny_data, out, "--max_iters=2", "--eval_interval=2")
+    err = capsys.readouterr().err
+    assert f"taking over the stale lock {out / 'train.lock'} of PID {holder.pid}" in err
+    assert "no longer running" in err
+    assert checkpoint.load(out / "ckpt.pt")["iter_num"] == 2
+    assert not (out / "train.lock").exists()  # released at the end of the run
+
+
+def test_lock_from_another_host_is_taken_over_and_says_so(tmp_path, capsys):
+    path = tmp_path / "train.lock"
+    path.write_text(json.dumps({"pid": 12345, "host": "elsewhere.example", "started": time.time(),
+                                "command": "python train.py"}))
+    with runlock.FolderLock(path, "the folder", "choose another"):
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "PID 12345 on host elsewhere.example" in err[0] and "another host" in err[0]
+    assert not path.exists()
+
+
+def test_lock_is_released_when_the_run_fails(tiny_data, tmp_path):
+    out = tmp_path / "out"
+    run_train(tiny_data, out, "--max_iters=2", "--eval_interval=2")
+    write_char_dataset(tiny_data, "abcd" * 1000, name="other")  # another vocabulary
+    with pytest.raises(UserError, match="resume on the same dataset"):  # found after the lock is taken
+        run_train(tiny_data, out, "--max_iters=4", "--init_from=resume", "--dataset=other")
+    assert not (out / "train.lock").exists()
+    run_train(tiny_data, out, "--max_iters=4", "--init_from=resume")  # the folder is free again
+    assert checkpoint.load(out / "ckpt.pt")["iter_num"] == 4
+
+
+def test_prepare_refuses_a_dataset_being_prepared(tmp_path, hold_lock):
+    text = tmp_path / "input.txt"
+    text.write_text("to be or not to be, that is the question\n" * 50)
+    args = ["--input", str(text), "--name", "x", "--tokenizer", "char", "--block_size=8",
+            "--data_dir", str(tmp_path / "data"), "--num_workers=1"]
+    prepare.main(args)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "data" / "x").iterdir()}
+    holder = hold_lock(tmp_path / "data" / ".x.lock")
+    with pytest.raises(UserError, match=f"dataset folder .*x is in use by PID {holder.pid}"):
+        prepare.main(args)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "data" / "x").iterdir()} == before
+    assert not [p for p in (tmp_path / "data").iterdir() if ".tmp-" in p.name]  # its temp folder went too
+    holder.kill()
+    holder.wait(timeout=30)
+    prepare.main(args)  # a stale lock: taken over
+    assert not (tmp_path / "data" / ".x.lock").exists()
