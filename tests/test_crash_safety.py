@@ -6,6 +6,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 
 import checkpoint
 import train
-from conftest import TINY
+from conftest import TINY, write_char_dataset
 from errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,6 +68,8 @@ def test_kill9_at_random_moments_never_loses_the_checkpoint(tiny_data, tmp_path)
              "--eval_interval=1", "--eval_iters=1", "--max_iters=400", "--lr_decay_iters=400"]
     server = subprocess.Popen([sys.executable, "-c", FORK_SERVER, str(ROOT)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(240, server.kill)  # a hung server ends readline() below with ''
+    watchdog.start()
     rng = random.Random(0)
     last_iter, kills, mid_write = -1, 0, 0
     deadline = time.monotonic() + 150  # bounded whatever the machine's speed
@@ -99,6 +102,7 @@ def test_kill9_at_random_moments_never_loses_the_checkpoint(tiny_data, tmp_path)
             assert ckpt["iter_num"] < 400, "the run ended before it was killed"
             last_iter = ckpt["iter_num"]
     finally:
+        watchdog.cancel()
         server.stdin.close()
         server.wait(timeout=30)
     assert kills >= 20, f"only {kills} kills fitted in the time bound"
@@ -109,28 +113,44 @@ def test_kill9_at_random_moments_never_loses_the_checkpoint(tiny_data, tmp_path)
     assert not list(out.glob(".ckpt.pt.tmp-*"))  # stale temporary files were cleaned up
 
 
+SIGNAL_RUN = ["--max_iters=200", "--eval_interval=1000", "--lr_decay_iters=200", "--dropout=0.1",
+              "--gradient_accumulation_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_signal_run(tmp_path_factory, shakespeare_text):
+    """(data_dir, the checkpoint of SIGNAL_RUN run to its end), made once for both signals."""
+    root = tmp_path_factory.mktemp("signal")
+    write_char_dataset(root / "data", shakespeare_text[:60_000])
+    run_train(root / "data", root / "full", *SIGNAL_RUN)
+    return root / "data", checkpoint.load(root / "full" / "ckpt.pt")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_saves_and_resume_is_exact(tiny_data, tmp_path, sig):
-    flags = ["--max_iters=200", "--eval_interval=1000", "--lr_decay_iters=200", "--dropout=0.1",
-             "--gradient_accumulation_steps=2"]
-    run_train(tiny_data, tmp_path / "full", *flags)
+def test_signal_saves_and_resume_is_exact(uninterrupted_signal_run, tmp_path, sig):
+    tiny_data, full = uninterrupted_signal_run
     out = tmp_path / "stopped"
-    proc = subprocess.Popen(train_cmd(tiny_data, out, *flags), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(train_cmd(tiny_data, out, *SIGNAL_RUN), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    metrics = out / "metrics.jsonl"
-    t_end = time.monotonic() + 60
-    while time.monotonic() < t_end and proc.poll() is None:
-        if metrics.exists() and metrics.read_text().count("\n") > 10:
-            break
-        time.sleep(0.01)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+    try:
+        metrics = out / "metrics.jsonl"
+        t_end = time.monotonic() + 60
+        while time.monotonic() < t_end and proc.poll() is None:
+            if metrics.exists() and metrics.read_text().count("\n") > 10:
+                break
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
     assert proc.returncode == 128 + sig, err
     assert "Resume with" in err and "--init_from=resume" in err and "Traceback" not in err
+    assert not (out / "train.lock").exists()  # the lock went with the run
     stopped_at = checkpoint.load(out / "ckpt.pt")["iter_num"]
     assert 0 < stopped_at < 200
     run_train(tiny_data, out, "--init_from=resume")
-    full = checkpoint.load(tmp_path / "full" / "ckpt.pt")
     resumed = checkpoint.load(out / "ckpt.pt")
     assert resumed["iter_num"] == 200
     assert weights_equal(full["model"], resumed["model"])
