@@ -18,6 +18,7 @@ pip command installs it.
 import importlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -154,6 +155,15 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+def onig_pattern(pattern: str) -> str:
+    r"""tiktoken's split pattern (Rust regex syntax) for tokenizers' Oniguruma engine, which
+    reads two things differently: `{1,3}+` is "repeat {1,3}" there, not possessive (a bounded
+    run has nothing to give back here, so plain `{1,3}` splits the same), and `$` is the end
+    of a line there, the end of the text in tiktoken (`\z` in both)."""
+    pattern = re.sub(r"(?<!\\)\}\+", "}", pattern)
+    return re.sub(r"(?<!\\)\$", r"\\z", pattern)
+
+
 def hf_tokenizer(tokenizer: Tokenizer):
     """A tokenizers.Tokenizer that gives the same ids and text as ours.
 
@@ -181,7 +191,7 @@ def hf_tokenizer(tokenizer: Tokenizer):
         table = {b: c for b, c in _bytes_to_unicode().items()}  # latin-1 code point = byte value
         as_str = {token: token.decode("latin-1").translate(table) for token in ranks}
         vocab = {as_str[token]: rank for token, rank in ranks.items()}
-        merges = []  # (rank of left + right, left, right)
+        merges = []  # (rank of the merged token, rank of left, rank of right, left, right)
         for token, rank in ranks.items():
             for i in range(1, len(token)):
                 left, right = token[:i], token[i:]
@@ -193,7 +203,7 @@ def hf_tokenizer(tokenizer: Tokenizer):
                               fuse_unk=False, ignore_merges=True)  # a whole piece in the vocabulary is one token, as in tiktoken
         tok = tk.Tokenizer(model)
         tok.pre_tokenizer = tk.pre_tokenizers.Sequence([
-            tk.pre_tokenizers.Split(tk.Regex(enc._pat_str), behavior="isolated", invert=False),
+            tk.pre_tokenizers.Split(tk.Regex(onig_pattern(enc._pat_str)), behavior="isolated", invert=False),
             tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
         tok.decoder = tk.decoders.ByteLevel()
@@ -241,6 +251,8 @@ def load_tokenizer(folder: Path) -> Tokenizer:
     import tiktoken
     vocab, specials, merges = _vocab_of(folder)
     ordinary = {t: i for t, i in vocab.items() if t not in specials}
+    if not ordinary:
+        raise UserError(f"the tokenizer in {folder} has an empty vocabulary; the folder is damaged")
     if not merges and all(len(t) == 1 for t in ordinary):  # one token per character: ours, char-level
         chars = [t for t, _ in sorted(ordinary.items(), key=lambda item: item[1])]
         if sorted(ordinary.values()) != list(range(len(chars))):
@@ -272,7 +284,9 @@ def resolve(init_from: str) -> Path:
         hub = require("huggingface_hub", f"--init_from={init_from}")
         for repo in (GPT2_NAMES[init_from], init_from):  # today's name, and the one older caches used
             try:
-                return Path(hub.snapshot_download(repo, local_files_only=True))
+                # HF_HUB_CACHE read now, not at import, so a cache set after start is seen
+                return Path(hub.snapshot_download(repo, local_files_only=True,
+                                                  cache_dir=os.environ.get("HF_HUB_CACHE")))
             except Exception:  # noqa: BLE001 (LocalEntryNotFoundError and kin: not cached)
                 continue
         cache = os.environ.get("HF_HUB_CACHE") or str(Path(hub.constants.HF_HUB_CACHE))
@@ -313,19 +327,11 @@ def check_memory(folder: Path, config: GPTConfig):
                         f"{have / 2**30:.1f} GiB is available; use a smaller model or a bigger machine")
 
 
-def load(init_from: str) -> tuple[GPT, Tokenizer]:
-    """(our GPT in eval mode on the cpu, its Tokenizer) from a GPT-2 folder or name.
-
-    The entry point for anything that loads a Hugging Face GPT-2 (sample.py, train.py, app.py).
-    """
-    folder = resolve(init_from)
-    config = gpt_config(folder)
-    tokenizer = load_tokenizer(folder)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise UserError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                        f"{config.vocab_size}; the folder is inconsistent")
+def load_model(folder: Path, config: GPTConfig) -> GPT:
+    """Our GPT (train mode, cpu) with the weights of the GPT-2 in folder; config comes from
+    gpt_config(folder), with the dropout the caller wants."""
     check_memory(folder, config)
-    transformers = require("transformers", f"--init_from={init_from}")
+    transformers = require("transformers", f"loading the GPT-2 in {folder}")
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     try:
@@ -335,5 +341,16 @@ def load(init_from: str) -> tuple[GPT, Tokenizer]:
         raise UserError(f"could not load the GPT-2 weights in {folder}: {first}") from None
     model = GPT(config)
     model.load_state_dict(from_hf_state_dict(hf.state_dict()))
-    del hf
-    return model.eval(), tokenizer
+    return model
+
+
+def load(init_from: str) -> tuple[GPT, Tokenizer]:
+    """(our GPT in eval mode on the cpu, its Tokenizer) from a GPT-2 folder or name: the entry
+    point for anything that only runs a Hugging Face GPT-2 (sample.py, app.py)."""
+    folder = resolve(init_from)
+    config = gpt_config(folder)
+    tokenizer = load_tokenizer(folder)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UserError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                        f"{config.vocab_size}; the folder is inconsistent")
+    return load_model(folder, config).eval(), tokenizer
