@@ -282,6 +282,9 @@ def main(argv=None):
     cfg, _ = parse_config(ExportConfig, argv, prog="export.py")
     require("tokenizers", f"--format={cfg.format}")
     dest = Path(cfg.dest or f"exports/{Path(cfg.out_dir).resolve().name}-{cfg.format}")
+    if dest.resolve() in (Path(cfg.out_dir).resolve(), *Path(cfg.out_dir).resolve().parents):
+        raise UserError(f"--dest={dest} holds the checkpoint folder --out_dir={cfg.out_dir}, which an export "
+                        f"would replace; choose a --dest outside it")
     check_destination(dest, cfg.force)
     model, tokenizer, ckpt = load_model(cfg.out_dir, "cpu")
     model.float()

@@ -349,6 +349,7 @@ def load(init_from: str) -> tuple[GPT, Tokenizer]:
     point for anything that only runs a Hugging Face GPT-2 (sample.py, app.py)."""
     folder = resolve(init_from)
     config = gpt_config(folder)
+    check_memory(folder, config)
     tokenizer = load_tokenizer(folder)
     if tokenizer.vocab_size > config.vocab_size:
         raise UserError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
