@@ -1,7 +1,8 @@
-"""Export a trained model to a folder other runtimes load: Hugging Face transformers or ONNX.
+"""Export a trained model to a folder other runtimes load: Hugging Face transformers, ONNX, GGUF.
 
     python export.py --out_dir=out-shakespeare-cpu --format=hf --dest=exports/shakespeare-hf
     python export.py --out_dir=out-shakespeare-cpu --format=onnx --dest=exports/shakespeare-onnx
+    python export.py --out_dir=out-shakespeare-ft-cpu --format=gguf --dest=exports/shakespeare-gguf
 
 hf:   config.json (GPT2Config), model.safetensors (GPT-2's layout), generation_config.json,
       tokenizer.json + tokenizer_config.json, README.md (the model card). Loads with
@@ -10,6 +11,8 @@ onnx: model.onnx (input_ids (batch, sequence) int64 -> logits (batch, sequence, 
       model_with_past.onnx (the same plus past_key_values.N.key/value -> present.N.key/value,
       for fast generation), config.json, tokenizer.json, README.md. Runs with onnxruntime and
       tokenizers alone.
+gguf: model.gguf (llama.cpp's gpt2 architecture, float32, the tokenizer inside) and README.md,
+      for GPT-2 BPE models; runs with llama.cpp (e.g. the xllamacpp wheel).
 
 Everything comes from <out_dir>/ckpt.pt. The folder is written beside dest under a temporary
 name and renamed into place when complete, so an interrupted export leaves no half folder. A
@@ -36,7 +39,7 @@ from model import GPT
 from sample import load_model
 from tokenizer import Tokenizer
 
-FORMATS = ("hf", "onnx")
+FORMATS = ("hf", "onnx", "gguf")
 MARKER = "exported_by: nanogpt-toolkit export.py"  # in the model card: how we know a folder is ours
 
 
@@ -44,15 +47,14 @@ MARKER = "exported_by: nanogpt-toolkit export.py"  # in the model card: how we k
 class ExportConfig:
     """Settings of export.py."""
     out_dir: str = "out"  # folder holding ckpt.pt, written by train.py
-    format: str = "hf"  # hf (Hugging Face transformers folder) or onnx (onnxruntime + tokenizers folder)
+    format: str = "hf"  # hf (Hugging Face transformers folder), onnx (onnxruntime + tokenizers folder) or gguf (llama.cpp, GPT-2 BPE models)
     dest: str = ""  # folder to write; empty = exports/<out_dir's name>-<format>
     force: bool = False  # replace dest even if it is not a folder export.py wrote
 
     def problems(self) -> list[str]:
         p = []
         if self.format not in FORMATS:
-            p.append(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r} (gguf is not "
-                     f"supported: see README, 'Sharing a model')")
+            p.append(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if not self.out_dir:
             p.append("--out_dir must name the folder holding ckpt.pt")
         return p
@@ -77,6 +79,19 @@ print(tokenizer.decode(out[0]))
 ```
 
 Or continue training it: `python train.py --init_from={name} ...` in nanogpt-toolkit."""
+    elif fmt == "gguf":
+        use = f"""With llama.cpp: `llama-cli -m {name}/model.gguf -p "ROMEO:" -n 100`, or from Python with xllamacpp:
+
+```python
+import xllamacpp as xlc
+params = xlc.CommonParams()
+params.model.path = "{name}/model.gguf"
+server = xlc.Server(params)
+print(server.handle_completions({{"prompt": "ROMEO:", "max_tokens": 100}})["choices"][0]["text"])
+```
+
+llama.cpp computes GPT-2's tanh GELU; a model trained with the exact GELU (activation gelu above)
+gets slightly different logits there (greedy text matched ours in our tests)."""
     else:
         use = ("`model.onnx` maps `input_ids` (int64, batch x sequence) to `logits`; "
                "`model_with_past.onnx` also takes and returns the KV cache (`past_key_values.N.key/value` "
@@ -84,7 +99,7 @@ Or continue training it: `python train.py --init_from={name} ...` in nanogpt-too
                "with onnxruntime and tokenizers alone: see the loop in nanogpt-toolkit's README, "
                "section 'Sharing a model'.")
     return f"""---
-library_name: {"transformers" if fmt == "hf" else "onnx"}
+library_name: {dict(hf="transformers").get(fmt, fmt)}
 pipeline_tag: text-generation
 tags: [gpt2, nanogpt-toolkit]
 {MARKER}
@@ -212,7 +227,67 @@ def write_onnx(model: GPT, tokenizer: Tokenizer, folder: Path):
     write_tokenizer(tokenizer, c.block_size, folder)
 
 
-WRITERS = {"hf": write_hf, "onnx": write_onnx}
+# GGUF tensor names of llama.cpp's gpt2 architecture (as its convert_hf_to_gguf.py writes them)
+GGUF_MODULES = {"transformer.wte": "token_embd", "transformer.wpe": "position_embd",
+                "transformer.ln_f": "output_norm", "lm_head": "output"}
+GGUF_BLOCK_MODULES = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
+                      "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+GGUF_TOKENIZERS = {"gpt2": "gpt-2", "r50k_base": "gpt-2"}  # tiktoken name -> llama.cpp pre-tokenizer, verified
+
+
+def gguf_name(name: str) -> str:
+    """transformer.h.3.attn.c_attn.weight -> blk.3.attn_qkv.weight"""
+    module, kind = name.rsplit(".", 1)
+    if module in GGUF_MODULES:
+        return f"{GGUF_MODULES[module]}.{kind}"
+    _, _, layer, sub = module.split(".", 3)
+    return f"blk.{layer}.{GGUF_BLOCK_MODULES[sub]}.{kind}"
+
+
+def write_gguf(model: GPT, tokenizer: Tokenizer, folder: Path):
+    """model.gguf for llama.cpp (architecture gpt2, float32), the tokenizer inside it."""
+    if tokenizer.name not in GGUF_TOKENIZERS:
+        raise UserError(f"--format=gguf takes GPT-2 BPE models (tokenizer gpt2) only: llama.cpp has no "
+                        f"char-level vocabulary, and its pre-tokenizer for {tokenizer.name!r} is not verified "
+                        f"here; use --format=hf or --format=onnx")
+    gguf = require("gguf", "--format=gguf")
+    c = model.config
+    writer = gguf.GGUFWriter(str(folder / "model.gguf"), "gpt2")
+    writer.add_context_length(c.block_size)
+    writer.add_embedding_length(c.n_embd)
+    writer.add_feed_forward_length(4 * c.n_embd)
+    writer.add_block_count(c.n_layer)
+    writer.add_head_count(c.n_head)
+    writer.add_layer_norm_eps(hf_format.LAYER_NORM_EPS)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    # the vocabulary and merges of our tokenizer.json, in GGUF's byte-level BPE form
+    fast = json.loads(hf_format.hf_tokenizer(tokenizer).to_str())
+    vocab = fast["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    assert [vocab[t] for t in tokens] == list(range(len(tokens)))
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), c.vocab_size)]  # a model wider than its tokenizer
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(GGUF_TOKENIZERS[tokenizer.name])
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if i == tokenizer.eot_id else
+                            gguf.TokenType.UNUSED if i >= tokenizer.vocab_size else gguf.TokenType.NORMAL
+                            for i in range(len(tokens))])
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in fast["model"]["merges"]])
+    writer.add_bos_token_id(tokenizer.eot_id)
+    writer.add_eos_token_id(tokenizer.eot_id)
+    writer.add_add_bos_token(False)  # our prompts start with their own text, as in sample.py
+    # GPT-2's tensors with their biases (zeros for a bias-free model), back in nn.Linear layout
+    for name, tensor in hf_format.to_hf_state_dict(model).items():
+        if name.endswith(hf_format.CONV1D):
+            tensor = tensor.t()
+        writer.add_tensor(gguf_name(name), tensor.contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+WRITERS = {"hf": write_hf, "onnx": write_onnx, "gguf": write_gguf}
 
 
 # ---------------------------------------------------------------------------- the destination

@@ -188,7 +188,8 @@ def E(*flags):  # export.py of the trained checkpoint
 HF_CASES = {
     "export missing out_dir": (E("--out_dir={root}/nowhere"), "no checkpoint at"),
     "export foreign checkpoint": (E("--out_dir={root}/foreign"), "not a checkpoint of this project"),
-    "export unknown format": (E("--format=gguf"), "--format must be one of hf, onnx"),
+    "export unknown format": (E("--format=safetensors"), "--format must be one of hf, onnx, gguf"),
+    "export gguf of a char model": (E("--format=gguf"), "GPT-2 BPE models (tokenizer gpt2) only"),
     "export over a foreign folder": (E("--dest={root}/truncated"), "export.py did not write; refusing"),
     "export over a file": (E("--dest={root}/short.txt"), "is a file; refusing"),
     "export unwritable destination": (E("--dest={root}/blocker/export"), "cannot write --dest"),

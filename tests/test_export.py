@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import export
 import hf_format
 import sample
 import train
 from conftest import ROOT, SHARED, TINY, write_char_dataset
 from errors import UserError
+from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
 EXTRAS = "pip install -r requirements-extras.txt"
@@ -214,6 +216,53 @@ def test_finetune_gpt2_resume_sample_and_export(toy_gpt2, bpe_data, tmp_path, ca
     # the finetuned checkpoint samples, and exports as a GPT-2 BPE model with GPT-2's GELU
     hf_dir = check_export(out, tmp_path, BPE_PROMPT, capsys)
     assert json.loads((hf_dir / "config.json").read_text())["activation_function"] == "gelu_new"
+    check_gguf(out, tmp_path / "gguf", capsys)
+
+
+def llama_cpp_greedy(folder, prompt: str) -> str:
+    """llama.cpp's own greedy text for model.gguf (through the xllamacpp wheel, in a fresh Python)."""
+    code = f"""
+import json, xllamacpp as xlc
+params = xlc.CommonParams()
+params.model.path = {str(folder / "model.gguf")!r}
+params.cpuparams.n_threads = params.cpuparams_batch.n_threads = 1
+params.warmup = False
+server = xlc.Server(params)
+result = server.handle_completions({{"prompt": {prompt!r}, "max_tokens": {N_NEW}, "temperature": 0,
+                                     "top_k": 1, "ignore_eos": True}})
+print("TEXT " + json.dumps(result["choices"][0]["text"]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("TEXT ")][-1]
+    return prompt + json.loads(line[len("TEXT "):])
+
+
+def check_gguf(out_dir, dest, capsys):
+    """llama.cpp runs the GGUF export with our greedy text (its own tokenizer reads the prompt)."""
+    pytest.importorskip("gguf", reason=f"needs the extras: {EXTRAS}")
+    pytest.importorskip("xllamacpp", reason=f"needs the extras: {EXTRAS}")
+    export.main([f"--out_dir={out_dir}", "--format=gguf", f"--dest={dest}"])
+    capsys.readouterr()
+    ours = greedy_sample([f"--out_dir={out_dir}", f"--prompt={BPE_PROMPT}"], capsys)
+    assert llama_cpp_greedy(dest, BPE_PROMPT) == ours
+
+
+def test_gguf_of_a_model_with_exact_gelu_and_no_biases(tmp_path, capsys):
+    """llama.cpp computes GPT-2's tanh GELU; a from-scratch model with nanoGPT's exact GELU and
+    bias=False (zeros in the file) still gives our greedy text there."""
+    tok = gpt2_tokenizer()
+    torch.manual_seed(0)
+    args = dict(block_size=32, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
+                bias=False, activation="gelu")
+    model = GPT(GPTConfig(**args))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(5)  # larger than the init's weights, so greedy text varies
+    checkpoint.save({"model": model.state_dict(), "model_args": args, "optimizer": {}, "iter_num": 0,
+                     "best_val_loss": float("inf"), "config": {}, "tokenizer": tok.describe()},
+                    tmp_path / "out" / "ckpt.pt")
+    check_gguf(tmp_path / "out", tmp_path / "gguf", capsys)
 
 
 def test_finetune_refuses_shape_flags_and_a_foreign_tokenizer(toy_gpt2, bpe_data, char_run, tmp_path):
