@@ -40,6 +40,8 @@ from sample import load_model
 from tokenizer import Tokenizer
 
 FORMATS = ("hf", "onnx", "gguf")
+EXTRAS = {"hf": ("transformers", "safetensors", "tokenizers"), "onnx": ("onnx", "onnxruntime", "tokenizers"),
+          "gguf": ("gguf", "tokenizers")}
 MARKER = "exported_by: nanogpt-toolkit export.py"  # in the model card: how we know a folder is ours
 
 
@@ -244,12 +246,17 @@ def gguf_name(name: str) -> str:
     return f"blk.{layer}.{GGUF_BLOCK_MODULES[sub]}.{kind}"
 
 
-def write_gguf(model: GPT, tokenizer: Tokenizer, folder: Path):
-    """model.gguf for llama.cpp (architecture gpt2, float32), the tokenizer inside it."""
+def check_gguf(tokenizer: Tokenizer):
     if tokenizer.name not in GGUF_TOKENIZERS:
         raise UserError(f"--format=gguf takes GPT-2 BPE models (tokenizer gpt2) only: llama.cpp has no "
                         f"char-level vocabulary, and its pre-tokenizer for {tokenizer.name!r} is not verified "
                         f"here; use --format=hf or --format=onnx")
+    require("gguf", "--format=gguf")
+
+
+def write_gguf(model: GPT, tokenizer: Tokenizer, folder: Path):
+    """model.gguf for llama.cpp (architecture gpt2, float32), the tokenizer inside it."""
+    check_gguf(tokenizer)
     gguf = require("gguf", "--format=gguf")
     c = model.config
     writer = gguf.GGUFWriter(str(folder / "model.gguf"), "gpt2")
@@ -323,6 +330,16 @@ def fsync(path: Path):
 def write_atomically(dest: Path, write):
     """write(tmp) fills a temporary folder beside dest, which then takes dest's place."""
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    created = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()]  # deepest first
+
+    def clean_up():
+        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:  # the folders made for dest, if they are still empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -345,17 +362,18 @@ def write_atomically(dest: Path, write):
         if old is not None:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        clean_up()
         raise UserError(f"could not write --dest={dest}: {e.strerror or e}; free some disk space or choose "
                         f"another --dest (nothing was replaced)") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        clean_up()
         raise
 
 
 def main(argv=None):
     cfg, _ = parse_config(ExportConfig, argv, prog="export.py")
-    require("tokenizers", f"--format={cfg.format}")
+    for module in EXTRAS[cfg.format]:  # a missing extra is one line, before any work
+        require(module, f"--format={cfg.format}")
     dest = Path(cfg.dest or f"exports/{Path(cfg.out_dir).resolve().name}-{cfg.format}")
     if dest.resolve() in (Path(cfg.out_dir).resolve(), *Path(cfg.out_dir).resolve().parents):
         raise UserError(f"--dest={dest} holds the checkpoint folder --out_dir={cfg.out_dir}, which an export "
@@ -363,6 +381,8 @@ def main(argv=None):
     check_destination(dest, cfg.force)
     model, tokenizer, ckpt = load_model(cfg.out_dir, "cpu")
     model.float()
+    if cfg.format == "gguf":  # before anything is written
+        check_gguf(tokenizer)
     card = model_card(model, tokenizer, ckpt, cfg.format, str(dest))
 
     def write(folder: Path):

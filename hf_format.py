@@ -105,9 +105,10 @@ def gpt_config(folder: Path) -> GPTConfig:
                         f"written by export.py --format=hf or by transformers' save_pretrained")
     try:
         c = json.loads(path.read_text(encoding="utf-8"))
-        assert isinstance(c, dict)
-    except (ValueError, AssertionError, UnicodeDecodeError):
-        raise UserError(f"{path} is not valid JSON; the folder is damaged") from None
+    except (ValueError, UnicodeDecodeError):
+        c = None
+    if not isinstance(c, dict):
+        raise UserError(f"{path} is not valid JSON (an object of settings); the folder is damaged")
     if c.get("model_type") != "gpt2":
         raise UserError(f"{folder} holds a {c.get('model_type')!r} model, not a GPT-2 (model_type "
                         f"'gpt2'); only GPT-2 models load here")
@@ -115,9 +116,9 @@ def gpt_config(folder: Path) -> GPTConfig:
     unsupported = []
     if act not in FROM_HF_ACTIVATION:
         unsupported.append(f"activation_function {act!r}")
-    if c.get("n_inner") not in (None, 4 * c.get("n_embd", 768)):
+    if c.get("n_inner") is not None and c.get("n_inner") != 4 * c.get("n_embd", 768):
         unsupported.append(f"n_inner {c['n_inner']} (this model's MLP is 4 * n_embd wide)")
-    if abs(c.get("layer_norm_epsilon", LAYER_NORM_EPS) - LAYER_NORM_EPS) > 1e-12:
+    if c.get("layer_norm_epsilon", LAYER_NORM_EPS) != LAYER_NORM_EPS:
         unsupported.append(f"layer_norm_epsilon {c['layer_norm_epsilon']}")
     for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
         if c.get(flag):
@@ -129,13 +130,17 @@ def gpt_config(folder: Path) -> GPTConfig:
     if unsupported:
         raise UserError(f"{folder} is a GPT-2 variant this model does not compute: "
                         f"{', '.join(unsupported)}")
-    try:
-        return GPTConfig(block_size=int(c.get("n_positions", 1024)), vocab_size=int(c["vocab_size"]),
-                         n_layer=int(c.get("n_layer", 12)), n_head=int(c.get("n_head", 12)),
-                         n_embd=int(c.get("n_embd", 768)), dropout=0.0, bias=True,
-                         activation=FROM_HF_ACTIVATION[act])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path} lacks a valid {e} ; the folder is damaged") from None
+    # GPT2Config's defaults for what the file leaves out
+    shape = {"n_positions": 1024, "vocab_size": 50257, "n_layer": 12, "n_head": 12, "n_embd": 768}
+    shape.update({k: c[k] for k in shape if k in c})
+    bad = [f"{k} {v!r}" for k, v in shape.items() if not (isinstance(v, int) and v >= 1)]
+    if not bad and shape["n_embd"] % shape["n_head"]:
+        bad.append(f"n_embd {shape['n_embd']} not divisible by n_head {shape['n_head']}")
+    if bad:
+        raise UserError(f"{path} has an invalid shape ({', '.join(bad)}); the folder is damaged")
+    return GPTConfig(block_size=shape["n_positions"], vocab_size=shape["vocab_size"], n_layer=shape["n_layer"],
+                     n_head=shape["n_head"], n_embd=shape["n_embd"], dropout=0.0, bias=True,
+                     activation=FROM_HF_ACTIVATION[act])
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -188,7 +193,7 @@ def hf_tokenizer(tokenizer: Tokenizer):
         enc = tokenizer.encoding
         # tiktoken has no public accessor for its ranks and pattern; these two are stable
         ranks: dict[bytes, int] = enc._mergeable_ranks
-        table = {b: c for b, c in _bytes_to_unicode().items()}  # latin-1 code point = byte value
+        table = _bytes_to_unicode()  # keys are byte values = the latin-1 code points translate looks up
         as_str = {token: token.decode("latin-1").translate(table) for token in ranks}
         vocab = {as_str[token]: rank for token, rank in ranks.items()}
         merges = []  # (rank of the merged token, rank of left, rank of right, left, right)
@@ -223,9 +228,9 @@ def tokenizer_config(tokenizer: Tokenizer, block_size: int) -> dict:
     return config
 
 
-def _vocab_of(folder: Path) -> tuple[dict, dict[str, int], list]:
-    """(model vocab token -> id, special tokens -> id, merges) of a folder's tokenizer.json,
-    or of GPT-2's older vocab.json + merges.txt."""
+def _vocab_of(folder: Path) -> tuple[dict[str, int], dict[str, int], bool]:
+    """(model vocabulary token -> id, special tokens -> id, whether it has merges) of a folder's
+    tokenizer.json, or of GPT-2's older vocab.json + merges.txt."""
     path = folder / "tokenizer.json"
     try:
         if path.is_file():
@@ -235,11 +240,11 @@ def _vocab_of(folder: Path) -> tuple[dict, dict[str, int], list]:
                 raise UserError(f"{path} holds a {model.get('type')} tokenizer; only byte-level BPE "
                                 f"(GPT-2 style) and our char-level tokenizers load here")
             specials = {t["content"]: t["id"] for t in data.get("added_tokens", []) if t.get("special")}
-            return model["vocab"], specials, model.get("merges", [])
+            return dict(model["vocab"]), specials, bool(model.get("merges"))
         if (folder / "vocab.json").is_file():
             vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-            return vocab, ({EOT: vocab[EOT]} if EOT in vocab else {}), [None]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            return dict(vocab), ({EOT: vocab[EOT]} if EOT in vocab else {}), True
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
         raise UserError(f"the tokenizer files in {folder} are damaged ({type(e).__name__}: {e})") from None
     raise UserError(f"{folder} has no tokenizer (tokenizer.json or vocab.json); copy the tokenizer files "
                     f"of the model into it")
@@ -249,11 +254,11 @@ def load_tokenizer(folder: Path) -> Tokenizer:
     """Our Tokenizer for a model folder: char-level, or the tiktoken encoding whose ranks the
     folder's byte-level BPE vocabulary equals (gpt2, cl100k_base, ...)."""
     import tiktoken
-    vocab, specials, merges = _vocab_of(folder)
+    vocab, specials, has_merges = _vocab_of(folder)
     ordinary = {t: i for t, i in vocab.items() if t not in specials}
     if not ordinary:
         raise UserError(f"the tokenizer in {folder} has an empty vocabulary; the folder is damaged")
-    if not merges and all(len(t) == 1 for t in ordinary):  # one token per character: ours, char-level
+    if not has_merges and all(len(t) == 1 for t in ordinary):  # one token per character: ours, char-level
         chars = [t for t, _ in sorted(ordinary.items(), key=lambda item: item[1])]
         if sorted(ordinary.values()) != list(range(len(chars))):
             raise UserError(f"the character vocabulary in {folder} does not number its characters 0..n-1")

@@ -171,7 +171,8 @@ def hf_world(world):
     import json
     gpt2 = {"model_type": "gpt2", "vocab_size": 65, "n_positions": 32, "n_layer": 2, "n_head": 2, "n_embd": 32}
     folders = {"llama": {"model_type": "llama"}, "relu": {**gpt2, "activation_function": "relu"},
-               "huge": {**gpt2, "n_layer": 48, "n_head": 16, "n_embd": 25600}}
+               "huge": {**gpt2, "n_layer": 48, "n_head": 16, "n_embd": 25600},
+               "badshape": {**gpt2, "n_head": 3}}
     for name, config in folders.items():
         (world / name).mkdir()
         (world / name / "config.json").write_text(json.dumps(config))
@@ -202,6 +203,7 @@ HF_CASES = {
     "sample init_from damaged config": (S("--init_from={root}/notjson"), "not valid JSON"),
     "sample init_from GPT-2 variant": (S("--init_from={root}/relu"), "activation_function 'relu'"),
     "sample init_from too big": (S("--init_from={root}/huge"), "GiB is available"),
+    "sample init_from bad shape": (S("--init_from={root}/badshape"), "not divisible by n_head 3"),
     "train init_from not a GPT-2": (T("--init_from={root}/llama"), "not a GPT-2"),
     "train init_from no such folder": (T("--init_from={root}/nope"), "--init_from must be scratch or resume"),
 }
