@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,38 +194,43 @@ class LogitsWithPast(Logits):
         return (logits, *presents)
 
 
+ONNX_INLINE_BYTES = 1.8e9  # weights above this go to a .data file beside the graph (protobuf stops at 2 GB)
+
+
+def export_onnx(module: nn.Module, args: tuple, path: Path, inline: bool, **names_and_axes):
+    """torch.onnx.export into a scratch folder (a large model comes out as one file per tensor),
+    then the graph at path: weights inside, or all in one path.data file beside it."""
+    import onnx
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        raw = Path(scratch) / path.name
+        # TorchScript exporter (dynamo=False): the dynamo one gives the same graphs here but
+        # took 25 s instead of 1 s for a 2-layer model
+        torch.onnx.export(module, args, str(raw), dynamo=False, **names_and_axes)
+        if inline:
+            os.replace(raw, path)
+        else:
+            onnx.save_model(onnx.load(str(raw)), str(path), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=path.name + ".data")
+    onnx.checker.check_model(str(path))
+
+
 def write_onnx(model: GPT, tokenizer: Tokenizer, folder: Path):
     """model.onnx and model_with_past.onnx, checked with onnx.checker."""
-    onnx = require("onnx", "--format=onnx")
-    require("onnxruntime", "--format=onnx")  # not used here, but the folder is useless without it
     c = model.config
+    inline = sum(p.numel() for p in model.parameters()) * 4 <= ONNX_INLINE_BYTES
     ids = torch.zeros(2, 3, dtype=torch.long)
     past = [torch.zeros(2, c.n_head, 2, c.n_embd // c.n_head) for _ in range(2 * c.n_layer)]
     names = [f"past_key_values.{i}.{kv}" for i in range(c.n_layer) for kv in ("key", "value")]
     presents = [n.replace("past_key_values", "present") for n in names]
-    # weights outside the .onnx file only when protobuf's 2 GB limit forces it
-    large = sum(p.numel() for p in model.parameters()) * 4 > 1.8e9
-    # TorchScript exporter (dynamo=False): the dynamo one gives the same graphs here but took
-    # 25 s instead of 1 s for a 2-layer model
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(Logits(model), (ids,), str(folder / "model.onnx"), dynamo=False,
-                          input_names=["input_ids"], output_names=["logits"],
-                          dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
-                                        "logits": {0: "batch", 1: "sequence"}})
-        torch.onnx.export(LogitsWithPast(model), (ids, *past), str(folder / "model_with_past.onnx"),
-                          dynamo=False, input_names=["input_ids", *names], output_names=["logits", *presents],
-                          dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
-                                        "logits": {0: "batch", 1: "sequence"},
-                                        **{n: {0: "batch", 2: "past_sequence"} for n in names},
-                                        **{n: {0: "batch", 2: "total_sequence"} for n in presents}})
-    for name in ("model.onnx", "model_with_past.onnx"):
-        path = folder / name
-        if large:  # re-save with the weights in one side file
-            graph = onnx.load(str(path))
-            onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=name + ".data")
-        onnx.checker.check_model(str(path))
+    tokens = {0: "batch", 1: "sequence"}
+    export_onnx(Logits(model), (ids,), folder / "model.onnx", inline, input_names=["input_ids"],
+                output_names=["logits"], dynamic_axes={"input_ids": tokens, "logits": tokens})
+    export_onnx(LogitsWithPast(model), (ids, *past), folder / "model_with_past.onnx", inline,
+                input_names=["input_ids", *names], output_names=["logits", *presents],
+                dynamic_axes={"input_ids": tokens, "logits": tokens,
+                              **{n: {0: "batch", 2: "past_sequence"} for n in names},
+                              **{n: {0: "batch", 2: "total_sequence"} for n in presents}})
     (folder / "config.json").write_text(json.dumps(hf_format.hf_config_dict(c, tokenizer), indent=2) + "\n")
     write_tokenizer(tokenizer, c.block_size, folder)
 

@@ -302,3 +302,16 @@ def test_export_replaces_only_its_own_folders(char_run, tmp_path):
     assert sorted(p.name for p in dest.iterdir()) == ["README.md", "config.json", "model.onnx",
                                                      "model_with_past.onnx", "tokenizer.json", "tokenizer_config.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["dest"]  # no temporary folder left behind
+
+
+def test_onnx_weights_beside_the_graph_for_large_models(char_run, tmp_path, monkeypatch):
+    """Above protobuf's limit the weights go to one .data file per graph; onnxruntime reads it."""
+    monkeypatch.setattr(export, "ONNX_INLINE_BYTES", 0)  # treat the tiny model as a large one
+    export.main([f"--out_dir={char_run / 'out'}", "--format=onnx", f"--dest={tmp_path / 'onnx'}"])
+    files = sorted(p.name for p in (tmp_path / "onnx").iterdir())
+    assert {"model.onnx", "model.onnx.data", "model_with_past.onnx", "model_with_past.onnx.data"} <= set(files)
+    assert (tmp_path / "onnx" / "model.onnx").stat().st_size < 100_000 < (tmp_path / "onnx" / "model.onnx.data").stat().st_size
+    ids = torch.tensor([[1, 2, 3, 4]])
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"))
+    logits = session.run(["logits"], {"input_ids": ids.numpy()})[0]
+    assert np.abs(logits - our_logits(char_run / "out", ids).numpy()).max() <= 1e-4
