@@ -336,10 +336,13 @@ def fsync(path: Path):
 def write_atomically(dest: Path, write):
     """write(tmp) fills a temporary folder beside dest, which then takes dest's place."""
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")  # the previous dest, until the new one is in place
     created = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()]  # deepest first
 
     def clean_up():
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not dest.exists():
+            os.replace(old, dest)
         for folder in created:  # the folders made for dest, if they are still empty
             try:
                 folder.rmdir()
@@ -359,14 +362,14 @@ def write_atomically(dest: Path, write):
             if path.is_file():
                 path.chmod(0o644)  # some writers create files readable by their owner only
             fsync(path)
-        old = None
         if dest.exists() or dest.is_symlink():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             os.replace(dest, old)
         os.replace(tmp, dest)
         fsync(dest.parent)  # make the rename itself durable
-        if old is not None:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        elif old.exists() or old.is_symlink():
+            old.unlink()
     except OSError as e:
         clean_up()
         raise UserError(f"could not write --dest={dest}: {e.strerror or e}; free some disk space or choose "
