@@ -25,6 +25,15 @@ class GPTConfig:
     n_embd: int = 768  # embedding width
     dropout: float = 0.0  # dropout probability in training
     bias: bool = True  # biases in Linear layers and LayerNorms, as in GPT-2
+    activation: str = "gelu"  # MLP nonlinearity, a key of ACTIVATIONS: gelu (exact, nanoGPT's) or gelu_tanh (GPT-2's own)
+
+
+# GPTConfig.activation -> the module. GPT-2 itself used the tanh approximation of GELU (Hugging
+# Face calls it "gelu_new"); imported GPT-2 weights need it to give GPT-2's logits exactly.
+ACTIVATIONS = {
+    "gelu": lambda: nn.GELU(),
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+}
 
 
 class KVCache:
@@ -106,7 +115,9 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        if config.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {config.activation!r}; valid: {', '.join(ACTIVATIONS)}")
+        self.gelu = ACTIVATIONS[config.activation]()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = Dropout(config.dropout)
 
@@ -163,6 +174,13 @@ class GPT(nn.Module):
         embeddings count, since they are tied to the output head)."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def crop_block_size(self, block_size: int):
+        """Keep the first block_size position embeddings, e.g. to finetune GPT-2 (1024
+        positions) with a shorter context, as nanoGPT does."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None):
         """idx (B, T) token ids -> logits (B, T, vocab) and the mean cross-entropy loss.

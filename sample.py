@@ -4,9 +4,10 @@
     python sample.py --out_dir=out --prompt=FILE:prompt.txt --num_samples=3 --max_new_tokens=200
     python sample.py --out_dir=out --interactive          # a `>> ` prompt; quit, Ctrl-D or Ctrl-C leave
     python sample.py --out_dir=out --stats --use_cache=false   # tokens/s on stderr, without the KV cache
+    python sample.py --init_from=gpt2-xl --prompt="Hello"    # OpenAI's GPT-2, or any Hugging Face GPT-2 folder
 
-Everything comes from <out_dir>/ckpt.pt: the weights, the model's shape and the tokenizer, so
-nothing in data/ is needed. Standard output holds only the text; the precision choice and
+Everything comes from <out_dir>/ckpt.pt (or the --init_from folder): the weights, the model's
+shape and the tokenizer, so nothing in data/ is needed. Standard output holds only the text; the precision choice and
 --stats go to standard error, so `python sample.py ... > story.txt` keeps just the story.
 
 - Streaming: text is printed token by token as it is generated. A BPE token can end in the
@@ -38,6 +39,7 @@ import torch
 
 import checkpoint
 import hardware
+import hf_format
 from config import parse_config
 from errors import UserError, run_main
 from model import GPT, GPTConfig
@@ -48,6 +50,7 @@ from tokenizer import Tokenizer
 class SampleConfig:
     """Settings of sample.py. Names and meanings follow nanoGPT's sample.py."""
     out_dir: str = "out"  # folder holding ckpt.pt, written by train.py
+    init_from: str = "resume"  # resume (out_dir/ckpt.pt), a GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a Hugging Face GPT-2 folder
     prompt: str = "\n"  # text to continue; FILE:path reads it from a file
     num_samples: int = 1  # samples to generate, as one batch
     max_new_tokens: int = 500  # tokens generated per sample
@@ -79,7 +82,7 @@ class SampleConfig:
             p.append(f"--top_p must be in (0, 1] (1 = off), got {self.top_p}")
         if self.cpu_threads < 0:
             p.append(f"--cpu_threads must be >= 0 (0 = all cores), got {self.cpu_threads}")
-        if not self.out_dir:
+        if not self.out_dir and self.init_from == "resume":
             p.append("--out_dir must name the folder holding ckpt.pt")
         return p
 
@@ -256,7 +259,11 @@ def main(argv=None):
     else:
         hardware.set_cpu_threads()
     precision = choose_precision(cfg.device, cfg.dtype)
-    model, tokenizer, _ = load_model(cfg.out_dir, precision.device)
+    if cfg.init_from == "resume":
+        model, tokenizer, _ = load_model(cfg.out_dir, precision.device)
+    else:  # a Hugging Face GPT-2: ours after export.py, or OpenAI's
+        model, tokenizer = hf_format.load(cfg.init_from)
+        model.to(precision.device)
     prompt_ids = None if cfg.interactive else encode_prompt(tokenizer, prompt_text, cfg.drop_unknown)
     # only now that the checkpoint and the prompt are good: a mistake gets one line on stderr
     print(f"precision: {precision.reason}", file=sys.stderr)

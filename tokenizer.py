@@ -82,6 +82,11 @@ class Tokenizer:
             d["chars"] = list(self.chars)
         return d
 
+    @property
+    def encoding(self) -> "tiktoken.Encoding | None":  # quoted: the classmethod tiktoken shadows the module here
+        """The tiktoken Encoding behind a BPE tokenizer (None for char), e.g. for export.py."""
+        return self._encoding
+
     # ---- encode / decode ----
 
     def encode_to_numpy(self, text: str, drop_unknown: bool = False) -> np.ndarray:

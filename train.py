@@ -3,6 +3,7 @@
     python train.py configs/shakespeare_cpu.py
     python train.py configs/shakespeare.py --batch_size=32 --compile
     python train.py configs/shakespeare.py --init_from=resume     # continue from out_dir/ckpt.pt
+    python train.py configs/finetune_shakespeare.py               # finetune GPT-2 (--init_from=gpt2 or a folder)
     torchrun --standalone --nproc_per_node=4 train.py configs/shakespeare.py
 
 Reads data/<dataset>/{train,val}.bin and meta.json (see prepare.py), writes
@@ -25,6 +26,7 @@ import torch
 
 import checkpoint
 import hardware
+import hf_format
 import runlock
 from config import parse_config
 from errors import UserError, run_main
@@ -42,7 +44,7 @@ class TrainConfig:
     eval_iters: int = 200  # batches per split in each evaluation
     eval_only: bool = False  # evaluate once and exit
     always_save_checkpoint: bool = True  # checkpoint at every evaluation, not only when val improves
-    init_from: str = "scratch"  # scratch (a new model) or resume (from out_dir/ckpt.pt)
+    init_from: str = "scratch"  # scratch (a new model), resume (from out_dir/ckpt.pt), a GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a Hugging Face GPT-2 folder
     # logging
     wandb_log: bool = False  # log to Weights & Biases (WANDB_MODE=offline works)
     wandb_project: str = "nanogpt"  # wandb project name
@@ -113,12 +115,19 @@ class TrainConfig:
                 p.append(f"--min_lr ({self.min_lr}) is above --learning_rate ({self.learning_rate})")
         if self.optimizer not in ("adamw", "muon"):
             p.append(f"--optimizer must be adamw or muon, got {self.optimizer!r}")
-        if self.init_from not in ("scratch", "resume"):
-            p.append(f"--init_from must be scratch or resume, got {self.init_from!r}")
+        if self.init_from not in ("scratch", "resume", *hf_format.GPT2_NAMES) and not Path(self.init_from).is_dir():
+            p.append(f"--init_from must be scratch or resume, a GPT-2 ({', '.join(hf_format.GPT2_NAMES)}) or a "
+                     f"folder holding a Hugging Face GPT-2; got {self.init_from!r}, which is no folder")
         return p
 
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # fixed once a model exists
+
+
+def conflicts(cfg: TrainConfig, explicit: set, fixed: dict, source: str) -> list[str]:
+    """The flags set on this command line that contradict what an existing model fixes."""
+    return [f"--{k}={getattr(cfg, k)} ({source} has {v})"
+            for k, v in fixed.items() if k in explicit and getattr(cfg, k) != v]
 
 
 # ---------------------------------------------------------------------------- data
@@ -403,15 +412,29 @@ def run(argv, held: contextlib.ExitStack):
         saved.pop("out_dir", None)  # the run continues where its checkpoint is now, even if moved
         fixed = {**{k: ckpt["model_args"][k] for k in MODEL_KEYS},
                  "optimizer": ckpt["config"].get("optimizer", "adamw")}  # its state is in the checkpoint
-        conflicts = [f"--{k}={getattr(cfg, k)} (checkpoint has {v})"
-                     for k, v in fixed.items() if k in explicit and getattr(cfg, k) != v]
-        if conflicts:
+        refused = conflicts(cfg, explicit, fixed, "checkpoint")
+        if refused:
             raise UserError(f"cannot resume {ckpt_path} with a different model shape or optimizer: "
-                            f"{', '.join(conflicts)}; drop these flags or start a new run with another --out_dir")
+                            f"{', '.join(refused)}; drop these flags or start a new run with another --out_dir")
         cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in explicit},
                                   init_from="resume")
     if cfg.problems():  # every invalid setting at once, before any work
         raise UserError("; ".join(cfg.problems()))
+    hf_folder = hf_config = None
+    if cfg.init_from not in ("scratch", "resume"):
+        # a pretrained GPT-2 fixes the shape; a shorter --block_size crops its positions (as nanoGPT)
+        hf_folder = hf_format.resolve(cfg.init_from)
+        hf_config = hf_format.gpt_config(hf_folder)
+        fixed = {k: getattr(hf_config, k) for k in MODEL_KEYS if k != "block_size"}
+        refused = conflicts(cfg, explicit, fixed, cfg.init_from)
+        if cfg.block_size > hf_config.block_size and "block_size" in explicit:
+            refused.append(f"--block_size={cfg.block_size} ({cfg.init_from} has {hf_config.block_size} "
+                           f"positions; a shorter block_size crops them)")
+        if refused:
+            raise UserError(f"cannot start from {cfg.init_from} with a different model shape: "
+                            f"{', '.join(refused)}; drop these flags")
+        block_size = cfg.block_size if "block_size" in explicit else hf_config.block_size
+        cfg = dataclasses.replace(cfg, **fixed, block_size=block_size)
     if cfg.gradient_accumulation_steps % world_size:
         raise UserError(f"--gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be "
                         f"a multiple of the number of processes ({world_size})")
@@ -425,6 +448,17 @@ def run(argv, held: contextlib.ExitStack):
             raise UserError(f"the {split} split of {cfg.dataset!r} has {n} tokens, too few for one window of "
                             f"--block_size={cfg.block_size}; lower --block_size or prepare more text")
     tokenizer = Tokenizer.from_description(data.meta).describe()  # saved so sample.py needs no data/
+    if hf_folder is not None:  # the model's tokenizer must be the one the dataset was prepared with
+        theirs = hf_format.load_tokenizer(hf_folder).describe()
+        if (theirs["name"], theirs.get("chars")) != (tokenizer["name"], tokenizer.get("chars")):
+            what = "a char-level" if theirs["name"] == "char" else f"the {theirs['name']}"
+            raise UserError(f"--init_from={cfg.init_from} uses {what} tokenizer, but dataset {cfg.dataset!r} was "
+                            f"prepared with {tokenizer['name']}; prepare the text with the model's tokenizer "
+                            f"(`python prepare.py --input FILE --name NAME --tokenizer {theirs['name']}`)")
+        if data.vocab_size > hf_config.vocab_size:
+            raise UserError(f"dataset {cfg.dataset!r} has {data.vocab_size} tokens, more than the "
+                            f"{hf_config.vocab_size} of --init_from={cfg.init_from}")
+        tokenizer = theirs
 
     if master:
         print(f"{precision.reason}")
@@ -442,12 +476,20 @@ def run(argv, held: contextlib.ExitStack):
     # model
     model_args = {k: getattr(cfg, k) for k in MODEL_KEYS}
     model_args.update(vocab_size=data.vocab_size, dropout=cfg.dropout)
+    if hf_config is not None:
+        model_args.update(vocab_size=hf_config.vocab_size, activation=hf_config.activation)
     if ckpt is not None:
         model_args.update({k: ckpt["model_args"][k] for k in MODEL_KEYS + ("vocab_size",)})
+        model_args["activation"] = ckpt["model_args"].get("activation", "gelu")  # older checkpoints: gelu
         if ckpt["model_args"]["vocab_size"] != data.vocab_size:
             raise UserError(f"{ckpt_path} was trained with vocab_size {ckpt['model_args']['vocab_size']} but "
                             f"dataset {cfg.dataset!r} has {data.vocab_size}; resume on the same dataset")
-    model = GPT(GPTConfig(**model_args))
+    if hf_config is not None:
+        model = hf_format.load_model(hf_folder, GPTConfig(**{**model_args, "block_size": hf_config.block_size}))
+        if cfg.block_size < hf_config.block_size:
+            model.crop_block_size(cfg.block_size)
+    else:
+        model = GPT(GPTConfig(**model_args))
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])

@@ -17,6 +17,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 # test processes would otherwise fight over the cores. (Subprocesses inherit this.)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
+# No test downloads anything from the Hugging Face Hub (transformers reads these at import).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")

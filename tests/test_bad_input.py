@@ -321,3 +321,63 @@ def test_more_bad_input_gives_one_clear_line(name, more_world, capsys):
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert message.format(root=more_world) in err[0]
     assert fingerprint(more_world) == before  # nothing lost, nothing half written
+# ---------------------------------------------------------------------------- export.py and --init_from
+
+@pytest.fixture(scope="module")
+def hf_world(world):
+    """Folders that are not GPT-2 models, or not one we can load, next to the world's checkpoint."""
+    import json
+    gpt2 = {"model_type": "gpt2", "vocab_size": 65, "n_positions": 32, "n_layer": 2, "n_head": 2, "n_embd": 32}
+    folders = {"llama": {"model_type": "llama"}, "relu": {**gpt2, "activation_function": "relu"},
+               "huge": {**gpt2, "n_layer": 48, "n_head": 16, "n_embd": 25600},
+               "badshape": {**gpt2, "n_head": 3}}
+    for name, config in folders.items():
+        (world / name).mkdir()
+        (world / name / "config.json").write_text(json.dumps(config))
+        (world / name / "model.safetensors").write_bytes(b"")
+    (world / "notjson").mkdir()
+    (world / "notjson" / "config.json").write_text("{oops")
+    return world
+
+
+def E(*flags):  # export.py of the trained checkpoint
+    return ("export", ["--out_dir={root}/out", "--dest={root}/new/export", *flags])
+
+
+HF_CASES = {
+    "export missing out_dir": (E("--out_dir={root}/nowhere"), "no checkpoint at"),
+    "export foreign checkpoint": (E("--out_dir={root}/foreign"), "not a checkpoint of this project"),
+    "export unknown format": (E("--format=safetensors"), "--format must be one of hf, onnx, gguf"),
+    "export gguf of a char model": (E("--format=gguf"), "GPT-2 BPE models (tokenizer gpt2) only"),
+    "export over a foreign folder": (E("--dest={root}/truncated"), "export.py did not write; refusing"),
+    "export over a file": (E("--dest={root}/short.txt"), "is a file; refusing"),
+    "export unwritable destination": (E("--dest={root}/blocker/export"), "cannot write --dest"),
+    "export unknown flag": (E("--formt=hf"), "did you mean --format"),
+    "export over the checkpoint folder": (E("--dest={root}/out", "--force"), "holds the checkpoint folder"),
+    "export over a parent of the checkpoint": (E("--dest={root}", "--force"), "holds the checkpoint folder"),
+    "sample init_from no such folder": (S("--init_from={root}/nope"), "no such folder"),
+    "sample init_from not a model folder": (S("--init_from={root}/truncated"), "no config.json"),
+    "sample init_from not a GPT-2": (S("--init_from={root}/llama"), "not a GPT-2"),
+    "sample init_from damaged config": (S("--init_from={root}/notjson"), "not valid JSON"),
+    "sample init_from GPT-2 variant": (S("--init_from={root}/relu"), "activation_function 'relu'"),
+    "sample init_from too big": (S("--init_from={root}/huge"), "GiB is available"),
+    "sample init_from bad shape": (S("--init_from={root}/badshape"), "not divisible by n_head 3"),
+    "train init_from not a GPT-2": (T("--init_from={root}/llama"), "not a GPT-2"),
+    "train init_from no such folder": (T("--init_from={root}/nope"), "--init_from must be scratch or resume"),
+}
+
+
+@pytest.mark.parametrize("name", list(HF_CASES))
+def test_export_and_init_from_bad_input(name, hf_world, capsys):
+    import export
+    (script, args), message = HF_CASES[name]
+    args = [a.format(root=hf_world, data=hf_world / "data") for a in args]
+    before = fingerprint(hf_world)
+    with pytest.raises(SystemExit) as e:
+        run_main({**MAINS, "export": export.main}[script], args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert message in err[0]
+    assert fingerprint(hf_world) == before
+    assert not (hf_world / "new").exists() and not list(hf_world.glob(".*tmp*"))  # nothing written

@@ -1,0 +1,362 @@
+"""Our GPT <-> Hugging Face GPT-2: weights, config and tokenizer, in both directions.
+
+export.py writes folders with it; train.py and sample.py read them (--init_from=PATH or a
+GPT-2 name). The two models are the same network with the same module names; they differ in:
+- layout: GPT-2's attn.c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj are Conv1D layers whose
+  weight is (in, out), the transpose of our nn.Linear's (out, in); the head is tied to wte in
+  both;
+- biases: GPT-2 always has them, so a model trained with bias=False exports zeros;
+- the MLP nonlinearity: GPT-2 used the tanh approximation of GELU ("gelu_new"), nanoGPT the
+  exact one ("gelu"); GPTConfig.activation says which, and config.json carries it.
+The tokenizer travels as tokenizer.json (Hugging Face tokenizers), built from the tokenizer
+we hold, never downloaded: tiktoken's ranks, pattern and special tokens for BPE, one token
+per character for char-level.
+
+transformers, tokenizers and safetensors are extras: a missing one is one line saying which
+pip command installs it.
+"""
+import importlib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from errors import UserError
+from model import GPT, GPTConfig
+from tokenizer import CHAR, Tokenizer
+
+EXTRAS = "pip install -r requirements-extras.txt"
+EOT = "<|endoftext|>"
+# nanoGPT's names for OpenAI's four GPT-2 sizes -> their Hugging Face Hub repositories
+GPT2_NAMES = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+# GPTConfig.activation <-> GPT2Config.activation_function (transformers' ACT2FN keys)
+TO_HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+FROM_HF_ACTIVATION = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+# weights stored as Conv1D (in, out) in GPT-2 and as nn.Linear (out, in) here
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, and GPT-2's
+
+
+def require(module: str, purpose: str):
+    """Import an extra, or say in one line how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{purpose} needs the Python package {module!r}, which is not installed; "
+                        f"install the extras with `{EXTRAS}`") from None
+
+
+# ---------------------------------------------------------------------------- weights and config
+
+def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our state dict in GPT2LMHeadModel's names and layout (float32, contiguous)."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().float()
+        out[name] = tensor.t().contiguous() if name.endswith(CONV1D) else tensor.clone()
+    if not model.config.bias:  # GPT-2 always has biases: a bias-free model exports zeros
+        for name, module in model.named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)) and name != "lm_head":
+                out[f"{name}.bias"] = torch.zeros(module.weight.shape[0])
+    return out
+
+
+def from_hf_state_dict(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GPT2LMHeadModel's state dict -> ours (without the causal-mask buffers that older
+    transformers versions saved as h.N.attn.bias and h.N.attn.masked_bias)."""
+    out = {}
+    for name, tensor in hf_state.items():
+        if name.split(".")[-2:] in (["attn", "bias"], ["attn", "masked_bias"]):
+            continue
+        out[name] = tensor.t() if name.endswith(CONV1D) else tensor
+    if "lm_head.weight" not in out:
+        out["lm_head.weight"] = out["transformer.wte.weight"]
+    return out
+
+
+def hf_config_dict(config: GPTConfig, tokenizer: Tokenizer) -> dict:
+    """config.json of a GPT2LMHeadModel with our model's shape (a plain dict, so the ONNX
+    export writes it without transformers)."""
+    if config.activation not in TO_HF_ACTIVATION:
+        raise UserError(f"activation {config.activation!r} has no GPT-2 equivalent in transformers; "
+                        f"only {', '.join(TO_HF_ACTIVATION)} export")
+    eot = tokenizer.eot_id
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": config.vocab_size, "n_positions": config.block_size, "n_embd": config.n_embd,
+        "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
+        "activation_function": TO_HF_ACTIVATION[config.activation],
+        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": LAYER_NORM_EPS, "initializer_range": 0.02,
+        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True, "use_cache": True,
+        "bos_token_id": eot, "eos_token_id": eot, "pad_token_id": None,
+    }
+
+
+def gpt_config(folder: Path) -> GPTConfig:
+    """Our GPTConfig from a GPT-2 folder's config.json; refuses anything that is not a GPT-2
+    this model computes exactly."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise UserError(f"{folder} is not a Hugging Face model folder (no config.json); give a folder "
+                        f"written by export.py --format=hf or by transformers' save_pretrained")
+    try:
+        c = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        c = None
+    if not isinstance(c, dict):
+        raise UserError(f"{path} is not valid JSON (an object of settings); the folder is damaged")
+    if c.get("model_type") != "gpt2":
+        raise UserError(f"{folder} holds a {c.get('model_type')!r} model, not a GPT-2 (model_type "
+                        f"'gpt2'); only GPT-2 models load here")
+    act = c.get("activation_function", "gelu_new")
+    unsupported = []
+    if act not in FROM_HF_ACTIVATION:
+        unsupported.append(f"activation_function {act!r}")
+    if c.get("n_inner") is not None and c.get("n_inner") != 4 * c.get("n_embd", 768):
+        unsupported.append(f"n_inner {c['n_inner']} (this model's MLP is 4 * n_embd wide)")
+    if c.get("layer_norm_epsilon", LAYER_NORM_EPS) != LAYER_NORM_EPS:
+        unsupported.append(f"layer_norm_epsilon {c['layer_norm_epsilon']}")
+    for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
+        if c.get(flag):
+            unsupported.append(flag)
+    if not c.get("scale_attn_weights", True):
+        unsupported.append("scale_attn_weights false")
+    if not c.get("tie_word_embeddings", True):
+        unsupported.append("an output head not tied to the embeddings")
+    if unsupported:
+        raise UserError(f"{folder} is a GPT-2 variant this model does not compute: "
+                        f"{', '.join(unsupported)}")
+    # GPT2Config's defaults for what the file leaves out
+    shape = {"n_positions": 1024, "vocab_size": 50257, "n_layer": 12, "n_head": 12, "n_embd": 768}
+    shape.update({k: c[k] for k in shape if k in c})
+    bad = [f"{k} {v!r}" for k, v in shape.items() if not (isinstance(v, int) and v >= 1)]
+    if not bad and shape["n_embd"] % shape["n_head"]:
+        bad.append(f"n_embd {shape['n_embd']} not divisible by n_head {shape['n_head']}")
+    if bad:
+        raise UserError(f"{path} has an invalid shape ({', '.join(bad)}); the folder is damaged")
+    return GPTConfig(block_size=shape["n_positions"], vocab_size=shape["vocab_size"], n_layer=shape["n_layer"],
+                     n_head=shape["n_head"], n_embd=shape["n_embd"], dropout=0.0, bias=True,
+                     activation=FROM_HF_ACTIVATION[act])
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table of byte-level BPE: printable bytes stand for
+    themselves, the others for chr(256 + n). From OpenAI's gpt-2 src/encoder.py (transformers
+    moves its copy between versions, so it is repeated here)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def onig_pattern(pattern: str) -> str:
+    r"""tiktoken's split pattern (Rust regex syntax) for tokenizers' Oniguruma engine, which
+    reads two things differently: `{1,3}+` is "repeat {1,3}" there, not possessive (a bounded
+    run has nothing to give back here, so plain `{1,3}` splits the same), and `$` is the end
+    of a line there, the end of the text in tiktoken (`\z` in both)."""
+    pattern = re.sub(r"(?<!\\)\}\+", "}", pattern)
+    return re.sub(r"(?<!\\)\$", r"\\z", pattern)
+
+
+def hf_tokenizer(tokenizer: Tokenizer):
+    """A tokenizers.Tokenizer that gives the same ids and text as ours.
+
+    char: a BPE model with one token per character and no merges, no normalizer and no
+    pre-tokenizer, so every character (newline, space, accent) maps to its own id, and a
+    Fuse decoder that joins tokens without spaces. An end-of-text id, where there is one,
+    becomes the special token <|endoftext|>.
+    BPE: tiktoken's ranks become the vocabulary (each token's bytes in GPT-2's byte-level
+    alphabet) and the merges (every split of a token into two tokens, in the order of the
+    merged token's rank: tiktoken merges the pair whose result ranks lowest); tiktoken's
+    split pattern becomes the pre-tokenizer; special tokens keep their ids (cl100k and o200k
+    leave gaps below them, so they sit in the vocabulary too). Built generically from the
+    Encoding, so any tiktoken vocabulary exports the same way.
+    """
+    tk = require("tokenizers", "the tokenizer.json export")
+    if tokenizer.encoding is None:
+        vocab = {c: i for i, c in enumerate(tokenizer.chars)}
+        specials = {EOT: tokenizer.eot_id} if tokenizer.eot_id is not None else {}
+        tok = tk.Tokenizer(tk.models.BPE({**vocab, **specials}, [], fuse_unk=False))
+        tok.decoder = tk.decoders.Fuse()
+    else:
+        enc = tokenizer.encoding
+        # tiktoken has no public accessor for its ranks and pattern; these two are stable
+        ranks: dict[bytes, int] = enc._mergeable_ranks
+        table = _bytes_to_unicode()  # keys are byte values = the latin-1 code points translate looks up
+        as_str = {token: token.decode("latin-1").translate(table) for token in ranks}
+        vocab = {as_str[token]: rank for token, rank in ranks.items()}
+        merges = []  # (rank of the merged token, rank of left, rank of right, left, right)
+        for token, rank in ranks.items():
+            for i in range(1, len(token)):
+                left, right = token[:i], token[i:]
+                if left in ranks and right in ranks:
+                    merges.append((rank, ranks[left], ranks[right], as_str[left], as_str[right]))
+        merges.sort()
+        specials = {name: enc.encode_single_token(name) for name in sorted(enc.special_tokens_set)}
+        model = tk.models.BPE({**vocab, **specials}, [m[3:] for m in merges],
+                              fuse_unk=False, ignore_merges=True)  # a whole piece in the vocabulary is one token, as in tiktoken
+        tok = tk.Tokenizer(model)
+        tok.pre_tokenizer = tk.pre_tokenizers.Sequence([
+            tk.pre_tokenizers.Split(tk.Regex(onig_pattern(enc._pat_str)), behavior="isolated", invert=False),
+            tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        tok.decoder = tk.decoders.ByteLevel()
+    if specials:
+        tok.add_special_tokens([tk.AddedToken(name, special=True, normalized=False) for name in specials])
+    for name, i in specials.items():
+        assert tok.token_to_id(name) == i, (name, i, tok.token_to_id(name))
+    return tok
+
+
+def tokenizer_config(tokenizer: Tokenizer, block_size: int) -> dict:
+    """tokenizer_config.json: what AutoTokenizer needs besides tokenizer.json."""
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
+              "clean_up_tokenization_spaces": False, "add_prefix_space": False}
+    if tokenizer.eot_id is not None:
+        config.update(bos_token=EOT, eos_token=EOT, unk_token=EOT)
+    return config
+
+
+def _vocab_of(folder: Path) -> tuple[dict[str, int], dict[str, int], bool]:
+    """(model vocabulary token -> id, special tokens -> id, whether it has merges) of a folder's
+    tokenizer.json, or of GPT-2's older vocab.json + merges.txt."""
+    path = folder / "tokenizer.json"
+    try:
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            model = data["model"]
+            if model.get("type") != "BPE":
+                raise UserError(f"{path} holds a {model.get('type')} tokenizer; only byte-level BPE "
+                                f"(GPT-2 style) and our char-level tokenizers load here")
+            specials = {t["content"]: t["id"] for t in data.get("added_tokens", []) if t.get("special")}
+            return dict(model["vocab"]), specials, bool(model.get("merges"))
+        if (folder / "vocab.json").is_file():
+            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+            return dict(vocab), ({EOT: vocab[EOT]} if EOT in vocab else {}), True
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise UserError(f"the tokenizer files in {folder} are damaged ({type(e).__name__}: {e})") from None
+    raise UserError(f"{folder} has no tokenizer (tokenizer.json or vocab.json); copy the tokenizer files "
+                    f"of the model into it")
+
+
+def load_tokenizer(folder: Path) -> Tokenizer:
+    """Our Tokenizer for a model folder: char-level, or the tiktoken encoding whose ranks the
+    folder's byte-level BPE vocabulary equals (gpt2, cl100k_base, ...)."""
+    import tiktoken
+    vocab, specials, has_merges = _vocab_of(folder)
+    ordinary = {t: i for t, i in vocab.items() if t not in specials}
+    if not ordinary:
+        raise UserError(f"the tokenizer in {folder} has an empty vocabulary; the folder is damaged")
+    if not has_merges and all(len(t) == 1 for t in ordinary):  # one token per character: ours, char-level
+        chars = [t for t, _ in sorted(ordinary.items(), key=lambda item: item[1])]
+        if sorted(ordinary.values()) != list(range(len(chars))):
+            raise UserError(f"the character vocabulary in {folder} does not number its characters 0..n-1")
+        return Tokenizer.from_description({"name": CHAR, "chars": chars, "eot_id": specials.get(EOT)})
+    unicode_byte = {c: b for b, c in _bytes_to_unicode().items()}
+    try:
+        ranks = {bytes(unicode_byte[c] for c in t): i for t, i in ordinary.items()}
+    except KeyError:
+        raise UserError(f"the tokenizer in {folder} is not a byte-level BPE (GPT-2 style) vocabulary") from None
+    for name in tiktoken.list_encoding_names():
+        try:
+            enc = tiktoken.get_encoding(name)
+        except Exception:  # noqa: BLE001 (offline without that encoding's files: not a candidate)
+            continue
+        if len(enc._mergeable_ranks) == len(ranks) and enc._mergeable_ranks == ranks:
+            return Tokenizer.tiktoken(name)
+    raise UserError(f"the BPE vocabulary in {folder} ({len(ranks)} tokens) matches no tiktoken encoding "
+                    f"available here ({', '.join(tiktoken.list_encoding_names())}); set TIKTOKEN_CACHE_DIR "
+                    f"if its files are cached elsewhere")
+
+
+# ---------------------------------------------------------------------------- loading a folder or a name
+
+def resolve(init_from: str) -> Path:
+    """The local folder of --init_from: a path, or a GPT-2 name found in transformers' cache
+    (never downloaded: this machine may be offline)."""
+    if init_from in GPT2_NAMES:
+        hub = require("huggingface_hub", f"--init_from={init_from}")
+        for repo in (GPT2_NAMES[init_from], init_from):  # today's name, and the one older caches used
+            try:
+                # HF_HUB_CACHE read now, not at import, so a cache set after start is seen
+                return Path(hub.snapshot_download(repo, local_files_only=True,
+                                                  cache_dir=os.environ.get("HF_HUB_CACHE")))
+            except Exception:  # noqa: BLE001 (LocalEntryNotFoundError and kin: not cached)
+                continue
+        cache = os.environ.get("HF_HUB_CACHE") or str(Path(hub.constants.HF_HUB_CACHE))
+        raise UserError(f"{init_from} is not in transformers' local cache ({cache}); on a machine with internet "
+                        f"run `hf download {GPT2_NAMES[init_from]}` (it lands in ~/.cache/huggingface/hub; "
+                        f"copy that folder here or set HF_HUB_CACHE), or pass --init_from=PATH of a downloaded folder")
+    folder = Path(init_from)
+    if not folder.is_dir():
+        raise UserError(f"--init_from={init_from}: no such folder, and not one of {', '.join(GPT2_NAMES)}")
+    return folder
+
+
+def available_memory() -> int:
+    """Bytes this process can still allocate (Linux MemAvailable; elsewhere free pages)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(folder: Path, config: GPTConfig):
+    """Refuse, before loading, a model that does not fit: loading holds transformers' copy
+    and ours at once, both float32."""
+    weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file()]
+    if not weights:
+        raise UserError(f"{folder} has no weights (model.safetensors or pytorch_model.bin)")
+    C, L, V = config.n_embd, config.n_layer, config.vocab_size
+    params = V * C + config.block_size * C + L * (12 * C * C + 13 * C) + 2 * C
+    needed = 2 * 4 * params
+    have = available_memory()
+    if needed > have:
+        on_disk = sum(p.stat().st_size for p in weights)
+        raise UserError(f"{folder} holds a {params / 1e6:,.0f}M-parameter model ({on_disk / 2**30:.1f} GiB on disk) "
+                        f"that needs about {needed / 2**30:.1f} GiB of memory to load, but only "
+                        f"{have / 2**30:.1f} GiB is available; use a smaller model or a bigger machine")
+
+
+def load_model(folder: Path, config: GPTConfig) -> GPT:
+    """Our GPT (train mode, cpu) with the weights of the GPT-2 in folder; config comes from
+    gpt_config(folder), with the dropout the caller wants."""
+    check_memory(folder, config)
+    transformers = require("transformers", f"loading the GPT-2 in {folder}")
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        hf = transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load the GPT-2 weights in {folder}: {first}") from None
+    model = GPT(config)
+    model.load_state_dict(from_hf_state_dict(hf.state_dict()))
+    return model
+
+
+def load(init_from: str) -> tuple[GPT, Tokenizer]:
+    """(our GPT in eval mode on the cpu, its Tokenizer) from a GPT-2 folder or name: the entry
+    point for anything that only runs a Hugging Face GPT-2 (sample.py, app.py)."""
+    folder = resolve(init_from)
+    config = gpt_config(folder)
+    check_memory(folder, config)
+    tokenizer = load_tokenizer(folder)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UserError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                        f"{config.vocab_size}; the folder is inconsistent")
+    return load_model(folder, config).eval(), tokenizer

@@ -1,0 +1,317 @@
+"""export.py and --init_from: the exports run in transformers and onnxruntime themselves with our
+logits and our greedy text; a GPT-2 built by transformers samples and finetunes here; export then
+import gives the same text. Offline: tiny models built in the test, nothing downloaded."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+import export
+import hf_format
+import sample
+import train
+from conftest import ROOT, SHARED, TINY, write_char_dataset
+from errors import UserError
+from model import GPT, GPTConfig
+from tokenizer import Tokenizer
+
+EXTRAS = "pip install -r requirements-extras.txt"
+for _module in ("transformers", "tokenizers", "safetensors", "onnx", "onnxruntime"):
+    pytest.importorskip(_module, reason=f"needs the extras: {EXTRAS}")
+import onnxruntime as ort  # noqa: E402
+import tokenizers  # noqa: E402
+import transformers  # noqa: E402
+
+ENCODER_JSON = SHARED / "tiktoken" / "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6"
+VOCAB_BPE = SHARED / "tiktoken" / "6d1cbeee0f20b3d9449abfede4726ed8212e3aee"
+CHAR_PROMPT, BPE_PROMPT = "ROMEO:", "Hello, my lord"
+N_NEW = 20  # prompt + new tokens stay within the tiny models' 32 positions
+
+
+def gpt2_tokenizer():
+    try:
+        return Tokenizer.tiktoken("gpt2")
+    except UserError as e:
+        pytest.skip(str(e))
+
+
+def greedy_sample(argv, capsys) -> str:
+    """sample.py's greedy text (its standard output, without the final newline)."""
+    sample.main([*argv, "--temperature=0", "--dtype=float32", "--device=cpu", f"--max_new_tokens={N_NEW}"])
+    return capsys.readouterr().out.removesuffix("\n")
+
+
+def hf_greedy(folder, prompt: str) -> str:
+    """transformers' own greedy text for an HF folder (AutoModel + AutoTokenizer, offline)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False,
+                         pad_token_id=model.config.eos_token_id or 0)
+    return tok.decode(out[0])
+
+
+def our_logits(out_dir, ids: torch.Tensor) -> torch.Tensor:
+    model, _, _ = sample.load_model(out_dir, "cpu")
+    with torch.no_grad():
+        logits, _ = model(ids, torch.zeros_like(ids))  # with targets: logits at every position
+    return logits
+
+
+def onnx_loop(folder, prompt: str) -> str:
+    """The README's onnxruntime generation loop, run as written in a fresh Python."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(# onnxruntime generation loop.*?)```", readme, re.S).group(1)
+    code = code.replace('"exports/shakespeare-onnx", "ROMEO:", 100', f"{str(folder)!r}, {prompt!r}, {N_NEW}")
+    code += "import sys\nassert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.removesuffix("\n")
+
+
+def check_export(out_dir, tmp, prompt: str, capsys):
+    """Export out_dir both ways; transformers and onnxruntime give our logits and greedy text,
+    and the HF export comes back through --init_from with the same text."""
+    hf_dir, onnx_dir = tmp / "hf", tmp / "onnx"
+    export.main([f"--out_dir={out_dir}", "--format=hf", f"--dest={hf_dir}"])
+    export.main([f"--out_dir={out_dir}", "--format=onnx", f"--dest={onnx_dir}"])
+    capsys.readouterr()
+    ours = greedy_sample([f"--out_dir={out_dir}", f"--prompt={prompt}"], capsys)
+    _, tokenizer, ckpt = sample.load_model(out_dir, "cpu")
+    ids = torch.tensor([tokenizer.encode(ours)[:ckpt["model_args"]["block_size"]]])
+    expected = our_logits(out_dir, ids)
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        assert (hf(ids).logits - expected).abs().max().item() <= 1e-4
+    assert hf_greedy(hf_dir, prompt) == ours
+
+    session = ort.InferenceSession(str(onnx_dir / "model.onnx"))
+    logits = session.run(["logits"], {"input_ids": ids.numpy()})[0]
+    assert np.abs(logits - expected.numpy()).max() <= 1e-4
+    assert onnx_loop(onnx_dir, prompt) == ours
+
+    fast = tokenizers.Tokenizer.from_file(str(onnx_dir / "tokenizer.json"))
+    assert fast.encode(ours).ids == tokenizer.encode(ours)
+    assert greedy_sample([f"--init_from={hf_dir}", f"--prompt={prompt}"], capsys) == ours
+    card = (hf_dir / "README.md").read_text()
+    assert "best validation loss" in card and f"{ckpt['best_val_loss']:.4f}" in card
+    return hf_dir
+
+
+# ---------------------------------------------------------------------------- the tokenizer
+
+def test_char_tokenizer_json_round_trips_exactly():
+    text = "Ça va?\n\n  ROMEO: naïve   café\tend\r\n"
+    ours = Tokenizer.char_from_text(text)
+    fast = hf_format.hf_tokenizer(ours)
+    assert fast.encode(text).ids == ours.encode(text)
+    assert fast.decode(ours.encode(text)) == text
+
+
+def test_bpe_tokenizer_json_has_tiktokens_ids_and_special_tokens():
+    # digit runs, whitespace before newlines and at the very end: where regex engines differ
+    text = "Hello  world!\n\n\tnaïve café 😀 1234567 don't  \r\n 日本語 x  \n\n  y \n  "
+    for name in ("gpt2", "cl100k_base"):
+        try:
+            ours = Tokenizer.tiktoken(name)
+        except UserError:
+            continue
+        fast = hf_format.hf_tokenizer(ours)
+        assert fast.encode(text).ids == ours.encode(text)
+        assert fast.decode(ours.encode(text)) == text
+        for special in ours.encoding.special_tokens_set:  # at tiktoken's ids, gaps below them or not
+            assert fast.token_to_id(special) == ours.encoding.encode_single_token(special)
+
+
+# ---------------------------------------------------------------------------- char-level export
+
+@pytest.fixture(scope="module")
+def char_run(tmp_path_factory, shakespeare_text):
+    """A tiny char-level model trained with bias=False (train.py's default): its HF export
+    carries zero biases."""
+    root = tmp_path_factory.mktemp("char")
+    write_char_dataset(root / "data", shakespeare_text[:20_000])
+    train.main([f"--data_dir={root / 'data'}", f"--out_dir={root / 'out'}", *TINY, "--max_iters=10",
+                "--eval_interval=10"])
+    return root
+
+
+def test_char_model_exports_to_transformers_and_onnxruntime(char_run, tmp_path, capsys):
+    hf_dir = check_export(char_run / "out", tmp_path, CHAR_PROMPT, capsys)
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["activation_function"] == "gelu" and config["n_positions"] == 32
+
+
+# ---------------------------------------------------------------------------- GPT-2 from transformers
+
+@pytest.fixture(scope="module")
+def toy_gpt2(tmp_path_factory):
+    """A GPT-2 built and saved by transformers itself (GPT-2's real tokenizer, toy weights)."""
+    gpt2_tokenizer()
+    folder = tmp_path_factory.mktemp("toy-gpt2")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64)
+    model = transformers.GPT2LMHeadModel(config)
+    with torch.no_grad():  # larger weights than GPT-2's init, so greedy text is not one token repeated
+        for p in model.parameters():
+            p.mul_(10 if p.dim() == 2 else 1)
+    model.save_pretrained(folder)
+    # positional: transformers 4 names them vocab_file, merges_file; 5 names them vocab, merges
+    tokenizer = transformers.GPT2TokenizerFast(str(ENCODER_JSON), str(VOCAB_BPE))
+    assert len(tokenizer) == 50257
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bpe_data(tmp_path_factory, shakespeare_text):
+    """A small GPT-2-tokenized dataset in the prepared-data format."""
+    tok = gpt2_tokenizer()
+    ids = np.array(tok.encode(shakespeare_text[:30_000]), dtype=np.uint16)
+    folder = tmp_path_factory.mktemp("bpe") / "data"
+    (folder / "gpt2tiny").mkdir(parents=True)
+    n = int(len(ids) * 0.9)
+    ids[:n].tofile(folder / "gpt2tiny" / "train.bin")
+    ids[n:].tofile(folder / "gpt2tiny" / "val.bin")
+    meta = {"version": 1, "tokenizer": "gpt2", "vocab_size": tok.vocab_size, "dtype": "uint16",
+            "train_tokens": n, "val_tokens": len(ids) - n, "eot_id": tok.eot_id, "sources": []}
+    (folder / "gpt2tiny" / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_sample_from_a_transformers_gpt2_gives_its_greedy_text(toy_gpt2, capsys):
+    ours = greedy_sample([f"--init_from={toy_gpt2}", f"--prompt={BPE_PROMPT}"], capsys)
+    assert ours == hf_greedy(toy_gpt2, BPE_PROMPT)
+    assert len(set(gpt2_tokenizer().encode(ours))) > 5  # real text, not one token repeated
+    model, _ = hf_format.load(str(toy_gpt2))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(toy_gpt2).eval()
+    ids = torch.randint(0, 50257, (2, 64))
+    with torch.no_grad():
+        assert (model(ids, ids)[0] - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_finetune_gpt2_resume_sample_and_export(toy_gpt2, bpe_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = [f"--data_dir={bpe_data}", "--dataset=gpt2tiny", f"--out_dir={out}", "--block_size=32",
+            "--batch_size=4", "--eval_iters=2", "--learning_rate=1e-3", "--warmup_iters=0", "--dtype=float32",
+            "--device=cpu", "--eval_interval=15", "--dropout=0.1", "--log_interval=5"]
+    train.main([*base, f"--init_from={toy_gpt2}", "--max_iters=15"])
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val/loss" in r]
+    assert evals[-1]["val/loss"] < evals[0]["val/loss"] - 0.5  # loss falls
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["model_args"]["activation"] == "gelu_tanh" and ckpt["model_args"]["block_size"] == 32
+    assert ckpt["tokenizer"]["name"] == "gpt2" and ckpt["model_args"]["n_layer"] == 2
+    train.main([*base, "--init_from=resume", "--max_iters=20"])
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 20
+    capsys.readouterr()
+    # the finetuned checkpoint samples, and exports as a GPT-2 BPE model with GPT-2's GELU
+    hf_dir = check_export(out, tmp_path, BPE_PROMPT, capsys)
+    assert json.loads((hf_dir / "config.json").read_text())["activation_function"] == "gelu_new"
+    check_gguf(out, tmp_path / "gguf", capsys)
+
+
+def llama_cpp_greedy(folder, prompt: str) -> str:
+    """llama.cpp's own greedy text for model.gguf (through the xllamacpp wheel, in a fresh Python)."""
+    code = f"""
+import json, xllamacpp as xlc
+params = xlc.CommonParams()
+params.model.path = {str(folder / "model.gguf")!r}
+params.cpuparams.n_threads = params.cpuparams_batch.n_threads = 1
+params.warmup = False
+server = xlc.Server(params)
+result = server.handle_completions({{"prompt": {prompt!r}, "max_tokens": {N_NEW}, "temperature": 0,
+                                     "top_k": 1, "ignore_eos": True}})
+print("TEXT " + json.dumps(result["choices"][0]["text"]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("TEXT ")][-1]
+    return prompt + json.loads(line[len("TEXT "):])
+
+
+def check_gguf(out_dir, dest, capsys):
+    """llama.cpp runs the GGUF export with our greedy text (its own tokenizer reads the prompt)."""
+    pytest.importorskip("gguf", reason=f"needs the extras: {EXTRAS}")
+    pytest.importorskip("xllamacpp", reason=f"needs the extras: {EXTRAS}")
+    export.main([f"--out_dir={out_dir}", "--format=gguf", f"--dest={dest}"])
+    capsys.readouterr()
+    ours = greedy_sample([f"--out_dir={out_dir}", f"--prompt={BPE_PROMPT}"], capsys)
+    assert llama_cpp_greedy(dest, BPE_PROMPT) == ours
+
+
+def test_gguf_of_a_model_with_exact_gelu_and_no_biases(tmp_path, capsys):
+    """llama.cpp computes GPT-2's tanh GELU; a from-scratch model with nanoGPT's exact GELU and
+    bias=False (zeros in the file) still gives our greedy text there."""
+    tok = gpt2_tokenizer()
+    torch.manual_seed(0)
+    args = dict(block_size=32, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
+                bias=False, activation="gelu")
+    model = GPT(GPTConfig(**args))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(5)  # larger than the init's weights, so greedy text varies
+    checkpoint.save({"model": model.state_dict(), "model_args": args, "optimizer": {}, "iter_num": 0,
+                     "best_val_loss": float("inf"), "config": {}, "tokenizer": tok.describe()},
+                    tmp_path / "out" / "ckpt.pt")
+    check_gguf(tmp_path / "out", tmp_path / "gguf", capsys)
+
+
+def test_finetune_refuses_shape_flags_and_a_foreign_tokenizer(toy_gpt2, bpe_data, char_run, tmp_path):
+    common = [f"--init_from={toy_gpt2}", f"--out_dir={tmp_path / 'x'}", "--device=cpu", "--max_iters=1", "--warmup_iters=0"]
+    with pytest.raises(UserError, match=r"different model shape: --n_layer=3 \(.* has 2\)"):
+        train.main([f"--data_dir={bpe_data}", "--dataset=gpt2tiny", "--n_layer=3", *common])
+    with pytest.raises(UserError, match="--block_size=128 .* has 64 positions"):
+        train.main([f"--data_dir={bpe_data}", "--dataset=gpt2tiny", "--block_size=128", *common])
+    with pytest.raises(UserError, match="uses the gpt2 tokenizer, but dataset 'tiny' was prepared with char"):
+        train.main([f"--data_dir={char_run / 'data'}", "--dataset=tiny", "--block_size=16", *common])
+    assert not (tmp_path / "x" / "ckpt.pt").exists()
+
+
+def test_gpt2_names_come_from_the_local_cache_only(toy_gpt2, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="gpt2 is not in transformers' local cache .*`hf download openai-community/gpt2`"):
+        sample.main(["--init_from=gpt2", "--max_new_tokens=1"])
+    # the layout huggingface_hub gives a downloaded model: refs/main -> snapshots/<commit>/
+    repo = tmp_path / "hub" / "models--openai-community--gpt2"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots").mkdir()
+    (repo / "snapshots" / ("0" * 40)).symlink_to(toy_gpt2, target_is_directory=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert greedy_sample(["--init_from=gpt2", f"--prompt={BPE_PROMPT}"], capsys) == hf_greedy(toy_gpt2, BPE_PROMPT)
+
+
+def test_export_replaces_only_its_own_folders(char_run, tmp_path):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="did not write; refusing to replace it"):
+        export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}"])
+    assert (dest / "notes.txt").read_text() == "mine"
+    export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}", "--force"])
+    export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}", "--format=onnx"])  # ours: replaced
+    assert sorted(p.name for p in dest.iterdir()) == ["README.md", "config.json", "model.onnx",
+                                                     "model_with_past.onnx", "tokenizer.json", "tokenizer_config.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["dest"]  # no temporary folder left behind
+
+
+def test_onnx_weights_beside_the_graph_for_large_models(char_run, tmp_path, monkeypatch):
+    """Above protobuf's limit the weights go to one .data file per graph; onnxruntime reads it."""
+    monkeypatch.setattr(export, "ONNX_INLINE_BYTES", 0)  # treat the tiny model as a large one
+    export.main([f"--out_dir={char_run / 'out'}", "--format=onnx", f"--dest={tmp_path / 'onnx'}"])
+    files = sorted(p.name for p in (tmp_path / "onnx").iterdir())
+    assert {"model.onnx", "model.onnx.data", "model_with_past.onnx", "model_with_past.onnx.data"} <= set(files)
+    assert (tmp_path / "onnx" / "model.onnx").stat().st_size < 100_000 < (tmp_path / "onnx" / "model.onnx.data").stat().st_size
+    ids = torch.tensor([[1, 2, 3, 4]])
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"))
+    logits = session.run(["logits"], {"input_ids": ids.numpy()})[0]
+    assert np.abs(logits - our_logits(char_run / "out", ids).numpy()).max() <= 1e-4
