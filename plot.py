@@ -85,11 +85,17 @@ def draw(runs: list[Run], title: str = ""):
     axis. Several runs: one colour each, val solid and batch losses faint, no lr (too busy)."""
     from matplotlib.figure import Figure  # lazily: train.py starts without matplotlib
 
-    fig = Figure(figsize=(8, 5), dpi=100)
-    # fixed margins (room below for the legend): a layout engine would double the drawing time
-    fig.subplots_adjust(left=0.09, right=0.9, top=0.93, bottom=0.2)
-    ax = fig.add_subplot()
     single = len(runs) == 1
+    # the legend goes below the axes, in rows of 3 (one run: 5 entries) or 2 (3 per run); the
+    # figure grows with it. Fixed margins: a layout engine would double the drawing time.
+    ncols = 3 if single else 2
+    legend_rows = 2 if single else math.ceil(3 * len(runs) / ncols)
+    legend_inches = 0.19 * legend_rows + 0.1
+    height = 4.4 + legend_inches
+    fig = Figure(figsize=(8, height), dpi=100)
+    fig.subplots_adjust(left=0.09, right=0.9 if single else 0.97, top=1 - 0.35 / height,
+                        bottom=(0.55 + legend_inches) / height)
+    ax = fig.add_subplot()
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
               "tab:pink", "tab:gray", "tab:olive", "tab:cyan"]
     for i, run in enumerate(runs):
@@ -125,7 +131,7 @@ def draw(runs: list[Run], title: str = ""):
     if not any(r.steps or r.val for r in runs):
         ax.text(0.5, 0.5, "no losses logged yet", transform=ax.transAxes, ha="center", va="center")
     if handles:  # below the axes: never on top of a curve
-        fig.legend(handles, labels, loc="lower center", ncols=3 if single else 2, fontsize="small",
+        fig.legend(handles, labels, loc="lower center", ncols=ncols, fontsize="small",
                    frameon=False)
     ax.set_title(title or (runs[0].name if single else f"{len(runs)} runs"))
     return fig
