@@ -166,8 +166,9 @@ def model_card(name: str, loaded: Loaded) -> str:
     """Markdown: parameters, shape, dataset and tokenizer, iterations, best val loss."""
     args, cfg, tok = loaded.info["model_args"] or {}, loaded.info["config"] or {}, loaded.tokenizer
     total = sum(p.numel() for p in loaded.model.parameters())
-    best = loaded.info.get("best_val_loss")
+    best, iters = loaded.info.get("best_val_loss"), loaded.info.get("iter_num")
     best_text = f"{best:.4f}" if isinstance(best, (int, float)) and math.isfinite(best) else "not evaluated"
+    iters_text = f"{iters:,}" if isinstance(iters, int) else "unknown"
     vocab = f"{tok.vocab_size:,} characters" if tok.name == "char" else f"{tok.vocab_size:,} tokens"
     lines = [
         f"### {name}",
@@ -176,7 +177,7 @@ def model_card(name: str, loaded: Loaded) -> str:
         f"- **shape**: {args.get('n_layer')} layers, {args.get('n_head')} heads, {args.get('n_embd')} wide, "
         f"context {args.get('block_size')} tokens",
         f"- **dataset**: {cfg.get('dataset', 'unknown')}; **tokenizer**: {tok.name} ({vocab})",
-        f"- **trained**: {loaded.info.get('iter_num', 0):,} iterations; **best val loss**: {best_text}",
+        f"- **trained**: {iters_text} iterations; **best val loss**: {best_text}",
         f"- **folder**: `{loaded.folder}`",
     ]
     return "\n".join(lines)
