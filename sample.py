@@ -152,55 +152,85 @@ def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool) -> list[i
 # ---------------------------------------------------------------------------- generation
 
 class TextStream:
-    """Prints token ids as text as they arrive. A BPE token can hold part of a multi-byte
-    character, so bytes go through an incremental UTF-8 decoder that keeps an incomplete
-    character back until its last byte comes."""
+    """Turns token ids into text as they arrive, and prints it to out (when given). A BPE
+    token can hold part of a multi-byte character, so bytes go through an incremental UTF-8
+    decoder that keeps an incomplete character back until its last byte comes."""
 
-    def __init__(self, tokenizer: Tokenizer, out):
+    def __init__(self, tokenizer: Tokenizer, out=None):
         self.tokenizer = tokenizer
         self.out = out
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def write(self, ids: list[int]):
+    def write(self, ids: list[int]) -> str:
+        """The text these ids complete (possibly empty: part of a character)."""
         # ids past the tokenizer's vocabulary are the model's padding: never trained, never text
         data = self.tokenizer.decode_bytes([i for i in ids if i < self.tokenizer.vocab_size])
-        self._emit(self.decoder.decode(data))
+        return self._emit(self.decoder.decode(data))
 
-    def close(self):
-        self._emit(self.decoder.decode(b"", final=True))
+    def close(self) -> str:
+        return self._emit(self.decoder.decode(b"", final=True))
 
-    def _emit(self, text: str):
-        if text:
+    def _emit(self, text: str) -> str:
+        if text and self.out is not None:
             self.out.write(text)
             self.out.flush()
+        return text
+
+
+def generate_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cfg: SampleConfig,
+                  precision: hardware.Precision, generator: torch.Generator, echo_prompt: bool,
+                  steps: list | None = None):
+    """Generate cfg.num_samples continuations of prompt_ids as one batch and yield the text of
+    the first as it grows: the prompt (when echo_prompt), then more after each token that
+    completes a character. When steps is a list, each step's ids (one per sample) are appended
+    to it. sample.py prints this text and app.py streams it to a web page: the same settings
+    and seed give the same text in both."""
+    idx = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=precision.device)  # (B, T)
+    stream = TextStream(tokenizer)
+    # the prompt as the model reads it (unknown characters dropped); not an end-of-text
+    # token that stands for an empty prompt
+    shown_prompt = [i for i in prompt_ids if i != tokenizer.eot_id] if echo_prompt else []
+    text = stream.write(shown_prompt)
+    yield text
+    tokens = model.generate_stream(idx, cfg.max_new_tokens, temperature=cfg.temperature,
+                                   top_k=cfg.top_k or None, top_p=cfg.top_p,
+                                   generator=generator, use_cache=cfg.use_cache)
+    while True:
+        # autocast is entered per step, not around the loop: a web server may resume this
+        # generator on another thread, and autocast state belongs to a thread
+        with precision.autocast():
+            next_id = next(tokens, None)
+        if next_id is None:
+            break
+        ids = next_id.tolist()  # the one host sync per step, which streaming needs anyway
+        if steps is not None:
+            steps.append(ids)
+        piece = stream.write(ids[:1])
+        if piece:
+            text += piece
+            yield text
+    piece = stream.close()
+    if piece:
+        yield text + piece
 
 
 def complete(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cfg: SampleConfig,
              precision: hardware.Precision, generator: torch.Generator, echo_prompt: bool, out):
     """Generate cfg.num_samples continuations of prompt_ids as one batch; stream the first
     to out and print the others when done. Returns (new tokens per sample, seconds, CPU seconds)."""
-    idx = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=precision.device)  # (B, T)
-    stream = TextStream(tokenizer, out)
-    # the prompt as the model reads it (unknown characters dropped); not an end-of-text
-    # token that stands for an empty prompt
-    shown_prompt = [i for i in prompt_ids if i != tokenizer.eot_id] if echo_prompt else []
-    stream.write(shown_prompt)
     new_ids: list[list[int]] = []  # one list of ids per step, each (B,)
+    shown = ""
     precision.synchronize()
     start, start_cpu = time.perf_counter(), time.process_time()
-    with precision.autocast():
-        steps = model.generate_stream(idx, cfg.max_new_tokens, temperature=cfg.temperature,
-                                      top_k=cfg.top_k or None, top_p=cfg.top_p,
-                                      generator=generator, use_cache=cfg.use_cache)
-        for next_id in steps:
-            ids = next_id.tolist()  # the one host sync per step, which streaming needs anyway
-            new_ids.append(ids)
-            stream.write(ids[:1])
+    for text in generate_text(model, tokenizer, prompt_ids, cfg, precision, generator, echo_prompt, new_ids):
+        out.write(text[len(shown):])
+        out.flush()
+        shown = text
     precision.synchronize()
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
-    stream.close()
     out.write("\n")
     if cfg.num_samples > 1:
+        shown_prompt = [i for i in prompt_ids if i != tokenizer.eot_id] if echo_prompt else []
         out.write("---------------\n")
         for b in range(1, cfg.num_samples):
             rest = [i for i in shown_prompt + [step[b] for step in new_ids]

@@ -7,7 +7,8 @@
     torchrun --standalone --nproc_per_node=4 train.py configs/shakespeare.py
 
 Reads data/<dataset>/{train,val}.bin and meta.json (see prepare.py), writes
-<out_dir>/ckpt.pt (see checkpoint.py) and <out_dir>/metrics.jsonl.
+<out_dir>/ckpt.pt (see checkpoint.py), <out_dir>/metrics.jsonl and its loss curves,
+<out_dir>/loss.png (redrawn at every evaluation, see plot.py).
 """
 import contextlib
 import dataclasses
@@ -28,6 +29,7 @@ import checkpoint
 import hardware
 import hf_format
 import runlock
+import plot
 from config import parse_config
 from errors import UserError, run_main
 from model import GPT, GPTConfig
@@ -251,6 +253,15 @@ def start_wandb(cfg: TrainConfig):
     except Exception as e:  # not logged in, no network in online mode, ...
         raise UserError(f"wandb could not start ({type(e).__name__}: {e}); run `wandb login`, "
                         f"set WANDB_MODE=offline, or pass --wandb_log=false") from None
+
+
+def draw_loss_curve(out_dir: str, progress: "Progress"):
+    """Redraw <out_dir>/loss.png from metrics.jsonl (plot.py). A picture is never worth a
+    training run: a failure to draw is reported and training goes on."""
+    try:
+        plot.write_loss_png(out_dir)
+    except Exception as e:  # noqa: BLE001
+        progress.write(f"warning: could not draw {Path(out_dir) / 'loss.png'}: {e}")
 
 
 class Progress:
@@ -594,6 +605,7 @@ def run(argv, held: contextlib.ExitStack):
                 if master:
                     progress.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                     log.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
+                    draw_loss_curve(cfg.out_dir, progress)
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
                 if iter_num > 0 and (improved or cfg.always_save_checkpoint) and not cfg.eval_only:
@@ -606,6 +618,7 @@ def run(argv, held: contextlib.ExitStack):
             if stop.requested(ddp, device):
                 save_checkpoint()
                 if master:
+                    draw_loss_curve(cfg.out_dir, progress)  # with the steps since the last evaluation
                     progress.close()
                     name = signal.Signals(stop.signum).name
                     print(f"{name} received: saved iteration {iter_num} to {ckpt_path}. Resume with the same "

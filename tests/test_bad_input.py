@@ -381,3 +381,72 @@ def test_export_and_init_from_bad_input(name, hf_world, capsys):
     assert message in err[0]
     assert fingerprint(hf_world) == before
     assert not (hf_world / "new").exists() and not list(hf_world.glob(".*tmp*"))  # nothing written
+# ---------------------------------------------------------------------------- app.py and plot.py
+
+import app  # noqa: E402
+import plot  # noqa: E402
+
+
+def A(*flags):  # app.py: every case fails before a server starts
+    return ("app", [*flags, "--port=1"])
+
+
+SHOW_CASES = {
+    "app missing out_dir": (A("--out_dir={root}/nowhere"), "no checkpoint at"),
+    "app truncated checkpoint": (A("--out_dir={root}/truncated"), "truncated or corrupted"),
+    "app foreign checkpoint": (A("--out_dir={root}/foreign"), "not a checkpoint of this project"),
+    "app pickled code": (A("--out_dir={root}/evil"), "not plain data"),
+    "app models_dir not a folder": (A("--models_dir={root}/nope"), "is not a folder"),
+    "app models_dir without checkpoints": (A("--models_dir={root}/data"), "no checkpoint under"),
+    "app port out of range": (("app", ["--out_dir={root}/out", "--port=70000"]), "--port must be in 1..65535"),
+    "app limit 0": (A("--out_dir={root}/out", "--max_new_tokens_limit=0"), "--max_new_tokens_limit must be at least 1"),
+    "app unknown flag": (A("--out_dir={root}/out", "--max_tokens_limit=5"), "did you mean --max_new_tokens_limit"),
+    "app unknown dtype": (A("--out_dir={root}/out", "--dtype=float8"), "unknown dtype"),
+    "plot no folder": (("plot", []), "name at least one run folder"),
+    "plot no metrics": (("plot", ["{root}/truncated"]), "no metrics.jsonl in"),
+    "plot damaged metrics": (("plot", ["{root}/badmetrics"]), "line 1 is not a metrics record"),
+    "plot not a png": (("plot", ["{root}/out", "--output={root}/curves.jpg"]), "--output must end in .png"),
+    "plot output folder missing": (("plot", ["{root}/out", "--output={root}/nowhere/x.png"]), "does not exist"),
+    "plot unknown flag": (("plot", ["{root}/out", "--outptu=x.png"]), "did you mean --output"),
+}
+
+
+@pytest.mark.parametrize("name", list(SHOW_CASES))
+def test_app_and_plot_bad_input_give_one_clear_line(name, world, capsys):
+    (script, args), message = SHOW_CASES[name]
+    (world / "badmetrics").mkdir(exist_ok=True)
+    (world / "badmetrics" / "metrics.jsonl").write_text('not json\n{"iter": 0, "train/loss": 4.0}\n')
+    args = [a.format(root=world) for a in args]
+    before = fingerprint(world)
+    with pytest.raises(SystemExit) as e:
+        run_main({"app": app.main, "plot": plot.main}[script], args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert message in err[0] and "Traceback" not in err[0]
+    assert fingerprint(world) == before
+
+
+def test_app_without_gradio_says_what_to_install(world, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` now raises ImportError
+    with pytest.raises(SystemExit) as e:
+        run_main(app.main, [f"--out_dir={world / 'out'}", "--port=1"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: app.py needs gradio: pip install -r requirements-extras.txt\n"
+
+
+def test_app_finds_no_checkpoint_beside_itself(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(app, "HERE", tmp_path)  # a Space's folder with no out*/ckpt.pt
+    (tmp_path / "out-empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        run_main(app.main, ["--port=1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: no checkpoint found: no out*/ckpt.pt beside")
+
+
+def test_app_as_a_real_command(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "app.py"), "--out_dir=/nonexistent/out"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""  # no server
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no checkpoint at") and "Traceback" not in proc.stderr

@@ -1,0 +1,333 @@
+"""A web page to try a trained model (gradio): type a prompt, watch the text stream in.
+
+    python app.py --out_dir=out-shakespeare-char            # http://127.0.0.1:7860
+    python app.py --models_dir=.                            # a picker over every checkpoint under .
+    python app.py                                           # the out*/ checkpoints beside app.py
+
+The page has a Prompt, Generate and Stop buttons, the Output as it streams, the sampling
+settings of sample.py (max new tokens, temperature, top-k, top-p, seed), and beside them a
+model picker with each model's card and loss curve. Programs call the same generation as the
+API endpoint `/generate` (parameters prompt, max_new_tokens, temperature, top_k, top_p, seed,
+and optionally model), e.g. with gradio_client:
+
+    from gradio_client import Client
+    Client("http://127.0.0.1:7860/").predict("ROMEO:", 100, 0.8, 200, 1.0, 1337, api_name="/generate")
+
+- Generation is sample.py's own (sample.generate_text): the same settings and seed give
+  exactly the text `python sample.py` prints, prompt included (without its final newline).
+- The server listens on 127.0.0.1 only; --host=0.0.0.0 opens it to the network and --share
+  makes a public gradio.live link. On a Hugging Face Space, which sets GRADIO_SERVER_NAME and
+  GRADIO_SERVER_PORT, those are used unless --host or --port are given.
+- Each checkpoint is loaded once, on first use, and kept; a lock stops two tabs from loading
+  the same one twice. gradio's queue runs one generation at a time and the others wait their
+  turn; max_new_tokens is bounded by --max_new_tokens_limit.
+- Every mistake in a request (a bad value, an empty prompt, a character the model never saw)
+  is a message on the page (or the API's error); the server keeps serving.
+"""
+import dataclasses
+import math
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import hardware
+import plot
+import sample
+from config import coerce, parse_config
+from errors import UserError, run_main
+
+HERE = Path(__file__).resolve().parent
+MAX_PROMPT_CHARS = 100_000  # a longer prompt is refused: only its last block_size tokens are read anyway
+SKIP_DIRS = {"data", "wandb", "node_modules", "site-packages"}  # never hold checkpoints; can be huge
+
+
+@dataclass
+class AppConfig:
+    """Settings of app.py."""
+    out_dir: str = ""  # folder holding ckpt.pt; empty = every out*/ folder with a ckpt.pt beside app.py
+    models_dir: str = ""  # also list every checkpoint folder under this folder in the model picker
+    host: str = "127.0.0.1"  # address to listen on; 0.0.0.0 opens the page to the network
+    port: int = 7860  # port to listen on
+    share: bool = False  # also make a public link through gradio.live (needs internet)
+    max_new_tokens_limit: int = 1000  # requests for more new tokens are refused
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
+    dtype: str = "auto"  # auto (float32 on cpu: faster for decoding; bf16 or fp16 on gpus), float32, bfloat16 or float16
+    cpu_threads: int = 0  # torch threads on cpu; 0 = all cores
+
+    def problems(self) -> list[str]:
+        p = []
+        if not 1 <= self.port <= 65535:
+            p.append(f"--port must be in 1..65535, got {self.port}")
+        if not self.host:
+            p.append("--host must name an address, e.g. 127.0.0.1")
+        if self.max_new_tokens_limit < 1:
+            p.append(f"--max_new_tokens_limit must be at least 1, got {self.max_new_tokens_limit}")
+        if self.cpu_threads < 0:
+            p.append(f"--cpu_threads must be >= 0 (0 = all cores), got {self.cpu_threads}")
+        return p
+
+
+# ---------------------------------------------------------------------------- finding models
+
+def is_model_folder(folder: Path) -> bool:
+    """A folder app.py can serve: a train.py checkpoint folder. When sample.load_model also reads
+    exported Hugging Face folders (export.py, --init_from=PATH), this is the one line to extend:
+    `return (folder / "ckpt.pt").is_file() or (folder / "config.json").is_file()`."""
+    return (folder / "ckpt.pt").is_file()
+
+
+def find_model_folders(root: Path) -> list[Path]:
+    """Every model folder under root (root included), sorted; hidden folders, virtual
+    environments and datasets are skipped."""
+    found = []
+    for folder, dirs, _ in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")) and d not in SKIP_DIRS
+                         and not (Path(folder) / d / "pyvenv.cfg").exists())
+        if is_model_folder(Path(folder)):
+            found.append(Path(folder))
+    return found
+
+
+def model_folders(cfg: AppConfig) -> dict[str, Path]:
+    """Display name -> folder of every model to serve, the default (--out_dir) first."""
+    folders: list[Path] = []
+    if cfg.out_dir:
+        if not is_model_folder(Path(cfg.out_dir)):  # load it: its error says what is missing
+            sample.load_model(cfg.out_dir, "cpu")
+        folders.append(Path(cfg.out_dir))
+    if cfg.models_dir:
+        root = Path(cfg.models_dir)
+        if not root.is_dir():
+            raise UserError(f"--models_dir={cfg.models_dir} is not a folder")
+        found = find_model_folders(root)
+        if not found and not folders:
+            raise UserError(f"no checkpoint under --models_dir={cfg.models_dir} (no folder there holds "
+                            f"ckpt.pt); train one with train.py or point at the folder that holds your runs")
+        folders += found
+    if not folders:  # neither flag: the runs beside app.py (a Hugging Face Space's layout)
+        folders = [d for d in sorted(HERE.glob("out*")) if d.is_dir() and is_model_folder(d)]
+        if not folders:
+            raise UserError(f"no checkpoint found: no out*/ckpt.pt beside {HERE / 'app.py'}; pass "
+                            f"--out_dir=FOLDER (the one holding ckpt.pt) or --models_dir=DIR")
+    names: dict[str, Path] = {}
+    seen = set()
+    for folder in folders:
+        if folder.resolve() in seen:
+            continue
+        seen.add(folder.resolve())
+        try:  # a short name: the path below --models_dir, or the folder as given
+            name = folder.resolve().relative_to(Path(cfg.models_dir).resolve()).as_posix() if cfg.models_dir else ""
+        except ValueError:
+            name = ""
+        name = name if name not in ("", ".") else (folder.name or str(folder))
+        names[name if name not in names else str(folder)] = folder
+    return names
+
+
+# ---------------------------------------------------------------------------- models
+
+@dataclass
+class Loaded:
+    """A model ready to generate, and what its card shows."""
+    model: torch.nn.Module
+    tokenizer: object  # tokenizer.Tokenizer
+    folder: Path
+    info: dict  # from the checkpoint: model_args, config, iter_num, best_val_loss
+
+
+class Models:
+    """The models to serve by name, each loaded once, on first use, then kept in memory."""
+
+    def __init__(self, folders: dict[str, Path], precision: hardware.Precision):
+        self.folders = folders
+        self.precision = precision
+        self.loaded: dict[str, Loaded] = {}
+        self.lock = threading.Lock()  # two tabs asking for a new model load it once
+        self.default = next(iter(folders))
+
+    def get(self, name: str | None) -> Loaded:
+        name = name or self.default
+        if name not in self.folders:
+            raise UserError(f"unknown model {name!r}; choose one of: {', '.join(self.folders)}")
+        with self.lock:
+            if name not in self.loaded:
+                model, tokenizer, ckpt = sample.load_model(str(self.folders[name]), self.precision.device)
+                info = {k: ckpt.get(k) for k in ("model_args", "config", "iter_num", "best_val_loss")}
+                self.loaded[name] = Loaded(model, tokenizer, self.folders[name], info)
+                # ckpt (weights again, optimizer state) is dropped here: one copy of each model
+            return self.loaded[name]
+
+
+def model_card(name: str, loaded: Loaded) -> str:
+    """Markdown: parameters, shape, dataset and tokenizer, iterations, best val loss."""
+    args, cfg, tok = loaded.info["model_args"] or {}, loaded.info["config"] or {}, loaded.tokenizer
+    total = sum(p.numel() for p in loaded.model.parameters())
+    best, iters = loaded.info.get("best_val_loss"), loaded.info.get("iter_num")
+    best_text = f"{best:.4f}" if isinstance(best, (int, float)) and math.isfinite(best) else "not evaluated"
+    iters_text = f"{iters:,}" if isinstance(iters, int) else "unknown"
+    vocab = f"{tok.vocab_size:,} characters" if tok.name == "char" else f"{tok.vocab_size:,} tokens"
+    lines = [
+        f"### {name}",
+        f"- **parameters**: {loaded.model.num_params() / 1e6:.2f}M (nanoGPT's count, without position "
+        f"embeddings), {total / 1e6:.2f}M in all",
+        f"- **shape**: {args.get('n_layer')} layers, {args.get('n_head')} heads, {args.get('n_embd')} wide, "
+        f"context {args.get('block_size')} tokens",
+        f"- **dataset**: {cfg.get('dataset', 'unknown')}; **tokenizer**: {tok.name} ({vocab})",
+        f"- **trained**: {iters_text} iterations; **best val loss**: {best_text}",
+        f"- **folder**: `{loaded.folder}`",
+    ]
+    return "\n".join(lines)
+
+
+def loss_curve(loaded: Loaded, scratch: Path) -> str | None:
+    """The run's loss.png, or one drawn from its metrics.jsonl into scratch; None without either."""
+    png = loaded.folder / "loss.png"
+    if png.is_file():
+        return str(png)
+    if not (loaded.folder / "metrics.jsonl").is_file():
+        return None
+    out = scratch / f"loss-{abs(hash(str(loaded.folder.resolve())))}.png"
+    plot.save_png(plot.draw([plot.read_run(loaded.folder)]), out)
+    return str(out)
+
+
+# ---------------------------------------------------------------------------- one request
+
+def read_settings(max_new_tokens, temperature, top_k, top_p, seed, limit: int) -> sample.SampleConfig:
+    """sample.py's settings from a request's values, checked as sample.py checks its flags."""
+    types = {f.name: f.type for f in dataclasses.fields(sample.SampleConfig)}
+    given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    values, errors = {}, []
+    for key, value in given.items():
+        if value is None or value == "":
+            errors.append(f"{key} is empty; give a number")
+            continue
+        try:
+            values[key] = coerce(key, value, types[key])
+        except ValueError as e:
+            errors.append(str(e).removeprefix("--"))
+    if not errors:
+        cfg = sample.SampleConfig(**values, num_samples=1)
+        errors += [p.removeprefix("--") for p in cfg.problems()]
+        if cfg.max_new_tokens > limit:
+            errors.append(f"max_new_tokens is {cfg.max_new_tokens}, above this server's limit of {limit}; "
+                          f"ask for fewer (the limit is app.py's --max_new_tokens_limit)")
+    if errors:
+        raise UserError("; ".join(errors))
+    return cfg
+
+
+def prompt_ids_of(tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids, or a message a person at the page can act on."""
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise UserError(f"the prompt has {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
+    if not prompt and tokenizer.eot_id is None:
+        # Documents mode (an empty prompt generates whole documents) hooks in here when
+        # sample.py has it: return the ids it starts a document from instead of refusing.
+        raise UserError("the prompt is empty; type some text for the model to continue, e.g. ROMEO:")
+    try:
+        return sample.encode_prompt(tokenizer, prompt, drop_unknown=False)
+    except UserError as e:
+        raise UserError(str(e).replace("pass --drop_unknown to drop them", "remove them from the prompt")) from None
+
+
+def generate(models: Models, limit: int, prompt, max_new_tokens, temperature, top_k, top_p, seed, model=None):
+    """Yield the text (prompt included) as it grows: sample.py's generation, token by token."""
+    cfg = read_settings(max_new_tokens, temperature, top_k, top_p, seed, limit)
+    loaded = models.get(model)
+    prompt_ids = prompt_ids_of(loaded.tokenizer, "" if prompt is None else str(prompt))
+    generator = torch.Generator(device=models.precision.device).manual_seed(cfg.seed)  # as sample.py seeds
+    yield from sample.generate_text(loaded.model, loaded.tokenizer, prompt_ids, cfg, models.precision,
+                                    generator, echo_prompt=True)
+
+
+# ---------------------------------------------------------------------------- the page
+
+def import_gradio():
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
+    try:
+        import gradio
+    except ImportError:
+        raise UserError("app.py needs gradio: pip install -r requirements-extras.txt") from None
+    return gradio
+
+
+def build_demo(gr, models: Models, limit: int, scratch: Path):
+    """The gradio Blocks: prompt, buttons and output on the left, model picker and card on the right."""
+    defaults = sample.SampleConfig()
+
+    def on_generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, model):
+        try:
+            yield from generate(models, limit, prompt, max_new_tokens, temperature, top_k, top_p, seed, model)
+        except UserError as e:  # shown on the page (and to API clients); the server goes on
+            raise gr.Error(str(e), print_exception=False) from None
+
+    def on_model(model):
+        try:
+            loaded = models.get(model)
+            return model_card(model, loaded), loss_curve(loaded, scratch)
+        except UserError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+
+    first = models.get(models.default)
+    with gr.Blocks(title="nanoGPT demo") as demo:
+        gr.Markdown("## Try the model\nType the beginning of a text; the model continues it.")
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(label="Prompt", lines=3, placeholder="ROMEO:")
+                with gr.Row():
+                    go = gr.Button("Generate", variant="primary")
+                    stop = gr.Button("Stop", variant="stop")
+                output = gr.Textbox(label="Output", lines=12, max_lines=30, interactive=False)
+                with gr.Row():
+                    max_new_tokens = gr.Number(100, label=f"max new tokens (up to {limit})", min_width=120)
+                    temperature = gr.Number(defaults.temperature, label="temperature (0 = greedy)", step=0.1,
+                                            min_width=120)
+                    top_k = gr.Number(defaults.top_k, label="top-k (0 = off)", min_width=120)
+                    top_p = gr.Number(defaults.top_p, label="top-p (1 = off)", step=0.05, min_width=120)
+                    seed = gr.Number(defaults.seed, label="seed", min_width=120)
+            with gr.Column(scale=2):
+                model = gr.Dropdown(list(models.folders), value=models.default, label="Model",
+                                    interactive=len(models.folders) > 1)
+                card = gr.Markdown(model_card(models.default, first), label="model card")
+                curve = gr.Image(loss_curve(first, scratch), label="loss curve", show_label=False, type="filepath",
+                                 interactive=False, format="png")
+        event = go.click(on_generate, [prompt, max_new_tokens, temperature, top_k, top_p, seed, model],
+                         output, api_name="generate")
+        stop.click(None, None, None, cancels=[event])
+        model.change(on_model, model, [card, curve], api_name="model_card")
+    return demo
+
+
+def main(argv=None):
+    cfg, explicit = parse_config(AppConfig, argv, prog="app.py")
+    folders = model_folders(cfg)  # no checkpoint: one error line, before any server
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    else:
+        hardware.set_cpu_threads()
+    precision = sample.choose_precision(cfg.device, cfg.dtype)
+    models = Models(folders, precision)
+    models.get(models.default)  # a broken default checkpoint fails here, not on the first request
+    gr = import_gradio()
+    print(f"precision: {precision.reason}")
+    print(f"models: {', '.join(f'{name} ({folder})' for name, folder in folders.items())}")
+    # a Hugging Face Space says where to listen in GRADIO_SERVER_NAME / _PORT; explicit flags win
+    host = cfg.host if "host" in explicit else os.environ.get("GRADIO_SERVER_NAME", cfg.host)
+    port = cfg.port if "port" in explicit else int(os.environ.get("GRADIO_SERVER_PORT", cfg.port))
+    with tempfile.TemporaryDirectory(prefix="nanogpt-app-") as scratch:
+        demo = build_demo(gr, models, cfg.max_new_tokens_limit, Path(scratch))
+        demo.queue(max_size=64)  # one generation at a time (gradio's default); 64 more may wait
+        try:
+            demo.launch(server_name=host, server_port=port, share=cfg.share, show_error=True,
+                        allowed_paths=[str(f.resolve()) for f in folders.values()])
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port} ({e}); pass another --port or --host") from None
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,234 @@
+"""app.py, the web demo: a real server in a subprocess, driven by gradio_client and by a real
+browser (Debian's chromium, headless, through playwright). Two tiny checkpoints are trained here."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import app
+import hardware
+import sample
+import train
+from conftest import ROOT, TINY, write_char_dataset
+
+pytest.importorskip("gradio_client", reason="pip install -r requirements-extras.txt")
+from gradio_client import Client  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+ENV = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONIOENCODING": "utf-8"}
+PROMPT = "ROMEO:"
+LIMIT = 1000
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, shakespeare_text):
+    """runs/a and runs/b: two tiny char-level models (b with another seed and one layer)."""
+    root = tmp_path_factory.mktemp("runs")
+    write_char_dataset(root / "data", shakespeare_text[:30_000])
+    for name, extra in (("a", []), ("b", ["--n_layer=1", "--seed=7"])):
+        train.main([f"--data_dir={root / 'data'}", f"--out_dir={root / 'runs' / name}", *TINY,
+                    "--max_iters=4", "--eval_interval=4", *extra])
+    return root / "runs"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(runs, tmp_path_factory):
+    """app.py serving runs/a (the default) and everything under runs/, on a free port."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "app.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), f"--out_dir={runs / 'a'}",
+                                 f"--models_dir={runs}", f"--port={port}", f"--max_new_tokens_limit={LIMIT}",
+                                 "--device=cpu"], cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"app.py exited with {proc.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"app.py did not start in 120 s:\n{log.read_text()}"
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server, verbose=False)
+
+
+def sample_py(out_dir, capsys, **settings) -> str:
+    """What `python sample.py` prints for these settings."""
+    flags = [f"--{k}={v}" for k, v in {"prompt": PROMPT, "max_new_tokens": 60, **settings}.items()]
+    sample.main([f"--out_dir={out_dir}", "--device=cpu", *flags])
+    return capsys.readouterr().out
+
+
+def generate(client, **settings) -> str:
+    values = {"prompt": PROMPT, "max_new_tokens": 60, "temperature": 0.8, "top_k": 200, "top_p": 1.0,
+              "seed": 1337, **settings}
+    return client.predict(**values, api_name="/generate")
+
+
+# ---------------------------------------------------------------------------- gradio_client
+
+def test_same_text_as_sample_py(client, runs, capsys):
+    for settings in ({"temperature": 0}, {"temperature": 0.9, "seed": 7}, {"temperature": 1.2, "top_k": 5, "top_p": 0.9}):
+        text = generate(client, **settings)
+        assert text.startswith(PROMPT) and len(text) == len(PROMPT) + 60  # one character per token
+        assert sample_py(runs / "a", capsys, **settings) == text + "\n"  # the prompt included, as printed
+    # the model picker: another checkpoint, its own text
+    text_b = generate(client, temperature=0, model="b")
+    assert sample_py(runs / "b", capsys, temperature=0) == text_b + "\n"
+    assert text_b != generate(client, temperature=0)
+
+
+def test_streaming(client):
+    job = client.submit(PROMPT, 40, 0.8, 200, 1.0, 3, api_name="/generate")
+    updates = list(job)  # every value the server streamed, in order
+    final = job.result()
+    assert len(updates) >= 10, updates  # token by token, not one block at the end
+    assert updates[0] == PROMPT and updates[-1] == final and len(final) == len(PROMPT) + 40
+    assert all(b.startswith(a) for a, b in zip(updates, updates[1:]))  # the text only grows
+
+
+def test_each_setting_is_honoured(client):
+    def short(**settings):
+        return generate(client, **{"max_new_tokens": 30, **settings})
+    greedy = short(temperature=0)
+    assert len(short(max_new_tokens=7)) == len(PROMPT) + 7
+    assert short(temperature=0, seed=99) == greedy  # greedy ignores the seed
+    hot = [short(temperature=1.5, seed=s) for s in (1, 1, 2)]
+    assert hot[0] == hot[1] != hot[2]  # the same seed gives the same text, another seed another
+    assert hot[0] != greedy
+    assert short(temperature=1.5, top_k=1, seed=5) == greedy  # top-1 is greedy
+    assert short(temperature=1.5, top_k=0, top_p=1e-6, seed=5) == greedy  # so is a tiny nucleus
+    assert short(temperature=1.5, top_k=0, seed=5) != short(temperature=1.5, top_k=3, seed=5)
+
+
+def test_bad_requests_get_a_message_and_the_server_goes_on(client):
+    cases = {
+        "max_new_tokens above the limit": ({"max_new_tokens": LIMIT + 1}, f"above this server's limit of {LIMIT}"),
+        "unknown characters": ({"prompt": "ROMEO ☃"}, "not in the char vocabulary: '☃'; remove them"),
+        "empty prompt": ({"prompt": ""}, "the prompt is empty"),
+        "negative temperature": ({"temperature": -1}, "temperature must be a finite number >= 0"),
+        "top_p 0 and negative top_k": ({"top_p": 0, "top_k": -3}, "top_k must be >= 0"),
+        "fractional top_k": ({"top_k": 2.5}, "top_k must be an integer, got 2.5"),
+        "negative max_new_tokens": ({"max_new_tokens": -5}, "max_new_tokens must be >= 0"),
+        "unknown model": ({"model": "nope"}, "nope"),
+    }
+    for name, (settings, message) in cases.items():
+        with pytest.raises(AppError) as e:
+            generate(client, **settings)
+        assert message in str(e.value), name
+    assert generate(client, temperature=0).startswith(PROMPT)  # still serving
+
+
+def test_model_card_and_loss_curve(client, runs):
+    card, curve = client.predict("b", api_name="/model_card")
+    for fact in ("### b", "parameters", "1 layers", "dataset**: tiny", "char (", "4 iterations", "best val loss"):
+        assert fact in card, (fact, card)
+    assert Path(curve).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_one_copy_of_each_model(runs):
+    precision = hardware.resolve("cpu", "float32")
+    models = app.Models({"a": runs / "a", "b": runs / "b"}, precision)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(models.get("b"))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(got) == 4 and all(g is got[0] for g in got) and list(models.loaded) == ["b"]
+
+
+# ---------------------------------------------------------------------------- a real browser
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture
+def page(server, tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium not found: apt-get install -y chromium")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -r requirements-extras.txt")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, timeout=60_000,
+            viewport={"width": 1280, "height": 900},
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(server)
+            yield page
+        finally:
+            browser.close()
+
+
+def wait_until_still(read, seconds=1.0, timeout=60):
+    """read() once it has stopped changing for `seconds`."""
+    deadline = time.monotonic() + timeout
+    last, since = read(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = read()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= seconds:
+            return now
+    raise AssertionError(f"still changing after {timeout} s: {last!r}")
+
+
+def test_browser_generate_and_stop(page, client, tmp_path):
+    output = page.get_by_label("Output")
+    page.get_by_label("Prompt").fill(PROMPT)
+    page.get_by_role("button", name="Generate").click()
+    text = wait_until_still(output.input_value)
+    assert text == generate(client, max_new_tokens=100)  # the page's defaults: sample.py's, 100 tokens
+    assert "best val loss" in page.get_by_text("best val loss").first.inner_text()
+    page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+    print(f"screenshot: {tmp_path / 'app.png'}")
+
+    # Stop: a long generation is cut short and stays so
+    page.get_by_label(f"max new tokens (up to {LIMIT})").fill(str(LIMIT))
+    page.get_by_role("button", name="Generate").click()
+    deadline = time.monotonic() + 60
+    while len(output.input_value()) < len(PROMPT) + 5 or output.input_value() == text:
+        assert time.monotonic() < deadline, "generation did not start"
+        time.sleep(0.02)
+    page.get_by_role("button", name="Stop").click()
+    stopped = wait_until_still(output.input_value, seconds=1.5)
+    assert stopped.startswith(PROMPT) and len(stopped) < len(PROMPT) + LIMIT
+
+    # a refused request shows its message on the page
+    page.get_by_label(f"max new tokens (up to {LIMIT})").fill(str(LIMIT + 1))
+    page.get_by_role("button", name="Generate").click()
+    page.get_by_text(f"above this server's limit of {LIMIT}").first.wait_for(state="visible")
+    page.screenshot(path=str(tmp_path / "refused.png"))

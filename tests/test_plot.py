@@ -1,0 +1,97 @@
+"""plot.py and the loss.png train.py draws: runs with and without a resume, overlays, torn files."""
+import json
+import shutil
+
+import pytest
+
+import plot
+import train
+from conftest import TINY, write_char_dataset
+from errors import UserError
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def is_figure(path) -> bool:
+    """A PNG 800 pixels wide and a little over 400 high (the legend adds height for more runs)."""
+    data = path.read_bytes()
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return data[:8] == PNG and width == 800 and 400 < height < 700
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, shakespeare_text):
+    """'plain': 8 iterations in one go. 'resumed': 4 iterations, then 4 more; after those the
+    checkpoint of iteration 4 is put back (as if the run died between checkpoints) and the
+    run resumed again with another learning rate, so iterations 4..8 are logged twice."""
+    root = tmp_path_factory.mktemp("plot")
+    write_char_dataset(root / "data", shakespeare_text[:30_000])
+
+    def run(name, *flags):
+        train.main([f"--data_dir={root / 'data'}", f"--out_dir={root / name}", *TINY, "--eval_interval=4",
+                    "--decay_lr=false", *flags])
+
+    run("plain", "--max_iters=8")
+    run("resumed", "--max_iters=4")
+    shutil.copy(root / "resumed" / "ckpt.pt", root / "ckpt-4.pt")
+    run("resumed", "--max_iters=8", "--init_from=resume")
+    first_png = (root / "resumed" / "loss.png").read_bytes()
+    shutil.copy(root / "ckpt-4.pt", root / "resumed" / "ckpt.pt")
+    run("resumed", "--max_iters=8", "--init_from=resume", "--learning_rate=1e-3")
+    return root, first_png
+
+
+def test_train_draws_loss_png(runs):
+    root, _ = runs
+    assert is_figure(root / "plain" / "loss.png")
+    run = plot.read_run(root / "plain")
+    assert [it for it, _ in run.val] == [0, 4, 8] and [it for it, _ in run.train] == [0, 4, 8]
+    assert [it for it, _ in run.steps] == list(range(8))
+    assert run.best_val() == min(run.val, key=lambda p: p[1])
+    assert not list((root / "plain").glob(".loss.png.tmp-*"))  # the atomic write left nothing behind
+
+
+def test_after_a_resume_the_last_record_of_an_iteration_wins(runs):
+    root, first_png = runs
+    lines = (root / "resumed" / "metrics.jsonl").read_text().splitlines()
+    logged = [json.loads(line)["iter"] for line in lines]
+    assert logged.count(5) == 2 and logged.count(8) == 2  # two step records of 5, two evaluations of 8
+    run = plot.read_run(root / "resumed")
+    assert [it for it, _ in run.steps] == list(range(8)) and [it for it, _ in run.val] == [0, 4, 8]
+    lr = dict(run.lr)
+    assert lr[3] == 6e-4 and lr[5] == 1e-3 and lr[8] == 1e-3  # the second resume's records
+    assert (root / "resumed" / "loss.png").read_bytes() != first_png  # redrawn by the last run
+
+
+def test_plot_cli_overlays_runs(runs, capsys):
+    root, _ = runs
+    out = root / "compare.png"
+    plot.main([str(root / "plain"), str(root / "resumed"), f"--output={out}", "--title=two runs"])
+    printed = capsys.readouterr().out
+    assert "plain: 8 iterations, best val" in printed and "resumed: 8 iterations" in printed
+    assert is_figure(out)
+    before = (root / "plain" / "loss.png").stat().st_mtime_ns
+    plot.main([str(root / "plain")])  # one run: its own loss.png, redrawn
+    assert (root / "plain" / "loss.png").stat().st_mtime_ns >= before
+    assert f"wrote {root / 'plain' / 'loss.png'}" in capsys.readouterr().out
+
+
+def test_torn_last_line_is_skipped_and_a_bad_middle_line_refused(tmp_path):
+    records = [{"iter": 0, "train/loss": 4.0, "val/loss": 4.1, "lr": 1e-3},
+               {"iter": 0, "train/loss": 4.2, "lr": 1e-3, "tokens_per_sec": 1.0, "step_ms": 1.0},
+               {"iter": 1, "train/loss": 3.9, "lr": 1e-3, "tokens_per_sec": 1.0, "step_ms": 1.0}]
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    (tmp_path / "metrics.jsonl").write_text(text + '{"iter": 2, "train/lo')  # killed mid-write
+    run = plot.read_run(tmp_path)
+    assert run.steps == [(0, 4.2), (1, 3.9)] and run.val == [(0, 4.1)] and run.train == [(0, 4.0)]
+    plot.write_loss_png(tmp_path)
+    assert is_figure(tmp_path / "loss.png")
+    (tmp_path / "metrics.jsonl").write_text("garbage\n" + text)
+    with pytest.raises(UserError, match="line 1 is not a metrics record"):
+        plot.read_run(tmp_path)
+
+
+def test_an_empty_log_still_draws(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("")
+    plot.write_loss_png(tmp_path)
+    assert is_figure(tmp_path / "loss.png")
