@@ -28,8 +28,8 @@ import torch
 import checkpoint
 import hardware
 import hf_format
-import runlock
 import plot
+import runlock
 from config import parse_config
 from errors import UserError, run_main
 from model import GPT, GPTConfig
