@@ -23,6 +23,12 @@ nothing in data/ is needed. Standard output holds only the text; the precision c
   longer than block_size is read from its last block_size tokens.
 - temperature 0 is greedy decoding; top_k above the vocabulary size means all tokens;
   top_k 0 (or none) and top_p 1 are off. The same --seed gives the same samples.
+- A model trained on documents (prepare.py --documents=line|blank) reads the prompt as the
+  start of a new document (after its boundary token; leading line ends are dropped, so the
+  default "\n" and --prompt="" both mean "a new document"), and each sample ends where its
+  document ends: --num_samples=20 prints 20 whole documents. --stop=STRING (repeatable)
+  ends a sample at a string, for any model; the boundary and the stop string are not
+  printed (see stopping.py, which any consumer of generate_stream can use).
 - Precision: --dtype=auto picks float32 on CPUs even where training uses bf16 autocast:
   decoding one token at a time is a chain of small matrix-vector products, where autocast's
   casts cost more than they save (measured ~2x slower). GPUs keep hardware.resolve's choice.
@@ -31,7 +37,7 @@ import codecs
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +47,7 @@ import hardware
 from config import parse_config
 from errors import UserError, run_main
 from model import GPT, GPTConfig
+from stopping import StopCondition
 from tokenizer import Tokenizer
 
 
@@ -63,6 +70,7 @@ class SampleConfig:
     dtype: str = "auto"  # auto (float32 on cpu: faster for decoding; bf16 or fp16 on gpus), float32, bfloat16 or float16
     compile: bool = False  # torch.compile the model (slow to start; for long runs on GPUs)
     cpu_threads: int = 0  # torch threads on cpu; 0 = all cores (2 measured 1.5x faster than 1 on a quiet 2-core host)
+    stop: list[str] = field(default_factory=list)  # end a sample at this string, not printed; repeat for several
 
     def problems(self) -> list[str]:
         """Every setting that cannot work, so all are reported at once before any work."""
@@ -81,6 +89,8 @@ class SampleConfig:
             p.append(f"--cpu_threads must be >= 0 (0 = all cores), got {self.cpu_threads}")
         if not self.out_dir:
             p.append("--out_dir must name the folder holding ckpt.pt")
+        if any(s == "" for s in self.stop):
+            p.append("--stop needs a non-empty string, e.g. --stop=END")
         return p
 
 
@@ -137,6 +147,8 @@ def read_prompt(prompt: str) -> str:
 
 def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool) -> list[int]:
     """Token ids of the prompt; at least one, since generation continues from something."""
+    if tokenizer.documents:  # a new document: its boundary token, then the prompt's text
+        return [tokenizer.eot_id] + tokenizer.encode(text.lstrip("\n"), drop_unknown=drop_unknown)
     ids = tokenizer.encode(text, drop_unknown=drop_unknown)
     if ids:
         return ids
@@ -182,6 +194,8 @@ def complete(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cfg: Sampl
     # token that stands for an empty prompt
     shown_prompt = [i for i in prompt_ids if i != tokenizer.eot_id] if echo_prompt else []
     stream.write(shown_prompt)
+    stream.close()  # the prompt holds whole characters
+    stop = StopCondition.for_model(tokenizer, cfg.num_samples, cfg.stop)  # boundary token, --stop
     new_ids: list[list[int]] = []  # one list of ids per step, each (B,)
     precision.synchronize()
     start, start_cpu = time.perf_counter(), time.process_time()
@@ -192,17 +206,19 @@ def complete(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cfg: Sampl
         for next_id in steps:
             ids = next_id.tolist()  # the one host sync per step, which streaming needs anyway
             new_ids.append(ids)
-            stream.write(ids[:1])
+            stop.update(ids)
+            stream._emit(stop.new_text(0))
+            if stop.all_done:  # every sample reached its end
+                break
     precision.synchronize()
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
-    stream.close()
-    out.write("\n")
+    stop.finish()
+    out.write(stop.new_text(0) + "\n")
     if cfg.num_samples > 1:
         out.write("---------------\n")
+        prompt_text = tokenizer.decode([i for i in shown_prompt if i < tokenizer.vocab_size])
         for b in range(1, cfg.num_samples):
-            rest = [i for i in shown_prompt + [step[b] for step in new_ids]
-                    if i < tokenizer.vocab_size]
-            out.write(tokenizer.decode_bytes(rest).decode("utf-8", errors="replace") + "\n---------------\n")
+            out.write(prompt_text + stop.text(b) + "\n---------------\n")
     out.flush()
     return len(new_ids), seconds, cpu_seconds
 
