@@ -399,9 +399,6 @@ def main(argv=None):
             raise UserError(f"the {split} split of {cfg.dataset!r} has {n} tokens, too few for one window of "
                             f"--block_size={cfg.block_size}; lower --block_size or prepare more text")
     tokenizer = Tokenizer.from_description(data.meta).describe()  # saved so sample.py needs no data/
-    if data.documents and master:
-        print(f"document mode: {data.meta.get('train_documents', '?')} training documents; rows start at "
-              f"document starts, attention stays inside each document")
 
     if master:
         print(f"{precision.reason}")
@@ -413,6 +410,9 @@ def main(argv=None):
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     if master:
         print(f"tokens per iteration: {tokens_per_iter:,}")
+        if data.documents:
+            print(f"document mode: {data.meta.get('train_documents', '?')} training documents; rows start at "
+                  f"document starts, attention stays inside each document")
 
     torch.manual_seed(cfg.seed + rank)
     data_gen = torch.Generator().manual_seed(cfg.seed + rank)
