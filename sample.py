@@ -207,7 +207,9 @@ def complete(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cfg: Sampl
             ids = next_id.tolist()  # the one host sync per step, which streaming needs anyway
             new_ids.append(ids)
             stop.update(ids)
-            stream._emit(stop.new_text(0))
+            if text := stop.new_text(0):  # row 0 streams
+                out.write(text)
+                out.flush()
             if stop.all_done:  # every sample reached its end
                 break
     precision.synchronize()

@@ -254,18 +254,19 @@ def test_stop_condition_boundary_and_strings():
     assert streamed == "ab cEN"
 
 
-def test_stop_flag_ends_samples_of_any_model(combos_data, tmp_path, capsys):
+def test_stop_flag_ends_samples_of_any_model(tiny_data, tmp_path, capsys):
+    """A plain (not documents) char model: --stop cuts at the first stop string, which is
+    not printed; a stop string that never comes changes nothing."""
     out = tmp_path / "out"
-    train.main([f"--data_dir={combos_data / 'data'}", f"--out_dir={out}", *TINY, "--dataset=combos",
-                "--max_iters=2", "--eval_interval=2", "--lr_decay_iters=2"])
+    train.main([f"--data_dir={tiny_data}", f"--out_dir={out}", *TINY, "--max_iters=2", "--eval_interval=2",
+                "--lr_decay_iters=2"])
+    args = [f"--out_dir={out}", "--prompt=ROMEO:", "--max_new_tokens=40", "--temperature=0", "--device=cpu"]
     capsys.readouterr()
-    # temperature 0 repeats itself: the first two characters it prints are a stop string
-    sample.main([f"--out_dir={out}", "--prompt=Jab", "--max_new_tokens=40", "--temperature=0", "--device=cpu"])
-    free = capsys.readouterr().out.rstrip("\n")
-    stop = free[3:5]
-    sample.main([f"--out_dir={out}", "--prompt=Jab", "--max_new_tokens=40", "--temperature=0", "--device=cpu",
-                 f"--stop={stop}", "--stop=zzz"])
-    assert capsys.readouterr().out == free[:free.index(stop, 3)] + "\n"
+    sample.main(args)
+    generated = capsys.readouterr().out.removeprefix("ROMEO:").removesuffix("\n")
+    stop = generated[8:10]
+    sample.main([*args, f"--stop={stop}", "--stop=never seen"])
+    assert capsys.readouterr().out == "ROMEO:" + generated[:generated.index(stop)] + "\n"
 
 
 def test_list_settings_repeat_and_replace_the_config_file(tmp_path):
