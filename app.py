@@ -226,8 +226,8 @@ def prompt_ids_of(tokenizer, prompt: str) -> list[int]:
     if len(prompt) > MAX_PROMPT_CHARS:
         raise UserError(f"the prompt has {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
     if not prompt and tokenizer.eot_id is None:
-        # Documents mode (an empty prompt generates whole documents) hooks in here when
-        # sample.py has it: return the ids it starts a document from instead of refusing.
+        # a model with a boundary token (documents mode, BPE) starts a new document from an
+        # empty prompt (sample.encode_prompt); a plain char model has nothing to start from
         raise UserError("the prompt is empty; type some text for the model to continue, e.g. ROMEO:")
     try:
         return sample.encode_prompt(tokenizer, prompt, drop_unknown=False)

@@ -4,7 +4,8 @@
 
 A config file is plain Python assignments, run on its own and read as a namespace (never
 exec'd into a script's globals). Flags `--key=value` or `--key value` override it, coerced
-to the field's type; a bool flag alone (`--compile`) means true. Unknown keys, values of
+to the field's type; a bool flag alone (`--compile`) means true. A `list[str]` field takes
+a list in a config file, or the flag repeated (`--stop=A --stop=B`), which replaces the file's. Unknown keys, values of
 the wrong type and settings the script's `problems()` rejects are all reported at once, in
 one line, with the closest valid key. `--help` lists every key, its default and the comment
 written beside it in the dataclass.
@@ -43,6 +44,9 @@ def _optional(tp) -> tuple[type, bool]:
 def coerce(key: str, value, tp):
     """Turn a string (from the command line) or a Python value (from a config file) into tp."""
     tp, nullable = _optional(tp)
+    if typing.get_origin(tp) is list:  # a list from a config file, or the values of a repeated flag
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [coerce(key, item, typing.get_args(tp)[0]) for item in items]
     if value is None or (nullable and isinstance(value, str) and value.lower() in ("none", "null")):
         if nullable:
             return None
@@ -100,7 +104,8 @@ def help_text(cls, prog: str) -> str:
     comments = field_comments(cls)
     lines = [f"usage: python {prog} [config.py] [--key=value ...]", "", (cls.__doc__ or "").strip(), ""]
     for f in dataclasses.fields(cls):
-        lines.append(f"  --{f.name}={f.default!r}".ljust(40) + f"  {comments.get(f.name, '')}")
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        lines.append(f"  --{f.name}={default!r}".ljust(40) + f"  {comments.get(f.name, '')}")
     return "\n".join(lines)
 
 
@@ -134,6 +139,7 @@ def parse_config(cls, argv: list[str] | None = None, prog: str | None = None, ch
         sys.exit(0)
 
     raw: dict[str, object] = {}  # key -> value, file first, then flags
+    repeated: dict[str, list] = {}  # list fields: the values of their flags so far
     errors: list[str] = []
     i = 0
     while i < len(argv):
@@ -158,6 +164,8 @@ def parse_config(cls, argv: list[str] | None = None, prog: str | None = None, ch
                 errors.append(f"--{key} needs a value, e.g. --{key}=...")
                 i += 1
                 continue
+        if key in types_ and typing.get_origin(_optional(types_[key])[0]) is list:
+            value = repeated[key] = [*repeated.get(key, []), value]
         raw[key] = value
         i += 1
 

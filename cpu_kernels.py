@@ -128,21 +128,29 @@ class _CPUAttention(torch.autograd.Function):
         y = Pm vc,  dv = c Pm^T g,  ds = Pm * (g vc^T) - P * D,  dq = scale ds k,  dk = scale ds^T q
     P and Pm are kept for the backward pass: 2 * nh * T * T values per sequence (one without
     dropout, where Pm = P).
+    mask: None (causal), or a bool (B, 1, T, T) of the keys each query may see (model.py's
+    document_mask): its -inf entries make P zero there, so the backward needs nothing more.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, p):
+    def forward(ctx, q, k, v, p, mask=None):
         B, nh, T, hs = q.shape
         drop, keep_scale = _dropped_causal_numpy(B, nh, T, p) if p > 0 else (None, 1.0)
         kept_mask = _ones_where_kept(drop, q.dtype) if p > 0 else None  # M, 0/1
         # -inf on keys after the query; added to the scores inside the batched matmul
-        causal = torch.full((T, T), float("-inf"), dtype=q.dtype).triu_(1)
+        if mask is None:
+            causal = torch.full((T, T), float("-inf"), dtype=q.dtype).triu_(1)
+        else:  # (B, 1, T, T): -inf on keys outside the query's document too
+            causal = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
         with torch.autocast("cpu", enabled=False):  # softmax stays in q's dtype
             q = (q * (1.0 / math.sqrt(hs))).contiguous()
             k, v = k.contiguous(), (v * keep_scale if p > 0 else v).contiguous()
             probs, kept, ys = [], [], []  # per chunk: P, Pm, y
             for rows in _row_chunks(B, nh * T * T):
-                att = torch.baddbmm(causal, q[rows].flatten(0, 1), k[rows].flatten(0, 1).transpose(1, 2))
+                if mask is None:
+                    att = torch.baddbmm(causal, q[rows].flatten(0, 1), k[rows].flatten(0, 1).transpose(1, 2))
+                else:
+                    att = torch.matmul(q[rows], k[rows].transpose(-1, -2)).add_(causal[rows]).flatten(0, 1)
                 probs.append(torch.softmax(att, dim=-1).view(-1, nh, T, T))
                 kept.append(probs[-1] * kept_mask[rows] if p > 0 else probs[-1])
                 ys.append(torch.matmul(kept[-1], v[rows]))
@@ -167,13 +175,16 @@ class _CPUAttention(torch.autograd.Function):
             dq.append(torch.matmul(ds, k[rows]))
             dk.append(torch.matmul(ds.transpose(-1, -2), q[rows]))
         return (torch.cat(dq).mul_(1.0 / math.sqrt(hs)), torch.cat(dk),
-                torch.cat(dv).mul_(ctx.keep_scale), None)
+                torch.cat(dv).mul_(ctx.keep_scale), None, None)
 
 
-def causal_attention(q, k, v, dropout_p: float) -> torch.Tensor:
+def causal_attention(q, k, v, dropout_p: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal SDPA of q, k, v (B, nh, T, hs) with attention dropout dropout_p (0 in eval).
-    Training on CPU with dropout, or in bf16, takes _CPUAttention; everything else SDPA."""
+    Training on CPU with dropout, or in bf16, takes _CPUAttention; everything else SDPA.
+    mask: None, or a bool (B, 1, T, T) that replaces the causal mask (documents mode)."""
     training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if training and use_cpu_dropout(q) and (dropout_p > 0 or q.dtype == torch.bfloat16):
-        return _CPUAttention.apply(q, k, v, dropout_p)
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        return _CPUAttention.apply(q, k, v, dropout_p, mask)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)

@@ -71,6 +71,16 @@ class KVCache:
         self.length = 0
 
 
+def document_mask(positions: torch.Tensor) -> torch.Tensor:
+    """positions (B, T), each token's index in its document (0 where one starts) -> a bool
+    mask (B, 1, T, T), True where query i may attend to key j: j <= i and j in i's document,
+    that is i - positions[i] <= j <= i (block-diagonal causal attention)."""
+    T = positions.size(1)
+    i = torch.arange(T, device=positions.device)
+    first = i - positions  # (B, T): where each query's document starts
+    return ((i[None, None, :] <= i[None, :, None]) & (i[None, None, :] >= first[:, :, None]))[:, None]
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config: GPTConfig, layer: int):
@@ -85,7 +95,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: None (causal) or document_mask (B, 1, T, T), for rows of several documents."""
         B, T, C = x.size()  # batch, sequence length, embedding width
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         hs = C // self.n_head
@@ -95,7 +107,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is None or kv_cache.length == 0:
             if kv_cache is not None:
                 kv_cache.update(self.layer, k, v)
-            y = causal_attention(q, k, v, self.dropout if self.training else 0.0)
+            y = causal_attention(q, k, v, self.dropout if self.training else 0.0, mask)
         else:
             # new queries at positions [past, past + T) see every cached key and the new
             # ones up to their own position
@@ -134,8 +146,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x, kv_cache=None, mask=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -182,20 +194,30 @@ class GPT(nn.Module):
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-    def forward(self, idx, targets=None, kv_cache: KVCache | None = None):
+    def forward(self, idx, targets=None, kv_cache: KVCache | None = None, positions=None):
         """idx (B, T) token ids -> logits (B, T, vocab) and the mean cross-entropy loss.
 
         Without targets only the last position's logits are computed (B, 1, vocab): that is
         all generation needs. With kv_cache, idx holds only the tokens not yet cached.
+        positions (B, T), for rows packed with several documents (train.py's document mode):
+        each token's index in its document, 0 where a document starts. Position embeddings
+        then restart at each document and attention stays inside it (document_mask).
+        Without it (the default, and generation) positions are 0..T-1 and attention causal.
         """
         B, T = idx.size()
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
-        pos_emb = self.transformer.wpe.weight[start:start + T]  # (T, C): positions start.., a view
+        mask = None
+        if positions is None:
+            pos_emb = self.transformer.wpe.weight[start:start + T]  # (T, C): positions start.., a view
+        else:
+            assert kv_cache is None, "positions are for training rows, not cached generation"
+            pos_emb = self.transformer.wpe(positions)  # (B, T, C)
+            mask = document_mask(positions)  # (B, 1, T, T), built once for all layers
         x = self.transformer.drop(self.transformer.wte(idx) + pos_emb)  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x, kv_cache)
+            x = block(x, kv_cache, mask)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.length += T

@@ -3,6 +3,8 @@
     python prepare.py shakespeare_char                  # tiny Shakespeare, char-level
     python prepare.py shakespeare                       # tiny Shakespeare, GPT-2 BPE
     python prepare.py --input books/ --name books --tokenizer cl100k_base
+    python prepare.py --input combos.txt --name combos --tokenizer char --documents line
+    python prepare.py --input combos.txt --name combos_bpe --tokenizer bpe:400 --documents line
 
 train.bin and val.bin are flat little-endian token ids (uint16, or uint32 when the
 vocabulary does not fit in 16 bits); the last --val_fraction of the token stream is val,
@@ -14,6 +16,33 @@ token; char-level has no such token, so their texts are simply concatenated. Eit
 decoding train.bin followed by val.bin gives the documents back exactly: joined by
 "<|endoftext|>" (BPE) or by nothing (char).
 
+Documents mode (--documents=line: every non-blank line is a document; --documents=blank:
+documents are separated by blank lines, i.e. lines of only whitespace; line ends are not
+part of a document). Every document starts with a boundary token, which also marks where
+the one before ended: <|endoftext|> for tiktoken encodings and trained vocabularies, one
+extra id len(chars) for char-level (recorded as eot_id in meta.json; no character can take
+it). Each split ends with one more boundary, so the last document's end is marked too:
+a split is [eot] doc [eot] doc ... doc [eot]. The val split takes whole documents: the last
+--val_fraction of them after a shuffle seeded by --seed, or simply the last ones with
+--shuffle=false (logs, where order matters); both splits keep the input order. meta.json
+records "documents" (the mode; train.py trains in document mode when it is set), the
+document counts and length statistics; prepare warns when many documents are longer than
+--block_size. Decoding a split and cutting it at the boundaries gives back its documents
+exactly. --documents=file (the default) is the behaviour described above: one document
+per file, val is the token tail.
+
+--tokenizer=bpe:N trains a byte-level BPE vocabulary of N ids (256 bytes, N - 257 merges
+and <|endoftext|>) with Hugging Face tokenizers' BpeTrainer on the training text. Text is
+split into lines before BPE (tokenizer.LINE_PATTERN): merges may cross spaces, so a
+record's recurring words ("Lead Hook", " - ") become single tokens. The trainer sees only
+the first --bpe_sample_chars characters (10M by default) of the training documents (in
+file mode: of the text without its last --val_fraction), so its memory stays bounded on
+any corpus (tiny Shakespeare, 1.1M characters, bpe:2000: 196 MB peak for the whole run).
+The vocabulary goes into meta.json as tiktoken ranks (base64 bytes of each token in rank
+order) plus the split pattern; train.py copies it into the checkpoint, and tiktoken
+encodes and decodes with it everywhere. Byte-level: any text, emoji included, decodes
+back exactly.
+
 Inputs of any size stream with bounded memory in two passes: pass 1 checks the UTF-8,
 hashes each file and collects the characters; pass 2 encodes chunks of text on all cores
 in worker processes and appends the ids to one stream, which is then split by
@@ -23,10 +52,12 @@ is swapped into place at the end, so an interrupted run leaves the previous data
 import argparse
 import codecs
 import hashlib
+import itertools
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import urllib.request
 from collections import deque
@@ -38,13 +69,16 @@ from tqdm import tqdm
 
 import runlock
 from errors import UserError, run_main
-from tokenizer import CHAR, Tokenizer
+from tokenizer import BPE, CHAR, LINE_PATTERN, Tokenizer
 
 FORMAT_VERSION = 1
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 NAMED_DATASETS = {"shakespeare_char": CHAR, "shakespeare": "gpt2"}  # name -> default tokenizer
 OUTPUTS = ("train.bin", "val.bin", "meta.json")  # what a run writes into data/<name>/
+DOCUMENT_MODES = ("file", "line", "blank")  # --documents: what one document is
+BPE_MIN_VOCAB = 257  # a trained vocabulary holds the 256 bytes and <|endoftext|> at least
+LONG_DOCUMENTS_WARNING = 0.1  # warn when more than this share of documents exceed --block_size
 
 
 # ---------------------------------------------------------------- finding the text
@@ -110,18 +144,61 @@ def read_text(path: Path, read_size: int, progress=None, sha=None):
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def scan(files: list[Path], read_size: int, want_chars: bool) -> tuple[list[dict], int, set]:
-    """Pass 1: size and sha256 of each file, UTF-8 check, character count and set."""
+def split_documents(pieces, mode: str):
+    """The documents in one file's text pieces. line: every line holding more than
+    whitespace; blank: runs of such lines, separated by lines of only whitespace (joined by
+    "\n"). Line ends ("\n" or "\r\n") are not part of a document."""
+    buf, block = "", []  # the unfinished last line; blank mode: lines of the current document
+    for piece in itertools.chain(pieces, [None]):  # None: the end of the file
+        if piece is None:
+            lines, buf = ([buf] if buf else []), ""
+        else:
+            *lines, buf = (buf + piece).split("\n")
+        for line in lines:
+            line = line.removesuffix("\r")
+            if not line.strip():
+                if block:
+                    yield "\n".join(block)
+                    block = []
+            elif mode == "line":
+                yield line
+            else:
+                block.append(line)
+    if block:
+        yield "\n".join(block)
+
+
+def iter_documents(files: list[Path], mode: str, read_size: int, progress=None, sha=None):
+    """Every document of every file, in order (see split_documents)."""
+    for path in files:
+        yield from split_documents(read_text(path, read_size, progress, sha), mode)
+
+
+def scan(files: list[Path], read_size: int, want_chars: bool,
+         documents: str = "file") -> tuple[list[dict], int, set]:
+    """Pass 1: size and sha256 of each file, UTF-8 check, character count and set. In
+    documents mode each source also gets its document count, and the characters are those
+    of the documents (line ends between them need no id)."""
     sources, n_chars, chars = [], 0, set()
     total = sum(p.stat().st_size for p in files)
     with tqdm(total=total, unit="B", unit_scale=True, desc="scan", disable=None) as bar:
         for path in files:
             sha = hashlib.sha256()
-            for text in read_text(path, read_size, bar, sha):
-                n_chars += len(text)
-                if want_chars:
-                    chars.update(text)
-            sources.append({"path": str(path), "bytes": path.stat().st_size, "sha256": sha.hexdigest()})
+            source = {"path": str(path), "bytes": path.stat().st_size}
+            if documents == "file":
+                for text in read_text(path, read_size, bar, sha):
+                    n_chars += len(text)
+                    if want_chars:
+                        chars.update(text)
+            else:
+                n_docs = 0
+                for doc in split_documents(read_text(path, read_size, bar, sha), documents):
+                    n_chars += len(doc)
+                    n_docs += 1
+                    if want_chars:
+                        chars.update(doc)
+                source["documents"] = n_docs
+            sources.append({**source, "sha256": sha.hexdigest()})
     return sources, n_chars, chars
 
 
@@ -166,6 +243,94 @@ def chunk_text(pieces, chunk_size: int, max_chunk: int | None = None):
         yield buf
 
 
+# ---------------------------------------------------------------- documents: the val split
+
+def choose_val_documents(n_docs: int, val_fraction: float, shuffle: bool, seed: int) -> np.ndarray:
+    """A bool per document, True for val: the last val_fraction of the documents after a
+    seeded shuffle (or in input order). One byte per document (plus the shuffle's 8 while
+    it is drawn), so a split of 100M documents costs about 1 GB for a moment."""
+    n_train = int(n_docs * (1 - val_fraction))  # nanoGPT: data[:int(n*0.9)]
+    if n_train < 1 or n_train == n_docs:
+        raise UserError(f"the input has {n_docs:,} document(s): too few to give train and val whole "
+                        f"documents with --val_fraction={val_fraction}; add documents or change --val_fraction")
+    is_val = np.zeros(n_docs, dtype=bool)
+    if shuffle:
+        is_val[np.random.default_rng(seed).permutation(n_docs)[n_train:]] = True
+    else:
+        is_val[n_train:] = True
+    return is_val
+
+
+# ---------------------------------------------------------------- training a vocabulary
+
+def parse_bpe_size(name: str) -> int | None:
+    """N of --tokenizer=bpe:N (None for any other tokenizer name)."""
+    if not name.startswith(BPE):
+        return None
+    size = name[len(BPE) + 1:] if name.startswith(BPE + ":") else ""
+    if not size.isdigit() or int(size) < BPE_MIN_VOCAB:
+        raise UserError(f"--tokenizer={name}: a trained vocabulary is bpe:N with N an integer of at "
+                        f"least {BPE_MIN_VOCAB} (the 256 bytes and the boundary token), e.g. bpe:400")
+    return int(size)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte, the alphabet of HF tokenizers'
+    ByteLevel pre-tokenizer (openai/gpt-2 src/encoder.py)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def bounded(texts, max_chars: int):
+    """The texts, until max_chars characters have been handed out (the last one cut)."""
+    left = max_chars
+    for text in texts:
+        if left <= 0:
+            return
+        yield text[:left]
+        left -= len(text)
+
+
+def train_bpe(texts, vocab_size: int, documents: str | None) -> Tokenizer:
+    """A byte-level BPE vocabulary of vocab_size ids trained on texts (an iterable of str)
+    with HF tokenizers' BpeTrainer, returned as a tiktoken-backed Tokenizer: bytes 0..255
+    take ranks 0..255, each merge the next rank in the trainer's order (what tiktoken's
+    encoder assumes: it merges the pair whose result has the lowest rank), and
+    <|endoftext|> the last id."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+    from tokenizers import Regex
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([  # split as tiktoken will, then bytes as characters
+        pre_tokenizers.Split(Regex(LINE_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(texts, trainer)
+    merges = json.loads(hf.to_str())["model"]["merges"]
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    ranks = [bytes([b]) for b in range(256)]
+    known = set(ranks)
+    for merge in merges:
+        left, right = merge.split(" ") if isinstance(merge, str) else merge  # older versions: "a b"
+        token = bytes(byte_of[c] for c in left + right)
+        if token not in known:
+            known.add(token)
+            ranks.append(token)
+    if len(ranks) + 1 < vocab_size:
+        raise UserError(f"--tokenizer=bpe:{vocab_size} asks for more tokens than the training text can "
+                        f"make: it supports {len(ranks) + 1} (every pair of adjacent tokens already merged); "
+                        f"use --tokenizer=bpe:{len(ranks) + 1} or less, or more text")
+    return Tokenizer.bpe_from_ranks(ranks[:vocab_size - 1], documents=documents)
+
+
 # ---------------------------------------------------------------- encoding and writing
 
 _worker_tokenizer = None  # each encoder process builds its own tokenizer once
@@ -178,6 +343,14 @@ def _start_worker(description: dict) -> None:
 
 def _encode_chunk(text: str) -> np.ndarray:
     return _worker_tokenizer.encode_to_numpy(text)
+
+
+def _encode_documents(docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """[eot] doc [eot] doc ... as one array, and the token count of each document."""
+    eot = np.array([_worker_tokenizer.eot_id], dtype=np.uint32)
+    encoded = [_worker_tokenizer.encode_to_numpy(doc) for doc in docs]
+    return (np.concatenate([part for ids in encoded for part in (eot, ids)]),
+            np.array([len(ids) for ids in encoded], dtype=np.int64))
 
 
 def encode_files(files, tokenizer: Tokenizer, out_path: Path, dtype, chunk_size: int,
@@ -213,6 +386,60 @@ def encode_files(files, tokenizer: Tokenizer, out_path: Path, dtype, chunk_size:
         while pending:
             write_oldest()
     return n_tokens
+
+
+def encode_documents(files, documents: str, is_val: np.ndarray, tokenizer: Tokenizer, folder: Path,
+                     dtype, chunk_size: int, num_workers: int) -> tuple[dict, np.ndarray]:
+    """Pass 2 in documents mode: every document, boundary token first, into train.bin or
+    val.bin in folder, each split closed by one more boundary. Returns the token count of
+    each split and the token count of each document (boundary not counted)."""
+    total = sum(p.stat().st_size for p in files)
+    n_tokens = {"train": 0, "val": 0}
+    lengths = []  # one array per batch of documents
+    pending: deque = deque()  # (split, future): written in order, as in encode_files
+    batch, batch_chars, batch_split = [], 0, "train"
+    with open(folder / "train.bin", "wb") as train_out, open(folder / "val.bin", "wb") as val_out, \
+            ProcessPoolExecutor(num_workers, initializer=_start_worker,
+                                initargs=(tokenizer.describe(),)) as pool, \
+            tqdm(total=total, unit="B", unit_scale=True, desc="encode", disable=None) as bar:
+        outs = {"train": train_out, "val": val_out}
+
+        def write_oldest():
+            split, future = pending.popleft()
+            ids, doc_lengths = future.result()
+            outs[split].write(ids.astype(dtype, copy=False).tobytes())
+            n_tokens[split] += len(ids)
+            lengths.append(doc_lengths)
+
+        def submit():
+            pending.append((batch_split, pool.submit(_encode_documents, batch)))
+            while len(pending) > 2 * num_workers:
+                write_oldest()
+
+        for i, doc in enumerate(iter_documents(files, documents, chunk_size, bar)):
+            split = "val" if is_val[i] else "train"
+            if batch and (split != batch_split or batch_chars >= chunk_size):
+                submit()
+                batch, batch_chars = [], 0
+            batch.append(doc)
+            batch_chars += len(doc)
+            batch_split = split
+        if batch:
+            submit()
+        while pending:
+            write_oldest()
+        for split, out in outs.items():  # the end of the split's last document
+            out.write(np.array([tokenizer.eot_id], dtype=dtype).tobytes())
+            n_tokens[split] += 1
+    return n_tokens, np.concatenate(lengths)
+
+
+def document_stats(lengths: np.ndarray, block_size: int) -> dict:
+    """Token counts of the documents (boundary not counted), for meta.json."""
+    return {"mean": round(float(lengths.mean()), 2), "median": float(np.median(lengths)),
+            "p99": float(np.percentile(lengths, 99)), "max": int(lengths.max()),
+            "min": int(lengths.min()), "block_size": block_size,
+            "longer_than_block_size": int((lengths + 1 > block_size).sum())}
 
 
 def split_tail(stream: Path, n_keep: int, tail_path: Path, itemsize: int, block: int = 1 << 24) -> None:
@@ -297,8 +524,20 @@ def parse_args(argv):
     p.add_argument("--input", nargs="+", metavar="PATH",
                    help="UTF-8 text files or folders of them (each file is one document)")
     p.add_argument("--name", help="dataset name: output goes to <data_dir>/<name>/ (default: the named dataset)")
-    p.add_argument("--tokenizer", help="'char' or a tiktoken encoding: gpt2 (default), r50k_base, "
-                                       "cl100k_base, o200k_base")
+    p.add_argument("--tokenizer", help="'char', a tiktoken encoding: gpt2 (default), r50k_base, "
+                                       "cl100k_base, o200k_base, or bpe:N to train a byte-level BPE "
+                                       "vocabulary of N tokens on the training text")
+    p.add_argument("--documents", default="file",
+                   help="what one document is: file (each input file), line (every non-blank line) or "
+                        "blank (text between blank lines); line and blank start every document with a "
+                        "boundary token, split val by whole documents and make train.py train in "
+                        "document mode")
+    p.add_argument("--shuffle", default="true",
+                   help="documents mode: val takes the last --val_fraction of the documents after a "
+                        "seeded shuffle (true) or in input order (false)")
+    p.add_argument("--seed", type=int, default=1337, help="documents mode: seed of the val shuffle")
+    p.add_argument("--bpe_sample_chars", type=int, default=10_000_000,
+                   help="--tokenizer=bpe:N trains on at most this many characters of the training text")
     p.add_argument("--val_fraction", type=float, default=0.1, help="last fraction of the tokens used as val")
     p.add_argument("--block_size", type=int, default=256,
                    help="each split must hold at least block_size + 1 tokens (one training window)")
@@ -324,11 +563,19 @@ def main(argv=None):
         raise UserError(f"--name {name!r} must be a plain folder name (no '/', not starting with '.')")
     if not 0 < args.val_fraction < 1:
         raise UserError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
-    if args.chunk_size < 1 or args.num_workers < 1 or args.block_size < 1:
-        raise UserError("--chunk_size, --num_workers and --block_size must be positive")
+    if args.chunk_size < 1 or args.num_workers < 1 or args.block_size < 1 or args.bpe_sample_chars < 1:
+        raise UserError("--chunk_size, --num_workers, --block_size and --bpe_sample_chars must be positive")
+    if args.documents not in DOCUMENT_MODES:
+        raise UserError(f"unknown --documents mode {args.documents!r}; valid: {', '.join(DOCUMENT_MODES)}")
+    if args.shuffle.lower() not in ("true", "false"):
+        raise UserError(f"--shuffle must be true or false, got {args.shuffle!r}")
+    documents = None if args.documents == "file" else args.documents  # None: not documents mode
 
     tokenizer_name = args.tokenizer or NAMED_DATASETS.get(args.dataset, "gpt2")
-    tokenizer = None if tokenizer_name == CHAR else Tokenizer.tiktoken(tokenizer_name)
+    bpe_size = parse_bpe_size(tokenizer_name)
+    tokenizer = None if tokenizer_name == CHAR or bpe_size else Tokenizer.tiktoken(tokenizer_name)
+    if tokenizer is not None:
+        tokenizer.documents = documents
 
     data_dir = Path(args.data_dir)
     dest = data_dir / name
@@ -353,22 +600,58 @@ def main(argv=None):
         else:
             download_shakespeare(tmp / "input.txt", dest / "input.txt")  # kept in data/<name>/ after the swap
             files = [tmp / "input.txt"]
-        sources, n_chars, chars = scan(files, args.chunk_size, want_chars=tokenizer is None)
+        sources, n_chars, chars = scan(files, args.chunk_size, want_chars=tokenizer_name == CHAR,
+                                       documents=args.documents)
+        n_docs = sum(s.get("documents", 0) for s in sources)
+        if documents and n_docs == 0:
+            what = "non-empty line" if documents == "line" else "document (text between blank lines)"
+            raise UserError(f"the input has no {what}: {', '.join(str(p) for p in files)}")
         if n_chars == 0:
             raise UserError(f"the input is empty: {', '.join(str(p) for p in files)}")
         if files == [tmp / "input.txt"]:
             sources[0]["path"] = str(dest / "input.txt")
         print(f"length of dataset in characters: {n_chars:,}")
+        is_val = None
+        if documents:
+            is_val = choose_val_documents(n_docs, args.val_fraction, args.shuffle.lower() == "true", args.seed)
+            print(f"{n_docs:,} documents ({documents} mode): {n_docs - int(is_val.sum()):,} train, "
+                  f"{int(is_val.sum()):,} val")
+        if bpe_size:
+            if documents:  # the training documents only
+                texts = (doc for doc, v in zip(iter_documents(files, documents, args.chunk_size), is_val) if not v)
+            else:  # the text without its tail, which becomes val
+                texts = (piece for path in files for piece in chunk_text(read_text(path, args.chunk_size), args.chunk_size))
+                texts = bounded(texts, int(n_chars * (1 - args.val_fraction)))
+            sample = min(args.bpe_sample_chars, n_chars)
+            print(f"training a BPE vocabulary of {bpe_size:,} tokens on up to {sample:,} characters...")
+            tokenizer = train_bpe(bounded(texts, args.bpe_sample_chars), bpe_size, documents)
         if tokenizer is None:
-            tokenizer = Tokenizer.char_from_text(chars)
+            tokenizer = Tokenizer.char_from_text(chars, documents)
             shown = "".join(tokenizer.chars)
             print("all the unique characters:", shown if len(shown) <= 500 else shown[:500] + "...")
         print(f"vocab size: {tokenizer.vocab_size:,} ({tokenizer.name})")
 
         dtype = np.dtype("<u2") if tokenizer.vocab_size <= 1 << 16 else np.dtype("<u4")
-        n_tokens = encode_files(files, tokenizer, tmp / "train.bin", dtype, args.chunk_size, args.num_workers)
-        n_train = int(n_tokens * (1 - args.val_fraction))  # nanoGPT: data[:int(n*0.9)]
-        n_val = n_tokens - n_train
+        doc_meta = {}
+        if documents:
+            n_split, lengths = encode_documents(files, documents, is_val, tokenizer, tmp, dtype,
+                                                args.chunk_size, args.num_workers)
+            n_train, n_val = n_split["train"], n_split["val"]
+            n_tokens = n_train + n_val
+            stats = document_stats(lengths, args.block_size)
+            doc_meta = {"documents": documents, "train_documents": n_docs - int(is_val.sum()),
+                        "val_documents": int(is_val.sum()), "shuffle": args.shuffle.lower() == "true",
+                        "seed": args.seed, "document_tokens": stats}
+            print(f"document length in tokens: mean {stats['mean']:.1f}, median {stats['median']:.0f}, "
+                  f"max {stats['max']:,}")
+            if stats["longer_than_block_size"] > LONG_DOCUMENTS_WARNING * n_docs:
+                print(f"warning: {stats['longer_than_block_size']:,} of {n_docs:,} documents are longer than "
+                      f"--block_size={args.block_size} tokens (with their boundary); train.py cuts them into "
+                      f"windows, so train with a larger --block_size if you can", file=sys.stderr)
+        else:
+            n_tokens = encode_files(files, tokenizer, tmp / "train.bin", dtype, args.chunk_size, args.num_workers)
+            n_train = int(n_tokens * (1 - args.val_fraction))  # nanoGPT: data[:int(n*0.9)]
+            n_val = n_tokens - n_train
         need = args.block_size + 1  # one training window: block_size inputs + the next token
         if n_tokens < 2 * need:
             raise UserError(f"the input has only {n_tokens:,} tokens, but train and val each need at "
@@ -378,7 +661,8 @@ def main(argv=None):
                 raise UserError(f"the {split} split has {n:,} tokens, fewer than block_size + 1 = {need} "
                                 f"(one training window); use {fix} --val_fraction, more text, "
                                 "or a smaller --block_size")
-        split_tail(tmp / "train.bin", n_train, tmp / "val.bin", dtype.itemsize)
+        if not documents:
+            split_tail(tmp / "train.bin", n_train, tmp / "val.bin", dtype.itemsize)
         print(f"train has {n_train:,} tokens")
         print(f"val has {n_val:,} tokens")
 
@@ -391,6 +675,8 @@ def main(argv=None):
             "val_tokens": n_val,
             "eot_id": tokenizer.eot_id,
             **({"chars": tokenizer.chars} if tokenizer.chars is not None else {}),
+            **doc_meta,
+            **({"bpe": tokenizer.describe()["bpe"]} if tokenizer.name == BPE else {}),
             "sources": sources,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -24,15 +24,20 @@ shape and the tokenizer, so nothing in data/ is needed. Standard output holds on
   longer than block_size is read from its last block_size tokens.
 - temperature 0 is greedy decoding; top_k above the vocabulary size means all tokens;
   top_k 0 (or none) and top_p 1 are off. The same --seed gives the same samples.
+- A model trained on documents (prepare.py --documents=line|blank) reads the prompt as the
+  start of a new document (after its boundary token; leading line ends are dropped, so the
+  default "\n" and --prompt="" both mean "a new document"), and each sample ends where its
+  document ends: --num_samples=20 prints 20 whole documents. --stop=STRING (repeatable)
+  ends a sample at a string, for any model; the boundary and the stop string are not
+  printed (see stopping.py, which any consumer of generate_stream can use).
 - Precision: --dtype=auto picks float32 on CPUs even where training uses bf16 autocast:
   decoding one token at a time is a chain of small matrix-vector products, where autocast's
   casts cost more than they save (measured ~2x slower). GPUs keep hardware.resolve's choice.
 """
-import codecs
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,6 +48,7 @@ import hf_format
 from config import parse_config
 from errors import UserError, run_main
 from model import GPT, GPTConfig
+from stopping import StopCondition
 from tokenizer import Tokenizer
 
 
@@ -66,6 +72,7 @@ class SampleConfig:
     dtype: str = "auto"  # auto (float32 on cpu: faster for decoding; bf16 or fp16 on gpus), float32, bfloat16 or float16
     compile: bool = False  # torch.compile the model (slow to start; for long runs on GPUs)
     cpu_threads: int = 0  # torch threads on cpu; 0 = all cores (2 measured 1.5x faster than 1 on a quiet 2-core host)
+    stop: list[str] = field(default_factory=list)  # end a sample at this string, not printed; repeat for several
 
     def problems(self) -> list[str]:
         """Every setting that cannot work, so all are reported at once before any work."""
@@ -84,6 +91,8 @@ class SampleConfig:
             p.append(f"--cpu_threads must be >= 0 (0 = all cores), got {self.cpu_threads}")
         if not self.out_dir and self.init_from == "resume":
             p.append("--out_dir must name the folder holding ckpt.pt")
+        if any(s == "" for s in self.stop):
+            p.append("--stop needs a non-empty string, e.g. --stop=END")
         return p
 
 
@@ -140,6 +149,8 @@ def read_prompt(prompt: str) -> str:
 
 def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool) -> list[int]:
     """Token ids of the prompt; at least one, since generation continues from something."""
+    if tokenizer.documents:  # a new document: its boundary token, then the prompt's text
+        return [tokenizer.eot_id] + tokenizer.encode(text.lstrip("\n"), drop_unknown=drop_unknown)
     ids = tokenizer.encode(text, drop_unknown=drop_unknown)
     if ids:
         return ids
@@ -151,66 +162,40 @@ def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool) -> list[i
 
 # ---------------------------------------------------------------------------- generation
 
-class TextStream:
-    """Turns token ids into text as they arrive, and prints it to out (when given). A BPE
-    token can hold part of a multi-byte character, so bytes go through an incremental UTF-8
-    decoder that keeps an incomplete character back until its last byte comes."""
-
-    def __init__(self, tokenizer: Tokenizer, out=None):
-        self.tokenizer = tokenizer
-        self.out = out
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def write(self, ids: list[int]) -> str:
-        """The text these ids complete (possibly empty: part of a character)."""
-        # ids past the tokenizer's vocabulary are the model's padding: never trained, never text
-        data = self.tokenizer.decode_bytes([i for i in ids if i < self.tokenizer.vocab_size])
-        return self._emit(self.decoder.decode(data))
-
-    def close(self) -> str:
-        return self._emit(self.decoder.decode(b"", final=True))
-
-    def _emit(self, text: str) -> str:
-        if text and self.out is not None:
-            self.out.write(text)
-            self.out.flush()
-        return text
-
-
 def generate_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cfg: SampleConfig,
                   precision: hardware.Precision, generator: torch.Generator, echo_prompt: bool,
-                  steps: list | None = None):
+                  stop: StopCondition | None = None):
     """Generate cfg.num_samples continuations of prompt_ids as one batch and yield the text of
     the first as it grows: the prompt (when echo_prompt), then more after each token that
-    completes a character. When steps is a list, each step's ids (one per sample) are appended
-    to it. sample.py prints this text and app.py streams it to a web page: the same settings
+    completes a character. Each sample ends at its document's end (a documents model), at a
+    cfg.stop string, or after cfg.max_new_tokens; `stop` (made here when None) tracks that
+    and, once the generator is done, holds every sample's text (stop.text(b)) and the steps
+    taken. sample.py prints this text and app.py streams it to a web page: the same settings
     and seed give the same text in both."""
     idx = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=precision.device)  # (B, T)
-    stream = TextStream(tokenizer)
-    # the prompt as the model reads it (unknown characters dropped); not an end-of-text
-    # token that stands for an empty prompt
-    shown_prompt = [i for i in prompt_ids if i != tokenizer.eot_id] if echo_prompt else []
-    text = stream.write(shown_prompt)
+    if stop is None:
+        stop = StopCondition.for_model(tokenizer, cfg.num_samples, cfg.stop)
+    # the prompt as the model reads it (unknown characters dropped); not the boundary token
+    # a new document (or an empty BPE prompt) starts from
+    shown_prompt = [i for i in prompt_ids if i != tokenizer.eot_id and i < tokenizer.vocab_size] if echo_prompt else []
+    text = tokenizer.decode_bytes(shown_prompt).decode("utf-8", errors="replace")
     yield text
     tokens = model.generate_stream(idx, cfg.max_new_tokens, temperature=cfg.temperature,
                                    top_k=cfg.top_k or None, top_p=cfg.top_p,
                                    generator=generator, use_cache=cfg.use_cache)
-    while True:
+    while not stop.all_done:  # until every sample reached its end
         # autocast is entered per step, not around the loop: a web server may resume this
         # generator on another thread, and autocast state belongs to a thread
         with precision.autocast():
             next_id = next(tokens, None)
         if next_id is None:
             break
-        ids = next_id.tolist()  # the one host sync per step, which streaming needs anyway
-        if steps is not None:
-            steps.append(ids)
-        piece = stream.write(ids[:1])
-        if piece:
+        stop.update(next_id.tolist())  # the one host sync per step, which streaming needs anyway
+        if piece := stop.new_text(0):  # the first sample streams
             text += piece
             yield text
-    piece = stream.close()
-    if piece:
+    stop.finish()
+    if piece := stop.new_text(0):
         yield text + piece
 
 
@@ -218,11 +203,11 @@ def complete(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cfg: Sampl
              precision: hardware.Precision, generator: torch.Generator, echo_prompt: bool, out):
     """Generate cfg.num_samples continuations of prompt_ids as one batch; stream the first
     to out and print the others when done. Returns (new tokens per sample, seconds, CPU seconds)."""
-    new_ids: list[list[int]] = []  # one list of ids per step, each (B,)
+    stop = StopCondition.for_model(tokenizer, cfg.num_samples, cfg.stop)  # boundary token, --stop
     shown = ""
     precision.synchronize()
     start, start_cpu = time.perf_counter(), time.process_time()
-    for text in generate_text(model, tokenizer, prompt_ids, cfg, precision, generator, echo_prompt, new_ids):
+    for text in generate_text(model, tokenizer, prompt_ids, cfg, precision, generator, echo_prompt, stop):
         out.write(text[len(shown):])
         out.flush()
         shown = text
@@ -230,14 +215,13 @@ def complete(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cfg: Sampl
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     out.write("\n")
     if cfg.num_samples > 1:
-        shown_prompt = [i for i in prompt_ids if i != tokenizer.eot_id] if echo_prompt else []
+        shown_prompt = [i for i in prompt_ids if i != tokenizer.eot_id and i < tokenizer.vocab_size] if echo_prompt else []
+        prompt_text = tokenizer.decode(shown_prompt)
         out.write("---------------\n")
         for b in range(1, cfg.num_samples):
-            rest = [i for i in shown_prompt + [step[b] for step in new_ids]
-                    if i < tokenizer.vocab_size]
-            out.write(tokenizer.decode_bytes(rest).decode("utf-8", errors="replace") + "\n---------------\n")
+            out.write(prompt_text + stop.text(b) + "\n---------------\n")
     out.flush()
-    return len(new_ids), seconds, cpu_seconds
+    return stop.steps, seconds, cpu_seconds
 
 
 def report_stats(cfg: SampleConfig, n_tokens: int, seconds: float, cpu_seconds: float):

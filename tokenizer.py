@@ -1,15 +1,34 @@
-"""The tokenizer shared by prepare.py, train.py and sample.py: char-level or tiktoken BPE.
+"""The tokenizer shared by prepare.py, train.py and sample.py: char-level, a tiktoken
+encoding, or a byte-level BPE vocabulary trained on the user's text (`bpe`).
 
 A Tokenizer is fully described by a small JSON-able dict (describe()), which prepare.py
 writes into meta.json and train.py copies into the checkpoint, so sample.py rebuilds the
 exact same tokenizer with from_description() and needs nothing from data/.
+
+A trained vocabulary is stored the way tiktoken stores its own: the byte string of every
+token in rank order (base64), the regex that splits text before BPE and the special
+tokens. from_description() builds a tiktoken.Encoding from them, so tiktoken is the one
+tokenizer at run time, whatever the vocabulary.
+
+A dataset prepared in documents mode (prepare.py --documents=line|blank) starts every
+document with a boundary token, eot_id: tiktoken's <|endoftext|>, the trained
+vocabulary's <|endoftext|>, or for char-level one extra id, len(chars), that no character
+can take. `documents` records the mode ("line" or "blank"; None otherwise).
 """
+import base64
+
 import numpy as np
 import tiktoken
 
 from errors import UserError
 
 CHAR = "char"
+BPE = "bpe"  # a byte-level BPE vocabulary trained by prepare.py --tokenizer=bpe:N
+EOT = "<|endoftext|>"  # the document-boundary token of tiktoken and of trained vocabularies
+# How a trained vocabulary splits text before BPE: by lines. Merges may cross spaces but never
+# a line end, so records made of a few recurring words (boxing combos, log lines) get tokens
+# for whole moves or fields; GPT-2's word regex caps a 12,000-combo file at 334 tokens.
+LINE_PATTERN = r"[^\n]+|\n+"
 
 
 def _id_list(ids) -> list[int]:
@@ -21,11 +40,13 @@ class Tokenizer:
     """Char-level (id = index into `chars`) or a tiktoken encoding such as gpt2."""
 
     def __init__(self, name: str, vocab_size: int, eot_id: int | None,
-                 chars: list[str] | None = None, encoding: tiktoken.Encoding | None = None):
-        self.name = name  # "char" or a tiktoken encoding name
+                 chars: list[str] | None = None, encoding: tiktoken.Encoding | None = None,
+                 documents: str | None = None):
+        self.name = name  # "char", "bpe" (trained) or a tiktoken encoding name
         self.vocab_size = vocab_size
-        self.eot_id = eot_id  # tiktoken's <|endoftext|> id; None for char
+        self.eot_id = eot_id  # <|endoftext|> id; for char len(chars) in documents mode, else None
         self.chars = chars  # char-level only: the ordered vocabulary
+        self.documents = documents  # "line" or "blank" for a documents dataset, else None
         self._encoding = encoding
         if chars is not None:
             # Code points sorted, with the id of each: a vectorised lookup for encode.
@@ -37,10 +58,27 @@ class Tokenizer:
     # ---- construction ----
 
     @classmethod
-    def char_from_text(cls, chars_iterable) -> "Tokenizer":
-        """Char-level vocabulary: the sorted set of characters (of a string, or any iterable)."""
+    def char_from_text(cls, chars_iterable, documents: str | None = None) -> "Tokenizer":
+        """Char-level vocabulary: the sorted set of characters (of a string, or any iterable).
+        With documents, one more id, len(chars), is the document boundary."""
         chars = sorted(set(chars_iterable))
+        if documents:
+            return cls(CHAR, len(chars) + 1, len(chars), chars=chars, documents=documents)
         return cls(CHAR, len(chars), None, chars=chars)
+
+    @classmethod
+    def bpe_from_ranks(cls, ranks: list[bytes], pattern: str = LINE_PATTERN,
+                       documents: str | None = None) -> "Tokenizer":
+        """A trained byte-level vocabulary: ranks[i] is the bytes of token i (every single byte
+        among them, so any text encodes), then <|endoftext|> as the last id."""
+        mergeable = {token: rank for rank, token in enumerate(ranks)}
+        if len(mergeable) != len(ranks) or any(bytes([b]) not in mergeable for b in range(256)):
+            raise UserError("the trained vocabulary is damaged (a repeated token or a missing byte); "
+                            "re-run prepare.py")
+        eot = len(ranks)
+        encoding = tiktoken.Encoding(name=BPE, pat_str=pattern, mergeable_ranks=mergeable,
+                                     special_tokens={EOT: eot})
+        return cls(BPE, eot + 1, eot, encoding=encoding, documents=documents)
 
     @classmethod
     def tiktoken(cls, name: str) -> "Tokenizer":
@@ -64,27 +102,54 @@ class Tokenizer:
         name = d.get("name", d.get("tokenizer"))
         if name is None:
             raise UserError("tokenizer description has no 'name' (or 'tokenizer') key")
+        documents = d.get("documents") if d.get("documents") in ("line", "blank") else None
         if name == CHAR:
             if not d.get("chars"):
                 raise UserError("char tokenizer description has no 'chars' list; re-run prepare.py")
-            tok = cls(CHAR, len(d["chars"]), None, chars=list(d["chars"]))
+            chars = list(d["chars"])
+            if d.get("eot_id") not in (None, len(chars)):
+                raise UserError(f"char tokenizer description has eot_id {d['eot_id']}, but the boundary "
+                                f"id of {len(chars)} characters is {len(chars)}; re-run prepare.py")
+            if d.get("eot_id") is None:
+                tok = cls(CHAR, len(chars), None, chars=chars)
+            else:
+                tok = cls(CHAR, len(chars) + 1, len(chars), chars=chars, documents=documents)
+        elif name == BPE:
+            bpe = d.get("bpe")
+            try:
+                ranks = [base64.b64decode(t, validate=True) for t in bpe["ranks"]]
+                pattern = bpe["pattern"]
+            except (TypeError, KeyError, ValueError):
+                raise UserError("the trained (bpe) tokenizer description has no valid 'bpe' ranks and "
+                                "pattern; re-run prepare.py") from None
+            tok = cls.bpe_from_ranks(ranks, pattern, documents)
         else:
             tok = cls.tiktoken(name)
+            tok.documents = documents
         if "vocab_size" in d and d["vocab_size"] != tok.vocab_size:
             raise UserError(f"tokenizer {name!r} has vocab_size {tok.vocab_size}, but the "
                             f"description says {d['vocab_size']}; re-run prepare.py")
         return tok
 
     def describe(self) -> dict:
-        """JSON-able description: {"name", "vocab_size", "eot_id"} (+ "chars" for char)."""
+        """JSON-able description: {"name", "vocab_size", "eot_id"} (+ "chars" for char, "bpe"
+        for a trained vocabulary: {"pattern", "ranks": base64 bytes of each token in rank
+        order, "special_tokens"}, "documents" in documents mode)."""
         d = {"name": self.name, "vocab_size": self.vocab_size, "eot_id": self.eot_id}
         if self.chars is not None:
             d["chars"] = list(self.chars)
+        if self.name == BPE:
+            enc = self._encoding
+            ranks = [enc.decode_single_token_bytes(i) for i in range(enc.n_vocab) if i != self.eot_id]
+            d["bpe"] = {"pattern": enc._pat_str, "special_tokens": {EOT: self.eot_id},
+                        "ranks": [base64.b64encode(t).decode("ascii") for t in ranks]}
+        if self.documents:
+            d["documents"] = self.documents
         return d
 
     @property
     def encoding(self) -> "tiktoken.Encoding | None":  # quoted: the classmethod tiktoken shadows the module here
-        """The tiktoken Encoding behind a BPE tokenizer (None for char), e.g. for export.py."""
+        """The tiktoken Encoding (tiktoken names and trained vocabularies; None for char), e.g. for export.py."""
         return self._encoding
 
     # ---- encode / decode ----
@@ -120,7 +185,8 @@ class Tokenizer:
         ids = _id_list(ids)
         if self._encoding is not None:
             return self._encoding.decode(ids)
-        return "".join(self.chars[i] for i in ids)
+        # the char-level document boundary is not text: it decodes to nothing
+        return "".join(self.chars[i] for i in ids if i != self.eot_id)
 
     def decode_bytes(self, ids) -> bytes:
         """Raw bytes, for a streaming printer with an incremental UTF-8 decoder (a BPE token

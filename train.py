@@ -9,6 +9,16 @@
 Reads data/<dataset>/{train,val}.bin and meta.json (see prepare.py), writes
 <out_dir>/ckpt.pt (see checkpoint.py), <out_dir>/metrics.jsonl and its loss curves,
 <out_dir>/loss.png (redrawn at every evaluation, see plot.py).
+
+A dataset prepared with --documents=line|blank trains in document mode, with no flag: every
+row of a batch starts at a document's boundary token and runs on through the documents
+after it until the row is full (short documents packed one after another; the last one is
+cut at the row's end), position embeddings restart at each document, attention never
+crosses a boundary (model.document_mask), and the loss includes predicting each boundary,
+which is how generation learns to stop. A document longer than block_size is also trained
+from windows that start every block_size tokens inside it, their positions counted from
+0 as in generation's sliding window (model.GPT.generate_stream), so no part of it is
+left out. Rows whose window would run past the split's end are never drawn.
 """
 import contextlib
 import dataclasses
@@ -164,16 +174,53 @@ class Dataset:
                                 f"the dataset is damaged, run prepare.py again")
             self.sizes[split] = n
 
+        # document mode: a dataset of documents, each starting with the boundary token eot_id
+        self.eot_id = self.meta.get("eot_id")
+        self.documents = self.meta.get("documents") in ("line", "blank") and self.eot_id is not None
+        self._row_starts = {}  # (split, block_size) -> where document-mode rows may start
+
+    def row_starts(self, split: str, block_size: int) -> np.ndarray:
+        """Document mode: every document start (its boundary token) and, inside a document
+        longer than block_size, every block_size tokens after it; only starts that leave a
+        whole window (block_size + 1 tokens). Found once per split by one pass over it."""
+        key = (split, block_size)
+        if key not in self._row_starts:
+            data = np.memmap(self.paths[split], dtype=self.dtype, mode="r")
+            bounds = np.flatnonzero(data == self.eot_id)  # each document's start; the last closes the split
+            firsts, lengths = bounds[:-1], np.diff(bounds)  # lengths count the boundary token
+            more = (lengths - 1) // block_size  # windows after the first one of each document
+            doc = np.repeat(np.arange(len(firsts)), more)
+            k = np.arange(len(doc)) - np.repeat(np.cumsum(more) - more, more) + 1  # 1, 2, .. per document
+            starts = np.sort(np.concatenate([firsts, firsts[doc] + k * block_size]))
+            self._row_starts[key] = starts[starts + block_size + 1 <= len(data)]
+        return self._row_starts[key]
+
     def get_batch(self, split, batch_size, block_size, generator, device):
-        """Random windows: x (B, T) and the next-token targets y (B, T), int64 on device."""
+        """Random windows: x (B, T) and the next-token targets y (B, T), int64 on device.
+        Document mode: rows start at row_starts, and a third tensor gives each token's
+        position in its document (B, T) for the model."""
         data = np.memmap(self.paths[split], dtype=self.dtype, mode="r")
-        starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
+        if self.documents:
+            row_starts = self.row_starts(split, block_size)
+            starts = row_starts[torch.randint(len(row_starts), (batch_size,), generator=generator).numpy()]
+        else:
+            starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
         windows = data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)  # (B, T+1)
         xy = torch.from_numpy(windows)
-        x, y = xy[:, :-1], xy[:, 1:]
+        batch = [xy[:, :-1], xy[:, 1:]]
+        if self.documents:
+            batch.append(document_positions(batch[0], self.eot_id))
         if device.startswith("cuda"):  # pinned memory lets the copy overlap with compute
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x.contiguous().to(device), y.contiguous().to(device)
+            return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+        return tuple(t.contiguous().to(device) for t in batch)
+
+
+def document_positions(x: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """x (B, T) -> each token's index in its document (B, T): 0 at every boundary token and
+    at the row's first token, counting up to the next boundary."""
+    i = torch.arange(x.size(1))
+    start = torch.where(x == eot_id, i, 0).cummax(dim=1).values  # the last boundary at or before i
+    return i - start
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:
@@ -199,11 +246,11 @@ def train_step(model, optimizer, scaler, batches, precision, grad_clip: float, d
     other dtypes it is skipped here, and train.py stops. bench.py times this same function.
     """
     accum = len(batches)
-    for i, (x, y) in enumerate(batches):
+    for i, (x, y, *positions) in enumerate(batches):  # positions: (B, T) in document mode
         # under DDP, gradients are synchronised on the last micro-step only
         with model.no_sync() if ddp and i < accum - 1 else nullcontext():
             with precision.autocast():
-                _, loss = model(x, y)
+                _, loss = model(x, y, positions=positions[0] if positions else None)
             scaler.scale(loss / accum).backward()  # gradients of all micro-steps add up
     scaler.unscale_(optimizer)  # clip (and check) the true gradients, not the scaled ones
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -478,6 +525,9 @@ def run(argv, held: contextlib.ExitStack):
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     if master:
         print(f"tokens per iteration: {tokens_per_iter:,}")
+        if data.documents:
+            print(f"document mode: {data.meta.get('train_documents', '?')} training documents; rows start at "
+                  f"document starts, attention stays inside each document")
 
     torch.manual_seed(cfg.seed + rank)
     data_gen = torch.Generator().manual_seed(cfg.seed + rank)
@@ -546,9 +596,9 @@ def run(argv, held: contextlib.ExitStack):
             gen = torch.Generator().manual_seed(cfg.seed + 1000 + i)
             losses = torch.zeros(cfg.eval_iters)
             for k in range(cfg.eval_iters):
-                x, y = data.get_batch(split, cfg.batch_size, cfg.block_size, gen, device)
+                x, y, *positions = data.get_batch(split, cfg.batch_size, cfg.block_size, gen, device)
                 with precision.autocast():
-                    _, loss = model(x, y)
+                    _, loss = model(x, y, positions=positions[0] if positions else None)
                 losses[k] = loss.item()
             mean = losses.mean()
             if ddp:  # every rank takes the same checkpoint decision from the same numbers

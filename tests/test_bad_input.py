@@ -375,6 +375,35 @@ def test_export_and_init_from_bad_input(name, hf_world, capsys):
     before = fingerprint(hf_world)
     with pytest.raises(SystemExit) as e:
         run_main({**MAINS, "export": export.main}[script], args)
+# Documents mode and trained vocabularies (issue 12): the same promise for their inputs.
+DOCUMENT_CASES = {
+    "prepare unknown documents mode": (P("--input", "{root}/short.txt", "--name=x", "--documents=paragraph"),
+                                       "unknown --documents mode 'paragraph'"),
+    "prepare bpe:0": (P("--input", "{root}/short.txt", "--name=x", "--tokenizer=bpe:0"), "at least 257"),
+    "prepare bpe:abc": (P("--input", "{root}/short.txt", "--name=x", "--tokenizer=bpe:abc"), "bpe:N"),
+    "prepare bpe without a size": (P("--input", "{root}/short.txt", "--name=x", "--tokenizer=bpe"), "bpe:N"),
+    "prepare vocabulary too large for the text": (
+        P("--input", "{root}/lines.txt", "--name=x", "--tokenizer=bpe:5000", "--documents=line", "--block_size=4"),
+        "use --tokenizer=bpe:"),
+    "prepare no non-empty line": (P("--input", "{root}/blank_lines.txt", "--name=x", "--tokenizer=char",
+                                    "--documents=line"), "no non-empty line"),
+    "prepare one document cannot split": (P("--input", "{root}/short.txt", "--name=x", "--tokenizer=char",
+                                            "--documents=line", "--block_size=4"), "too few to give train and val"),
+    "prepare bad shuffle": (P("--input", "{root}/short.txt", "--name=x", "--documents=line", "--shuffle=maybe"),
+                            "--shuffle must be true or false"),
+    "sample empty stop string": (S("--stop="), "--stop needs a non-empty string"),
+}
+
+
+@pytest.mark.parametrize("name", list(DOCUMENT_CASES))
+def test_bad_document_input_gives_one_clear_line(name, world, capsys):
+    (world / "blank_lines.txt").write_text("\n  \n\t\n\n")
+    (world / "lines.txt").write_text("".join(f"combo {i % 7} - jab\n" for i in range(40)))
+    (script, args), message = DOCUMENT_CASES[name]
+    args = [a.format(root=world, data=world / "data") for a in args]
+    before = fingerprint(world)
+    with pytest.raises(SystemExit) as e:
+        run_main(MAINS[script], args)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
@@ -450,3 +479,4 @@ def test_app_as_a_real_command(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""  # no server
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: no checkpoint at") and "Traceback" not in proc.stderr
+    assert fingerprint(world) == before and not (world / "prepared" / "x").exists()

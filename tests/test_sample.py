@@ -13,6 +13,7 @@ import sample
 from conftest import ROOT
 from errors import UserError, run_main
 from model import GPT, GPTConfig, KVCache, sample_next
+from stopping import StopCondition
 from tokenizer import Tokenizer
 
 CHARS = sorted(set("\n !,.:;?abcdefghijklmnopqrstuvwxyzAEMOR"))
@@ -199,14 +200,14 @@ def test_bpe_stream_never_breaks_characters(gpt2, bpe_dir, capsys):
     ids = gpt2.encode(text)
     # the test means something only if some tokens end inside a character
     assert any(_invalid_utf8(gpt2.decode_bytes([i])) for i in ids)
-    out = io.StringIO()
     chunks = []
-    stream = sample.TextStream(gpt2, out)
+    stream = StopCondition(gpt2, 1)  # what sample.py and app.py stream through
     for i in ids:
-        stream.write([i])
-        chunks.append(out.getvalue())
-    stream.close()
-    assert out.getvalue() == text and "\ufffd" not in "".join(chunks)
+        stream.update([i])
+        chunks.append(stream.new_text(0))
+    stream.finish()
+    chunks.append(stream.new_text(0))
+    assert "".join(chunks) == text and "\ufffd" not in "".join(chunks)
 
     printed = run([f"--out_dir={bpe_dir}", f"--prompt={text}", "--max_new_tokens=5"], capsys)
     assert printed.startswith(text)

@@ -1,0 +1,79 @@
+"""Synthetic boxing combos, one per line: a small documents dataset to try documents mode.
+
+    python data/make_combos.py --n 12000 --out data/combos.txt
+    python prepare.py --input data/combos.txt --name combos --tokenizer char --documents line
+    python train.py configs/combos.py
+    python sample.py --out_dir=out-combos --prompt="" --num_samples=60 > samples.txt
+    python data/make_combos.py --score samples.txt --out data/combos.txt   # % valid, % new
+
+A combo is 2 to 6 moves joined by " - ", e.g. "Jab - Cross to the Body - Lead Hook - Slip".
+Punches may go to the body; a defensive move (slip, roll, ...) is never repeated twice in a
+row, and a combo starts with a punch. is_valid() tells whether a line is a combo of known
+moves: what the benchmark in the README counts.
+"""
+import argparse
+import random
+
+PUNCHES = ["Jab", "Cross", "Lead Hook", "Rear Hook", "Lead Uppercut", "Rear Uppercut", "Overhand",
+           "Double Jab"]
+DEFENSES = ["Slip", "Roll", "Pull Back", "Step Back", "Pivot", "Parry", "Block"]
+BODY = " to the Body"
+SEPARATOR = " - "
+MOVES = frozenset(PUNCHES + [p + BODY for p in PUNCHES if p != "Double Jab"] + DEFENSES)  # every valid move
+
+
+def make_combo(rng: random.Random) -> str:
+    moves = [rng.choice(PUNCHES)]
+    for _ in range(rng.randint(1, 5)):
+        if moves[-1] in DEFENSES or rng.random() < 0.7:
+            move = rng.choice(PUNCHES)
+            if move != "Double Jab" and rng.random() < 0.2:
+                move += BODY
+        else:
+            move = rng.choice(DEFENSES)
+        moves.append(move)
+    return SEPARATOR.join(moves)
+
+
+def make_combos(n: int, seed: int = 0) -> list[str]:
+    """n combos (repeats possible, as in real lists), reproducible from seed."""
+    rng = random.Random(seed)
+    return [make_combo(rng) for _ in range(n)]
+
+
+def is_valid(line: str) -> bool:
+    """A single line of known moves joined by " - "."""
+    return "\n" not in line and bool(line) and all(m in MOVES for m in line.split(SEPARATOR))
+
+
+def score(samples: list[str], training: set[str]) -> tuple[float, float]:
+    """% of samples that are valid combos, and % that are valid and not in training."""
+    valid = [s for s in samples if is_valid(s)]
+    new = [s for s in valid if s not in training]
+    return 100 * len(valid) / len(samples), 100 * len(new) / len(samples)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Write synthetic boxing combos, one per line, or score samples.")
+    p.add_argument("--n", type=int, default=12000, help="number of combos")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--out", default="data/combos.txt", help="output file (with --score: the training file)")
+    p.add_argument("--score", metavar="SAMPLES", help="sample.py's output (samples between lines of dashes): "
+                                                      "print the % of valid combos and of new ones")
+    args = p.parse_args(argv)
+    if args.score:
+        with open(args.score, encoding="utf-8") as f:
+            samples = f.read().split("\n---------------\n")[:-1]
+        with open(args.out, encoding="utf-8") as f:
+            training = set(f.read().splitlines())
+        valid, new = score(samples, training)
+        print(f"{len(samples)} samples: {valid:.1f}% valid combos (known moves, one line), "
+              f"{new:.1f}% valid and not in {args.out}")
+        return
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write("\n".join(make_combos(args.n, args.seed)) + "\n")
+    print(f"wrote {args.n:,} combos to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
