@@ -1,6 +1,5 @@
 """sample.py and generation in model.py: the KV cache, the sliding window, the sampling
 settings, streaming, the interactive prompt and the errors a user can run into."""
-import io
 import os
 import subprocess
 import sys
