@@ -65,10 +65,34 @@ class ExportConfig:
 
 # ---------------------------------------------------------------------------- the model card
 
+# Greedy generation with onnxruntime and the KV cache; the README shows the same loop, and
+# tests/test_export.py runs it.
+ONNX_LOOP = """# greedy generation with onnxruntime and the KV cache, no torch
+import numpy as np, onnxruntime as ort
+from tokenizers import Tokenizer
+folder, prompt, max_new_tokens = {folder}, "ROMEO:", 100
+tokenizer = Tokenizer.from_file(f"{{folder}}/tokenizer.json")
+session = ort.InferenceSession(f"{{folder}}/model_with_past.onnx")
+past_names = [i.name for i in session.get_inputs()[1:]]  # past_key_values.N.key/value
+_, heads, _, head_size = session.get_inputs()[1].shape  # (batch, heads, positions, head size)
+past = {{name: np.zeros((1, heads, 0, head_size), np.float32) for name in past_names}}
+ids = np.array([tokenizer.encode(prompt).ids], dtype=np.int64)  # the prompt, then one token a step
+new = []
+for _ in range(max_new_tokens):  # prompt + new tokens must fit in n_positions (config.json)
+    logits, *present = session.run(None, {{"input_ids": ids, **past}})
+    ids = logits[:, -1:].argmax(-1)  # greedy: (1, 1), int64; sample from softmax(logits) for variety
+    past = dict(zip(past_names, present))
+    new.append(int(ids[0, 0]))
+print(prompt + tokenizer.decode(new))
+"""
+
+
 def model_card(model: GPT, tokenizer: Tokenizer, ckpt: dict, fmt: str, name: str) -> str:
     c, cfg = model.config, ckpt.get("config", {})
     tok = (f"char-level, {len(tokenizer.chars)} characters" if tokenizer.name == "char"
            else f"tiktoken {tokenizer.name} BPE, {tokenizer.vocab_size:,} tokens")
+    start = cfg.get("init_from", "scratch")
+    origin = "trained" if start in ("scratch", "resume") else f"finetuned from {start}"
     best = ckpt.get("best_val_loss")
     best = f"{best:.4f}" if isinstance(best, float) and best != float("inf") else "not measured"
     if fmt == "hf":
@@ -99,8 +123,7 @@ gets slightly different logits there (greedy text matched ours in our tests)."""
         use = ("`model.onnx` maps `input_ids` (int64, batch x sequence) to `logits`; "
                "`model_with_past.onnx` also takes and returns the KV cache (`past_key_values.N.key/value` "
                "-> `present.N.key/value`, each batch x heads x positions x head size) for fast generation "
-               "with onnxruntime and tokenizers alone: see the loop in nanogpt-toolkit's README, "
-               "section 'Sharing a model'.")
+               "with onnxruntime and tokenizers alone:\n\n```python\n" + ONNX_LOOP.format(folder=json.dumps(name)) + "```")
     return f"""---
 library_name: {dict(hf="transformers").get(fmt, fmt)}
 pipeline_tag: text-generation
@@ -109,8 +132,8 @@ tags: [gpt2, nanogpt-toolkit]
 ---
 # {name}
 
-A GPT-2-architecture language model trained from scratch (or finetuned) with nanogpt-toolkit, a
-nanoGPT-style trainer, and exported by its `export.py` ({fmt} format).
+A GPT-2-architecture language model {origin} with nanogpt-toolkit, a nanoGPT-style trainer, and
+exported by its `export.py` ({fmt} format).
 
 | | |
 |---|---|

@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,11 +64,14 @@ def our_logits(out_dir, ids: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def onnx_loop_code() -> str:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    return re.search(r"```python\n(# greedy generation with onnxruntime.*?)```", readme, re.S).group(1)
+
+
 def onnx_loop(folder, prompt: str) -> str:
     """The README's onnxruntime generation loop, run as written in a fresh Python."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    code = re.search(r"```python\n(# onnxruntime generation loop.*?)```", readme, re.S).group(1)
-    code = code.replace('"exports/shakespeare-onnx", "ROMEO:", 100', f"{str(folder)!r}, {prompt!r}, {N_NEW}")
+    code = onnx_loop_code().replace('"exports/shakespeare-onnx", "ROMEO:", 100', f"{str(folder)!r}, {prompt!r}, {N_NEW}")
     code += "import sys\nassert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONIOENCODING": "utf-8"})
@@ -99,6 +101,8 @@ def check_export(out_dir, tmp, prompt: str, capsys):
     assert np.abs(logits - expected.numpy()).max() <= 1e-4
     assert onnx_loop(onnx_dir, prompt) == ours
 
+    readme_loop = onnx_loop_code().replace('"exports/shakespeare-onnx"', json.dumps(str(onnx_dir)))
+    assert readme_loop in (onnx_dir / "README.md").read_text()  # the model card shows the same loop
     fast = tokenizers.Tokenizer.from_file(str(onnx_dir / "tokenizer.json"))
     assert fast.encode(ours).ids == tokenizer.encode(ours)
     assert greedy_sample([f"--init_from={hf_dir}", f"--prompt={prompt}"], capsys) == ours
