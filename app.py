@@ -74,10 +74,27 @@ class AppConfig:
 # ---------------------------------------------------------------------------- finding models
 
 def is_model_folder(folder: Path) -> bool:
-    """A folder app.py can serve: a train.py checkpoint folder. When sample.load_model also reads
-    exported Hugging Face folders (export.py, --init_from=PATH), this is the one line to extend:
-    `return (folder / "ckpt.pt").is_file() or (folder / "config.json").is_file()`."""
-    return (folder / "ckpt.pt").is_file()
+    """A folder app.py can serve: a train.py checkpoint folder, or a GPT-2 in Hugging Face
+    format (export.py --format=hf, or one downloaded), as sample.py --init_from=PATH reads."""
+    return (folder / "ckpt.pt").is_file() or is_hf_folder(folder)
+
+
+def is_hf_folder(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(
+        (folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin"))
+
+
+def load_folder(folder: Path, device: str):
+    """(model, tokenizer, info) of a checkpoint folder or a Hugging Face folder; info holds what
+    the card shows (model_args, config, iter_num, best_val_loss), None where a folder lacks it."""
+    if (folder / "ckpt.pt").is_file() or not is_hf_folder(folder):
+        model, tokenizer, ckpt = sample.load_model(str(folder), device)
+        return model, tokenizer, {k: ckpt.get(k) for k in ("model_args", "config", "iter_num", "best_val_loss")}
+    import hf_format  # the extras (transformers...) only when such a folder is served
+    model, tokenizer = hf_format.load(str(folder))
+    info = {"model_args": dataclasses.asdict(model.config), "config": {"dataset": "(Hugging Face folder)"},
+            "iter_num": None, "best_val_loss": None}
+    return model.to(device), tokenizer, info
 
 
 def find_model_folders(root: Path) -> list[Path]:
@@ -97,7 +114,7 @@ def model_folders(cfg: AppConfig) -> dict[str, Path]:
     folders: list[Path] = []
     if cfg.out_dir:
         if not is_model_folder(Path(cfg.out_dir)):  # load it: its error says what is missing
-            sample.load_model(cfg.out_dir, "cpu")
+            load_folder(Path(cfg.out_dir), "cpu")
         folders.append(Path(cfg.out_dir))
     if cfg.models_dir:
         root = Path(cfg.models_dir)
@@ -155,10 +172,9 @@ class Models:
             raise UserError(f"unknown model {name!r}; choose one of: {', '.join(self.folders)}")
         with self.lock:
             if name not in self.loaded:
-                model, tokenizer, ckpt = sample.load_model(str(self.folders[name]), self.precision.device)
-                info = {k: ckpt.get(k) for k in ("model_args", "config", "iter_num", "best_val_loss")}
+                model, tokenizer, info = load_folder(self.folders[name], self.precision.device)
                 self.loaded[name] = Loaded(model, tokenizer, self.folders[name], info)
-                # ckpt (weights again, optimizer state) is dropped here: one copy of each model
+                # the checkpoint (weights again, optimizer state) is dropped: one copy of each model
             return self.loaded[name]
 
 

@@ -153,6 +153,13 @@ def test_char_model_exports_to_transformers_and_onnxruntime(char_run, tmp_path, 
     hf_dir = check_export(char_run / "out", tmp_path, CHAR_PROMPT, capsys)
     config = json.loads((hf_dir / "config.json").read_text())
     assert config["activation_function"] == "gelu" and config["n_positions"] == 32
+    # the web demo's model picker lists the export and serves it as it serves the checkpoint
+    import app
+    import hardware
+    assert hf_dir in app.find_model_folders(tmp_path)
+    models = app.Models({"ckpt": char_run / "out", "hf": hf_dir}, hardware.resolve("cpu", "float32"))
+    texts = [list(app.generate(models, 100, CHAR_PROMPT, 40, 0.0, 0, 1.0, 1, model=name))[-1] for name in models.folders]
+    assert texts[0] == texts[1] and len(texts[0]) > len(CHAR_PROMPT)
 
 
 # ---------------------------------------------------------------------------- GPT-2 from transformers
