@@ -206,29 +206,41 @@ def wait_until_still(read, seconds=1.0, timeout=60):
     raise AssertionError(f"still changing after {timeout} s: {last!r}")
 
 
+def started(value: str, previous: str) -> bool:
+    """The new text is streaming in (the box may first be emptied: too early to stop it)."""
+    return value.startswith(PROMPT) and len(value) > len(PROMPT) and value != previous
+
+
 def test_browser_generate_and_stop(page, client, tmp_path):
     output = page.get_by_label("Output")
     page.get_by_label("Prompt").fill(PROMPT)
     page.get_by_role("button", name="Generate").click()
-    text = wait_until_still(output.input_value)
-    assert text == generate(client, max_new_tokens=100)  # the page's defaults: sample.py's, 100 tokens
+    text = generate(client, max_new_tokens=100)  # the page's defaults: sample.py's, 100 tokens
+    deadline = time.monotonic() + 60
+    while output.input_value() != text and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert output.input_value() == text
     assert "best val loss" in page.get_by_text("best val loss").first.inner_text()
     page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
     print(f"screenshot: {tmp_path / 'app.png'}")
 
     # Stop: a long generation is cut short and stays so
     page.get_by_label(f"max new tokens (up to {LIMIT})").fill(str(LIMIT))
+    page.get_by_label("seed").fill("2")
     page.get_by_role("button", name="Generate").click()
     deadline = time.monotonic() + 60
-    while len(output.input_value()) < len(PROMPT) + 5 or output.input_value() == text:
+    while not started(output.input_value(), text):
         assert time.monotonic() < deadline, "generation did not start"
         time.sleep(0.02)
     page.get_by_role("button", name="Stop").click()
     stopped = wait_until_still(output.input_value, seconds=1.5)
     assert stopped.startswith(PROMPT) and len(stopped) < len(PROMPT) + LIMIT
+    time.sleep(1)
+    assert output.input_value() == stopped
 
     # a refused request shows its message on the page
     page.get_by_label(f"max new tokens (up to {LIMIT})").fill(str(LIMIT + 1))
     page.get_by_role("button", name="Generate").click()
     page.get_by_text(f"above this server's limit of {LIMIT}").first.wait_for(state="visible")
+    time.sleep(1)  # the message slides in
     page.screenshot(path=str(tmp_path / "refused.png"))
