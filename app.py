@@ -4,7 +4,8 @@
     python app.py --models_dir=.                            # a picker over every checkpoint under .
     python app.py                                           # the out*/ checkpoints beside app.py
 
-The page has a Prompt, Generate and Stop buttons, the Output as it streams, the sampling
+The page has a Prompt, Generate and Stop buttons, the Output as it streams (updated at most
+every --stream_interval, 0.05 s: a small model writes hundreds of tokens a second), the sampling
 settings of sample.py (max new tokens, temperature, top-k, top-p, seed), and beside them a
 model picker with each model's card and loss curve. Programs call the same generation as the
 API endpoint `/generate` (parameters prompt, max_new_tokens, temperature, top_k, top_p, seed,

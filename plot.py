@@ -145,6 +145,8 @@ def save_png(fig, path) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
         with open(tmp, "wb") as f:
             fig.savefig(f, format="png")
             f.flush()

@@ -116,6 +116,14 @@ def test_streaming(client):
     assert all(b.startswith(a) and b != a for a, b in zip(updates, updates[1:]))  # the text only grows
 
 
+def test_two_clients_at_once(client, server):
+    """Two tabs at once: gradio's queue serves both, each with its own settings and seed."""
+    other = Client(server, verbose=False)
+    jobs = [c.submit(PROMPT, 60, 0.9, 200, 1.0, seed, api_name="/generate") for c, seed in ((client, 1), (other, 2))]
+    texts = [job.result(timeout=120) for job in jobs]
+    assert texts == [generate(client, temperature=0.9, seed=1), generate(client, temperature=0.9, seed=2)]
+
+
 def test_each_setting_is_honoured(client):
     def short(**settings):
         return generate(client, **{"max_new_tokens": 30, **settings})
