@@ -52,8 +52,8 @@ class AppConfig:
     """Settings of app.py."""
     out_dir: str = ""  # folder holding ckpt.pt; empty = every out*/ folder with a ckpt.pt beside app.py
     models_dir: str = ""  # also list every checkpoint folder under this folder in the model picker
-    host: str = "127.0.0.1"  # address to listen on; 0.0.0.0 opens the page to the network
-    port: int = 7860  # port to listen on
+    host: str = "127.0.0.1"  # address to listen on (0.0.0.0: the network); unset: $GRADIO_SERVER_NAME if set
+    port: int = 7860  # port to listen on; unset: $GRADIO_SERVER_PORT if set (a Hugging Face Space sets both)
     share: bool = False  # also make a public link through gradio.live (needs internet)
     max_new_tokens_limit: int = 1000  # requests for more new tokens are refused
     stream_interval: float = 0.05  # seconds between two updates of the page as the text streams in; 0 = every token
