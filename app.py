@@ -4,7 +4,8 @@
     python app.py --models_dir=.                            # a picker over every checkpoint under .
     python app.py                                           # the out*/ checkpoints beside app.py
 
-The page has a Prompt, Generate and Stop buttons, the Output as it streams, the sampling
+The page has a Prompt, Generate and Stop buttons, the Output as it streams (updated at most
+every --stream_interval, 0.05 s: a small model writes hundreds of tokens a second), the sampling
 settings of sample.py (max new tokens, temperature, top-k, top-p, seed), and beside them a
 model picker with each model's card and loss curve. Programs call the same generation as the
 API endpoint `/generate` (parameters prompt, max_new_tokens, temperature, top_k, top_p, seed,
@@ -29,6 +30,7 @@ import math
 import os
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,10 +52,11 @@ class AppConfig:
     """Settings of app.py."""
     out_dir: str = ""  # folder holding ckpt.pt; empty = every out*/ folder with a ckpt.pt beside app.py
     models_dir: str = ""  # also list every checkpoint folder under this folder in the model picker
-    host: str = "127.0.0.1"  # address to listen on; 0.0.0.0 opens the page to the network
-    port: int = 7860  # port to listen on
+    host: str = "127.0.0.1"  # address to listen on (0.0.0.0: the network); unset: $GRADIO_SERVER_NAME if set
+    port: int = 7860  # port to listen on; unset: $GRADIO_SERVER_PORT if set (a Hugging Face Space sets both)
     share: bool = False  # also make a public link through gradio.live (needs internet)
     max_new_tokens_limit: int = 1000  # requests for more new tokens are refused
+    stream_interval: float = 0.05  # seconds between two updates of the page as the text streams in; 0 = every token
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto (float32 on cpu: faster for decoding; bf16 or fp16 on gpus), float32, bfloat16 or float16
     cpu_threads: int = 0  # torch threads on cpu; 0 = all cores
@@ -68,6 +71,8 @@ class AppConfig:
             p.append(f"--max_new_tokens_limit must be at least 1, got {self.max_new_tokens_limit}")
         if self.cpu_threads < 0:
             p.append(f"--cpu_threads must be >= 0 (0 = all cores), got {self.cpu_threads}")
+        if not (math.isfinite(self.stream_interval) and 0 <= self.stream_interval <= 10):
+            p.append(f"--stream_interval must be between 0 and 10 seconds, got {self.stream_interval}")
         return p
 
 
@@ -251,14 +256,23 @@ def prompt_ids_of(tokenizer, prompt: str) -> list[int]:
         raise UserError(str(e).replace("pass --drop_unknown to drop them", "remove them from the prompt")) from None
 
 
-def generate(models: Models, limit: int, prompt, max_new_tokens, temperature, top_k, top_p, seed, model=None):
-    """Yield the text (prompt included) as it grows: sample.py's generation, token by token."""
+def generate(models: Models, limit: int, interval: float, prompt, max_new_tokens, temperature, top_k, top_p,
+             seed, model=None):
+    """Yield the text (prompt included) as it grows: sample.py's generation, the prompt at once,
+    then at most one update every `interval` seconds, then the whole text. A small model makes
+    hundreds of tokens a second: one update per token would swamp the browser (and its Stop)."""
     cfg = read_settings(max_new_tokens, temperature, top_k, top_p, seed, limit)
     loaded = models.get(model)
     prompt_ids = prompt_ids_of(loaded.tokenizer, "" if prompt is None else str(prompt))
     generator = torch.Generator(device=models.precision.device).manual_seed(cfg.seed)  # as sample.py seeds
-    yield from sample.generate_text(loaded.model, loaded.tokenizer, prompt_ids, cfg, models.precision,
-                                    generator, echo_prompt=True)
+    shown, last = None, -math.inf
+    for text in sample.generate_text(loaded.model, loaded.tokenizer, prompt_ids, cfg, models.precision,
+                                     generator, echo_prompt=True):
+        if time.monotonic() - last >= interval:
+            yield text
+            shown, last = text, time.monotonic()
+    if text != shown:
+        yield text
 
 
 # ---------------------------------------------------------------------------- the page
@@ -272,13 +286,14 @@ def import_gradio():
     return gradio
 
 
-def build_demo(gr, models: Models, limit: int, scratch: Path):
+def build_demo(gr, models: Models, limit: int, interval: float, scratch: Path):
     """The gradio Blocks: prompt, buttons and output on the left, model picker and card on the right."""
     defaults = sample.SampleConfig()
 
     def on_generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, model):
         try:
-            yield from generate(models, limit, prompt, max_new_tokens, temperature, top_k, top_p, seed, model)
+            yield from generate(models, limit, interval, prompt, max_new_tokens, temperature, top_k, top_p, seed,
+                                model)
         except UserError as e:  # shown on the page (and to API clients); the server goes on
             raise gr.Error(str(e), print_exception=False) from None
 
@@ -336,7 +351,7 @@ def main(argv=None):
     host = cfg.host if "host" in explicit else os.environ.get("GRADIO_SERVER_NAME", cfg.host)
     port = cfg.port if "port" in explicit else int(os.environ.get("GRADIO_SERVER_PORT", cfg.port))
     with tempfile.TemporaryDirectory(prefix="nanogpt-app-") as scratch:
-        demo = build_demo(gr, models, cfg.max_new_tokens_limit, Path(scratch))
+        demo = build_demo(gr, models, cfg.max_new_tokens_limit, cfg.stream_interval, Path(scratch))
         demo.queue(max_size=64)  # one generation at a time (gradio's default); 64 more may wait
         try:
             demo.launch(server_name=host, server_port=port, share=cfg.share, show_error=True,

@@ -84,6 +84,7 @@ def draw(runs: list[Run], title: str = ""):
     evaluated train and val losses, the best val marked, and the learning rate on a second
     axis. Several runs: one colour each, val solid and batch losses faint, no lr (too busy)."""
     from matplotlib.figure import Figure  # lazily: train.py starts without matplotlib
+    from matplotlib.ticker import MaxNLocator
 
     single = len(runs) == 1
     # the legend goes below the axes, in rows of 3 (one run: 5 entries) or 2 (3 per run); the
@@ -115,6 +116,7 @@ def draw(runs: list[Run], title: str = ""):
         if best is not None:
             ax.plot(*best, marker="*", markersize=14, color=c_val, markeredgecolor="black",
                     linestyle="none", label=f"{prefix}best val {best[1]:.4f} at iter {best[0]:,}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # iterations are whole numbers
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss (cross-entropy, nats/token)")
     ax.grid(True, alpha=0.3)
@@ -143,6 +145,8 @@ def save_png(fig, path) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
         with open(tmp, "wb") as f:
             fig.savefig(f, format="png")
             f.flush()

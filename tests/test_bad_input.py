@@ -431,6 +431,7 @@ SHOW_CASES = {
     "app limit 0": (A("--out_dir={root}/out", "--max_new_tokens_limit=0"), "--max_new_tokens_limit must be at least 1"),
     "app unknown flag": (A("--out_dir={root}/out", "--max_tokens_limit=5"), "did you mean --max_new_tokens_limit"),
     "app unknown dtype": (A("--out_dir={root}/out", "--dtype=float8"), "unknown dtype"),
+    "app negative stream interval": (A("--out_dir={root}/out", "--stream_interval=-1"), "--stream_interval must be"),
     "plot no folder": (("plot", []), "name at least one run folder"),
     "plot no metrics": (("plot", ["{root}/truncated"]), "no metrics.jsonl in"),
     "plot damaged metrics": (("plot", ["{root}/badmetrics"]), "line 1 is not a metrics record"),
