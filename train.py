@@ -426,10 +426,10 @@ def run(argv, held: contextlib.ExitStack):
                             f"--block_size={cfg.block_size}; lower --block_size or prepare more text")
     tokenizer = Tokenizer.from_description(data.meta).describe()  # saved so sample.py needs no data/
 
+    lock_out_dir(out_lock, ddp, master, create=True)
     if master:
         print(f"{precision.reason}")
         print("config: " + json.dumps(dataclasses.asdict(cfg)))
-    lock_out_dir(out_lock, ddp, master, create=True)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     if master:
         print(f"tokens per iteration: {tokens_per_iter:,}")
