@@ -329,7 +329,10 @@ def leave_process_group():
     """The end of a DDP run, on every rank: the barrier holds each rank until all are done (rank 0
     writes the last checkpoint while the others have nothing left to do), and only then does
     the group shut down, so no rank tears gloo down while another still uses it."""
-    torch.distributed.barrier()
+    try:
+        torch.distributed.barrier()
+    except RuntimeError:  # a rank that failed (rank 0's last save, say) has said why
+        sys.exit(1)
     torch.distributed.destroy_process_group()
 
 
