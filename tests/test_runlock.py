@@ -2,6 +2,7 @@
 naming the holder; a lock its holder left behind (killed, or from another host) is taken over."""
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -40,7 +41,8 @@ def hold_lock():
         proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(ROOT), str(path)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         procs.append(proc)
-        assert proc.stdout.readline() == "held\n", proc.communicate(timeout=30)[1]
+        ready, _, _ = select.select([proc.stdout], [], [], 120)  # bounded: a hung holder fails the test
+        assert ready and proc.stdout.readline() == "held\n", "the lock holder did not start"
         return proc
 
     yield start
