@@ -10,7 +10,9 @@ A checkpoint is one dict of plain data (tensors, numbers, strings, lists, dicts)
     iter_num, best_val_loss
     config                 the full resolved training config
     tokenizer              Tokenizer.describe(), so sample.py needs nothing from data/
-    rng                    torch (and cuda) RNG states and the data sampler's generator
+    rng                    torch (and cuda) RNG states, and per rank the data sampler's
+                           generator ("data") and torch RNG ("torch_ranks", for dropout)
+    precision              the device and dtype it was trained in (a resume may change them)
 
 It is written to a temporary file in the same folder, flushed, fsync'd and renamed over
 the old one, so a crash or a full disk at any moment leaves the previous checkpoint intact.

@@ -396,7 +396,10 @@ def leave_process_group():
     """The end of a DDP run, on every rank: the barrier holds each rank until all are done (rank 0
     writes the last checkpoint while the others have nothing left to do), and only then does
     the group shut down, so no rank tears gloo down while another still uses it."""
-    torch.distributed.barrier()
+    try:
+        torch.distributed.barrier()
+    except RuntimeError:  # a rank that failed (rank 0's last save, say) has said why
+        sys.exit(1)
     torch.distributed.destroy_process_group()
 
 
@@ -518,10 +521,10 @@ def run(argv, held: contextlib.ExitStack):
                             f"{hf_config.vocab_size} of --init_from={cfg.init_from}")
         tokenizer = theirs
 
+    lock_out_dir(out_lock, ddp, master, create=True)
     if master:
         print(f"{precision.reason}")
         print("config: " + json.dumps(dataclasses.asdict(cfg)))
-    lock_out_dir(out_lock, ddp, master, create=True)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     if master:
         print(f"tokens per iteration: {tokens_per_iter:,}")

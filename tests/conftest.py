@@ -77,3 +77,8 @@ def rank_output(log_dir, tail: int = 3000) -> str:
     blocks = [f"--- {path.relative_to(log_dir)} ---\n{path.read_text(errors='replace')[-tail:]}"
               for path in sorted(Path(log_dir).rglob("std*.log"))]
     return "\n".join(blocks) or f"(no rank output under {log_dir})"
+
+
+# A test process that dies of a signal (a rank's SIGABRT, say) prints every thread's Python
+# stack on its stderr, which rank_output() then shows.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")

@@ -168,6 +168,7 @@ def test_as_a_real_command(script, args, tmp_path):
 # another run is using, bench.py. Same rule: one `error:` line, a non-zero exit, nothing lost.
 
 import json  # noqa: E402
+import select  # noqa: E402
 
 import bench  # noqa: E402
 
@@ -216,7 +217,8 @@ def more_world(world):
                for path in (root / "busy" / "train.lock", root / "prepared" / ".busy.lock")]
     try:
         for holder in holders:
-            assert holder.stdout.readline() == "held\n"
+            ready, _, _ = select.select([holder.stdout], [], [], 120)  # bounded: a hung holder fails
+            assert ready and holder.stdout.readline() == "held\n"
         yield root
     finally:
         for holder in holders:

@@ -38,7 +38,7 @@ def test_ctrl_c_stops_every_rank_at_one_step_and_the_resume_is_exact(tiny_data, 
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            start_new_session=True)  # its own process group, as a terminal job has
     try:
-        t_end = time.monotonic() + 120
+        t_end = time.monotonic() + 300  # a loaded machine can take minutes to start three processes
         while time.monotonic() < t_end and job.poll() is None and training_lines(out / "metrics.jsonl") < 3:
             time.sleep(0.01)
         assert job.poll() is None, job.communicate()[0][-2000:] + rank_output(tmp_path / "logs1")
@@ -58,7 +58,8 @@ def test_ctrl_c_stops_every_rank_at_one_step_and_the_resume_is_exact(tiny_data, 
     assert len(rank_files) == 2, log[-2000:] + ranks
     stopped_at = checkpoint.load(out / "ckpt.pt")["iter_num"]
     assert f"SIGINT received: saved iteration {stopped_at}" in rank_files[0].read_text(), log[-2000:] + ranks
-    assert "Traceback" not in ranks and "exitcode: -" not in log, log[-2000:] + ranks
+    assert "Traceback" not in ranks and "Fatal Python error" not in ranks and "exitcode: -" not in log, \
+        log[-2000:] + ranks
     assert 0 < stopped_at < 1000
     assert not (out / "train.lock").exists()  # released on the way out
 

@@ -2,6 +2,7 @@
 naming the holder; a lock its holder left behind (killed, or from another host) is taken over."""
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -40,7 +41,8 @@ def hold_lock():
         proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(ROOT), str(path)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         procs.append(proc)
-        assert proc.stdout.readline() == "held\n", proc.communicate(timeout=30)[1]
+        ready, _, _ = select.select([proc.stdout], [], [], 120)  # bounded: a hung holder fails the test
+        assert ready and proc.stdout.readline() == "held\n", "the lock holder did not start"
         return proc
 
     yield start
@@ -53,11 +55,12 @@ def run_train(data_dir, out_dir, *flags):
     train.main([f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY, *flags])
 
 
-def test_second_run_is_refused_naming_the_first(tiny_data, tmp_path, hold_lock):
+def test_second_run_is_refused_naming_the_first(tiny_data, tmp_path, hold_lock, capsys):
     out = tmp_path / "out"
     run_train(tiny_data, out, "--max_iters=2", "--eval_interval=2")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     holder = hold_lock(out / "train.lock")
+    capsys.readouterr()
     for flags in (["--max_iters=4"], ["--max_iters=4", "--init_from=resume"]):
         with pytest.raises(UserError) as e:
             run_train(tiny_data, out, *flags)
@@ -65,6 +68,7 @@ def test_second_run_is_refused_naming_the_first(tiny_data, tmp_path, hold_lock):
         assert f"--out_dir {out} is in use by PID {holder.pid} on host {socket.gethostname()}" in message
         assert f"kill {holder.pid}" in message and "choose another --out_dir" in message
         assert "\n" not in message
+        assert capsys.readouterr().out == ""  # refused before it prints its config
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "train.lock"}
     assert after == before  # the holder's folder is untouched
 
