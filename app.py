@@ -196,7 +196,10 @@ def loss_curve(loaded: Loaded, scratch: Path) -> str | None:
     if not (loaded.folder / "metrics.jsonl").is_file():
         return None
     out = scratch / f"loss-{abs(hash(str(loaded.folder.resolve())))}.png"
-    plot.save_png(plot.draw([plot.read_run(loaded.folder)]), out)
+    try:
+        plot.save_png(plot.draw([plot.read_run(loaded.folder)]), out)
+    except UserError:  # a damaged metrics.jsonl costs the picture, not the model
+        return None
     return str(out)
 
 
