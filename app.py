@@ -212,7 +212,10 @@ def loss_curve(loaded: Loaded, scratch: Path) -> str | None:
     if not (loaded.folder / "metrics.jsonl").is_file():
         return None
     out = scratch / f"loss-{abs(hash(str(loaded.folder.resolve())))}.png"
-    plot.save_png(plot.draw([plot.read_run(loaded.folder)]), out)
+    try:
+        plot.save_png(plot.draw([plot.read_run(loaded.folder)]), out)
+    except UserError:  # a damaged metrics.jsonl costs the picture, not the model
+        return None
     return str(out)
 
 
@@ -344,12 +347,15 @@ def main(argv=None):
     precision = sample.choose_precision(cfg.device, cfg.dtype)
     models = Models(folders, precision)
     models.get(models.default)  # a broken default checkpoint fails here, not on the first request
+    # a Hugging Face Space says where to listen in GRADIO_SERVER_NAME / _PORT; explicit flags win
+    host = cfg.host if "host" in explicit else os.environ.get("GRADIO_SERVER_NAME", cfg.host)
+    env_port = os.environ.get("GRADIO_SERVER_PORT")
+    if env_port is not None and not env_port.isdigit():  # gradio itself would fail to import
+        raise UserError(f"GRADIO_SERVER_PORT={env_port!r} is not a port number; fix or unset it")
+    port = cfg.port if "port" in explicit or not env_port else int(env_port)
     gr = import_gradio()
     print(f"precision: {precision.reason}")
     print(f"models: {', '.join(f'{name} ({folder})' for name, folder in folders.items())}")
-    # a Hugging Face Space says where to listen in GRADIO_SERVER_NAME / _PORT; explicit flags win
-    host = cfg.host if "host" in explicit else os.environ.get("GRADIO_SERVER_NAME", cfg.host)
-    port = cfg.port if "port" in explicit else int(os.environ.get("GRADIO_SERVER_PORT", cfg.port))
     with tempfile.TemporaryDirectory(prefix="nanogpt-app-") as scratch:
         demo = build_demo(gr, models, cfg.max_new_tokens_limit, cfg.stream_interval, Path(scratch))
         demo.queue(max_size=64)  # one generation at a time (gradio's default); 64 more may wait
@@ -357,7 +363,8 @@ def main(argv=None):
             demo.launch(server_name=host, server_port=port, share=cfg.share, show_error=True,
                         allowed_paths=[str(f.resolve()) for f in folders.values()])
         except OSError as e:
-            raise UserError(f"cannot listen on {host}:{port} ({e}); pass another --port or --host") from None
+            reason = str(e).split(". ")[0]  # gradio's first sentence; the rest speaks of launch()
+            raise UserError(f"cannot listen on {host}:{port} ({reason}); pass another --port or --host") from None
 
 
 if __name__ == "__main__":

@@ -252,3 +252,16 @@ def test_browser_generate_and_stop(page, client, tmp_path):
     page.get_by_text(f"above this server's limit of {LIMIT}").first.wait_for(state="visible")
     time.sleep(1)  # the message slides in
     page.screenshot(path=str(tmp_path / "refused.png"))
+
+
+def test_loss_curve_drawn_from_metrics_when_the_run_has_no_png(runs, tmp_path):
+    folder = tmp_path / "copied"
+    folder.mkdir()
+    for name in ("ckpt.pt", "metrics.jsonl"):  # a run from before loss.png existed
+        shutil.copy(runs / "b" / name, folder / name)
+    loaded = app.Models({"copied": folder}, hardware.resolve("cpu", "float32")).get("copied")
+    curve = app.loss_curve(loaded, tmp_path)
+    assert Path(curve).parent == tmp_path and Path(curve).read_bytes()[:4] == b"\x89PNG"
+    (folder / "metrics.jsonl").write_text("damaged\n{}\n")
+    assert app.loss_curve(loaded, tmp_path / "x") is None  # no picture, but the model still serves
+    assert "best val loss" in app.model_card("copied", loaded)
