@@ -377,6 +377,14 @@ def test_export_and_init_from_bad_input(name, hf_world, capsys):
     before = fingerprint(hf_world)
     with pytest.raises(SystemExit) as e:
         run_main({**MAINS, "export": export.main}[script], args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert message in err[0]
+    assert fingerprint(hf_world) == before
+    assert not (hf_world / "new").exists() and not list(hf_world.glob(".*tmp*"))  # nothing written
+
+
 # Documents mode and trained vocabularies (issue 12): the same promise for their inputs.
 DOCUMENT_CASES = {
     "prepare unknown documents mode": (P("--input", "{root}/short.txt", "--name=x", "--documents=paragraph"),
@@ -410,8 +418,9 @@ def test_bad_document_input_gives_one_clear_line(name, world, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert message in err[0]
-    assert fingerprint(hf_world) == before
-    assert not (hf_world / "new").exists() and not list(hf_world.glob(".*tmp*"))  # nothing written
+    assert fingerprint(world) == before and not (world / "prepared" / "x").exists()
+
+
 # ---------------------------------------------------------------------------- app.py and plot.py
 
 import app  # noqa: E402
@@ -482,4 +491,3 @@ def test_app_as_a_real_command(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""  # no server
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: no checkpoint at") and "Traceback" not in proc.stderr
-    assert fingerprint(world) == before and not (world / "prepared" / "x").exists()

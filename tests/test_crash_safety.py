@@ -162,8 +162,8 @@ def poison_training_forward(monkeypatch, at_call):
     forward = train.GPT.forward
     calls = {"n": 0}
 
-    def poisoned(self, idx, targets=None, kv_cache=None):
-        logits, loss = forward(self, idx, targets, kv_cache)
+    def poisoned(self, idx, targets=None, kv_cache=None, positions=None):
+        logits, loss = forward(self, idx, targets, kv_cache, positions)
         if self.training:
             calls["n"] += 1
             if calls["n"] == at_call:

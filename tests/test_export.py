@@ -158,7 +158,7 @@ def test_char_model_exports_to_transformers_and_onnxruntime(char_run, tmp_path, 
     import hardware
     assert hf_dir in app.find_model_folders(tmp_path)
     models = app.Models({"ckpt": char_run / "out", "hf": hf_dir}, hardware.resolve("cpu", "float32"))
-    texts = [list(app.generate(models, 100, CHAR_PROMPT, 40, 0.0, 0, 1.0, 1, model=name))[-1] for name in models.folders]
+    texts = [list(app.generate(models, 100, 0.0, CHAR_PROMPT, 40, 0.0, 0, 1.0, 1, model=name))[-1] for name in models.folders]
     assert texts[0] == texts[1] and len(texts[0]) > len(CHAR_PROMPT)
 
 
