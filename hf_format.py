@@ -219,12 +219,18 @@ def hf_tokenizer(tokenizer: Tokenizer):
     return tok
 
 
+OUR_TOKENIZER_KEY = "nanogpt_tokenizer"  # in tokenizer_config.json: tokenizer.Tokenizer.describe()
+
+
 def tokenizer_config(tokenizer: Tokenizer, block_size: int) -> dict:
     """tokenizer_config.json: what AutoTokenizer needs besides tokenizer.json."""
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
               "clean_up_tokenization_spaces": False, "add_prefix_space": False}
     if tokenizer.eot_id is not None:
         config.update(bos_token=EOT, eos_token=EOT, unk_token=EOT)
+    # our own description, ignored by transformers: --init_from=PATH gets back exactly the
+    # tokenizer the model was trained with (a trained bpe vocabulary, documents mode)
+    config[OUR_TOKENIZER_KEY] = tokenizer.describe()
     return config
 
 
@@ -250,11 +256,29 @@ def _vocab_of(folder: Path) -> tuple[dict[str, int], dict[str, int], bool]:
                     f"of the model into it")
 
 
+def _our_description(folder: Path) -> dict | None:
+    """The tokenizer description export.py left in tokenizer_config.json, if any."""
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    description = config.get(OUR_TOKENIZER_KEY) if isinstance(config, dict) else None
+    return description if isinstance(description, dict) else None
+
+
 def load_tokenizer(folder: Path) -> Tokenizer:
-    """Our Tokenizer for a model folder: char-level, or the tiktoken encoding whose ranks the
-    folder's byte-level BPE vocabulary equals (gpt2, cl100k_base, ...)."""
+    """Our Tokenizer for a model folder: the one an export of ours describes, else char-level,
+    or the tiktoken encoding whose ranks the folder's byte-level BPE vocabulary equals (gpt2,
+    cl100k_base, ...)."""
     import tiktoken
     vocab, specials, has_merges = _vocab_of(folder)
+    ours = _our_description(folder)
+    if ours is not None:
+        tokenizer = Tokenizer.from_description(ours)
+        if tokenizer.vocab_size != len(vocab | specials):
+            raise UserError(f"the tokenizer files in {folder} disagree ({len(vocab | specials)} tokens in "
+                            f"tokenizer.json, {tokenizer.vocab_size} in tokenizer_config.json); the folder was edited")
+        return tokenizer
     ordinary = {t: i for t, i in vocab.items() if t not in specials}
     if not ordinary:
         raise UserError(f"the tokenizer in {folder} has an empty vocabulary; the folder is damaged")

@@ -14,6 +14,7 @@ import torch
 import checkpoint
 import export
 import hf_format
+import prepare
 import sample
 import train
 from conftest import ROOT, SHARED, TINY, write_char_dataset
@@ -326,3 +327,26 @@ def test_onnx_weights_beside_the_graph_for_large_models(char_run, tmp_path, monk
     session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"))
     logits = session.run(["logits"], {"input_ids": ids.numpy()})[0]
     assert np.abs(logits - our_logits(char_run / "out", ids).numpy()).max() <= 1e-4
+
+
+def test_trained_vocabulary_documents_model_comes_back_from_its_export(tmp_path, capsys):
+    """A bpe:N vocabulary in documents mode: transformers reads the export's ids as ours, and
+    --init_from=<export> gets back the same tokenizer (ranks, documents mode): same documents."""
+    from data.make_combos import make_combos
+    (tmp_path / "combos.txt").write_text("\n".join(make_combos(600, seed=3)) + "\n")
+    prepare.main(["--input", str(tmp_path / "combos.txt"), "--name", "c", "--data_dir", str(tmp_path / "data"),
+                  "--tokenizer=bpe:300", "--documents=line", "--block_size=16", "--num_workers=1"])
+    out = tmp_path / "out"
+    train.main([f"--data_dir={tmp_path / 'data'}", f"--out_dir={out}", *TINY, "--dataset=c", "--max_iters=10",
+                "--eval_interval=10"])
+    hf_dir = tmp_path / "hf"
+    export.main([f"--out_dir={out}", "--format=hf", f"--dest={hf_dir}"])
+    capsys.readouterr()
+    flags = ["--prompt=", "--num_samples=3", "--max_new_tokens=30", "--seed=5"]
+    ours = greedy_sample([f"--out_dir={out}", *flags], capsys)
+    assert greedy_sample([f"--init_from={hf_dir}", *flags], capsys) == ours
+    _, tokenizer, _ = sample.load_model(out, "cpu")
+    back = hf_format.load_tokenizer(hf_dir)
+    assert back.describe() == tokenizer.describe() and back.documents == "line"
+    text = "Jab - Cross - Lead Hook"
+    assert transformers.AutoTokenizer.from_pretrained(hf_dir)(text)["input_ids"] == tokenizer.encode(text)
