@@ -2,6 +2,7 @@
 
     python bench.py                                  # the shakespeare_char model (6x384, block 256)
     python bench.py configs/shakespeare.py --dtype=float32
+    python bench.py --skip_train --sample_tokens=500 --process_runs=3   # sampling against nanoGPT
     python bench.py --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --batch_size=12 --vocab_size=50304
 
 Prints, as medians over `repeats` timed runs after a warm-up:
@@ -38,7 +39,7 @@ from config import parse_config
 from errors import run_main
 from model import GPT, GPTConfig
 from sample import choose_precision
-from train import TrainConfig, train_step
+from train import Dataset, TrainConfig, train_step
 
 
 @dataclass
@@ -59,6 +60,8 @@ class BenchConfig(TrainConfig):
     sample_batch: int = 10  # sequences of the batched sampling row (sample.py --num_samples)
     peak_size: int = 4096  # side of the square matrices of the peak FLOP/s measurement
     skip_sample: bool = False  # measure training only
+    skip_train: bool = False  # measure sampling only (no matmul peak, no training step)
+    quant_eval: str = ""  # out_dir of a trained model: its val loss over the whole val split, float32 and int8
     process_runs: int = 0  # whole `python sample.py` processes per variant (cpu; 0 = none, 5 = first + 4 repeats)
 
     def problems(self) -> list[str]:
@@ -219,6 +222,23 @@ def bench_sample_process(model, cfg: BenchConfig) -> dict[str, list[float]]:
     return times
 
 
+def bench_quant_eval(out_dir: str) -> dict[str, float]:
+    """Val loss of a trained checkpoint over its whole val split (fast_decode.val_loss):
+    model.py in float32, and the fast path with int8 block matrices."""
+    import numpy as np
+
+    from sample import load_model
+    model, _, ckpt = load_model(out_dir, "cpu")
+    train_cfg = ckpt.get("config", {})
+    data = Dataset(train_cfg.get("data_dir", "data"), train_cfg.get("dataset", "shakespeare_char"))
+    val = torch.from_numpy(np.fromfile(data.paths["val"], dtype=data.dtype).astype(np.int64))
+    int8 = fast_decode.FastDecoder(model, "int8")
+    block = model.config.block_size
+    with torch.inference_mode():
+        return {"float32": fast_decode.val_loss(lambda x: model(x, x)[0], val, block),
+                "int8": fast_decode.val_loss(lambda x: int8.forward(x, 0, all_logits=True), val, block)}
+
+
 def row(name: str, values: list[float], unit: str, scale: float = 1.0, extra: str = "") -> str:
     med, lo, hi = statistics.median(values) / scale, min(values) / scale, max(values) / scale
     return f"{name:<26} {med:>12,.1f} {lo:>12,.1f} {hi:>12,.1f}  {unit:<12} {extra}"
@@ -243,17 +263,17 @@ def main(argv=None):
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {per_token / 1e6:.1f} MFLOP per token, "
           f"{tokens_per_step:,} tokens per step, dropout {cfg.dropout}, compile {cfg.compile}")
 
-    peak = matmul_peak(cfg, precision)
-    train = bench_train(model, cfg, precision)
-    peak_med = statistics.median(peak)
-    mfu = [t * per_token / peak_med for t in train]
-    ms_per_step = [tokens_per_step / t * 1000 for t in train]
-
     print(f"\n{'':<26} {'median':>12} {'min':>12} {'max':>12}  unit         (repeats={cfg.repeats})")
-    print(row(f"matmul peak {precision.dtype}", peak, "GFLOP/s", 1e9, f"{cfg.peak_size}^3 matmul"))
-    print(row("train", train, "tokens/s"))
-    print(row("train step", ms_per_step, "ms"))
-    print(row("train MFU", mfu, "%", 0.01, "of the measured matmul peak"))
+    if not cfg.skip_train:
+        peak = matmul_peak(cfg, precision)
+        train = bench_train(model, cfg, precision)
+        peak_med = statistics.median(peak)
+        mfu = [t * per_token / peak_med for t in train]
+        ms_per_step = [tokens_per_step / t * 1000 for t in train]
+        print(row(f"matmul peak {precision.dtype}", peak, "GFLOP/s", 1e9, f"{cfg.peak_size}^3 matmul"))
+        print(row("train", train, "tokens/s"))
+        print(row("train step", ms_per_step, "ms"))
+        print(row("train MFU", mfu, "%", 0.01, "of the measured matmul peak"))
     sampling = choose_precision(cfg.device, cfg.dtype)  # sample.py's choice: float32 on CPUs
     if not cfg.skip_sample and sampling.device_type != "cpu":
         for name, use_cache, batch in [("kv cache", True, 1), ("no cache", False, 1),
@@ -267,6 +287,12 @@ def main(argv=None):
         for name, (rates, note) in results.items():
             speedup = statistics.median(rates) / baseline
             print(row(name, rates, "tokens/s", 1.0, f"{speedup:.1f}x nanoGPT's loop; {note}"))
+    if cfg.quant_eval:
+        losses = bench_quant_eval(cfg.quant_eval)
+        delta = losses["int8"] - losses["float32"]
+        for name, loss in losses.items():
+            vs = f", {delta:+.4f} vs float32" if name == "int8" else ""
+            print(f"{'val loss, ' + name:<26} {loss:>12.4f} {'':>25}  {'nats':<12} {cfg.quant_eval}, whole val split{vs}")
     if cfg.process_runs and sampling.device_type == "cpu":
         for name, seconds in bench_sample_process(model.cpu(), cfg).items():
             print(row(f"{name}, first run", seconds[:1], "s", 1.0,

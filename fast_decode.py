@@ -4,8 +4,8 @@ block matrices in float32 or as int8 weight-only linears, whichever this CPU run
 At batch 1 a decoder step is 25 matrix-vector products (4 per block, plus the output head)
 and about a hundred small ops around them; every op costs a few microseconds of dispatch, so
 the step below does only what decoding needs (after gpt-fast's generate.py and quantize.py):
-- one key/value buffer per layer, (B, nh, block_size, hs), written in place at the position;
-  a new token attends over the buffer up to its position with plain matrix products
+- one key/value buffer per layer, (B, nh, block_size, hs), allocated once per generation and
+  written in place at the position; a new token attends over the buffer up to its position with plain matrix products
   (SDPA's set-up costs more than the arithmetic for a single query);
 - the weights are read straight from the model (float32: no copy), or quantized once to int8
   with one scale per output channel (Int8Linear, a module swap): a quarter of the bytes. Its
@@ -130,6 +130,17 @@ def choose_weights(model: GPT, batch_size: int = 1, repeats: int = 7) -> tuple[s
     return "float32", f"float32 weights (int8 is not faster on this CPU: {figures})"
 
 
+class StaticKVCache:
+    """Keys and values of every layer for one generation: one buffer per layer, allocated once
+    at the full window, (B, nh, block_size, hs), written in place. One per generate_stream
+    call, so generations running at the same time (a web demo) never share one."""
+
+    def __init__(self, n_layer: int, batch_size: int, n_head: int, block_size: int, head_size: int):
+        shape = (batch_size, n_head, block_size, head_size)
+        self.k = [torch.zeros(shape) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape) for _ in range(n_layer)]
+
+
 class FastDecoder:
     """The model's forward for decoding, over a static KV cache. Holds no copy of float32
     weights; with weights="int8", the block matrices are swapped for Int8Linear copies."""
@@ -147,27 +158,26 @@ class FastDecoder:
         self.approximate = ACTIVATIONS[getattr(config, "activation", "gelu")]
         make = Int8Linear if weights == "int8" else (lambda lin: lin)
         self.linears = [[make(lin) for lin in _block_linears(b)] for b in model.transformer.h]
-        self.k: list[torch.Tensor] = []  # per layer (B, nh, block_size, hs), allocated per batch size
-        self.v: list[torch.Tensor] = []
 
-    def _buffers(self, B: int):
-        if not self.k or self.k[0].size(0) != B:
-            shape = (B, self.n_head, self.block_size, self.head_size)
-            self.k = [torch.zeros(shape) for _ in self.linears]
-            self.v = [torch.zeros(shape) for _ in self.linears]
+    def new_cache(self, batch_size: int) -> StaticKVCache:
+        return StaticKVCache(len(self.linears), batch_size, self.n_head, self.block_size, self.head_size)
 
     @torch.inference_mode()
-    def forward(self, idx: torch.Tensor, pos: int, all_logits: bool = False) -> torch.Tensor:
-        """idx (B, T): tokens at positions [pos, pos + T), the cache holding [0, pos) of the
-        same window. Returns the logits of the last position (B, vocab), or of all (B, T, vocab)."""
+    def forward(self, idx: torch.Tensor, pos: int, cache: StaticKVCache | None = None,
+                all_logits: bool = False) -> torch.Tensor:
+        """idx (B, T): tokens at positions [pos, pos + T) of a window whose positions [0, pos)
+        are in cache (None: a new cache, pos must be 0). Returns the logits of the last
+        position (B, vocab), or of every position (B, T, vocab)."""
         B, T = idx.shape
         end = pos + T
         assert end <= self.block_size, f"positions up to {end} past block_size {self.block_size}"
-        self._buffers(B)
+        if cache is None:
+            assert pos == 0, "a window that does not start at 0 needs the cache of its start"
+            cache = self.new_cache(B)
         tr = self.model.transformer
         C = self.n_head * self.head_size
         x = tr.wte(idx) + tr.wpe.weight[pos:end]  # (B, T, C)
-        for block, (c_attn, attn_proj, c_fc, mlp_proj), k_buf, v_buf in zip(tr.h, self.linears, self.k, self.v):
+        for block, (c_attn, attn_proj, c_fc, mlp_proj), k_buf, v_buf in zip(tr.h, self.linears, cache.k, cache.v):
             h = F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)
             qkv = c_attn(h).view(B, T, 3, self.n_head, self.head_size).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
             k_buf[:, :, pos:end] = qkv[1]
@@ -199,6 +209,7 @@ class FastDecoder:
             return
         block_size = self.block_size
         B, T = idx.shape
+        cache = self.new_cache(B)
         tokens = idx.new_empty(B, T + max_new_tokens)  # every token so far, written in place
         tokens[:, :T] = idx
         n = T  # tokens filled
@@ -207,7 +218,7 @@ class FastDecoder:
         for _ in range(max_new_tokens):
             if n - start > block_size:
                 start, cached = n - block_size // 2, 0
-            logits = self.forward(tokens[:, start + cached:n], cached)
+            logits = self.forward(tokens[:, start + cached:n], cached, cache)
             cached = n - start
             next_id = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             tokens[:, n] = next_id
@@ -230,9 +241,10 @@ def matches_model(decoder: FastDecoder, tokens: int = 8, tolerance: float = 1e-3
     T = min(tokens, model.config.block_size)
     idx = torch.arange(T).remainder(model.config.vocab_size)[None]  # (1, T)
     expected = model(idx)[0][:, -1]  # (1, vocab): the last position
+    cache = reference.new_cache(1)
     if T > 1:
-        reference.forward(idx[:, :-1], 0)  # fills the cache with the first T - 1 positions
-    got = reference.forward(idx[:, -1:], T - 1)
+        reference.forward(idx[:, :-1], 0, cache)  # the first T - 1 positions into the cache
+    got = reference.forward(idx[:, -1:], T - 1, cache)
     return (got - expected).abs().max().item() <= tolerance * (expected.abs().max().item() + 1.0)
 
 

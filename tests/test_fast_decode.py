@@ -54,6 +54,7 @@ def test_greedy_equals_float32_wherever_the_logits_leave_a_margin(trained, corpu
     GPT.generate_stream): at every step where float32's best token leads the runner-up by more
     than `margin`, the fast path picks it too."""
     decoder = FastDecoder(trained, weights)
+    cache = decoder.new_cache(1)
     tokens = prompt(corpus)
     T, n = tokens.size(1), 2 * BLOCK + 5  # slides twice
     start, cached = 0, 0  # the window's first token; how many of it the decoder has cached
@@ -64,7 +65,7 @@ def test_greedy_equals_float32_wherever_the_logits_leave_a_margin(trained, corpu
             if end - start > BLOCK:
                 start, cached = end - BLOCK // 2, 0
             reference = trained(tokens[:, start:end])[0][0, -1]  # no cache: the plain reference
-            fast = decoder.forward(tokens[:, start + cached:end], cached)[0]
+            fast = decoder.forward(tokens[:, start + cached:end], cached, cache)[0]
             cached = end - start
             best, runner_up = reference.topk(2).values
             if best - runner_up > margin:
@@ -82,6 +83,19 @@ def test_float32_weights_give_the_same_greedy_text_with_sliding_and_without_cach
     assert torch.equal(decoder.generate(idx, 3 * BLOCK, temperature=0), expected)
     assert torch.equal(decoder.generate(idx, 3 * BLOCK, temperature=0, use_cache=False), expected)
     assert torch.equal(trained.generate(idx, 3 * BLOCK, temperature=0, use_cache=False), expected)
+
+
+def test_generations_running_at_once_do_not_share_a_cache(trained, corpus):
+    """A web demo may step two generations of one decoder in turn: each has its own cache."""
+    decoder = FastDecoder(trained, "float32")
+    a, b = prompt(corpus, length=5), prompt(corpus, length=12)[:, 4:]
+    alone = [decoder.generate(p, BLOCK, temperature=0)[0, p.size(1):].tolist() for p in (a, b)]
+    streams = [decoder.generate_stream(p, BLOCK, temperature=0) for p in (a, b)]
+    together = [[], []]
+    for _ in range(BLOCK):
+        for i, stream in enumerate(streams):
+            together[i].append(next(stream).item())
+    assert together == alone and alone[0] != alone[1]
 
 
 @pytest.mark.parametrize("options", [dict(temperature=0.8), dict(temperature=1.0, top_k=5),
