@@ -159,14 +159,16 @@ class Loaded:
     tokenizer: object  # tokenizer.Tokenizer
     folder: Path
     info: dict  # from the checkpoint: model_args, config, iter_num, best_val_loss
+    decoder: object  # what generates: sample.choose_decoder's (the fast CPU path, or the model)
 
 
 class Models:
     """The models to serve by name, each loaded once, on first use, then kept in memory."""
 
-    def __init__(self, folders: dict[str, Path], precision: hardware.Precision):
+    def __init__(self, folders: dict[str, Path], precision: hardware.Precision, dtype: str = "float32"):
         self.folders = folders
         self.precision = precision
+        self.settings = sample.SampleConfig(dtype=dtype)  # what sample.choose_decoder reads
         self.loaded: dict[str, Loaded] = {}
         self.lock = threading.Lock()  # two tabs asking for a new model load it once
         self.default = next(iter(folders))
@@ -178,7 +180,9 @@ class Models:
         with self.lock:
             if name not in self.loaded:
                 model, tokenizer, info = load_folder(self.folders[name], self.precision.device)
-                self.loaded[name] = Loaded(model, tokenizer, self.folders[name], info)
+                decoder, how = sample.choose_decoder(model, self.settings, self.precision)  # as sample.py decodes
+                print(f"{name}: decoding with {how}", flush=True)
+                self.loaded[name] = Loaded(model, tokenizer, self.folders[name], info, decoder)
                 # the checkpoint (weights again, optimizer state) is dropped: one copy of each model
             return self.loaded[name]
 
@@ -269,7 +273,7 @@ def generate(models: Models, limit: int, interval: float, prompt, max_new_tokens
     prompt_ids = prompt_ids_of(loaded.tokenizer, "" if prompt is None else str(prompt))
     generator = torch.Generator(device=models.precision.device).manual_seed(cfg.seed)  # as sample.py seeds
     shown, last = None, -math.inf
-    for text in sample.generate_text(loaded.model, loaded.tokenizer, prompt_ids, cfg, models.precision,
+    for text in sample.generate_text(loaded.decoder, loaded.tokenizer, prompt_ids, cfg, models.precision,
                                      generator, echo_prompt=True):
         if time.monotonic() - last >= interval:
             yield text
@@ -345,7 +349,7 @@ def main(argv=None):
     else:
         hardware.set_cpu_threads()
     precision = sample.choose_precision(cfg.device, cfg.dtype)
-    models = Models(folders, precision)
+    models = Models(folders, precision, cfg.dtype)
     models.get(models.default)  # a broken default checkpoint fails here, not on the first request
     # a Hugging Face Space says where to listen in GRADIO_SERVER_NAME / _PORT; explicit flags win
     host = cfg.host if "host" in explicit else os.environ.get("GRADIO_SERVER_NAME", cfg.host)

@@ -2,6 +2,7 @@
 
     python bench.py                                  # the shakespeare_char model (6x384, block 256)
     python bench.py configs/shakespeare.py --dtype=float32
+    python bench.py --skip_train --sample_tokens=500 --process_runs=3   # sampling against nanoGPT
     python bench.py --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --batch_size=12 --vocab_size=50304
 
 Prints, as medians over `repeats` timed runs after a warm-up:
@@ -10,22 +11,35 @@ Prints, as medians over `repeats` timed runs after a warm-up:
   - train: tokens/s and MFU of the same step as train.py (autocast forward, backward, grad
     clip, fused AdamW) on random tokens of the config's vocabulary
   - sample: tokens/s of model.generate in sample.py's precision (float32 on CPUs), at batch 1
-    with and without the KV cache, and in all for a batch of sample_batch sequences
+    with and without the KV cache, and in all for a batch of sample_batch sequences; on CPUs
+    also sample.py's fast path (fast_decode.py) at batch 1 and sample_batch, and nanoGPT's
+    generate loop (no KV cache: the whole window every step) on the same float32 weights,
+    all timed side by side (interleaved), with each rate's speed-up over nanoGPT's loop
+  - sample.py process (CPUs, --process_runs > 0): the wall time of whole `python sample.py`
+    runs of sample_tokens tokens on a checkpoint of this model, the fast path and
+    --dtype=float32 interleaved: the first run of each, then the median of the others
 Any train.py config file or flag works here; the few extra keys are listed by --help.
 """
+import dataclasses
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+import checkpoint
+import fast_decode
 import hardware
 from config import parse_config
 from errors import run_main
 from model import GPT, GPTConfig
 from sample import choose_precision
-from train import TrainConfig, train_step
+from train import Dataset, TrainConfig, train_step
 
 
 @dataclass
@@ -46,6 +60,9 @@ class BenchConfig(TrainConfig):
     sample_batch: int = 10  # sequences of the batched sampling row (sample.py --num_samples)
     peak_size: int = 4096  # side of the square matrices of the peak FLOP/s measurement
     skip_sample: bool = False  # measure training only
+    skip_train: bool = False  # measure sampling only (no matmul peak, no training step)
+    quant_eval: str = ""  # out_dir of a trained model: its val loss over the whole val split, float32 and int8
+    process_runs: int = 0  # whole `python sample.py` processes per variant (cpu; 0 = none, 5 = first + 4 repeats)
 
     def problems(self) -> list[str]:
         p = super().problems()
@@ -54,6 +71,8 @@ class BenchConfig(TrainConfig):
                 p.append(f"--{k} must be at least 1, got {getattr(self, k)}")
         if self.warmup < 0:
             p.append(f"--warmup must be >= 0, got {self.warmup}")
+        if self.process_runs < 0:
+            p.append(f"--process_runs must be >= 0, got {self.process_runs}")
         return p
 
 
@@ -120,6 +139,106 @@ def bench_sample(model, cfg: BenchConfig, precision, use_cache: bool, batch: int
     return [batch * cfg.sample_tokens / t for t in timed(sample, precision, cfg.warmup, cfg.repeats)]
 
 
+@torch.inference_mode()
+def nanogpt_generate(model, idx, max_new_tokens, temperature=0.8, top_k=200, generator=None):
+    """nanoGPT's GPT.generate, as its sample.py runs it (on CPU: float32, no autocast): crop to
+    the last block_size tokens, a whole forward without a cache every step, logits of the last
+    position / temperature, top-k by torch.topk, softmax, torch.multinomial, torch.cat."""
+    for _ in range(max_new_tokens):
+        idx_cond = idx if idx.size(1) <= model.config.block_size else idx[:, -model.config.block_size:]
+        logits, _ = model(idx_cond)
+        logits = logits[:, -1, :] / temperature
+        if top_k is not None:
+            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+            logits[logits < v[:, [-1]]] = -float("Inf")
+        probs = torch.nn.functional.softmax(logits, dim=-1)
+        idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
+        idx = torch.cat((idx, idx_next), dim=1)
+    return idx
+
+
+def bench_sample_side_by_side(model, cfg: BenchConfig) -> dict[str, tuple[list[float], str]]:
+    """CPU sampling tokens/s of model.py's float32 path, the fast path (sample.py's default)
+    and nanoGPT's loop, timed in turn within each repeat, so load from other processes falls
+    on all of them alike. Returns {row name: (rates, note)}."""
+    model.eval()
+    cpu = hardware.Precision("cpu", "float32", "")
+    fast, why = {}, {}
+    for batch in (1, cfg.sample_batch):
+        fast[batch], why[batch] = fast_decode.decoder_for(model, batch)
+    int8 = fast_decode.FastDecoder(model, "int8") if fast_decode.int8_available() else None
+    n, options = cfg.sample_tokens, dict(temperature=0.8, top_k=200)
+    idx = {b: torch.zeros((b, 1), dtype=torch.long) for b in (1, cfg.sample_batch)}
+    generator = torch.Generator().manual_seed(cfg.seed)
+    variants = {  # name: (function, batch, note)
+        "sample, nanoGPT loop": (lambda: nanogpt_generate(model, idx[1], n, generator=generator, **options), 1,
+                                 "nanoGPT's generate loop (no KV cache), float32"),
+        "sample, kv cache": (lambda: model.generate(idx[1], n, generator=generator, **options), 1,
+                                     "model.generate_stream (--dtype=float32)"),
+        "sample, fast path": (lambda: fast[1].generate(idx[1], n, generator=generator, **options), 1,
+                              f"sample.py's default: {why[1]}"),
+        f"sample, kv cache, batch {cfg.sample_batch}": (
+            lambda: model.generate(idx[cfg.sample_batch], n, generator=generator, **options), cfg.sample_batch,
+            "model.generate_stream, tokens/s of all sequences"),
+        f"sample, fast path, batch {cfg.sample_batch}": (
+            lambda: fast[cfg.sample_batch].generate(idx[cfg.sample_batch], n, generator=generator, **options),
+            cfg.sample_batch, f"all sequences; {why[cfg.sample_batch]}"),
+    }
+    if int8 is not None:
+        variants["sample, int8 weights"] = (lambda: int8.generate(idx[1], n, generator=generator, **options), 1,
+                                            "the fast path with --fast_weights=int8")
+    rates = {name: [] for name in variants}
+    for fn, _, _ in variants.values():
+        for _ in range(cfg.warmup):
+            fn()
+    for _ in range(cfg.repeats):
+        for name, (fn, batch, _) in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            rates[name].append(batch * n / (time.perf_counter() - t0))
+    return {name: (rates[name], f"batch {batch}, {n} new tokens, {note}")
+            for name, (_, batch, note) in variants.items()}
+
+
+def bench_sample_process(model, cfg: BenchConfig) -> dict[str, list[float]]:
+    """Seconds of whole `python sample.py` runs (start-up, loading, sample_tokens tokens) on a
+    checkpoint of this model, the default (fast path) and --dtype=float32 in turn: the first run
+    of each (cold: a fresh process, nothing of it cached but the OS's files) and the others."""
+    chars = [chr(0x21 + i) for i in range(cfg.vocab_size)]  # a char tokenizer of the vocabulary
+    script = Path(__file__).resolve().parent / "sample.py"
+    times: dict[str, list[float]] = {"sample.py": [], "sample.py --dtype=float32": []}
+    with tempfile.TemporaryDirectory() as out_dir:
+        checkpoint.save({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
+                         "optimizer": {}, "iter_num": 0, "best_val_loss": float("inf"), "config": {},
+                         "tokenizer": {"name": "char", "vocab_size": len(chars), "eot_id": None, "chars": chars}},
+                        Path(out_dir) / "ckpt.pt")
+        for _ in range(cfg.process_runs):
+            for name in times:
+                command = [sys.executable, str(script), f"--out_dir={out_dir}", "--prompt=!", "--device=cpu",
+                           f"--max_new_tokens={cfg.sample_tokens}", f"--seed={cfg.seed}", *name.split()[1:]]
+                t0 = time.perf_counter()
+                subprocess.run(command, check=True, capture_output=True, timeout=1800)
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def bench_quant_eval(out_dir: str) -> dict[str, float]:
+    """Val loss of a trained checkpoint over its whole val split (fast_decode.val_loss):
+    model.py in float32, and the fast path with int8 block matrices."""
+    import numpy as np
+
+    from sample import load_model
+    model, _, ckpt = load_model(out_dir, "cpu")
+    train_cfg = ckpt.get("config", {})
+    data = Dataset(train_cfg.get("data_dir", "data"), train_cfg.get("dataset", "shakespeare_char"))
+    val = torch.from_numpy(np.fromfile(data.paths["val"], dtype=data.dtype).astype(np.int64))
+    int8 = fast_decode.FastDecoder(model, "int8")
+    block = model.config.block_size
+    with torch.inference_mode():
+        return {"float32": fast_decode.val_loss(lambda x: model(x, x)[0], val, block),
+                "int8": fast_decode.val_loss(lambda x: int8.forward(x, 0, all_logits=True), val, block)}
+
+
 def row(name: str, values: list[float], unit: str, scale: float = 1.0, extra: str = "") -> str:
     med, lo, hi = statistics.median(values) / scale, min(values) / scale, max(values) / scale
     return f"{name:<26} {med:>12,.1f} {lo:>12,.1f} {hi:>12,.1f}  {unit:<12} {extra}"
@@ -144,24 +263,42 @@ def main(argv=None):
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {per_token / 1e6:.1f} MFLOP per token, "
           f"{tokens_per_step:,} tokens per step, dropout {cfg.dropout}, compile {cfg.compile}")
 
-    peak = matmul_peak(cfg, precision)
-    train = bench_train(model, cfg, precision)
-    peak_med = statistics.median(peak)
-    mfu = [t * per_token / peak_med for t in train]
-    ms_per_step = [tokens_per_step / t * 1000 for t in train]
-
     print(f"\n{'':<26} {'median':>12} {'min':>12} {'max':>12}  unit         (repeats={cfg.repeats})")
-    print(row(f"matmul peak {precision.dtype}", peak, "GFLOP/s", 1e9, f"{cfg.peak_size}^3 matmul"))
-    print(row("train", train, "tokens/s"))
-    print(row("train step", ms_per_step, "ms"))
-    print(row("train MFU", mfu, "%", 0.01, "of the measured matmul peak"))
-    if not cfg.skip_sample:
-        sampling = choose_precision(cfg.device, cfg.dtype)  # sample.py's choice: float32 on CPUs
+    if not cfg.skip_train:
+        peak = matmul_peak(cfg, precision)
+        train = bench_train(model, cfg, precision)
+        peak_med = statistics.median(peak)
+        mfu = [t * per_token / peak_med for t in train]
+        ms_per_step = [tokens_per_step / t * 1000 for t in train]
+        print(row(f"matmul peak {precision.dtype}", peak, "GFLOP/s", 1e9, f"{cfg.peak_size}^3 matmul"))
+        print(row("train", train, "tokens/s"))
+        print(row("train step", ms_per_step, "ms"))
+        print(row("train MFU", mfu, "%", 0.01, "of the measured matmul peak"))
+    sampling = choose_precision(cfg.device, cfg.dtype)  # sample.py's choice: float32 on CPUs
+    if not cfg.skip_sample and sampling.device_type != "cpu":
         for name, use_cache, batch in [("kv cache", True, 1), ("no cache", False, 1),
                                        (f"kv cache, batch {cfg.sample_batch}", True, cfg.sample_batch)]:
             rate = bench_sample(model, cfg, sampling, use_cache, batch)
             print(row(f"sample, {name}", rate, "tokens/s", 1.0,
                       f"batch {batch}, {cfg.sample_tokens} new tokens, {sampling.dtype}"))
+    elif not cfg.skip_sample:
+        results = bench_sample_side_by_side(model.cpu(), cfg)
+        baseline = statistics.median(results["sample, nanoGPT loop"][0])
+        for name, (rates, note) in results.items():
+            speedup = statistics.median(rates) / baseline
+            print(row(name, rates, "tokens/s", 1.0, f"{speedup:.1f}x nanoGPT's loop; {note}"))
+    if cfg.quant_eval:
+        losses = bench_quant_eval(cfg.quant_eval)
+        delta = losses["int8"] - losses["float32"]
+        for name, loss in losses.items():
+            vs = f", {delta:+.4f} vs float32" if name == "int8" else ""
+            print(f"{'val loss, ' + name:<26} {loss:>12.4f} {'':>25}  {'nats':<12} {cfg.quant_eval}, whole val split{vs}")
+    if cfg.process_runs and sampling.device_type == "cpu":
+        for name, seconds in bench_sample_process(model.cpu(), cfg).items():
+            print(row(f"{name}, first run", seconds[:1], "s", 1.0,
+                      f"whole process, {cfg.sample_tokens} tokens, fresh python"))
+            if len(seconds) > 1:
+                print(row(f"{name}, repeated", seconds[1:], "s", 1.0, "the runs after the first"))
 
 
 if __name__ == "__main__":

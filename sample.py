@@ -33,6 +33,10 @@ shape and the tokenizer, so nothing in data/ is needed. Standard output holds on
 - Precision: --dtype=auto picks float32 on CPUs even where training uses bf16 autocast:
   decoding one token at a time is a chain of small matrix-vector products, where autocast's
   casts cost more than they save (measured ~2x slower). GPUs keep hardware.resolve's choice.
+- Fast CPU path: with --dtype=auto on a CPU, generation runs on fast_decode.FastDecoder (a
+  static KV cache and a lean step; block matrices in float32 or int8, whichever measures
+  faster on this CPU; --fast_weights chooses). The choice is printed on stderr. An explicit
+  --dtype=float32 keeps the exact float32 path of model.py, the reference.
 """
 import math
 import sys
@@ -43,6 +47,7 @@ from pathlib import Path
 import torch
 
 import checkpoint
+import fast_decode
 import hardware
 import hf_format
 from config import parse_config
@@ -73,6 +78,7 @@ class SampleConfig:
     compile: bool = False  # torch.compile the model (slow to start; for long runs on GPUs)
     cpu_threads: int = 0  # torch threads on cpu; 0 = all cores (2 measured 1.5x faster than 1 on a quiet 2-core host)
     stop: list[str] = field(default_factory=list)  # end a sample at this string, not printed; repeat for several
+    fast_weights: str = "auto"  # block matrices of the fast CPU path (dtype auto): auto (faster here), float32 or int8
 
     def problems(self) -> list[str]:
         """Every setting that cannot work, so all are reported at once before any work."""
@@ -93,6 +99,8 @@ class SampleConfig:
             p.append("--out_dir must name the folder holding ckpt.pt")
         if any(s == "" for s in self.stop):
             p.append("--stop needs a non-empty string, e.g. --stop=END")
+        if self.fast_weights not in ("auto", "float32", "int8"):
+            p.append(f"--fast_weights must be auto, float32 or int8, got {self.fast_weights!r}")
         return p
 
 
@@ -132,6 +140,17 @@ def load_model(out_dir: str, device: str) -> tuple[GPT, Tokenizer, dict]:
         raise UserError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
                         f"only {model.config.vocab_size}; the checkpoint is inconsistent")
     return model, tokenizer, ckpt
+
+
+def choose_decoder(model: GPT, cfg: SampleConfig, precision: hardware.Precision):
+    """What generates: fast_decode's CPU path for --dtype=auto on a CPU, else the model itself
+    (float32 as requested is the exact reference; GPUs and --compile keep the model's path).
+    Both have generate_stream(...) with the same arguments and yielded values."""
+    if precision.device_type != "cpu":
+        return model, "model.generate_stream (the fast path is for CPUs)"
+    if cfg.dtype != "auto" or cfg.compile:
+        return model, "model.generate_stream (exact, as --dtype or --compile asked)"
+    return fast_decode.decoder_for(model, cfg.num_samples, cfg.fast_weights)
 
 
 def read_prompt(prompt: str) -> str:
@@ -283,14 +302,16 @@ def main(argv=None):
     print(f"precision: {precision.reason}", file=sys.stderr)
     if cfg.compile:
         model.compile(dynamic=True)  # dynamic: the cached context grows every step
+    decoder, how = choose_decoder(model, cfg, precision)
+    print(f"decoding: {how}", file=sys.stderr)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=precision.device).manual_seed(cfg.seed)
     out = sys.stdout
 
     if cfg.interactive:
-        interactive(model, tokenizer, cfg, precision, generator, out)
+        interactive(decoder, tokenizer, cfg, precision, generator, out)
         return
-    timing = complete(model, tokenizer, prompt_ids, cfg, precision, generator, echo_prompt=True, out=out)
+    timing = complete(decoder, tokenizer, prompt_ids, cfg, precision, generator, echo_prompt=True, out=out)
     if cfg.stats:
         report_stats(cfg, *timing)
 

@@ -491,3 +491,16 @@ def test_app_as_a_real_command(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""  # no server
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: no checkpoint at") and "Traceback" not in proc.stderr
+
+
+# fast_decode.py's sample.py setting (appended by the fast-sampling work)
+FAST_DECODE_CASES = {
+    "sample unknown fast_weights": (S("--fast_weights=int4"), "--fast_weights must be auto, float32 or int8"),
+    "sample fast_weights typo": (S("--fast_weight=int8"), "did you mean --fast_weights"),
+}
+
+
+@pytest.mark.parametrize("name", list(FAST_DECODE_CASES))
+def test_fast_decode_bad_input_gives_one_clear_line(name, world, capsys):
+    CASES.update(FAST_DECODE_CASES)
+    test_bad_input_gives_one_clear_line(name, world, capsys)

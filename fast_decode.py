@@ -1,0 +1,283 @@
+"""Fast token-by-token decoding on CPU: a lean decode step over a static KV cache, with the
+block matrices in float32 or as int8 weight-only linears, whichever this CPU runs faster.
+
+At batch 1 a decoder step is 25 matrix-vector products (4 per block, plus the output head)
+and about a hundred small ops around them; every op costs a few microseconds of dispatch, so
+the step below does only what decoding needs (after gpt-fast's generate.py and quantize.py):
+- one key/value buffer per layer, (B, nh, block_size, hs), allocated once per generation and
+  written in place at the position; a new token attends over the buffer up to its position with plain matrix products
+  (SDPA's set-up costs more than the arithmetic for a single query);
+- the weights are read straight from the model (float32: no copy), or quantized once to int8
+  with one scale per output channel (Int8Linear, a module swap): a quarter of the bytes. Its
+  kernel, torch._weight_int8pack_mm, is fast where the CPU has bf16 instructions
+  (AVX512-BF16, AMX) and slow elsewhere, so choose_weights times both formats on this CPU, at
+  the model's shapes, and keeps the faster (the choice and the figures are printed);
+- the embeddings, LayerNorms, residual stream, attention and the output head stay float32.
+
+FastDecoder.generate_stream takes the same arguments and yields the same values as
+GPT.generate_stream (model.py), including the sliding window past block_size, so whatever
+consumes one (sample.py, the interactive prompt, a web demo) takes the other. The model's
+config is checked first (supported()), and the decoder's float32 logits are compared once
+with the model's own forward: any model this file does not know falls back to the plain path.
+
+torch.compile of the step was measured on our 2-core AVX2 EPYC and did not pay: 244 s to
+compile under load, then 11.5 ms of CPU time per token against 12.9 eager; so nothing here
+compiles.
+"""
+import dataclasses
+import math
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from model import GPT, sample_next
+
+# GPTConfig fields this decoder implements; any other must keep its default (GPT-2's behaviour)
+KNOWN_FIELDS = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "activation"}
+ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}  # config.activation -> F.gelu's approximate
+
+
+def supported(model: nn.Module) -> str | None:
+    """None when the fast decoder computes exactly this model; else why not, in a few words."""
+    if not isinstance(model, GPT):
+        return f"the model is a {type(model).__name__}, not model.GPT"
+    config = model.config
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name not in KNOWN_FIELDS and value != field.default:
+            return f"model option {field.name}={value!r} is not implemented by the fast path"
+    activation = getattr(config, "activation", "gelu")
+    if activation not in ACTIVATIONS:
+        return f"activation {activation!r} is not implemented by the fast path"
+    if next(model.parameters()).device.type != "cpu":
+        return "the fast path is for CPUs; GPUs keep their own"
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        return "the model's weights are not float32"
+    expected = {"ln_1": nn.LayerNorm, "attn.c_attn": nn.Linear, "attn.c_proj": nn.Linear,
+                "ln_2": nn.LayerNorm, "mlp.c_fc": nn.Linear, "mlp.c_proj": nn.Linear}
+    for i, block in enumerate(model.transformer.h):
+        modules = dict(block.named_modules())
+        for name, kind in expected.items():
+            if type(modules.get(name)) is not kind:
+                return f"block {i} has no plain {kind.__name__} {name}"
+    return None
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W stored as int8 and one float scale per output row (weight-only
+    quantization, symmetric, per output channel): W ~= int8 * scale. The matrix product runs
+    in bf16 activations: torch._weight_int8pack_mm is slow with float32 ones."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()  # (out, in)
+        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
+        self.register_buffer("weight", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.to(torch.bfloat16))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight, self.scales)
+        y = y.float().view(*shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+def int8_available() -> bool:
+    """Whether this torch build has the int8 weight-only kernel on CPU."""
+    try:
+        Int8Linear(nn.Linear(64, 64))(torch.zeros(1, 64))
+        return True
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+def _block_linears(block) -> list[nn.Module]:
+    return [block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj]
+
+
+@torch.inference_mode()
+def choose_weights(model: GPT, batch_size: int = 1, repeats: int = 7) -> tuple[str, str]:
+    """'float32' or 'int8' for the block matrices, whichever runs one block's four products
+    faster here at this batch size (interleaved timings, a few ms in all), and why. Measured,
+    not assumed from CPU flags: on our AVX2 EPYC, int8 measured about as fast as float32 on one
+    thread and up to 100x slower on two threads of a loaded host."""
+    if not int8_available():
+        return "float32", "int8 weight-only kernel not available in this torch build"
+    float_linears = _block_linears(model.transformer.h[0])
+    int8_linears = [Int8Linear(lin) for lin in float_linears]
+    x = {n: torch.randn(batch_size, n) for n in {lin.in_features for lin in float_linears}}
+
+    def run(linears):
+        for lin in linears:
+            lin(x[lin.weight.shape[1]])
+
+    times = {"float32": [], "int8": []}
+    run(float_linears), run(int8_linears)  # warm-up: first calls pack weights, fault pages in
+    for _ in range(repeats):  # interleaved, so a burst of load from elsewhere hits both
+        for name, linears in (("float32", float_linears), ("int8", int8_linears)):
+            t0 = time.perf_counter()
+            run(linears)
+            times[name].append(time.perf_counter() - t0)
+        if min(times["int8"]) > 2 * max(times["float32"]):  # clearly slower: stop early
+            break
+    f32, i8 = statistics.median(times["float32"]), statistics.median(times["int8"])
+    figures = f"{i8 * 1e3:.3f} ms int8 vs {f32 * 1e3:.3f} ms float32 per block at batch {batch_size}"
+    # int8 changes the numbers a little, so it must win clearly, in the typical run (median)
+    # and in the best one (min, which other processes' load cannot inflate)
+    if i8 < 0.8 * f32 and min(times["int8"]) < 0.8 * min(times["float32"]):
+        return "int8", f"int8 weights ({figures}, measured on this CPU)"
+    return "float32", f"float32 weights (int8 is not faster on this CPU: {figures})"
+
+
+class StaticKVCache:
+    """Keys and values of every layer for one generation: one buffer per layer, allocated once
+    at the full window, (B, nh, block_size, hs), written in place. One per generate_stream
+    call, so generations running at the same time (a web demo) never share one."""
+
+    def __init__(self, n_layer: int, batch_size: int, n_head: int, block_size: int, head_size: int):
+        shape = (batch_size, n_head, block_size, head_size)
+        self.k = [torch.zeros(shape) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape) for _ in range(n_layer)]
+
+
+class FastDecoder:
+    """The model's forward for decoding, over a static KV cache. Holds no copy of float32
+    weights; with weights="int8", the block matrices are swapped for Int8Linear copies."""
+
+    def __init__(self, model: GPT, weights: str = "float32"):
+        assert weights in ("float32", "int8"), weights
+        why = supported(model)
+        assert why is None, why
+        self.model = model
+        self.weights = weights
+        config = model.config
+        self.block_size = config.block_size
+        self.n_head = config.n_head
+        self.head_size = config.n_embd // config.n_head
+        self.approximate = ACTIVATIONS[getattr(config, "activation", "gelu")]
+        make = Int8Linear if weights == "int8" else (lambda lin: lin)
+        self.linears = [[make(lin) for lin in _block_linears(b)] for b in model.transformer.h]
+
+    def new_cache(self, batch_size: int) -> StaticKVCache:
+        return StaticKVCache(len(self.linears), batch_size, self.n_head, self.block_size, self.head_size)
+
+    @torch.inference_mode()
+    def forward(self, idx: torch.Tensor, pos: int, cache: StaticKVCache | None = None,
+                all_logits: bool = False) -> torch.Tensor:
+        """idx (B, T): tokens at positions [pos, pos + T) of a window whose positions [0, pos)
+        are in cache (None: a new cache, pos must be 0). Returns the logits of the last
+        position (B, vocab), or of every position (B, T, vocab)."""
+        B, T = idx.shape
+        end = pos + T
+        assert end <= self.block_size, f"positions up to {end} past block_size {self.block_size}"
+        if cache is None:
+            assert pos == 0, "a window that does not start at 0 needs the cache of its start"
+            cache = self.new_cache(B)
+        tr = self.model.transformer
+        C = self.n_head * self.head_size
+        x = tr.wte(idx) + tr.wpe.weight[pos:end]  # (B, T, C)
+        for block, (c_attn, attn_proj, c_fc, mlp_proj), k_buf, v_buf in zip(tr.h, self.linears, cache.k, cache.v):
+            h = F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)
+            qkv = c_attn(h).view(B, T, 3, self.n_head, self.head_size).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+            k_buf[:, :, pos:end] = qkv[1]
+            v_buf[:, :, pos:end] = qkv[2]
+            keys, values = k_buf[:, :, :end], v_buf[:, :, :end]  # (B, nh, end, hs)
+            if T == 1:  # one query sees every cached position: no mask
+                att = (qkv[0] @ keys.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_size))
+                y = att.softmax(dim=-1) @ values  # (B, nh, 1, hs)
+            else:  # query t at position pos + t sees keys up to it
+                mask = torch.ones(T, end, dtype=torch.bool).tril(diagonal=pos)
+                y = F.scaled_dot_product_attention(qkv[0], keys, values, attn_mask=mask)
+            x = x + attn_proj(y.transpose(1, 2).reshape(B, T, C))
+            h = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
+            x = x + mlp_proj(F.gelu(c_fc(h), approximate=self.approximate))
+        if not all_logits:
+            x = x[:, -1]
+        x = F.layer_norm(x, (C,), tr.ln_f.weight, tr.ln_f.bias, tr.ln_f.eps)
+        return F.linear(x, self.model.lm_head.weight)  # the output head stays float32
+
+    @torch.inference_mode()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        generator=None, use_cache=True):
+        """GPT.generate_stream's contract on this decoder: yields the next token ids (B,), and
+        slides the same way past block_size (the window jumps to keep its last block_size // 2
+        tokens, which are then re-read). use_cache=False is the model's own no-cache loop."""
+        if not use_cache:
+            yield from self.model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
+                                                  generator, use_cache=False)
+            return
+        block_size = self.block_size
+        B, T = idx.shape
+        cache = self.new_cache(B)
+        tokens = idx.new_empty(B, T + max_new_tokens)  # every token so far, written in place
+        tokens[:, :T] = idx
+        n = T  # tokens filled
+        start = max(0, n - block_size)  # first token of the current window
+        cached = 0  # tokens of the window in the cache
+        for _ in range(max_new_tokens):
+            if n - start > block_size:
+                start, cached = n - block_size // 2, 0
+            logits = self.forward(tokens[:, start + cached:n], cached, cache)
+            cached = n - start
+            next_id = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            tokens[:, n] = next_id
+            n += 1
+            yield next_id
+
+    @torch.inference_mode()
+    def generate(self, idx, max_new_tokens, **kwargs):
+        """idx (B, T) -> (B, T + max_new_tokens), as GPT.generate."""
+        new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
+        return torch.cat([idx] + [t[:, None] for t in new], dim=1) if new else idx
+
+
+@torch.inference_mode()
+def matches_model(decoder: FastDecoder, tokens: int = 8, tolerance: float = 1e-3) -> bool:
+    """Whether the decoder's step in float32 gives the model's own logits on a few tokens (a
+    prompt, then one more token): the guard against a model this file would compute wrongly."""
+    model = decoder.model
+    reference = FastDecoder(model, "float32") if decoder.weights != "float32" else decoder
+    T = min(tokens, model.config.block_size)
+    idx = torch.arange(T).remainder(model.config.vocab_size)[None]  # (1, T)
+    expected = model(idx)[0][:, -1]  # (1, vocab): the last position
+    cache = reference.new_cache(1)
+    if T > 1:
+        reference.forward(idx[:, :-1], 0, cache)  # the first T - 1 positions into the cache
+    got = reference.forward(idx[:, -1:], T - 1, cache)
+    return (got - expected).abs().max().item() <= tolerance * (expected.abs().max().item() + 1.0)
+
+
+def decoder_for(model: nn.Module, batch_size: int, weights: str = "auto"):
+    """What to call generate_stream on: a FastDecoder where it applies, else the model itself.
+    weights: auto (choose_weights), float32 or int8. Returns (decoder, why, in a few words)."""
+    why = supported(model)
+    if why is not None:
+        return model, f"plain ({why})"
+    if weights == "auto":
+        weights, reason = choose_weights(model, batch_size)
+    else:
+        reason = f"{weights} weights (as requested)"
+    decoder = FastDecoder(model, weights)
+    if not matches_model(decoder):
+        return model, "plain (the fast path's logits differ from this model's own)"
+    return decoder, f"fast CPU path, static KV cache, {reason}"
+
+
+@torch.inference_mode()
+def val_loss(forward, data: torch.Tensor, block_size: int, batch_size: int = 16) -> float:
+    """Mean cross-entropy of predicting every token of data (1-D ids) from the ones before it
+    in its window, over consecutive windows of block_size + 1 tokens that cover all of data.
+    forward(idx (B, T)) -> logits (B, T, vocab)."""
+    n = (len(data) - 1) // block_size
+    x = data[:n * block_size].view(n, block_size)
+    y = data[1:n * block_size + 1].view(n, block_size)
+    total = 0.0
+    for i in range(0, n, batch_size):
+        logits = forward(x[i:i + batch_size])
+        total += F.cross_entropy(logits.flatten(0, 1).float(), y[i:i + batch_size].flatten(),
+                                 reduction="sum").item()
+    return total / (n * block_size)

@@ -1,0 +1,212 @@
+"""fast_decode.py, the fast CPU decoding path: it agrees with model.py's float32 path (greedy
+tokens wherever the logits leave a margin, seeded sampling, sliding past block_size, with
+and without the cache), falls back to the plain path for models it does not know, and
+sample.py uses it by default on CPU and prints the choice."""
+import dataclasses
+
+import pytest
+import torch
+
+import fast_decode
+import sample
+from fast_decode import FastDecoder, decoder_for, supported, val_loss
+from model import GPT, GPTConfig
+
+BLOCK = 32
+
+
+@pytest.fixture(scope="module")
+def corpus(shakespeare_text):
+    chars = sorted(set(shakespeare_text))
+    index = {c: i for i, c in enumerate(chars)}
+    ids = torch.tensor([index[c] for c in shakespeare_text[:120_000]])
+    return chars, ids[:100_000], ids[100_000:]  # vocabulary, train, val
+
+
+@pytest.fixture(scope="module")
+def trained(corpus):
+    """A 2x48 char model trained 200 steps on Shakespeare: its logits have the peaked shape
+    of a real model's, which random weights lack (a few seconds on one thread)."""
+    chars, train_ids, _ = corpus
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=BLOCK, vocab_size=len(chars), n_layer=2, n_head=2, n_embd=48, dropout=0.0))
+    optimizer = model.configure_optimizer(0.0, 3e-3, (0.9, 0.99), "cpu")
+    for _ in range(200):
+        starts = torch.randint(len(train_ids) - BLOCK - 1, (16,)).tolist()
+        x = torch.stack([train_ids[s:s + BLOCK] for s in starts])
+        y = torch.stack([train_ids[s + 1:s + BLOCK + 1] for s in starts])
+        _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 2.6  # it learned something: uniform guessing is ln(65) = 4.2
+    return model.eval()
+
+
+def prompt(corpus, length=10, batch=1):
+    _, _, val_ids = corpus
+    return torch.stack([val_ids[i * 50:i * 50 + length] for i in range(batch)])
+
+
+@pytest.mark.parametrize("weights, margin", [("float32", 1e-4), ("int8", 0.1)])
+def test_greedy_equals_float32_wherever_the_logits_leave_a_margin(trained, corpus, weights, margin):
+    """Along the float32 path's own greedy text, past block_size (the window slides as in
+    GPT.generate_stream): at every step where float32's best token leads the runner-up by more
+    than `margin`, the fast path picks it too."""
+    decoder = FastDecoder(trained, weights)
+    cache = decoder.new_cache(1)
+    tokens = prompt(corpus)
+    T, n = tokens.size(1), 2 * BLOCK + 5  # slides twice
+    start, cached = 0, 0  # the window's first token; how many of it the decoder has cached
+    agree, clear = 0, 0
+    with torch.inference_mode():
+        for step in range(n):
+            end = T + step
+            if end - start > BLOCK:
+                start, cached = end - BLOCK // 2, 0
+            reference = trained(tokens[:, start:end])[0][0, -1]  # no cache: the plain reference
+            fast = decoder.forward(tokens[:, start + cached:end], cached, cache)[0]
+            cached = end - start
+            best, runner_up = reference.topk(2).values
+            if best - runner_up > margin:
+                clear += 1
+                agree += fast.argmax().item() == reference.argmax().item()
+            tokens = torch.cat([tokens, reference.argmax().view(1, 1)], dim=1)
+    assert clear > n // 2  # a trained model is mostly decided: the test compares something
+    assert agree == clear
+
+
+def test_float32_weights_give_the_same_greedy_text_with_sliding_and_without_cache(trained, corpus):
+    idx = prompt(corpus, length=BLOCK + 7, batch=3)  # a prompt longer than the window, 3 at once
+    decoder = FastDecoder(trained, "float32")
+    expected = trained.generate(idx, 3 * BLOCK, temperature=0)
+    assert torch.equal(decoder.generate(idx, 3 * BLOCK, temperature=0), expected)
+    assert torch.equal(decoder.generate(idx, 3 * BLOCK, temperature=0, use_cache=False), expected)
+    assert torch.equal(trained.generate(idx, 3 * BLOCK, temperature=0, use_cache=False), expected)
+
+
+def test_generations_running_at_once_do_not_share_a_cache(trained, corpus):
+    """A web demo may step two generations of one decoder in turn: each has its own cache."""
+    decoder = FastDecoder(trained, "float32")
+    a, b = prompt(corpus, length=5), prompt(corpus, length=12)[:, 4:]
+    alone = [decoder.generate(p, BLOCK, temperature=0)[0, p.size(1):].tolist() for p in (a, b)]
+    streams = [decoder.generate_stream(p, BLOCK, temperature=0) for p in (a, b)]
+    together = [[], []]
+    for _ in range(BLOCK):
+        for i, stream in enumerate(streams):
+            together[i].append(next(stream).item())
+    assert together == alone and alone[0] != alone[1]
+
+
+@pytest.mark.parametrize("options", [dict(temperature=0.8), dict(temperature=1.0, top_k=5),
+                                     dict(temperature=0.7, top_k=10, top_p=0.8)])
+def test_seeded_sampling_matches_the_float32_path(trained, corpus, options):
+    """Same seed, same options: float32 weights draw the same text as model.generate (the
+    probabilities differ by rounding only); int8 is reproducible, and differs with the seed."""
+    idx = prompt(corpus, batch=2)
+    n = BLOCK + 10
+
+    def draw(generate, seed):
+        return generate(idx, n, generator=torch.Generator().manual_seed(seed), **options)
+
+    assert torch.equal(draw(FastDecoder(trained, "float32").generate, 1), draw(trained.generate, 1))
+    int8 = FastDecoder(trained, "int8").generate
+    assert torch.equal(draw(int8, 1), draw(int8, 1))
+    assert not torch.equal(draw(int8, 1), draw(int8, 2))
+
+
+def test_sampling_options_restrict_the_choice(trained, corpus):
+    """top_k=1 and a tiny top_p are greedy; top_k=3 draws only among the step's three best."""
+    idx = prompt(corpus)
+    decoder = FastDecoder(trained, "int8")
+    greedy = decoder.generate(idx, 20, temperature=0)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(decoder.generate(idx, 20, temperature=1.0, top_k=1, generator=g), greedy)
+    assert torch.equal(decoder.generate(idx, 20, temperature=1.0, top_p=1e-6, generator=g), greedy)
+    text = decoder.generate(idx, 20, temperature=2.0, top_k=3, generator=g)
+    for t in range(idx.size(1), text.size(1)):
+        best3 = decoder.forward(text[:, :t], 0).topk(3).indices[0].tolist()
+        assert text[0, t].item() in best3
+
+
+def test_int8_val_loss_is_close_to_float32(trained, corpus):
+    """The quantized model's loss over a whole val split, against the float32 model's (the
+    trained shakespeare model's figure is in the README)."""
+    _, _, val_ids = corpus
+    reference = val_loss(lambda x: trained(x, x)[0], val_ids, BLOCK)
+    fast32 = val_loss(lambda x: FastDecoder(trained, "float32").forward(x, 0, all_logits=True), val_ids, BLOCK)
+    int8 = val_loss(lambda x: FastDecoder(trained, "int8").forward(x, 0, all_logits=True), val_ids, BLOCK)
+    assert reference < 2.6
+    assert abs(fast32 - reference) < 1e-5
+    assert abs(int8 - reference) < 0.01
+
+
+def test_int8_linear_is_close_to_the_float_one():
+    torch.manual_seed(0)
+    for bias in (True, False):
+        linear = torch.nn.Linear(64, 96, bias=bias)
+        x = torch.randn(5, 3, 64)
+        y = fast_decode.Int8Linear(linear)(x)
+        assert y.shape == (5, 3, 96) and y.dtype == torch.float32
+        assert (y - linear(x)).abs().max() < 0.02 * linear(x).abs().max()
+
+
+@dataclasses.dataclass
+class RotaryConfig(GPTConfig):
+    rotary: bool = False  # an option a later model.py may grow
+
+
+class DoubledLogits(GPT):
+    """A model whose forward differs from the architecture fast_decode knows."""
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        logits, loss = super().forward(idx, targets, kv_cache)
+        return 2 * logits, loss
+
+
+def test_models_it_does_not_know_fall_back_to_the_plain_path(trained):
+    args = dict(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=16)
+    assert supported(trained) is None
+    assert "rotary=True" in supported(GPT(RotaryConfig(**args, rotary=True)))
+    assert supported(GPT(RotaryConfig(**args, rotary=False))) is None  # the default is GPT-2's
+    unknown_activation = GPT(GPTConfig(**args))
+    unknown_activation.config.activation = "relu"
+    assert "relu" in supported(unknown_activation)
+    swapped = GPT(GPTConfig(**args))
+    swapped.transformer.h[0].mlp.c_fc = torch.nn.Identity()
+    assert "mlp.c_fc" in supported(swapped)
+    doubled = DoubledLogits(GPTConfig(**args)).eval()
+    decoder, why = decoder_for(doubled, 1, "float32")
+    assert decoder is doubled and "differ" in why
+    decoder, why = decoder_for(trained, 1, "auto")
+    assert isinstance(decoder, FastDecoder) and decoder.weights in why
+
+
+def test_choose_weights_says_what_it_measured(trained):
+    weights, why = fast_decode.choose_weights(trained, batch_size=2)
+    assert weights in ("float32", "int8")
+    assert "ms int8" in why and "ms float32" in why
+
+
+def save(model, chars, out_dir):
+    import checkpoint
+    checkpoint.save({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
+                     "optimizer": {}, "iter_num": 0, "best_val_loss": 9.9, "config": {},
+                     "tokenizer": {"name": "char", "vocab_size": len(chars), "eot_id": None, "chars": chars}},
+                    out_dir / "ckpt.pt")
+    return str(out_dir)
+
+
+def test_sample_py_uses_the_fast_path_on_cpu_and_says_so(trained, corpus, tmp_path, capsys):
+    out_dir = save(trained, corpus[0], tmp_path)
+    common = [f"--out_dir={out_dir}", "--prompt=ROMEO:", "--max_new_tokens=60", "--temperature=0", "--device=cpu"]
+    sample.main(common + ["--fast_weights=float32"])
+    fast = capsys.readouterr()
+    assert "decoding: fast CPU path" in fast.err and "float32 weights (as requested)" in fast.err
+    sample.main(common + ["--dtype=float32"])
+    exact = capsys.readouterr()
+    assert "decoding: model.generate_stream (exact" in exact.err
+    assert fast.out == exact.out and fast.out.startswith("ROMEO:") and len(fast.out) > 60
+    sample.main(common + ["--fast_weights=int8", "--num_samples=2", "--temperature=0.8"])
+    int8 = capsys.readouterr()
+    assert "int8 weights" in int8.err and int8.out.count("---------------") == 2
