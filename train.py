@@ -57,6 +57,14 @@ class TrainConfig:
     n_embd: int = 768  # embedding width
     dropout: float = 0.0  # dropout probability; 0 for pretraining, 0.1+ for finetuning
     bias: bool = False  # biases in Linear layers and LayerNorms
+    # model options beyond GPT-2 (see GPTConfig in model.py); the defaults are GPT-2's
+    activation: str = "gelu"  # gelu (exact, nanoGPT), gelu_tanh (GPT-2's), relu2 (modded-nanogpt)
+    norm: str = "layernorm"  # layernorm (GPT-2) or rmsnorm (parameter-free RMSNorm, modded-nanogpt)
+    rotary: bool = False  # rotary position embeddings on q and k instead of the learned wpe table
+    qk_norm: bool = False  # RMSNorm of each head's queries and keys before attention
+    tie_head: bool = True  # output head shares the token embedding (GPT-2); false: its own, zero-init
+    zero_init_proj: bool = False  # attn.c_proj and mlp.c_proj start at zero (each block starts as identity)
+    bigram: bool = False  # add a learned vector per (previous token, token) pair to the input (char vocabularies)
     # optimizer
     optimizer: str = "adamw"  # adamw, or muon (Muon for the matrices in the blocks, AdamW for the rest)
     learning_rate: float = 6e-4  # peak learning rate
@@ -65,8 +73,12 @@ class TrainConfig:
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip gradients to this global norm; 0 disables
+    head_lr_scale: float = 1.0  # learning rate of an untied head (--tie_head=false), times learning_rate
+    muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises from 0.85 to 0.95 (modded-nanogpt); 0: 0.95 throughout
     # learning rate schedule
-    decay_lr: bool = True  # warm up linearly then decay with a cosine; false keeps learning_rate
+    decay_lr: bool = True  # warm up linearly then decay (lr_schedule); false keeps learning_rate
+    lr_schedule: str = "cosine"  # after warmup: cosine (nanoGPT) or wsd (constant, then linear), to min_lr at lr_decay_iters
+    warmdown_frac: float = 0.5  # wsd: the last fraction of lr_decay_iters, where the rate falls linearly to min_lr
     warmup_iters: int = 2000  # linear warmup steps
     lr_decay_iters: int = 600000  # step where the cosine reaches min_lr (~max_iters per Chinchilla)
     min_lr: float = 6e-5  # floor of the schedule (~learning_rate / 10 per Chinchilla)
@@ -111,12 +123,28 @@ class TrainConfig:
                 p.append(f"--min_lr ({self.min_lr}) is above --learning_rate ({self.learning_rate})")
         if self.optimizer not in ("adamw", "muon"):
             p.append(f"--optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.activation not in ("gelu", "gelu_tanh", "relu2"):
+            p.append(f"--activation must be gelu, gelu_tanh or relu2, got {self.activation!r}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            p.append(f"--norm must be layernorm or rmsnorm, got {self.norm!r}")
+        if self.rotary and self.n_head >= 1 and self.n_embd % self.n_head == 0 and (self.n_embd // self.n_head) % 2:
+            p.append(f"--rotary needs an even head size, got n_embd/n_head = {self.n_embd // self.n_head}; "
+                     f"change --n_embd or --n_head")
+        if self.lr_schedule not in ("cosine", "wsd"):
+            p.append(f"--lr_schedule must be cosine or wsd, got {self.lr_schedule!r}")
+        if not 0 <= self.warmdown_frac <= 1:
+            p.append(f"--warmdown_frac must be in [0, 1], got {self.warmdown_frac}")
+        if not (math.isfinite(self.head_lr_scale) and self.head_lr_scale > 0):
+            p.append(f"--head_lr_scale must be a finite number above 0, got {self.head_lr_scale}")
+        if self.muon_momentum_warmup < 0:
+            p.append(f"--muon_momentum_warmup must be >= 0, got {self.muon_momentum_warmup}")
         if self.init_from not in ("scratch", "resume"):
             p.append(f"--init_from must be scratch or resume, got {self.init_from!r}")
         return p
 
 
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # fixed once a model exists
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias",  # fixed once a model exists
+              "activation", "norm", "rotary", "qk_norm", "tie_head", "zero_init_proj", "bigram")
 
 
 # ---------------------------------------------------------------------------- data
@@ -164,16 +192,31 @@ class Dataset:
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr. With
+    lr_schedule "wsd" (warmup-stable-decay, as modded-nanogpt and nanochat train): after the
+    warmup the rate stays at learning_rate, then falls linearly to min_lr over the last
+    warmdown_frac of lr_decay_iters."""
     if not cfg.decay_lr:
         return cfg.learning_rate
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     if it > cfg.lr_decay_iters:
         return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        warmdown = cfg.warmdown_frac * cfg.lr_decay_iters
+        left = (cfg.lr_decay_iters - it) / warmdown if warmdown > 0 else 1.0  # 1 at the warmdown's start, 0 at the end
+        return cfg.min_lr + min(1.0, left) * (cfg.learning_rate - cfg.min_lr)
     ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # from 1 down to 0
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+def get_muon_momentum(it: int, cfg: TrainConfig) -> float:
+    """Muon's momentum: from 0.85 up to 0.95 over muon_momentum_warmup steps (modded-nanogpt),
+    so the first updates follow the fresh gradients more closely."""
+    if it >= cfg.muon_momentum_warmup:
+        return 0.95
+    return 0.85 + 0.10 * it / cfg.muon_momentum_warmup
 
 
 # ---------------------------------------------------------------------------- one step
@@ -326,6 +369,8 @@ def main(argv=None):
     ckpt = None
     if cfg.init_from == "resume":
         ckpt = checkpoint.load(ckpt_path)
+        # checkpoints from before the model options have GPT-2's behaviour: GPTConfig's defaults
+        ckpt["model_args"] = {**dataclasses.asdict(GPTConfig()), **ckpt["model_args"]}
         # the saved run's settings, with what was set explicitly now on top
         saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
         fixed = {**{k: ckpt["model_args"][k] for k in MODEL_KEYS},
@@ -377,6 +422,8 @@ def main(argv=None):
         if ckpt["model_args"]["vocab_size"] != data.vocab_size:
             raise UserError(f"{ckpt_path} was trained with vocab_size {ckpt['model_args']['vocab_size']} but "
                             f"dataset {cfg.dataset!r} has {data.vocab_size}; resume on the same dataset")
+    if GPTConfig(**model_args).problems():  # what needs the dataset to check: the bigram table's size
+        raise UserError(f"cannot build this model on {cfg.dataset!r}: " + "; ".join(GPTConfig(**model_args).problems()))
     model = GPT(GPTConfig(**model_args))
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
@@ -388,7 +435,7 @@ def main(argv=None):
 
     scaler = torch.amp.GradScaler(precision.device_type, enabled=precision.dtype == "float16")
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                          precision.device_type, cfg.optimizer)
+                                          precision.device_type, cfg.optimizer, cfg.head_lr_scale)
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -465,7 +512,10 @@ def main(argv=None):
             # learning rate for this iteration
             lr = get_lr(iter_num, cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            if cfg.optimizer == "muon":
+                for group in optimizer.muon.param_groups:
+                    group["momentum"] = get_muon_momentum(iter_num, cfg)
 
             # evaluate and checkpoint, every eval_interval and after the last step
             last = iter_num >= cfg.max_iters
