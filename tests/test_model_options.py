@@ -155,3 +155,30 @@ def test_untied_head_gets_its_own_learning_rate(tiny_data, tmp_path):
     lrs = sorted(g["lr"] for g in state["adamw"]["param_groups"])
     assert lrs[-1] == pytest.approx(4e-3) and lrs[0] == pytest.approx(1e-3)
     assert state["muon"]["param_groups"][0]["momentum"] == pytest.approx(0.85 + 0.1 * 3 / 10)  # set for iteration 3, then saved
+
+
+def test_our_muon_is_torchs_update_with_a_choice_of_dtype():
+    """optim.Muon in bf16 is bit-identical to torch.optim.Muon; in float32 (used on CPUs
+    without native bf16) it differs only by bf16's rounding, and loads torch's state."""
+    import optim
+    torch.manual_seed(0)
+    shapes = [(48, 16), (16, 16), (16, 64)]
+    params = {name: [torch.nn.Parameter(torch.randn(*s) * 0.02) for s in shapes] for name in ("torch", "bf16", "fp32")}
+    for name in ("bf16", "fp32"):
+        for p, q in zip(params[name], params["torch"]):
+            p.data.copy_(q.data)
+    kw = dict(lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    opts = {"torch": torch.optim.Muon(params["torch"], **kw),
+            "bf16": optim.Muon(params["bf16"], ns_dtype=torch.bfloat16, **kw),
+            "fp32": optim.Muon(params["fp32"], ns_dtype=torch.float32, **kw)}
+    for _ in range(3):
+        grads = [torch.randn(*s) for s in shapes]
+        for name, opt in opts.items():
+            for p, g in zip(params[name], grads):
+                p.grad = g.clone()
+            opt.step()
+    for p, q, r in zip(params["torch"], params["bf16"], params["fp32"]):
+        assert torch.equal(p, q)
+        assert torch.allclose(p, r, atol=2e-3) and not torch.equal(p, r)
+    opts["fp32"].load_state_dict(opts["torch"].state_dict())
+    assert optim.newton_schulz_dtype("cuda") == torch.bfloat16
