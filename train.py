@@ -39,6 +39,7 @@ class TrainConfig:
     log_interval: int = 1  # log the training loss every this many iterations
     eval_iters: int = 200  # batches per split in each evaluation
     eval_only: bool = False  # evaluate once and exit
+    eval_at_start: bool = True  # evaluate before the first step too (nanoGPT does; short timed runs skip it)
     always_save_checkpoint: bool = True  # checkpoint at every evaluation, not only when val improves
     init_from: str = "scratch"  # scratch (a new model) or resume (from out_dir/ckpt.pt)
     # logging
@@ -519,7 +520,8 @@ def main(argv=None):
 
             # evaluate and checkpoint, every eval_interval and after the last step
             last = iter_num >= cfg.max_iters
-            if (iter_num % cfg.eval_interval == 0 or last or cfg.eval_only) and iter_num != skip_eval_at:
+            at_start = iter_num == 0 and not cfg.eval_at_start and not cfg.eval_only
+            if (iter_num % cfg.eval_interval == 0 or last or cfg.eval_only) and iter_num != skip_eval_at and not at_start:
                 losses = estimate_loss()
                 if master:
                     progress.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")

@@ -182,3 +182,10 @@ def test_our_muon_is_torchs_update_with_a_choice_of_dtype():
         assert torch.allclose(p, r, atol=2e-3) and not torch.equal(p, r)
     opts["fp32"].load_state_dict(opts["torch"].state_dict())
     assert optim.newton_schulz_dtype("cuda") == torch.bfloat16
+
+
+def test_eval_at_start_can_be_skipped(tiny_data, tmp_path):
+    import json
+    run_train(tiny_data, tmp_path / "out", "--max_iters=4", "--eval_interval=2", "--eval_at_start=false")
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in lines if "val/loss" in r] == [2, 4]
