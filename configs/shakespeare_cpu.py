@@ -21,8 +21,8 @@ n_head = 4
 n_embd = 192
 dropout = 0.0  # measured with AdamW: 0.1 ended at val 1.674 in 290 s, 0.0 at 1.606 in 250 s
 
-# model options (README "Model options"): together they took the 4x128 quick model from val
-# BASE_ALL at 120 iterations to 1.925 (same batches, same seed)
+# model options (README "Model options"): with wsd they took the 4x128 quick model from val
+# 2.120 at 120 iterations to 1.925 (same batches, same seed); not measured at this size
 bigram = True
 rotary = True
 activation = "relu2"
@@ -33,7 +33,7 @@ zero_init_proj = True
 
 optimizer = "muon"
 learning_rate = 6e-3
-max_iters = 400  # float32 on the EPYC: ~0.7 s a step
+max_iters = 400  # sized, not yet run to the end: 1.7 CPU-s a step on one thread of the EPYC (float32)
 lr_decay_iters = 400
 lr_schedule = "wsd"  # constant, then linear to min_lr over the last half
 warmdown_frac = 0.5
