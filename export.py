@@ -413,6 +413,10 @@ def main(argv=None):
     check_destination(dest, cfg.force)
     model, tokenizer, ckpt = load_model(cfg.out_dir, "cpu")
     model.float()
+    if options := model.config.non_gpt2_options():  # every format here is GPT-2's architecture
+        raise UserError(f"{cfg.out_dir} was trained with options GPT-2 does not have ({', '.join(options)}); "
+                        f"--format={cfg.format} can only express GPT-2's architecture, so nothing was written. "
+                        f"Sample it with sample.py, or train without these options to export")
     if cfg.format == "gguf":  # before anything is written
         check_gguf(tokenizer)
     card = model_card(model, tokenizer, ckpt, cfg.format, str(dest))

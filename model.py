@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from cpu_kernels import Dropout, causal_attention
-from optim import MuonAdamW
+from optim import Muon, MuonAdamW, newton_schulz_dtype
 
 
 @dataclass
@@ -25,15 +25,81 @@ class GPTConfig:
     n_embd: int = 768  # embedding width
     dropout: float = 0.0  # dropout probability in training
     bias: bool = True  # biases in Linear layers and LayerNorms, as in GPT-2
-    activation: str = "gelu"  # MLP nonlinearity, a key of ACTIVATIONS: gelu (exact, nanoGPT's) or gelu_tanh (GPT-2's own)
+    # options beyond GPT-2 (modded-nanogpt, nanochat); each default is GPT-2's behaviour
+    activation: str = "gelu"  # gelu (exact, nanoGPT), gelu_tanh (GPT-2's), relu2 (modded-nanogpt)
+    norm: str = "layernorm"  # layernorm (GPT-2) or rmsnorm (parameter-free RMSNorm, modded-nanogpt)
+    rotary: bool = False  # rotary position embeddings on q and k instead of the learned wpe table
+    qk_norm: bool = False  # RMSNorm of each head's queries and keys before attention
+    tie_head: bool = True  # output head shares the token embedding (GPT-2); false: its own, zero-init
+    zero_init_proj: bool = False  # attn.c_proj and mlp.c_proj start at zero (each block starts as identity)
+    bigram: bool = False  # add a learned vector per (previous token, token) pair to the input (char vocabularies)
+
+    def non_gpt2_options(self) -> list[str]:
+        """The options in use that GPT-2's architecture lacks, as "name=value" (empty for a
+        GPT-2 model). Code that only knows GPT-2 (the HF/ONNX export, a fixed decode path)
+        refuses a model whose list is not empty, naming these. zero_init_proj is absent: it
+        changes only the initialization, and gelu_tanh is GPT-2's own activation."""
+        gpt2 = {"activation": ("gelu", "gelu_tanh"), "norm": ("layernorm",), "rotary": (False,),
+                "qk_norm": (False,), "tie_head": (True,), "bigram": (False,)}
+        return [f"{k}={getattr(self, k)}" for k, ok in gpt2.items() if getattr(self, k) not in ok]
+
+    def problems(self) -> list[str]:
+        """Settings the model cannot be built with."""
+        p = []
+        if self.activation not in ACTIVATIONS:
+            p.append(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            p.append(f"norm must be layernorm or rmsnorm, got {self.norm!r}")
+        if self.rotary and self.n_head > 0 and (self.n_embd // self.n_head) % 2:
+            p.append(f"rotary needs an even head size, got n_embd/n_head = {self.n_embd // self.n_head}")
+        if self.bigram and self.vocab_size > BIGRAM_MAX_VOCAB:
+            p.append(f"bigram needs a vocabulary of at most {BIGRAM_MAX_VOCAB} tokens (its table has "
+                     f"vocab_size^2 rows), got {self.vocab_size}; use it with char-level data")
+        return p
 
 
-# GPTConfig.activation -> the module. GPT-2 itself used the tanh approximation of GELU (Hugging
-# Face calls it "gelu_new"); imported GPT-2 weights need it to give GPT-2's logits exactly.
-ACTIVATIONS = {
-    "gelu": lambda: nn.GELU(),
-    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
-}
+class ReLUSquared(nn.Module):
+    """relu(x)^2: the MLP activation of Primer (So et al. 2021) and modded-nanogpt."""
+
+    def forward(self, x):
+        return F.relu(x).square()
+
+
+# the MLP's activation by GPTConfig.activation
+ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu2": ReLUSquared}
+BIGRAM_MAX_VOCAB = 1024  # the bigram table holds (vocab_size + 1) * vocab_size vectors
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, elementwise_affine=False)  # no parameters at all
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings (RoFormer, Su et al. 2021): each pair of channels of q and k is
+    rotated by an angle proportional to the token's position, so q . k depends only on the
+    distance between the two tokens. Positions come in as a tensor, (T,) or (B, T), so any
+    position can be asked for (the KV cache asks for the next ones)."""
+
+    def __init__(self, head_size: int, max_positions: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2).float() / head_size)  # (hs/2,)
+        angles = torch.outer(torch.arange(max_positions).float(), inv_freq)  # (max_positions, hs/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)  # derived: not in the checkpoint
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions], self.sin[positions]  # each (T, hs/2) or (B, T, hs/2)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, nh, T, hs) with each channel pair (i, i + hs/2) rotated by its angle."""
+    if cos.dim() == 3:  # per-sequence positions (B, T, hs/2) -> (B, 1, T, hs/2)
+        cos, sin = cos[:, None], sin[:, None]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
 class KVCache:
@@ -50,6 +116,7 @@ class KVCache:
         self.k: list[torch.Tensor | None] = [None] * n_layer  # each (B, nh, max_length, hs)
         self.v: list[torch.Tensor | None] = [None] * n_layer
         self.length = 0  # positions filled; GPT.forward advances it after all layers ran
+        self.last_token: torch.Tensor | None = None  # (B,) the last token seen, for the bigram option
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write this step's k, v (B, nh, T_new, hs) of one layer after the filled positions;
@@ -90,20 +157,26 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
         # key, query, value projections for all heads, in one batch
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """mask: None (causal) or document_mask (B, 1, T, T), for rows of several documents."""
+                mask: torch.Tensor | None = None, rope=None) -> torch.Tensor:
+        """mask: None (causal) or document_mask (B, 1, T, T), for rows of several documents.
+        rope: (cos, sin) of the rotary option at these tokens' positions, or None."""
         B, T, C = x.size()  # batch, sequence length, embedding width
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         hs = C // self.n_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (hs,)), F.rms_norm(k, (hs,))
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if kv_cache is None or kv_cache.length == 0:
             if kv_cache is not None:
                 kv_cache.update(self.layer, k, v)
@@ -127,27 +200,25 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        if config.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {config.activation!r}; valid: {', '.join(ACTIVATIONS)}")
-        self.gelu = ACTIVATIONS[config.activation]()
+        self.act = ACTIVATIONS[config.activation]()  # see GPTConfig.activation
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
 
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None, mask=None):
-        x = x + self.attn(self.ln_1(x), kv_cache, mask)
+    def forward(self, x, kv_cache=None, mask=None, rope=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, mask, rope)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -156,22 +227,39 @@ class GPT(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
+        if config.problems():
+            raise ValueError("; ".join(config.problems()))
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config),
         ))
+        if config.rotary:
+            self.rotary = Rotary(config.n_embd // config.n_head, config.block_size)
+        else:
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        if config.bigram:
+            # row prev * vocab + token; prev = vocab_size marks "no previous token" (window start)
+            self.bigram = nn.Embedding((config.vocab_size + 1) * config.vocab_size, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying: https://paperswithcode.com/method/weight-tying
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_head:
+            # weight tying: https://paperswithcode.com/method/weight-tying
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         # GPT-2 scales the init of residual projections by 1/sqrt(2 * n_layer)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init_proj:
+                    torch.nn.init.zeros_(p)
+        # zero-init options (modded-nanogpt): the untied head, and the bigram table, which then
+        # starts as a no-op and learns only what the pairs add
+        if not config.tie_head:
+            torch.nn.init.zeros_(self.lm_head.weight)
+        if config.bigram:
+            torch.nn.init.zeros_(self.bigram.weight)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -185,7 +273,11 @@ class GPT(nn.Module):
         """Parameters; position embeddings are left out by default, as in nanoGPT (the token
         embeddings count, since they are tied to the output head)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding:  # also leave out the lookup-only tables of the options
+            n -= self.transformer.wpe.weight.numel() if "wpe" in self.transformer else 0
+            n -= self.bigram.weight.numel() if self.config.bigram else 0
+            n -= self.transformer.wte.weight.numel() if not self.config.tie_head else 0
+        return n
 
     def crop_block_size(self, block_size: int):
         """Keep the first block_size position embeddings, e.g. to finetune GPT-2 (1024
@@ -208,46 +300,73 @@ class GPT(nn.Module):
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
+        x = self.transformer.wte(idx)  # (B, T, C)
         mask = None
-        if positions is None:
-            pos_emb = self.transformer.wpe.weight[start:start + T]  # (T, C): positions start.., a view
-        else:
+        if positions is None:  # one sequence per row: positions start.., causal attention
+            positions = torch.arange(start, start + T, device=idx.device)  # (T,)
+        else:  # rows of several documents: positions restart at each, attention stays inside
             assert kv_cache is None, "positions are for training rows, not cached generation"
-            pos_emb = self.transformer.wpe(positions)  # (B, T, C)
             mask = document_mask(positions)  # (B, 1, T, T), built once for all layers
-        x = self.transformer.drop(self.transformer.wte(idx) + pos_emb)  # (B, T, C)
+        rope = None
+        if self.config.rotary:
+            rope = self.rotary(positions)  # (T, hs/2) or (B, T, hs/2) each
+        elif positions.dim() == 1:
+            x = x + self.transformer.wpe.weight[start:start + T]  # (T, C): a view, no lookup
+        else:
+            x = x + self.transformer.wpe(positions)  # (B, T, C)
+        if self.config.bigram:
+            x = x + self.bigram(self.bigram_ids(idx, kv_cache))
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, kv_cache, mask)
+            x = block(x, kv_cache, mask, rope)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.length += T
+            kv_cache.last_token = idx[:, -1]
         if targets is None:
             return self.lm_head(x[:, -1:, :]), None  # a slice keeps the time dim
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type, name="adamw"):
+    def bigram_ids(self, idx: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+        """Rows of the bigram table for idx (B, T): previous token * vocab + token. The first
+        token of a window has no previous one (marked vocab_size), as in training, where each
+        window starts fresh; with the cache, the previous token is the last one it saw."""
+        V = self.config.vocab_size
+        first = idx.new_full((idx.size(0), 1), V)  # (B, 1)
+        if kv_cache is not None and kv_cache.length > 0:
+            first = kv_cache.last_token[:, None]
+        return torch.cat([first, idx[:, :-1]], dim=1) * V + idx  # (B, T)
+
+    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type, name="adamw",
+                            head_lr_scale=1.0):
         """AdamW, with weight decay on 2-D weights (matmuls, embeddings) only, not biases or norms.
 
         name="muon": torch.optim.Muon for the 2-D weights inside the blocks, AdamW for the rest
         (see MuonAdamW). Both take learning_rate and weight_decay: Muon scales its update to
-        AdamW's size (adjust_lr_fn="match_rms_adamw"), so one schedule drives both."""
+        AdamW's size (adjust_lr_fn="match_rms_adamw"), so one schedule drives both.
+        An untied head gets a group of its own with "lr_scale": head_lr_scale, which the
+        training loop multiplies into the scheduled learning rate."""
         if name not in ("adamw", "muon"):
             raise ValueError(f"unknown optimizer {name!r}")
         params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         is_hidden = [name == "muon" and n.startswith("transformer.h.") and p.dim() == 2 for n, p in params]
         hidden = [p for (_, p), h in zip(params, is_hidden) if h]
         rest = [p for (_, p), h in zip(params, is_hidden) if not h]
+        head = [] if self.config.tie_head else [self.lm_head.weight]
+        rest = [p for p in rest if all(p is not h for h in head)]
         groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+                  {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+                  {"params": head, "weight_decay": weight_decay, "lr_scale": head_lr_scale}]
+        groups = [g for g in groups if g["params"]]  # rmsnorm without biases leaves no 1-D parameters
         # the fused kernel updates every parameter in one pass, on cpu and cuda alike
         fused = device_type in ("cuda", "cpu")
         adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
         if name == "adamw":
             return adamw
-        muon = torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay,
-                                adjust_lr_fn="match_rms_adamw")
+        muon = Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw",
+                    ns_dtype=newton_schulz_dtype(device_type))
         return MuonAdamW(muon, adamw)
 
     @torch.inference_mode()

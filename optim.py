@@ -1,5 +1,69 @@
 """The Muon + AdamW optimizer pair that train.py uses with --optimizer=muon."""
+import math
+
 import torch
+
+import hardware
+
+
+def newton_schulz_dtype(device_type: str) -> torch.dtype:
+    """bf16 where the hardware multiplies it natively (GPUs, CPUs with AMX/AVX512-BF16), as
+    torch.optim.Muon always does; float32 elsewhere. On a CPU without native bf16 the bf16
+    matmuls are emulated: on our AVX2 EPYC they made Muon's step most of a training step."""
+    if device_type == "cuda" or (device_type == "cpu" and hardware.cpu_has_native_bf16()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def orthogonalize(g: torch.Tensor, coefficients, steps: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """torch.optim.Muon's quintic Newton-Schulz iteration (Jordan et al. 2024), in `dtype`:
+    g (A, B) -> a matrix near the orthogonal factor of g, with singular values ~0.5-1.5."""
+    a, b, c = coefficients
+    x = g.to(dtype)
+    if g.size(0) > g.size(1):
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if g.size(0) > g.size(1) else x
+
+
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon with its Newton-Schulz iteration in a dtype of our choice
+    (newton_schulz_dtype); torch's always runs it in bf16. Same settings, same state (one
+    momentum_buffer per matrix, so checkpoints move between the two), same update:
+    nesterov momentum, orthogonalize, decoupled weight decay, the lr scaled per shape."""
+
+    def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, **kwargs):
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None, "closures are not used here"
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                       self.ns_dtype)
+                A, B = p.shape
+                if group["adjust_lr_fn"] == "match_rms_adamw":
+                    scale = 0.2 * math.sqrt(max(A, B))
+                elif group["adjust_lr_fn"] in (None, "original"):
+                    scale = math.sqrt(max(1, A / B))
+                else:
+                    scale = 1.0
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-lr * scale)
 
 
 class MuonAdamW:

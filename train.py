@@ -55,6 +55,7 @@ class TrainConfig:
     log_interval: int = 1  # log the training loss every this many iterations
     eval_iters: int = 200  # batches per split in each evaluation
     eval_only: bool = False  # evaluate once and exit
+    eval_at_start: bool = True  # evaluate before the first step too (nanoGPT does; short timed runs skip it)
     always_save_checkpoint: bool = True  # checkpoint at every evaluation, not only when val improves
     init_from: str = "scratch"  # scratch (a new model), resume (from out_dir/ckpt.pt), a GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a Hugging Face GPT-2 folder
     # logging
@@ -73,6 +74,14 @@ class TrainConfig:
     n_embd: int = 768  # embedding width
     dropout: float = 0.0  # dropout probability; 0 for pretraining, 0.1+ for finetuning
     bias: bool = False  # biases in Linear layers and LayerNorms
+    # model options beyond GPT-2 (see GPTConfig in model.py); the defaults are GPT-2's
+    activation: str = "gelu"  # gelu (exact, nanoGPT), gelu_tanh (GPT-2's), relu2 (modded-nanogpt)
+    norm: str = "layernorm"  # layernorm (GPT-2) or rmsnorm (parameter-free RMSNorm, modded-nanogpt)
+    rotary: bool = False  # rotary position embeddings on q and k instead of the learned wpe table
+    qk_norm: bool = False  # RMSNorm of each head's queries and keys before attention
+    tie_head: bool = True  # output head shares the token embedding (GPT-2); false: its own, zero-init
+    zero_init_proj: bool = False  # attn.c_proj and mlp.c_proj start at zero (each block starts as identity)
+    bigram: bool = False  # add a learned vector per (previous token, token) pair to the input (char vocabularies)
     # optimizer
     optimizer: str = "adamw"  # adamw, or muon (Muon for the matrices in the blocks, AdamW for the rest)
     learning_rate: float = 6e-4  # peak learning rate
@@ -81,8 +90,12 @@ class TrainConfig:
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip gradients to this global norm; 0 disables
+    head_lr_scale: float = 1.0  # learning rate of an untied head (--tie_head=false), times learning_rate
+    muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises from 0.85 to 0.95 (modded-nanogpt); 0: 0.95 throughout
     # learning rate schedule
-    decay_lr: bool = True  # warm up linearly then decay with a cosine; false keeps learning_rate
+    decay_lr: bool = True  # warm up linearly then decay (lr_schedule); false keeps learning_rate
+    lr_schedule: str = "cosine"  # after warmup: cosine (nanoGPT) or wsd (constant, then linear), to min_lr at lr_decay_iters
+    warmdown_frac: float = 0.5  # wsd: the last fraction of lr_decay_iters, where the rate falls linearly to min_lr
     warmup_iters: int = 2000  # linear warmup steps
     lr_decay_iters: int = 600000  # step where the cosine reaches min_lr (~max_iters per Chinchilla)
     min_lr: float = 6e-5  # floor of the schedule (~learning_rate / 10 per Chinchilla)
@@ -127,13 +140,29 @@ class TrainConfig:
                 p.append(f"--min_lr ({self.min_lr}) is above --learning_rate ({self.learning_rate})")
         if self.optimizer not in ("adamw", "muon"):
             p.append(f"--optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.activation not in ("gelu", "gelu_tanh", "relu2"):
+            p.append(f"--activation must be gelu, gelu_tanh or relu2, got {self.activation!r}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            p.append(f"--norm must be layernorm or rmsnorm, got {self.norm!r}")
+        if self.rotary and self.n_head >= 1 and self.n_embd % self.n_head == 0 and (self.n_embd // self.n_head) % 2:
+            p.append(f"--rotary needs an even head size, got n_embd/n_head = {self.n_embd // self.n_head}; "
+                     f"change --n_embd or --n_head")
+        if self.lr_schedule not in ("cosine", "wsd"):
+            p.append(f"--lr_schedule must be cosine or wsd, got {self.lr_schedule!r}")
+        if not 0 <= self.warmdown_frac <= 1:
+            p.append(f"--warmdown_frac must be in [0, 1], got {self.warmdown_frac}")
+        if not (math.isfinite(self.head_lr_scale) and self.head_lr_scale > 0):
+            p.append(f"--head_lr_scale must be a finite number above 0, got {self.head_lr_scale}")
+        if self.muon_momentum_warmup < 0:
+            p.append(f"--muon_momentum_warmup must be >= 0, got {self.muon_momentum_warmup}")
         if self.init_from not in ("scratch", "resume", *hf_format.GPT2_NAMES) and not Path(self.init_from).is_dir():
             p.append(f"--init_from must be scratch or resume, a GPT-2 ({', '.join(hf_format.GPT2_NAMES)}) or a "
                      f"folder holding a Hugging Face GPT-2; got {self.init_from!r}, which is no folder")
         return p
 
 
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # fixed once a model exists
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias",  # fixed once a model exists
+              "activation", "norm", "rotary", "qk_norm", "tie_head", "zero_init_proj", "bigram")
 
 
 def conflicts(cfg: TrainConfig, explicit: set, fixed: dict, source: str) -> list[str]:
@@ -224,16 +253,31 @@ def document_positions(x: torch.Tensor, eot_id: int) -> torch.Tensor:
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr. With
+    lr_schedule "wsd" (warmup-stable-decay, as modded-nanogpt and nanochat train): after the
+    warmup the rate stays at learning_rate, then falls linearly to min_lr over the last
+    warmdown_frac of lr_decay_iters."""
     if not cfg.decay_lr:
         return cfg.learning_rate
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     if it > cfg.lr_decay_iters:
         return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        warmdown = cfg.warmdown_frac * cfg.lr_decay_iters
+        left = (cfg.lr_decay_iters - it) / warmdown if warmdown > 0 else 1.0  # 1 at the warmdown's start, 0 at the end
+        return cfg.min_lr + min(1.0, left) * (cfg.learning_rate - cfg.min_lr)
     ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # from 1 down to 0
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+def get_muon_momentum(it: int, cfg: TrainConfig) -> float:
+    """Muon's momentum: from 0.85 up to 0.95 over muon_momentum_warmup steps (modded-nanogpt),
+    so the first updates follow the fresh gradients more closely."""
+    if it >= cfg.muon_momentum_warmup:
+        return 0.95
+    return 0.85 + 0.10 * it / cfg.muon_momentum_warmup
 
 
 # ---------------------------------------------------------------------------- one step
@@ -468,6 +512,8 @@ def run(argv, held: contextlib.ExitStack):
     if cfg.init_from == "resume":
         lock_out_dir(out_lock, ddp, master, create=False)  # before reading a checkpoint another run may write
         ckpt = checkpoint.load(ckpt_path)
+        # checkpoints from before the model options have GPT-2's behaviour: GPTConfig's defaults
+        ckpt["model_args"] = {**dataclasses.asdict(GPTConfig()), **ckpt["model_args"]}
         # the saved run's settings, with what was set explicitly now on top
         saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
         saved.pop("out_dir", None)  # the run continues where its checkpoint is now, even if moved
@@ -541,13 +587,14 @@ def run(argv, held: contextlib.ExitStack):
     model_args = {k: getattr(cfg, k) for k in MODEL_KEYS}
     model_args.update(vocab_size=data.vocab_size, dropout=cfg.dropout)
     if hf_config is not None:
-        model_args.update(vocab_size=hf_config.vocab_size, activation=hf_config.activation)
+        model_args.update(vocab_size=hf_config.vocab_size)
     if ckpt is not None:
         model_args.update({k: ckpt["model_args"][k] for k in MODEL_KEYS + ("vocab_size",)})
-        model_args["activation"] = ckpt["model_args"].get("activation", "gelu")  # older checkpoints: gelu
         if ckpt["model_args"]["vocab_size"] != data.vocab_size:
             raise UserError(f"{ckpt_path} was trained with vocab_size {ckpt['model_args']['vocab_size']} but "
                             f"dataset {cfg.dataset!r} has {data.vocab_size}; resume on the same dataset")
+    if GPTConfig(**model_args).problems():  # what needs the dataset to check: the bigram table's size
+        raise UserError(f"cannot build this model on {cfg.dataset!r}: " + "; ".join(GPTConfig(**model_args).problems()))
     if hf_config is not None:
         model = hf_format.load_model(hf_folder, GPTConfig(**{**model_args, "block_size": hf_config.block_size}))
         if cfg.block_size < hf_config.block_size:
@@ -564,7 +611,7 @@ def run(argv, held: contextlib.ExitStack):
 
     scaler = torch.amp.GradScaler(precision.device_type, enabled=precision.dtype == "float16")
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                          precision.device_type, cfg.optimizer)
+                                          precision.device_type, cfg.optimizer, cfg.head_lr_scale)
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])  # its state moves to the parameters' device
         if ckpt["scaler"]:  # empty when the saved run did not use float16: a fresh scaler starts
@@ -649,11 +696,15 @@ def run(argv, held: contextlib.ExitStack):
             # learning rate for this iteration
             lr = get_lr(iter_num, cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            if cfg.optimizer == "muon":
+                for group in optimizer.muon.param_groups:
+                    group["momentum"] = get_muon_momentum(iter_num, cfg)
 
             # evaluate and checkpoint, every eval_interval and after the last step
             last = iter_num >= cfg.max_iters
-            if (iter_num % cfg.eval_interval == 0 or last or cfg.eval_only) and iter_num != skip_eval_at:
+            at_start = iter_num == 0 and not cfg.eval_at_start and not cfg.eval_only
+            if (iter_num % cfg.eval_interval == 0 or last or cfg.eval_only) and iter_num != skip_eval_at and not at_start:
                 losses = estimate_loss()
                 if master:
                     progress.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")

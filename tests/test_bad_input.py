@@ -504,3 +504,41 @@ FAST_DECODE_CASES = {
 def test_fast_decode_bad_input_gives_one_clear_line(name, world, capsys):
     CASES.update(FAST_DECODE_CASES)
     test_bad_input_gives_one_clear_line(name, world, capsys)
+
+
+MODEL_OPTION_CASES = {
+    "train unknown activation": (T("--activation=swish"), "--activation must be gelu, gelu_tanh or relu2"),
+    "train unknown norm": (T("--norm=batchnorm"), "--norm must be layernorm or rmsnorm"),
+    "train rotary with odd head size": (T("--rotary", "--n_embd=30"), "--rotary needs an even head size"),
+    "train unknown lr_schedule": (T("--lr_schedule=linear"), "--lr_schedule must be cosine or wsd"),
+    "train warmdown_frac above 1": (T("--warmdown_frac=1.5"), "--warmdown_frac must be in [0, 1]"),
+    "train head_lr_scale 0": (T("--head_lr_scale=0"), "--head_lr_scale must be a finite number above 0"),
+    "train negative momentum warmup": (T("--muon_momentum_warmup=-1"), "--muon_momentum_warmup must be >= 0"),
+    "resume with another model option": (R("--rotary"), "--rotary=True (checkpoint has False)"),
+}
+
+
+@pytest.mark.parametrize("name", list(MODEL_OPTION_CASES))
+def test_bad_model_option_gives_one_clear_line(name, world, capsys):
+    (script, args), message = MODEL_OPTION_CASES[name]
+    args = [a.format(root=world, data=world / "data") for a in args]
+    before = fingerprint(world)
+    with pytest.raises(SystemExit) as e:
+        run_main(MAINS[script], args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert fingerprint(world) == before
+
+
+def test_bigram_on_a_large_vocabulary_is_refused(tmp_path, capsys):
+    """The bigram table has vocab^2 rows: on a 1,100-character vocabulary train.py refuses it."""
+    text = "".join(chr(0x4E00 + i) for i in range(1100)) * 3
+    write_char_dataset(tmp_path / "data", text, name="wide")
+    with pytest.raises(SystemExit) as e:
+        run_main(train.main, [f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", *TINY,
+                              "--dataset=wide", "--bigram", "--max_iters=2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bigram needs a vocabulary of at most 1024" in err[0], err
+    assert not (tmp_path / "out" / "ckpt.pt").exists()

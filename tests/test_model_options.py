@@ -1,0 +1,191 @@
+"""The model options beyond GPT-2 (model.GPTConfig) and the schedule options of train.py:
+each one trains, resumes exactly, is saved in the checkpoint, samples, and decodes with the
+KV cache exactly as without it."""
+import pytest
+import torch
+
+import checkpoint
+import sample
+import train
+from conftest import TINY
+from model import GPT, GPTConfig, apply_rotary
+
+# each option alone, then all of them together (with Muon and the wsd schedule)
+OPTIONS = {
+    "rotary": ["--rotary=true"],
+    "rmsnorm": ["--norm=rmsnorm"],
+    "relu2": ["--activation=relu2"],
+    "gelu_tanh": ["--activation=gelu_tanh"],
+    "qk_norm": ["--qk_norm=true"],
+    "untied_head": ["--tie_head=false", "--head_lr_scale=2.0"],
+    "zero_init_proj": ["--zero_init_proj=true"],
+    "bigram": ["--bigram=true"],
+    "all": ["--rotary=true", "--norm=rmsnorm", "--activation=relu2", "--qk_norm=true", "--tie_head=false",
+            "--head_lr_scale=2.0", "--zero_init_proj=true", "--bigram=true", "--optimizer=muon",
+            "--lr_schedule=wsd", "--warmdown_frac=0.5", "--muon_momentum_warmup=4"],
+}
+MODEL_FLAGS = {"rotary", "norm", "activation", "qk_norm", "tie_head", "zero_init_proj", "bigram"}
+
+
+def run_train(data_dir, out_dir, *flags):
+    train.main([f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY, *flags])
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_option_trains_resumes_exactly_and_samples(name, tiny_data, tmp_path, capsys):
+    """Stopped at iteration 4 and resumed to 6, a run ends bit-identical to one run to 6; the
+    option is in the checkpoint's model_args, and sample.py builds the model from them."""
+    flags = ["--eval_interval=2", "--lr_decay_iters=6", "--learning_rate=1e-2", *OPTIONS[name]]
+    run_train(tiny_data, tmp_path / "full", "--max_iters=6", *flags)
+    run_train(tiny_data, tmp_path / "part", "--max_iters=4", *flags)
+    run_train(tiny_data, tmp_path / "part", "--max_iters=6", "--init_from=resume")
+    full = checkpoint.load(tmp_path / "full" / "ckpt.pt")
+    part = checkpoint.load(tmp_path / "part" / "ckpt.pt")
+    assert part["iter_num"] == full["iter_num"] == 6
+    for key, tensor in full["model"].items():
+        assert torch.equal(tensor, part["model"][key]), key
+    for flag in OPTIONS[name]:
+        key, value = flag[2:].split("=")
+        if key in MODEL_FLAGS:
+            assert str(full["model_args"][key]).lower() == value, key
+    capsys.readouterr()
+    sample.main([f"--out_dir={tmp_path / 'full'}", "--prompt=ROMEO:", "--max_new_tokens=40",
+                 "--temperature=0", "--seed=1"])  # 40 new tokens slide past block_size 32
+    text = capsys.readouterr().out
+    assert text.startswith("ROMEO:") and len(text) >= len("ROMEO:") + 40
+
+
+def perturbed_model(**options) -> GPT:
+    """A tiny model with every weight moved off its init: zero-init options would otherwise
+    make parts of the model invisible to the comparisons below."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=2, n_head=2, n_embd=16, **options))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("options", [dict(rotary=True), dict(bigram=True), dict(qk_norm=True, norm="rmsnorm"),
+                                     dict(rotary=True, bigram=True, tie_head=False, activation="relu2")],
+                         ids=["rotary", "bigram", "qk_norm+rmsnorm", "mixed"])
+def test_kv_cache_agrees_with_full_forward_past_block_size(options):
+    """Greedy decoding with the cache (rotary at absolute positions, the bigram's previous
+    token carried across calls) equals recomputing the window, also after the window slides."""
+    model = perturbed_model(**options)
+    idx = torch.randint(0, 20, (2, 3))
+    with_cache = model.generate(idx, 25, temperature=0)
+    without = model.generate(idx, 25, temperature=0, use_cache=False)
+    assert torch.equal(with_cache, without)
+
+
+def test_rotary_positions_may_be_per_sequence():
+    """Positions (T,) and the same positions per sequence (B, T) rotate alike, and a rotation
+    keeps q . k a function of the distance only."""
+    model = perturbed_model(rotary=True)
+    x = torch.randn(2, 2, 5, 8)  # (B, nh, T, hs)
+    positions = torch.arange(3, 8)
+    shared = apply_rotary(x, *model.rotary(positions))
+    per_sequence = apply_rotary(x, *model.rotary(positions.expand(2, 5)))
+    assert torch.allclose(shared, per_sequence)
+    q, k = torch.randn(8), torch.randn(8)
+    dots = []
+    for start in (0, 3):
+        cos, sin = model.rotary(torch.tensor([start, start + 2]))
+        qr = apply_rotary(q.expand(1, 1, 2, 8), cos, sin)[0, 0, 1]  # q at start + 2
+        kr = apply_rotary(k.expand(1, 1, 2, 8), cos, sin)[0, 0, 0]  # k at start
+        dots.append(qr @ kr)
+    assert torch.allclose(dots[0], dots[1], atol=1e-5)
+
+
+def test_bigram_reads_the_previous_token():
+    model = perturbed_model(bigram=True)
+    a = torch.tensor([[1, 2, 3, 4]])
+    b = torch.tensor([[5, 2, 3, 4]])  # differs only in the first token
+    assert torch.equal(model.bigram_ids(a, None), torch.tensor([[20 * 20 + 1, 1 * 20 + 2, 2 * 20 + 3, 3 * 20 + 4]]))
+    la, _ = model(a, a)
+    lb, _ = model(b, b)
+    assert not torch.allclose(la[:, 1], lb[:, 1])  # position 1 sees the changed previous token
+
+
+def test_gpt2_defaults_and_the_list_of_options_in_use():
+    assert GPTConfig().non_gpt2_options() == [] and GPTConfig(activation="gelu_tanh").non_gpt2_options() == []
+    assert GPTConfig(zero_init_proj=True).non_gpt2_options() == []  # init only: the weights are GPT-2's
+    cfg = GPTConfig(rotary=True, norm="rmsnorm", activation="relu2", qk_norm=True, tie_head=False, bigram=True)
+    assert cfg.non_gpt2_options() == ["activation=relu2", "norm=rmsnorm", "rotary=True", "qk_norm=True",
+                                      "tie_head=False", "bigram=True"]
+    model = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=16, rotary=True,
+                          norm="rmsnorm", bias=False, tie_head=False))
+    names = set(model.state_dict())
+    assert "transformer.wpe.weight" not in names and "transformer.h.0.ln_1.weight" not in names
+    assert model.lm_head.weight is not model.transformer.wte.weight and not model.lm_head.weight.any()
+    with pytest.raises(ValueError, match="activation must be"):
+        GPT(GPTConfig(activation="swish"))
+
+
+def test_checkpoint_from_before_the_options_resumes(tiny_data, tmp_path):
+    """A checkpoint whose model_args predate the options resumes as the GPT-2 model it is."""
+    run_train(tiny_data, tmp_path / "out", "--max_iters=2", "--eval_interval=2")
+    path = tmp_path / "out" / "ckpt.pt"
+    ckpt = checkpoint.load(path)
+    ckpt["model_args"] = {k: v for k, v in ckpt["model_args"].items()
+                          if k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")}
+    checkpoint.save(ckpt, path)
+    run_train(tiny_data, tmp_path / "out", "--max_iters=4", "--init_from=resume")
+    assert checkpoint.load(path)["iter_num"] == 4
+
+
+def test_wsd_schedule_and_muon_momentum_warmup():
+    cfg = train.TrainConfig(learning_rate=1.0, min_lr=0.0, warmup_iters=10, lr_decay_iters=110,
+                            lr_schedule="wsd", warmdown_frac=0.5, muon_momentum_warmup=100)
+    assert train.get_lr(0, cfg) == pytest.approx(1 / 11)
+    assert train.get_lr(10, cfg) == train.get_lr(55, cfg) == 1.0  # constant until the warmdown
+    assert train.get_lr(82.5, cfg) == pytest.approx(0.5)  # halfway through the warmdown
+    assert train.get_lr(110, cfg) == pytest.approx(0.0) and train.get_lr(150, cfg) == 0.0
+    assert train.get_muon_momentum(0, cfg) == pytest.approx(0.85)
+    assert train.get_muon_momentum(50, cfg) == pytest.approx(0.90)
+    assert train.get_muon_momentum(100, cfg) == train.get_muon_momentum(500, cfg) == 0.95
+
+
+def test_untied_head_gets_its_own_learning_rate(tiny_data, tmp_path):
+    run_train(tiny_data, tmp_path / "out", "--max_iters=3", "--eval_interval=3", "--tie_head=false",
+              "--head_lr_scale=4.0", "--decay_lr=false", "--learning_rate=1e-3", "--optimizer=muon",
+              "--muon_momentum_warmup=10")
+    state = checkpoint.load(tmp_path / "out" / "ckpt.pt")["optimizer"]
+    lrs = sorted(g["lr"] for g in state["adamw"]["param_groups"])
+    assert lrs[-1] == pytest.approx(4e-3) and lrs[0] == pytest.approx(1e-3)
+    assert state["muon"]["param_groups"][0]["momentum"] == pytest.approx(0.85 + 0.1 * 3 / 10)  # set for iteration 3, then saved
+
+
+def test_our_muon_is_torchs_update_with_a_choice_of_dtype():
+    """optim.Muon in bf16 is bit-identical to torch.optim.Muon; in float32 (used on CPUs
+    without native bf16) it differs only by bf16's rounding, and loads torch's state."""
+    import optim
+    torch.manual_seed(0)
+    shapes = [(48, 16), (16, 16), (16, 64)]
+    params = {name: [torch.nn.Parameter(torch.randn(*s) * 0.02) for s in shapes] for name in ("torch", "bf16", "fp32")}
+    for name in ("bf16", "fp32"):
+        for p, q in zip(params[name], params["torch"]):
+            p.data.copy_(q.data)
+    kw = dict(lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    opts = {"torch": torch.optim.Muon(params["torch"], **kw),
+            "bf16": optim.Muon(params["bf16"], ns_dtype=torch.bfloat16, **kw),
+            "fp32": optim.Muon(params["fp32"], ns_dtype=torch.float32, **kw)}
+    for _ in range(3):
+        grads = [torch.randn(*s) for s in shapes]
+        for name, opt in opts.items():
+            for p, g in zip(params[name], grads):
+                p.grad = g.clone()
+            opt.step()
+    for p, q, r in zip(params["torch"], params["bf16"], params["fp32"]):
+        assert torch.equal(p, q)
+        assert torch.allclose(p, r, atol=2e-3) and not torch.equal(p, r)
+    opts["fp32"].load_state_dict(opts["torch"].state_dict())
+    assert optim.newton_schulz_dtype("cuda") == torch.bfloat16
+
+
+def test_eval_at_start_can_be_skipped(tiny_data, tmp_path):
+    import json
+    run_train(tiny_data, tmp_path / "out", "--max_iters=4", "--eval_interval=2", "--eval_at_start=false")
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in lines if "val/loss" in r] == [2, 4]
