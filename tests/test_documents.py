@@ -188,7 +188,9 @@ def test_rows_start_at_documents_and_cover_long_ones(combos_data):
     assert (positions[:, 0] == 0).all() and ((x == data.eot_id) == (positions == 0))[:, 1:].all()
 
 
-@pytest.mark.parametrize("flags", [[], ["--dropout=0.1", "--dtype=bfloat16", "--gradient_accumulation_steps=2"]])
+@pytest.mark.parametrize("flags", [[], ["--dropout=0.1", "--dtype=bfloat16", "--gradient_accumulation_steps=2"],
+                                   ["--rotary", "--norm=rmsnorm", "--activation=relu2", "--qk_norm", "--bigram",
+                                    "--tie_head=false"]])  # the model options take per-document positions
 def test_document_mode_exact_resume(combos_data, tmp_path, flags):
     """Stopped at 4 and resumed to 6 ends bit-identical to one run to 6, also on the CPU
     speed paths (bf16 autocast and dropout go through _CPUAttention with the mask)."""

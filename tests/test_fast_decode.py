@@ -89,8 +89,11 @@ def test_generations_running_at_once_do_not_share_a_cache(trained, corpus):
     """A web demo may step two generations of one decoder in turn: each has its own cache."""
     decoder = FastDecoder(trained, "float32")
     a, b = prompt(corpus, length=5), prompt(corpus, length=12)[:, 4:]
-    alone = [decoder.generate(p, BLOCK, temperature=0)[0, p.size(1):].tolist() for p in (a, b)]
-    streams = [decoder.generate_stream(p, BLOCK, temperature=0) for p in (a, b)]
+    # seeded sampling (one generator each), so the two texts differ whatever greedy would do
+    gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    alone = [decoder.generate(p, BLOCK, temperature=1.0, generator=gen(i))[0, p.size(1):].tolist()
+             for i, p in enumerate((a, b))]
+    streams = [decoder.generate_stream(p, BLOCK, temperature=1.0, generator=gen(i)) for i, p in enumerate((a, b))]
     together = [[], []]
     for _ in range(BLOCK):
         for i, stream in enumerate(streams):
