@@ -404,13 +404,11 @@ class StopRequest:
 
     def requested(self, ddp: bool, device: str) -> bool:
         """Under DDP all ranks must stop at the same step, so they agree first."""
-        flag = self.signum is not None
-        if ddp:
-            t = torch.tensor([float(flag)], device=device)
+        if ddp:  # the signal number itself, so every rank names the signal that came
+            t = torch.tensor([float(self.signum or 0)], device=device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            if t.item() and not flag:
-                flag, self.signum = True, signal.SIGTERM
-        return flag
+            self.signum = int(t.item()) or None
+        return self.signum is not None
 
     def restore(self):
         for sig, handler in self.previous.items():
