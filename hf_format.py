@@ -25,7 +25,7 @@ import torch
 
 from errors import UserError
 from model import GPT, GPTConfig
-from tokenizer import CHAR, Tokenizer
+from tokenizer import CHAR, Tokenizer, bytes_to_unicode
 
 EXTRAS = "pip install -r requirements-extras.txt"
 EOT = "<|endoftext|>"
@@ -145,20 +145,6 @@ def gpt_config(folder: Path) -> GPTConfig:
 
 # ---------------------------------------------------------------------------- tokenizer
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table of byte-level BPE: printable bytes stand for
-    themselves, the others for chr(256 + n). From OpenAI's gpt-2 src/encoder.py (transformers
-    moves its copy between versions, so it is repeated here)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
 
 def onig_pattern(pattern: str) -> str:
     r"""tiktoken's split pattern (Rust regex syntax) for tokenizers' Oniguruma engine, which
@@ -193,7 +179,7 @@ def hf_tokenizer(tokenizer: Tokenizer):
         enc = tokenizer.encoding
         # tiktoken has no public accessor for its ranks and pattern; these two are stable
         ranks: dict[bytes, int] = enc._mergeable_ranks
-        table = _bytes_to_unicode()  # keys are byte values = the latin-1 code points translate looks up
+        table = bytes_to_unicode()  # keys are byte values = the latin-1 code points translate looks up
         as_str = {token: token.decode("latin-1").translate(table) for token in ranks}
         vocab = {as_str[token]: rank for token, rank in ranks.items()}
         merges = []  # (rank of the merged token, rank of left, rank of right, left, right)
@@ -287,7 +273,7 @@ def load_tokenizer(folder: Path) -> Tokenizer:
         if sorted(ordinary.values()) != list(range(len(chars))):
             raise UserError(f"the character vocabulary in {folder} does not number its characters 0..n-1")
         return Tokenizer.from_description({"name": CHAR, "chars": chars, "eot_id": specials.get(EOT)})
-    unicode_byte = {c: b for b, c in _bytes_to_unicode().items()}
+    unicode_byte = {c: b for b, c in bytes_to_unicode().items()}
     try:
         ranks = {bytes(unicode_byte[c] for c in t): i for t, i in ordinary.items()}
     except KeyError:

@@ -69,7 +69,7 @@ from tqdm import tqdm
 
 import runlock
 from errors import UserError, run_main
-from tokenizer import BPE, CHAR, LINE_PATTERN, Tokenizer
+from tokenizer import BPE, CHAR, LINE_PATTERN, Tokenizer, bytes_to_unicode
 
 FORMAT_VERSION = 1
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -272,20 +272,6 @@ def parse_bpe_size(name: str) -> int | None:
         raise UserError(f"--tokenizer={name}: a trained vocabulary is bpe:N with N an integer of at "
                         f"least {BPE_MIN_VOCAB} (the 256 bytes and the boundary token), e.g. bpe:400")
     return int(size)
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable stand-in character for each byte, the alphabet of HF tokenizers'
-    ByteLevel pre-tokenizer (openai/gpt-2 src/encoder.py)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def bounded(texts, max_chars: int):

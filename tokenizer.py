@@ -36,6 +36,20 @@ def _id_list(ids) -> list[int]:
     return ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte, the alphabet of HF tokenizers'
+    ByteLevel pre-tokenizer (openai/gpt-2 src/encoder.py)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
 class Tokenizer:
     """Char-level (id = index into `chars`) or a tiktoken encoding such as gpt2."""
 
