@@ -129,6 +129,20 @@ def fingerprint(root: Path) -> dict:
             for p in sorted(root.rglob("*")) if p.is_file() and "new" not in p.parts}
 
 
+def error_line(main, args, root: Path, capsys, code=None) -> str:
+    """Run main(args) as a user would: it must exit non-zero (with `code`, when given) with one
+    `error:` line on stderr and no traceback, and leave every file under root as it was.
+    Returns that line."""
+    before = fingerprint(root)
+    with pytest.raises(SystemExit) as e:
+        run_main(main, args)
+    assert e.value.code not in (0, None) if code is None else e.value.code == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    assert fingerprint(root) == before  # nothing lost, nothing half written
+    return err[0]
+
+
 def test_there_are_at_least_30_cases():
     assert len(CASES) >= 30
     assert {script for (script, _), _ in CASES.values()} == {"train", "sample", "prepare"}
@@ -138,15 +152,7 @@ def test_there_are_at_least_30_cases():
 def test_bad_input_gives_one_clear_line(name, world, capsys):
     (script, args), message = CASES[name]
     args = [a.format(root=world, data=world / "data") for a in args]
-    before = fingerprint(world)
-    with pytest.raises(SystemExit) as e:
-        run_main(MAINS[script], args)
-    assert e.value.code not in (0, None)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    assert message.format(root=world) in err[0]
-    assert "Traceback" not in err[0]
-    assert fingerprint(world) == before  # nothing lost, nothing half written
+    assert message.format(root=world) in error_line(MAINS[script], args, world, capsys)
 
 
 @pytest.mark.parametrize("script, args", [
@@ -315,14 +321,7 @@ def test_there_are_at_least_80_cases():
 def test_more_bad_input_gives_one_clear_line(name, more_world, capsys):
     (script, args), message = MORE_CASES[name]
     args = [a.format(root=more_world, data=more_world / "data") for a in args]
-    before = fingerprint(more_world)
-    with pytest.raises(SystemExit) as e:
-        run_main(MAINS[script], args)
-    assert e.value.code not in (0, None)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    assert message.format(root=more_world) in err[0]
-    assert fingerprint(more_world) == before  # nothing lost, nothing half written
+    assert message.format(root=more_world) in error_line(MAINS[script], args, more_world, capsys)
 # ---------------------------------------------------------------------------- export.py and --init_from
 
 @pytest.fixture(scope="module")
@@ -374,14 +373,7 @@ def test_export_and_init_from_bad_input(name, hf_world, capsys):
     import export
     (script, args), message = HF_CASES[name]
     args = [a.format(root=hf_world, data=hf_world / "data") for a in args]
-    before = fingerprint(hf_world)
-    with pytest.raises(SystemExit) as e:
-        run_main({**MAINS, "export": export.main}[script], args)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    assert message in err[0]
-    assert fingerprint(hf_world) == before
+    assert message in error_line({**MAINS, "export": export.main}[script], args, hf_world, capsys, code=2)
     assert not (hf_world / "new").exists() and not list(hf_world.glob(".*tmp*"))  # nothing written
 
 
@@ -411,14 +403,8 @@ def test_bad_document_input_gives_one_clear_line(name, world, capsys):
     (world / "lines.txt").write_text("".join(f"combo {i % 7} - jab\n" for i in range(40)))
     (script, args), message = DOCUMENT_CASES[name]
     args = [a.format(root=world, data=world / "data") for a in args]
-    before = fingerprint(world)
-    with pytest.raises(SystemExit) as e:
-        run_main(MAINS[script], args)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    assert message in err[0]
-    assert fingerprint(world) == before and not (world / "prepared" / "x").exists()
+    assert message in error_line(MAINS[script], args, world, capsys, code=2)
+    assert not (world / "prepared" / "x").exists()
 
 
 # ---------------------------------------------------------------------------- app.py and plot.py
@@ -458,14 +444,7 @@ def test_app_and_plot_bad_input_give_one_clear_line(name, world, capsys):
     (world / "badmetrics").mkdir(exist_ok=True)
     (world / "badmetrics" / "metrics.jsonl").write_text('not json\n{"iter": 0, "train/loss": 4.0}\n')
     args = [a.format(root=world) for a in args]
-    before = fingerprint(world)
-    with pytest.raises(SystemExit) as e:
-        run_main({"app": app.main, "plot": plot.main}[script], args)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    assert message in err[0] and "Traceback" not in err[0]
-    assert fingerprint(world) == before
+    assert message in error_line({"app": app.main, "plot": plot.main}[script], args, world, capsys, code=2)
 
 
 def test_app_without_gradio_says_what_to_install(world, capsys, monkeypatch):
@@ -522,13 +501,7 @@ MODEL_OPTION_CASES = {
 def test_bad_model_option_gives_one_clear_line(name, world, capsys):
     (script, args), message = MODEL_OPTION_CASES[name]
     args = [a.format(root=world, data=world / "data") for a in args]
-    before = fingerprint(world)
-    with pytest.raises(SystemExit) as e:
-        run_main(MAINS[script], args)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
-    assert fingerprint(world) == before
+    assert message in error_line(MAINS[script], args, world, capsys, code=2)
 
 
 def test_bigram_on_a_large_vocabulary_is_refused(tmp_path, capsys):
