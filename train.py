@@ -403,12 +403,20 @@ class StopRequest:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def requested(self, ddp: bool, device: str) -> bool:
-        """Under DDP all ranks must stop at the same step, so they agree first."""
-        if ddp:  # the signal number itself, so every rank names the signal that came
-            t = torch.tensor([float(self.signum or 0)], device=device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            self.signum = int(t.item()) or None
-        return self.signum is not None
+        """Under DDP all ranks must stop at the same step, so they agree first: the answer is the
+        all-reduce's, the same on every rank. A signal whose handler runs after this rank's
+        contribution went out (the handler runs when the all-reduce returns, and a rank waits
+        there for the others, so Ctrl-C often lands there) is kept for the next step's agreement:
+        it is never overwritten with "no signal", which once lost both copies of a Ctrl-C on
+        every rank until torchrun killed them."""
+        if not ddp:
+            return self.signum is not None
+        t = torch.tensor([float(self.signum or 0)], device=device)  # the number: every rank names it
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        agreed = int(t.item())
+        if agreed:
+            self.signum = agreed
+        return agreed != 0
 
     def restore(self):
         for sig, handler in self.previous.items():

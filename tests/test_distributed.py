@@ -56,6 +56,7 @@ def test_ctrl_c_stops_every_rank_at_one_step_and_the_resume_is_exact(tiny_data, 
     ranks = rank_output(tmp_path / "logs1")
     rank_files = sorted((tmp_path / "logs1").rglob("stderr.log"))
     assert len(rank_files) == 2, log[-2000:] + ranks
+    assert (out / "ckpt.pt").exists(), "no checkpoint after Ctrl-C\n" + log[-2000:] + ranks
     stopped_at = checkpoint.load(out / "ckpt.pt")["iter_num"]
     assert f"SIGINT received: saved iteration {stopped_at}" in rank_files[0].read_text(), log[-2000:] + ranks
     assert "Traceback" not in ranks and "Fatal Python error" not in ranks and "exitcode: -" not in log, \
@@ -81,3 +82,28 @@ def test_ctrl_c_stops_every_rank_at_one_step_and_the_resume_is_exact(tiny_data, 
     assert len(resumed["rng"]["data"]) == len(resumed["rng"]["torch_ranks"]) == 2  # one of each per rank
     assert resumed["config"]["gradient_accumulation_steps"] == 4  # saved as the global setting
     assert resumed["config"]["optimizer"] == "adamw" and "muon" not in resumed["optimizer"]
+
+
+def test_a_signal_that_lands_during_the_agreement_is_kept_for_the_next_step(tmp_path, monkeypatch):
+    """A rank waits in the stop agreement's all-reduce for the others, so a Ctrl-C often lands
+    there, and its handler runs as the all-reduce returns. That signal missed this step's
+    agreement; it must count at the next one (it once was overwritten, every rank lost both
+    copies of the Ctrl-C, and torchrun killed the run 30 s later without a checkpoint)."""
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    stop = train.StopRequest(ddp=True)
+    try:
+        all_reduce = torch.distributed.all_reduce
+
+        def signal_during(tensor, op):
+            work = all_reduce(tensor, op=op)
+            stop._handle(signal.SIGINT, None)  # what the handler does as the call returns
+            return work
+
+        monkeypatch.setattr(torch.distributed, "all_reduce", signal_during)
+        assert not stop.requested(True, "cpu")  # this step's agreement was already under way
+        monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+        assert stop.requested(True, "cpu") and stop.signum == signal.SIGINT  # the next step stops
+    finally:
+        stop.restore()
+        torch.distributed.destroy_process_group()
