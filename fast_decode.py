@@ -33,11 +33,18 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import GPT, sample_next
+from model import GPT, apply_rotary, sample_next
 
-# GPTConfig fields this decoder implements; any other must keep its default (GPT-2's behaviour)
-KNOWN_FIELDS = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "activation"}
-ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}  # config.activation -> F.gelu's approximate
+# GPTConfig fields this decoder implements (every option model.py has); a field it does not
+# know (a later model.py's) must keep its default, GPT-2's behaviour, or the plain path runs
+KNOWN_FIELDS = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "activation",
+                "norm", "rotary", "qk_norm", "tie_head", "zero_init_proj", "bigram"}
+ACTIVATIONS = {  # config.activation -> the MLP's activation, as model.ACTIVATIONS computes it
+    "gelu": lambda x: F.gelu(x),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu2": lambda x: F.relu(x).square(),
+}
+NORMS = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}  # config.norm -> the module model.py builds
 
 
 def supported(model: nn.Module) -> str | None:
@@ -56,14 +63,22 @@ def supported(model: nn.Module) -> str | None:
         return "the fast path is for CPUs; GPUs keep their own"
     if any(p.dtype != torch.float32 for p in model.parameters()):
         return "the model's weights are not float32"
-    expected = {"ln_1": nn.LayerNorm, "attn.c_attn": nn.Linear, "attn.c_proj": nn.Linear,
-                "ln_2": nn.LayerNorm, "mlp.c_fc": nn.Linear, "mlp.c_proj": nn.Linear}
+    norm = NORMS.get(getattr(config, "norm", "layernorm"))
+    expected = {"ln_1": norm, "attn.c_attn": nn.Linear, "attn.c_proj": nn.Linear,
+                "ln_2": norm, "mlp.c_fc": nn.Linear, "mlp.c_proj": nn.Linear}
     for i, block in enumerate(model.transformer.h):
         modules = dict(block.named_modules())
         for name, kind in expected.items():
-            if type(modules.get(name)) is not kind:
-                return f"block {i} has no plain {kind.__name__} {name}"
+            if kind is None or type(modules.get(name)) is not kind:
+                return f"block {i} has no plain {getattr(kind, '__name__', config.norm)} {name}"
     return None
+
+
+def norm_of(module: nn.Module):
+    """The functional form of a LayerNorm or parameter-free RMSNorm module: x -> normed x."""
+    if isinstance(module, nn.RMSNorm):
+        return lambda x: F.rms_norm(x, module.normalized_shape, module.weight, module.eps)
+    return lambda x: F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
 
 
 class Int8Linear(nn.Module):
@@ -136,17 +151,20 @@ def choose_weights(model: GPT, batch_size: int = 1, repeats: int = 7) -> tuple[s
 
 class StaticKVCache:
     """Keys and values of every layer for one generation: one buffer per layer, allocated once
-    at the full window, (B, nh, block_size, hs), written in place. One per generate_stream
-    call, so generations running at the same time (a web demo) never share one."""
+    at the full window, (B, nh, block_size, hs), written in place, and the last token seen (the
+    bigram option's previous token). One per generate_stream call, so generations running at
+    the same time (a web demo) never share one."""
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, block_size: int, head_size: int):
         shape = (batch_size, n_head, block_size, head_size)
         self.k = [torch.zeros(shape) for _ in range(n_layer)]
         self.v = [torch.zeros(shape) for _ in range(n_layer)]
+        self.last_token: torch.Tensor | None = None  # (B,)
 
 
 class FastDecoder:
-    """The model's forward for decoding, over a static KV cache. Holds no copy of float32
+    """The model's forward for decoding, over a static KV cache, with every option model.py
+    has (norm, rotary, qk_norm, activation, untied head, bigram). Holds no copy of float32
     weights; with weights="int8", the block matrices are swapped for Int8Linear copies."""
 
     def __init__(self, model: GPT, weights: str = "float32"):
@@ -157,11 +175,17 @@ class FastDecoder:
         self.weights = weights
         config = model.config
         self.block_size = config.block_size
+        self.vocab_size = config.vocab_size
         self.n_head = config.n_head
         self.head_size = config.n_embd // config.n_head
-        self.approximate = ACTIVATIONS[getattr(config, "activation", "gelu")]
+        self.act = ACTIVATIONS[getattr(config, "activation", "gelu")]
+        self.qk_norm = getattr(config, "qk_norm", False)
+        self.rotary = model.rotary if getattr(config, "rotary", False) else None
+        self.bigram = model.bigram.weight if getattr(config, "bigram", False) else None
         make = Int8Linear if weights == "int8" else (lambda lin: lin)
         self.linears = [[make(lin) for lin in _block_linears(b)] for b in model.transformer.h]
+        self.norms = [(norm_of(b.ln_1), norm_of(b.ln_2)) for b in model.transformer.h]
+        self.ln_f = norm_of(model.transformer.ln_f)
 
     def new_cache(self, batch_size: int) -> StaticKVCache:
         return StaticKVCache(len(self.linears), batch_size, self.n_head, self.block_size, self.head_size)
@@ -179,27 +203,40 @@ class FastDecoder:
             assert pos == 0, "a window that does not start at 0 needs the cache of its start"
             cache = self.new_cache(B)
         tr = self.model.transformer
-        C = self.n_head * self.head_size
-        x = tr.wte(idx) + tr.wpe.weight[pos:end]  # (B, T, C)
-        for block, (c_attn, attn_proj, c_fc, mlp_proj), k_buf, v_buf in zip(tr.h, self.linears, cache.k, cache.v):
-            h = F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)
-            qkv = c_attn(h).view(B, T, 3, self.n_head, self.head_size).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
-            k_buf[:, :, pos:end] = qkv[1]
+        nh, hs = self.n_head, self.head_size
+        C = nh * hs
+        x = tr.wte(idx)  # (B, T, C)
+        if self.rotary is None:
+            x = x + tr.wpe.weight[pos:end]
+        else:
+            rope = self.rotary.cos[pos:end], self.rotary.sin[pos:end]  # (T, hs/2) each
+        if self.bigram is not None:  # rows previous * vocab + token; a window's first token has none
+            V = self.vocab_size
+            first = cache.last_token[:, None] if pos > 0 else idx.new_full((B, 1), V)
+            x = x + F.embedding(torch.cat([first, idx[:, :-1]], dim=1) * V + idx, self.bigram)
+        for (c_attn, attn_proj, c_fc, mlp_proj), (ln_1, ln_2), k_buf, v_buf in zip(
+                self.linears, self.norms, cache.k, cache.v):
+            qkv = c_attn(ln_1(x)).view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+            q, k = qkv[0], qkv[1]
+            if self.qk_norm:
+                q, k = F.rms_norm(q, (hs,)), F.rms_norm(k, (hs,))
+            if self.rotary is not None:
+                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            k_buf[:, :, pos:end] = k
             v_buf[:, :, pos:end] = qkv[2]
             keys, values = k_buf[:, :, :end], v_buf[:, :, :end]  # (B, nh, end, hs)
             if T == 1:  # one query sees every cached position: no mask
-                att = (qkv[0] @ keys.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_size))
+                att = (q @ keys.transpose(-1, -2)) * (1.0 / math.sqrt(hs))
                 y = att.softmax(dim=-1) @ values  # (B, nh, 1, hs)
             else:  # query t at position pos + t sees keys up to it
                 mask = torch.ones(T, end, dtype=torch.bool).tril(diagonal=pos)
-                y = F.scaled_dot_product_attention(qkv[0], keys, values, attn_mask=mask)
+                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
             x = x + attn_proj(y.transpose(1, 2).reshape(B, T, C))
-            h = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
-            x = x + mlp_proj(F.gelu(c_fc(h), approximate=self.approximate))
+            x = x + mlp_proj(self.act(c_fc(ln_2(x))))
+        cache.last_token = idx[:, -1]
         if not all_logits:
             x = x[:, -1]
-        x = F.layer_norm(x, (C,), tr.ln_f.weight, tr.ln_f.bias, tr.ln_f.eps)
-        return F.linear(x, self.model.lm_head.weight)  # the output head stays float32
+        return F.linear(self.ln_f(x), self.model.lm_head.weight)  # the output head stays float32
 
     @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,

@@ -155,8 +155,8 @@ def test_int8_linear_is_close_to_the_float_one():
 
 
 @dataclasses.dataclass
-class RotaryConfig(GPTConfig):
-    rotary: bool = False  # an option a later model.py may grow
+class LaterConfig(GPTConfig):
+    value_embeds: bool = False  # an option a later model.py may grow, unknown to fast_decode
 
 
 class DoubledLogits(GPT):
@@ -170,8 +170,8 @@ class DoubledLogits(GPT):
 def test_models_it_does_not_know_fall_back_to_the_plain_path(trained):
     args = dict(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=16)
     assert supported(trained) is None
-    assert "rotary=True" in supported(GPT(RotaryConfig(**args, rotary=True)))
-    assert supported(GPT(RotaryConfig(**args, rotary=False))) is None  # the default is GPT-2's
+    assert "value_embeds=True" in supported(GPT(LaterConfig(**args, value_embeds=True)))
+    assert supported(GPT(LaterConfig(**args, value_embeds=False))) is None  # the default is GPT-2's
     unknown_activation = GPT(GPTConfig(**args))
     unknown_activation.config.activation = "relu"
     assert "relu" in supported(unknown_activation)
@@ -183,6 +183,34 @@ def test_models_it_does_not_know_fall_back_to_the_plain_path(trained):
     assert decoder is doubled and "differ" in why
     decoder, why = decoder_for(trained, 1, "auto")
     assert isinstance(decoder, FastDecoder) and decoder.weights in why
+
+
+OPTIONS = [dict(norm="rmsnorm"), dict(rotary=True), dict(qk_norm=True), dict(activation="relu2"),
+           dict(activation="gelu_tanh"), dict(tie_head=False), dict(bigram=True), dict(bias=False),
+           dict(norm="rmsnorm", rotary=True, qk_norm=True, activation="relu2", tie_head=False,
+                zero_init_proj=True, bigram=True, bias=False)]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_every_model_option_runs_on_the_fast_path_with_the_models_own_results(options):
+    """Each option of model.py (and all at once, as configs/shakespeare_cpu.py trains them) runs
+    on the fast path: the same logits as the model's own forward, the same greedy text past
+    block_size (the window slides, the bigram's previous token restarts), and int8 close."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=23, n_layer=2, n_head=2, n_embd=32, **options)).eval()
+    with torch.no_grad():  # away from the zero inits (untied head, bigram), so every part counts
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    decoder, why = decoder_for(model, 1, "float32")
+    assert isinstance(decoder, FastDecoder), why
+    idx = torch.tensor([[3, 1, 4, 1, 5, 9, 2]])
+    assert torch.allclose(decoder.forward(idx, 0), model(idx)[0][:, -1], atol=1e-5)
+    expected = model.generate(idx, 40, temperature=0)  # slides twice
+    assert torch.equal(decoder.generate(idx, 40, temperature=0), expected)
+    assert torch.equal(decoder.generate(idx, 40, temperature=0, use_cache=False), expected)
+    int8 = FastDecoder(model, "int8")
+    logits, reference = int8.forward(idx, 0), model(idx)[0][:, -1]
+    assert (logits - reference).abs().max() < 0.05 * reference.abs().max()
 
 
 def test_choose_weights_says_what_it_measured(trained):
