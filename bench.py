@@ -15,9 +15,10 @@ Prints, as medians over `repeats` timed runs after a warm-up:
     also sample.py's fast path (fast_decode.py) at batch 1 and sample_batch, and nanoGPT's
     generate loop (no KV cache: the whole window every step) on the same float32 weights,
     all timed side by side (interleaved), with each rate's speed-up over nanoGPT's loop
-  - sample.py process (CPUs, --process_runs > 0): the wall time of whole `python sample.py`
-    runs of sample_tokens tokens on a checkpoint of this model, the fast path and
-    --dtype=float32 interleaved: the first run of each, then the median of the others
+  - sample.py process (CPUs, --process_runs > 0): the wall time of whole sampling processes
+    of sample_tokens tokens on a checkpoint of this model: nanoGPT's sample.py (its steps and
+    loop, NANOGPT_SAMPLE), ours (the fast path) and ours with --dtype=float32, interleaved: the
+    first run of each, then the median of the others, each with its speed-up over nanoGPT's
 Any train.py config file or flag works here; the few extra keys are listed by --help.
 """
 import dataclasses
@@ -200,24 +201,58 @@ def bench_sample_side_by_side(model, cfg: BenchConfig) -> dict[str, tuple[list[f
             for name, (_, batch, note) in variants.items()}
 
 
+# nanoGPT's sample.py as a process, for the whole-process comparison: import torch and the model
+# (ours is nanoGPT's architecture), torch.load the checkpoint, build the model, load the weights,
+# generate the nanoGPT way (nanogpt_generate's loop, float32 on CPU), decode and print
+NANOGPT_SAMPLE = """
+import sys
+import torch
+from torch.nn import functional as F
+from model import GPT, GPTConfig
+out_dir, max_new_tokens, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+torch.manual_seed(seed)
+ckpt = torch.load(out_dir + '/ckpt.pt', map_location='cpu', weights_only=True)
+model = GPT(GPTConfig(**ckpt['model_args']))
+model.load_state_dict(ckpt['model'])
+model.eval()
+chars = ckpt['tokenizer']['chars']
+idx = torch.tensor([[chars.index('!')]])
+with torch.no_grad():
+    for _ in range(max_new_tokens):
+        idx_cond = idx if idx.size(1) <= model.config.block_size else idx[:, -model.config.block_size:]
+        logits, _ = model(idx_cond)
+        logits = logits[:, -1, :] / 0.8
+        v, _ = torch.topk(logits, min(200, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float('Inf')
+        idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)), dim=1)
+print(''.join(chars[i] for i in idx[0].tolist()))
+"""
+
+
 def bench_sample_process(model, cfg: BenchConfig) -> dict[str, list[float]]:
-    """Seconds of whole `python sample.py` runs (start-up, loading, sample_tokens tokens) on a
-    checkpoint of this model, the default (fast path) and --dtype=float32 in turn: the first run
-    of each (cold: a fresh process, nothing of it cached but the OS's files) and the others."""
+    """Seconds of whole sampling processes (start-up, loading, sample_tokens tokens from a
+    one-character prompt, temperature 0.8, top-k 200) on a checkpoint of this model: nanoGPT's
+    sample.py (NANOGPT_SAMPLE), ours (the fast path) and ours with --dtype=float32, in turn. The
+    first run of each is the cold one (a fresh process, nothing of it cached but the OS's files),
+    then the others."""
     chars = [chr(0x21 + i) for i in range(cfg.vocab_size)]  # a char tokenizer of the vocabulary
-    script = Path(__file__).resolve().parent / "sample.py"
-    times: dict[str, list[float]] = {"sample.py": [], "sample.py --dtype=float32": []}
+    root = Path(__file__).resolve().parent
+    times: dict[str, list[float]] = {"nanoGPT sample.py": [], "sample.py": [], "sample.py --dtype=float32": []}
     with tempfile.TemporaryDirectory() as out_dir:
         checkpoint.save({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
                          "optimizer": {}, "iter_num": 0, "best_val_loss": float("inf"), "config": {},
                          "tokenizer": {"name": "char", "vocab_size": len(chars), "eot_id": None, "chars": chars}},
                         Path(out_dir) / "ckpt.pt")
+        commands = {
+            "nanoGPT sample.py": [sys.executable, "-c", NANOGPT_SAMPLE, out_dir, str(cfg.sample_tokens), str(cfg.seed)],
+            "sample.py": [sys.executable, str(root / "sample.py"), f"--out_dir={out_dir}", "--prompt=!",
+                          "--device=cpu", f"--max_new_tokens={cfg.sample_tokens}", f"--seed={cfg.seed}"],
+        }
+        commands["sample.py --dtype=float32"] = commands["sample.py"] + ["--dtype=float32"]
         for _ in range(cfg.process_runs):
-            for name in times:
-                command = [sys.executable, str(script), f"--out_dir={out_dir}", "--prompt=!", "--device=cpu",
-                           f"--max_new_tokens={cfg.sample_tokens}", f"--seed={cfg.seed}", *name.split()[1:]]
+            for name, command in commands.items():
                 t0 = time.perf_counter()
-                subprocess.run(command, check=True, capture_output=True, timeout=1800)
+                subprocess.run(command, check=True, capture_output=True, timeout=3600, cwd=root)
                 times[name].append(time.perf_counter() - t0)
     return times
 
@@ -241,7 +276,7 @@ def bench_quant_eval(out_dir: str) -> dict[str, float]:
 
 def row(name: str, values: list[float], unit: str, scale: float = 1.0, extra: str = "") -> str:
     med, lo, hi = statistics.median(values) / scale, min(values) / scale, max(values) / scale
-    return f"{name:<26} {med:>12,.1f} {lo:>12,.1f} {hi:>12,.1f}  {unit:<12} {extra}"
+    return f"{name:<38} {med:>12,.1f} {lo:>12,.1f} {hi:>12,.1f}  {unit:<12} {extra}"
 
 
 def main(argv=None):
@@ -263,7 +298,7 @@ def main(argv=None):
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {per_token / 1e6:.1f} MFLOP per token, "
           f"{tokens_per_step:,} tokens per step, dropout {cfg.dropout}, compile {cfg.compile}")
 
-    print(f"\n{'':<26} {'median':>12} {'min':>12} {'max':>12}  unit         (repeats={cfg.repeats})")
+    print(f"\n{'':<38} {'median':>12} {'min':>12} {'max':>12}  unit         (repeats={cfg.repeats})")
     if not cfg.skip_train:
         peak = matmul_peak(cfg, precision)
         train = bench_train(model, cfg, precision)
@@ -292,13 +327,16 @@ def main(argv=None):
         delta = losses["int8"] - losses["float32"]
         for name, loss in losses.items():
             vs = f", {delta:+.4f} vs float32" if name == "int8" else ""
-            print(f"{'val loss, ' + name:<26} {loss:>12.4f} {'':>25}  {'nats':<12} {cfg.quant_eval}, whole val split{vs}")
+            print(f"{'val loss, ' + name:<38} {loss:>12.4f} {'':>25}  {'nats':<12} {cfg.quant_eval}, whole val split{vs}")
     if cfg.process_runs and sampling.device_type == "cpu":
-        for name, seconds in bench_sample_process(model.cpu(), cfg).items():
+        times = bench_sample_process(model.cpu(), cfg)
+        nanogpt = times["nanoGPT sample.py"]
+        for name, seconds in times.items():
             print(row(f"{name}, first run", seconds[:1], "s", 1.0,
-                      f"whole process, {cfg.sample_tokens} tokens, fresh python"))
+                      f"{nanogpt[0] / seconds[0]:.1f}x nanoGPT's; whole process, {cfg.sample_tokens} tokens"))
             if len(seconds) > 1:
-                print(row(f"{name}, repeated", seconds[1:], "s", 1.0, "the runs after the first"))
+                speedup = statistics.median(nanogpt[1:]) / statistics.median(seconds[1:])
+                print(row(f"{name}, repeated", seconds[1:], "s", 1.0, f"{speedup:.1f}x nanoGPT's; the runs after the first"))
 
 
 if __name__ == "__main__":

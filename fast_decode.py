@@ -93,12 +93,17 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scales", scales.to(torch.bfloat16))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+        self.register_buffer("bias_bf16", None if self.bias is None else self.bias.to(torch.bfloat16))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """x (..., in), float32 or bf16 -> y (..., out) in dtype (float32 or bf16). The bias is
+        added in that dtype, and the float32 one in the same op that leaves bf16."""
         shape = x.shape
         y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight, self.scales)
-        y = y.float().view(*shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
+        y = y.view(*shape[:-1], -1)  # bf16
+        if self.bias is None:
+            return y.to(dtype)
+        return (self.bias if dtype == torch.float32 else self.bias_bf16) + y  # float32 + bf16 -> float32
 
 
 def int8_available() -> bool:
@@ -232,7 +237,10 @@ class FastDecoder:
                 mask = torch.ones(T, end, dtype=torch.bool).tril(diagonal=pos)
                 y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
             x = x + attn_proj(y.transpose(1, 2).reshape(B, T, C))
-            x = x + mlp_proj(self.act(c_fc(ln_2(x))))
+            if self.weights == "int8":  # the hidden layer stays bf16, the input mlp_proj's kernel takes
+                x = x + mlp_proj(self.act(c_fc(ln_2(x), torch.bfloat16)))
+            else:
+                x = x + mlp_proj(self.act(c_fc(ln_2(x))))
         cache.last_token = idx[:, -1]
         if not all_logits:
             x = x[:, -1]

@@ -175,5 +175,5 @@ def test_bench_runs_end_to_end():
     assert out.returncode == 0, out.stderr
     for name in ["matmul peak", "train ", "train MFU", "sample, kv cache", "sample, nanoGPT loop",
                  "sample, kv cache, batch 3", "sample, fast path", "sample, fast path, batch 3",
-                 "sample.py, first run", "sample.py --dtype=float32, first run"]:
+                 "nanoGPT sample.py, first run", "sample.py, first run", "sample.py --dtype=float32, first run"]:
         assert name in out.stdout
