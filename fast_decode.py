@@ -98,9 +98,12 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """x (..., in), float32 or bf16 -> y (..., out) in dtype (float32 or bf16). The bias is
         added in that dtype, and the float32 one in the same op that leaves bf16."""
-        shape = x.shape
-        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight, self.scales)
-        y = y.view(*shape[:-1], -1)  # bf16
+        if x.dim() == 2:  # (rows, in): the one-token step's shape, no reshapes
+            y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales)
+        else:
+            shape = x.shape
+            y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight, self.scales)
+            y = y.view(*shape[:-1], -1)  # bf16
         if self.bias is None:
             return y.to(dtype)
         return (self.bias if dtype == torch.float32 else self.bias_bf16) + y  # float32 + bf16 -> float32
@@ -247,6 +250,42 @@ class FastDecoder:
         return F.linear(self.ln_f(x), self.model.lm_head.weight)  # the output head stays float32
 
     @torch.inference_mode()
+    def step(self, idx: torch.Tensor, pos: int, cache: StaticKVCache) -> torch.Tensor:
+        """forward for one token per row, the decoding step: idx (B,) at position pos, after
+        positions [0, pos) in cache -> logits (B, vocab). The same arithmetic as forward with
+        T = 1, in fewer ops: rows stay (B, C), the key and value go straight to their slot, and
+        attention is SDPA over the filled part of the buffer."""
+        B = idx.size(0)
+        tr = self.model.transformer
+        nh, hs = self.n_head, self.head_size
+        C = nh * hs
+        x = F.embedding(idx, tr.wte.weight)  # (B, C)
+        if self.rotary is None:
+            x = x + tr.wpe.weight[pos]
+        else:
+            rope = self.rotary.cos[pos], self.rotary.sin[pos]  # (hs/2,) each
+        if self.bigram is not None:
+            previous = cache.last_token if pos > 0 else torch.full_like(idx, self.vocab_size)
+            x = x + F.embedding(previous * self.vocab_size + idx, self.bigram)
+        for (c_attn, attn_proj, c_fc, mlp_proj), (ln_1, ln_2), k_buf, v_buf in zip(
+                self.linears, self.norms, cache.k, cache.v):
+            q, k, v = c_attn(ln_1(x)).view(B, 3, nh, hs).unbind(1)  # (B, nh, hs) each
+            if self.qk_norm:
+                q, k = F.rms_norm(q, (hs,)), F.rms_norm(k, (hs,))
+            if self.rotary is not None:
+                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            k_buf[:, :, pos] = k
+            v_buf[:, :, pos] = v
+            y = F.scaled_dot_product_attention(q[:, :, None], k_buf[:, :, :pos + 1], v_buf[:, :, :pos + 1])
+            x = x + attn_proj(y.view(B, C))
+            if self.weights == "int8":
+                x = x + mlp_proj(self.act(c_fc(ln_2(x), torch.bfloat16)))
+            else:
+                x = x + mlp_proj(self.act(c_fc(ln_2(x))))
+        cache.last_token = idx
+        return F.linear(self.ln_f(x), self.model.lm_head.weight)
+
+    @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         generator=None, use_cache=True):
         """GPT.generate_stream's contract on this decoder: yields the next token ids (B,), and
@@ -267,7 +306,10 @@ class FastDecoder:
         for _ in range(max_new_tokens):
             if n - start > block_size:
                 start, cached = n - block_size // 2, 0
-            logits = self.forward(tokens[:, start + cached:n], cached, cache)
+            if n - start - cached == 1:  # one new token: the decoding step
+                logits = self.step(tokens[:, n - 1], cached, cache)
+            else:  # the prompt, or a window refilled after a slide
+                logits = self.forward(tokens[:, start + cached:n], cached, cache)
             cached = n - start
             next_id = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             tokens[:, n] = next_id
@@ -293,7 +335,7 @@ def matches_model(decoder: FastDecoder, tokens: int = 8, tolerance: float = 1e-3
     cache = reference.new_cache(1)
     if T > 1:
         reference.forward(idx[:, :-1], 0, cache)  # the first T - 1 positions into the cache
-    got = reference.forward(idx[:, -1:], T - 1, cache)
+    got = reference.step(idx[:, -1], T - 1, cache)  # the step generation runs on
     return (got - expected).abs().max().item() <= tolerance * (expected.abs().max().item() + 1.0)
 
 
