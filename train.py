@@ -774,6 +774,28 @@ def run(argv, held: contextlib.ExitStack):
         print(f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}, checkpoint in {ckpt_path}")
 
 
+def exit_rank():
+    """How a torchrun rank process ends, with main's exit code: flush, then os._exit, which skips
+    the interpreter's teardown. DDP leaves references to the gloo process group that nothing can
+    drop (even a bare DistributedDataParallel(nn.Linear), deleted, keeps its gloo and TCPStore
+    threads alive after destroy_process_group and gc), so those threads meet the interpreter's
+    finalization, where about 1 rank process in 100 here died with SIGABRT ("terminate called
+    without an active exception"), failing a finished run. By then everything is saved and the
+    lock released; the barrier in leave_process_group kept every rank until all were done."""
+    code = 0
+    try:
+        run_main(main)
+    except SystemExit as e:  # sys.exit(n) of main and run_main: UserError, a stop by signal
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
     hardware.set_cpu_threads()
+    if "RANK" in os.environ:  # under torchrun
+        exit_rank()
     run_main(main)
