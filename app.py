@@ -60,6 +60,7 @@ class AppConfig:
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto (float32 on cpu: faster for decoding; bf16 or fp16 on gpus), float32, bfloat16 or float16
     cpu_threads: int = 0  # torch threads on cpu; 0 = all cores
+    compile: bool = False  # torch.compile each model's decoding step as it loads (~1 min the first time, then from inductor's cache)
 
     def problems(self) -> list[str]:
         p = []
@@ -165,10 +166,11 @@ class Loaded:
 class Models:
     """The models to serve by name, each loaded once, on first use, then kept in memory."""
 
-    def __init__(self, folders: dict[str, Path], precision: hardware.Precision, dtype: str = "float32"):
+    def __init__(self, folders: dict[str, Path], precision: hardware.Precision, dtype: str = "float32",
+                 compile: bool = False):
         self.folders = folders
         self.precision = precision
-        self.settings = sample.SampleConfig(dtype=dtype)  # what sample.choose_decoder reads
+        self.settings = sample.SampleConfig(dtype=dtype, compile=compile)  # what sample.choose_decoder reads
         self.loaded: dict[str, Loaded] = {}
         self.lock = threading.Lock()  # two tabs asking for a new model load it once
         self.default = next(iter(folders))
@@ -349,7 +351,7 @@ def main(argv=None):
     else:
         hardware.set_cpu_threads()
     precision = sample.choose_precision(cfg.device, cfg.dtype)
-    models = Models(folders, precision, cfg.dtype)
+    models = Models(folders, precision, cfg.dtype, cfg.compile)
     models.get(models.default)  # a broken default checkpoint fails here, not on the first request
     # a Hugging Face Space says where to listen in GRADIO_SERVER_NAME / _PORT; explicit flags win
     host = cfg.host if "host" in explicit else os.environ.get("GRADIO_SERVER_NAME", cfg.host)

@@ -20,12 +20,14 @@ consumes one (sample.py, the interactive prompt, a web demo) takes the other. Th
 config is checked first (supported()), and the decoder's float32 logits are compared once
 with the model's own forward: any model this file does not know falls back to the plain path.
 
-torch.compile of the step was measured on our 2-core AVX2 EPYC and did not pay: 244 s to
-compile under load, then 11.5 ms of CPU time per token against 12.9 eager; so nothing here
-compiles.
+The one-token step (step) is forward for T = 1 in fewer ops. compile_step (sample.py and app.py
+--compile) builds it with torch.compile, for long generations and sessions: on our loaded 2-core
+AVX2 EPYC, 5.2-5.5 ms of CPU time per token against 6.4-6.9 eager (6x384, int8), after 50-105 s
+to compile the first time and 13-47 s from inductor's cache, so it is never the default.
 """
 import dataclasses
 import math
+import os
 import statistics
 import time
 
@@ -122,7 +124,7 @@ def _block_linears(block) -> list[nn.Module]:
     return [block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj]
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def choose_weights(model: GPT, batch_size: int = 1, repeats: int = 7) -> tuple[str, str]:
     """'float32' or 'int8' for the block matrices, whichever runs one block's four products
     faster here at this batch size (interleaved timings, a few ms in all), and why. Measured,
@@ -167,7 +169,7 @@ class StaticKVCache:
         shape = (batch_size, n_head, block_size, head_size)
         self.k = [torch.zeros(shape) for _ in range(n_layer)]
         self.v = [torch.zeros(shape) for _ in range(n_layer)]
-        self.last_token: torch.Tensor | None = None  # (B,)
+        self.last_token = torch.zeros(batch_size, dtype=torch.long)  # (B,): the last token seen
 
 
 class FastDecoder:
@@ -194,11 +196,34 @@ class FastDecoder:
         self.linears = [[make(lin) for lin in _block_linears(b)] for b in model.transformer.h]
         self.norms = [(norm_of(b.ln_1), norm_of(b.ln_2)) for b in model.transformer.h]
         self.ln_f = norm_of(model.transformer.ln_f)
+        self.compiled_step = None  # compile_step() sets it
+
+    def compile_step(self, batch_size: int = 1) -> float:
+        """torch.compile the one-token step (whole graph, the position and batch size symbolic:
+        one graph serves every position from 2 on) and run it once, which compiles it: seconds taken. For long
+        generations and sessions: eager steps start at once, and the compiled step runs the ~200
+        small ops around the matrix products as a few fused C++ loops.
+
+        Inductor keeps what it builds in an on-disk cache, TORCHINDUCTOR_CACHE_DIR (here
+        ~/.cache/torchinductor unless the environment names one), keyed by the graph (the
+        model's shape, options and weight format), the torch version and the CPU's instruction
+        set, so a later process compiles from it. The weights are inputs of the graph, not
+        constants in it: another checkpoint of the same shape reuses the entries and computes
+        with its own weights. Inductor writes each entry to a temporary file and renames it, so
+        a process killed while compiling leaves no half-written entry behind."""
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "torchinductor"))
+        t0 = time.perf_counter()
+        step = torch.compile(self._step, fullgraph=True, dynamic=True)
+        cache = self.new_cache(batch_size)
+        with torch.no_grad():
+            step(torch.zeros(batch_size, dtype=torch.long), 2, cache)
+        self.compiled_step = step
+        return time.perf_counter() - t0
 
     def new_cache(self, batch_size: int) -> StaticKVCache:
         return StaticKVCache(len(self.linears), batch_size, self.n_head, self.block_size, self.head_size)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward(self, idx: torch.Tensor, pos: int, cache: StaticKVCache | None = None,
                 all_logits: bool = False) -> torch.Tensor:
         """idx (B, T): tokens at positions [pos, pos + T) of a window whose positions [0, pos)
@@ -249,34 +274,40 @@ class FastDecoder:
             x = x[:, -1]
         return F.linear(self.ln_f(x), self.model.lm_head.weight)  # the output head stays float32
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def step(self, idx: torch.Tensor, pos: int, cache: StaticKVCache) -> torch.Tensor:
         """forward for one token per row, the decoding step: idx (B,) at position pos, after
         positions [0, pos) in cache -> logits (B, vocab). The same arithmetic as forward with
         T = 1, in fewer ops: rows stay (B, C), the key and value go straight to their slot, and
-        attention is SDPA over the filled part of the buffer."""
+        attention is SDPA over the filled slots. Compiled after compile_step(), from position 2
+        on (torch.compile specializes positions 0 and 1; those run eager)."""
+        if self.compiled_step is not None and pos >= 2:  # its guards check strides: plain ones
+            return self.compiled_step(idx.clone(memory_format=torch.contiguous_format), pos, cache)
+        return self._step(idx, pos, cache)
+
+    def _step(self, idx: torch.Tensor, pos: int, cache: StaticKVCache) -> torch.Tensor:
         B = idx.size(0)
         tr = self.model.transformer
         nh, hs = self.n_head, self.head_size
         C = nh * hs
-        x = F.embedding(idx, tr.wte.weight)  # (B, C)
-        if self.rotary is None:
-            x = x + tr.wpe.weight[pos]
+        x = F.embedding(idx, tr.wte.weight)  # (B, C); positions are sliced, not indexed, so
+        if self.rotary is None:  # a compiled step keeps pos symbolic
+            x = x + tr.wpe.weight[pos:pos + 1]
         else:
-            rope = self.rotary.cos[pos], self.rotary.sin[pos]  # (hs/2,) each
-        if self.bigram is not None:
+            rope = self.rotary.cos[pos:pos + 1], self.rotary.sin[pos:pos + 1]  # (1, hs/2) each
+        if self.bigram is not None:  # a window's first token has no previous one
             previous = cache.last_token if pos > 0 else torch.full_like(idx, self.vocab_size)
             x = x + F.embedding(previous * self.vocab_size + idx, self.bigram)
         for (c_attn, attn_proj, c_fc, mlp_proj), (ln_1, ln_2), k_buf, v_buf in zip(
                 self.linears, self.norms, cache.k, cache.v):
-            q, k, v = c_attn(ln_1(x)).view(B, 3, nh, hs).unbind(1)  # (B, nh, hs) each
+            q, k, v = c_attn(ln_1(x)).view(B, 3, nh, 1, hs).unbind(1)  # (B, nh, 1, hs) each
             if self.qk_norm:
                 q, k = F.rms_norm(q, (hs,)), F.rms_norm(k, (hs,))
             if self.rotary is not None:
                 q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-            k_buf[:, :, pos] = k
-            v_buf[:, :, pos] = v
-            y = F.scaled_dot_product_attention(q[:, :, None], k_buf[:, :, :pos + 1], v_buf[:, :, :pos + 1])
+            k_buf[:, :, pos:pos + 1] = k
+            v_buf[:, :, pos:pos + 1] = v
+            y = F.scaled_dot_product_attention(q, k_buf[:, :, :pos + 1], v_buf[:, :, :pos + 1])  # (B, nh, 1, hs)
             x = x + attn_proj(y.view(B, C))
             if self.weights == "int8":
                 x = x + mlp_proj(self.act(c_fc(ln_2(x), torch.bfloat16)))
@@ -285,7 +316,7 @@ class FastDecoder:
         cache.last_token = idx
         return F.linear(self.ln_f(x), self.model.lm_head.weight)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         generator=None, use_cache=True):
         """GPT.generate_stream's contract on this decoder: yields the next token ids (B,), and
@@ -316,14 +347,14 @@ class FastDecoder:
             n += 1
             yield next_id
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def generate(self, idx, max_new_tokens, **kwargs):
         """idx (B, T) -> (B, T + max_new_tokens), as GPT.generate."""
         new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
         return torch.cat([idx] + [t[:, None] for t in new], dim=1) if new else idx
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def matches_model(decoder: FastDecoder, tokens: int = 8, tolerance: float = 1e-3) -> bool:
     """Whether the decoder's step in float32 gives the model's own logits on a few tokens (a
     prompt, then one more token): the guard against a model this file would compute wrongly."""
@@ -355,7 +386,7 @@ def decoder_for(model: nn.Module, batch_size: int, weights: str = "auto"):
     return decoder, f"fast CPU path, static KV cache, {reason}"
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def val_loss(forward, data: torch.Tensor, block_size: int, batch_size: int = 16) -> float:
     """Mean cross-entropy of predicting every token of data (1-D ids) from the ones before it
     in its window, over consecutive windows of block_size + 1 tokens that cover all of data.

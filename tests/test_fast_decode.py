@@ -241,3 +241,25 @@ def test_sample_py_uses_the_fast_path_on_cpu_and_says_so(trained, corpus, tmp_pa
     sample.main(common + ["--fast_weights=int8", "--num_samples=2", "--temperature=0.8"])
     int8 = capsys.readouterr()
     assert "int8 weights" in int8.err and int8.out.count("---------------") == 2
+
+
+def test_the_compiled_step_gives_the_eager_text_and_serves_another_checkpoint(tmp_path, monkeypatch):
+    """--compile: the step compiled by torch.compile gives the eager step's greedy and seeded
+    text, past block_size; a second checkpoint of the same shape compiles from the first's
+    cache entries and computes with its own weights; the entries are on disk for the next run."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=16, vocab_size=23, n_layer=1, n_head=2, n_embd=16)
+    idx = torch.tensor([[3, 1, 4]])
+    texts = []
+    for model in [GPT(config).eval(), GPT(config).eval()]:  # two checkpoints of one shape
+        eager, compiled = FastDecoder(model, "float32"), FastDecoder(model, "float32")
+        assert compiled.compile_step() > 0
+        expected = eager.generate(idx, 40, temperature=0)  # slides twice
+        assert torch.equal(compiled.generate(idx, 40, temperature=0), expected)
+        seeded = [d.generate(idx, 20, temperature=1.0, generator=torch.Generator().manual_seed(1))
+                  for d in (eager, compiled)]
+        assert torch.equal(seeded[0], seeded[1])
+        texts.append(expected)
+    assert not torch.equal(texts[0], texts[1])  # each computed with its own weights
+    assert any((tmp_path / "inductor").rglob("*"))  # built once, kept for later processes
