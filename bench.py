@@ -188,6 +188,12 @@ def bench_sample_side_by_side(model, cfg: BenchConfig) -> dict[str, tuple[list[f
     if int8 is not None:
         variants["sample, int8 weights"] = (lambda: int8.generate(idx[1], n, generator=generator, **options), 1,
                                             "the fast path with --fast_weights=int8")
+    if cfg.compile and isinstance(fast[1], fast_decode.FastDecoder):  # sample.py --compile
+        compiled = fast_decode.FastDecoder(model, fast[1].weights)
+        seconds = compiled.compile_step()
+        variants["sample, fast path, compiled"] = (
+            lambda: compiled.generate(idx[1], n, generator=generator, **options), 1,
+            f"sample.py --compile: {compiled.weights} weights, the step compiled in {seconds:.1f} s")
     rates = {name: [] for name in variants}
     for fn, _, _ in variants.values():
         for _ in range(cfg.warmup):
