@@ -269,7 +269,7 @@ class FastDecoder:
                 x = x + mlp_proj(self.act(c_fc(ln_2(x), torch.bfloat16)))
             else:
                 x = x + mlp_proj(self.act(c_fc(ln_2(x))))
-        cache.last_token = idx[:, -1]
+        cache.last_token = idx[:, -1].clone(memory_format=torch.contiguous_format)  # plain strides, as step's
         if not all_logits:
             x = x[:, -1]
         return F.linear(self.ln_f(x), self.model.lm_head.weight)  # the output head stays float32
@@ -279,9 +279,11 @@ class FastDecoder:
         """forward for one token per row, the decoding step: idx (B,) at position pos, after
         positions [0, pos) in cache -> logits (B, vocab). The same arithmetic as forward with
         T = 1, in fewer ops: rows stay (B, C), the key and value go straight to their slot, and
-        attention is SDPA over the filled slots. Compiled after compile_step(), from position 2
-        on (torch.compile specializes positions 0 and 1; those run eager)."""
-        if self.compiled_step is not None and pos >= 2:  # its guards check strides: plain ones
+        attention is SDPA over the filled slots. Compiled after compile_step(), except at
+        positions 0 and 1 and the window's last slot, which torch.compile would specialize
+        (compile again) for: those few steps run eager."""
+        if self.compiled_step is not None and 2 <= pos < self.block_size - 1:
+            # the graph's guards check strides: give it plain ones
             return self.compiled_step(idx.clone(memory_format=torch.contiguous_format), pos, cache)
         return self._step(idx, pos, cache)
 
