@@ -5,8 +5,7 @@ At batch 1 a decoder step is 25 matrix-vector products (4 per block, plus the ou
 and about a hundred small ops around them; every op costs a few microseconds of dispatch, so
 the step below does only what decoding needs (after gpt-fast's generate.py and quantize.py):
 - one key/value buffer per layer, (B, nh, block_size, hs), allocated once per generation and
-  written in place at the position; a new token attends over the buffer up to its position with plain matrix products
-  (SDPA's set-up costs more than the arithmetic for a single query);
+  written in place at the position; a new token attends (SDPA) over the buffer up to it;
 - the weights are read straight from the model (float32: no copy), or quantized once to int8
   with one scale per output channel (Int8Linear, a module swap): a quarter of the bytes. Its
   kernel, torch._weight_int8pack_mm, is fast where the CPU has bf16 instructions
@@ -204,9 +203,9 @@ class FastDecoder:
 
     def compile_step(self, batch_size: int = 1) -> float:
         """torch.compile the one-token step (whole graph, the position and batch size symbolic:
-        one graph serves every position from 2 on) and run it once, which compiles it: seconds taken. For long
-        generations and sessions: eager steps start at once, and the compiled step runs the ~200
-        small ops around the matrix products as a few fused C++ loops.
+        one graph serves every position from 2 on) and run it once, which compiles it: seconds
+        taken. For long generations and sessions: eager steps start at once, and the compiled
+        step runs the ~200 small ops around the matrix products as a few fused C++ loops.
 
         Inductor keeps what it builds in an on-disk cache, TORCHINDUCTOR_CACHE_DIR (here
         ~/.cache/torchinductor unless the environment names one), keyed by the graph (the
@@ -215,6 +214,8 @@ class FastDecoder:
         constants in it: another checkpoint of the same shape reuses the entries and computes
         with its own weights. Inductor writes each entry to a temporary file and renames it, so
         a process killed while compiling leaves no half-written entry behind."""
+        if self.block_size < 4:  # no position the compiled step would serve (see step)
+            return 0.0
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "torchinductor"))
         t0 = time.perf_counter()
         step = torch.compile(self._step, fullgraph=True, dynamic=True)
