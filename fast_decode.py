@@ -214,9 +214,9 @@ class FastDecoder:
         constants in it: another checkpoint of the same shape reuses the entries and computes
         with its own weights. Inductor writes each entry to a temporary file and renames it, so
         a process killed while compiling leaves no half-written entry behind."""
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "torchinductor"))
         if self.block_size < 4:  # no position the compiled step would serve (see step)
             return 0.0
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "torchinductor"))
         t0 = time.perf_counter()
         step = torch.compile(self._step, fullgraph=True, dynamic=True)
         cache = self.new_cache(batch_size)
