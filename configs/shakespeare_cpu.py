@@ -32,11 +32,11 @@ tie_head = False
 zero_init_proj = True
 
 optimizer = "muon"
-learning_rate = 6e-3
+learning_rate = 1.5e-3  # swept at 400 iterations (val): 1e-3 1.590, 1.5e-3 1.586, 2.5e-3 1.590, 4e-3 1.595, 6e-3 1.601, 1.2e-2 1.633
 max_iters = 400  # sized, not yet run to the end: 1.7 CPU-s a step on one thread of the EPYC (float32)
 lr_decay_iters = 400
 lr_schedule = "wsd"  # constant, then linear to min_lr over the last half
 warmdown_frac = 0.5
-min_lr = 6e-4
+min_lr = 1.5e-4  # learning_rate / 10
 beta2 = 0.99
 warmup_iters = 30
