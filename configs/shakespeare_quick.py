@@ -33,11 +33,11 @@ tie_head = False
 zero_init_proj = True
 
 optimizer = "muon"
-learning_rate = 3e-2  # measured at 250 iterations: 1e-2 -> 1.892, 2e-2 -> 1.864, 3e-2 -> 1.852
+learning_rate = 5e-3  # swept at 200 iterations on the AVX2 EPYC (val): 3e-3 1.789, 5e-3 1.775, 1e-2 1.801, 2e-2 1.824, 3e-2 1.825
 max_iters = 200
 lr_decay_iters = 200
 lr_schedule = "wsd"  # constant, then linear to min_lr over the last half
 warmdown_frac = 0.5
-min_lr = 3e-3
+min_lr = 5e-4  # learning_rate / 10
 beta2 = 0.99
 warmup_iters = 20
