@@ -225,6 +225,13 @@ class FastDecoder:
         self.compiled_step = step
         return time.perf_counter() - t0
 
+    def mlp(self, h: torch.Tensor, c_fc, mlp_proj) -> torch.Tensor:
+        """A block's MLP on normed h. With int8 weights the hidden layer stays bf16, the input
+        mlp_proj's kernel takes."""
+        if self.weights == "int8":
+            return mlp_proj(self.act(c_fc(h, torch.bfloat16)))
+        return mlp_proj(self.act(c_fc(h)))
+
     def new_cache(self, batch_size: int) -> StaticKVCache:
         return StaticKVCache(len(self.linears), batch_size, self.n_head, self.block_size, self.head_size)
 
@@ -270,10 +277,7 @@ class FastDecoder:
                 mask = torch.ones(T, end, dtype=torch.bool).tril(diagonal=pos)
                 y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
             x = x + attn_proj(y.transpose(1, 2).reshape(B, T, C))
-            if self.weights == "int8":  # the hidden layer stays bf16, the input mlp_proj's kernel takes
-                x = x + mlp_proj(self.act(c_fc(ln_2(x), torch.bfloat16)))
-            else:
-                x = x + mlp_proj(self.act(c_fc(ln_2(x))))
+            x = x + self.mlp(ln_2(x), c_fc, mlp_proj)
         cache.last_token = idx[:, -1].clone(memory_format=torch.contiguous_format)  # plain strides, as step's
         if not all_logits:
             x = x[:, -1]
@@ -316,10 +320,7 @@ class FastDecoder:
             v_buf[:, :, pos:pos + 1] = v
             y = F.scaled_dot_product_attention(q, k_buf[:, :, :pos + 1], v_buf[:, :, :pos + 1])  # (B, nh, 1, hs)
             x = x + attn_proj(y.view(B, C))
-            if self.weights == "int8":
-                x = x + mlp_proj(self.act(c_fc(ln_2(x), torch.bfloat16)))
-            else:
-                x = x + mlp_proj(self.act(c_fc(ln_2(x))))
+            x = x + self.mlp(ln_2(x), c_fc, mlp_proj)
         cache.last_token = idx
         return F.linear(self.ln_f(x), self.model.lm_head.weight)
 

@@ -599,8 +599,9 @@ def run(argv, held: contextlib.ExitStack):
         if ckpt["model_args"]["vocab_size"] != data.vocab_size:
             raise UserError(f"{ckpt_path} was trained with vocab_size {ckpt['model_args']['vocab_size']} but "
                             f"dataset {cfg.dataset!r} has {data.vocab_size}; resume on the same dataset")
-    if GPTConfig(**model_args).problems():  # what needs the dataset to check: the bigram table's size
-        raise UserError(f"cannot build this model on {cfg.dataset!r}: " + "; ".join(GPTConfig(**model_args).problems()))
+    problems = GPTConfig(**model_args).problems()  # what needs the dataset to check: the bigram table's size
+    if problems:
+        raise UserError(f"cannot build this model on {cfg.dataset!r}: " + "; ".join(problems))
     if hf_config is not None:
         model = hf_format.load_model(hf_folder, GPTConfig(**{**model_args, "block_size": hf_config.block_size}))
         if cfg.block_size < hf_config.block_size:
