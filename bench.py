@@ -9,7 +9,8 @@ Prints, as medians over `repeats` timed runs after a warm-up:
   - matmul peak: FLOP/s of a large square matrix product in the training dtype, measured here
     because datasheets do not cover every CPU; it is the denominator of MFU
   - train: tokens/s and MFU of the same step as train.py (autocast forward, backward, grad
-    clip, fused AdamW) on random tokens of the config's vocabulary
+    clip, fused AdamW) on random tokens of the config's vocabulary; on CPUs also nanoGPT's step
+    (float32, torch's dropout and SDPA, unfused AdamW) timed in turn with ours, with the speed-up
   - sample: tokens/s of model.generate in sample.py's precision (float32 on CPUs), at batch 1
     with and without the KV cache, and in all for a batch of sample_batch sequences; on CPUs
     also sample.py's fast path (fast_decode.py) at batch 1 and sample_batch, and nanoGPT's
@@ -21,6 +22,8 @@ Prints, as medians over `repeats` timed runs after a warm-up:
     first run of each, then the median of the others, each with its speed-up over nanoGPT's
 Any train.py config file or flag works here; the few extra keys are listed by --help.
 """
+import contextlib
+import copy
 import dataclasses
 import os
 import statistics
@@ -34,6 +37,7 @@ from pathlib import Path
 import torch
 
 import checkpoint
+import cpu_kernels
 import fast_decode
 import hardware
 from config import parse_config
@@ -107,24 +111,52 @@ def flops_per_token(model: GPT, cfg: BenchConfig) -> int:
     return 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
 
-def bench_train(model, cfg: BenchConfig, precision) -> list[float]:
-    """Training tokens/s, one sample per repeat, of train.py's train_step on random tokens."""
-    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                          precision.device_type, cfg.optimizer)
+def nanogpt_optimizer(model: GPT, cfg: BenchConfig) -> torch.optim.AdamW:
+    """nanoGPT's configure_optimizers on a CPU: AdamW with weight decay on the parameters of 2 or
+    more dimensions, torch's default (unfused) implementation: nanoGPT fuses only on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+
+
+def bench_train(model, cfg: BenchConfig, precision) -> dict[str, list[float]]:
+    """Training tokens/s, one sample per repeat, of train.py's train_step on random tokens.
+    On CPUs also nanoGPT's step on a copy of the model, timed in turn with ours (interleaved):
+    float32 (nanoGPT's train.py autocasts only on GPUs), torch's dropout and SDPA
+    (cpu_kernels.torch_kernels), unfused AdamW, not compiled (nanoGPT's CPU command passes
+    --compile=False). The model is GPT-2's architecture in both, so the work is the same."""
     scaler = torch.amp.GradScaler(precision.device_type, enabled=precision.dtype == "float16")
     accum = cfg.gradient_accumulation_steps
     shape = (cfg.batch_size, cfg.block_size)
     batches = [(torch.randint(cfg.vocab_size, shape, device=precision.device),
                 torch.randint(cfg.vocab_size, shape, device=precision.device)) for _ in range(accum)]
-    train_model = torch.compile(model) if cfg.compile else model
-    model.train()
 
-    def steps():
-        for _ in range(cfg.train_steps):
-            train_step(train_model, optimizer, scaler, batches, precision, cfg.grad_clip)
+    def stepper(model, optimizer, precision, kernels=contextlib.nullcontext):
+        model.train()
 
+        def steps():
+            with kernels():
+                for _ in range(cfg.train_steps):
+                    train_step(model, optimizer, scaler, batches, precision, cfg.grad_clip)
+        return steps
+
+    runs = {"train": stepper(torch.compile(model) if cfg.compile else model,
+                             model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                                       precision.device_type, cfg.optimizer), precision)}
+    if precision.device_type == "cpu":
+        baseline = copy.deepcopy(model)
+        runs["train, nanoGPT's step"] = stepper(baseline, nanogpt_optimizer(baseline, cfg),
+                                                hardware.Precision("cpu", "float32", "nanoGPT on a CPU"),
+                                                cpu_kernels.torch_kernels)
+    for fn in runs.values():
+        timed(fn, precision, cfg.warmup, 0)
+    times = {name: [] for name in runs}
+    for _ in range(cfg.repeats):
+        for name, fn in runs.items():
+            times[name] += timed(fn, precision, 0, 1)
     tokens = cfg.train_steps * accum * cfg.batch_size * cfg.block_size
-    return [tokens / t for t in timed(steps, precision, cfg.warmup, cfg.repeats)]
+    return {name: [tokens / t for t in ts] for name, ts in times.items()}
 
 
 def bench_sample(model, cfg: BenchConfig, precision, use_cache: bool, batch: int = 1) -> list[float]:
@@ -307,7 +339,8 @@ def main(argv=None):
     print(f"\n{'':<38} {'median':>12} {'min':>12} {'max':>12}  unit         (repeats={cfg.repeats})")
     if not cfg.skip_train:
         peak = matmul_peak(cfg, precision)
-        train = bench_train(model, cfg, precision)
+        trains = bench_train(model, cfg, precision)
+        train = trains["train"]
         peak_med = statistics.median(peak)
         mfu = [t * per_token / peak_med for t in train]
         ms_per_step = [tokens_per_step / t * 1000 for t in train]
@@ -315,6 +348,13 @@ def main(argv=None):
         print(row("train", train, "tokens/s"))
         print(row("train step", ms_per_step, "ms"))
         print(row("train MFU", mfu, "%", 0.01, "of the measured matmul peak"))
+        if "train, nanoGPT's step" in trains:
+            nanogpt = trains["train, nanoGPT's step"]
+            speedup = statistics.median(train) / statistics.median(nanogpt)
+            print(row("train, nanoGPT's step", nanogpt, "tokens/s", 1.0,
+                      f"ours is {speedup:.1f}x; float32, torch's dropout and SDPA, unfused AdamW"))
+            print(row("train MFU, nanoGPT's step", [t * per_token / peak_med for t in nanogpt], "%", 0.01,
+                      "of the same peak"))
     sampling = choose_precision(cfg.device, cfg.dtype)  # sample.py's choice: float32 on CPUs
     if not cfg.skip_sample and sampling.device_type != "cpu":
         for name, use_cache, batch in [("kv cache", True, 1), ("no cache", False, 1),

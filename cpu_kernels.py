@@ -9,8 +9,10 @@ computes attention dropout in cache-sized chunks.
 The bits come from numpy's SFC64 generator seeded from torch's global RNG, so
 torch.manual_seed and torch.set_rng_state still determine every mask (exact resume holds).
 Only used on CPU in eager mode: GPUs and torch.compile keep torch's own dropout.
-model.py uses two names from here: Dropout and causal_attention.
+model.py uses two names from here: Dropout and causal_attention; bench.py turns them off with
+torch_kernels() to time nanoGPT's step (torch's dropout and SDPA) side by side with ours.
 """
+import contextlib
 import math
 
 import numpy as np
@@ -19,8 +21,23 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 
+_enabled = True  # False inside torch_kernels()
+
+
+@contextlib.contextmanager
+def torch_kernels():
+    """Inside this block Dropout and causal_attention run torch's own kernels on CPU too, as
+    nanoGPT does: the baseline of bench.py's side-by-side training row."""
+    global _enabled
+    was, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = was
+
+
 def use_cpu_dropout(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+    return _enabled and x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _random_int16(n: int) -> np.ndarray:

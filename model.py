@@ -340,14 +340,16 @@ class GPT(nn.Module):
         return torch.cat([first, idx[:, :-1]], dim=1) * V + idx  # (B, T)
 
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type, name="adamw",
-                            head_lr_scale=1.0):
+                            head_lr_scale=1.0, embed_lr_scale=1.0):
         """AdamW, with weight decay on 2-D weights (matmuls, embeddings) only, not biases or norms.
 
         name="muon": torch.optim.Muon for the 2-D weights inside the blocks, AdamW for the rest
         (see MuonAdamW). Both take learning_rate and weight_decay: Muon scales its update to
         AdamW's size (adjust_lr_fn="match_rms_adamw"), so one schedule drives both.
         An untied head gets a group of its own with "lr_scale": head_lr_scale, which the
-        training loop multiplies into the scheduled learning rate."""
+        training loop multiplies into the scheduled learning rate; so do the embedding tables
+        (wte, wpe, bigram) with embed_lr_scale, when it is not 1 (a group of their own only then,
+        so the optimizer state of a run without it keeps its layout)."""
         if name not in ("adamw", "muon"):
             raise ValueError(f"unknown optimizer {name!r}")
         params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
@@ -355,9 +357,12 @@ class GPT(nn.Module):
         hidden = [p for (_, p), h in zip(params, is_hidden) if h]
         rest = [p for (_, p), h in zip(params, is_hidden) if not h]
         head = [] if self.config.tie_head else [self.lm_head.weight]
-        rest = [p for p in rest if all(p is not h for h in head)]
+        # a tied wte is the head too: it follows embed_lr_scale
+        tables = [m.weight for m in self.modules() if isinstance(m, nn.Embedding)] if embed_lr_scale != 1 else []
+        rest = [p for p in rest if all(p is not h for h in head + tables)]
         groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+                  {"params": tables, "weight_decay": weight_decay, "lr_scale": embed_lr_scale},
                   {"params": head, "weight_decay": weight_decay, "lr_scale": head_lr_scale}]
         groups = [g for g in groups if g["params"]]  # rmsnorm without biases leaves no 1-D parameters
         # the fused kernel updates every parameter in one pass, on cpu and cuda alike

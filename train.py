@@ -56,6 +56,7 @@ class TrainConfig:
     eval_iters: int = 200  # batches per split in each evaluation
     eval_only: bool = False  # evaluate once and exit
     eval_at_start: bool = True  # evaluate before the first step too (nanoGPT does; short timed runs skip it)
+    eval_train: bool = True  # evaluate the train split too (nanoGPT does); false halves an evaluation's time
     always_save_checkpoint: bool = True  # checkpoint at every evaluation, not only when val improves
     init_from: str = "scratch"  # scratch (a new model), resume (from out_dir/ckpt.pt), a GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a Hugging Face GPT-2 folder
     # logging
@@ -91,6 +92,7 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip gradients to this global norm; 0 disables
     head_lr_scale: float = 1.0  # learning rate of an untied head (--tie_head=false), times learning_rate
+    embed_lr_scale: float = 1.0  # learning rate of the embedding tables (wte, wpe, bigram), times learning_rate
     muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises from 0.85 to 0.95 (modded-nanogpt); 0: 0.95 throughout
     # learning rate schedule
     decay_lr: bool = True  # warm up linearly then decay (lr_schedule); false keeps learning_rate
@@ -151,8 +153,9 @@ class TrainConfig:
             p.append(f"--lr_schedule must be cosine or wsd, got {self.lr_schedule!r}")
         if not 0 <= self.warmdown_frac <= 1:
             p.append(f"--warmdown_frac must be in [0, 1], got {self.warmdown_frac}")
-        if not (math.isfinite(self.head_lr_scale) and self.head_lr_scale > 0):
-            p.append(f"--head_lr_scale must be a finite number above 0, got {self.head_lr_scale}")
+        for k in ("head_lr_scale", "embed_lr_scale"):
+            if not (math.isfinite(getattr(self, k)) and getattr(self, k) > 0):
+                p.append(f"--{k} must be a finite number above 0, got {getattr(self, k)}")
         if self.muon_momentum_warmup < 0:
             p.append(f"--muon_momentum_warmup must be >= 0, got {self.muon_momentum_warmup}")
         if self.init_from not in ("scratch", "resume", *hf_format.GPT2_NAMES) and not Path(self.init_from).is_dir():
@@ -523,8 +526,9 @@ def run(argv, held: contextlib.ExitStack):
         # the saved run's settings, with what was set explicitly now on top
         saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
         saved.pop("out_dir", None)  # the run continues where its checkpoint is now, even if moved
-        fixed = {**{k: ckpt["model_args"][k] for k in MODEL_KEYS},
-                 "optimizer": ckpt["config"].get("optimizer", "adamw")}  # its state is in the checkpoint
+        fixed = {**{k: ckpt["model_args"][k] for k in MODEL_KEYS},  # the optimizer's state and groups:
+                 "optimizer": ckpt["config"].get("optimizer", "adamw"),
+                 "embed_lr_scale": ckpt["config"].get("embed_lr_scale", 1.0)}
         refused = conflicts(cfg, explicit, fixed, "checkpoint")
         if refused:
             raise UserError(f"cannot resume {ckpt_path} with a different model shape or optimizer: "
@@ -618,7 +622,8 @@ def run(argv, held: contextlib.ExitStack):
 
     scaler = torch.amp.GradScaler(precision.device_type, enabled=precision.dtype == "float16")
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                          precision.device_type, cfg.optimizer, cfg.head_lr_scale)
+                                          precision.device_type, cfg.optimizer, cfg.head_lr_scale,
+                                          cfg.embed_lr_scale)
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])  # its state moves to the parameters' device
         if ckpt["scaler"]:  # empty when the saved run did not use float16: a fresh scaler starts
@@ -644,12 +649,14 @@ def run(argv, held: contextlib.ExitStack):
 
     @torch.no_grad()
     def estimate_loss():
-        """Mean loss over eval_iters batches of each split. The batches come from their own
-        generator, re-seeded every time: evaluations compare like with like, and they never
-        move the training RNG (so exact resume holds)."""
+        """Mean loss over eval_iters batches of each split (val only without eval_train). The
+        batches come from their own generator, re-seeded every time: evaluations compare like
+        with like, and they never move the training RNG (so exact resume holds)."""
         out = {}
         model.eval()
         for i, split in enumerate(("train", "val")):
+            if split == "train" and not cfg.eval_train:
+                continue
             gen = torch.Generator().manual_seed(cfg.seed + 1000 + i)
             losses = torch.zeros(cfg.eval_iters)
             for k in range(cfg.eval_iters):
@@ -714,8 +721,9 @@ def run(argv, held: contextlib.ExitStack):
             if (iter_num % cfg.eval_interval == 0 or last or cfg.eval_only) and iter_num != skip_eval_at and not at_start:
                 losses = estimate_loss()
                 if master:
-                    progress.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                    log.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
+                    train_part = f"train loss {losses['train']:.4f}, " if "train" in losses else ""
+                    progress.write(f"step {iter_num}: {train_part}val loss {losses['val']:.4f}")
+                    log.log({"iter": iter_num, **{f"{k}/loss": v for k, v in losses.items()}, "lr": lr})
                     draw_loss_curve(cfg.out_dir, progress)
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])

@@ -494,6 +494,8 @@ MODEL_OPTION_CASES = {
     "train head_lr_scale 0": (T("--head_lr_scale=0"), "--head_lr_scale must be a finite number above 0"),
     "train negative momentum warmup": (T("--muon_momentum_warmup=-1"), "--muon_momentum_warmup must be >= 0"),
     "resume with another model option": (R("--rotary"), "--rotary=True (checkpoint has False)"),
+    "train embed_lr_scale negative": (T("--embed_lr_scale=-1"), "--embed_lr_scale must be a finite number above 0"),
+    "resume with another embed_lr_scale": (R("--embed_lr_scale=3"), "--embed_lr_scale=3.0 (checkpoint has 1.0)"),
 }
 
 

@@ -157,6 +157,20 @@ def test_untied_head_gets_its_own_learning_rate(tiny_data, tmp_path):
     assert state["muon"]["param_groups"][0]["momentum"] == pytest.approx(0.85 + 0.1 * 3 / 10)  # set for iteration 3, then saved
 
 
+def test_embedding_tables_get_their_own_learning_rate_and_resume_keeps_it(tiny_data, tmp_path):
+    flags = ["--eval_interval=3", "--bigram=true", "--rotary=false", "--embed_lr_scale=5.0", "--decay_lr=false",
+             "--learning_rate=1e-3", "--optimizer=muon"]
+    run_train(tiny_data, tmp_path / "out", "--max_iters=3", *flags)
+    ckpt = checkpoint.load(tmp_path / "out" / "ckpt.pt")
+    groups = ckpt["optimizer"]["adamw"]["param_groups"]
+    tables = [g for g in groups if g.get("lr_scale") == 5.0]
+    assert len(tables) == 1 and tables[0]["lr"] == pytest.approx(5e-3)
+    assert len(tables[0]["params"]) == 3  # wte, wpe and the bigram table
+    assert all(g["lr"] == pytest.approx(1e-3) for g in groups if g is not tables[0])
+    run_train(tiny_data, tmp_path / "out", "--max_iters=6", "--init_from=resume")  # the saved scale, same groups
+    assert checkpoint.load(tmp_path / "out" / "ckpt.pt")["config"]["embed_lr_scale"] == 5.0
+
+
 def test_our_muon_is_torchs_update_with_a_choice_of_dtype():
     """optim.Muon in bf16 is bit-identical to torch.optim.Muon; in float32 (used on CPUs
     without native bf16) it differs only by bf16's rounding, and loads torch's state."""

@@ -173,7 +173,25 @@ def test_bench_runs_end_to_end():
     out = subprocess.run([sys.executable, "bench.py", *flags], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
-    for name in ["matmul peak", "train ", "train MFU", "sample, kv cache", "sample, nanoGPT loop",
+    for name in ["matmul peak", "train ", "train MFU", "train, nanoGPT's step", "train MFU, nanoGPT's step",
+                 "sample, kv cache", "sample, nanoGPT loop",
                  "sample, kv cache, batch 3", "sample, fast path", "sample, fast path, batch 3",
                  "nanoGPT sample.py, first run", "sample.py, first run", "sample.py --dtype=float32, first run"]:
         assert name in out.stdout
+
+
+def test_torch_kernels_switches_dropout_and_attention_back_to_torchs():
+    """bench.py's nanoGPT baseline: inside cpu_kernels.torch_kernels() the model's dropout is
+    torch's (the same mask as F.dropout from the same seed) and attention is SDPA's."""
+    x = torch.randn(4, 64, requires_grad=True)
+    q, k, v = (torch.randn(2, 2, 16, 8, requires_grad=True) for _ in range(3))
+    with cpu_kernels.torch_kernels():
+        torch.manual_seed(3)
+        ours = cpu_kernels.Dropout(0.5).train()(x)
+        torch.manual_seed(3)
+        att = cpu_kernels.causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.0)
+    torch.manual_seed(3)
+    assert torch.equal(ours, F.dropout(x, 0.5))
+    assert torch.equal(att, F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=True))
+    assert att.grad_fn.name() != "_CPUAttentionBackward"
+    assert cpu_kernels.Dropout(0.5).train()(x).grad_fn.name() == "_CPUDropoutBackward"  # ours again after the block

@@ -132,6 +132,15 @@ def test_best_val_loss_is_the_minimum(tiny_data, tmp_path):
     assert checkpoint.load(tmp_path / "out" / "ckpt.pt")["best_val_loss"] == min(vals)
 
 
+def test_eval_train_false_evaluates_only_the_val_split(tiny_data, tmp_path):
+    run_train(tiny_data, tmp_path / "both", "--max_iters=4", "--eval_interval=2")
+    run_train(tiny_data, tmp_path / "val", "--max_iters=4", "--eval_interval=2", "--eval_train=false")
+    both, val = ([r for r in read_metrics(tmp_path / d) if "val/loss" in r] for d in ("both", "val"))
+    assert all("train/loss" in r for r in both) and not any("train/loss" in r for r in val)
+    assert [r["val/loss"] for r in val] == [r["val/loss"] for r in both]  # the same val batches
+    assert (tmp_path / "val" / "loss.png").stat().st_size > 0
+
+
 def test_wandb_offline_summary_holds_losses(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     summaries = []
