@@ -33,6 +33,8 @@ class GPTConfig:
     tie_head: bool = True  # output head shares the token embedding (GPT-2); false: its own, zero-init
     zero_init_proj: bool = False  # attn.c_proj and mlp.c_proj start at zero (each block starts as identity)
     bigram: bool = False  # add a learned vector per (previous token, token) pair to the input (char vocabularies)
+    x0_lambdas: bool = False  # each block's input is a learned mix of the residual stream and the first input
+    value_embeds: bool = False  # a token embedding table per block, added to attention's values
 
     def non_gpt2_options(self) -> list[str]:
         """The options in use that GPT-2's architecture lacks, as "name=value" (empty for a
@@ -40,7 +42,8 @@ class GPTConfig:
         refuses a model whose list is not empty, naming these. zero_init_proj is absent: it
         changes only the initialization, and gelu_tanh is GPT-2's own activation."""
         gpt2 = {"activation": ("gelu", "gelu_tanh"), "norm": ("layernorm",), "rotary": (False,),
-                "qk_norm": (False,), "tie_head": (True,), "bigram": (False,)}
+                "qk_norm": (False,), "tie_head": (True,), "bigram": (False,), "x0_lambdas": (False,),
+                "value_embeds": (False,)}
         return [f"{k}={getattr(self, k)}" for k, ok in gpt2.items() if getattr(self, k) not in ok]
 
     def problems(self) -> list[str]:
@@ -164,11 +167,14 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
-                mask: torch.Tensor | None = None, rope=None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, rope=None, ve=None) -> torch.Tensor:
         """mask: None (causal) or document_mask (B, 1, T, T), for rows of several documents.
-        rope: (cos, sin) of the rotary option at these tokens' positions, or None."""
+        rope: (cos, sin) of the rotary option at these tokens' positions, or None.
+        ve: (B, T, C) the value_embeds option's vectors of these tokens, added to the values."""
         B, T, C = x.size()  # batch, sequence length, embedding width
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        if ve is not None:
+            v = v + ve
         hs = C // self.n_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -216,9 +222,13 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
+        if config.x0_lambdas:  # modded-nanogpt: starts as the plain residual stream (1, 0)
+            self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))
 
-    def forward(self, x, kv_cache=None, mask=None, rope=None):
-        x = x + self.attn(self.ln_1(x), kv_cache, mask, rope)
+    def forward(self, x, kv_cache=None, mask=None, rope=None, x0=None, ve=None):
+        if x0 is not None:  # the x0_lambdas option: x0 is the first block's input
+            x = self.lambdas[0] * x + self.lambdas[1] * x0
+        x = x + self.attn(self.ln_1(x), kv_cache, mask, rope, ve)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -243,6 +253,9 @@ class GPT(nn.Module):
         if config.bigram:
             # row prev * vocab + token; prev = vocab_size marks "no previous token" (window start)
             self.bigram = nn.Embedding((config.vocab_size + 1) * config.vocab_size, config.n_embd)
+        if config.value_embeds:  # modded-nanogpt's value embeddings, one table per block
+            self.value_embeds = nn.ModuleList(nn.Embedding(config.vocab_size, config.n_embd)
+                                              for _ in range(config.n_layer))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_head:
             # weight tying: https://paperswithcode.com/method/weight-tying
@@ -260,6 +273,8 @@ class GPT(nn.Module):
             torch.nn.init.zeros_(self.lm_head.weight)
         if config.bigram:
             torch.nn.init.zeros_(self.bigram.weight)
+        for table in self.value_embeds if config.value_embeds else []:  # likewise: attention as GPT-2's at first
+            torch.nn.init.zeros_(table.weight)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -276,6 +291,7 @@ class GPT(nn.Module):
         if non_embedding:  # also leave out the lookup-only tables of the options
             n -= self.transformer.wpe.weight.numel() if "wpe" in self.transformer else 0
             n -= self.bigram.weight.numel() if self.config.bigram else 0
+            n -= sum(t.weight.numel() for t in self.value_embeds) if self.config.value_embeds else 0
             n -= self.transformer.wte.weight.numel() if not self.config.tie_head else 0
         return n
 
@@ -317,8 +333,10 @@ class GPT(nn.Module):
         if self.config.bigram:
             x = x + self.bigram(self.bigram_ids(idx, kv_cache))
         x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x, kv_cache, mask, rope)
+        x0 = x if self.config.x0_lambdas else None
+        for i, block in enumerate(self.transformer.h):
+            ve = self.value_embeds[i](idx) if self.config.value_embeds else None
+            x = block(x, kv_cache, mask, rope, x0, ve)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.length += T
@@ -348,7 +366,7 @@ class GPT(nn.Module):
         AdamW's size (adjust_lr_fn="match_rms_adamw"), so one schedule drives both.
         An untied head gets a group of its own with "lr_scale": head_lr_scale, which the
         training loop multiplies into the scheduled learning rate; so do the embedding tables
-        (wte, wpe, bigram) with embed_lr_scale, when it is not 1 (a group of their own only then,
+        (wte, wpe, bigram, value_embeds) with embed_lr_scale, when it is not 1 (a group of their own only then,
         so the optimizer state of a run without it keeps its layout)."""
         if name not in ("adamw", "muon"):
             raise ValueError(f"unknown optimizer {name!r}")

@@ -83,6 +83,8 @@ class TrainConfig:
     tie_head: bool = True  # output head shares the token embedding (GPT-2); false: its own, zero-init
     zero_init_proj: bool = False  # attn.c_proj and mlp.c_proj start at zero (each block starts as identity)
     bigram: bool = False  # add a learned vector per (previous token, token) pair to the input (char vocabularies)
+    x0_lambdas: bool = False  # each block's input is a learned mix of the residual stream and the first input
+    value_embeds: bool = False  # a token embedding table per block, added to attention's values
     # optimizer
     optimizer: str = "adamw"  # adamw, or muon (Muon for the matrices in the blocks, AdamW for the rest)
     learning_rate: float = 6e-4  # peak learning rate
@@ -92,7 +94,7 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip gradients to this global norm; 0 disables
     head_lr_scale: float = 1.0  # learning rate of an untied head (--tie_head=false), times learning_rate
-    embed_lr_scale: float = 1.0  # learning rate of the embedding tables (wte, wpe, bigram), times learning_rate
+    embed_lr_scale: float = 1.0  # learning rate of the embedding tables (wte, wpe, bigram, value), times learning_rate
     muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises from 0.85 to 0.95 (modded-nanogpt); 0: 0.95 throughout
     # learning rate schedule
     decay_lr: bool = True  # warm up linearly then decay (lr_schedule); false keeps learning_rate
@@ -165,7 +167,8 @@ class TrainConfig:
 
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias",  # fixed once a model exists
-              "activation", "norm", "rotary", "qk_norm", "tie_head", "zero_init_proj", "bigram")
+              "activation", "norm", "rotary", "qk_norm", "tie_head", "zero_init_proj", "bigram",
+              "x0_lambdas", "value_embeds")
 
 
 def conflicts(cfg: TrainConfig, explicit: set, fixed: dict, source: str) -> list[str]:

@@ -20,11 +20,15 @@ OPTIONS = {
     "untied_head": ["--tie_head=false", "--head_lr_scale=2.0"],
     "zero_init_proj": ["--zero_init_proj=true"],
     "bigram": ["--bigram=true"],
+    "x0_lambdas": ["--x0_lambdas=true"],
+    "value_embeds": ["--value_embeds=true", "--embed_lr_scale=3.0"],
     "all": ["--rotary=true", "--norm=rmsnorm", "--activation=relu2", "--qk_norm=true", "--tie_head=false",
-            "--head_lr_scale=2.0", "--zero_init_proj=true", "--bigram=true", "--optimizer=muon",
-            "--lr_schedule=wsd", "--warmdown_frac=0.5", "--muon_momentum_warmup=4"],
+            "--head_lr_scale=2.0", "--zero_init_proj=true", "--bigram=true", "--x0_lambdas=true",
+            "--value_embeds=true", "--embed_lr_scale=3.0", "--optimizer=muon", "--lr_schedule=wsd",
+            "--warmdown_frac=0.5", "--muon_momentum_warmup=4"],
 }
-MODEL_FLAGS = {"rotary", "norm", "activation", "qk_norm", "tie_head", "zero_init_proj", "bigram"}
+MODEL_FLAGS = {"rotary", "norm", "activation", "qk_norm", "tie_head", "zero_init_proj", "bigram", "x0_lambdas",
+               "value_embeds"}
 
 
 def run_train(data_dir, out_dir, *flags):
@@ -67,8 +71,9 @@ def perturbed_model(**options) -> GPT:
 
 
 @pytest.mark.parametrize("options", [dict(rotary=True), dict(bigram=True), dict(qk_norm=True, norm="rmsnorm"),
+                                     dict(x0_lambdas=True, value_embeds=True),
                                      dict(rotary=True, bigram=True, tie_head=False, activation="relu2")],
-                         ids=["rotary", "bigram", "qk_norm+rmsnorm", "mixed"])
+                         ids=["rotary", "bigram", "qk_norm+rmsnorm", "x0_lambdas+value_embeds", "mixed"])
 def test_kv_cache_agrees_with_full_forward_past_block_size(options):
     """Greedy decoding with the cache (rotary at absolute positions, the bigram's previous
     token carried across calls) equals recomputing the window, also after the window slides."""
@@ -77,6 +82,23 @@ def test_kv_cache_agrees_with_full_forward_past_block_size(options):
     with_cache = model.generate(idx, 25, temperature=0)
     without = model.generate(idx, 25, temperature=0, use_cache=False)
     assert torch.equal(with_cache, without)
+
+
+def test_x0_lambdas_and_value_embeds_take_part_in_the_forward():
+    """Each block mixes in the first input by its lambdas, and each block's value table reaches
+    attention: changing either changes the logits (both start as no-ops: (1, 0) and zeros)."""
+    fresh = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=2, n_head=2, n_embd=16, x0_lambdas=True,
+                          value_embeds=True))
+    assert fresh.transformer.h[0].lambdas.tolist() == [1.0, 0.0] and not fresh.value_embeds[1].weight.any()
+    model = perturbed_model(x0_lambdas=True, value_embeds=True)
+    x = torch.randint(0, 20, (2, 8))
+    before = model(x, x)[0]
+    with torch.no_grad():
+        model.transformer.h[1].lambdas.copy_(torch.tensor([1.0, 0.0]))
+    after_lambdas = model(x, x)[0]
+    with torch.no_grad():
+        model.value_embeds[1].weight.zero_()
+    assert not torch.allclose(before, after_lambdas) and not torch.allclose(after_lambdas, model(x, x)[0])
 
 
 def test_rotary_positions_may_be_per_sequence():
@@ -111,9 +133,10 @@ def test_bigram_reads_the_previous_token():
 def test_gpt2_defaults_and_the_list_of_options_in_use():
     assert GPTConfig().non_gpt2_options() == [] and GPTConfig(activation="gelu_tanh").non_gpt2_options() == []
     assert GPTConfig(zero_init_proj=True).non_gpt2_options() == []  # init only: the weights are GPT-2's
-    cfg = GPTConfig(rotary=True, norm="rmsnorm", activation="relu2", qk_norm=True, tie_head=False, bigram=True)
+    cfg = GPTConfig(rotary=True, norm="rmsnorm", activation="relu2", qk_norm=True, tie_head=False, bigram=True,
+                    x0_lambdas=True, value_embeds=True)
     assert cfg.non_gpt2_options() == ["activation=relu2", "norm=rmsnorm", "rotary=True", "qk_norm=True",
-                                      "tie_head=False", "bigram=True"]
+                                      "tie_head=False", "bigram=True", "x0_lambdas=True", "value_embeds=True"]
     model = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=16, rotary=True,
                           norm="rmsnorm", bias=False, tie_head=False))
     names = set(model.state_dict())
