@@ -4,13 +4,16 @@
     python bench.py configs/shakespeare.py --dtype=float32
     python bench.py --skip_train --sample_tokens=500 --process_runs=3   # sampling against nanoGPT
     python bench.py --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --batch_size=12 --vocab_size=50304
+    python bench.py configs/shakespeare_quick.py --skip_sample --profile   # a config's model, its step profiled
 
 Prints, as medians over `repeats` timed runs after a warm-up:
   - matmul peak: FLOP/s of a large square matrix product in the training dtype, measured here
     because datasheets do not cover every CPU; it is the denominator of MFU
   - train: tokens/s and MFU of the same step as train.py (autocast forward, backward, grad
     clip, fused AdamW) on random tokens of the config's vocabulary; on CPUs also nanoGPT's step
-    (float32, torch's dropout and SDPA, unfused AdamW) timed in turn with ours, with the speed-up
+    (float32, torch's dropout and SDPA, unfused AdamW) timed in turn with ours, with the speed-up,
+    for GPT-2's architecture (a model with the options of configs/shakespeare_cpu.py has no
+    nanoGPT counterpart); --profile adds torch.profiler's table of the step's operators
   - sample: tokens/s of model.generate in sample.py's precision (float32 on CPUs), at batch 1
     with and without the KV cache, and in all for a batch of sample_batch sequences; on CPUs
     also sample.py's fast path (fast_decode.py) at batch 1 and sample_batch, and nanoGPT's
@@ -44,7 +47,7 @@ from config import parse_config
 from errors import run_main
 from model import GPT, GPTConfig
 from sample import choose_precision
-from train import Dataset, TrainConfig, train_step
+from train import MODEL_KEYS, Dataset, TrainConfig, train_step
 
 
 @dataclass
@@ -68,6 +71,7 @@ class BenchConfig(TrainConfig):
     skip_train: bool = False  # measure sampling only (no matmul peak, no training step)
     quant_eval: str = ""  # out_dir of a trained model: its val loss over the whole val split, float32 and int8
     process_runs: int = 0  # whole `python sample.py` processes per variant (cpu; 0 = none, 5 = first + 4 repeats)
+    profile: bool = False  # also print torch.profiler's table of the training step's operators
 
     def problems(self) -> list[str]:
         p = super().problems()
@@ -144,7 +148,7 @@ def bench_train(model, cfg: BenchConfig, precision) -> dict[str, list[float]]:
     runs = {"train": stepper(torch.compile(model) if cfg.compile else model,
                              model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                                        precision.device_type, cfg.optimizer), precision)}
-    if precision.device_type == "cpu":
+    if precision.device_type == "cpu" and not model.config.non_gpt2_options():  # nanoGPT's model is GPT-2's
         baseline = copy.deepcopy(model)
         runs["train, nanoGPT's step"] = stepper(baseline, nanogpt_optimizer(baseline, cfg),
                                                 hardware.Precision("cpu", "float32", "nanoGPT on a CPU"),
@@ -155,6 +159,10 @@ def bench_train(model, cfg: BenchConfig, precision) -> dict[str, list[float]]:
     for _ in range(cfg.repeats):
         for name, fn in runs.items():
             times[name] += timed(fn, precision, 0, 1)
+    if cfg.profile:  # where a step's time goes, by operator (self time: the op's own work)
+        with torch.profiler.profile() as prof:
+            runs["train"]()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     tokens = cfg.train_steps * accum * cfg.batch_size * cfg.block_size
     return {name: [tokens / t for t in ts] for name, ts in times.items()}
 
@@ -328,13 +336,13 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
           f"load average {load}")
 
-    model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
-                          n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
+    model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS}, vocab_size=cfg.vocab_size, dropout=cfg.dropout))
     model.to(precision.device)
     per_token = flops_per_token(model, cfg)
     tokens_per_step = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {per_token / 1e6:.1f} MFLOP per token, "
-          f"{tokens_per_step:,} tokens per step, dropout {cfg.dropout}, compile {cfg.compile}")
+          f"{tokens_per_step:,} tokens per step, dropout {cfg.dropout}, compile {cfg.compile}, "
+          f"options beyond GPT-2: {', '.join(model.config.non_gpt2_options()) or 'none'}")
 
     print(f"\n{'':<38} {'median':>12} {'min':>12} {'max':>12}  unit         (repeats={cfg.repeats})")
     if not cfg.skip_train:
