@@ -10,7 +10,7 @@ eval_interval = 120  # evaluate only after the last step (eval_at_start below)
 eval_at_start = False  # the start's loss is known (ln 65 = 4.17)
 eval_iters = 20
 eval_train = False  # the final evaluation reads the val split only (the train loss is logged as it trains)
-log_interval = 50
+log_interval = 10  # the loss curve gets a point every 10 steps (free on a CPU)
 always_save_checkpoint = False
 
 dataset = "shakespeare_char"
