@@ -17,9 +17,10 @@ onnx: model.onnx (model.py's GPT.forward traced: input_ids (batch, sequence) int
       past_key_values.N.key/value -> present.N.key/value, for fast generation; a bigram model
       also carries its past tokens, past_input_ids -> present_input_ids), config.json,
       tokenizer.json, README.md. Runs with onnxruntime and tokenizers alone, for every model.
-gguf: model.gguf (llama.cpp's gpt2 architecture, float32, the tokenizer inside) and README.md,
-      for GPT-2 BPE models whose architecture llama.cpp computes (GPT-2's, with or without a tied
-      head); any other is refused in one line naming what llama.cpp lacks.
+gguf: model.gguf (llama.cpp's gpt2 architecture, or gptneox for rotary positions; float32, the
+      tokenizer inside) and README.md, for GPT-2 BPE models whose architecture llama.cpp computes
+      (GPT-2's, with rotary positions, an untied head, no biases); any other is refused in one
+      line naming what llama.cpp lacks.
 
 Everything comes from <out_dir>/ckpt.pt. The folder is written beside dest under a temporary
 name and renamed into place when complete, so an interrupted export leaves no half folder. A
@@ -385,10 +386,12 @@ def gguf_name(name: str) -> str:
     return f"blk.{layer}.{GGUF_BLOCK_MODULES[sub]}.{kind}"
 
 
-# What llama.cpp lacks for each option beyond GPT-2 (GPTConfig.non_gpt2_options' names): its gpt2
-# architecture is the one GGUF here; an untied head it has (the optional output tensor).
-GGUF_LACKS = {"activation": "a relu(x)^2 MLP", "norm": "parameter-free RMSNorm in GPT-2's blocks",
-              "rotary": "rotary positions in GPT-2's blocks (its gpt2 architecture learns them)",
+# What llama.cpp lacks for each option beyond GPT-2 (GPTConfig.non_gpt2_options' names). Its gpt2
+# architecture has an untied head (the output tensor), and its gptneox architecture is GPT-2's
+# block with rotary positions (LayerNorm, biases, a GELU MLP, sequential residuals when
+# use_parallel_residual is false), so neither option is missing.
+GGUF_EXPRESSES = ("rotary", "tie_head")
+GGUF_LACKS = {"activation": "a relu(x)^2 MLP", "norm": "parameter-free RMSNorm with GPT-2's blocks",
               "qk_norm": "RMSNorm of each head's queries and keys", "bigram": "a bigram embedding table",
               "x0_lambdas": "blocks mixing in the first block's input (x0_lambdas)",
               "value_embeds": "value embeddings added to attention's values"}
@@ -402,7 +405,7 @@ def check_gguf(model: GPT, tokenizer: Tokenizer):
     elif tokenizer.name not in GGUF_TOKENIZERS:
         lacks.append(f"a pre-tokenizer verified here to split text as {tokenizer.name!r} does")
     options = [o.partition("=")[0] for o in model.config.non_gpt2_options()]
-    lacks += [GGUF_LACKS[o] for o in options if o in GGUF_LACKS]
+    lacks += [GGUF_LACKS.get(o, f"the option {o}") for o in options if o not in GGUF_EXPRESSES]
     if lacks:
         raise UserError(f"--format=gguf takes GPT-2 BPE models (tokenizer gpt2) only, of an architecture "
                         f"llama.cpp computes; for this model llama.cpp lacks {'; '.join(lacks)}. Use "
@@ -410,18 +413,40 @@ def check_gguf(model: GPT, tokenizer: Tokenizer):
     require("gguf", "--format=gguf")
 
 
+def gguf_tensors(model: GPT):
+    """(GGUF name, float32 array) of every weight: GPT-2's tensors with their biases (zeros for a
+    bias-free model) in nn.Linear layout. For rotary, llama.cpp's NEOX rope rotates each pair
+    (i, i + hs/2) by +angle where apply_rotary rotates by -angle; negating the second half of
+    every head's queries and keys makes the two agree (q . k is unchanged, values untouched)."""
+    c = model.config
+    hs = c.n_embd // c.n_head
+    flip = torch.ones(c.n_head, 2, hs // 2)
+    flip[:, 1] = -1
+    flip = torch.cat([flip.flatten(), flip.flatten(), torch.ones(c.n_embd)])  # (3C,): q, k, v rows
+    for name, tensor in hf_format.to_hf_state_dict(model).items():
+        if name.endswith(hf_format.CONV1D):
+            tensor = tensor.t()
+        if c.rotary and name.endswith(("attn.c_attn.weight", "attn.c_attn.bias")):
+            tensor = tensor * (flip[:, None] if tensor.dim() == 2 else flip)
+        yield gguf_name(name), tensor.contiguous().numpy()
+
+
 def write_gguf(model: GPT, tokenizer: Tokenizer, folder: Path):
-    """model.gguf for llama.cpp (architecture gpt2, float32), the tokenizer inside it."""
+    """model.gguf for llama.cpp (architecture gpt2, or gptneox for rotary; float32), the tokenizer inside it."""
     check_gguf(model, tokenizer)
     gguf = require("gguf", "--format=gguf")
     c = model.config
-    writer = gguf.GGUFWriter(str(folder / "model.gguf"), "gpt2")
+    writer = gguf.GGUFWriter(str(folder / "model.gguf"), "gptneox" if c.rotary else "gpt2")
     writer.add_context_length(c.block_size)
     writer.add_embedding_length(c.n_embd)
     writer.add_feed_forward_length(4 * c.n_embd)
     writer.add_block_count(c.n_layer)
     writer.add_head_count(c.n_head)
     writer.add_layer_norm_eps(hf_format.LAYER_NORM_EPS)
+    if c.rotary:  # model.py's Rotary: every channel of a head, base 10000
+        writer.add_rope_dimension_count(c.n_embd // c.n_head)
+        writer.add_rope_freq_base(10000.0)
+        writer.add_parallel_residual(False)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     # the vocabulary and merges of our tokenizer.json, in GGUF's byte-level BPE form
     fast = json.loads(hf_format.hf_tokenizer(tokenizer).to_str())
@@ -439,11 +464,8 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, folder: Path):
     writer.add_bos_token_id(tokenizer.eot_id)
     writer.add_eos_token_id(tokenizer.eot_id)
     writer.add_add_bos_token(False)  # our prompts start with their own text, as in sample.py
-    # GPT-2's tensors with their biases (zeros for a bias-free model), back in nn.Linear layout
-    for name, tensor in hf_format.to_hf_state_dict(model).items():
-        if name.endswith(hf_format.CONV1D):
-            tensor = tensor.t()
-        writer.add_tensor(gguf_name(name), tensor.contiguous().numpy())
+    for name, array in gguf_tensors(model):
+        writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
