@@ -391,7 +391,7 @@ def gguf_name(name: str) -> str:
 # block with rotary positions (LayerNorm, biases, a GELU MLP, sequential residuals when
 # use_parallel_residual is false), so neither option is missing.
 GGUF_EXPRESSES = ("rotary", "tie_head")
-GGUF_LACKS = {"activation": "a relu(x)^2 MLP", "norm": "parameter-free RMSNorm with GPT-2's blocks",
+GGUF_LACKS = {"activation": "a relu(x)^2 MLP with GPT-2's blocks", "norm": "parameter-free RMSNorm with GPT-2's blocks",
               "qk_norm": "RMSNorm of each head's queries and keys", "bigram": "a bigram embedding table",
               "x0_lambdas": "blocks mixing in the first block's input (x0_lambdas)",
               "value_embeds": "value embeddings added to attention's values"}

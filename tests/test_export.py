@@ -66,12 +66,12 @@ def our_logits(out_dir, ids: torch.Tensor) -> torch.Tensor:
 
 
 def onnx_loop_code() -> str:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    return re.search(r"```python\n(# greedy generation with onnxruntime.*?)```", readme, re.S).group(1)
+    docs = (ROOT / "docs" / "export.md").read_text(encoding="utf-8")
+    return re.search(r"```python\n(# greedy generation with onnxruntime.*?)```", docs, re.S).group(1)
 
 
 def onnx_loop(folder, prompt: str) -> str:
-    """The README's onnxruntime generation loop, run as written in a fresh Python."""
+    """docs/export.md's onnxruntime generation loop, run as written in a fresh Python."""
     code = onnx_loop_code().replace('"exports/shakespeare-onnx", "ROMEO:", 100', f"{str(folder)!r}, {prompt!r}, {N_NEW}")
     code += "import sys\nassert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
