@@ -147,8 +147,7 @@ def model_card(model: GPT, tokenizer: Tokenizer, ckpt: dict, fmt: str, name: str
     best = ckpt.get("best_val_loss")
     best = f"{best:.4f}" if isinstance(best, float) and best != float("inf") else "not measured"
     options = c.non_gpt2_options()
-    arch = (f"GPT-2's architecture with options beyond it ({', '.join(options)})" if options
-            else "GPT-2's architecture")
+    arch = f"GPT-2's architecture with {', '.join(options)}" if options else "GPT-2's architecture"
     if fmt == "hf":
         use = hf_usage(name, model, tokenizer)
     elif fmt == "gguf":

@@ -179,3 +179,18 @@ def test_gguf_names_what_llama_cpp_lacks_and_writes_nothing(exported, tmp_path):
         assert lack in message and f"| {lack}" in docs
     assert "a pre-tokenizer verified here" in message  # a trained vocabulary: llama.cpp's is unknown
     assert not (tmp_path / "gguf").exists()
+
+
+def test_train_continues_from_a_remote_code_folder(exported, shakespeare_text, tmp_path):
+    """train.py --init_from=<nanogpt folder>: the model keeps every option and its weights."""
+    import train
+    from conftest import TINY, write_char_dataset
+    root = exported("all", "char")
+    write_char_dataset(tmp_path / "data", shakespeare_text[:5000])  # the export's characters
+    flags = [a for a in TINY if not a.startswith(("--n_layer", "--n_head", "--n_embd", "--block_size"))]
+    # two steps of a tiny learning rate: the weights stay (nearly) the folder's, so does the text
+    train.main([f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", *flags, f"--init_from={root / 'hf'}",
+                "--max_iters=2", "--eval_interval=2", "--learning_rate=1e-9", "--min_lr=0"])
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert {k: ckpt["model_args"][k] for k in ALL} == ALL and ckpt["model_args"]["n_layer"] == 1
+    assert greedy_sample([f"--out_dir={tmp_path / 'out'}"]) == greedy_sample([f"--out_dir={root / 'out'}"])
