@@ -330,8 +330,8 @@ def export_onnx(module: nn.Module, args: tuple, path: Path, inline: bool, **name
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notices
         raw = Path(scratch) / path.name
-        # TorchScript exporter (dynamo=False): the dynamo one gives the same graphs here but
-        # is many times slower (see docs/export.md)
+        # TorchScript exporter (dynamo=False): the dynamo one gives the same graphs here, many
+        # times slower (docs/export.md has the figures)
         torch.onnx.export(module, args, str(raw), dynamo=False, opset_version=ONNX_OPSET, **names_and_axes)
         if inline:
             os.replace(raw, path)
