@@ -148,6 +148,11 @@ def model_card(model: GPT, tokenizer: Tokenizer, ckpt: dict, fmt: str, name: str
     best = f"{best:.4f}" if isinstance(best, float) and best != float("inf") else "not measured"
     options = c.non_gpt2_options()
     arch = f"GPT-2's architecture with {', '.join(options)}" if options else "GPT-2's architecture"
+    gpt2_layout = fmt == "gguf" or (fmt == "hf" and not options)  # always has biases
+    zeros = " (exported as zeros)" if gpt2_layout else ""
+    shape = (f"{c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, context {c.block_size} tokens, "
+             f"{c.activation} MLP, {c.norm}, {'rotary' if c.rotary else 'learned'} positions, "
+             f"biases {'yes' if c.bias else 'no' + zeros}")
     if fmt == "hf":
         use = hf_usage(name, model, tokenizer)
     elif fmt == "gguf":
@@ -183,7 +188,7 @@ exported by its `export.py` ({fmt} format).
 | | |
 |---|---|
 | parameters | {model.num_params(non_embedding=False):,} ({model.num_params() / 1e6:.2f}M without embedding tables) |
-| shape | {c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, context {c.block_size} tokens, {c.activation} MLP, {c.norm}, {"rotary" if c.rotary else "learned"} positions, biases {"yes" if c.bias else "no"} |
+| shape | {shape} |
 | tokenizer | {tok} |
 | dataset | {cfg.get("dataset", "unknown")} |
 | iterations | {ckpt.get("iter_num", "unknown")} |
