@@ -297,10 +297,11 @@ class GPT(nn.Module):
 
     def crop_block_size(self, block_size: int):
         """Keep the first block_size position embeddings, e.g. to finetune GPT-2 (1024
-        positions) with a shorter context, as nanoGPT does."""
+        positions) with a shorter context, as nanoGPT does. A rotary model has no table to crop."""
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if "wpe" in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None, positions=None):
         """idx (B, T) token ids -> logits (B, T, vocab) and the mean cross-entropy loss.

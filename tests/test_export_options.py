@@ -194,3 +194,7 @@ def test_train_continues_from_a_remote_code_folder(exported, shakespeare_text, t
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert {k: ckpt["model_args"][k] for k in ALL} == ALL and ckpt["model_args"]["n_layer"] == 1
     assert greedy_sample([f"--out_dir={tmp_path / 'out'}"]) == greedy_sample([f"--out_dir={root / 'out'}"])
+    # a shorter context crops the positions: a rotary model has no table to crop
+    train.main([f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'short'}", *flags, f"--init_from={root / 'hf'}",
+                "--max_iters=2", "--eval_interval=2", "--block_size=16"])
+    assert torch.load(tmp_path / "short" / "ckpt.pt", weights_only=True)["model_args"]["block_size"] == 16
