@@ -20,6 +20,7 @@ per character for char-level.
 transformers, tokenizers and safetensors are extras: a missing one is one line saying which
 pip command installs it.
 """
+import dataclasses
 import importlib
 import json
 import os
@@ -106,11 +107,10 @@ def hf_config_dict(config: GPTConfig, tokenizer: Tokenizer) -> dict:
 NANOGPT = "nanogpt"  # config.json's model_type of the folders with our modeling code
 REMOTE_CODE = Path(__file__).resolve().parent / "hf_remote"  # the files copied into those folders
 REMOTE_FILES = ("configuration_nanogpt.py", "modeling_nanogpt.py")
-# GPTConfig's fields in such a config.json, with the type each must have (zero_init_proj and
-# dropout are training settings: not part of the exported model)
-NANOGPT_FIELDS = {"vocab_size": int, "block_size": int, "n_layer": int, "n_head": int, "n_embd": int,
-                  "bias": bool, "activation": str, "norm": str, "rotary": bool, "qk_norm": bool,
-                  "tie_head": bool, "bigram": bool, "x0_lambdas": bool, "value_embeds": bool}
+# GPTConfig's fields in such a config.json, with the type each must have (dropout and
+# zero_init_proj are training settings, not part of the exported model). configuration_nanogpt.py
+# takes the same (tests/test_export_options.py checks it), modeling_nanogpt.py computes them.
+NANOGPT_FIELDS = {f.name: f.type for f in dataclasses.fields(GPTConfig) if f.name not in ("dropout", "zero_init_proj")}
 
 
 def nanogpt_config_dict(config: GPTConfig, tokenizer: Tokenizer) -> dict:
@@ -140,9 +140,7 @@ def _nanogpt_config(folder: Path, c: dict) -> GPTConfig:
            if not isinstance(c.get(k), kind) or (kind is int and isinstance(c.get(k), bool))]
     if not bad:
         config = GPTConfig(**{k: c[k] for k in NANOGPT_FIELDS}, dropout=0.0)
-        bad = [] if min(config.n_layer, config.n_head, config.n_embd, config.block_size) >= 1 and \
-            config.n_embd % config.n_head == 0 else [f"shape {config.n_layer}x{config.n_head}x{config.n_embd}"]
-        bad += config.problems()
+        bad = config.problems()
     if bad:
         raise UserError(f"{folder / 'config.json'} has invalid or missing settings ({', '.join(bad)}); "
                         f"the folder is damaged")

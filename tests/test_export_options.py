@@ -4,6 +4,8 @@ itself: transformers (GPT-2 folders plainly, the others with trust_remote_code a
 generate() and cache), onnxruntime (the model card's loop), and comes back through
 --init_from; all give sample.py's greedy text. Offline: tiny models built here."""
 import contextlib
+import dataclasses
+import inspect
 import io
 import json
 import os
@@ -16,10 +18,11 @@ import torch
 import checkpoint
 import export
 import hf_format
+import loading
 import sample
 from conftest import ROOT
 from errors import UserError
-from model import GPT, GPTConfig
+from model import GPT2_SHAPE, GPT, GPTConfig, ModelOptions
 from tokenizer import Tokenizer
 
 for _module in ("transformers", "tokenizers", "safetensors", "onnx", "onnxruntime"):
@@ -36,6 +39,19 @@ ALONE = {"rotary": {"rotary": True}, "rmsnorm": {"norm": "rmsnorm"}, "relu2": {"
 ALL = {"activation": "relu2", "norm": "rmsnorm", "rotary": True, "qk_norm": True, "tie_head": False,
        "bigram": True, "x0_lambdas": True, "value_embeds": True, "bias": False}
 CASES = {**ALONE, "all": ALL}
+
+
+def test_every_model_option_is_tested_and_known_to_the_remote_code():
+    """An option added to model.py must join CASES here, and configuration_nanogpt.py (with
+    modeling_nanogpt.py) must take it, before its models export."""
+    import importlib.util
+    beyond = {f.name for f in dataclasses.fields(ModelOptions)} - set(GPT2_SHAPE) - {"zero_init_proj"}
+    assert beyond | {"bias"} <= {k for options in ALONE.values() for k in options}
+    spec = importlib.util.spec_from_file_location("configuration_nanogpt", hf_format.REMOTE_CODE / "configuration_nanogpt.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    taken = set(inspect.signature(module.NanoGPTConfig.__init__).parameters) - {"self", "kwargs"}
+    assert taken == set(hf_format.NANOGPT_FIELDS)
 
 
 def bpe_tokenizer(text: str) -> Tokenizer:
@@ -116,7 +132,7 @@ def test_every_runtime_gives_our_greedy_text(case, kind, exported, tokenizers):
     root = exported(case, kind)
     ours = greedy_sample([f"--out_dir={root / 'out'}"])
     assert len(ours) > len(PROMPT)
-    model, _, _ = sample.load_model(root / "out", "cpu")
+    model, _, _ = loading.load_model(root / "out", "cpu")
     ids = torch.tensor([tokenizer.encode(ours)[:32]])  # re-encoded text can be longer than the tokens made
     with torch.no_grad():
         expected = model(ids, ids)[0]  # with targets: logits at every position
@@ -198,3 +214,15 @@ def test_train_continues_from_a_remote_code_folder(exported, shakespeare_text, t
     train.main([f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'short'}", *flags, f"--init_from={root / 'hf'}",
                 "--max_iters=2", "--eval_interval=2", "--block_size=16"])
     assert torch.load(tmp_path / "short" / "ckpt.pt", weights_only=True)["model_args"]["block_size"] == 16
+
+
+def test_a_damaged_remote_code_folder_is_one_clear_line(exported, tmp_path):
+    import shutil
+    folder = tmp_path / "hf"
+    shutil.copytree(exported("all", "char") / "hf", folder)
+    config = json.loads((folder / "config.json").read_text())
+    for change, message in (({"n_head": 3}, "must be divisible by --n_head"), ({"rotary": "yes"}, "rotary 'yes'"),
+                            ({"n_layer": 2}, "the weights do not match its config.json")):
+        (folder / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(UserError, match=message):
+            hf_format.load(str(folder))
