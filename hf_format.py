@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+import hardware
 from errors import UserError
 from model import GPT, GPTConfig
 from tokenizer import CHAR, Tokenizer, bytes_to_unicode
@@ -314,17 +315,6 @@ def resolve(init_from: str) -> Path:
     return folder
 
 
-def available_memory() -> int:
-    """Bytes this process can still allocate (Linux MemAvailable; elsewhere free pages)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def check_memory(folder: Path, config: GPTConfig):
     """Refuse, before loading, a model that does not fit: loading holds transformers' copy
     and ours at once, both float32."""
@@ -334,7 +324,7 @@ def check_memory(folder: Path, config: GPTConfig):
     C, L, V = config.n_embd, config.n_layer, config.vocab_size
     params = V * C + config.block_size * C + L * (12 * C * C + 13 * C) + 2 * C
     needed = 2 * 4 * params
-    have = available_memory()
+    have = hardware.available_memory()
     if needed > have:
         on_disk = sum(p.stat().st_size for p in weights)
         raise UserError(f"{folder} holds a {params / 1e6:,.0f}M-parameter model ({on_disk / 2**30:.1f} GiB on disk) "

@@ -1,4 +1,4 @@
-"""One run per folder: a lock file that says which process holds the folder.
+"""One run per folder: a lock that says which process holds the folder.
 
 train.py holds <out_dir>/train.lock while it trains (under torchrun, rank 0 holds it for
 the job); prepare.py holds <data_dir>/.<name>.lock while it builds data/<name>/. A second
@@ -8,15 +8,23 @@ run on the same folder stops at once with one line naming the holder and what to
     (python train.py configs/shakespeare.py); wait for it to finish, stop it (kill 4242),
     or choose another --out_dir
 
-The lock is fcntl.flock on the open lock file, not the file's existence: the kernel drops
-it when its process ends, however it ends (kill -9 too), so a lock is never held by a dead
-process and taking over a stale one needs no guesswork about PIDs. The file's contents
-(JSON: pid, host, started, command) only say who holds it. A file left behind by a killed
-run is taken over with a one-line notice that says whether its PID is gone or it was
-written on another host (a folder on a shared filesystem).
+Two files do this, the same way on Linux, macOS and Windows:
+
+- The lock is filelock's FileLock on a hidden file beside the note (out/.train.lock.flock):
+  an OS lock (flock on Linux and macOS, msvcrt.locking on Windows) that the OS drops when
+  its process ends, however it ends (kill -9 too), so a lock is never held by a dead
+  process. That file stays after a run: deleting it would let a process that opened it
+  just before lock the deleted file while a third locks a new one.
+- The note (train.lock, JSON: pid, host, started, command) names the holder. The holder
+  writes it once it has the lock and deletes it when it lets go. A note found by the
+  process that just took the lock was left by a run that was killed; it is taken over with
+  a one-line notice that says whether its PID is gone or it was written on another host.
+
+Where the OS offers no such lock, filelock falls back to a soft lock (the lock file's
+existence), which a killed run leaves behind. That one is taken over when the note says its
+holder ran on this host and psutil finds that process gone. Whether a process is alive is
+always psutil's answer: os.kill(pid, 0) is no probe on Windows (signal 0 is CTRL_C_EVENT).
 """
-import errno
-import fcntl
 import json
 import os
 import shlex
@@ -25,9 +33,21 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
+import psutil
+
+with warnings.catch_warnings():  # without fcntl, filelock warns that only its soft lock is left: handled below
+    warnings.simplefilter("ignore")
+    import filelock
+
+import durable
 from errors import UserError
+
+# Held locks stay held until released or the process ends, even when their FolderLock is
+# dropped (filelock lets go of a lock its object no longer references).
+_held: set = set()
 
 
 def _exit_on_sigterm(signum, frame):
@@ -37,7 +57,7 @@ def _exit_on_sigterm(signum, frame):
 
 
 def describe(info: dict) -> str:
-    """'PID 4242 on host gpu1 since <time> (<command>)' from a lock file's contents."""
+    """'PID 4242 on host gpu1 since <time> (<command>)' from a note's contents."""
     started = info.get("started")
     since = (f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}"
              if isinstance(started, (int, float)) else "")
@@ -45,30 +65,42 @@ def describe(info: dict) -> str:
     return f"PID {info.get('pid', '?')} on host {info.get('host', '?')}{since}{command}"
 
 
-def _read(fd: int) -> dict | None:
-    """The holder's details, or None when the file is empty (released, or not written yet)."""
+def read_note(path: Path) -> dict | None:
+    """The holder's details from the note at path: None when there is no note, {} when it
+    cannot be read (another program's file, or Windows refusing a file being replaced)."""
     try:
-        text = os.pread(fd, 1 << 16, 0).decode("utf-8", errors="replace")
-        info = json.loads(text) if text.strip() else None
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
     except (OSError, ValueError):
         return {}
-    return info if isinstance(info, dict) or info is None else {}
+    return info if isinstance(info, dict) else {}
 
 
-def _pid_alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:  # kill(0 or -n) would signal process groups
+def pid_alive(pid, since: float | None = None) -> bool:
+    """Whether process pid is running on this machine. With since (when that process wrote
+    its note), a process that started later is another one that reused the number."""
+    if not isinstance(pid, int) or pid <= 0:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:  # ended, not yet reaped by its parent
+            return False
+        # a second of slack: process start times are rounded to the system clock's ticks
+        return since is None or process.create_time() <= since + 1
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:  # alive, but someone else's
+    except psutil.AccessDenied:  # alive, but someone else's
         return True
-    return True
+
+
+def holder_is_gone(info: dict) -> bool:
+    """A note whose process ran on this host and has ended (another host's cannot be checked)."""
+    return info.get("host") == socket.gethostname() and not pid_alive(info.get("pid"), info.get("started"))
 
 
 class FolderLock:
-    """An exclusive lock on a folder, held through the lock file at path.
+    """An exclusive lock on a folder, named by the note at path (see the module docstring).
 
     what names the folder in messages (e.g. "--out_dir out"); other_choice is the last way
     out offered to a user who finds it taken (e.g. "choose another --out_dir")."""
@@ -77,83 +109,79 @@ class FolderLock:
         self.path = Path(path)
         self.what = what
         self.other_choice = other_choice
-        self.fd = None
+        self.lock = filelock.FileLock(str(self.path.with_name(f".{self.path.name.lstrip('.')}.flock")))
+        self.soft = not isinstance(self.lock, (filelock.UnixFileLock, filelock.WindowsFileLock))
+        self.held = False
         self._previous_sigterm = None
-
-    @property
-    def held(self) -> bool:
-        return self.fd is not None
 
     def acquire(self) -> "FolderLock":
         """Take the lock or raise UserError naming its holder. A no-op when already held."""
         if self.held:
             return self
-        for _ in range(100):  # retried only when the file was released and replaced meanwhile
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            except OSError as e:
-                raise UserError(f"cannot create the lock file {self.path}: {e.strerror}; "
-                                f"{self.other_choice}") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                holder = _read(fd)
-                os.close(fd)
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise UserError(f"cannot lock {self.path}: {e.strerror}; {self.other_choice}") from None
-                who = describe(holder) if holder else "another process (still starting)"
-                stop = f"stop it (kill {holder['pid']})" if holder and holder.get("pid") else "stop it"
-                raise UserError(f"{self.what} is in use by {who}; wait for it to finish, {stop}, "
-                                f"or {self.other_choice}") from None
-            # we hold a lock on this inode; it is the lock only if the path still names it
-            # (a holder that just released unlinked it, and a third process may have made a new one)
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        else:
-            raise UserError(f"could not take {self.path}: other runs keep taking and releasing it; "
-                            f"{self.other_choice}")
-        stale = _read(fd)
+        self._take()
+        stale = read_note(self.path)
         if stale:
             self._notice_takeover(stale)
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
                 "command": shlex.join([Path(sys.executable).name, *sys.argv])}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-        os.fsync(fd)
-        self.fd = fd
+        try:
+            durable.write_text(self.path, json.dumps(info) + "\n")
+        except OSError as e:
+            self.lock.release()
+            raise UserError(f"cannot write the lock file {self.path}: {e.strerror or e}; {self.other_choice}") from None
+        self.held = True
+        _held.add(self)
         if threading.current_thread() is threading.main_thread() and \
                 signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         return self
 
+    def _take(self):
+        """Take the OS lock (or the soft one, once more after removing a dead holder's)."""
+        for attempt in range(2):
+            try:
+                self.lock.acquire(timeout=0)
+                return
+            except filelock.Timeout:
+                holder = read_note(self.path)
+                if self.soft and attempt == 0 and holder and holder_is_gone(holder):
+                    Path(self.lock.lock_file).unlink(missing_ok=True)  # its holder was killed
+                    continue
+                raise UserError(self._busy(holder)) from None
+            except OSError as e:
+                raise UserError(f"cannot create the lock file {self.lock.lock_file}: {e.strerror or e}; "
+                                f"{self.other_choice}") from None
+
+    def _busy(self, holder: dict | None) -> str:
+        who = describe(holder) if holder else "another process (still starting)"
+        stop = f"stop it (kill {holder['pid']})" if holder and holder.get("pid") else "stop it"
+        gone = (f" (if that run has ended, delete {self.lock.lock_file}: this filesystem has no OS locks)"
+                if self.soft and holder and not holder_is_gone(holder) else "")
+        return f"{self.what} is in use by {who}{gone}; wait for it to finish, {stop}, or {self.other_choice}"
+
     def _notice_takeover(self, stale: dict):
-        """A lock file nobody holds: its run ended without releasing it (kill -9, a crash, a
+        """A note nobody holds: its run ended without letting go (kill -9, a crash, a
         reboot). Say whose it was, then take it."""
         if stale.get("host") not in (None, socket.gethostname()):
             why = (f"it was written on another host ({stale['host']}), whose process cannot be "
                    f"checked from here, and no process holds it now")
-        elif _pid_alive(stale.get("pid")):
+        elif pid_alive(stale.get("pid"), stale.get("started")):
             why = "that process no longer holds it"
         else:
             why = "that process is no longer running"
         print(f"note: taking over the stale lock {self.path} of {describe(stale)}: {why}", file=sys.stderr)
 
     def release(self):
-        """Delete the lock file and drop the lock (in that order, see acquire). Idempotent."""
-        if self.fd is None:
+        """Delete the note, then let go of the lock (in that order: see acquire). Idempotent."""
+        if not self.held:
             return
         try:
-            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
-                os.unlink(self.path)
-        except OSError:
+            self.path.unlink(missing_ok=True)
+        except OSError:  # Windows: another process is reading it; the next holder reports it as stale
             pass
-        os.close(self.fd)
-        self.fd = None
+        self.lock.release()
+        self.held = False
+        _held.discard(self)
         if self._previous_sigterm is not None:
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, self._previous_sigterm)
