@@ -30,6 +30,7 @@ import os
 import shlex
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -63,6 +64,11 @@ def describe(info: dict) -> str:
              if isinstance(started, (int, float)) else "")
     command = f" ({info['command']})" if info.get("command") else ""
     return f"PID {info.get('pid', '?')} on host {info.get('host', '?')}{since}{command}"
+
+
+def command_line(argv: list[str]) -> str:
+    """argv as this OS's shell would take it back (quoted for cmd on Windows)."""
+    return subprocess.list2cmdline(argv) if os.name == "nt" else shlex.join(argv)
 
 
 def read_note(path: Path) -> dict | None:
@@ -123,7 +129,7 @@ class FolderLock:
         if stale:
             self._notice_takeover(stale)
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                "command": shlex.join([Path(sys.executable).name, *sys.argv])}
+                "command": command_line([Path(sys.executable).name, *sys.argv])}
         try:
             durable.write_text(self.path, json.dumps(info) + "\n")
         except OSError as e:
@@ -154,9 +160,11 @@ class FolderLock:
 
     def _busy(self, holder: dict | None) -> str:
         who = describe(holder) if holder else "another process (still starting)"
-        stop = f"stop it (kill {holder['pid']})" if holder and holder.get("pid") else "stop it"
-        gone = (f" (if that run has ended, delete {self.lock.lock_file}: this filesystem has no OS locks)"
-                if self.soft and holder and not holder_is_gone(holder) else "")
+        kill = "taskkill /PID" if os.name == "nt" else "kill"
+        stop = f"stop it ({kill} {holder['pid']})" if holder and holder.get("pid") else "stop it"
+        gone = (f" (if that run has ended, delete {self.lock.lock_file}: without OS locks here, a run "
+                f"on another host cannot be checked)"
+                if self.soft and holder and holder.get("host") != socket.gethostname() else "")
         return f"{self.what} is in use by {who}{gone}; wait for it to finish, {stop}, or {self.other_choice}"
 
     def _notice_takeover(self, stale: dict):

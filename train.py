@@ -192,7 +192,7 @@ class Dataset:
             raise UserError(f"dataset {name!r} not found ({meta_path} is missing); run "
                             f"`python prepare.py {name}` or `python prepare.py --input FILE --name {name}` first")
         try:
-            self.meta = json.loads(meta_path.read_text())
+            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
             self.dtype = np.dtype(self.meta["dtype"])
             self.vocab_size = int(self.meta["vocab_size"])
         except (ValueError, KeyError, TypeError) as e:
