@@ -10,21 +10,22 @@ run on the same folder stops at once with one line naming the holder and what to
 
 Two files do this, the same way on Linux, macOS and Windows:
 
-- The lock is filelock's FileLock on a hidden file beside the note (out/.train.lock.flock):
-  an OS lock (flock on Linux and macOS, msvcrt.locking on Windows) that the OS drops when
-  its process ends, however it ends (kill -9 too), so a lock is never held by a dead
-  process. That file stays after a run: deleting it would let a process that opened it
-  just before lock the deleted file while a third locks a new one.
 - The note (train.lock, JSON: pid, host, started, command) names the holder. The holder
   writes it once it has the lock and deletes it when it lets go. A note found by the
   process that just took the lock was left by a run that was killed; it is taken over with
   a one-line notice that says whether its PID is gone or it was written on another host.
+- The lock is an OS lock on a hidden file beside the note (out/.train.lock.flock), taken
+  with filelock's lock_descriptor (flock on Linux and macOS, LockFileEx on Windows). The OS
+  drops it when its process ends, however it ends (kill -9 too), so a lock is never held by
+  a dead process. It is a file of its own because Windows' lock keeps other processes from
+  reading the locked file, and the note must stay readable.
 
-Where the OS offers no such lock, filelock falls back to a soft lock (the lock file's
-existence), which a killed run leaves behind. That one is taken over when the note says its
-holder ran on this host and psutil finds that process gone. Whether a process is alive is
-always psutil's answer: os.kill(pid, 0) is no probe on Windows (signal 0 is CTRL_C_EVENT).
+Where the filesystem has no OS locks, the lock file's existence is the lock (a "soft" lock),
+which a killed run leaves behind. It is taken over when the note says its holder ran on this
+host and psutil finds that process gone. Whether a process is alive is always psutil's
+answer: os.kill(pid, 0) is no probe on Windows (signal 0 is CTRL_C_EVENT).
 """
+import errno
 import json
 import os
 import shlex
@@ -39,16 +40,15 @@ from pathlib import Path
 
 import psutil
 
-with warnings.catch_warnings():  # without fcntl, filelock warns that only its soft lock is left: handled below
+with warnings.catch_warnings():  # without fcntl, filelock warns that only its soft lock is left: see _take_soft
     warnings.simplefilter("ignore")
     import filelock
 
 import durable
 from errors import UserError
 
-# Held locks stay held until released or the process ends, even when their FolderLock is
-# dropped (filelock lets go of a lock its object no longer references).
-_held: set = set()
+# errno of a filesystem without OS file locks (filelock raises ENOSYS where Python has no fcntl)
+NO_OS_LOCKS = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 
 def _exit_on_sigterm(signum, frame):
@@ -105,6 +105,14 @@ def holder_is_gone(info: dict) -> bool:
     return info.get("host") == socket.gethostname() and not pid_alive(info.get("pid"), info.get("started"))
 
 
+def same_file(path: Path, fd: int) -> bool:
+    """Whether path still names the open file fd (a holder that let go may have deleted it)."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(fd))
+    except FileNotFoundError:
+        return False
+
+
 class FolderLock:
     """An exclusive lock on a folder, named by the note at path (see the module docstring).
 
@@ -113,10 +121,11 @@ class FolderLock:
 
     def __init__(self, path, what: str, other_choice: str):
         self.path = Path(path)
+        self.lock_path = self.path.with_name(f".{self.path.name.lstrip('.')}.flock")
         self.what = what
         self.other_choice = other_choice
-        self.lock = filelock.FileLock(str(self.path.with_name(f".{self.path.name.lstrip('.')}.flock")))
-        self.soft = not isinstance(self.lock, (filelock.UnixFileLock, filelock.WindowsFileLock))
+        self.fd = None  # the locked lock file; None for a soft lock
+        self.soft = False
         self.held = False
         self._previous_sigterm = None
 
@@ -124,7 +133,8 @@ class FolderLock:
         """Take the lock or raise UserError naming its holder. A no-op when already held."""
         if self.held:
             return self
-        self._take()
+        self.fd = self._take()
+        self.held = True
         stale = read_note(self.path)
         if stale:
             self._notice_takeover(stale)
@@ -133,36 +143,66 @@ class FolderLock:
         try:
             durable.write_text(self.path, json.dumps(info) + "\n")
         except OSError as e:
-            self.lock.release()
+            self.release()
             raise UserError(f"cannot write the lock file {self.path}: {e.strerror or e}; {self.other_choice}") from None
-        self.held = True
-        _held.add(self)
         if threading.current_thread() is threading.main_thread() and \
                 signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         return self
 
-    def _take(self):
-        """Take the OS lock (or the soft one, once more after removing a dead holder's)."""
-        for attempt in range(2):
+    def _take(self) -> int | None:
+        """Open and lock the lock file and return its descriptor (None: a soft lock was taken),
+        or raise UserError naming the holder. Descriptors are not inherited by child processes
+        (Python's default), so a process a run starts never holds its lock."""
+        for _ in range(100):  # retried only when the file was released and deleted meanwhile
             try:
-                self.lock.acquire(timeout=0)
-                return
-            except filelock.Timeout:
-                holder = read_note(self.path)
-                if self.soft and attempt == 0 and holder and holder_is_gone(holder):
-                    Path(self.lock.lock_file).unlink(missing_ok=True)  # its holder was killed
-                    continue
-                raise UserError(self._busy(holder)) from None
+                try:
+                    fd, created = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+                except FileExistsError:
+                    fd, created = os.open(self.lock_path, os.O_RDWR), False
+            except FileNotFoundError:  # deleted between the two opens: try again
+                continue
             except OSError as e:
-                raise UserError(f"cannot create the lock file {self.lock.lock_file}: {e.strerror or e}; "
+                raise UserError(f"cannot create the lock file {self.lock_path}: {e.strerror or e}; "
                                 f"{self.other_choice}") from None
+            try:
+                locked = filelock.lock_descriptor(fd, blocking=False)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in NO_OS_LOCKS:  # then creating the file was taking the lock
+                    self.soft = True
+                    return None if created else self._take_soft()
+                raise UserError(f"cannot lock {self.lock_path}: {e.strerror or e}; {self.other_choice}") from None
+            if not locked:
+                os.close(fd)
+                raise UserError(self._busy(read_note(self.path)))
+            if same_file(self.lock_path, fd):
+                return fd
+            filelock.unlock_descriptor(fd)  # we locked a file its holder deleted as it let go
+            os.close(fd)
+        raise UserError(f"could not take {self.lock_path}: other runs keep taking and releasing it; "
+                        f"{self.other_choice}")
+
+    def _take_soft(self) -> None:
+        """Where the filesystem has no OS locks, the lock file's existence is the lock, and it
+        exists: take it over if the note's process ran on this host and has ended."""
+        holder = read_note(self.path)
+        if not (holder and holder_is_gone(holder)):
+            raise UserError(self._busy(holder))
+        self.lock_path.unlink(missing_ok=True)  # its holder was killed
+        try:
+            os.close(os.open(self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:  # another run took it over first
+            raise UserError(self._busy(read_note(self.path))) from None
+        except OSError as e:
+            raise UserError(f"cannot create the lock file {self.lock_path}: {e.strerror or e}; "
+                            f"{self.other_choice}") from None
 
     def _busy(self, holder: dict | None) -> str:
         who = describe(holder) if holder else "another process (still starting)"
         kill = "taskkill /PID" if os.name == "nt" else "kill"
         stop = f"stop it ({kill} {holder['pid']})" if holder and holder.get("pid") else "stop it"
-        gone = (f" (if that run has ended, delete {self.lock.lock_file}: without OS locks here, a run "
+        gone = (f" (if that run has ended, delete {self.lock_path}: without OS locks here, a run "
                 f"on another host cannot be checked)"
                 if self.soft and holder and holder.get("host") != socket.gethostname() else "")
         return f"{self.what} is in use by {who}{gone}; wait for it to finish, {stop}, or {self.other_choice}"
@@ -180,16 +220,29 @@ class FolderLock:
         print(f"note: taking over the stale lock {self.path} of {describe(stale)}: {why}", file=sys.stderr)
 
     def release(self):
-        """Delete the note, then let go of the lock (in that order: see acquire). Idempotent."""
+        """Delete the note, then let go of the lock. Idempotent."""
         if not self.held:
             return
         try:
             self.path.unlink(missing_ok=True)
         except OSError:  # Windows: another process is reading it; the next holder reports it as stale
             pass
-        self.lock.release()
+        if self.fd is None:  # a soft lock: the file is the lock
+            self.lock_path.unlink(missing_ok=True)
+        elif os.name == "nt":  # Windows deletes no open file: let go first (a process that opens it meanwhile keeps it)
+            filelock.unlock_descriptor(self.fd)
+            os.close(self.fd)
+            try:
+                self.lock_path.unlink(missing_ok=True)
+            except OSError:
+                pass
+        else:  # delete, then let go: a process that opened it before sees it deleted (see _take)
+            if same_file(self.lock_path, self.fd):
+                self.lock_path.unlink(missing_ok=True)
+            filelock.unlock_descriptor(self.fd)
+            os.close(self.fd)
+        self.fd = None
         self.held = False
-        _held.discard(self)
         if self._previous_sigterm is not None:
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, self._previous_sigterm)
