@@ -40,7 +40,7 @@ from pathlib import Path
 
 import psutil
 
-with warnings.catch_warnings():  # without fcntl, filelock warns that only its soft lock is left: see _take_soft
+with warnings.catch_warnings():  # without fcntl, filelock warns at import that it has no OS lock: see _take_soft
     warnings.simplefilter("ignore")
     import filelock
 
