@@ -202,9 +202,9 @@ class FolderLock:
         who = describe(holder) if holder else "another process (still starting)"
         kill = "taskkill /PID" if os.name == "nt" else "kill"
         stop = f"stop it ({kill} {holder['pid']})" if holder and holder.get("pid") else "stop it"
-        gone = (f" (if that run has ended, delete {self.lock_path}: without OS locks here, a run "
-                f"on another host cannot be checked)"
-                if self.soft and holder and holder.get("host") != socket.gethostname() else "")
+        checkable = holder and holder.get("host") == socket.gethostname()  # a live process of this host
+        gone = (f" (if that run has ended, delete {self.lock_path}: without OS locks here, a run on "
+                f"another host, or one that left no note, cannot be checked)" if self.soft and not checkable else "")
         return f"{self.what} is in use by {who}{gone}; wait for it to finish, {stop}, or {self.other_choice}"
 
     def _notice_takeover(self, stale: dict):
