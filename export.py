@@ -41,6 +41,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.onnx import symbolic_helper
 
+import durable
 import hf_format
 from config import parse_config
 from errors import UserError, run_main
@@ -502,11 +503,8 @@ def check_destination(dest: Path, force: bool):
 
 
 def fsync(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """A file's contents, or a folder's entries where the OS allows it (durable.py), to disk."""
+    durable.fsync_folder(path) if path.is_dir() else durable.fsync_file(path)
 
 
 def write_atomically(dest: Path, write):

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+import hardware
 from errors import UserError
 from model import GPT, GPTConfig
 from tokenizer import CHAR, Tokenizer, bytes_to_unicode
@@ -367,17 +368,6 @@ def resolve(init_from: str) -> Path:
     return folder
 
 
-def available_memory() -> int:
-    """Bytes this process can still allocate (Linux MemAvailable; elsewhere free pages)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def check_memory(folder: Path, config: GPTConfig):
     """Refuse, before loading, a model that does not fit: loading holds transformers' copy
     and ours at once, both float32."""
@@ -389,7 +379,7 @@ def check_memory(folder: Path, config: GPTConfig):
     # GPT-2's count, or the float32 file's when larger (the tables of bigram, value_embeds, an untied head)
     params = max(V * C + config.block_size * C + L * (12 * C * C + 13 * C) + 2 * C, on_disk // 4)
     needed = 2 * 4 * params
-    have = available_memory()
+    have = hardware.available_memory()
     if needed > have:
         raise UserError(f"{folder} holds a {params / 1e6:,.0f}M-parameter model ({on_disk / 2**30:.1f} GiB on disk) "
                         f"that needs about {needed / 2**30:.1f} GiB of memory to load, but only "
