@@ -212,7 +212,7 @@ exported by its `export.py` ({fmt} format).
 def write_tokenizer(tokenizer: Tokenizer, block_size: int, folder: Path):
     hf_format.hf_tokenizer(tokenizer).save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(
-        json.dumps(hf_format.tokenizer_config(tokenizer, block_size), indent=2) + "\n")
+        json.dumps(hf_format.tokenizer_config(tokenizer, block_size), indent=2) + "\n", encoding="utf-8")
 
 
 def write_json(path: Path, data: dict):
