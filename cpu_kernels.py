@@ -76,27 +76,43 @@ def _dropped_numpy(shape, p: float) -> tuple[np.ndarray, float]:
     return np.less(_random_int16(math.prod(shape)).reshape(shape), threshold), scale
 
 
-def _dropped_causal_numpy(B: int, nh: int, T: int, p: float) -> tuple[np.ndarray, float]:
-    """Like _dropped_numpy((B, nh, T, T), p), but only the causal part (key <= query) is drawn:
-    half the random bits. Rows i and T-1-i need i+1 and T-i draws, T+1 together, so one row of
-    (T/2, T+1) draws serves both: row i reads it forwards, row T-1-i backwards from its end.
-    Entries above the diagonal repeat draws from below it and must not be used."""
-    if T % 2:
-        return _dropped_numpy((B, nh, T, T), p)
-    threshold, scale = _drop_threshold(p)
-    half = T // 2
-    bits = _random_int16(B * nh * half * (T + 1)).reshape(B * nh, half, T + 1)
-    drop = np.empty((B, nh, T, T), dtype=np.bool_)
-    out = drop.reshape(B * nh, T, T)
-    np.less(bits[:, :, :T], threshold, out=out[:, :half])  # row i, columns 0..i used
-    np.less(bits[:, ::-1, :0:-1], threshold, out=out[:, half:])  # row T-1-i: draws T..i+1
-    return drop, scale
+class _CausalDropStream:
+    """The attention dropout mask (B, nh, T, T) of one call, drawn a few batch rows at a time so
+    each chunk of attention meets its mask while both are in cache. Row b's draws follow row
+    b-1's in one SFC64 stream seeded by one draw from torch's RNG, so the mask does not depend
+    on how the rows are chunked: drop(B) at once equals drop(1) B times.
+    With T even only the causal part (key <= query) is drawn: half the random bits. Query rows
+    i and T-1-i need i+1 and T-i draws, T+1 together, so one row of (T/2, T+1) draws serves
+    both: row i reads it forwards, row T-1-i backwards from its end. Entries above the diagonal
+    repeat draws from below it and must not be used. Odd T draws the whole square."""
+
+    def __init__(self, nh: int, T: int, p: float):
+        self.nh, self.T = nh, T
+        self.threshold, self.scale = _drop_threshold(p)
+        self.per_row = nh * T * T if T % 2 else nh * (T // 2) * (T + 1)  # int16 draws per batch row
+        self.bits = np.random.SFC64(int(torch.randint(0, 2**62, (1,)).item()))
+
+    def drop(self, rows: int) -> np.ndarray:
+        """A numpy bool (rows, nh, T, T), True where a probability is dropped: the next rows."""
+        nh, T = self.nh, self.T
+        words = (self.per_row + 3) // 4  # uint64 words per batch row, four int16 each
+        bits = self.bits.random_raw(rows * words).view(np.int16).reshape(rows, 4 * words)[:, :self.per_row]
+        if T % 2:
+            return np.less(bits.reshape(rows, nh, T, T), self.threshold)
+        half = T // 2
+        bits = bits.reshape(rows * nh, half, T + 1)
+        drop = np.empty((rows, nh, T, T), dtype=np.bool_)
+        out = drop.reshape(rows * nh, T, T)
+        np.less(bits[:, :, :T], self.threshold, out=out[:, :half])  # row i, columns 0..i used
+        np.less(bits[:, ::-1, :0:-1], self.threshold, out=out[:, half:])  # row T-1-i: draws T..i+1
+        return drop
 
 
 def _dropped_causal(B: int, nh: int, T: int, p: float) -> tuple[torch.Tensor, float]:
-    """_dropped_causal_numpy as a torch bool tensor (the mask the attention below uses)."""
-    drop, scale = _dropped_causal_numpy(B, nh, T, p)
-    return torch.from_numpy(drop), scale
+    """The whole mask _CPUAttention draws after the same torch RNG state, as a torch bool
+    (B, nh, T, T), and the survivors' scale (for tests against the naive math)."""
+    stream = _CausalDropStream(nh, T, p)
+    return torch.from_numpy(stream.drop(B)), stream.scale
 
 
 class _CPUDropout(torch.autograd.Function):
@@ -152,47 +168,58 @@ class _CPUAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, p, mask=None):
         B, nh, T, hs = q.shape
-        drop, keep_scale = _dropped_causal_numpy(B, nh, T, p) if p > 0 else (None, 1.0)
-        kept_mask = _ones_where_kept(drop, q.dtype) if p > 0 else None  # M, 0/1
+        stream = _CausalDropStream(nh, T, p) if p > 0 else None
+        keep_scale = stream.scale if p > 0 else 1.0
         # -inf on keys after the query; added to the scores inside the batched matmul
         if mask is None:
             causal = torch.full((T, T), float("-inf"), dtype=q.dtype).triu_(1)
         else:  # (B, 1, T, T): -inf on keys outside the query's document too
             causal = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
+        # q, k, v arrive as strided views of c_attn's output: one pass each makes them contiguous
+        # (with q's 1/sqrt(hs) and v's keep_scale folded in), and from here on every tensor is
+        # (B * nh, T, .): each chunk of rows is a contiguous slice for bmm, with no copies
+        q = torch.mul(q, 1.0 / math.sqrt(hs), out=q.new_empty(q.shape)).flatten(0, 1)
+        k = k.contiguous().flatten(0, 1)
+        v = (torch.mul(v, keep_scale, out=v.new_empty(v.shape)) if p > 0 else v.contiguous()).flatten(0, 1)
+        y = torch.empty_like(q)
+        probs, kept = [], []  # per chunk: P, Pm, each (rows * nh, T, T)
         with torch.autocast("cpu", enabled=False):  # softmax stays in q's dtype
-            q = (q * (1.0 / math.sqrt(hs))).contiguous()
-            k, v = k.contiguous(), (v * keep_scale if p > 0 else v).contiguous()
-            probs, kept, ys = [], [], []  # per chunk: P, Pm, y
             for rows in _row_chunks(B, nh * T * T):
+                heads = slice(rows.start * nh, rows.stop * nh)
                 if mask is None:
-                    att = torch.baddbmm(causal, q[rows].flatten(0, 1), k[rows].flatten(0, 1).transpose(1, 2))
+                    att = torch.baddbmm(causal, q[heads], k[heads].transpose(1, 2))
                 else:
-                    att = torch.matmul(q[rows], k[rows].transpose(-1, -2)).add_(causal[rows]).flatten(0, 1)
-                probs.append(torch.softmax(att, dim=-1).view(-1, nh, T, T))
-                kept.append(probs[-1] * kept_mask[rows] if p > 0 else probs[-1])
-                ys.append(torch.matmul(kept[-1], v[rows]))
-            y = torch.cat(ys)
+                    att = torch.bmm(q[heads], k[heads].transpose(1, 2)).view(-1, nh, T, T).add_(causal[rows])
+                probs.append(torch.softmax(att.view(-1, T, T), dim=-1))
+                if p > 0:  # this chunk's mask, drawn now so that it is still in cache when used
+                    keep = _ones_where_kept(stream.drop(rows.stop - rows.start), q.dtype)
+                    kept.append(probs[-1] * keep.view(-1, T, T))
+                else:
+                    kept.append(probs[-1])
+                torch.bmm(kept[-1], v[heads], out=y[heads])
         ctx.save_for_backward(q, k, v, y, *probs, *kept)
-        ctx.keep_scale = keep_scale
-        return y
+        ctx.keep_scale, ctx.nh = keep_scale, nh
+        return y.view(B, nh, T, hs)
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, y, *chunks = ctx.saved_tensors  # q is scaled by 1/sqrt(hs), v by keep_scale
+        q, k, v, y, *chunks = ctx.saved_tensors  # (B * nh, T, hs); q scaled by 1/sqrt(hs), v by keep_scale
         probs, kept = chunks[:len(chunks) // 2], chunks[len(chunks) // 2:]
-        B, nh, T, hs = q.shape
-        grad = grad.contiguous()
+        B, nh, T, hs = grad.size(0), ctx.nh, q.size(1), q.size(2)
+        grad = grad.contiguous().flatten(0, 1)
         acc = torch.promote_types(q.dtype, torch.float32)
-        minus_d = (grad.to(acc) * y.to(acc)).sum(-1, keepdim=True).neg_()  # -D, (B, nh, T, 1)
-        dq, dk, dv = [], [], []
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         for rows, p_chunk, pm_chunk in zip(_row_chunks(B, nh * T * T), probs, kept):
-            g = grad[rows]
-            dv.append(torch.matmul(pm_chunk.transpose(-1, -2), g))
-            ds = torch.matmul(g, v[rows].transpose(-1, -2)).mul_(pm_chunk).addcmul_(p_chunk, minus_d[rows])
-            dq.append(torch.matmul(ds, k[rows]))
-            dk.append(torch.matmul(ds.transpose(-1, -2), q[rows]))
-        return (torch.cat(dq).mul_(1.0 / math.sqrt(hs)), torch.cat(dk),
-                torch.cat(dv).mul_(ctx.keep_scale), None, None)
+            heads = slice(rows.start * nh, rows.stop * nh)
+            g = grad[heads]
+            minus_d = (g.to(acc) * y[heads].to(acc)).sum(-1, keepdim=True).neg_()  # -D, (rows * nh, T, 1)
+            torch.bmm(pm_chunk.transpose(1, 2), g, out=dv[heads])
+            ds = torch.bmm(g, v[heads].transpose(1, 2)).mul_(pm_chunk).addcmul_(p_chunk, minus_d)
+            torch.bmm(ds, k[heads], out=dq[heads])
+            torch.bmm(ds.transpose(1, 2), q[heads], out=dk[heads])
+        shape = (B, nh, T, hs)
+        return (dq.mul_(1.0 / math.sqrt(hs)).view(shape), dk.view(shape),
+                dv.mul_(ctx.keep_scale).view(shape), None, None)
 
 
 def causal_attention(q, k, v, dropout_p: float, mask: torch.Tensor | None = None) -> torch.Tensor:
