@@ -8,7 +8,8 @@
 
 Prints, as medians over `repeats` timed runs after a warm-up:
   - matmul peak: FLOP/s of a large square matrix product in the training dtype, measured here
-    because datasheets do not cover every CPU; it is the denominator of MFU
+    because datasheets do not cover every CPU, timed just before each training sample; it is
+    the denominator of that sample's MFU
   - train: tokens/s and MFU of the same step as train.py (autocast forward, backward, grad
     clip, fused AdamW) on random tokens of the config's vocabulary; on CPUs also nanoGPT's step
     (float32, torch's dropout and SDPA, unfused AdamW) timed in turn with ours, with the speed-up,
@@ -101,15 +102,6 @@ def timed(fn, precision, warmup: int, repeats: int) -> list[float]:
     return times
 
 
-def matmul_peak(cfg: BenchConfig, precision) -> list[float]:
-    """FLOP/s of (n, n) @ (n, n) in the autocast dtype, one sample per repeat."""
-    n = cfg.peak_size
-    a = torch.randn(n, n, device=precision.device, dtype=precision.torch_dtype)
-    b = torch.randn(n, n, device=precision.device, dtype=precision.torch_dtype)
-    times = timed(lambda: a @ b, precision, max(cfg.warmup, 1), cfg.repeats)
-    return [2 * n**3 / t for t in times]
-
-
 def flops_per_token(model: GPT, cfg: BenchConfig) -> int:
     """Training FLOPs per token: 6N for the weights' forward and backward, plus attention's
     12 * n_layer * n_embd * block_size (PaLM appendix B, as in nanoGPT's estimate_mfu)."""
@@ -126,9 +118,11 @@ def nanogpt_optimizer(model: GPT, cfg: BenchConfig) -> torch.optim.AdamW:
 
 
 def bench_train(model, cfg: BenchConfig, precision) -> dict[str, list[float]]:
-    """Training tokens/s, one sample per repeat, of train.py's train_step on random tokens.
-    On CPUs also nanoGPT's step on a copy of the model, timed in turn with ours (interleaved):
-    float32 (nanoGPT's train.py autocasts only on GPUs), torch's dropout and SDPA
+    """Training tokens/s, one sample per repeat, of train.py's train_step on random tokens, and
+    the matmul peak: FLOP/s of (n, n) @ (n, n) in the autocast dtype, timed just before each
+    training sample, so that MFU pairs a step with the peak of the same moment (on a shared
+    host both move with the load). On CPUs also nanoGPT's step on a copy of the model, timed in
+    turn with ours (interleaved): float32 (nanoGPT's train.py autocasts only on GPUs), torch's dropout and SDPA
     (cpu_kernels.torch_kernels), unfused AdamW, not compiled (nanoGPT's CPU command passes
     --compile=False). The model is GPT-2's architecture in both, so the work is the same."""
     scaler = torch.amp.GradScaler(precision.device_type, enabled=precision.dtype == "float16")
@@ -146,9 +140,12 @@ def bench_train(model, cfg: BenchConfig, precision) -> dict[str, list[float]]:
                     train_step(model, optimizer, scaler, batches, precision, cfg.grad_clip)
         return steps
 
-    runs = {"train": stepper(torch.compile(model) if cfg.compile else model,
-                             model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                                       precision.device_type, cfg.optimizer), precision)}
+    n = cfg.peak_size
+    a, b = (torch.randn(n, n, device=precision.device, dtype=precision.torch_dtype) for _ in range(2))
+    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                          precision.device_type, cfg.optimizer)
+    runs = {"matmul peak": lambda: a @ b,
+            "train": stepper(torch.compile(model) if cfg.compile else model, optimizer, precision)}
     if precision.device_type == "cpu" and not model.config.non_gpt2_options():  # nanoGPT's model is GPT-2's
         baseline = copy.deepcopy(model)
         runs["train, nanoGPT's step"] = stepper(baseline, nanogpt_optimizer(baseline, cfg),
@@ -165,7 +162,9 @@ def bench_train(model, cfg: BenchConfig, precision) -> dict[str, list[float]]:
             runs["train"]()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     tokens = cfg.train_steps * accum * cfg.batch_size * cfg.block_size
-    return {name: [tokens / t for t in ts] for name, ts in times.items()}
+    rates = {name: [tokens / t for t in ts] for name, ts in times.items()}
+    rates["matmul peak"] = [2 * n**3 / t for t in times["matmul peak"]]
+    return rates
 
 
 def bench_sample(model, cfg: BenchConfig, precision, use_cache: bool, batch: int = 1) -> list[float]:
@@ -346,23 +345,21 @@ def main(argv=None):
 
     print(f"\n{'':<38} {'median':>12} {'min':>12} {'max':>12}  unit         (repeats={cfg.repeats})")
     if not cfg.skip_train:
-        peak = matmul_peak(cfg, precision)
         trains = bench_train(model, cfg, precision)
-        train = trains["train"]
-        peak_med = statistics.median(peak)
-        mfu = [t * per_token / peak_med for t in train]
+        train, peak = trains["train"], trains["matmul peak"]
+        mfu = [t * per_token / p for t, p in zip(train, peak)]  # each step against the peak timed beside it
         ms_per_step = [tokens_per_step / t * 1000 for t in train]
         print(row(f"matmul peak {precision.dtype}", peak, "GFLOP/s", 1e9, f"{cfg.peak_size}^3 matmul"))
         print(row("train", train, "tokens/s"))
         print(row("train step", ms_per_step, "ms"))
-        print(row("train MFU", mfu, "%", 0.01, "of the measured matmul peak"))
+        print(row("train MFU", mfu, "%", 0.01, "of the matmul peak timed beside each sample"))
         if "train, nanoGPT's step" in trains:
             nanogpt = trains["train, nanoGPT's step"]
             speedup = statistics.median(train) / statistics.median(nanogpt)
             print(row("train, nanoGPT's step", nanogpt, "tokens/s", 1.0,
                       f"ours is {speedup:.1f}x; float32, torch's dropout and SDPA, unfused AdamW"))
-            print(row("train MFU, nanoGPT's step", [t * per_token / peak_med for t in nanogpt], "%", 0.01,
-                      "of the same peak"))
+            print(row("train MFU, nanoGPT's step", [t * per_token / p for t, p in zip(nanogpt, peak)], "%",
+                      0.01, "of the same peaks"))
     sampling = choose_precision(cfg.device, cfg.dtype)  # sample.py's choice: float32 on CPUs
     if not cfg.skip_sample and sampling.device_type != "cpu":
         for name, use_cache, batch in [("kv cache", True, 1), ("no cache", False, 1),
