@@ -626,8 +626,8 @@ def exit_rank():
     the interpreter's teardown. DDP leaves references to the gloo process group that nothing can
     drop (even a bare DistributedDataParallel(nn.Linear), deleted, keeps its gloo and TCPStore
     threads alive after destroy_process_group and gc), so those threads meet the interpreter's
-    finalization, where about 1 rank process in 100 here died with SIGABRT ("terminate called
-    without an active exception"), failing a finished run. By then everything is saved and the
+    finalization, where a rank process can die with SIGABRT ("terminate called without an
+    active exception"), failing a finished run. By then everything is saved and the
     lock released; the barrier in leave_process_group kept every rank until all were done."""
     code = 0
     try:
