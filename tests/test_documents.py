@@ -14,6 +14,7 @@ import torch
 import checkpoint
 import config
 import dataset
+import documents
 import prepare
 import sample
 import train
@@ -55,9 +56,9 @@ def documents_of(ids, tokenizer):
 
 def test_split_documents_line_and_blank():
     pieces = ["a b\r\n\n  \nc", "d\n\ne\nf\n", "\n \ng"]  # a document may span reads
-    assert list(prepare.split_documents(iter(pieces), "line")) == ["a b", "cd", "e", "f", "g"]
-    assert list(prepare.split_documents(iter(pieces), "blank")) == ["a b", "cd", "e\nf", "g"]
-    assert list(prepare.split_documents(iter(["\n\n", " \n"]), "line")) == []
+    assert list(documents.split_documents(iter(pieces), "line")) == ["a b", "cd", "e", "f", "g"]
+    assert list(documents.split_documents(iter(pieces), "blank")) == ["a b", "cd", "e\nf", "g"]
+    assert list(documents.split_documents(iter(["\n\n", " \n"]), "line")) == []
 
 
 @pytest.mark.parametrize("tokenizer", ["char", "gpt2", "bpe:300"])
