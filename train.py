@@ -160,9 +160,9 @@ class StopRequest:
         self.repeat_stops_at_once = not ddp
         self.signum = None
         self.previous = {}
-        for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):  # SIGTERM where the OS has it
-            if sig is not None:
-                self.previous[sig] = signal.signal(sig, self._handle)
+        windows = [signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else []  # Ctrl-Break in a Windows console
+        for sig in (signal.SIGINT, signal.SIGTERM, *windows):
+            self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.signum = signum
