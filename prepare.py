@@ -37,7 +37,7 @@ split into lines before BPE (tokenizer.LINE_PATTERN): merges may cross spaces, s
 record's recurring words ("Lead Hook", " - ") become single tokens. The trainer sees only
 the first --bpe_sample_chars characters (10M by default) of the training documents (in
 file mode: of the text without its last --val_fraction), so its memory stays bounded on
-any corpus (tiny Shakespeare, 1.1M characters, bpe:2000: 196 MB peak for the whole run).
+any corpus.
 The vocabulary goes into meta.json as tiktoken ranks (base64 bytes of each token in rank
 order) plus the split pattern; train.py copies it into the checkpoint, and tiktoken
 encodes and decodes with it everywhere. Byte-level: any text, emoji included, decodes
@@ -325,8 +325,8 @@ def encode_files(files, tokenizer: Tokenizer, out_path: Path, dtype, chunk_size:
     n_tokens = 0
     # A bounded queue of encodes in flight: worker processes encode while this one reads,
     # cuts and writes, and memory holds a few chunks, never the whole input. Processes, not
-    # threads: tiktoken's threads contend with each other (measured 6.7 MB/s with two
-    # threads, 11.6 MB/s with two processes on 2 cores).
+    # threads: tiktoken's threads contend with each other, so two threads encode slower than
+    # two processes.
     pending: deque = deque()
     with open(out_path, "wb") as out, ProcessPoolExecutor(
             num_workers, initializer=_start_worker, initargs=(tokenizer.describe(),)) as pool, \
