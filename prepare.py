@@ -37,9 +37,9 @@ split into lines before BPE (tokenizer.LINE_PATTERN): merges may cross spaces, s
 record's recurring words ("Lead Hook", " - ") become single tokens. The trainer sees only
 the first --bpe_sample_chars characters (10M by default) of the training documents (in
 file mode: of the text without its last --val_fraction), so its memory stays bounded on
-any corpus. The vocabulary goes into meta.json as tiktoken ranks (base64 bytes of each token in rank
-order) plus the split pattern; train.py copies it into the checkpoint, and tiktoken
-encodes and decodes with it everywhere. Byte-level: any text, emoji included, decodes
+any corpus. The vocabulary goes into meta.json as tiktoken ranks (base64 bytes of each
+token in rank order) plus the split pattern; train.py copies it into the checkpoint, and
+tiktoken encodes and decodes with it everywhere. Byte-level: any text, emoji included, decodes
 back exactly.
 
 Inputs of any size stream with bounded memory in two passes: pass 1 checks the UTF-8,
