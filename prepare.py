@@ -9,7 +9,7 @@
 train.bin and val.bin are flat little-endian token ids (uint16, or uint32 when the
 vocabulary does not fit in 16 bits); the last --val_fraction of the token stream is val,
 as in nanoGPT. meta.json describes the tokenizer, the dtype, the split sizes and the
-sources (see DESIGN.md, contract 1).
+sources (see docs/design.md, contract 1).
 
 Several input files are separate documents. With BPE they are joined by the end-of-text
 token; char-level has no such token, so their texts are simply concatenated. Either way
