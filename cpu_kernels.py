@@ -5,7 +5,7 @@ dropout_p > 0 leaves the fused flash kernel for an unfused math path over full-s
 temporaries: at the Shakespeare shape that made a bf16 training step about 3x slower at
 dropout 0.2 than at 0. The code below draws the same masks (each element dropped
 independently with probability p, survivors scaled by 1/(1-p)) from cheap random bits, and
-computes attention dropout in cache-sized chunks.
+computes attention dropout in chunks of a few sequences.
 The bits come from numpy's SFC64 generator seeded from torch's global RNG, so
 torch.manual_seed and torch.set_rng_state still determine every mask (exact resume holds).
 Only used on CPU in eager mode: GPUs and torch.compile keep torch's own dropout.
@@ -143,8 +143,11 @@ class Dropout(nn.Dropout):
         return super().forward(x)
 
 
-def _row_chunks(n: int, per_row: int, budget: int = 1 << 19):
-    """Slices of range(n), each of about `budget` elements when a row holds per_row."""
+def _row_chunks(n: int, per_row: int, budget: int = 1 << 22):
+    """Slices of range(n), each of about `budget` elements when a row holds per_row. Every op
+    on a chunk is one parallel region, and on a busy host each region waits until all of its
+    threads get a core: a few chunks of several rows (8 MB bf16 temporaries at 1 << 22) beat
+    many cache-sized ones there, and cost the same CPU time on one thread (docs/speed.md)."""
     step = max(1, budget // per_row)
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
@@ -153,7 +156,7 @@ class _CPUAttention(torch.autograd.Function):
     """Causal attention for training on CPU, with dropout on the attention probabilities.
 
     The same math as SDPA's unfused path, y = (softmax(q k^T * scale + causal) * M/(1-p)) @ v,
-    computed a few sequences at a time so that the (rows, nh, T, T) temporaries stay in cache,
+    computed a few sequences at a time so that the (rows, nh, T, T) temporaries stay small,
     with the cheap mask of _dropped_causal. On CPU this beat SDPA's math path (which dropout
     forces) and the flash kernel's backward, which is slow in bf16: ~45% of a step of a small
     model (used without dropout too, for bf16). With P the probabilities, Pm = P * M,
@@ -191,7 +194,7 @@ class _CPUAttention(torch.autograd.Function):
                 else:
                     att = torch.bmm(q[heads], k[heads].transpose(1, 2)).view(-1, nh, T, T).add_(causal[rows])
                 probs.append(torch.softmax(att.view(-1, T, T), dim=-1))
-                if p > 0:  # this chunk's mask, drawn now so that it is still in cache when used
+                if p > 0:  # this chunk's mask, drawn per chunk: no full-size mask in memory
                     keep = _ones_where_kept(stream.drop(rows.stop - rows.start), q.dtype)
                     kept.append(probs[-1] * keep.view(-1, T, T))
                 else:
