@@ -358,7 +358,9 @@ def build_step(model: GPT, batch_size: int, key: str, path: Path):
             program = torch.export.export(OneToken(model).eval(), (ids, torch.tensor(1), ids.clone(), *buffers),
                                             strict=False)  # distinct tensors: inputs that alias are exported as one
             aoti_compile_and_package(program, package_path=str(partial), inductor_configs={
-                "aot_inductor.package_constants_in_so": False, "aot_inductor.metadata": {"key": key}})
+                "aot_inductor.package_constants_in_so": False, "aot_inductor.metadata": {"key": key},
+                # small weights (x0_lambdas) stay inputs too, never values written into the code
+                "always_keep_tensor_constants": True})
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
