@@ -26,7 +26,7 @@ What it adds (after gpt-fast's generate.py and quantize.py):
   (torch.export) and compiled by AOTInductor into a package, once per model shape, weight
   format, batch size, torch version and CPU, kept in the user's cache (cache_dir()). The
   weights are not in the package: a later process loads it and points it at its own model's
-  tensors, in well under a second, without importing the compiler. A failed build or load
+  tensors, without importing the compiler (docs/speed.md has the timings). A failed build or load
   falls back to the eager step, with one line saying so.
 """
 import copy
@@ -404,7 +404,7 @@ def matches_model(decoder: FastDecoder, tokens: int = 8, tolerance: float = 1e-3
     return (got - expected).abs().max().item() <= tolerance * (expected.abs().max().item() + 1.0)
 
 
-# a compiled step pays for loading it (well under a second) when a generation runs at least
+# a compiled step pays for loading it (docs/speed.md#sampling) when a generation runs at least
 # this many token-layers (max_new_tokens x n_layer); shorter ones stay eager unless --compile
 COMPILE_PAYS = 2000
 

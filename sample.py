@@ -37,8 +37,8 @@ shape and the tokenizer, so nothing in data/ is needed. Standard output holds on
 - Fast CPU path: with --dtype=auto on a CPU, generation runs on fast_decode.FastDecoder
   (model.py's forward with a lean one-token step; block matrices in float32 or int8,
   whichever measures faster on this CPU; --fast_weights chooses). Its step is compiled once
-  per model shape and kept in ~/.cache/nanogpt-toolkit, so later runs load it in well under
-  a second: by default where that pays (a kept one, or a long generation), always with
+  per model shape and kept in ~/.cache/nanogpt-toolkit, so later runs load it instead of
+  compiling: by default where that pays (a kept one, or a long generation), always with
   --compile, never with --compile=false. The choices are printed on stderr. An explicit
   --dtype=float32 keeps the exact float32 path of model.py, the reference.
 """
