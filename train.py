@@ -23,16 +23,12 @@ left out. Rows whose window would run past the split's end are never drawn.
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import checkpoint
@@ -41,278 +37,17 @@ import hf_format
 import plot
 import runlock
 from config import parse_config
+from dataset import Dataset
 from errors import UserError, run_main
-from model import GPT, GPTConfig
+from model import GPT, MODEL_KEYS, GPTConfig
 from tokenizer import Tokenizer
-
-
-@dataclass
-class TrainConfig:
-    """Settings of train.py. Names and meanings follow nanoGPT's train.py."""
-    # I/O
-    out_dir: str = "out"  # folder for ckpt.pt and metrics.jsonl
-    eval_interval: int = 2000  # evaluate train/val loss (and checkpoint) every this many iterations
-    log_interval: int = 1  # log the training loss every this many iterations
-    eval_iters: int = 200  # batches per split in each evaluation
-    eval_only: bool = False  # evaluate once and exit
-    eval_at_start: bool = True  # evaluate before the first step too (nanoGPT does; short timed runs skip it)
-    eval_train: bool = True  # evaluate the train split too (nanoGPT does); false halves an evaluation's time
-    always_save_checkpoint: bool = True  # checkpoint at every evaluation, not only when val improves
-    init_from: str = "scratch"  # scratch (a new model), resume (from out_dir/ckpt.pt), a GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a Hugging Face GPT-2 folder
-    # logging
-    wandb_log: bool = False  # log to Weights & Biases (WANDB_MODE=offline works)
-    wandb_project: str = "nanogpt"  # wandb project name
-    wandb_run_name: str = "run"  # wandb run name
-    # data
-    dataset: str = "shakespeare_char"  # folder under data_dir made by prepare.py
-    data_dir: str = "data"  # where prepared datasets live
-    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step (global, split across ranks)
-    batch_size: int = 12  # sequences per micro-step
-    block_size: int = 1024  # context length in tokens
-    # model
-    n_layer: int = 12  # transformer blocks
-    n_head: int = 12  # attention heads
-    n_embd: int = 768  # embedding width
-    dropout: float = 0.0  # dropout probability; 0 for pretraining, 0.1+ for finetuning
-    bias: bool = False  # biases in Linear layers and LayerNorms
-    # model options beyond GPT-2 (see GPTConfig in model.py); the defaults are GPT-2's
-    activation: str = "gelu"  # gelu (exact, nanoGPT), gelu_tanh (GPT-2's), relu2 (modded-nanogpt)
-    norm: str = "layernorm"  # layernorm (GPT-2) or rmsnorm (parameter-free RMSNorm, modded-nanogpt)
-    rotary: bool = False  # rotary position embeddings on q and k instead of the learned wpe table
-    qk_norm: bool = False  # RMSNorm of each head's queries and keys before attention
-    tie_head: bool = True  # output head shares the token embedding (GPT-2); false: its own, zero-init
-    zero_init_proj: bool = False  # attn.c_proj and mlp.c_proj start at zero (each block starts as identity)
-    bigram: bool = False  # add a learned vector per (previous token, token) pair to the input (char vocabularies)
-    x0_lambdas: bool = False  # each block's input is a learned mix of the residual stream and the first input
-    value_embeds: bool = False  # a token embedding table per block, added to attention's values
-    # optimizer
-    optimizer: str = "adamw"  # adamw, or muon (Muon for the matrices in the blocks, AdamW for the rest)
-    learning_rate: float = 6e-4  # peak learning rate
-    max_iters: int = 600000  # optimizer steps in the whole run
-    weight_decay: float = 1e-1  # decoupled weight decay of AdamW and Muon (2-D weights only)
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.95  # AdamW beta2
-    grad_clip: float = 1.0  # clip gradients to this global norm; 0 disables
-    head_lr_scale: float = 1.0  # learning rate of an untied head (--tie_head=false), times learning_rate
-    embed_lr_scale: float = 1.0  # learning rate of the embedding tables (wte, wpe, bigram, value), times learning_rate
-    muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises from 0.85 to 0.95 (modded-nanogpt); 0: 0.95 throughout
-    # learning rate schedule
-    decay_lr: bool = True  # warm up linearly then decay (lr_schedule); false keeps learning_rate
-    lr_schedule: str = "cosine"  # after warmup: cosine (nanoGPT) or wsd (constant, then linear), to min_lr at lr_decay_iters
-    warmdown_frac: float = 0.5  # wsd: the last fraction of lr_decay_iters, where the rate falls linearly to min_lr
-    warmup_iters: int = 2000  # linear warmup steps
-    lr_decay_iters: int = 600000  # step where the cosine reaches min_lr (~max_iters per Chinchilla)
-    min_lr: float = 6e-5  # floor of the schedule (~learning_rate / 10 per Chinchilla)
-    # system
-    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
-    dtype: str = "auto"  # auto, float32, bfloat16 or float16 (autocast dtype)
-    compile: bool = False  # torch.compile the model (helps on GPUs; measured no gain on CPU)
-    seed: int = 1337  # seed for weights, dropout and batch sampling
-    backend: str = "nccl"  # torch.distributed backend under torchrun on GPUs (gloo on CPUs)
-
-    def problems(self) -> list[str]:
-        """Every setting that cannot work, so all are reported at once before any work."""
-        p = []
-        positive = ["eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps",
-                    "batch_size", "block_size", "n_layer", "n_head", "n_embd"]
-        p += [f"--{k} must be at least 1, got {getattr(self, k)}" for k in positive if getattr(self, k) < 1]
-        for k in ["learning_rate", "weight_decay", "grad_clip", "min_lr"]:
-            v = getattr(self, k)
-            if not (math.isfinite(v) and v >= 0):
-                p.append(f"--{k} must be a finite number >= 0, got {v}")
-        if self.learning_rate == 0:
-            p.append("--learning_rate must be above 0")
-        for k in ["beta1", "beta2"]:
-            if not 0 <= getattr(self, k) < 1:
-                p.append(f"--{k} must be in [0, 1), got {getattr(self, k)}")
-        if not 0 <= self.dropout < 1:
-            p.append(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.n_layer >= 1 and self.n_head >= 1 and self.n_embd % self.n_head:
-            p.append(f"--n_embd ({self.n_embd}) must be divisible by --n_head ({self.n_head})")
-        if self.max_iters < 0:
-            p.append(f"--max_iters must be >= 0, got {self.max_iters}")
-        if self.decay_lr:
-            if self.warmup_iters < 0:
-                p.append(f"--warmup_iters must be >= 0, got {self.warmup_iters}")
-            elif self.warmup_iters > self.max_iters:
-                p.append(f"--warmup_iters ({self.warmup_iters}) is longer than the run "
-                         f"(--max_iters={self.max_iters}); lower it")
-            if self.lr_decay_iters < self.warmup_iters:
-                p.append(f"--lr_decay_iters ({self.lr_decay_iters}) is shorter than --warmup_iters "
-                         f"({self.warmup_iters}); set it to about --max_iters")
-            if self.min_lr > self.learning_rate:
-                p.append(f"--min_lr ({self.min_lr}) is above --learning_rate ({self.learning_rate})")
-        if self.optimizer not in ("adamw", "muon"):
-            p.append(f"--optimizer must be adamw or muon, got {self.optimizer!r}")
-        if self.activation not in ("gelu", "gelu_tanh", "relu2"):
-            p.append(f"--activation must be gelu, gelu_tanh or relu2, got {self.activation!r}")
-        if self.norm not in ("layernorm", "rmsnorm"):
-            p.append(f"--norm must be layernorm or rmsnorm, got {self.norm!r}")
-        if self.rotary and self.n_head >= 1 and self.n_embd % self.n_head == 0 and (self.n_embd // self.n_head) % 2:
-            p.append(f"--rotary needs an even head size, got n_embd/n_head = {self.n_embd // self.n_head}; "
-                     f"change --n_embd or --n_head")
-        if self.lr_schedule not in ("cosine", "wsd"):
-            p.append(f"--lr_schedule must be cosine or wsd, got {self.lr_schedule!r}")
-        if not 0 <= self.warmdown_frac <= 1:
-            p.append(f"--warmdown_frac must be in [0, 1], got {self.warmdown_frac}")
-        for k in ("head_lr_scale", "embed_lr_scale"):
-            if not (math.isfinite(getattr(self, k)) and getattr(self, k) > 0):
-                p.append(f"--{k} must be a finite number above 0, got {getattr(self, k)}")
-        if self.muon_momentum_warmup < 0:
-            p.append(f"--muon_momentum_warmup must be >= 0, got {self.muon_momentum_warmup}")
-        if self.init_from not in ("scratch", "resume", *hf_format.GPT2_NAMES) and not Path(self.init_from).is_dir():
-            p.append(f"--init_from must be scratch or resume, a GPT-2 ({', '.join(hf_format.GPT2_NAMES)}) or a "
-                     f"folder holding a Hugging Face GPT-2; got {self.init_from!r}, which is no folder")
-        return p
-
-
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias",  # fixed once a model exists
-              "activation", "norm", "rotary", "qk_norm", "tie_head", "zero_init_proj", "bigram",
-              "x0_lambdas", "value_embeds")
+from training import TrainConfig, get_lr, get_muon_momentum, train_step
 
 
 def conflicts(cfg: TrainConfig, explicit: set, fixed: dict, source: str) -> list[str]:
     """The flags set on this command line that contradict what an existing model fixes."""
     return [f"--{k}={getattr(cfg, k)} ({source} has {v})"
             for k, v in fixed.items() if k in explicit and getattr(cfg, k) != v]
-
-
-# ---------------------------------------------------------------------------- data
-
-class Dataset:
-    """The token bins of data/<name>/, read as memory maps.
-
-    Each batch opens a fresh np.memmap: keeping one open lets its pages pile up in the
-    process (the leak nanoGPT works around the same way)."""
-
-    def __init__(self, data_dir: str, name: str):
-        folder = Path(data_dir) / name
-        meta_path = folder / "meta.json"
-        if not meta_path.exists():
-            raise UserError(f"dataset {name!r} not found ({meta_path} is missing); run "
-                            f"`python prepare.py {name}` or `python prepare.py --input FILE --name {name}` first")
-        try:
-            self.meta = json.loads(meta_path.read_text())
-            self.dtype = np.dtype(self.meta["dtype"])
-            self.vocab_size = int(self.meta["vocab_size"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{meta_path} is not a valid meta.json ({e}); run prepare.py again") from None
-        self.paths = {split: folder / f"{split}.bin" for split in ("train", "val")}
-        self.sizes = {}
-        for split, path in self.paths.items():
-            if not path.exists():
-                raise UserError(f"{path} is missing; run prepare.py for {name!r} again")
-            n = path.stat().st_size // self.dtype.itemsize
-            expected = self.meta.get(f"{split}_tokens", n)
-            if n != expected or path.stat().st_size % self.dtype.itemsize:
-                raise UserError(f"{path} holds {n} tokens but meta.json says {expected}; "
-                                f"the dataset is damaged, run prepare.py again")
-            self.sizes[split] = n
-
-        # document mode: a dataset of documents, each starting with the boundary token eot_id
-        self.eot_id = self.meta.get("eot_id")
-        self.documents = self.meta.get("documents") in ("line", "blank") and self.eot_id is not None
-        self._row_starts = {}  # (split, block_size) -> where document-mode rows may start
-
-    def row_starts(self, split: str, block_size: int) -> np.ndarray:
-        """Document mode: every document start (its boundary token) and, inside a document
-        longer than block_size, every block_size tokens after it; only starts that leave a
-        whole window (block_size + 1 tokens). Found once per split by one pass over it."""
-        key = (split, block_size)
-        if key not in self._row_starts:
-            data = np.memmap(self.paths[split], dtype=self.dtype, mode="r")
-            bounds = np.flatnonzero(data == self.eot_id)  # each document's start; the last closes the split
-            firsts, lengths = bounds[:-1], np.diff(bounds)  # lengths count the boundary token
-            more = (lengths - 1) // block_size  # windows after the first one of each document
-            doc = np.repeat(np.arange(len(firsts)), more)
-            k = np.arange(len(doc)) - np.repeat(np.cumsum(more) - more, more) + 1  # 1, 2, .. per document
-            starts = np.sort(np.concatenate([firsts, firsts[doc] + k * block_size]))
-            self._row_starts[key] = starts[starts + block_size + 1 <= len(data)]
-        return self._row_starts[key]
-
-    def get_batch(self, split, batch_size, block_size, generator, device):
-        """Random windows: x (B, T) and the next-token targets y (B, T), int64 on device.
-        Document mode: rows start at row_starts, and a third tensor gives each token's
-        position in its document (B, T) for the model."""
-        data = np.memmap(self.paths[split], dtype=self.dtype, mode="r")
-        if self.documents:
-            row_starts = self.row_starts(split, block_size)
-            starts = row_starts[torch.randint(len(row_starts), (batch_size,), generator=generator).numpy()]
-        else:
-            starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
-        windows = data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)  # (B, T+1)
-        xy = torch.from_numpy(windows)
-        batch = [xy[:, :-1], xy[:, 1:]]
-        if self.documents:
-            batch.append(document_positions(batch[0], self.eot_id))
-        if device.startswith("cuda"):  # pinned memory lets the copy overlap with compute
-            return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
-        return tuple(t.contiguous().to(device) for t in batch)
-
-
-def document_positions(x: torch.Tensor, eot_id: int) -> torch.Tensor:
-    """x (B, T) -> each token's index in its document (B, T): 0 at every boundary token and
-    at the row's first token, counting up to the next boundary."""
-    i = torch.arange(x.size(1))
-    start = torch.where(x == eot_id, i, 0).cummax(dim=1).values  # the last boundary at or before i
-    return i - start
-
-
-def get_lr(it: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr. With
-    lr_schedule "wsd" (warmup-stable-decay, as modded-nanogpt and nanochat train): after the
-    warmup the rate stays at learning_rate, then falls linearly to min_lr over the last
-    warmdown_frac of lr_decay_iters."""
-    if not cfg.decay_lr:
-        return cfg.learning_rate
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it > cfg.lr_decay_iters:
-        return cfg.min_lr
-    if cfg.lr_schedule == "wsd":
-        warmdown = cfg.warmdown_frac * cfg.lr_decay_iters
-        left = (cfg.lr_decay_iters - it) / warmdown if warmdown > 0 else 1.0  # 1 at the warmdown's start, 0 at the end
-        return cfg.min_lr + min(1.0, left) * (cfg.learning_rate - cfg.min_lr)
-    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # from 1 down to 0
-    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
-
-
-def get_muon_momentum(it: int, cfg: TrainConfig) -> float:
-    """Muon's momentum: from 0.85 up to 0.95 over muon_momentum_warmup steps (modded-nanogpt),
-    so the first updates follow the fresh gradients more closely."""
-    if it >= cfg.muon_momentum_warmup:
-        return 0.95
-    return 0.85 + 0.10 * it / cfg.muon_momentum_warmup
-
-
-# ---------------------------------------------------------------------------- one step
-
-def train_step(model, optimizer, scaler, batches, precision, grad_clip: float, ddp: bool = False):
-    """One optimizer step over the micro-batches [(x, y), ...] (gradient accumulation).
-
-    Returns the last micro-batch's loss and the global gradient norm. A non-finite norm means
-    the step was not taken: under float16 the GradScaler skips it and lowers its scale; in
-    other dtypes it is skipped here, and train.py stops. bench.py times this same function.
-    """
-    accum = len(batches)
-    for i, (x, y, *positions) in enumerate(batches):  # positions: (B, T) in document mode
-        # under DDP, gradients are synchronised on the last micro-step only
-        with model.no_sync() if ddp and i < accum - 1 else nullcontext():
-            with precision.autocast():
-                _, loss = model(x, y, positions=positions[0] if positions else None)
-            scaler.scale(loss / accum).backward()  # gradients of all micro-steps add up
-    scaler.unscale_(optimizer)  # clip (and check) the true gradients, not the scaled ones
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    if scaler.is_enabled() or torch.isfinite(grad_norm):
-        scaler.step(optimizer)
-        scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm
 
 
 # ---------------------------------------------------------------------------- logging
