@@ -48,11 +48,11 @@ from torch.nn import functional as F
 
 import fast_decode
 import hardware
-import hf_format
 from config import parse_config
-from dataset import Dataset, document_positions, split_documents
+from dataset import Dataset, document_positions
+from documents import split_documents
 from errors import UserError, run_main
-from loading import load_model
+from loading import load, load_hf
 from tokenizer import Tokenizer
 
 LOGITS_BUDGET = 2 ** 27  # float32 logits per forward pass (512 MB) when --batch_size is 0
@@ -287,14 +287,16 @@ def summary(nats: float, tokens: int, n_bytes: int, n_chars: int) -> dict:
 
 # ---------------------------------------------------------------------------- setup
 
-def load(cfg: EvalConfig, device: str):
-    """(model, tokenizer, the dataset it was trained on or None, its data_dir)."""
+def load_for_eval(cfg: EvalConfig, device: str):
+    """(model, tokenizer, the dataset it was trained on or None, its data_dir): from out_dir (a
+    checkpoint, or a Hugging Face folder) or from --init_from (a Hugging Face folder or name)."""
     if cfg.init_from == "resume":
-        model, tokenizer, ckpt = load_model(cfg.out_dir, device)
-        train_cfg = ckpt.get("config", {})
-        return model, tokenizer, train_cfg.get("dataset"), train_cfg.get("data_dir", "data")
-    model, tokenizer = hf_format.load(cfg.init_from)
-    return model.to(device), tokenizer, None, "data"
+        model, tokenizer, info = load(cfg.out_dir, device)
+        if info["iter_num"] is None:  # a Hugging Face folder: it names no dataset
+            return model, tokenizer, None, "data"
+        return model, tokenizer, info["config"].get("dataset"), info["config"].get("data_dir", "data")
+    model, tokenizer, _ = load_hf(cfg.init_from, device)
+    return model, tokenizer, None, "data"
 
 
 def split_ids(cfg: EvalConfig, tokenizer: Tokenizer, trained_on: str | None, trained_dir: str):
@@ -342,7 +344,7 @@ def main(argv=None):
     if cfg.int8 and not fast_decode.int8_available():
         raise UserError("--int8 needs torch's int8 weight-only kernel, which this torch build lacks")
     text = read_utf8(Path(cfg.input)) if cfg.input else None  # a bad file fails before loading
-    model, tokenizer, trained_on, trained_dir = load(cfg, precision.device)
+    model, tokenizer, trained_on, trained_dir = load_for_eval(cfg, precision.device)
     block_size = model.config.block_size
     stride = cfg.stride or block_size
     if stride > block_size:

@@ -52,7 +52,6 @@ is swapped into place at the end, so an interrupted run leaves the previous data
 import argparse
 import codecs
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -68,6 +67,7 @@ import numpy as np
 from tqdm import tqdm
 
 import runlock
+from documents import split_documents
 from errors import UserError, run_main
 from tokenizer import BPE, CHAR, LINE_PATTERN, Tokenizer, bytes_to_unicode
 
@@ -142,30 +142,6 @@ def read_text(path: Path, read_size: int, progress=None, sha=None):
                     return
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-
-
-def split_documents(pieces, mode: str):
-    """The documents in one file's text pieces. line: every line holding more than
-    whitespace; blank: runs of such lines, separated by lines of only whitespace (joined by
-    "\n"). Line ends ("\n" or "\r\n") are not part of a document."""
-    buf, block = "", []  # the unfinished last line; blank mode: lines of the current document
-    for piece in itertools.chain(pieces, [None]):  # None: the end of the file
-        if piece is None:
-            lines, buf = ([buf] if buf else []), ""
-        else:
-            *lines, buf = (buf + piece).split("\n")
-        for line in lines:
-            line = line.removesuffix("\r")
-            if not line.strip():
-                if block:
-                    yield "\n".join(block)
-                    block = []
-            elif mode == "line":
-                yield line
-            else:
-                block.append(line)
-    if block:
-        yield "\n".join(block)
 
 
 def iter_documents(files: list[Path], mode: str, read_size: int, progress=None, sha=None):

@@ -41,7 +41,7 @@ from dataset import Dataset
 from errors import UserError, run_main
 from model import GPT, MODEL_KEYS, GPTConfig
 from tokenizer import Tokenizer
-from training import TrainConfig, get_lr, get_muon_momentum, train_step
+from training import TimeBudget, TrainConfig, get_lr, get_muon_momentum, schedule_iter, train_step
 
 
 def conflicts(cfg: TrainConfig, explicit: set, fixed: dict, source: str) -> list[str]:
@@ -350,10 +350,11 @@ def run(argv, held: contextlib.ExitStack):
             model.crop_block_size(cfg.block_size)
     else:
         model = GPT(GPTConfig(**model_args))
-    iter_num, best_val_loss = 0, float("inf")
+    iter_num, best_val_loss, train_seconds = 0, float("inf"), 0.0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        train_seconds = ckpt.get("train_seconds", 0.0)  # the training time the run has spent
     model.to(device)
     if master:
         print(f"number of parameters: {model.num_params() / 1e6:.2f}M")
@@ -428,6 +429,7 @@ def run(argv, held: contextlib.ExitStack):
             "scaler": scaler.state_dict(),
             "iter_num": iter_num,
             "best_val_loss": best_val_loss,
+            "train_seconds": budget.spent,
             "config": dataclasses.asdict(cfg),
             "tokenizer": tokenizer,
             "rng": {"torch": torch.get_rng_state(),
@@ -438,23 +440,27 @@ def run(argv, held: contextlib.ExitStack):
         }, ckpt_path)
 
     log = MetricsLog(cfg.out_dir, start_wandb(cfg) if master else None)
-    progress = Progress(iter_num, cfg.max_iters, enabled=master)
+    progress = Progress(iter_num, None if cfg.time_budget else cfg.max_iters, enabled=master)
+    budget = TimeBudget(cfg, train_seconds, precision, ddp)
+    evals_since_best, best_iter = 0, iter_num  # --patience: ckpt.pt holds the best, from iter_num
     stop = StopRequest(ddp)
     skip_eval_at = iter_num if cfg.init_from == "resume" else None  # that eval is in the checkpoint
     stopped_by = None  # the signal that stopped the run early
     t0, steps_timed = time.perf_counter(), 0
     try:
         while True:
-            # learning rate for this iteration
-            lr = get_lr(iter_num, cfg)
+            # learning rate for this iteration: at the iteration, or at the time spent (time_budget)
+            budget.agree()
+            at = schedule_iter(iter_num, budget.spent, cfg)
+            lr = get_lr(at, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             if cfg.optimizer == "muon":
                 for group in optimizer.muon.param_groups:
-                    group["momentum"] = get_muon_momentum(iter_num, cfg)
+                    group["momentum"] = get_muon_momentum(at, cfg)
 
             # evaluate and checkpoint, every eval_interval and after the last step
-            last = iter_num >= cfg.max_iters
+            last = iter_num >= cfg.max_iters or budget.used_up
             at_start = iter_num == 0 and not cfg.eval_at_start and not cfg.eval_only
             if (iter_num % cfg.eval_interval == 0 or last or cfg.eval_only) and iter_num != skip_eval_at and not at_start:
                 losses = estimate_loss()
@@ -465,25 +471,40 @@ def run(argv, held: contextlib.ExitStack):
                     draw_loss_curve(cfg.out_dir, progress)
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
-                if iter_num > 0 and (improved or cfg.always_save_checkpoint) and not cfg.eval_only:
+                evals_since_best, best_iter = (0, iter_num) if improved else (evals_since_best + 1, best_iter)
+                keep_every = cfg.always_save_checkpoint and not cfg.patience  # patience: ckpt.pt is the best
+                if iter_num > 0 and (improved or keep_every) and not cfg.eval_only:
                     save_checkpoint()
                     if master:
                         progress.write(f"saved checkpoint to {ckpt_path}")
+                if cfg.patience and evals_since_best >= cfg.patience and not last:
+                    last = True
+                    if master:
+                        progress.write(f"no better val loss in {cfg.patience} evaluations: stopped at iteration "
+                                       f"{iter_num}; {ckpt_path} holds the best, val loss {best_val_loss:.4f} "
+                                       f"at iteration {best_iter}")
                 t0, steps_timed = time.perf_counter(), 0  # keep eval out of the throughput figures
+            if last and budget.used_up and master:
+                progress.write(f"time budget spent: {iter_num:,} iterations in {budget.spent:.1f} s of "
+                               f"training (--time_budget={cfg.time_budget:g})")
             if last or cfg.eval_only:
                 break
             if stop.requested(ddp, device):
-                save_checkpoint()
+                if not cfg.patience:  # with patience ckpt.pt holds the best model: it stays
+                    save_checkpoint()
                 if master:
                     draw_loss_curve(cfg.out_dir, progress)  # with the steps since the last evaluation
                     progress.close()
                     name = signal.Signals(stop.signum).name
-                    print(f"{name} received: saved iteration {iter_num} to {ckpt_path}. Resume with the same "
-                          f"command plus --init_from=resume", file=sys.stderr)
+                    what = (f"kept {ckpt_path}, the best model (iteration {best_iter}; --patience keeps the best)"
+                            if cfg.patience else f"saved iteration {iter_num} to {ckpt_path}")
+                    print(f"{name} received: {what}. Resume with the same command plus --init_from=resume",
+                          file=sys.stderr)
                 stopped_by = stop.signum
                 break
 
             # forward, backward, clip, update
+            budget.start()
             batches = [data.get_batch("train", cfg.batch_size, cfg.block_size, data_gen, device)
                        for _ in range(accum)]
             loss, grad_norm = train_step(model, optimizer, scaler, batches, precision, cfg.grad_clip, ddp)
@@ -504,9 +525,12 @@ def run(argv, held: contextlib.ExitStack):
                 dt = (time.perf_counter() - t0) / steps_timed
                 record = {"iter": iter_num, "train/loss": train_loss, "lr": lr,
                           "tokens_per_sec": tokens_per_iter / dt, "step_ms": dt * 1000}
+                if cfg.time_budget:
+                    record["progress"] = budget.spent / cfg.time_budget  # of the budget, before this step
                 log.log(record)
                 t0, steps_timed = time.perf_counter(), 0
             progress.step(record)
+            budget.stop()
             iter_num += 1
 
     finally:
