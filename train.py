@@ -3,6 +3,8 @@
     python train.py configs/shakespeare_cpu.py
     python train.py configs/shakespeare.py --batch_size=32 --compile
     python train.py configs/shakespeare.py --init_from=resume     # continue from out_dir/ckpt.pt
+    python train.py configs/shakespeare_5min.py                   # a time budget, not iterations (docs/speedrun.md)
+    python train.py configs/shakespeare.py --patience=3           # stop when val stops improving; keep the best
     python train.py configs/finetune_shakespeare.py               # finetune GPT-2 (--init_from=gpt2 or a folder)
     torchrun --standalone --nproc_per_node=4 train.py configs/shakespeare.py
 

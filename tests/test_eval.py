@@ -213,3 +213,13 @@ def test_cli_error_is_one_line(tmp_path):
     p = subprocess.run([sys.executable, "eval.py", f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "no checkpoint at" in p.stderr
+
+
+def test_int8_weights_score_close_to_float32(char_dir, text_file, capsys):
+    import fast_decode
+    if not fast_decode.int8_available():
+        pytest.skip("this torch build has no int8 weight-only kernel")
+    exact = run_json([f"--out_dir={char_dir}", f"--input={text_file}"], capsys)
+    int8 = run_json([f"--out_dir={char_dir}", f"--input={text_file}", "--int8"], capsys)
+    assert int8["dtype"] == "float32 int8" and int8["tokens"] == exact["tokens"]
+    assert int8["loss"] == pytest.approx(exact["loss"], rel=0.02)
