@@ -159,12 +159,13 @@ class TimeBudget:
         self.skip_next = cfg.compile  # the compiling step is start-up, not training
         self.started = None
 
-    def agree(self):
-        """Rank 0's time on every rank (under DDP with a budget)."""
+    def agree(self) -> float:
+        """The training seconds spent: rank 0's on every rank (under DDP with a budget)."""
         if self.ddp and self.seconds:
             t = torch.tensor([self.spent], dtype=torch.float64, device=self.precision.device)
             torch.distributed.broadcast(t, src=0)
             self.spent = t.item()
+        return self.spent
 
     @property
     def used_up(self) -> bool:
@@ -189,6 +190,18 @@ def get_muon_momentum(it: int, cfg: TrainConfig) -> float:
     if it >= cfg.muon_momentum_warmup:
         return 0.95
     return 0.85 + 0.10 * it / cfg.muon_momentum_warmup
+
+
+def set_schedule(optimizer, it: int, cfg: TrainConfig) -> float:
+    """Set each parameter group's learning rate for iteration it (get_lr, times the group's
+    lr_scale) and, with Muon, its momentum; returns the learning rate."""
+    lr = get_lr(it, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    if cfg.optimizer == "muon":
+        for group in optimizer.muon.param_groups:
+            group["momentum"] = get_muon_momentum(it, cfg)
+    return lr
 
 
 # ---------------------------------------------------------------------------- one step

@@ -21,11 +21,11 @@ batch_size = 48
 block_size = 64
 
 # the model of configs/shakespeare_cpu.py, with bf16 autocast where the CPU has bf16 units
-# (dtype auto); a 6x256 model took 2.4x the CPU time per step (docs/speedrun.md)
+# (dtype auto); a larger model did worse in the same time, even with bf16: docs/speedrun.md
 n_layer = 4
 n_head = 4
 n_embd = 192
-dropout = 0.0  # one to four passes over the data: too short to overfit
+dropout = 0.0  # a 5-minute run does not overfit (docs/configs.md)
 
 bigram = True
 rotary = True

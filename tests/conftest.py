@@ -1,6 +1,7 @@
 """Shared test setup: offline copies of the corpus and the tiktoken files, CPU only."""
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # No test downloads anything from the Hugging Face Hub (transformers reads these at import).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# transformers copies the modeling code of a trust_remote_code folder into this cache: keep it out of ~
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="hf-modules-"))
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +35,7 @@ def shakespeare_text() -> str:
 
 
 def write_char_dataset(data_dir: Path, text: str, name: str = "tiny", val_fraction: float = 0.1) -> Path:
-    """A char-level dataset in the prepared-data format (DESIGN.md contract 1), built
+    """A char-level dataset in the prepared-data format (docs/design.md, contract 1), built
     directly so the training tests do not depend on prepare.py."""
     import json
 
