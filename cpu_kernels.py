@@ -147,7 +147,7 @@ def _row_chunks(n: int, per_row: int, budget: int = 1 << 22):
     """Slices of range(n), each of about `budget` elements when a row holds per_row. Every op
     on a chunk is one parallel region, and on a busy host each region waits until all of its
     threads get a core: a few chunks of several rows (8 MB bf16 temporaries at 1 << 22) beat
-    many cache-sized ones there, and cost the same CPU time on one thread (docs/speed.md)."""
+    many cache-sized ones there, for a few percent more CPU time on one thread (docs/speed.md)."""
     step = max(1, budget // per_row)
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
