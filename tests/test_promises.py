@@ -1,0 +1,321 @@
+"""Direct tests of promises that whole-run tests cannot see: the training step clips and
+averages as it says, the sampler draws exactly from the tokens top-k / top-p leave, the int8
+weights stay within half a quantization step, and every sampling setting reaches the sampler
+through every path a user takes (sample.py one-shot and interactive, app.py and its API; the
+fast CPU path and the plain one)."""
+import copy
+import inspect
+import io
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import app
+import checkpoint
+import fast_decode
+import hardware
+import model as model_module
+import sample
+from model import GPT, GPTConfig, sample_next
+from train import train_step
+
+FLOAT32 = hardware.Precision("cpu", "float32", "float32 on cpu (test)")
+VOCAB = 11
+
+
+def tiny_gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=8, vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=16, dropout=0.0))
+
+
+def batch(rows: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, VOCAB, (rows, 8), generator=g)
+    y = torch.randint(0, VOCAB, (rows, 8), generator=g)
+    return x, y
+
+
+def sgd_step(model, batches, grad_clip, lr=1.0):
+    """train_step with plain SGD (no momentum, no decay): the update is -lr times the applied
+    gradient. Returns (the applied gradient per parameter, train_step's grad norm)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    before = [p.detach().clone() for p in model.parameters()]
+    _, grad_norm = train_step(model, optimizer, scaler, batches, FLOAT32, grad_clip)
+    applied = [(b - p.detach()) / lr for b, p in zip(before, model.parameters())]
+    return applied, grad_norm
+
+
+def raw_gradient(model, x, y):
+    """The gradient of the mean loss over (x, y), computed on a copy without train_step."""
+    twin = copy.deepcopy(model)
+    twin(x, y)[1].backward()
+    return [p.grad.detach().clone() for p in twin.parameters()]
+
+
+def total_norm(tensors) -> float:
+    return torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)).item()
+
+
+# ---------------------------------------------------------------------------- the training step
+
+def test_a_clipped_step_applies_a_gradient_of_norm_grad_clip_in_the_raw_direction():
+    model = tiny_gpt()
+    x, y = batch(4)
+    raw = raw_gradient(model, x, y)
+    raw_norm = total_norm(raw)
+    grad_clip = raw_norm / 4  # clipping must act
+    applied, grad_norm = sgd_step(model, [(x, y)], grad_clip)
+    assert grad_norm.item() == pytest.approx(raw_norm, rel=1e-4)  # the norm before clipping is reported
+    assert total_norm(applied) <= grad_clip * (1 + 1e-4)
+    assert total_norm(applied) == pytest.approx(grad_clip, rel=1e-3)  # scaled down, not zeroed
+    for a, r in zip(applied, raw):  # the same direction: every element scaled by grad_clip / norm
+        torch.testing.assert_close(a, r * (grad_clip / raw_norm), rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1e6])  # off, and a bound the gradient stays under
+def test_an_unclipped_step_applies_the_raw_gradient(grad_clip):
+    model = tiny_gpt()
+    x, y = batch(4)
+    raw = raw_gradient(model, x, y)
+    applied, grad_norm = sgd_step(model, [(x, y)], grad_clip)
+    assert grad_norm.item() == pytest.approx(total_norm(raw), rel=1e-4)
+    for a, r in zip(applied, raw):
+        torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 0.05])
+def test_two_micro_batches_make_the_same_step_as_one_batch_of_both(grad_clip):
+    """Gradient accumulation averages: the loss is a mean over tokens, so two equal halves
+    must give the gradient of the whole batch (not twice it). Without clipping the step shows
+    the size of the gradient; with it, the reported norm does."""
+    x, y = batch(4)
+    one, two = tiny_gpt(), tiny_gpt()
+    applied_one, norm_one = sgd_step(one, [(x, y)], grad_clip)
+    applied_two, norm_two = sgd_step(two, [(x[:2], y[:2]), (x[2:], y[2:])], grad_clip)
+    assert total_norm(applied_one) > 0
+    assert norm_two.item() == pytest.approx(norm_one.item(), rel=1e-4)
+    for a, b in zip(applied_one, applied_two):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    for p, q in zip(one.parameters(), two.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- sampling
+
+# fixed probabilities, in a shuffled order so that sorting and scattering back are exercised
+PROBS = {3: 0.40, 0: 0.25, 4: 0.20, 1: 0.10, 2: 0.05}  # token -> probability
+ROWS = 4000  # draws per call: a token of renormalized probability >= 0.05 shows up (1 - 0.95^4000)
+
+
+def draws(temperature=1.0, **settings) -> torch.Tensor:
+    """ROWS draws (one per row) from the fixed distribution."""
+    probs = torch.tensor([PROBS[t] for t in range(len(PROBS))])
+    logits = probs.log().expand(ROWS, -1) + 3.0  # a shift changes nothing
+    return sample_next(logits, temperature, generator=torch.Generator().manual_seed(0), **settings)
+
+
+def drawn(**settings) -> set[int]:
+    return set(draws(**settings).tolist())
+
+
+def test_top_k_draws_exactly_from_the_k_most_likely():
+    assert drawn(top_k=1) == {3}
+    assert drawn(top_k=2) == {3, 0}
+    assert drawn(top_k=4) == {3, 0, 4, 1}
+    assert drawn(top_k=5) == drawn(top_k=99) == drawn(top_k=None) == drawn(top_k=0) == {0, 1, 2, 3, 4}
+
+
+def test_top_p_keeps_the_token_that_crosses_p():
+    """The nucleus is the smallest set whose probability reaches p: the most likely tokens up
+    to and including the one whose cumulative probability first reaches p."""
+    # cumulative: 0.40, 0.65, 0.85, 0.95, 1.00 (p values sit away from them: float rounding)
+    assert drawn(top_p=0.01) == drawn(top_p=0.39) == {3}
+    assert drawn(top_p=0.41) == drawn(top_p=0.64) == {3, 0}
+    assert drawn(top_p=0.66) == drawn(top_p=0.84) == {3, 0, 4}
+    assert drawn(top_p=0.86) == drawn(top_p=0.94) == {3, 0, 4, 1}
+    assert drawn(top_p=0.96) == drawn(top_p=1.0) == {0, 1, 2, 3, 4}
+
+
+def test_top_k_and_top_p_together_keep_the_smaller_set():
+    assert drawn(top_k=2, top_p=0.9) == {3, 0}
+    assert drawn(top_k=4, top_p=0.5) == {3, 0}
+
+
+def frequencies(ids: torch.Tensor) -> torch.Tensor:
+    return torch.bincount(ids, minlength=len(PROBS)).float() / len(ids)
+
+
+def test_kept_tokens_are_drawn_in_proportion_and_temperature_sharpens():
+    """Within the nucleus the draws follow the renormalized probabilities; temperature T
+    draws from p^(1/T), renormalized. Tolerances are ~5 standard errors at 4000 draws."""
+    probs = torch.tensor([PROBS[t] for t in range(len(PROBS))])
+    nucleus = torch.zeros_like(probs)
+    nucleus[[3, 0, 4]] = probs[[3, 0, 4]]
+    torch.testing.assert_close(frequencies(draws(top_p=0.8)), nucleus / nucleus.sum(), atol=0.04, rtol=0)
+    for t in (0.5, 1.0, 2.0):
+        expected = probs ** (1 / t) / (probs ** (1 / t)).sum()
+        torch.testing.assert_close(frequencies(draws(temperature=t)), expected, atol=0.04, rtol=0)
+    assert drawn(temperature=0) == {3}
+
+
+def test_min_p_keeps_the_tokens_at_least_min_p_times_the_best():
+    if "min_p" not in inspect.signature(sample_next).parameters:
+        pytest.skip("sample_next has no min_p")
+    # the best is 0.40: min_p 0.3 keeps p >= 0.12 (3, 0, 4), 0.2 keeps p >= 0.08 (and 1)
+    assert drawn(min_p=0.3) == {3, 0, 4}
+    assert drawn(min_p=0.2) == {3, 0, 4, 1}
+    assert drawn(min_p=0.9) == {3}
+    assert drawn(min_p=0.0) == {0, 1, 2, 3, 4}
+
+
+# ---------------------------------------------------------------------------- int8 weights
+
+@pytest.mark.parametrize("shape", [(96, 64), (384, 128)])
+def test_int8_weights_are_within_half_a_step_of_the_float_weights(shape):
+    """Int8Linear's promise, element by element: W ~= int8 * scale, one scale per output row,
+    the scale that maps the row's largest |w| to 127 (as stored, in bf16, never below it)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(shape[1], shape[0])
+    with torch.no_grad():
+        linear.weight[5] *= 1e-3  # rows of very different sizes each get their own scale
+        linear.weight[7] *= 50
+    q = fast_decode.Int8Linear(linear)
+    w = linear.weight.detach()
+    assert q.weight.dtype == torch.int8 and q.scales.shape == (shape[0],)
+    step = q.scales.float()  # (out,)
+    exact = w.abs().amax(dim=1) / 127
+    assert (step >= exact).all() and (step <= exact * (1 + 2 ** -7)).all()  # within one bf16 rounding
+    assert (q.weight.abs().amax(dim=1) >= 126).all()  # every row uses the int8 range (127 / (1 + 2^-7) > 126)
+    error = (q.weight.float() * step[:, None] - w).abs()
+    assert (error <= step[:, None] / 2 * (1 + 1e-5)).all(), (error / step[:, None]).max()
+
+
+# ---------------------------------------------------------------------------- settings reach the sampler
+
+CHARS = sorted(set("\n !,.:;?abcdefghijklmnopqrstuvwxyzAEMOR"))
+SETTINGS = [  # two settings that differ in every field; top_k 0 means off, which the sampler sees as None
+    dict(temperature=0.5, top_k=7, top_p=0.9, seed=5),
+    dict(temperature=1.0, top_k=0, top_p=1.0, seed=6),
+]
+
+
+def seen_by_sampler(settings: dict) -> dict:
+    """What sample_next must receive for these settings."""
+    return dict(temperature=settings["temperature"], top_k=settings["top_k"] or None,
+                top_p=settings["top_p"], seed=settings["seed"])
+
+
+@pytest.fixture(scope="module")
+def char_dir(tmp_path_factory) -> Path:
+    """A checkpoint of a tiny random char-level GPT (fast_decode supports its architecture)."""
+    torch.manual_seed(0)
+    args = dict(block_size=16, vocab_size=len(CHARS), n_layer=1, n_head=2, n_embd=16, dropout=0.0, bias=True)
+    out = tmp_path_factory.mktemp("promises")
+    checkpoint.save({"model": GPT(GPTConfig(**args)).state_dict(), "model_args": args, "optimizer": {},
+                     "iter_num": 0, "best_val_loss": 9.9, "config": {},
+                     "tokenizer": {"name": "char", "vocab_size": len(CHARS), "eot_id": None, "chars": CHARS}},
+                    out / "ckpt.pt")
+    return out
+
+
+@pytest.fixture
+def sampler_calls(monkeypatch) -> list[dict]:
+    """Every call of the real sample_next, as the plain path (model.py) and the fast path
+    (fast_decode.py) make it: which path, and the settings it received."""
+    calls = []
+
+    def spy(path, real):
+        signature = inspect.signature(real)
+
+        def sample_next_spy(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            given = dict(bound.arguments)
+            generator = given.pop("generator")
+            given.pop("logits")
+            calls.append({"path": path, **given, "seed": None if generator is None else generator.initial_seed()})
+            return real(*args, **kwargs)
+        return sample_next_spy
+
+    monkeypatch.setattr(model_module, "sample_next", spy("plain", model_module.sample_next))
+    monkeypatch.setattr(fast_decode, "sample_next", spy("fast", fast_decode.sample_next))
+    return calls
+
+
+def assert_every_call(calls: list[dict], path: str, settings: dict):
+    assert calls, "the sampler was never called"
+    expected = {"path": path, **seen_by_sampler(settings)}
+    for call in calls:
+        assert {k: call.get(k) for k in expected} == expected
+
+
+def sample_flags(char_dir, settings, *extra) -> list[str]:
+    return [f"--out_dir={char_dir}", "--device=cpu", "--max_new_tokens=3", *extra,
+            *(f"--{k}={v}" for k, v in settings.items())]
+
+
+# the fast path (dtype auto on a cpu), the plain one (dtype float32), and the fast decoder
+# without its cache (the model's own loop)
+PATHS = [("fast", ["--dtype=auto", "--fast_weights=float32"]), ("plain", ["--dtype=float32"]),
+         ("plain", ["--dtype=auto", "--fast_weights=float32", "--use_cache=false"])]
+
+
+@pytest.mark.parametrize("path,flags", PATHS)
+def test_sample_py_one_shot_passes_every_setting_to_the_sampler(char_dir, sampler_calls, capsys, path, flags):
+    for settings in SETTINGS:
+        sampler_calls.clear()
+        sample.main(sample_flags(char_dir, settings, "--prompt=ab", *flags))
+        assert_every_call(sampler_calls, path, settings)
+        assert len(sampler_calls) == 3
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("path,flags", PATHS[:2])
+def test_sample_py_interactive_passes_every_setting_to_the_sampler(char_dir, sampler_calls, capsys, monkeypatch,
+                                                                   path, flags):
+    for settings in SETTINGS:
+        sampler_calls.clear()
+        monkeypatch.setattr(sys, "stdin", io.StringIO("ab\nba\nquit\n"))
+        sample.main(sample_flags(char_dir, settings, "--interactive", *flags))
+        assert_every_call(sampler_calls, path, settings)
+        assert len(sampler_calls) == 6  # two lines, three tokens each
+    assert capsys.readouterr().out.count(">> ") == 6
+
+
+@pytest.mark.parametrize("path,dtype", [("fast", "auto"), ("plain", "float32")])
+def test_app_generate_passes_every_setting_to_the_sampler(char_dir, sampler_calls, path, dtype):
+    precision = sample.choose_precision("cpu", dtype)
+    models = app.Models({"m": char_dir}, precision, dtype)
+    for settings in SETTINGS:
+        sampler_calls.clear()
+        texts = list(app.generate(models, 100, 0.0, "ab", 3, *settings.values()))
+        assert len(texts[-1]) == 2 + 3
+        assert_every_call(sampler_calls, path, settings)
+
+
+def test_app_api_passes_every_setting_to_the_sampler(char_dir, sampler_calls, tmp_path):
+    """The /generate endpoint's parameters, in the documented order, through a real server
+    (in this process, so the spy sees its calls) and gradio_client."""
+    gradio_client = pytest.importorskip("gradio_client", reason="pip install -r requirements-extras.txt")
+    gr = app.import_gradio()
+    models = app.Models({"m": char_dir}, sample.choose_precision("cpu", "auto"), "auto")
+    demo = app.build_demo(gr, models, 100, 0.0, tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+        for settings in SETTINGS:
+            sampler_calls.clear()
+            s = settings
+            text = client.predict("ab", 3, s["temperature"], s["top_k"], s["top_p"], s["seed"], "m",
+                                  api_name="/generate")
+            assert len(text) == 2 + 3
+            assert_every_call(sampler_calls, "fast", settings)
+    finally:
+        demo.close()
