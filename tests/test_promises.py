@@ -317,5 +317,15 @@ def test_app_api_passes_every_setting_to_the_sampler(char_dir, sampler_calls, tm
                                   api_name="/generate")
             assert len(text) == 2 + 3
             assert_every_call(sampler_calls, "fast", settings)
+        # each parameter is fed by the page's box of that name, which starts at sample.py's default
+        parameters = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]
+        names = [p["parameter_name"] for p in parameters["parameters"]]
+        assert names == ["prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "model"]
+        defaults = sample.SampleConfig()
+        for p in parameters["parameters"]:
+            name = p["parameter_name"]
+            assert p["label"].lower().replace("-", " ").startswith(name.replace("_", " ")), p
+            if name in ("temperature", "top_k", "top_p", "seed"):
+                assert p["parameter_default"] == getattr(defaults, name), p
     finally:
         demo.close()
