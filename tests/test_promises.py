@@ -329,3 +329,39 @@ def test_app_api_passes_every_setting_to_the_sampler(char_dir, sampler_calls, tm
                 assert p["parameter_default"] == getattr(defaults, name), p
     finally:
         demo.close()
+
+
+# ---------------------------------------------------------------------------- stopping
+
+def run_rows(stop, rows: list[list[int]]) -> list[str]:
+    """Feed rows of ids (of one length) step by step; the final texts."""
+    for step in range(len(rows[0])):
+        stop.update([r[step] for r in rows])
+    stop.finish()
+    return [stop.text(b) for b in range(len(rows))]
+
+
+def test_a_documents_model_ends_at_its_boundary_and_a_plain_gpt2_goes_on():
+    from stopping import StopCondition
+    from tokenizer import Tokenizer
+    docs = Tokenizer.char_from_text("ab", documents="line")
+    a, b, eot = docs.encode("a")[0], docs.encode("b")[0], docs.eot_id
+    stop = StopCondition.for_model(docs, 2)
+    assert run_rows(stop, [[a, eot, b, b], [b, b, a, eot]]) == ["a", "bba"]
+    assert stop.steps == 4  # one update per generated token
+    try:
+        gpt2 = Tokenizer.tiktoken("gpt2")
+    except Exception as e:  # no tiktoken cache offline
+        pytest.skip(str(e))
+    ids = gpt2.encode("Hi") + [gpt2.eot_id] + gpt2.encode(" there")
+    assert run_rows(StopCondition.for_model(gpt2, 1), [ids]) == ["Hi<|endoftext|> there"]
+    assert run_rows(StopCondition.for_model(gpt2, 1, ["<|end"]), [ids]) == ["Hi"]
+
+
+def test_bytes_that_are_not_utf8_become_replacement_characters():
+    """A BPE model can emit any byte sequence: it prints U+FFFD, never raises."""
+    from stopping import StopCondition
+    from tokenizer import Tokenizer
+    tok = Tokenizer.bpe_from_ranks([bytes([i]) for i in range(256)])  # one token per byte
+    ids = [0xC3, 0x41, 0xFF, 0xE2, 0x82]  # a cut 2-byte char, 'A', a byte never in UTF-8, a cut 3-byte char
+    assert run_rows(StopCondition.for_model(tok, 1), [ids]) == ["\ufffdA\ufffd\ufffd"]
