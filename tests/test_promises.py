@@ -111,11 +111,15 @@ PROBS = {3: 0.40, 0: 0.25, 4: 0.20, 1: 0.10, 2: 0.05}  # token -> probability
 ROWS = 4000  # draws per call: a token of renormalized probability >= 0.05 shows up (1 - 0.95^4000)
 
 
+def draws_logits() -> torch.Tensor:
+    """(ROWS, vocab): every row the log of PROBS, shifted (a shift changes nothing)."""
+    probs = torch.tensor([PROBS[t] for t in range(len(PROBS))])
+    return probs.log().expand(ROWS, -1) + 3.0
+
+
 def draws(temperature=1.0, **settings) -> torch.Tensor:
     """ROWS draws (one per row) from the fixed distribution."""
-    probs = torch.tensor([PROBS[t] for t in range(len(PROBS))])
-    logits = probs.log().expand(ROWS, -1) + 3.0  # a shift changes nothing
-    return sample_next(logits, temperature, generator=torch.Generator().manual_seed(0), **settings)
+    return sample_next(draws_logits(), temperature, generator=torch.Generator().manual_seed(0), **settings)
 
 
 def drawn(**settings) -> set[int]:
@@ -160,6 +164,17 @@ def test_kept_tokens_are_drawn_in_proportion_and_temperature_sharpens():
         expected = probs ** (1 / t) / (probs ** (1 / t)).sum()
         torch.testing.assert_close(frequencies(draws(temperature=t)), expected, atol=0.04, rtol=0)
     assert drawn(temperature=0) == {3}
+    unset = sample_next(draws_logits(), generator=torch.Generator().manual_seed(0))  # temperature's default
+    torch.testing.assert_close(frequencies(unset), probs, atol=0.04, rtol=0)
+
+
+def test_a_tiny_temperature_is_greedy_in_every_row():
+    """Each row's best logit is shifted to 0 before dividing: with a temperature whose
+    reciprocal overflows float32, the others become -inf, never inf - inf = nan, whatever
+    the row's own scale."""
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * torch.tensor([[1], [10], [1e-3], [3], [100], [0.1]])
+    for t in (1e-30, 1e-45):
+        assert torch.equal(sample_next(logits, temperature=t), logits.argmax(dim=-1))
 
 
 def test_min_p_keeps_the_tokens_at_least_min_p_times_the_best():
