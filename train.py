@@ -10,29 +10,27 @@ Reads data/<dataset>/{train,val}.bin and meta.json (see prepare.py), writes
 <out_dir>/ckpt.pt (see checkpoint.py), <out_dir>/metrics.jsonl and its loss curves,
 <out_dir>/loss.png (redrawn at every evaluation, see plot.py).
 
-A dataset prepared with --documents=line|blank trains in document mode, with no flag: every
-row of a batch starts at a document's boundary token and runs on through the documents
-after it until the row is full (short documents packed one after another; the last one is
-cut at the row's end), position embeddings restart at each document, attention never
-crosses a boundary (model.document_mask), and the loss includes predicting each boundary,
-which is how generation learns to stop. A document longer than block_size is also trained
-from windows that start every block_size tokens inside it, their positions counted from
-0 as in generation's sliding window (model.GPT.generate_stream), so no part of it is
-left out. Rows whose window would run past the split's end are never drawn.
+A dataset prepared with --documents=line|blank trains in document mode, with no flag: rows
+start at documents, position embeddings restart at each one, attention never crosses a
+boundary (dataset.py says how rows are drawn), and the loss includes predicting each
+boundary, which is how generation learns to stop.
+
+Read top to bottom: what the loop logs and how it stops, the setup steps (process group,
+resumed or pretrained settings, data, model and optimizer, RNG), evaluation and checkpoints,
+then run(): the setup, one step after another, and the training loop. The settings
+(training.TrainConfig), the learning-rate schedule and the optimizer step live in training.py,
+which bench.py shares.
 """
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
-import numpy as np
 import torch
 
 import checkpoint
@@ -41,278 +39,11 @@ import hf_format
 import plot
 import runlock
 from config import parse_config
+from dataset import Dataset
 from errors import UserError, run_main
-from model import GPT, GPTConfig
+from model import GPT, MODEL_KEYS, GPTConfig
 from tokenizer import Tokenizer
-
-
-@dataclass
-class TrainConfig:
-    """Settings of train.py. Names and meanings follow nanoGPT's train.py."""
-    # I/O
-    out_dir: str = "out"  # folder for ckpt.pt and metrics.jsonl
-    eval_interval: int = 2000  # evaluate train/val loss (and checkpoint) every this many iterations
-    log_interval: int = 1  # log the training loss every this many iterations
-    eval_iters: int = 200  # batches per split in each evaluation
-    eval_only: bool = False  # evaluate once and exit
-    eval_at_start: bool = True  # evaluate before the first step too (nanoGPT does; short timed runs skip it)
-    eval_train: bool = True  # evaluate the train split too (nanoGPT does); false halves an evaluation's time
-    always_save_checkpoint: bool = True  # checkpoint at every evaluation, not only when val improves
-    init_from: str = "scratch"  # scratch (a new model), resume (from out_dir/ckpt.pt), a GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a Hugging Face GPT-2 folder
-    # logging
-    wandb_log: bool = False  # log to Weights & Biases (WANDB_MODE=offline works)
-    wandb_project: str = "nanogpt"  # wandb project name
-    wandb_run_name: str = "run"  # wandb run name
-    # data
-    dataset: str = "shakespeare_char"  # folder under data_dir made by prepare.py
-    data_dir: str = "data"  # where prepared datasets live
-    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step (global, split across ranks)
-    batch_size: int = 12  # sequences per micro-step
-    block_size: int = 1024  # context length in tokens
-    # model
-    n_layer: int = 12  # transformer blocks
-    n_head: int = 12  # attention heads
-    n_embd: int = 768  # embedding width
-    dropout: float = 0.0  # dropout probability; 0 for pretraining, 0.1+ for finetuning
-    bias: bool = False  # biases in Linear layers and LayerNorms
-    # model options beyond GPT-2 (see GPTConfig in model.py); the defaults are GPT-2's
-    activation: str = "gelu"  # gelu (exact, nanoGPT), gelu_tanh (GPT-2's), relu2 (modded-nanogpt)
-    norm: str = "layernorm"  # layernorm (GPT-2) or rmsnorm (parameter-free RMSNorm, modded-nanogpt)
-    rotary: bool = False  # rotary position embeddings on q and k instead of the learned wpe table
-    qk_norm: bool = False  # RMSNorm of each head's queries and keys before attention
-    tie_head: bool = True  # output head shares the token embedding (GPT-2); false: its own, zero-init
-    zero_init_proj: bool = False  # attn.c_proj and mlp.c_proj start at zero (each block starts as identity)
-    bigram: bool = False  # add a learned vector per (previous token, token) pair to the input (char vocabularies)
-    x0_lambdas: bool = False  # each block's input is a learned mix of the residual stream and the first input
-    value_embeds: bool = False  # a token embedding table per block, added to attention's values
-    # optimizer
-    optimizer: str = "adamw"  # adamw, or muon (Muon for the matrices in the blocks, AdamW for the rest)
-    learning_rate: float = 6e-4  # peak learning rate
-    max_iters: int = 600000  # optimizer steps in the whole run
-    weight_decay: float = 1e-1  # decoupled weight decay of AdamW and Muon (2-D weights only)
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.95  # AdamW beta2
-    grad_clip: float = 1.0  # clip gradients to this global norm; 0 disables
-    head_lr_scale: float = 1.0  # learning rate of an untied head (--tie_head=false), times learning_rate
-    embed_lr_scale: float = 1.0  # learning rate of the embedding tables (wte, wpe, bigram, value), times learning_rate
-    muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises from 0.85 to 0.95 (modded-nanogpt); 0: 0.95 throughout
-    # learning rate schedule
-    decay_lr: bool = True  # warm up linearly then decay (lr_schedule); false keeps learning_rate
-    lr_schedule: str = "cosine"  # after warmup: cosine (nanoGPT) or wsd (constant, then linear), to min_lr at lr_decay_iters
-    warmdown_frac: float = 0.5  # wsd: the last fraction of lr_decay_iters, where the rate falls linearly to min_lr
-    warmup_iters: int = 2000  # linear warmup steps
-    lr_decay_iters: int = 600000  # step where the cosine reaches min_lr (~max_iters per Chinchilla)
-    min_lr: float = 6e-5  # floor of the schedule (~learning_rate / 10 per Chinchilla)
-    # system
-    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
-    dtype: str = "auto"  # auto, float32, bfloat16 or float16 (autocast dtype)
-    compile: bool = False  # torch.compile the model (helps on GPUs; measured no gain on CPU)
-    seed: int = 1337  # seed for weights, dropout and batch sampling
-    backend: str = "nccl"  # torch.distributed backend under torchrun on GPUs (gloo on CPUs)
-
-    def problems(self) -> list[str]:
-        """Every setting that cannot work, so all are reported at once before any work."""
-        p = []
-        positive = ["eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps",
-                    "batch_size", "block_size", "n_layer", "n_head", "n_embd"]
-        p += [f"--{k} must be at least 1, got {getattr(self, k)}" for k in positive if getattr(self, k) < 1]
-        for k in ["learning_rate", "weight_decay", "grad_clip", "min_lr"]:
-            v = getattr(self, k)
-            if not (math.isfinite(v) and v >= 0):
-                p.append(f"--{k} must be a finite number >= 0, got {v}")
-        if self.learning_rate == 0:
-            p.append("--learning_rate must be above 0")
-        for k in ["beta1", "beta2"]:
-            if not 0 <= getattr(self, k) < 1:
-                p.append(f"--{k} must be in [0, 1), got {getattr(self, k)}")
-        if not 0 <= self.dropout < 1:
-            p.append(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.n_layer >= 1 and self.n_head >= 1 and self.n_embd % self.n_head:
-            p.append(f"--n_embd ({self.n_embd}) must be divisible by --n_head ({self.n_head})")
-        if self.max_iters < 0:
-            p.append(f"--max_iters must be >= 0, got {self.max_iters}")
-        if self.decay_lr:
-            if self.warmup_iters < 0:
-                p.append(f"--warmup_iters must be >= 0, got {self.warmup_iters}")
-            elif self.warmup_iters > self.max_iters:
-                p.append(f"--warmup_iters ({self.warmup_iters}) is longer than the run "
-                         f"(--max_iters={self.max_iters}); lower it")
-            if self.lr_decay_iters < self.warmup_iters:
-                p.append(f"--lr_decay_iters ({self.lr_decay_iters}) is shorter than --warmup_iters "
-                         f"({self.warmup_iters}); set it to about --max_iters")
-            if self.min_lr > self.learning_rate:
-                p.append(f"--min_lr ({self.min_lr}) is above --learning_rate ({self.learning_rate})")
-        if self.optimizer not in ("adamw", "muon"):
-            p.append(f"--optimizer must be adamw or muon, got {self.optimizer!r}")
-        if self.activation not in ("gelu", "gelu_tanh", "relu2"):
-            p.append(f"--activation must be gelu, gelu_tanh or relu2, got {self.activation!r}")
-        if self.norm not in ("layernorm", "rmsnorm"):
-            p.append(f"--norm must be layernorm or rmsnorm, got {self.norm!r}")
-        if self.rotary and self.n_head >= 1 and self.n_embd % self.n_head == 0 and (self.n_embd // self.n_head) % 2:
-            p.append(f"--rotary needs an even head size, got n_embd/n_head = {self.n_embd // self.n_head}; "
-                     f"change --n_embd or --n_head")
-        if self.lr_schedule not in ("cosine", "wsd"):
-            p.append(f"--lr_schedule must be cosine or wsd, got {self.lr_schedule!r}")
-        if not 0 <= self.warmdown_frac <= 1:
-            p.append(f"--warmdown_frac must be in [0, 1], got {self.warmdown_frac}")
-        for k in ("head_lr_scale", "embed_lr_scale"):
-            if not (math.isfinite(getattr(self, k)) and getattr(self, k) > 0):
-                p.append(f"--{k} must be a finite number above 0, got {getattr(self, k)}")
-        if self.muon_momentum_warmup < 0:
-            p.append(f"--muon_momentum_warmup must be >= 0, got {self.muon_momentum_warmup}")
-        if self.init_from not in ("scratch", "resume", *hf_format.GPT2_NAMES) and not Path(self.init_from).is_dir():
-            p.append(f"--init_from must be scratch or resume, a GPT-2 ({', '.join(hf_format.GPT2_NAMES)}) or a "
-                     f"folder holding a Hugging Face GPT-2; got {self.init_from!r}, which is no folder")
-        return p
-
-
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias",  # fixed once a model exists
-              "activation", "norm", "rotary", "qk_norm", "tie_head", "zero_init_proj", "bigram",
-              "x0_lambdas", "value_embeds")
-
-
-def conflicts(cfg: TrainConfig, explicit: set, fixed: dict, source: str) -> list[str]:
-    """The flags set on this command line that contradict what an existing model fixes."""
-    return [f"--{k}={getattr(cfg, k)} ({source} has {v})"
-            for k, v in fixed.items() if k in explicit and getattr(cfg, k) != v]
-
-
-# ---------------------------------------------------------------------------- data
-
-class Dataset:
-    """The token bins of data/<name>/, read as memory maps.
-
-    Each batch opens a fresh np.memmap: keeping one open lets its pages pile up in the
-    process (the leak nanoGPT works around the same way)."""
-
-    def __init__(self, data_dir: str, name: str):
-        folder = Path(data_dir) / name
-        meta_path = folder / "meta.json"
-        if not meta_path.exists():
-            raise UserError(f"dataset {name!r} not found ({meta_path} is missing); run "
-                            f"`python prepare.py {name}` or `python prepare.py --input FILE --name {name}` first")
-        try:
-            self.meta = json.loads(meta_path.read_text())
-            self.dtype = np.dtype(self.meta["dtype"])
-            self.vocab_size = int(self.meta["vocab_size"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{meta_path} is not a valid meta.json ({e}); run prepare.py again") from None
-        self.paths = {split: folder / f"{split}.bin" for split in ("train", "val")}
-        self.sizes = {}
-        for split, path in self.paths.items():
-            if not path.exists():
-                raise UserError(f"{path} is missing; run prepare.py for {name!r} again")
-            n = path.stat().st_size // self.dtype.itemsize
-            expected = self.meta.get(f"{split}_tokens", n)
-            if n != expected or path.stat().st_size % self.dtype.itemsize:
-                raise UserError(f"{path} holds {n} tokens but meta.json says {expected}; "
-                                f"the dataset is damaged, run prepare.py again")
-            self.sizes[split] = n
-
-        # document mode: a dataset of documents, each starting with the boundary token eot_id
-        self.eot_id = self.meta.get("eot_id")
-        self.documents = self.meta.get("documents") in ("line", "blank") and self.eot_id is not None
-        self._row_starts = {}  # (split, block_size) -> where document-mode rows may start
-
-    def row_starts(self, split: str, block_size: int) -> np.ndarray:
-        """Document mode: every document start (its boundary token) and, inside a document
-        longer than block_size, every block_size tokens after it; only starts that leave a
-        whole window (block_size + 1 tokens). Found once per split by one pass over it."""
-        key = (split, block_size)
-        if key not in self._row_starts:
-            data = np.memmap(self.paths[split], dtype=self.dtype, mode="r")
-            bounds = np.flatnonzero(data == self.eot_id)  # each document's start; the last closes the split
-            firsts, lengths = bounds[:-1], np.diff(bounds)  # lengths count the boundary token
-            more = (lengths - 1) // block_size  # windows after the first one of each document
-            doc = np.repeat(np.arange(len(firsts)), more)
-            k = np.arange(len(doc)) - np.repeat(np.cumsum(more) - more, more) + 1  # 1, 2, .. per document
-            starts = np.sort(np.concatenate([firsts, firsts[doc] + k * block_size]))
-            self._row_starts[key] = starts[starts + block_size + 1 <= len(data)]
-        return self._row_starts[key]
-
-    def get_batch(self, split, batch_size, block_size, generator, device):
-        """Random windows: x (B, T) and the next-token targets y (B, T), int64 on device.
-        Document mode: rows start at row_starts, and a third tensor gives each token's
-        position in its document (B, T) for the model."""
-        data = np.memmap(self.paths[split], dtype=self.dtype, mode="r")
-        if self.documents:
-            row_starts = self.row_starts(split, block_size)
-            starts = row_starts[torch.randint(len(row_starts), (batch_size,), generator=generator).numpy()]
-        else:
-            starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
-        windows = data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)  # (B, T+1)
-        xy = torch.from_numpy(windows)
-        batch = [xy[:, :-1], xy[:, 1:]]
-        if self.documents:
-            batch.append(document_positions(batch[0], self.eot_id))
-        if device.startswith("cuda"):  # pinned memory lets the copy overlap with compute
-            return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
-        return tuple(t.contiguous().to(device) for t in batch)
-
-
-def document_positions(x: torch.Tensor, eot_id: int) -> torch.Tensor:
-    """x (B, T) -> each token's index in its document (B, T): 0 at every boundary token and
-    at the row's first token, counting up to the next boundary."""
-    i = torch.arange(x.size(1))
-    start = torch.where(x == eot_id, i, 0).cummax(dim=1).values  # the last boundary at or before i
-    return i - start
-
-
-def get_lr(it: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr. With
-    lr_schedule "wsd" (warmup-stable-decay, as modded-nanogpt and nanochat train): after the
-    warmup the rate stays at learning_rate, then falls linearly to min_lr over the last
-    warmdown_frac of lr_decay_iters."""
-    if not cfg.decay_lr:
-        return cfg.learning_rate
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it > cfg.lr_decay_iters:
-        return cfg.min_lr
-    if cfg.lr_schedule == "wsd":
-        warmdown = cfg.warmdown_frac * cfg.lr_decay_iters
-        left = (cfg.lr_decay_iters - it) / warmdown if warmdown > 0 else 1.0  # 1 at the warmdown's start, 0 at the end
-        return cfg.min_lr + min(1.0, left) * (cfg.learning_rate - cfg.min_lr)
-    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # from 1 down to 0
-    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
-
-
-def get_muon_momentum(it: int, cfg: TrainConfig) -> float:
-    """Muon's momentum: from 0.85 up to 0.95 over muon_momentum_warmup steps (modded-nanogpt),
-    so the first updates follow the fresh gradients more closely."""
-    if it >= cfg.muon_momentum_warmup:
-        return 0.95
-    return 0.85 + 0.10 * it / cfg.muon_momentum_warmup
-
-
-# ---------------------------------------------------------------------------- one step
-
-def train_step(model, optimizer, scaler, batches, precision, grad_clip: float, ddp: bool = False):
-    """One optimizer step over the micro-batches [(x, y), ...] (gradient accumulation).
-
-    Returns the last micro-batch's loss and the global gradient norm. A non-finite norm means
-    the step was not taken: under float16 the GradScaler skips it and lowers its scale; in
-    other dtypes it is skipped here, and train.py stops. bench.py times this same function.
-    """
-    accum = len(batches)
-    for i, (x, y, *positions) in enumerate(batches):  # positions: (B, T) in document mode
-        # under DDP, gradients are synchronised on the last micro-step only
-        with model.no_sync() if ddp and i < accum - 1 else nullcontext():
-            with precision.autocast():
-                _, loss = model(x, y, positions=positions[0] if positions else None)
-            scaler.scale(loss / accum).backward()  # gradients of all micro-steps add up
-    scaler.unscale_(optimizer)  # clip (and check) the true gradients, not the scaled ones
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    if scaler.is_enabled() or torch.isfinite(grad_norm):
-        scaler.step(optimizer)
-        scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm
+from training import TrainConfig, set_schedule, train_step
 
 
 # ---------------------------------------------------------------------------- logging
@@ -327,7 +58,7 @@ class MetricsLog:
 
     def log(self, record: dict):
         try:
-            with open(self.path, "a") as f:
+            with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:
             raise UserError(f"cannot write {self.path}: {e.strerror}; free some disk space or choose "
@@ -388,6 +119,35 @@ class Progress:
             self.bar.close()
 
 
+# ---------------------------------------------------------------------------- what the loop reports
+
+def report_eval(iter_num: int, losses: dict, lr: float, log: MetricsLog, progress: Progress, out_dir: str):
+    """An evaluation's losses: on the console, in the metrics log, and in loss.png."""
+    train_part = f"train loss {losses['train']:.4f}, " if "train" in losses else ""
+    progress.write(f"step {iter_num}: {train_part}val loss {losses['val']:.4f}")
+    log.log({"iter": iter_num, **{f"{k}/loss": v for k, v in losses.items()}, "lr": lr})
+    draw_loss_curve(out_dir, progress)
+
+
+def report_stop(signum: int, iter_num: int, ckpt_path: Path, progress: Progress):
+    """After a stop by signal, once its checkpoint is saved: the curve up to now, and how to resume."""
+    draw_loss_curve(str(ckpt_path.parent), progress)  # with the steps since the last evaluation
+    progress.close()
+    print(f"{signal.Signals(signum).name} received: saved iteration {iter_num} to {ckpt_path}. Resume with "
+          f"the same command plus --init_from=resume", file=sys.stderr)
+
+
+def report_skipped_step(iter_num: int, scaler, out_dir: str, progress: Progress, master: bool):
+    """A step whose gradients were not finite, so it was not taken. In float16 the scaler lowered
+    its scale and training goes on; in other dtypes the run stops, its last checkpoint intact."""
+    if not scaler.is_enabled():
+        raise UserError(f"the loss became non-finite (NaN or inf) at iteration {iter_num}; stopped "
+                        f"without saving. The last checkpoint in {out_dir} is intact: lower "
+                        f"--learning_rate, set --grad_clip, or use --dtype=float32")
+    if master:
+        progress.write(f"iteration {iter_num}: gradients overflowed in float16, step skipped")
+
+
 # ---------------------------------------------------------------------------- stop requests
 
 class StopRequest:
@@ -400,7 +160,8 @@ class StopRequest:
         self.repeat_stops_at_once = not ddp
         self.signum = None
         self.previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        windows = [signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else []  # Ctrl-Break in a Windows console
+        for sig in (signal.SIGINT, signal.SIGTERM, *windows):
             self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
@@ -487,120 +248,144 @@ def lock_out_dir(lock: runlock.FolderLock, ddp: bool, master: bool, create: bool
         sys.exit(2)  # rank 0 says why
 
 
-# ---------------------------------------------------------------------------- main
+# ---------------------------------------------------------------------------- setup steps
 
-def main(argv=None):
-    # the lock on out_dir (and anything else held) is released however the run ends
-    with contextlib.ExitStack() as held:
-        run(argv, held)
+class Processes(NamedTuple):
+    """This process among the run's: one of world_size ranks under torchrun, else the only one."""
+    ddp: bool = False
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def master(self) -> bool:  # rank 0 prints, logs and writes the checkpoint
+        return self.rank == 0
 
 
-def run(argv, held: contextlib.ExitStack):
-    # a resumed run completes its settings from the checkpoint, so they are checked after that
-    cfg, explicit = parse_config(TrainConfig, argv, prog="train.py", check=False)
+def start_process_group(cfg: TrainConfig) -> Processes:
+    """Under torchrun (it sets RANK), join the process group: NCCL on GPUs (--backend), gloo on
+    CPUs; on GPUs each rank takes the device of its local rank. Otherwise one process."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return Processes()
+    procs = Processes(True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    torch.distributed.init_process_group(backend=cfg.backend if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        cfg.device = f"cuda:{procs.local_rank}"
+        torch.cuda.set_device(cfg.device)
+    return procs
 
-    # distributed: torchrun sets RANK; otherwise one process on one device
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        from torch.distributed import init_process_group
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-        world_size = int(os.environ["WORLD_SIZE"])
-        backend = cfg.backend if torch.cuda.is_available() else "gloo"
-        init_process_group(backend=backend)
-        if torch.cuda.is_available():
-            cfg.device = f"cuda:{local_rank}"
-            torch.cuda.set_device(cfg.device)
-    else:
-        rank, world_size = 0, 1
-    master = rank == 0
 
-    # one run per out_dir: rank 0 holds <out_dir>/train.lock until this run ends
-    out_lock = runlock.FolderLock(Path(cfg.out_dir) / "train.lock", f"--out_dir {cfg.out_dir}",
-                                  "choose another --out_dir")
-    held.callback(out_lock.release)
-    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
-    ckpt = None
-    if cfg.init_from == "resume":
-        lock_out_dir(out_lock, ddp, master, create=False)  # before reading a checkpoint another run may write
-        ckpt = checkpoint.load(ckpt_path)
-        # checkpoints from before the model options have GPT-2's behaviour: GPTConfig's defaults
-        ckpt["model_args"] = {**dataclasses.asdict(GPTConfig()), **ckpt["model_args"]}
-        # the saved run's settings, with what was set explicitly now on top
-        saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
-        saved.pop("out_dir", None)  # the run continues where its checkpoint is now, even if moved
-        fixed = {**{k: ckpt["model_args"][k] for k in MODEL_KEYS},  # the optimizer's state and groups:
-                 "optimizer": ckpt["config"].get("optimizer", "adamw"),
-                 "embed_lr_scale": ckpt["config"].get("embed_lr_scale", 1.0)}
-        refused = conflicts(cfg, explicit, fixed, "checkpoint")
-        if refused:
-            raise UserError(f"cannot resume {ckpt_path} with a different model shape or optimizer: "
-                            f"{', '.join(refused)}; drop these flags or start a new run with another --out_dir")
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in explicit},
-                                  init_from="resume")
-    if cfg.problems():  # every invalid setting at once, before any work
-        raise UserError("; ".join(cfg.problems()))
-    hf_folder = hf_config = None
-    if cfg.init_from not in ("scratch", "resume"):
-        # a pretrained GPT-2 fixes the shape; a shorter --block_size crops its positions (as nanoGPT)
-        hf_folder = hf_format.resolve(cfg.init_from)
-        hf_config = hf_format.gpt_config(hf_folder)
-        fixed = {k: getattr(hf_config, k) for k in MODEL_KEYS if k != "block_size"}
-        refused = conflicts(cfg, explicit, fixed, cfg.init_from)
-        if cfg.block_size > hf_config.block_size and "block_size" in explicit:
-            refused.append(f"--block_size={cfg.block_size} ({cfg.init_from} has {hf_config.block_size} "
-                           f"positions; a shorter block_size crops them)")
-        if refused:
-            raise UserError(f"cannot start from {cfg.init_from} with a different model shape: "
-                            f"{', '.join(refused)}; drop these flags")
-        block_size = cfg.block_size if "block_size" in explicit else hf_config.block_size
-        cfg = dataclasses.replace(cfg, **fixed, block_size=block_size)
-    if cfg.gradient_accumulation_steps % world_size:
-        raise UserError(f"--gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be "
-                        f"a multiple of the number of processes ({world_size})")
-    accum = cfg.gradient_accumulation_steps // world_size  # micro-steps of this process
+def conflicts(cfg: TrainConfig, explicit: set, fixed: dict, source: str) -> list[str]:
+    """The flags set on this command line that contradict what an existing model fixes."""
+    return [f"--{k}={getattr(cfg, k)} ({source} has {v})"
+            for k, v in fixed.items() if k in explicit and getattr(cfg, k) != v]
 
-    precision = hardware.resolve(cfg.device, cfg.dtype)
-    device = precision.device
+
+def resume_settings(cfg: TrainConfig, explicit: set, ckpt_path: Path) -> tuple[TrainConfig, dict]:
+    """--init_from=resume: the checkpoint, and the saved run's settings with the ones set
+    explicitly now on top. Flags that contradict what the checkpoint fixes (the model's shape
+    and options, the optimizer's state and groups) are refused."""
+    ckpt = checkpoint.load(ckpt_path)
+    # checkpoints from before the model options have GPT-2's behaviour: GPTConfig's defaults
+    ckpt["model_args"] = {**dataclasses.asdict(GPTConfig()), **ckpt["model_args"]}
+    saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
+    saved.pop("out_dir", None)  # the run continues where its checkpoint is now, even if moved
+    fixed = {**{k: ckpt["model_args"][k] for k in MODEL_KEYS},
+             "optimizer": ckpt["config"].get("optimizer", "adamw"),
+             "embed_lr_scale": ckpt["config"].get("embed_lr_scale", 1.0)}
+    refused = conflicts(cfg, explicit, fixed, "checkpoint")
+    if refused:
+        raise UserError(f"cannot resume {ckpt_path} with a different model shape or optimizer: "
+                        f"{', '.join(refused)}; drop these flags or start a new run with another --out_dir")
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in explicit}, init_from="resume")
+    return cfg, ckpt
+
+
+class Pretrained(NamedTuple):
+    """A GPT-2 to start from (--init_from): its Hugging Face folder and its configuration."""
+    folder: Path
+    config: GPTConfig
+
+
+def pretrained_settings(cfg: TrainConfig, explicit: set) -> tuple[TrainConfig, Pretrained | None]:
+    """--init_from=a GPT-2 (name or folder): that model, and the settings with the shape it
+    fixes; a shorter --block_size crops its positions (as nanoGPT). (cfg, None) for a new
+    model or a resumed one."""
+    if cfg.init_from in ("scratch", "resume"):
+        return cfg, None
+    hf_folder = hf_format.resolve(cfg.init_from)
+    hf_config = hf_format.gpt_config(hf_folder)
+    fixed = {k: getattr(hf_config, k) for k in MODEL_KEYS if k != "block_size"}
+    refused = conflicts(cfg, explicit, fixed, cfg.init_from)
+    if cfg.block_size > hf_config.block_size and "block_size" in explicit:
+        refused.append(f"--block_size={cfg.block_size} ({cfg.init_from} has {hf_config.block_size} "
+                       f"positions; a shorter block_size crops them)")
+    if refused:
+        raise UserError(f"cannot start from {cfg.init_from} with a different model shape: "
+                        f"{', '.join(refused)}; drop these flags")
+    block_size = cfg.block_size if "block_size" in explicit else hf_config.block_size
+    return dataclasses.replace(cfg, **fixed, block_size=block_size), Pretrained(hf_folder, hf_config)
+
+
+def open_dataset(cfg: TrainConfig, pretrained: Pretrained | None) -> tuple[Dataset, dict]:
+    """The dataset, checked against the run: each split holds a window of block_size, and a
+    pretrained model's tokenizer is the one the text was prepared with. Returns it and the
+    description of its tokenizer, saved in the checkpoint so that sample.py needs no data/."""
     data = Dataset(cfg.data_dir, cfg.dataset)
     for split, n in data.sizes.items():
         if n <= cfg.block_size:
             raise UserError(f"the {split} split of {cfg.dataset!r} has {n} tokens, too few for one window of "
                             f"--block_size={cfg.block_size}; lower --block_size or prepare more text")
-    tokenizer = Tokenizer.from_description(data.meta).describe()  # saved so sample.py needs no data/
-    if hf_folder is not None:  # the model's tokenizer must be the one the dataset was prepared with
-        theirs = hf_format.load_tokenizer(hf_folder).describe()
-        if (theirs["name"], theirs.get("chars")) != (tokenizer["name"], tokenizer.get("chars")):
-            what = "a char-level" if theirs["name"] == "char" else f"the {theirs['name']}"
-            raise UserError(f"--init_from={cfg.init_from} uses {what} tokenizer, but dataset {cfg.dataset!r} was "
-                            f"prepared with {tokenizer['name']}; prepare the text with the model's tokenizer "
-                            f"(`python prepare.py --input FILE --name NAME --tokenizer {theirs['name']}`)")
-        if data.vocab_size > hf_config.vocab_size:
-            raise UserError(f"dataset {cfg.dataset!r} has {data.vocab_size} tokens, more than the "
-                            f"{hf_config.vocab_size} of --init_from={cfg.init_from}")
-        tokenizer = theirs
+    tokenizer = Tokenizer.from_description(data.meta).describe()
+    if pretrained is None:
+        return data, tokenizer
+    theirs = hf_format.load_tokenizer(pretrained.folder).describe()
+    if (theirs["name"], theirs.get("chars")) != (tokenizer["name"], tokenizer.get("chars")):
+        what = "a char-level" if theirs["name"] == "char" else f"the {theirs['name']}"
+        raise UserError(f"--init_from={cfg.init_from} uses {what} tokenizer, but dataset {cfg.dataset!r} was "
+                        f"prepared with {tokenizer['name']}; prepare the text with the model's tokenizer "
+                        f"(`python prepare.py --input FILE --name NAME --tokenizer {theirs['name']}`)")
+    if data.vocab_size > pretrained.config.vocab_size:
+        raise UserError(f"dataset {cfg.dataset!r} has {data.vocab_size} tokens, more than the "
+                        f"{pretrained.config.vocab_size} of --init_from={cfg.init_from}")
+    return data, theirs
 
-    lock_out_dir(out_lock, ddp, master, create=True)
-    if master:
-        print(f"{precision.reason}")
-        print("config: " + json.dumps(dataclasses.asdict(cfg)))
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    if master:
-        print(f"tokens per iteration: {tokens_per_iter:,}")
-        if data.documents:
-            print(f"document mode: {data.meta.get('train_documents', '?')} training documents; rows start at "
-                  f"document starts, attention stays inside each document")
 
-    torch.manual_seed(cfg.seed + rank)
-    data_gen = torch.Generator().manual_seed(cfg.seed + rank)
+def micro_steps(cfg: TrainConfig, procs: Processes) -> int:
+    """Micro-steps of this process: gradient_accumulation_steps counts them over all ranks."""
+    if cfg.gradient_accumulation_steps % procs.world_size:
+        raise UserError(f"--gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be "
+                        f"a multiple of the number of processes ({procs.world_size})")
+    return cfg.gradient_accumulation_steps // procs.world_size
+
+
+def announce(cfg: TrainConfig, precision: hardware.Precision, data: Dataset, tokens_per_iter: int):
+    """What this run is, printed once by rank 0: the precision and why, the resolved config."""
+    print(f"{precision.reason}")
+    print("config: " + json.dumps(dataclasses.asdict(cfg)))
+    print(f"tokens per iteration: {tokens_per_iter:,}")
+    if data.documents:
+        print(f"document mode: {data.meta.get('train_documents', '?')} training documents; rows start at "
+              f"document starts, attention stays inside each document")
+
+
+def seed_rngs(cfg: TrainConfig, procs: Processes) -> torch.Generator:
+    """Seed the weights' initialization and dropout (torch's RNG), and return the generator of
+    the training batches; each rank draws its own."""
+    torch.manual_seed(cfg.seed + procs.rank)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    return torch.Generator().manual_seed(cfg.seed + procs.rank)
 
-    # model
+
+def build_model(cfg: TrainConfig, data: Dataset, ckpt: dict | None, ckpt_path: Path,
+                pretrained: Pretrained | None) -> tuple[GPT, dict]:
+    """The model and its model_args: new, with a pretrained GPT-2's weights, or with the
+    checkpoint's (its shape and vocabulary are the checkpoint's)."""
     model_args = {k: getattr(cfg, k) for k in MODEL_KEYS}
     model_args.update(vocab_size=data.vocab_size, dropout=cfg.dropout)
-    if hf_config is not None:
-        model_args.update(vocab_size=hf_config.vocab_size)
+    if pretrained is not None:
+        model_args.update(vocab_size=pretrained.config.vocab_size)
     if ckpt is not None:
         model_args.update({k: ckpt["model_args"][k] for k in MODEL_KEYS + ("vocab_size",)})
         if ckpt["model_args"]["vocab_size"] != data.vocab_size:
@@ -609,156 +394,207 @@ def run(argv, held: contextlib.ExitStack):
     problems = GPTConfig(**model_args).problems()  # what needs the dataset to check: the bigram table's size
     if problems:
         raise UserError(f"cannot build this model on {cfg.dataset!r}: " + "; ".join(problems))
-    if hf_config is not None:
-        model = hf_format.load_model(hf_folder, GPTConfig(**{**model_args, "block_size": hf_config.block_size}))
-        if cfg.block_size < hf_config.block_size:
+    if pretrained is not None:
+        block_size = pretrained.config.block_size
+        model = hf_format.load_model(pretrained.folder, GPTConfig(**{**model_args, "block_size": block_size}))
+        if cfg.block_size < block_size:
             model.crop_block_size(cfg.block_size)
     else:
         model = GPT(GPTConfig(**model_args))
-    iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-    model.to(device)
-    if master:
-        print(f"number of parameters: {model.num_params() / 1e6:.2f}M")
+    return model, model_args
 
-    scaler = torch.amp.GradScaler(precision.device_type, enabled=precision.dtype == "float16")
+
+def make_optimizer(model: GPT, cfg: TrainConfig, precision: hardware.Precision):
+    """The optimizer (model.configure_optimizer: AdamW, or Muon with AdamW) and the gradient
+    scaler, which float16 needs and other dtypes leave disabled."""
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                           precision.device_type, cfg.optimizer, cfg.head_lr_scale,
                                           cfg.embed_lr_scale)
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])  # its state moves to the parameters' device
-        if ckpt["scaler"]:  # empty when the saved run did not use float16: a fresh scaler starts
-            scaler.load_state_dict(ckpt["scaler"])
-        cuda_states = ckpt["rng"].get("cuda")
-        if cuda_states and precision.device_type == "cuda" and len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
-        resume_rng(ckpt, rank, world_size, iter_num, cfg.seed, data_gen, master)
-        was = ckpt.get("precision")
-        if master and was and (was["device"], was["dtype"]) != (precision.device, precision.dtype):
-            print(f"note: {ckpt_path} was trained on {was['device']} in {was['dtype']}, this run continues on "
-                  f"{precision.device} in {precision.dtype}: the same state, but the numbers from here on "
-                  f"will not match an uninterrupted run bit for bit")
-    ckpt = None  # free memory
+    scaler = torch.amp.GradScaler(precision.device_type, enabled=precision.dtype == "float16")
+    return optimizer, scaler
 
-    raw_model = model  # saved weights always come from the uncompiled module
+
+def resume_state(ckpt: dict, optimizer, scaler, data_gen: torch.Generator, precision: hardware.Precision,
+                 seed: int, procs: Processes, ckpt_path: Path) -> tuple[int, float]:
+    """Take back what exact resume needs beyond the weights: the optimizer's and the scaler's
+    state and the RNG states (resume_rng). Returns the iteration and best val loss reached."""
+    optimizer.load_state_dict(ckpt["optimizer"])  # its state moves to the parameters' device
+    if ckpt["scaler"]:  # empty when the saved run did not use float16: a fresh scaler starts
+        scaler.load_state_dict(ckpt["scaler"])
+    cuda_states = ckpt["rng"].get("cuda")
+    if cuda_states and precision.device_type == "cuda" and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+    resume_rng(ckpt, procs.rank, procs.world_size, ckpt["iter_num"], seed, data_gen, procs.master)
+    was = ckpt.get("precision")
+    if procs.master and was and (was["device"], was["dtype"]) != (precision.device, precision.dtype):
+        print(f"note: {ckpt_path} was trained on {was['device']} in {was['dtype']}, this run continues on "
+              f"{precision.device} in {precision.dtype}: the same state, but the numbers from here on "
+              f"will not match an uninterrupted run bit for bit")
+    return ckpt["iter_num"], ckpt["best_val_loss"]
+
+
+def wrap_model(model: GPT, cfg: TrainConfig, procs: Processes, precision: hardware.Precision):
+    """The module the loop calls: compiled (--compile) and, under torchrun, wrapped in DDP."""
     if cfg.compile:
-        if master:
+        if procs.master:
             print("compiling the model... (takes a minute)")
         model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if precision.device_type == "cuda" else None)
+    if procs.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[procs.local_rank] if precision.device_type == "cuda" else None)
+    return model
 
-    @torch.no_grad()
-    def estimate_loss():
-        """Mean loss over eval_iters batches of each split (val only without eval_train). The
-        batches come from their own generator, re-seeded every time: evaluations compare like
-        with like, and they never move the training RNG (so exact resume holds)."""
-        out = {}
-        model.eval()
-        for i, split in enumerate(("train", "val")):
-            if split == "train" and not cfg.eval_train:
-                continue
-            gen = torch.Generator().manual_seed(cfg.seed + 1000 + i)
-            losses = torch.zeros(cfg.eval_iters)
-            for k in range(cfg.eval_iters):
-                x, y, *positions = data.get_batch(split, cfg.batch_size, cfg.block_size, gen, device)
-                with precision.autocast():
-                    _, loss = model(x, y, positions=positions[0] if positions else None)
-                losses[k] = loss.item()
-            mean = losses.mean()
-            if ddp:  # every rank takes the same checkpoint decision from the same numbers
-                torch.distributed.all_reduce(mean)
-                mean /= world_size
-            out[split] = mean.item()
-        model.train()
-        return out
 
-    def save_checkpoint():
-        """Called on every rank (DDP gathers each rank's data-sampler state); rank 0 writes."""
-        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
-            raise UserError(f"the model holds NaN or inf at iteration {iter_num}; not saving it over "
-                            f"{ckpt_path}. Lower --learning_rate or use --dtype=float32")
-        states = [(data_gen.get_state(), torch.get_rng_state())]  # this rank's batches and dropout
-        if ddp:
-            states = [None] * world_size
-            torch.distributed.all_gather_object(states, (data_gen.get_state(), torch.get_rng_state()))
-        if not master:
-            return
-        checkpoint.save({
-            "model": raw_model.state_dict(),
-            "model_args": model_args,
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "iter_num": iter_num,
-            "best_val_loss": best_val_loss,
-            "config": dataclasses.asdict(cfg),
-            "tokenizer": tokenizer,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if precision.device_type == "cuda" else [],
-                    "data": [data for data, _ in states],
-                    "torch_ranks": [rng for _, rng in states]},
-            "precision": {"device": precision.device, "dtype": precision.dtype},
-        }, ckpt_path)
+# ---------------------------------------------------------------------------- evaluation and checkpoints
+
+@torch.no_grad()
+def estimate_loss(model, data: Dataset, cfg: TrainConfig, precision: hardware.Precision, procs: Processes) -> dict:
+    """Mean loss over eval_iters batches of each split (val only without eval_train). The
+    batches come from their own generator, re-seeded every time: evaluations compare like
+    with like, and they never move the training RNG (so exact resume holds)."""
+    out = {}
+    model.eval()
+    for i, split in enumerate(("train", "val")):
+        if split == "train" and not cfg.eval_train:
+            continue
+        gen = torch.Generator().manual_seed(cfg.seed + 1000 + i)
+        losses = torch.zeros(cfg.eval_iters)
+        for k in range(cfg.eval_iters):
+            x, y, *positions = data.get_batch(split, cfg.batch_size, cfg.block_size, gen, precision.device)
+            with precision.autocast():
+                _, loss = model(x, y, positions=positions[0] if positions else None)
+            losses[k] = loss.item()
+        mean = losses.mean()
+        if procs.ddp:  # every rank takes the same checkpoint decision from the same numbers
+            torch.distributed.all_reduce(mean)
+            mean /= procs.world_size
+        out[split] = mean.item()
+    model.train()
+    return out
+
+
+def save_checkpoint(path: Path, raw_model: GPT, optimizer, scaler, iter_num: int, best_val_loss: float,
+                    run: dict, data_gen: torch.Generator, procs: Processes):
+    """Called on every rank (DDP gathers each rank's data-sampler state); rank 0 writes. run holds
+    what stays the same all run long: model_args, config, tokenizer and precision."""
+    if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+        raise UserError(f"the model holds NaN or inf at iteration {iter_num}; not saving it over "
+                        f"{path}. Lower --learning_rate or use --dtype=float32")
+    states = [(data_gen.get_state(), torch.get_rng_state())]  # this rank's batches and dropout
+    if procs.ddp:
+        states = [None] * procs.world_size
+        torch.distributed.all_gather_object(states, (data_gen.get_state(), torch.get_rng_state()))
+    if not procs.master:
+        return
+    on_cuda = run["precision"]["device"].startswith("cuda")
+    checkpoint.save({
+        **run,
+        "model": raw_model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "iter_num": iter_num,
+        "best_val_loss": best_val_loss,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if on_cuda else [],
+                "data": [data for data, _ in states],
+                "torch_ranks": [rng for _, rng in states]},
+    }, path)
+
+
+# ---------------------------------------------------------------------------- main
+
+def main(argv=None):
+    # settings: a resumed run completes them from its checkpoint, so they are checked after that
+    cfg, explicit = parse_config(TrainConfig, argv, prog="train.py", check=False)
+    # the lock on out_dir (and anything else held) is released however the run ends
+    with contextlib.ExitStack() as held:
+        run(cfg, explicit, held)
+
+
+def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
+    procs = start_process_group(cfg)
+    master = procs.master
+    # one run per out_dir: rank 0 holds <out_dir>/train.lock until this run ends
+    out_lock = runlock.FolderLock(Path(cfg.out_dir) / "train.lock", f"--out_dir {cfg.out_dir}",
+                                  "choose another --out_dir")
+    held.callback(out_lock.release)
+    ckpt_path, ckpt = Path(cfg.out_dir) / "ckpt.pt", None
+    if cfg.init_from == "resume":
+        lock_out_dir(out_lock, procs.ddp, master, create=False)  # before reading a checkpoint another run may write
+        cfg, ckpt = resume_settings(cfg, explicit, ckpt_path)
+    if cfg.problems():  # every invalid setting at once, before any work
+        raise UserError("; ".join(cfg.problems()))
+    cfg, pretrained = pretrained_settings(cfg, explicit)
+    accum = micro_steps(cfg, procs)
+
+    # device, data, out_dir
+    precision = hardware.resolve(cfg.device, cfg.dtype)
+    device = precision.device
+    data, tokenizer = open_dataset(cfg, pretrained)
+    lock_out_dir(out_lock, procs.ddp, master, create=True)
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    if master:
+        announce(cfg, precision, data, tokens_per_iter)
+
+    # model and optimizer, new or as the checkpoint left them
+    data_gen = seed_rngs(cfg, procs)
+    raw_model, model_args = build_model(cfg, data, ckpt, ckpt_path, pretrained)
+    raw_model.to(device)  # saved weights always come from this uncompiled module
+    if master:
+        print(f"number of parameters: {raw_model.num_params() / 1e6:.2f}M")
+    optimizer, scaler = make_optimizer(raw_model, cfg, precision)
+    iter_num, best_val_loss = 0, float("inf")
+    if ckpt is not None:
+        iter_num, best_val_loss = resume_state(ckpt, optimizer, scaler, data_gen, precision, cfg.seed, procs,
+                                               ckpt_path)
+    ckpt = None  # free memory
+    model = wrap_model(raw_model, cfg, procs, precision)
+    run_info = {"model_args": model_args, "config": dataclasses.asdict(cfg), "tokenizer": tokenizer,
+                "precision": {"device": precision.device, "dtype": precision.dtype}}
 
     log = MetricsLog(cfg.out_dir, start_wandb(cfg) if master else None)
     progress = Progress(iter_num, cfg.max_iters, enabled=master)
-    stop = StopRequest(ddp)
+    stop = StopRequest(procs.ddp)
     skip_eval_at = iter_num if cfg.init_from == "resume" else None  # that eval is in the checkpoint
     stopped_by = None  # the signal that stopped the run early
     t0, steps_timed = time.perf_counter(), 0
     try:
         while True:
-            # learning rate for this iteration
-            lr = get_lr(iter_num, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            if cfg.optimizer == "muon":
-                for group in optimizer.muon.param_groups:
-                    group["momentum"] = get_muon_momentum(iter_num, cfg)
+            lr = set_schedule(optimizer, iter_num, cfg)  # learning rate (and Muon's momentum) of this iteration
 
             # evaluate and checkpoint, every eval_interval and after the last step
             last = iter_num >= cfg.max_iters
             at_start = iter_num == 0 and not cfg.eval_at_start and not cfg.eval_only
             if (iter_num % cfg.eval_interval == 0 or last or cfg.eval_only) and iter_num != skip_eval_at and not at_start:
-                losses = estimate_loss()
+                losses = estimate_loss(model, data, cfg, precision, procs)
                 if master:
-                    train_part = f"train loss {losses['train']:.4f}, " if "train" in losses else ""
-                    progress.write(f"step {iter_num}: {train_part}val loss {losses['val']:.4f}")
-                    log.log({"iter": iter_num, **{f"{k}/loss": v for k, v in losses.items()}, "lr": lr})
-                    draw_loss_curve(cfg.out_dir, progress)
+                    report_eval(iter_num, losses, lr, log, progress, cfg.out_dir)
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
                 if iter_num > 0 and (improved or cfg.always_save_checkpoint) and not cfg.eval_only:
-                    save_checkpoint()
+                    save_checkpoint(ckpt_path, raw_model, optimizer, scaler, iter_num, best_val_loss, run_info,
+                                    data_gen, procs)
                     if master:
                         progress.write(f"saved checkpoint to {ckpt_path}")
                 t0, steps_timed = time.perf_counter(), 0  # keep eval out of the throughput figures
             if last or cfg.eval_only:
                 break
-            if stop.requested(ddp, device):
-                save_checkpoint()
+            if stop.requested(procs.ddp, device):  # Ctrl-C or SIGTERM: save, say how to resume, leave
+                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, iter_num, best_val_loss, run_info,
+                                data_gen, procs)
                 if master:
-                    draw_loss_curve(cfg.out_dir, progress)  # with the steps since the last evaluation
-                    progress.close()
-                    name = signal.Signals(stop.signum).name
-                    print(f"{name} received: saved iteration {iter_num} to {ckpt_path}. Resume with the same "
-                          f"command plus --init_from=resume", file=sys.stderr)
+                    report_stop(stop.signum, iter_num, ckpt_path, progress)
                 stopped_by = stop.signum
                 break
 
             # forward, backward, clip, update
             batches = [data.get_batch("train", cfg.batch_size, cfg.block_size, data_gen, device)
                        for _ in range(accum)]
-            loss, grad_norm = train_step(model, optimizer, scaler, batches, precision, cfg.grad_clip, ddp)
-            if not torch.isfinite(grad_norm):
-                if not scaler.is_enabled():
-                    raise UserError(f"the loss became non-finite (NaN or inf) at iteration {iter_num}; stopped "
-                                    f"without saving. The last checkpoint in {cfg.out_dir} is intact: lower "
-                                    f"--learning_rate, set --grad_clip, or use --dtype=float32")
-                if master:  # float16: the scaler skipped this step and lowered its scale
-                    progress.write(f"iteration {iter_num}: gradients overflowed in float16, step skipped")
+            loss, grad_norm = train_step(model, optimizer, scaler, batches, precision, cfg.grad_clip, procs.ddp)
+            if not torch.isfinite(grad_norm):  # the step was not taken
+                report_skipped_step(iter_num, scaler, cfg.out_dir, progress, master)
 
             # timing and logging (loss.item() waits for the device, so only every log_interval)
             record = None
@@ -773,12 +609,11 @@ def run(argv, held: contextlib.ExitStack):
                 t0, steps_timed = time.perf_counter(), 0
             progress.step(record)
             iter_num += 1
-
     finally:
         stop.restore()
         progress.close()
     log.finish()
-    if ddp:
+    if procs.ddp:
         leave_process_group()
     if stopped_by is not None:
         sys.exit(128 + stopped_by)
@@ -791,8 +626,8 @@ def exit_rank():
     the interpreter's teardown. DDP leaves references to the gloo process group that nothing can
     drop (even a bare DistributedDataParallel(nn.Linear), deleted, keeps its gloo and TCPStore
     threads alive after destroy_process_group and gc), so those threads meet the interpreter's
-    finalization, where about 1 rank process in 100 here died with SIGABRT ("terminate called
-    without an active exception"), failing a finished run. By then everything is saved and the
+    finalization, where a rank process can die with SIGABRT ("terminate called without an
+    active exception"), failing a finished run. By then everything is saved and the
     lock released; the barrier in leave_process_group kept every rank until all were done."""
     code = 0
     try:

@@ -14,6 +14,7 @@ import torch
 import checkpoint
 import export
 import hf_format
+import loading
 import prepare
 import sample
 import train
@@ -59,19 +60,19 @@ def hf_greedy(folder, prompt: str) -> str:
 
 
 def our_logits(out_dir, ids: torch.Tensor) -> torch.Tensor:
-    model, _, _ = sample.load_model(out_dir, "cpu")
+    model, _, _ = loading.load_model(out_dir, "cpu")
     with torch.no_grad():
         logits, _ = model(ids, torch.zeros_like(ids))  # with targets: logits at every position
     return logits
 
 
 def onnx_loop_code() -> str:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    return re.search(r"```python\n(# greedy generation with onnxruntime.*?)```", readme, re.S).group(1)
+    docs = (ROOT / "docs" / "export.md").read_text(encoding="utf-8")
+    return re.search(r"```python\n(# greedy generation with onnxruntime.*?)```", docs, re.S).group(1)
 
 
 def onnx_loop(folder, prompt: str) -> str:
-    """The README's onnxruntime generation loop, run as written in a fresh Python."""
+    """docs/export.md's onnxruntime generation loop, run as written in a fresh Python."""
     code = onnx_loop_code().replace('"exports/shakespeare-onnx", "ROMEO:", 100', f"{str(folder)!r}, {prompt!r}, {N_NEW}")
     code += "import sys\nassert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -88,7 +89,7 @@ def check_export(out_dir, tmp, prompt: str, capsys):
     export.main([f"--out_dir={out_dir}", "--format=onnx", f"--dest={onnx_dir}"])
     capsys.readouterr()
     ours = greedy_sample([f"--out_dir={out_dir}", f"--prompt={prompt}"], capsys)
-    _, tokenizer, ckpt = sample.load_model(out_dir, "cpu")
+    _, tokenizer, ckpt = loading.load_model(out_dir, "cpu")
     ids = torch.tensor([tokenizer.encode(ours)[:ckpt["model_args"]["block_size"]]])
     expected = our_logits(out_dir, ids)
 
@@ -277,6 +278,25 @@ def test_gguf_of_a_model_with_exact_gelu_and_no_biases(tmp_path, capsys):
     check_gguf(tmp_path / "out", tmp_path / "gguf", capsys)
 
 
+def test_gguf_of_a_rotary_model_with_an_untied_head(tmp_path, capsys):
+    """Rotary positions go to llama.cpp's gptneox architecture (its NEOX rope, sequential
+    residuals), an untied head to its output tensor: llama.cpp gives our greedy text."""
+    tok = gpt2_tokenizer()
+    torch.manual_seed(0)
+    args = dict(block_size=32, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
+                bias=False, activation="gelu_tanh", rotary=True, tie_head=False)
+    model = GPT(GPTConfig(**args))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)  # the zero-initialized head too, so greedy text varies
+    checkpoint.save({"model": model.state_dict(), "model_args": args, "optimizer": {}, "iter_num": 0,
+                     "best_val_loss": float("inf"), "config": {}, "tokenizer": tok.describe()},
+                    tmp_path / "out" / "ckpt.pt")
+    check_gguf(tmp_path / "out", tmp_path / "gguf", capsys)
+    import gguf
+    assert gguf.GGUFReader(tmp_path / "gguf" / "model.gguf").fields["general.architecture"].contents() == "gptneox"
+
+
 def test_finetune_refuses_shape_flags_and_a_foreign_tokenizer(toy_gpt2, bpe_data, char_run, tmp_path):
     common = [f"--init_from={toy_gpt2}", f"--out_dir={tmp_path / 'x'}", "--device=cpu", "--max_iters=1", "--warmup_iters=0"]
     with pytest.raises(UserError, match=r"different model shape: --n_layer=3 \(.* has 2\)"):
@@ -345,7 +365,7 @@ def test_trained_vocabulary_documents_model_comes_back_from_its_export(tmp_path,
     flags = ["--prompt=", "--num_samples=3", "--max_new_tokens=30", "--seed=5"]
     ours = greedy_sample([f"--out_dir={out}", *flags], capsys)
     assert greedy_sample([f"--init_from={hf_dir}", *flags], capsys) == ours
-    _, tokenizer, _ = sample.load_model(out, "cpu")
+    _, tokenizer, _ = loading.load_model(out, "cpu")
     back = hf_format.load_tokenizer(hf_dir)
     assert back.describe() == tokenizer.describe() and back.documents == "line"
     text = "Jab - Cross - Lead Hook"
