@@ -4,7 +4,9 @@ weights stay within half a quantization step, and every sampling setting reaches
 through every path a user takes (sample.py one-shot and interactive, app.py and its API; the
 fast CPU path and the plain one)."""
 import copy
+import dataclasses
 import inspect
+import math
 import io
 import socket
 import sys
@@ -19,8 +21,10 @@ import fast_decode
 import hardware
 import model as model_module
 import sample
+from generation import GenerationConfig
+from loading import choose_precision
 from model import GPT, GPTConfig, sample_next
-from train import train_step
+from training import TrainConfig, get_lr, get_muon_momentum, set_schedule, train_step
 
 FLOAT32 = hardware.Precision("cpu", "float32", "float32 on cpu (test)")
 VOCAB = 11
@@ -104,6 +108,41 @@ def test_two_micro_batches_make_the_same_step_as_one_batch_of_both(grad_clip):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
 
 
+# ---------------------------------------------------------------------------- the schedule
+
+def test_warmup_rises_linearly_and_decays_reach_min_lr():
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110, max_iters=200)
+    assert [get_lr(it, cfg) for it in (0, 4, 9)] == pytest.approx([1 / 11, 5 / 11, 10 / 11])
+    assert get_lr(10, cfg) == pytest.approx(1.0)  # the end of the warmup is the peak
+    assert get_lr(35, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))  # cosine, a quarter in
+    assert get_lr(110, cfg) == pytest.approx(0.1) and get_lr(500, cfg) == pytest.approx(0.1)
+    assert get_lr(50, dataclasses.replace(cfg, decay_lr=False)) == 1.0
+
+
+def test_wsd_holds_the_rate_then_falls_linearly_over_the_warmdown():
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110, max_iters=200,
+                      lr_schedule="wsd", warmdown_frac=0.2)  # the warmdown: iterations 88 to 110
+    assert get_lr(5, cfg) == pytest.approx(6 / 11)  # the same warmup
+    assert get_lr(10, cfg) == get_lr(50, cfg) == get_lr(88, cfg) == pytest.approx(1.0)  # stable
+    assert get_lr(99, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down
+    assert get_lr(110, cfg) == pytest.approx(0.1) and get_lr(111, cfg) == pytest.approx(0.1)
+    assert get_lr(50, dataclasses.replace(cfg, warmdown_frac=0.0)) == pytest.approx(1.0)  # no warmdown: stable
+
+
+def test_muon_momentum_warms_up_from_085_to_095_and_each_group_gets_its_rate():
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110, max_iters=200,
+                      optimizer="muon", muon_momentum_warmup=20)
+    assert [get_muon_momentum(it, cfg) for it in (0, 10, 20, 100)] == pytest.approx([0.85, 0.90, 0.95, 0.95])
+    assert get_muon_momentum(0, dataclasses.replace(cfg, muon_momentum_warmup=0)) == 0.95
+    model = tiny_gpt()
+    optimizer = model.configure_optimizer(0.1, 1.0, (0.9, 0.95), "cpu", name="muon", embed_lr_scale=3.0)
+    assert set_schedule(optimizer, 4, cfg) == pytest.approx(5 / 11)
+    scales = [g.get("lr_scale", 1.0) for g in optimizer.param_groups]
+    assert 3.0 in scales  # the embeddings' group
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([5 / 11 * k for k in scales])
+    assert [g["momentum"] for g in optimizer.muon.param_groups] == pytest.approx([0.87])
+
+
 # ---------------------------------------------------------------------------- sampling
 
 # fixed probabilities, in a shuffled order so that sorting and scattering back are exercised
@@ -142,6 +181,15 @@ def test_top_p_keeps_the_token_that_crosses_p():
     assert drawn(top_p=0.66) == drawn(top_p=0.84) == {3, 0, 4}
     assert drawn(top_p=0.86) == drawn(top_p=0.94) == {3, 0, 4, 1}
     assert drawn(top_p=0.96) == drawn(top_p=1.0) == {0, 1, 2, 3, 4}
+
+
+def test_top_p_at_exactly_the_cumulative_probability_keeps_no_more():
+    """Four equal logits: probabilities 0.25 each, cumulative 0.25, 0.5, 0.75, 1 exactly in
+    float32. "Reaches p" includes equality: p = 0.5 keeps two tokens, not three."""
+    logits = torch.zeros(ROWS, 4)
+    for p, kept in ((0.25, 1), (0.5, 2), (0.75, 3), (0.7501, 4)):
+        ids = sample_next(logits, 1.0, top_p=p, generator=torch.Generator().manual_seed(0))
+        assert len(set(ids.tolist())) == kept, p
 
 
 def test_top_k_and_top_p_together_keep_the_smaller_set():
@@ -303,7 +351,7 @@ def test_sample_py_interactive_passes_every_setting_to_the_sampler(char_dir, sam
 
 @pytest.mark.parametrize("path,dtype", [("fast", "auto"), ("plain", "float32")])
 def test_app_generate_passes_every_setting_to_the_sampler(char_dir, sampler_calls, path, dtype):
-    precision = sample.choose_precision("cpu", dtype)
+    precision = choose_precision("cpu", dtype)
     models = app.Models({"m": char_dir}, precision, dtype)
     for settings in SETTINGS:
         sampler_calls.clear()
@@ -317,7 +365,7 @@ def test_app_api_passes_every_setting_to_the_sampler(char_dir, sampler_calls, tm
     (in this process, so the spy sees its calls) and gradio_client."""
     gradio_client = pytest.importorskip("gradio_client", reason="pip install -r requirements-extras.txt")
     gr = app.import_gradio()
-    models = app.Models({"m": char_dir}, sample.choose_precision("cpu", "auto"), "auto")
+    models = app.Models({"m": char_dir}, choose_precision("cpu", "auto"), "auto")
     demo = app.build_demo(gr, models, 100, 0.0, tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -336,7 +384,7 @@ def test_app_api_passes_every_setting_to_the_sampler(char_dir, sampler_calls, tm
         parameters = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]
         names = [p["parameter_name"] for p in parameters["parameters"]]
         assert names == ["prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "model"]
-        defaults = sample.SampleConfig()
+        defaults = GenerationConfig()
         for p in parameters["parameters"]:
             name = p["parameter_name"]
             assert p["label"].lower().replace("-", " ").startswith(name.replace("_", " ")), p
