@@ -127,6 +127,8 @@ def test_wsd_holds_the_rate_then_falls_linearly_over_the_warmdown():
     assert get_lr(99, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down
     assert get_lr(110, cfg) == pytest.approx(0.1) and get_lr(111, cfg) == pytest.approx(0.1)
     assert get_lr(50, dataclasses.replace(cfg, warmdown_frac=0.0)) == pytest.approx(1.0)  # no warmdown: stable
+    short = dataclasses.replace(cfg, warmdown_frac=0.005)  # a warmdown shorter than one iteration
+    assert get_lr(109, short) == pytest.approx(1.0) and get_lr(110, short) == pytest.approx(0.1)
 
 
 def test_muon_momentum_warms_up_from_085_to_095_and_each_group_gets_its_rate():
