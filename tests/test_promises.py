@@ -430,3 +430,27 @@ def test_bytes_that_are_not_utf8_become_replacement_characters():
     tok = Tokenizer.bpe_from_ranks([bytes([i]) for i in range(256)])  # one token per byte
     ids = [0xC3, 0x41, 0xFF, 0xE2, 0x82]  # a cut 2-byte char, 'A', a byte never in UTF-8, a cut 3-byte char
     assert run_rows(StopCondition.for_model(tok, 1), [ids]) == ["\ufffdA\ufffd\ufffd"]
+
+
+def test_streaming_holds_back_only_what_could_start_a_stop_string():
+    from stopping import StopCondition
+    from tokenizer import Tokenizer
+    tok = Tokenizer.char_from_text("abxEND")
+    stop = StopCondition.for_model(tok, 1, ["END", "xx"])
+    shown = []
+    for c in "abxEN":
+        stop.update(tok.encode(c))
+        shown.append(stop.new_text(0))
+    assert shown == ["a", "b", "", "x", ""]  # "x" could start "xx", "E" and "EN" could start "END"
+    stop.update(tok.encode("D"))
+    assert stop.all_done and stop.new_text(0) == "" and stop.text(0) == "abx"
+
+
+def test_padding_ids_are_skipped_without_touching_the_other_rows():
+    """A model's vocabulary may be padded past the tokenizer's (GPT-2's 50257 to 50304): such
+    an id is no text, and the other rows of that step go on."""
+    from stopping import StopCondition
+    from tokenizer import Tokenizer
+    tok = Tokenizer.char_from_text("ab")
+    a, b, pad = tok.encode("a")[0], tok.encode("b")[0], tok.vocab_size
+    assert run_rows(StopCondition.for_model(tok, 2), [[pad, a, pad + 5], [a, b, b]]) == ["a", "abb"]
