@@ -454,3 +454,17 @@ def test_padding_ids_are_skipped_without_touching_the_other_rows():
     tok = Tokenizer.char_from_text("ab")
     a, b, pad = tok.encode("a")[0], tok.encode("b")[0], tok.vocab_size
     assert run_rows(StopCondition.for_model(tok, 2), [[pad, a, pad + 5], [a, b, b]]) == ["a", "abb"]
+
+
+def test_a_sample_ends_at_the_first_stop_string_even_at_its_start_or_twice_in_one_token():
+    from stopping import StopCondition
+    from tokenizer import Tokenizer
+    tok = Tokenizer.char_from_text("abc")
+    assert run_rows(StopCondition.for_model(tok, 1, ["ab"]), [tok.encode("abcab")]) == [""]
+    try:
+        gpt2 = Tokenizer.tiktoken("gpt2")
+    except Exception as e:  # no tiktoken cache offline
+        pytest.skip(str(e))
+    ids = gpt2.encode("a----b")
+    assert gpt2.decode(ids[1:2]) == "----"  # one token holds the stop string twice
+    assert run_rows(StopCondition.for_model(gpt2, 1, ["--"]), [ids]) == ["a"]
