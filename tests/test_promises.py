@@ -108,6 +108,49 @@ def test_two_micro_batches_make_the_same_step_as_one_batch_of_both(grad_clip):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
 
 
+def test_a_document_batch_steps_with_its_positions():
+    """A micro-batch (x, y, positions) of documents mode trains with its positions (attention
+    within each document, positions restarting), as the model computes them."""
+    model = tiny_gpt()
+    x, y = batch(2)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 0, 1, 2, 3, 0, 1]])
+    twin = copy.deepcopy(model)
+    twin(x, y, positions=positions)[1].backward()
+    applied, _ = sgd_step(model, [(x, y, positions)], 0.0)
+    for a, p in zip(applied, twin.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-3, atol=1e-6)
+
+
+def test_under_ddp_gradients_are_reduced_once_per_step_on_the_last_micro_batch(tmp_path):
+    """DDP's no_sync on every micro-step but the last: one all-reduce per bucket per step (a
+    real gloo group of one process; a communication hook counts the reductions)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        ddp = DDP(tiny_gpt())
+        reduced = []
+
+        def count(state, bucket):
+            reduced.append(bucket.index())
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+        ddp.register_comm_hook(None, count)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        x, y = batch(6)
+        micro = [(x[i:i + 2], y[i:i + 2]) for i in (0, 2, 4)]
+        train_step(ddp, optimizer, scaler, micro[:1], FLOAT32, 1.0, ddp=True)
+        per_step = len(reduced)
+        assert per_step > 0
+        reduced.clear()
+        train_step(ddp, optimizer, scaler, micro, FLOAT32, 1.0, ddp=True)
+        assert len(reduced) == per_step  # three micro-batches, still one reduction per bucket
+    finally:
+        dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------------------- the schedule
 
 def test_warmup_rises_linearly_and_decays_reach_min_lr():
@@ -127,6 +170,8 @@ def test_wsd_holds_the_rate_then_falls_linearly_over_the_warmdown():
     assert get_lr(99, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down
     assert get_lr(110, cfg) == pytest.approx(0.1) and get_lr(111, cfg) == pytest.approx(0.1)
     assert get_lr(50, dataclasses.replace(cfg, warmdown_frac=0.0)) == pytest.approx(1.0)  # no warmdown: stable
+    one = dataclasses.replace(cfg, lr_schedule="cosine", lr_decay_iters=11)  # a decay of one iteration
+    assert get_lr(11, one) == pytest.approx(0.1)
     short = dataclasses.replace(cfg, warmdown_frac=0.005)  # a warmdown shorter than one iteration
     assert get_lr(109, short) == pytest.approx(1.0) and get_lr(110, short) == pytest.approx(0.1)
 
