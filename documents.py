@@ -1,6 +1,6 @@
-"""What one document is in a text file, for the stages that read text as documents: prepare.py
-(--documents=line|blank) and eval.py (per-document scores). Plain Python, no torch, so that
-prepare.py and its worker processes start fast.
+"""What one document of a text file is in documents mode (prepare.py --documents=line|blank):
+prepare.py cuts its input into documents with split_documents, and eval.py cuts a text it
+scores the same way, so that a model trained on documents reads them as it trained.
 """
 import itertools
 
@@ -27,3 +27,4 @@ def split_documents(pieces, mode: str):
                 block.append(line)
     if block:
         yield "\n".join(block)
+

@@ -9,7 +9,7 @@
 train.bin and val.bin are flat little-endian token ids (uint16, or uint32 when the
 vocabulary does not fit in 16 bits); the last --val_fraction of the token stream is val,
 as in nanoGPT. meta.json describes the tokenizer, the dtype, the split sizes and the
-sources (see DESIGN.md, contract 1).
+sources (see docs/design.md, contract 1).
 
 Several input files are separate documents. With BPE they are joined by the end-of-text
 token; char-level has no such token, so their texts are simply concatenated. Either way
@@ -37,10 +37,9 @@ split into lines before BPE (tokenizer.LINE_PATTERN): merges may cross spaces, s
 record's recurring words ("Lead Hook", " - ") become single tokens. The trainer sees only
 the first --bpe_sample_chars characters (10M by default) of the training documents (in
 file mode: of the text without its last --val_fraction), so its memory stays bounded on
-any corpus (tiny Shakespeare, 1.1M characters, bpe:2000: 196 MB peak for the whole run).
-The vocabulary goes into meta.json as tiktoken ranks (base64 bytes of each token in rank
-order) plus the split pattern; train.py copies it into the checkpoint, and tiktoken
-encodes and decodes with it everywhere. Byte-level: any text, emoji included, decodes
+any corpus. The vocabulary goes into meta.json as tiktoken ranks (base64 bytes of each
+token in rank order) plus the split pattern; train.py copies it into the checkpoint, and
+tiktoken encodes and decodes with it everywhere. Byte-level: any text, emoji included, decodes
 back exactly.
 
 Inputs of any size stream with bounded memory in two passes: pass 1 checks the UTF-8,
@@ -325,8 +324,8 @@ def encode_files(files, tokenizer: Tokenizer, out_path: Path, dtype, chunk_size:
     n_tokens = 0
     # A bounded queue of encodes in flight: worker processes encode while this one reads,
     # cuts and writes, and memory holds a few chunks, never the whole input. Processes, not
-    # threads: tiktoken's threads contend with each other (measured 6.7 MB/s with two
-    # threads, 11.6 MB/s with two processes on 2 cores).
+    # threads: tiktoken's threads contend with each other, so two threads encode slower than
+    # two processes.
     pending: deque = deque()
     with open(out_path, "wb") as out, ProcessPoolExecutor(
             num_workers, initializer=_start_worker, initargs=(tokenizer.describe(),)) as pool, \
