@@ -21,6 +21,7 @@ import fast_decode
 import hardware
 import model as model_module
 import sample
+from errors import UserError
 from generation import GenerationConfig
 from loading import choose_precision
 from model import GPT, GPTConfig, sample_next
@@ -461,7 +462,7 @@ def test_a_documents_model_ends_at_its_boundary_and_a_plain_gpt2_goes_on():
     assert stop.steps == 4  # one update per generated token
     try:
         gpt2 = Tokenizer.tiktoken("gpt2")
-    except Exception as e:  # no tiktoken cache offline
+    except UserError as e:  # no tiktoken cache offline
         pytest.skip(str(e))
     ids = gpt2.encode("Hi") + [gpt2.eot_id] + gpt2.encode(" there")
     assert run_rows(StopCondition.for_model(gpt2, 1), [ids]) == ["Hi<|endoftext|> there"]
@@ -508,7 +509,7 @@ def test_a_sample_ends_at_the_first_stop_string_even_at_its_start_or_twice_in_on
     assert run_rows(StopCondition.for_model(tok, 1, ["ab"]), [tok.encode("abcab")]) == [""]
     try:
         gpt2 = Tokenizer.tiktoken("gpt2")
-    except Exception as e:  # no tiktoken cache offline
+    except UserError as e:  # no tiktoken cache offline
         pytest.skip(str(e))
     ids = gpt2.encode("a----b")
     assert gpt2.decode(ids[1:2]) == "----"  # one token holds the stop string twice
