@@ -92,7 +92,7 @@ class Int8Linear(nn.Module):
         # the kernel reads bf16 scales: quantize against the stored one, rounded up so that no
         # |w| / scale passes 127, and every w stays within half a step of int8 * scale
         scales = exact.to(torch.bfloat16)
-        scales = torch.where(scales.float() < exact, torch.nextafter(scales, scales.new_tensor(math.inf)), scales)
+        scales = torch.where(scales.float() < exact, torch.nextafter(scales, scales.new_tensor(float("inf"))), scales)
         self.register_buffer("weight", torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())

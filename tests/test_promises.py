@@ -335,25 +335,25 @@ def char_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def sampler_calls(monkeypatch) -> list[dict]:
-    """Every call of the real sample_next, as the plain path (model.py) and the fast path
-    (fast_decode.py) make it: which path, and the settings it received."""
+    """Every call of the real model.sample_next, which every decoder's loop (model.slide_window)
+    calls: which path computed the logits (fast_decode's FastDecoder or the model's own forward),
+    and the settings the sampler received."""
     calls = []
+    real = model_module.sample_next
+    signature = inspect.signature(real)
 
-    def spy(path, real):
-        signature = inspect.signature(real)
+    def sample_next_spy(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        given = dict(bound.arguments)
+        generator = given.pop("generator")
+        given.pop("logits")
+        next_logits = inspect.currentframe().f_back.f_locals.get("next_logits")
+        path = "fast" if isinstance(getattr(next_logits, "__self__", None), fast_decode.FastDecoder) else "plain"
+        calls.append({"path": path, **given, "seed": None if generator is None else generator.initial_seed()})
+        return real(*args, **kwargs)
 
-        def sample_next_spy(*args, **kwargs):
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            given = dict(bound.arguments)
-            generator = given.pop("generator")
-            given.pop("logits")
-            calls.append({"path": path, **given, "seed": None if generator is None else generator.initial_seed()})
-            return real(*args, **kwargs)
-        return sample_next_spy
-
-    monkeypatch.setattr(model_module, "sample_next", spy("plain", model_module.sample_next))
-    monkeypatch.setattr(fast_decode, "sample_next", spy("fast", fast_decode.sample_next))
+    monkeypatch.setattr(model_module, "sample_next", sample_next_spy)
     return calls
 
 
