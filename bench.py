@@ -121,9 +121,9 @@ def nanogpt_optimizer(model: GPT, cfg: BenchConfig) -> torch.optim.AdamW:
 
 def bench_train(model, cfg: BenchConfig, precision) -> dict[str, list[float]]:
     """Training tokens/s, one sample per repeat, of train.py's train_step on random tokens, and
-    the matmul peak: FLOP/s of (n, n) @ (n, n) in the autocast dtype, timed just before each
-    training sample, so that MFU pairs a step with the peak of the same moment (on a shared
-    host both move with the load). On CPUs also nanoGPT's step on a copy of the model, timed in
+    the matmul peak: FLOP/s of (n, n) @ (n, n) in the autocast dtype, repeated for about as
+    long as a step and timed just before each training sample, so that MFU pairs a step with
+    the peak of the same stretch of time (on a shared host both move with the load). On CPUs also nanoGPT's step on a copy of the model, timed in
     turn with ours (interleaved): float32 (nanoGPT's train.py autocasts only on GPUs), torch's dropout and SDPA
     (cpu_kernels.torch_kernels), unfused AdamW, not compiled (nanoGPT's CPU command passes
     --compile=False). The model is GPT-2's architecture in both, so the work is the same."""
@@ -142,11 +142,16 @@ def bench_train(model, cfg: BenchConfig, precision) -> dict[str, list[float]]:
                     train_step(model, optimizer, scaler, batches, precision, cfg.grad_clip)
         return steps
 
-    n = cfg.peak_size
+    n, products = cfg.peak_size, 1  # products: matmuls per peak sample, set to last about a step below
     a, b = (torch.randn(n, n, device=precision.device, dtype=precision.torch_dtype) for _ in range(2))
+
+    def peak():
+        for _ in range(products):
+            a @ b
+
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                           precision.device_type, cfg.optimizer)
-    runs = {"matmul peak": lambda: a @ b,
+    runs = {"matmul peak": peak,
             "train": stepper(torch.compile(model) if cfg.compile else model, optimizer, precision)}
     if precision.device_type == "cpu" and not model.config.non_gpt2_options():  # nanoGPT's model is GPT-2's
         baseline = copy.deepcopy(model)
@@ -155,6 +160,8 @@ def bench_train(model, cfg: BenchConfig, precision) -> dict[str, list[float]]:
                                                 cpu_kernels.torch_kernels)
     for fn in runs.values():
         timed(fn, precision, cfg.warmup, 0)
+    # a peak sample as long as a step, so both see the same stretch of a shared host's load
+    products = max(1, round(timed(runs["train"], precision, 0, 1)[0] / timed(peak, precision, 0, 1)[0]))
     times = {name: [] for name in runs}
     for _ in range(cfg.repeats):
         for name, fn in runs.items():
@@ -165,7 +172,7 @@ def bench_train(model, cfg: BenchConfig, precision) -> dict[str, list[float]]:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     tokens = cfg.train_steps * accum * cfg.batch_size * cfg.block_size
     rates = {name: [tokens / t for t in ts] for name, ts in times.items()}
-    rates["matmul peak"] = [2 * n**3 / t for t in times["matmul peak"]]
+    rates["matmul peak"] = [2 * n**3 * products / t for t in times["matmul peak"]]
     return rates
 
 
