@@ -326,13 +326,14 @@ class FastDecoder:
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        generator=None, use_cache=True):
+                        generator=None, use_cache=True, min_p=0.0, repetition_penalty=1.0):
         """GPT.generate_stream's contract on this decoder: yields the next token ids (B,), and
         slides the same way past block_size (the window jumps to keep its last block_size // 2
         tokens, which are then re-read). use_cache=False is the model's own no-cache loop."""
         if not use_cache:
             yield from self.model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
-                                                  generator, use_cache=False)
+                                                  generator, use_cache=False, min_p=min_p,
+                                                  repetition_penalty=repetition_penalty)
             return
         block_size = self.block_size
         B, T = idx.shape
@@ -350,7 +351,8 @@ class FastDecoder:
             else:  # the prompt, or a window refilled after a slide
                 logits = self.prefill.forward(tokens[:, start + cached:n], cached, cache)
             cached = n - start
-            next_id = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            next_id = sample_next(logits, temperature, top_k, top_p, generator, min_p,
+                                  repetition_penalty, tokens[:, :n])  # (B,)
             tokens[:, n] = next_id
             n += 1
             yield next_id

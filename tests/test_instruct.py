@@ -1,0 +1,175 @@
+"""Instruction data: prepare.py reads JSONL records into token bins with a loss mask beside
+them (only answers are in the loss), refuses a bad line in one line naming file and line,
+and sampling wraps prompts and chats with the template stored in meta.json; the shared
+sampler's min-p and repetition penalty."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import prepare
+import template
+from errors import UserError
+from model import sample_next
+from tokenizer import Tokenizer
+
+RECORDS = [
+    {"prompt": "What is 2+2?", "response": "4"},
+    {"text": "A plain document {with braces}."},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
+                  {"role": "assistant", "content": "Bye!"}]},
+    {"prompt": "Capital of France?", "response": "Paris", "id": 7},  # other keys are ignored
+] * 5
+
+
+def write_jsonl(path: Path, records, extra_lines=()) -> Path:
+    lines = [json.dumps(r, ensure_ascii=False) for r in records] + list(extra_lines)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def prepare_records(tmp_path, records, *args, name="inst"):
+    src = write_jsonl(tmp_path / "records.jsonl", records)
+    prepare.main(["--input", str(src), "--name", name, "--data_dir", str(tmp_path / "data"),
+                  "--block_size", "8", "--num_workers", "1", *args])
+    folder = tmp_path / "data" / name
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    splits = {s: (np.fromfile(folder / f"{s}.bin", dtype=meta["dtype"]),
+                  np.fromfile(folder / f"{s}_mask.bin", dtype=np.uint8)) for s in ("train", "val")}
+    return meta, splits
+
+
+def records_of(ids, mask, tokenizer):
+    """Each record of a split as (its whole text, the text of its tokens in the loss), the
+    boundary that closes it shown as <EOT> in the second."""
+    bounds = np.flatnonzero(ids == tokenizer.eot_id)
+    out = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        body, flags = ids[a + 1:b + 1], mask[a + 1:b + 1]
+        trained = "".join("<EOT>" if i == tokenizer.eot_id else tokenizer.decode([i])
+                          for i, f in zip(body, flags) if f)
+        out.append((tokenizer.decode(body[:-1]), trained))
+    return out
+
+
+@pytest.mark.parametrize("tok", ["char", "gpt2"])
+def test_records_become_documents_with_the_answers_in_the_loss(tmp_path, tok):
+    meta, splits = prepare_records(tmp_path, RECORDS, "--tokenizer", tok, "--shuffle", "false",
+                                   "--val_fraction", "0.2")
+    tokenizer = Tokenizer.from_description(meta)
+    assert meta["documents"] == "jsonl" and tokenizer.documents == "jsonl"
+    assert meta["template"] == template.TEMPLATE and meta["chat"] is True
+    assert meta["records"] == {"text": 5, "prompt_response": 10, "messages": 5}
+    assert (meta["train_documents"], meta["val_documents"]) == (16, 4)
+    for split, (ids, mask) in splits.items():
+        assert len(ids) == len(mask) == meta[f"{split}_tokens"]
+        assert int(mask.sum()) == meta["loss_mask"][f"{split}_loss_tokens"]
+        assert ids[0] == ids[-1] == tokenizer.eot_id and mask[0] == 0
+    got = records_of(*splits["train"], tokenizer) + records_of(*splits["val"], tokenizer)
+    user, assistant, end = template.TEMPLATE["user"], template.TEMPLATE["assistant"], template.TEMPLATE["end"]
+    expected = [
+        (user.replace("{content}", "What is 2+2?") + assistant + "4", "4<EOT>"),
+        ("A plain document {with braces}.", "A plain document {with braces}.<EOT>"),
+        ("<|system|>\nBe brief.\n" + user.replace("{content}", "Hi") + assistant + "Hello!" + end
+         + user.replace("{content}", "Bye") + assistant + "Bye!" + end, "Hello!" + end + "Bye!" + end + "<EOT>"),
+        (user.replace("{content}", "Capital of France?") + assistant + "Paris", "Paris<EOT>"),
+    ] * 5
+    assert got == expected
+
+
+def test_sampling_wraps_prompts_as_training_did(tmp_path):
+    meta, splits = prepare_records(tmp_path, RECORDS[:1] * 20, "--tokenizer", "gpt2")
+    tokenizer = Tokenizer.from_description(meta)
+    ids = template.prompt_ids(tokenizer, meta["template"], "What is 2+2?")
+    record = splits["train"][0][:len(ids) + 2].tolist()
+    assert record[:len(ids)] == ids  # the prompt is exactly the start of a training record
+    assert tokenizer.decode(record[len(ids):]) == "4<|endoftext|>"
+
+
+def test_chat_drops_the_oldest_turns_to_fit():
+    tokenizer = Tokenizer.tiktoken("gpt2")
+    turns = [("system", "Be brief."), ("user", "one " * 20), ("assistant", "uno " * 20),
+             ("user", "two"), ("assistant", "dos"), ("user", "three")]
+    full, dropped = template.chat_ids(tokenizer, template.TEMPLATE, turns, budget=1000)
+    assert dropped == 0 and tokenizer.decode(full).endswith("<|user|>\nthree\n<|assistant|>\n")
+    record = {"messages": [{"role": r, "content": c} for r, c in turns]}
+    ids, _ = template.encode_parts(tokenizer, template.record_parts(record, "messages", template.TEMPLATE))
+    assert full == [tokenizer.eot_id] + ids.tolist() + tokenizer.encode(template.TEMPLATE["assistant"])
+    short, dropped = template.chat_ids(tokenizer, template.TEMPLATE, turns, budget=60)
+    assert dropped == 2 and len(short) <= 60  # the long first exchange went, whole
+    text = tokenizer.decode(short)
+    assert text.startswith("<|endoftext|><|system|>\nBe brief.\n<|user|>\ntwo\n") and "one" not in text
+    newest, dropped = template.chat_ids(tokenizer, template.TEMPLATE, turns, budget=5)
+    assert dropped == 4 and tokenizer.decode(newest).endswith("three\n<|assistant|>\n")  # the newest stays
+
+
+BAD_LINES = {
+    "broken JSON": ('{"prompt": "a", "response": }', "records.jsonl:3: not valid JSON"),
+    "not an object": ('["a", "b"]', "records.jsonl:3: a record must be a JSON object, got a list"),
+    "no known field": ('{"question": "a"}', 'records.jsonl:3: the record has none of "text"'),
+    "missing response": ('{"prompt": "a"}', 'records.jsonl:3: the record has "prompt" but no "response"'),
+    "wrong type": ('{"prompt": "a", "response": 4}', 'records.jsonl:3: "response" must be a string, got a number'),
+    "mixed kinds": ('{"text": "a", "prompt": "b"}', "records.jsonl:3: the record mixes"),
+    "bad role": ('{"messages": [{"role": "bot", "content": "hi"}]}', "records.jsonl:3: messages[0].role must be"),
+    "no assistant": ('{"messages": [{"role": "user", "content": "hi"}]}',
+                     'records.jsonl:3: "messages" has no assistant turn'),
+    "content not text": ('{"messages": [{"role": "assistant", "content": null}]}',
+                         "records.jsonl:3: messages[0].content must be a string, got a null"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_LINES)
+def test_a_bad_line_is_one_error_naming_file_and_line_and_nothing_is_written(tmp_path, case):
+    line, message = BAD_LINES[case]
+    src = write_jsonl(tmp_path / "records.jsonl", RECORDS[:1], extra_lines=["", line] + [json.dumps(RECORDS[0])] * 9)
+    with pytest.raises(UserError) as e:
+        prepare.main(["--input", str(src), "--name", "bad", "--data_dir", str(tmp_path / "data")])
+    assert str(e.value).startswith(f"{tmp_path / message}") and "\n" not in str(e.value)
+    assert not (tmp_path / "data" / "bad").exists()
+    assert [p.name for p in (tmp_path / "data").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_format_flags_and_a_custom_template(tmp_path):
+    src = write_jsonl(tmp_path / "records.txt", RECORDS)
+    with pytest.raises(UserError, match="drop --documents"):
+        prepare.main(["--input", str(src), "--format", "jsonl", "--documents", "line", "--name", "x",
+                      "--data_dir", str(tmp_path / "data")])
+    custom = {"system": "S: {content}\n", "user": "Q: {content}\n", "assistant": "A: ", "end": " <END>\n"}
+    (tmp_path / "t.json").write_text(json.dumps(custom), encoding="utf-8")
+    prepare.main(["--input", str(src), "--format", "jsonl", "--template", str(tmp_path / "t.json"),
+                  "--name", "x", "--data_dir", str(tmp_path / "data"), "--block_size", "8", "--tokenizer", "char"])
+    meta = json.loads((tmp_path / "data" / "x" / "meta.json").read_text(encoding="utf-8"))
+    assert meta["template"] == custom and template.stop_strings(custom) == [" <END>", "Q:"]
+    (tmp_path / "t.json").write_text(json.dumps({**custom, "user": "Q:"}), encoding="utf-8")
+    with pytest.raises(UserError, match="must hold {content}"):
+        prepare.main(["--input", str(src), "--format", "jsonl", "--template", str(tmp_path / "t.json"),
+                      "--name", "y", "--data_dir", str(tmp_path / "data")])
+    # a plain text dataset prepared over it later leaves no stale mask behind
+    (tmp_path / "plain.txt").write_text("plain text " * 50, encoding="utf-8")
+    prepare.main(["--input", str(tmp_path / "plain.txt"), "--name", "x", "--data_dir", str(tmp_path / "data"),
+                  "--block_size", "8", "--tokenizer", "char"])
+    assert sorted(p.name for p in (tmp_path / "data" / "x").iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
+# ---------------------------------------------------------------- the shared sampler
+
+def test_min_p_keeps_tokens_near_the_best():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    drawn = {sample_next(logits, 1.0, min_p=0.5, generator=g).item() for _ in range(300)}
+    assert drawn == {0, 1}  # 0.3 >= 0.5 * 0.5; 0.15 is not
+    drawn = {sample_next(logits, 1.0, min_p=0.2, generator=g).item() for _ in range(300)}
+    assert drawn == {0, 1, 2}
+    assert {sample_next(logits, 1.0, min_p=1.0, generator=g).item() for _ in range(50)} == {0}
+
+
+def test_repetition_penalty_as_hugging_face():
+    from transformers import RepetitionPenaltyLogitsProcessor
+    logits = torch.tensor([[2.0, -1.0, 1.5, 0.5, -0.2]])
+    seen = torch.tensor([[0, 1, 1]])
+    theirs = RepetitionPenaltyLogitsProcessor(1.8)(seen, logits.clone())
+    assert sample_next(logits, 0, repetition_penalty=1.8, seen=seen).item() == theirs.argmax().item() == 2
+    assert sample_next(logits, 0, repetition_penalty=1.0, seen=seen).item() == 0
