@@ -76,7 +76,8 @@ FORMAT_VERSION = 1
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 NAMED_DATASETS = {"shakespeare_char": CHAR, "shakespeare": "gpt2"}  # name -> default tokenizer
-OUTPUTS = ("train.bin", "val.bin", "meta.json", "train_mask.bin", "val_mask.bin")  # what a run writes into data/<name>/
+OUTPUTS = ("train.bin", "val.bin", "meta.json")  # what a run writes into data/<name>/
+MASK_OUTPUTS = ("train_mask.bin", "val_mask.bin")  # and beside them for JSONL records: the loss masks
 DOCUMENT_MODES = ("file", "line", "blank")  # --documents: what one document is
 BPE_MIN_VOCAB = 257  # a trained vocabulary holds the 256 bytes and <|endoftext|> at least
 LONG_DOCUMENTS_WARNING = 0.1  # warn when more than this share of documents exceed --block_size
@@ -449,7 +450,7 @@ def carry_over(old: Path, new: Path) -> None:
     """Keep what the user had in data/<name>/ besides our outputs (input.txt, say): hard
     links where possible, copies otherwise."""
     for entry in old.iterdir():
-        if entry.name in OUTPUTS or (new / entry.name).exists():
+        if entry.name in OUTPUTS + MASK_OUTPUTS or (new / entry.name).exists():
             continue
         if entry.is_dir():
             try:
@@ -510,7 +511,6 @@ def remove_stale_temps(data_dir: Path, name: str) -> None:
 # where the token is a target in the loss (see docs/finetune.md). Records are read twice
 # (check, then encode), so memory stays bounded; encoding runs in this process.
 
-MASK_OUTPUTS = ("train_mask.bin", "val_mask.bin")
 JSONL = "jsonl"
 
 
