@@ -107,3 +107,13 @@ def merge_state_dict(state: dict, lora: dict | None) -> dict:
             delta = state[prefix + ".lora_B"].float() @ state[key].float()  # (out, in)
             merged[prefix + ".weight"] = (w.float() + scale * delta).to(w.dtype)
     return merged
+
+
+SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")  # train.py's flags, fixed on resume
+
+
+def from_settings(cfg) -> LoRAConfig | None:
+    """The LoRAConfig of train.py's settings (lora_rank, ...), or None when lora_rank is 0."""
+    if cfg.lora_rank == 0:
+        return None
+    return LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)

@@ -52,6 +52,7 @@ import checkpoint
 import fast_decode
 import hardware
 import hf_format
+import lora
 from config import parse_config
 from errors import UserError, run_main
 from model import GPT, GPTConfig
@@ -130,6 +131,7 @@ def load_model(out_dir: str, device: str) -> tuple[GPT, Tokenizer, dict]:
                         f"it was written by another version of train.py") from None
     # a checkpoint of a compiled model saved without unwrapping has every key prefixed
     state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    state = lora.merge_state_dict(state, ckpt.get("lora"))  # a LoRA run's adapters folded into its weights
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -42,8 +42,9 @@ import plot
 import runlock
 from config import parse_config
 from errors import UserError, run_main
+import lora
 from model import GPT, GPTConfig
-from tokenizer import Tokenizer
+from tokenizer import DOCUMENT_MODES, Tokenizer
 
 
 @dataclass
@@ -109,6 +110,12 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (helps on GPUs; measured no gain on CPU)
     seed: int = 1337  # seed for weights, dropout and batch sampling
     backend: str = "nccl"  # torch.distributed backend under torchrun on GPUs (gloo on CPUs)
+    # finetuning (docs/finetune.md)
+    lora_rank: int = 0  # LoRA: train rank-r adapters on the targeted layers, everything else frozen; 0 = off
+    lora_alpha: float = 16.0  # LoRA: the adapters' update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.05  # LoRA: dropout on the adapters' input during training
+    lora_targets: str = "c_attn,c_proj"  # LoRA: comma-separated Linear layers of each block (c_attn, c_proj, c_fc)
+    grad_checkpoint: bool = False  # recompute each block's activations in the backward pass: less memory, more compute
 
     def problems(self) -> list[str]:
         """Every setting that cannot work, so all are reported at once before any work."""
@@ -160,6 +167,13 @@ class TrainConfig:
                 p.append(f"--{k} must be a finite number above 0, got {getattr(self, k)}")
         if self.muon_momentum_warmup < 0:
             p.append(f"--muon_momentum_warmup must be >= 0, got {self.muon_momentum_warmup}")
+        if self.lora_rank < 0:
+            p.append(f"--lora_rank must be >= 0 (0 = off), got {self.lora_rank}")
+        elif self.lora_rank:
+            p += lora.from_settings(self).problems()
+            if self.init_from == "scratch":
+                p.append("--lora_rank adapts a trained model, not random weights: give --init_from=gpt2 (or "
+                         "another GPT-2, a Hugging Face folder) or --init_from=resume")
         if self.init_from not in ("scratch", "resume", *hf_format.GPT2_NAMES) and not Path(self.init_from).is_dir():
             p.append(f"--init_from must be scratch or resume, a GPT-2 ({', '.join(hf_format.GPT2_NAMES)}) or a "
                      f"folder holding a Hugging Face GPT-2; got {self.init_from!r}, which is no folder")
@@ -211,8 +225,19 @@ class Dataset:
 
         # document mode: a dataset of documents, each starting with the boundary token eot_id
         self.eot_id = self.meta.get("eot_id")
-        self.documents = self.meta.get("documents") in ("line", "blank") and self.eot_id is not None
+        self.documents = self.meta.get("documents") in DOCUMENT_MODES and self.eot_id is not None
         self._row_starts = {}  # (split, block_size) -> where document-mode rows may start
+        # instruction data (JSONL): a uint8 flag per token, 1 where it is a target in the loss
+        self.mask_paths = None
+        if "loss_mask" in self.meta:
+            self.mask_paths = {split: folder / self.meta["loss_mask"][split] for split in self.paths}
+            for split, path in self.mask_paths.items():
+                if not path.is_file() or path.stat().st_size != self.sizes[split]:
+                    raise UserError(f"{path} is missing or does not hold one flag per token of "
+                                    f"{self.paths[split]}; run prepare.py for {name!r} again")
+        # what sampling needs to wrap a prompt as the records were (see template.py)
+        self.instruct = {"template": self.meta["template"], "chat": bool(self.meta.get("chat"))} \
+            if "template" in self.meta else None
 
     def row_starts(self, split: str, block_size: int) -> np.ndarray:
         """Document mode: every document start (its boundary token) and, inside a document
@@ -227,7 +252,15 @@ class Dataset:
             doc = np.repeat(np.arange(len(firsts)), more)
             k = np.arange(len(doc)) - np.repeat(np.cumsum(more) - more, more) + 1  # 1, 2, .. per document
             starts = np.sort(np.concatenate([firsts, firsts[doc] + k * block_size]))
-            self._row_starts[key] = starts[starts + block_size + 1 <= len(data)]
+            starts = starts[starts + block_size + 1 <= len(data)]
+            if self.mask_paths:  # a window with no target in the loss teaches nothing (and its loss is 0/0)
+                in_loss = np.concatenate([[0], np.cumsum(np.memmap(self.mask_paths[split], dtype=np.uint8,
+                                                                    mode="r"), dtype=np.int64)])
+                starts = starts[in_loss[starts + block_size + 1] > in_loss[starts + 1]]
+                if len(starts) == 0:
+                    raise UserError(f"no window of --block_size={block_size} tokens in the {split} split holds "
+                                    f"a token in the loss; use a larger --block_size")
+            self._row_starts[key] = starts
         return self._row_starts[key]
 
     def get_batch(self, split, batch_size, block_size, generator, device):
@@ -243,6 +276,10 @@ class Dataset:
         windows = data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)  # (B, T+1)
         xy = torch.from_numpy(windows)
         batch = [xy[:, :-1], xy[:, 1:]]
+        if self.mask_paths:  # targets out of the loss become -1, which the cross-entropy ignores
+            flags = np.memmap(self.mask_paths[split], dtype=np.uint8, mode="r")
+            out = torch.from_numpy(flags[starts[:, None] + np.arange(1, block_size + 1)] == 0)  # (B, T)
+            batch[1] = batch[1].masked_fill(out, -1)
         if self.documents:
             batch.append(document_positions(batch[0], self.eot_id))
         if device.startswith("cuda"):  # pinned memory lets the copy overlap with compute
@@ -531,7 +568,8 @@ def run(argv, held: contextlib.ExitStack):
         saved.pop("out_dir", None)  # the run continues where its checkpoint is now, even if moved
         fixed = {**{k: ckpt["model_args"][k] for k in MODEL_KEYS},  # the optimizer's state and groups:
                  "optimizer": ckpt["config"].get("optimizer", "adamw"),
-                 "embed_lr_scale": ckpt["config"].get("embed_lr_scale", 1.0)}
+                 "embed_lr_scale": ckpt["config"].get("embed_lr_scale", 1.0),
+                 **{k: ckpt["config"].get(k, getattr(TrainConfig, k)) for k in lora.SETTINGS}}
         refused = conflicts(cfg, explicit, fixed, "checkpoint")
         if refused:
             raise UserError(f"cannot resume {ckpt_path} with a different model shape or optimizer: "
@@ -578,7 +616,7 @@ def run(argv, held: contextlib.ExitStack):
         if data.vocab_size > hf_config.vocab_size:
             raise UserError(f"dataset {cfg.dataset!r} has {data.vocab_size} tokens, more than the "
                             f"{hf_config.vocab_size} of --init_from={cfg.init_from}")
-        tokenizer = theirs
+        tokenizer = {**theirs, **{k: v for k, v in tokenizer.items() if k == "documents"}}  # the data's mode
 
     lock_out_dir(out_lock, ddp, master, create=True)
     if master:
@@ -615,6 +653,10 @@ def run(argv, held: contextlib.ExitStack):
             model.crop_block_size(cfg.block_size)
     else:
         model = GPT(GPTConfig(**model_args))
+    lora_cfg = lora.from_settings(cfg)
+    if lora_cfg is not None:  # before a resumed state is loaded: it holds the adapters
+        n_adapters = lora.apply(model, lora_cfg)
+    model.grad_checkpoint = cfg.grad_checkpoint
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -622,6 +664,9 @@ def run(argv, held: contextlib.ExitStack):
     model.to(device)
     if master:
         print(f"number of parameters: {model.num_params() / 1e6:.2f}M")
+        if lora_cfg is not None:
+            print(f"LoRA rank {lora_cfg.rank} on {lora_cfg.targets}: {n_adapters:,} parameters train "
+                  f"({100 * n_adapters / sum(p.numel() for p in model.parameters()):.2f}% of the model), the rest is frozen")
 
     scaler = torch.amp.GradScaler(precision.device_type, enabled=precision.dtype == "float16")
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
@@ -695,6 +740,8 @@ def run(argv, held: contextlib.ExitStack):
             "best_val_loss": best_val_loss,
             "config": dataclasses.asdict(cfg),
             "tokenizer": tokenizer,
+            "lora": lora_cfg.to_dict() if lora_cfg is not None else None,  # readers merge it (lora.py)
+            "instruct": data.instruct,  # the template of instruction data, for sample.py and app.py
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if precision.device_type == "cuda" else [],
                     "data": [data for data, _ in states],
