@@ -173,3 +173,85 @@ def test_repetition_penalty_as_hugging_face():
     theirs = RepetitionPenaltyLogitsProcessor(1.8)(seen, logits.clone())
     assert sample_next(logits, 0, repetition_penalty=1.8, seen=seen).item() == theirs.argmax().item() == 2
     assert sample_next(logits, 0, repetition_penalty=1.0, seen=seen).item() == 0
+
+
+# ---------------------------------------------------------------- training on the answers only
+
+def tiny_hf_folder(folder: Path, tokenizer, n_positions=64) -> Path:
+    """A small GPT-2 with random weights saved by transformers, with our tokenizer's files: a
+    pretrained model to finetune, as --init_from=FOLDER reads one."""
+    transformers = pytest.importorskip("transformers")
+    import hf_format
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=tokenizer.vocab_size,
+                                     n_positions=n_positions, bos_token_id=None, eos_token_id=None)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    hf_format.hf_tokenizer(tokenizer).save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(hf_format.tokenizer_config(tokenizer, n_positions)))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def instruct_data(tmp_path_factory):
+    """data_dir with 'inst' (char-level records of RECORDS) and a tiny GPT-2 folder for it."""
+    root = tmp_path_factory.mktemp("instruct")
+    meta, _ = prepare_records(root, RECORDS * 4, "--tokenizer", "char", name="inst")
+    tiny_hf_folder(root / "base", Tokenizer.from_description(meta))
+    return root
+
+
+def test_targets_outside_the_answers_are_ignored_in_every_batch(instruct_data):
+    from dataset import Dataset
+    data = Dataset(str(instruct_data / "data"), "inst")
+    flags = np.fromfile(instruct_data / "data" / "inst" / "val_mask.bin", dtype=np.uint8)
+    tokens = np.fromfile(instruct_data / "data" / "inst" / "val.bin", dtype=np.uint16)
+    starts = data.row_starts("val", 32)
+    assert len(starts) > 0 and all(flags[s + 1:s + 33].any() for s in starts)  # every window trains something
+    x, y, positions = data.get_batch("val", 8, 32, torch.Generator().manual_seed(0), "cpu")
+    expected = lambda s: np.where(flags[s + 1:s + 33] == 1, tokens[s + 1:s + 33], -1)  # noqa: E731
+    for row_x, row_y in zip(x.numpy(), y.numpy()):
+        assert any((row_y == expected(s)).all() for s in starts if (tokens[s:s + 32] == row_x).all())
+    assert (y == -1).any() and (x >= 0).all()  # the inputs keep every token
+
+
+def run_train(root, out, *flags):
+    import train
+    train.main([f"--data_dir={root / 'data'}", f"--out_dir={root / out}", "--dataset=inst",
+                f"--init_from={root / 'base'}", "--block_size=32", "--batch_size=4", "--eval_iters=2",
+                "--warmup_iters=0", "--learning_rate=3e-2", "--dtype=float32", "--device=cpu",
+                "--eval_at_start=false", *flags])
+
+
+def test_lora_resumes_exactly_holds_little_optimizer_state_and_loads_merged(instruct_data):
+    import checkpoint
+    import loading
+    import lora
+    root = instruct_data
+    run_train(root, "straight", "--lora_rank=4", "--lora_dropout=0.1", "--max_iters=6", "--eval_interval=3")
+    run_train(root, "halves", "--lora_rank=4", "--lora_dropout=0.1", "--max_iters=3", "--eval_interval=3")
+    run_train(root, "halves", "--init_from=resume", "--max_iters=6")
+    a, b = checkpoint.load(root / "straight"), checkpoint.load(root / "halves")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["lora"] == {"rank": 4, "alpha": 16.0, "dropout": 0.1, "targets": "c_attn,c_proj"}
+    assert a["instruct"]["template"] == template.TEMPLATE and a["tokenizer"]["documents"] == "jsonl"
+    adapters = [v for k, v in a["model"].items() if k.endswith((".lora_A", ".lora_B"))]
+    n_state = sum(t.numel() for s in a["optimizer"]["state"].values() for t in s.values() if t.dim())
+    assert n_state == 2 * sum(t.numel() for t in adapters)  # Adam's two moments of the adapters, nothing else
+    model, tokenizer, _ = loading.load_model(str(root / "straight"), "cpu")
+    assert not any(isinstance(m, lora.LoRALinear) for m in model.modules())  # a plain GPT
+    adapted = loading.load_model(str(root / "straight"), "cpu")[0]
+    lora.apply(adapted, lora.LoRAConfig(**a["lora"]))
+    adapted.load_state_dict(a["model"])
+    x = torch.tensor([template.prompt_ids(tokenizer, a["instruct"]["template"], "What is 2+2?")])
+    with torch.no_grad():
+        assert torch.allclose(model(x, x)[0], adapted.eval()(x, x)[0], atol=1e-5)
+
+
+def test_lora_and_sampling_values_out_of_range_are_one_line(instruct_data):
+    with pytest.raises(UserError, match="--lora_rank adapts a trained model"):
+        run_train(instruct_data, "x", "--lora_rank=4", "--init_from=scratch")
+    with pytest.raises(UserError, match="--lora_dropout must be in"):
+        run_train(instruct_data, "x", "--lora_rank=4", "--lora_dropout=1.5")
+    with pytest.raises(UserError, match="--lora_targets must be"):
+        run_train(instruct_data, "x", "--lora_rank=4", "--lora_targets=q_proj")
