@@ -204,7 +204,7 @@ def test_targets_outside_the_answers_are_ignored_in_every_batch(instruct_data):
     from dataset import Dataset
     data = Dataset(str(instruct_data / "data"), "inst")
     flags = np.fromfile(instruct_data / "data" / "inst" / "val_mask.bin", dtype=np.uint8)
-    tokens = np.fromfile(instruct_data / "data" / "inst" / "val.bin", dtype=np.uint16)
+    tokens = np.fromfile(instruct_data / "data" / "inst" / "val.bin", dtype=np.uint16).astype(np.int64)
     starts = data.row_starts("val", 32)
     assert len(starts) > 0 and all(flags[s + 1:s + 33].any() for s in starts)  # every window trains something
     x, y, positions = data.get_batch("val", 8, 32, torch.Generator().manual_seed(0), "cpu")
@@ -243,7 +243,7 @@ def test_lora_resumes_exactly_holds_little_optimizer_state_and_loads_merged(inst
     adapted = loading.load_model(str(root / "straight"), "cpu")[0]
     lora.apply(adapted, lora.LoRAConfig(**a["lora"]))
     adapted.load_state_dict(a["model"])
-    x = torch.tensor([template.prompt_ids(tokenizer, a["instruct"]["template"], "What is 2+2?")])
+    x = torch.tensor([template.prompt_ids(tokenizer, a["instruct"]["template"], "What is 2+2?")[-16:]])
     with torch.no_grad():
         assert torch.allclose(model(x, x)[0], adapted.eval()(x, x)[0], atol=1e-5)
 
@@ -255,3 +255,78 @@ def test_lora_and_sampling_values_out_of_range_are_one_line(instruct_data):
         run_train(instruct_data, "x", "--lora_rank=4", "--lora_dropout=1.5")
     with pytest.raises(UserError, match="--lora_targets must be"):
         run_train(instruct_data, "x", "--lora_rank=4", "--lora_targets=q_proj")
+
+
+# ---------------------------------------------------------------- sampling an instruction model
+
+@pytest.fixture(scope="module")
+def chat_run(instruct_data):
+    """A model trained (briefly) on the records, chats included: its checkpoint folder."""
+    run_train(instruct_data, "chat", "--max_iters=2", "--eval_interval=2")
+    return instruct_data / "chat"
+
+
+def test_sample_wraps_the_prompt_and_a_chat_keeps_what_fits(chat_run, capsys):
+    import hardware
+    import loading
+    import sample
+    sample.main([f"--out_dir={chat_run}", "--prompt=What is 2+2?", "--max_new_tokens=5", "--dtype=float32",
+                 "--device=cpu", "--temperature=0"])
+    assert capsys.readouterr().out.startswith("<|user|>\nWhat is 2+2?\n<|assistant|>\n")
+    model, tokenizer, info = loading.load(str(chat_run), "cpu")
+    tmpl = info["instruct"]["template"]
+    cfg = sample.SampleConfig(max_new_tokens=4, temperature=0, stop=template.stop_strings(tmpl))
+    history, out = [], __import__("io").StringIO()
+    for line in ("Hi", "What is 2+2?"):  # the second no longer fits beside the first in 32 tokens
+        sample.chat_turn(model, tokenizer, cfg, hardware.resolve("cpu", "float32"), torch.Generator(), out,
+                         tmpl, 32, history, line)
+    assert [turn for turn, _ in history] == ["user", "assistant"] and history[0][1] == "What is 2+2?"
+    assert "oldest turns no longer fit" in capsys.readouterr().err
+    assert out.getvalue().count("\n") == 2  # one answer line per turn
+
+
+def test_an_answer_stops_at_the_end_marker():
+    from stopping import StopCondition
+    tokenizer = Tokenizer.tiktoken("gpt2")
+    stop = StopCondition.for_model(tokenizer, 1, template.stop_strings(template.TEMPLATE))
+    for i in tokenizer.encode("Paris<|end|>\n<|user|>\nmore"):
+        if stop.update([i]):
+            break
+    assert stop.text(0) == "Paris"
+
+
+def test_app_wraps_prompts_holds_a_chat_and_checks_the_new_settings(instruct_data, chat_run):
+    import app
+    import hardware
+    models = app.Models({"chat": chat_run, "base": instruct_data / "base"}, hardware.resolve("cpu", "float32"))
+    texts = list(app.generate(models, 100, 0.0, "What is 2+2?", 4, 0, 0, 1.0, 1, "chat", 0.1, 1.2))
+    assert texts[-1].startswith("<|user|>\nWhat is 2+2?\n<|assistant|>\n")
+    history = list(app.chat(models, 100, 0.0, "Hi", [], 4, 0, 0, 1.0, 1, "chat"))[-1]
+    assert [m["role"] for m in history] == ["user", "assistant"] and history[0]["content"] == "Hi"
+    history = list(app.chat(models, 100, 0.0, "Bye", history, 4, 0, 0, 1.0, 1, "chat"))[-1]
+    assert [m["content"] for m in history][::2] == ["Hi", "Bye"]
+    with pytest.raises(UserError, match="not trained on chats"):
+        list(app.chat(models, 100, 0.0, "Hi", [], 4, 0, 0, 1.0, 1, "base"))
+    with pytest.raises(UserError, match="min_p must be in .0, 1.*repetition_penalty must be a finite number above 0"):
+        list(app.generate(models, 100, 0.0, "x", 4, 0, 0, 1.0, 1, "chat", 1.5, 0))
+
+
+@pytest.mark.parametrize("flag, message", [("--min_p=2", "--min_p must be in [0, 1]"),
+                                           ("--min_p=nan", "--min_p must be in [0, 1]"),
+                                           ("--repetition_penalty=0", "--repetition_penalty must be a finite")])
+def test_sample_refuses_sampling_values_out_of_range(flag, message):
+    import sample
+    with pytest.raises(UserError) as e:
+        sample.main(["--out_dir=nowhere", flag])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_fast_path_draws_as_the_model_with_min_p_and_repetition_penalty(chat_run):
+    import loading
+    from fast_decode import FastDecoder
+    model = loading.load(str(chat_run), "cpu")[0]
+    idx = torch.tensor([[0, 5, 6, 7], [0, 9, 9, 9]])
+    options = dict(temperature=1.0, min_p=0.02, repetition_penalty=1.3)
+    draw = lambda generate, seed: generate(idx, 40, generator=torch.Generator().manual_seed(seed), **options)  # noqa: E731
+    assert torch.equal(draw(FastDecoder(model, "float32").generate, 1), draw(model.generate, 1))
+    assert not torch.equal(draw(model.generate, 1), draw(model.generate, 2))
