@@ -6,15 +6,17 @@
 
 The page has a Prompt, Generate and Stop buttons, the Output as it streams (updated at most
 every --stream_interval, 0.05 s: a small model writes hundreds of tokens a second), the sampling
-settings of sample.py (max new tokens, temperature, top-k, top-p, seed), and beside them a
+settings of sample.py (max new tokens, temperature, top-k, top-p, seed, min-p, repetition
+penalty), a Chat box for models trained on chats (docs/finetune.md), and beside them a
 model picker with each model's card and loss curve. Programs call the same generation as the
 API endpoint `/generate` (parameters prompt, max_new_tokens, temperature, top_k, top_p, seed,
-and optionally model), e.g. with gradio_client:
+and optionally model, min_p, repetition_penalty; `/chat` takes a message and the history
+before those), e.g. with gradio_client:
 
     from gradio_client import Client
     Client("http://127.0.0.1:7860/").predict("ROMEO:", 100, 0.8, 200, 1.0, 1337, api_name="/generate")
 
-- Generation is sample.py's own (sample.generate_text): the same settings and seed give
+- Generation is sample.py's own (generation.generate_text): the same settings and seed give
   exactly the text `python sample.py` prints, prompt included (without its final newline).
 - The server listens on 127.0.0.1 only; --host=0.0.0.0 opens it to the network and --share
   makes a public gradio.live link. On a Hugging Face Space, which sets GRADIO_SERVER_NAME and
@@ -38,9 +40,11 @@ import torch
 
 import hardware
 import plot
-import sample
+import template
 from config import coerce, parse_config
 from errors import UserError, run_main
+from generation import GenerationConfig, choose_decoder, encode_prompt, generate_text
+from loading import choose_precision, is_model_folder, load
 
 HERE = Path(__file__).resolve().parent
 MAX_PROMPT_CHARS = 100_000  # a longer prompt is refused: only its last block_size tokens are read anyway
@@ -60,7 +64,7 @@ class AppConfig:
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto (float32 on cpu: faster for decoding; bf16 or fp16 on gpus), float32, bfloat16 or float16
     cpu_threads: int = 0  # torch threads on cpu; 0 = all cores
-    compile: bool = False  # torch.compile each model's decoding step as it loads (~1 min the first time, then from inductor's cache)
+    compile: bool = False  # torch.compile each model's decoding step as it loads (slow to build the first time, then read from inductor's cache)
 
     def problems(self) -> list[str]:
         p = []
@@ -79,30 +83,6 @@ class AppConfig:
 
 # ---------------------------------------------------------------------------- finding models
 
-def is_model_folder(folder: Path) -> bool:
-    """A folder app.py can serve: a train.py checkpoint folder, or a GPT-2 in Hugging Face
-    format (export.py --format=hf, or one downloaded), as sample.py --init_from=PATH reads."""
-    return (folder / "ckpt.pt").is_file() or is_hf_folder(folder)
-
-
-def is_hf_folder(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and any(
-        (folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin"))
-
-
-def load_folder(folder: Path, device: str):
-    """(model, tokenizer, info) of a checkpoint folder or a Hugging Face folder; info holds what
-    the card shows (model_args, config, iter_num, best_val_loss), None where a folder lacks it."""
-    if (folder / "ckpt.pt").is_file() or not is_hf_folder(folder):
-        model, tokenizer, ckpt = sample.load_model(str(folder), device)
-        return model, tokenizer, {k: ckpt.get(k) for k in ("model_args", "config", "iter_num", "best_val_loss")}
-    import hf_format  # the extras (transformers...) only when such a folder is served
-    model, tokenizer = hf_format.load(str(folder))
-    info = {"model_args": dataclasses.asdict(model.config), "config": {"dataset": "(Hugging Face folder)"},
-            "iter_num": None, "best_val_loss": None}
-    return model.to(device), tokenizer, info
-
-
 def find_model_folders(root: Path) -> list[Path]:
     """Every model folder under root (root included), sorted; hidden folders, virtual
     environments and datasets are skipped."""
@@ -120,7 +100,7 @@ def model_folders(cfg: AppConfig) -> dict[str, Path]:
     folders: list[Path] = []
     if cfg.out_dir:
         if not is_model_folder(Path(cfg.out_dir)):  # load it: its error says what is missing
-            load_folder(Path(cfg.out_dir), "cpu")
+            load(cfg.out_dir, "cpu")
         folders.append(Path(cfg.out_dir))
     if cfg.models_dir:
         root = Path(cfg.models_dir)
@@ -160,7 +140,7 @@ class Loaded:
     tokenizer: object  # tokenizer.Tokenizer
     folder: Path
     info: dict  # from the checkpoint: model_args, config, iter_num, best_val_loss
-    decoder: object  # what generates: sample.choose_decoder's (the fast CPU path, or the model)
+    decoder: object  # what generates: generation.choose_decoder's (the fast CPU path, or the model)
 
 
 class Models:
@@ -170,7 +150,7 @@ class Models:
                  compile: bool = False):
         self.folders = folders
         self.precision = precision
-        self.settings = sample.SampleConfig(dtype=dtype, compile=compile)  # what sample.choose_decoder reads
+        self.settings = GenerationConfig(dtype=dtype, compile=compile)  # what choose_decoder reads
         self.loaded: dict[str, Loaded] = {}
         self.lock = threading.Lock()  # two tabs asking for a new model load it once
         self.default = next(iter(folders))
@@ -181,8 +161,8 @@ class Models:
             raise UserError(f"unknown model {name!r}; choose one of: {', '.join(self.folders)}")
         with self.lock:
             if name not in self.loaded:
-                model, tokenizer, info = load_folder(self.folders[name], self.precision.device)
-                decoder, how = sample.choose_decoder(model, self.settings, self.precision)  # as sample.py decodes
+                model, tokenizer, info = load(str(self.folders[name]), self.precision.device)
+                decoder, how = choose_decoder(model, self.settings, self.precision)  # as sample.py decodes
                 print(f"{name}: decoding with {how}", flush=True)
                 self.loaded[name] = Loaded(model, tokenizer, self.folders[name], info, decoder)
                 # the checkpoint (weights again, optimizer state) is dropped: one copy of each model
@@ -227,10 +207,12 @@ def loss_curve(loaded: Loaded, scratch: Path) -> str | None:
 
 # ---------------------------------------------------------------------------- one request
 
-def read_settings(max_new_tokens, temperature, top_k, top_p, seed, limit: int) -> sample.SampleConfig:
-    """sample.py's settings from a request's values, checked as sample.py checks its flags."""
-    types = {f.name: f.type for f in dataclasses.fields(sample.SampleConfig)}
-    given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+def read_settings(max_new_tokens, temperature, top_k, top_p, seed, limit: int, min_p=0.0,
+                  repetition_penalty=1.0) -> GenerationConfig:
+    """A generation's settings from a request's values, checked as sample.py checks its flags."""
+    types = {f.name: f.type for f in dataclasses.fields(GenerationConfig)}
+    given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                 min_p=min_p, repetition_penalty=repetition_penalty)
     values, errors = {}, []
     for key, value in given.items():
         if value is None or value == "":
@@ -241,7 +223,7 @@ def read_settings(max_new_tokens, temperature, top_k, top_p, seed, limit: int) -
         except ValueError as e:
             errors.append(str(e).removeprefix("--"))
     if not errors:
-        cfg = sample.SampleConfig(**values, num_samples=1)
+        cfg = GenerationConfig(**values, num_samples=1)
         errors += [p.removeprefix("--") for p in cfg.problems()]
         if cfg.max_new_tokens > limit:
             errors.append(f"max_new_tokens is {cfg.max_new_tokens}, above this server's limit of {limit}; "
@@ -251,37 +233,86 @@ def read_settings(max_new_tokens, temperature, top_k, top_p, seed, limit: int) -
     return cfg
 
 
-def prompt_ids_of(tokenizer, prompt: str) -> list[int]:
-    """The prompt's token ids, or a message a person at the page can act on."""
+def prompt_ids_of(tokenizer, prompt: str, instruct: dict | None = None) -> list[int]:
+    """The prompt's token ids (wrapped in an instruction model's template), or a message a
+    person at the page can act on."""
     if len(prompt) > MAX_PROMPT_CHARS:
         raise UserError(f"the prompt has {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
     if not prompt and tokenizer.eot_id is None:
         # a model with a boundary token (documents mode, BPE) starts a new document from an
-        # empty prompt (sample.encode_prompt); a plain char model has nothing to start from
+        # empty prompt (generation.encode_prompt); a plain char model has nothing to start from
         raise UserError("the prompt is empty; type some text for the model to continue, e.g. ROMEO:")
     try:
-        return sample.encode_prompt(tokenizer, prompt, drop_unknown=False)
+        return encode_prompt(tokenizer, prompt, drop_unknown=False, instruct=instruct)
     except UserError as e:
         raise UserError(str(e).replace("pass --drop_unknown to drop them", "remove them from the prompt")) from None
 
 
 def generate(models: Models, limit: int, interval: float, prompt, max_new_tokens, temperature, top_k, top_p,
-             seed, model=None):
+             seed, model=None, min_p=0.0, repetition_penalty=1.0):
     """Yield the text (prompt included) as it grows: sample.py's generation, the prompt at once,
     then at most one update every `interval` seconds, then the whole text. A small model makes
-    hundreds of tokens a second: one update per token would swamp the browser (and its Stop)."""
-    cfg = read_settings(max_new_tokens, temperature, top_k, top_p, seed, limit)
+    hundreds of tokens a second: one update per token would swamp the browser (and its Stop).
+    An instruction model's prompt is wrapped in its template, and the answer ends at its end."""
+    cfg = read_settings(max_new_tokens, temperature, top_k, top_p, seed, limit, min_p, repetition_penalty)
     loaded = models.get(model)
-    prompt_ids = prompt_ids_of(loaded.tokenizer, "" if prompt is None else str(prompt))
+    instruct = loaded.info.get("instruct")
+    if instruct:
+        cfg.stop = template.stop_strings(instruct["template"])
+    prompt_ids = prompt_ids_of(loaded.tokenizer, "" if prompt is None else str(prompt), instruct)
     generator = torch.Generator(device=models.precision.device).manual_seed(cfg.seed)  # as sample.py seeds
     shown, last = None, -math.inf
-    for text in sample.generate_text(loaded.decoder, loaded.tokenizer, prompt_ids, cfg, models.precision,
+    for text in generate_text(loaded.decoder, loaded.tokenizer, prompt_ids, cfg, models.precision,
                                      generator, echo_prompt=True):
         if time.monotonic() - last >= interval:
             yield text
             shown, last = text, time.monotonic()
     if text != shown:
         yield text
+
+
+def message_text(content) -> str:
+    """The text of a chat message as gradio hands it back: a string, or a list of parts."""
+    if isinstance(content, str):
+        return content
+    parts = content if isinstance(content, list) else [content]
+    return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in parts)
+
+
+def chat(models: Models, limit: int, interval: float, message, history, max_new_tokens, temperature, top_k,
+         top_p, seed, model=None, min_p=0.0, repetition_penalty=1.0):
+    """Yield the chat (gradio's messages, [{"role", "content"}, ...]) with the model's answer as it
+    grows, for a model trained on chats (JSONL "messages"). The history and the new message are
+    wrapped as the training chats were, the oldest exchanges left out when they no longer fit
+    in the block (template.chat_ids), as sample.py --interactive does."""
+    cfg = read_settings(max_new_tokens, temperature, top_k, top_p, seed, limit, min_p, repetition_penalty)
+    loaded = models.get(model)
+    instruct = loaded.info.get("instruct")
+    if not (instruct and instruct.get("chat")):
+        raise UserError("this model was not trained on chats (JSONL records with \"messages\"); use Generate")
+    message = "" if message is None else str(message)
+    if not message.strip() or len(message) > MAX_PROMPT_CHARS:
+        raise UserError(f"the message is empty or longer than {MAX_PROMPT_CHARS:,} characters")
+    history = [{"role": m["role"], "content": message_text(m["content"])} for m in history or []
+               if m.get("role") in ("user", "assistant")]
+    turns = [(m["role"], m["content"]) for m in history] + [("user", message)]
+    block_size = loaded.model.config.block_size
+    try:
+        ids, _ = template.chat_ids(loaded.tokenizer, instruct["template"], turns,
+                                   block_size - min(cfg.max_new_tokens, block_size // 2))
+    except UserError as e:
+        raise UserError(str(e).replace("pass --drop_unknown to drop them", "remove them from the message")) from None
+    cfg.stop = template.stop_strings(instruct["template"])
+    history.append({"role": "user", "content": message})
+    generator = torch.Generator(device=models.precision.device).manual_seed(cfg.seed)
+    shown, last = None, -math.inf
+    for text in generate_text(loaded.decoder, loaded.tokenizer, ids, cfg, models.precision, generator,
+                              echo_prompt=False):
+        if time.monotonic() - last >= interval:
+            yield history + [{"role": "assistant", "content": text}]
+            shown, last = text, time.monotonic()
+    if text != shown:
+        yield history + [{"role": "assistant", "content": text}]
 
 
 # ---------------------------------------------------------------------------- the page
@@ -297,13 +328,21 @@ def import_gradio():
 
 def build_demo(gr, models: Models, limit: int, interval: float, scratch: Path):
     """The gradio Blocks: prompt, buttons and output on the left, model picker and card on the right."""
-    defaults = sample.SampleConfig()
+    defaults = GenerationConfig()
 
-    def on_generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, model):
+    def on_generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, model, min_p, repetition_penalty):
         try:
             yield from generate(models, limit, interval, prompt, max_new_tokens, temperature, top_k, top_p, seed,
-                                model)
+                                model, min_p, repetition_penalty)
         except UserError as e:  # shown on the page (and to API clients); the server goes on
+            raise gr.Error(str(e), print_exception=False) from None
+
+    def on_chat(message, history, max_new_tokens, temperature, top_k, top_p, seed, model, min_p,
+                repetition_penalty):
+        try:
+            yield from chat(models, limit, interval, message, history, max_new_tokens, temperature, top_k, top_p,
+                            seed, model, min_p, repetition_penalty)
+        except UserError as e:
             raise gr.Error(str(e), print_exception=False) from None
 
     def on_model(model):
@@ -330,15 +369,28 @@ def build_demo(gr, models: Models, limit: int, interval: float, scratch: Path):
                     top_k = gr.Number(defaults.top_k, label="top-k (0 = off)", min_width=120)
                     top_p = gr.Number(defaults.top_p, label="top-p (1 = off)", step=0.05, min_width=120)
                     seed = gr.Number(defaults.seed, label="seed", min_width=120)
+                    min_p = gr.Number(defaults.min_p, label="min-p (0 = off)", step=0.05, min_width=120)
+                    repetition_penalty = gr.Number(defaults.repetition_penalty, label="repetition penalty (1 = off)",
+                                                   step=0.05, min_width=120)
+                is_chat = bool((first.info.get("instruct") or {}).get("chat"))
+                with gr.Accordion("Chat (a model trained on chats: JSONL messages)", open=is_chat):
+                    chatbot = gr.Chatbot(label="Chat", height=300)
+                    with gr.Row():
+                        message = gr.Textbox(label="Message", scale=4)
+                        send = gr.Button("Send", variant="primary", scale=1)
+                        clear = gr.Button("Clear", scale=1)
             with gr.Column(scale=2):
                 model = gr.Dropdown(list(models.folders), value=models.default, label="Model",
                                     interactive=len(models.folders) > 1)
                 card = gr.Markdown(model_card(models.default, first), label="model card")
                 curve = gr.Image(loss_curve(first, scratch), label="loss curve", show_label=False, type="filepath",
                                  interactive=False, format="png")
-        event = go.click(on_generate, [prompt, max_new_tokens, temperature, top_k, top_p, seed, model],
-                         output, api_name="generate")
-        stop.click(None, None, None, cancels=[event])
+        settings = [max_new_tokens, temperature, top_k, top_p, seed, model, min_p, repetition_penalty]
+        event = go.click(on_generate, [prompt, *settings], output, api_name="generate")
+        chat_event = send.click(on_chat, [message, chatbot, *settings], chatbot, api_name="chat")
+        chat_event.success(lambda: "", None, message, api_name=False)  # the message went into the chat
+        clear.click(lambda: [], None, chatbot, api_name=False)
+        stop.click(None, None, None, cancels=[event, chat_event])
         model.change(on_model, model, [card, curve], api_name="model_card")
     return demo
 
@@ -350,7 +402,7 @@ def main(argv=None):
         torch.set_num_threads(cfg.cpu_threads)
     else:
         hardware.set_cpu_threads()
-    precision = sample.choose_precision(cfg.device, cfg.dtype)
+    precision = choose_precision(cfg.device, cfg.dtype)
     models = Models(folders, precision, cfg.dtype, cfg.compile)
     models.get(models.default)  # a broken default checkpoint fails here, not on the first request
     # a Hugging Face Space says where to listen in GRADIO_SERVER_NAME / _PORT; explicit flags win

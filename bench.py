@@ -44,10 +44,11 @@ import cpu_kernels
 import fast_decode
 import hardware
 from config import parse_config
+from dataset import Dataset
 from errors import run_main
-from model import GPT, GPTConfig
-from sample import choose_precision
-from train import MODEL_KEYS, Dataset, TrainConfig, train_step
+from loading import choose_precision, load_model
+from model import GPT, MODEL_KEYS, GPTConfig
+from training import TrainConfig, train_step
 
 
 @dataclass
@@ -308,7 +309,6 @@ def bench_quant_eval(out_dir: str) -> dict[str, float]:
     model.py in float32, and the fast path with int8 block matrices."""
     import numpy as np
 
-    from sample import load_model
     model, _, ckpt = load_model(out_dir, "cpu")
     train_cfg = ckpt.get("config", {})
     data = Dataset(train_cfg.get("data_dir", "data"), train_cfg.get("dataset", "shakespeare_char"))

@@ -88,11 +88,16 @@ def _closest(key: str, names) -> str:
     return f" (did you mean --{match[0]}?)" if match else ""
 
 
+def _dataclass_mro(cls) -> list[type]:
+    return [c for c in cls.__mro__ if dataclasses.is_dataclass(c)]
+
+
 def field_comments(cls) -> dict[str, str]:
-    """The `# comment` written after each field in the dataclass source, for --help; a subclass
-    (bench.py's BenchConfig extends TrainConfig) inherits its bases' comments."""
+    """The `# comment` written after each field in the dataclass source, for --help. A subclass
+    inherits its bases' comments (train.py's TrainConfig those of model.ModelOptions, bench.py's
+    BenchConfig those of TrainConfig) and may write its own beside a field it redeclares."""
     comments = {}
-    for klass in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+    for klass in reversed(_dataclass_mro(cls)):
         for line in inspect.getsource(klass).splitlines():
             m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
             if m:
@@ -100,10 +105,22 @@ def field_comments(cls) -> dict[str, str]:
     return comments
 
 
+def help_order(cls) -> list[dataclasses.Field]:
+    """cls's fields, the ones it adds first, then those of each base in turn: a script's own
+    settings before the ones it shares (train.py's before the model's options)."""
+    first_declared = {}  # field name -> the base-most class that declares it
+    for klass in reversed(_dataclass_mro(cls)):
+        for name in inspect.get_annotations(klass):
+            first_declared.setdefault(name, klass)
+    rank = {klass: i for i, klass in enumerate(_dataclass_mro(cls))}
+    fields = dataclasses.fields(cls)
+    return sorted(fields, key=lambda f: rank[first_declared[f.name]])  # stable: in order within a class
+
+
 def help_text(cls, prog: str) -> str:
     comments = field_comments(cls)
-    lines = [f"usage: python {prog} [config.py] [--key=value ...]", "", (cls.__doc__ or "").strip(), ""]
-    for f in dataclasses.fields(cls):
+    lines = [f"usage: python {prog} [config.py] [--key=value ...]", "", inspect.cleandoc(cls.__doc__ or ""), ""]
+    for f in help_order(cls):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         lines.append(f"  --{f.name}={default!r}".ljust(40) + f"  {comments.get(f.name, '')}")
     return "\n".join(lines)

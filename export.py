@@ -36,8 +36,8 @@ import hf_format
 from config import parse_config
 from errors import UserError, run_main
 from hf_format import require
+from loading import load_model
 from model import GPT
-from sample import load_model
 from tokenizer import Tokenizer
 
 FORMATS = ("hf", "onnx", "gguf")

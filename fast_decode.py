@@ -34,12 +34,13 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import GPT, apply_rotary, sample_next
+from model import GPT, GPTConfig, apply_rotary, sample_next
 
-# GPTConfig fields this decoder implements (every option model.py has); a field it does not
-# know (a later model.py's) must keep its default, GPT-2's behaviour, or the plain path runs
-KNOWN_FIELDS = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "activation",
-                "norm", "rotary", "qk_norm", "tie_head", "zero_init_proj", "bigram"}
+# the model options this decoder does not implement: a model that uses one of them (a value other
+# than its default, GPT-2's behaviour) runs on the plain path. It implements every other
+# GPTConfig field, and decoder_for checks its logits against the model's before using it.
+NOT_IMPLEMENTED = {"x0_lambdas", "value_embeds"}
+KNOWN_FIELDS = {f.name for f in dataclasses.fields(GPTConfig)} - NOT_IMPLEMENTED
 ACTIVATIONS = {  # config.activation -> the MLP's activation, as model.ACTIVATIONS computes it
     "gelu": lambda x: F.gelu(x),
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),

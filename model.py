@@ -5,6 +5,7 @@ mlp.c_fc, mlp.c_proj, ln_f, lm_head) so GPT-2 weights map by name. References:
 1) OpenAI's GPT-2 TensorFlow code: https://github.com/openai/gpt-2/blob/master/src/model.py
 2) nanoGPT's model.py, which this file follows closely.
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -18,14 +19,16 @@ from optim import Muon, MuonAdamW, newton_schulz_dtype
 
 
 @dataclass
-class GPTConfig:
-    block_size: int = 1024  # longest context the model sees (learned position embeddings)
-    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64
+class ModelOptions:
+    """A GPT's shape and architecture as a user chooses them, declared once: GPTConfig adds the
+    vocabulary (which the data decides), and train.py's settings (training.TrainConfig) inherit
+    these, so each is a flag with this default and, in --help, this comment."""
     n_layer: int = 12  # transformer blocks
     n_head: int = 12  # attention heads per block
     n_embd: int = 768  # embedding width
-    dropout: float = 0.0  # dropout probability in training
-    bias: bool = True  # biases in Linear layers and LayerNorms, as in GPT-2
+    block_size: int = 1024  # context length in tokens: the longest the model sees
+    dropout: float = 0.0  # dropout probability in training; 0 for pretraining, 0.1+ for finetuning
+    bias: bool = True  # biases in Linear layers and LayerNorms (GPT-2 has them)
     # options beyond GPT-2 (modded-nanogpt, nanochat); each default is GPT-2's behaviour
     activation: str = "gelu"  # gelu (exact, nanoGPT), gelu_tanh (GPT-2's), relu2 (modded-nanogpt)
     norm: str = "layernorm"  # layernorm (GPT-2) or rmsnorm (parameter-free RMSNorm, modded-nanogpt)
@@ -40,24 +43,59 @@ class GPTConfig:
     def non_gpt2_options(self) -> list[str]:
         """The options in use that GPT-2's architecture lacks, as "name=value" (empty for a
         GPT-2 model). Code that only knows GPT-2 (the HF/ONNX export, a fixed decode path)
-        refuses a model whose list is not empty, naming these. zero_init_proj is absent: it
-        changes only the initialization, and gelu_tanh is GPT-2's own activation."""
-        gpt2 = {"activation": ("gelu", "gelu_tanh"), "norm": ("layernorm",), "rotary": (False,),
-                "qk_norm": (False,), "tie_head": (True,), "bigram": (False,), "x0_lambdas": (False,),
-                "value_embeds": (False,)}
-        return [f"{k}={getattr(self, k)}" for k, ok in gpt2.items() if getattr(self, k) not in ok]
+        refuses a model whose list is not empty, naming these. Every field after GPT2_SHAPE
+        counts, unless its value is in GPT2_EQUIVALENT: so an option added later is refused
+        by that code until someone says otherwise."""
+        beyond = [f for f in dataclasses.fields(ModelOptions) if f.name not in GPT2_SHAPE]
+        return [f"{f.name}={getattr(self, f.name)}" for f in beyond
+                if getattr(self, f.name) not in (f.default, *GPT2_EQUIVALENT.get(f.name, ()))]
 
     def problems(self) -> list[str]:
-        """Settings the model cannot be built with."""
-        p = []
+        """Every setting the model cannot be built with, named as its flag (--key), so that
+        train.py reports them with its own and a model built in code raises them."""
+        p = [f"--{k} must be at least 1, got {getattr(self, k)}"
+             for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(self, k) < 1]
+        if not 0 <= self.dropout < 1:  # also false for nan
+            p.append(f"--dropout must be in [0, 1), got {self.dropout}")
+        divisible = self.n_head >= 1 and self.n_embd % self.n_head == 0
+        if self.n_layer >= 1 and self.n_head >= 1 and not divisible:
+            p.append(f"--n_embd ({self.n_embd}) must be divisible by --n_head ({self.n_head})")
         if self.activation not in ACTIVATIONS:
-            p.append(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
-        if self.norm not in ("layernorm", "rmsnorm"):
-            p.append(f"norm must be layernorm or rmsnorm, got {self.norm!r}")
-        if self.rotary and self.n_head > 0 and (self.n_embd // self.n_head) % 2:
-            p.append(f"rotary needs an even head size, got n_embd/n_head = {self.n_embd // self.n_head}")
+            p.append(f"--activation must be {_one_of(ACTIVATIONS)}, got {self.activation!r}")
+        if self.norm not in NORMS:
+            p.append(f"--norm must be {_one_of(NORMS)}, got {self.norm!r}")
+        if self.rotary and divisible and (self.n_embd // self.n_head) % 2:
+            p.append(f"--rotary needs an even head size, got n_embd/n_head = {self.n_embd // self.n_head}; "
+                     f"change --n_embd or --n_head")
+        return p
+
+
+# ModelOptions' fields that GPT-2 has; the fields after them are the options beyond it
+GPT2_SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
+# values of an option beyond GPT-2 that still compute GPT-2's architecture: gelu_tanh is GPT-2's
+# own activation, and zero_init_proj changes only the initialization
+GPT2_EQUIVALENT = {"activation": ("gelu_tanh",), "zero_init_proj": (True,)}
+# the options fixed once a model exists (a resumed or finetuned run keeps them); dropout may change
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelOptions) if f.name != "dropout")
+
+
+def _one_of(choices) -> str:
+    """"a, b or c" of the choices' names."""
+    names = list(choices)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+@dataclass
+class GPTConfig(ModelOptions):
+    """A model's whole configuration: its options, and the vocabulary its data brings."""
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64
+
+    def problems(self) -> list[str]:
+        p = super().problems()
+        if self.vocab_size < 1:
+            p.append(f"vocab_size must be at least 1, got {self.vocab_size}")
         if self.bigram and self.vocab_size > BIGRAM_MAX_VOCAB:
-            p.append(f"bigram needs a vocabulary of at most {BIGRAM_MAX_VOCAB} tokens (its table has "
+            p.append(f"--bigram needs a vocabulary of at most {BIGRAM_MAX_VOCAB} tokens (its table has "
                      f"vocab_size^2 rows), got {self.vocab_size}; use it with char-level data")
         return p
 
@@ -71,6 +109,7 @@ class ReLUSquared(nn.Module):
 
 # the MLP's activation by GPTConfig.activation
 ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu2": ReLUSquared}
+NORMS = ("layernorm", "rmsnorm")  # GPTConfig.norm's choices (make_norm)
 BIGRAM_MAX_VOCAB = 1024  # the bigram table holds (vocab_size + 1) * vocab_size vectors
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from config import parse_config
 from errors import UserError
-from train import TrainConfig
+from training import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))

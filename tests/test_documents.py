@@ -13,6 +13,7 @@ import torch
 
 import checkpoint
 import config
+import dataset
 import prepare
 import sample
 import train
@@ -117,7 +118,7 @@ def test_many_long_documents_give_a_warning(tmp_path, capsys):
 def test_document_positions_and_mask():
     eot = 9
     x = torch.tensor([[3, 4, eot, 5, 6, 7, eot, 8]])
-    positions = train.document_positions(x, eot)
+    positions = dataset.document_positions(x, eot)
     assert positions.tolist() == [[0, 1, 0, 1, 2, 3, 0, 1]]
     mask = document_mask(positions)[0, 0]
     assert mask[5].tolist() == [False, False, True, True, True, True, False, False]
@@ -140,7 +141,7 @@ def test_no_attention_crosses_a_document_boundary(path):
     for idx in (x, changed):
         torch.manual_seed(1)  # the same dropout masks
         with torch.autocast("cpu", torch.bfloat16, enabled=path == "cpu_bf16"):
-            out, _ = model(idx, idx, positions=train.document_positions(idx, eot))
+            out, _ = model(idx, idx, positions=dataset.document_positions(idx, eot))
         logits.append(out.float())
     assert torch.equal(logits[0][:, 6:], logits[1][:, 6:])  # documents 2 and 3 did not see document 1
     assert not torch.allclose(logits[0][:, 1:6], logits[1][:, 1:6])
@@ -150,7 +151,7 @@ def test_cpu_attention_with_a_mask_matches_sdpa_forward_and_backward():
     from cpu_kernels import _CPUAttention
     torch.manual_seed(0)
     B, nh, T, hs = 3, 2, 24, 8
-    positions = train.document_positions(torch.randint(0, 4, (B, T)), 0)
+    positions = dataset.document_positions(torch.randint(0, 4, (B, T)), 0)
     mask = document_mask(positions)
     q, k, v = (torch.randn(B, nh, T, hs, requires_grad=True) for _ in range(3))
     g = torch.randn(B, nh, T, hs)
@@ -176,7 +177,7 @@ def combos_data(tmp_path_factory):
 
 
 def test_rows_start_at_documents_and_cover_long_ones(combos_data):
-    data = train.Dataset(str(combos_data / "data"), "combos")
+    data = dataset.Dataset(str(combos_data / "data"), "combos")
     assert data.documents
     ids = np.fromfile(data.paths["train"], dtype=data.dtype)
     starts = data.row_starts("train", 32)

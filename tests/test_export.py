@@ -14,6 +14,7 @@ import torch
 import checkpoint
 import export
 import hf_format
+import loading
 import prepare
 import sample
 import train
@@ -59,7 +60,7 @@ def hf_greedy(folder, prompt: str) -> str:
 
 
 def our_logits(out_dir, ids: torch.Tensor) -> torch.Tensor:
-    model, _, _ = sample.load_model(out_dir, "cpu")
+    model, _, _ = loading.load_model(out_dir, "cpu")
     with torch.no_grad():
         logits, _ = model(ids, torch.zeros_like(ids))  # with targets: logits at every position
     return logits
@@ -88,7 +89,7 @@ def check_export(out_dir, tmp, prompt: str, capsys):
     export.main([f"--out_dir={out_dir}", "--format=onnx", f"--dest={onnx_dir}"])
     capsys.readouterr()
     ours = greedy_sample([f"--out_dir={out_dir}", f"--prompt={prompt}"], capsys)
-    _, tokenizer, ckpt = sample.load_model(out_dir, "cpu")
+    _, tokenizer, ckpt = loading.load_model(out_dir, "cpu")
     ids = torch.tensor([tokenizer.encode(ours)[:ckpt["model_args"]["block_size"]]])
     expected = our_logits(out_dir, ids)
 
@@ -345,7 +346,7 @@ def test_trained_vocabulary_documents_model_comes_back_from_its_export(tmp_path,
     flags = ["--prompt=", "--num_samples=3", "--max_new_tokens=30", "--seed=5"]
     ours = greedy_sample([f"--out_dir={out}", *flags], capsys)
     assert greedy_sample([f"--init_from={hf_dir}", *flags], capsys) == ours
-    _, tokenizer, _ = sample.load_model(out, "cpu")
+    _, tokenizer, _ = loading.load_model(out, "cpu")
     back = hf_format.load_tokenizer(hf_dir)
     assert back.describe() == tokenizer.describe() and back.documents == "line"
     text = "Jab - Cross - Lead Hook"

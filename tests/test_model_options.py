@@ -7,6 +7,7 @@ import torch
 import checkpoint
 import sample
 import train
+import training
 from conftest import TINY
 from model import GPT, GPTConfig, apply_rotary
 
@@ -159,15 +160,15 @@ def test_checkpoint_from_before_the_options_resumes(tiny_data, tmp_path):
 
 
 def test_wsd_schedule_and_muon_momentum_warmup():
-    cfg = train.TrainConfig(learning_rate=1.0, min_lr=0.0, warmup_iters=10, lr_decay_iters=110,
+    cfg = training.TrainConfig(learning_rate=1.0, min_lr=0.0, warmup_iters=10, lr_decay_iters=110,
                             lr_schedule="wsd", warmdown_frac=0.5, muon_momentum_warmup=100)
-    assert train.get_lr(0, cfg) == pytest.approx(1 / 11)
-    assert train.get_lr(10, cfg) == train.get_lr(55, cfg) == 1.0  # constant until the warmdown
-    assert train.get_lr(82.5, cfg) == pytest.approx(0.5)  # halfway through the warmdown
-    assert train.get_lr(110, cfg) == pytest.approx(0.0) and train.get_lr(150, cfg) == 0.0
-    assert train.get_muon_momentum(0, cfg) == pytest.approx(0.85)
-    assert train.get_muon_momentum(50, cfg) == pytest.approx(0.90)
-    assert train.get_muon_momentum(100, cfg) == train.get_muon_momentum(500, cfg) == 0.95
+    assert training.get_lr(0, cfg) == pytest.approx(1 / 11)
+    assert training.get_lr(10, cfg) == training.get_lr(55, cfg) == 1.0  # constant until the warmdown
+    assert training.get_lr(82.5, cfg) == pytest.approx(0.5)  # halfway through the warmdown
+    assert training.get_lr(110, cfg) == pytest.approx(0.0) and training.get_lr(150, cfg) == 0.0
+    assert training.get_muon_momentum(0, cfg) == pytest.approx(0.85)
+    assert training.get_muon_momentum(50, cfg) == pytest.approx(0.90)
+    assert training.get_muon_momentum(100, cfg) == training.get_muon_momentum(500, cfg) == 0.95
 
 
 def test_untied_head_gets_its_own_learning_rate(tiny_data, tmp_path):

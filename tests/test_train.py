@@ -7,6 +7,7 @@ import torch
 
 import checkpoint
 import train
+import training
 from conftest import TINY, rank_output, torchrun
 from model import GPT, GPTConfig
 
@@ -161,12 +162,12 @@ def test_wandb_offline_summary_holds_losses(tiny_data, tmp_path, monkeypatch):
 
 
 def test_lr_schedule():
-    cfg = train.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110, max_iters=200)
-    assert train.get_lr(0, cfg) == pytest.approx(1 / 11)
-    assert train.get_lr(10, cfg) == pytest.approx(1.0)
-    assert train.get_lr(60, cfg) == pytest.approx(0.55)
-    assert train.get_lr(110, cfg) == pytest.approx(0.1)
-    assert train.get_lr(150, cfg) == pytest.approx(0.1)
+    cfg = training.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110, max_iters=200)
+    assert training.get_lr(0, cfg) == pytest.approx(1 / 11)
+    assert training.get_lr(10, cfg) == pytest.approx(1.0)
+    assert training.get_lr(60, cfg) == pytest.approx(0.55)
+    assert training.get_lr(110, cfg) == pytest.approx(0.1)
+    assert training.get_lr(150, cfg) == pytest.approx(0.1)
 
 
 def test_runs_under_torchrun_with_ddp(tiny_data, tmp_path, capsys):

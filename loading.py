@@ -1,0 +1,84 @@
+"""A trained model back in memory, for the scripts that run one (sample.py, app.py, export.py,
+bench.py): from train.py's checkpoint, or from a Hugging Face GPT-2 (a folder, as export.py
+writes one, or a GPT-2 name found in transformers' local cache); and the precision to run it in.
+"""
+import dataclasses
+from pathlib import Path
+
+import checkpoint
+import hardware
+import hf_format
+import lora
+from errors import UserError
+from model import GPT, GPTConfig
+from tokenizer import Tokenizer
+
+
+def choose_precision(device: str, dtype: str) -> hardware.Precision:
+    """hardware.resolve, except that dtype auto means float32 on a CPU: decoding one token at a
+    time is a chain of small matrix-vector products, where autocast's casts cost more than they
+    save. GPUs keep hardware.resolve's choice."""
+    precision = hardware.resolve(device, dtype)
+    if dtype == "auto" and precision.device_type == "cpu" and precision.dtype != "float32":
+        device_reason = precision.reason.partition(", dtype")[0]
+        precision = hardware.Precision(precision.device, "float32", (
+            f"{device_reason}, dtype float32 (token-by-token decoding on cpu is faster without "
+            f"bf16 autocast; --dtype=bfloat16 to override)"))
+    return precision
+
+
+def load_model(out_dir: str, device: str) -> tuple[GPT, Tokenizer, dict]:
+    """The model (eval mode, on device) and tokenizer of <out_dir>/ckpt.pt, and the checkpoint."""
+    path = Path(out_dir) / "ckpt.pt"
+    ckpt = checkpoint.load(path)
+    try:
+        model = GPT(GPTConfig(**ckpt["model_args"]))
+    except TypeError as e:
+        raise UserError(f"{path} has model_args this code does not know ({e}); "
+                        f"it was written by another version of train.py") from None
+    # a checkpoint of a compiled model saved without unwrapping has every key prefixed
+    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    state = lora.merge_state_dict(state, ckpt.get("lora"))  # a LoRA run's adapters folded into its weights
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise UserError(f"{path}: the weights do not match its model_args ({first}); "
+                        f"the file is damaged or was edited") from None
+    model.eval().to(device)
+    tokenizer = Tokenizer.from_description(ckpt["tokenizer"])
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
+                        f"only {model.config.vocab_size}; the checkpoint is inconsistent")
+    return model, tokenizer, ckpt
+
+
+def is_hf_folder(folder: Path) -> bool:
+    """A folder holding a Hugging Face model: config.json and its weights."""
+    return (folder / "config.json").is_file() and any(
+        (folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin"))
+
+
+def is_model_folder(folder: Path) -> bool:
+    """A folder load() reads: train.py's checkpoint folder, or a Hugging Face GPT-2 folder."""
+    return (folder / "ckpt.pt").is_file() or is_hf_folder(folder)
+
+
+def load(folder: str, device: str) -> tuple[GPT, Tokenizer, dict]:
+    """(model in eval mode on device, tokenizer, info) from a folder: train.py's checkpoint
+    (ckpt.pt) or, where there is none, a Hugging Face GPT-2 (export.py's, or downloaded); a
+    folder with neither gets the checkpoint's error. info holds what a model card shows:
+    model_args, config, iter_num, best_val_loss (None where the folder has no such thing)."""
+    if (Path(folder) / "ckpt.pt").is_file() or not is_hf_folder(Path(folder)):
+        model, tokenizer, ckpt = load_model(folder, device)
+        return model, tokenizer, {k: ckpt.get(k) for k in ("model_args", "config", "iter_num", "best_val_loss",
+                                                           "instruct")}
+    return load_hf(folder, device)
+
+
+def load_hf(init_from: str, device: str) -> tuple[GPT, Tokenizer, dict]:
+    """load()'s triple from a Hugging Face GPT-2 only: a folder or a GPT-2 name (--init_from)."""
+    model, tokenizer = hf_format.load(init_from)
+    info = {"model_args": dataclasses.asdict(model.config), "config": {"dataset": "(Hugging Face folder)"},
+            "iter_num": None, "best_val_loss": None}
+    return model.to(device), tokenizer, info
