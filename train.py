@@ -34,6 +34,7 @@ import torch
 import checkpoint
 import hardware
 import hf_format
+import loading
 import lora
 import plot
 import runlock
@@ -277,11 +278,13 @@ def run(argv, held: contextlib.ExitStack):
                                   init_from="resume")
     if cfg.problems():  # every invalid setting at once, before any work
         raise UserError("; ".join(cfg.problems()))
-    hf_folder = hf_config = None
+    hf_folder = hf_config = base = None
     if cfg.init_from not in ("scratch", "resume"):
         # a pretrained GPT-2 fixes the shape; a shorter --block_size crops its positions (as nanoGPT)
         hf_folder = hf_format.resolve(cfg.init_from)
-        hf_config = hf_format.gpt_config(hf_folder)
+        if (hf_folder / "ckpt.pt").is_file():  # a run of ours (a LoRA run's adapters merged): its weights only
+            base = loading.load_model(str(hf_folder), "cpu")[:2]
+        hf_config = base[0].config if base else hf_format.gpt_config(hf_folder)
         fixed = {k: getattr(hf_config, k) for k in MODEL_KEYS if k != "block_size"}
         refused = conflicts(cfg, explicit, fixed, cfg.init_from)
         if cfg.block_size > hf_config.block_size and "block_size" in explicit:
@@ -306,7 +309,7 @@ def run(argv, held: contextlib.ExitStack):
                             f"--block_size={cfg.block_size}; lower --block_size or prepare more text")
     tokenizer = Tokenizer.from_description(data.meta).describe()  # saved so sample.py needs no data/
     if hf_folder is not None:  # the model's tokenizer must be the one the dataset was prepared with
-        theirs = hf_format.load_tokenizer(hf_folder).describe()
+        theirs = (base[1] if base else hf_format.load_tokenizer(hf_folder)).describe()
         if (theirs["name"], theirs.get("chars")) != (tokenizer["name"], tokenizer.get("chars")):
             what = "a char-level" if theirs["name"] == "char" else f"the {theirs['name']}"
             raise UserError(f"--init_from={cfg.init_from} uses {what} tokenizer, but dataset {cfg.dataset!r} was "
@@ -347,7 +350,12 @@ def run(argv, held: contextlib.ExitStack):
     if problems:
         raise UserError(f"cannot build this model on {cfg.dataset!r}: " + "; ".join(problems))
     if hf_config is not None:
-        model = hf_format.load_model(hf_folder, GPTConfig(**{**model_args, "block_size": hf_config.block_size}))
+        model_config = GPTConfig(**{**model_args, "block_size": hf_config.block_size})
+        if base:  # built again for this run's dropout
+            model = GPT(model_config)
+            model.load_state_dict(base[0].state_dict())
+        else:
+            model = hf_format.load_model(hf_folder, model_config)
         if cfg.block_size < hf_config.block_size:
             model.crop_block_size(cfg.block_size)
     else:

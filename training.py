@@ -27,7 +27,7 @@ class TrainConfig(ModelOptions):
     eval_at_start: bool = True  # evaluate before the first step too (nanoGPT does; short timed runs skip it)
     eval_train: bool = True  # evaluate the train split too (nanoGPT does); false halves an evaluation's time
     always_save_checkpoint: bool = True  # checkpoint at every evaluation, not only when val improves
-    init_from: str = "scratch"  # scratch (a new model), resume (from out_dir/ckpt.pt), a GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a Hugging Face GPT-2 folder
+    init_from: str = "scratch"  # scratch (a new model), resume (from out_dir/ckpt.pt), a GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face GPT-2 folder, or a folder holding a ckpt.pt to finetune
     # logging
     wandb_log: bool = False  # log to Weights & Biases (WANDB_MODE=offline works)
     wandb_project: str = "nanogpt"  # wandb project name
@@ -114,7 +114,7 @@ class TrainConfig(ModelOptions):
             p += lora.from_settings(self).problems()
             if self.init_from == "scratch":
                 p.append("--lora_rank adapts a trained model, not random weights: give --init_from=gpt2 (or "
-                         "another GPT-2, a Hugging Face folder) or --init_from=resume")
+                         "another GPT-2), a Hugging Face folder, a folder holding a ckpt.pt, or resume")
         if self.init_from not in ("scratch", "resume", *hf_format.GPT2_NAMES) and not Path(self.init_from).is_dir():
             p.append(f"--init_from must be scratch or resume, a GPT-2 ({', '.join(hf_format.GPT2_NAMES)}) or a "
                      f"folder holding a Hugging Face GPT-2; got {self.init_from!r}, which is no folder")

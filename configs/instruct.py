@@ -7,23 +7,23 @@
 # python sample.py --out_dir=out-instruct --interactive
 # python data/make_instructions.py --score out-instruct --n 200
 out_dir = "out-instruct"
-eval_interval = 250
-eval_iters = 20
+eval_interval = 300
+eval_iters = 10
 log_interval = 25
 always_save_checkpoint = False
 
 dataset = "instruct"
-batch_size = 16
-block_size = 256  # a prompt/response record is about 60 characters, a chat about 220
+batch_size = 8
+block_size = 256  # a prompt/response record is about 60 characters, a chat about 220: a row holds several
 
-n_layer = 4
+n_layer = 3
 n_head = 4
-n_embd = 128
+n_embd = 96
 dropout = 0.0
 
 learning_rate = 3e-3
-max_iters = 1000
-lr_decay_iters = 1000
+max_iters = 600
+lr_decay_iters = 600
 min_lr = 3e-4
 beta2 = 0.99
 warmup_iters = 50

@@ -330,3 +330,13 @@ def test_the_fast_path_draws_as_the_model_with_min_p_and_repetition_penalty(chat
     draw = lambda generate, seed: generate(idx, 40, generator=torch.Generator().manual_seed(seed), **options)  # noqa: E731
     assert torch.equal(draw(FastDecoder(model, "float32").generate, 1), draw(model.generate, 1))
     assert not torch.equal(draw(model.generate, 1), draw(model.generate, 2))
+
+
+def test_lora_finetunes_a_checkpoint_folder_of_ours(instruct_data, chat_run):
+    import checkpoint
+    run_train(instruct_data, "from_ckpt", f"--init_from={chat_run}", "--lora_rank=2", "--max_iters=2",
+              "--eval_interval=2")
+    mine, base = checkpoint.load(instruct_data / "from_ckpt"), checkpoint.load(chat_run)
+    for key in ("transformer.h.0.mlp.c_fc.weight", "transformer.h.1.attn.c_attn.weight"):
+        assert torch.equal(mine["model"][key], base["model"][key])  # frozen, as the checkpoint had them
+    assert mine["lora"]["rank"] == 2 and mine["instruct"] == base["instruct"]
