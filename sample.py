@@ -5,6 +5,7 @@
     python sample.py --out_dir=out --interactive          # a `>> ` prompt; quit, Ctrl-D or Ctrl-C leave
     python sample.py --out_dir=out --stats --use_cache=false   # tokens/s on stderr, without the KV cache
     python sample.py --init_from=gpt2-xl --prompt="Hello"    # OpenAI's GPT-2, or any Hugging Face GPT-2 folder
+    python sample.py --out_dir=out-instruct --interactive # trained on JSONL chats: a conversation (docs/finetune.md)
 
 Everything comes from <out_dir>/ckpt.pt (or a Hugging Face folder there, or the --init_from one; loading.py): the weights, the model's
 shape and the tokenizer, so nothing in data/ is needed. Standard output holds only the text; the precision choice and
