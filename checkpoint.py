@@ -15,15 +15,16 @@ A checkpoint is one dict of plain data (tensors, numbers, strings, lists, dicts)
     precision              the device and dtype it was trained in (a resume may change them)
 
 It is written to a temporary file in the same folder, flushed, fsync'd and renamed over
-the old one, so a crash or a full disk at any moment leaves the previous checkpoint intact.
+the old one (durable.py: the folder is fsync'd too where the OS allows it), so a crash or a
+full disk at any moment leaves the previous checkpoint intact, on Linux, macOS and Windows.
 """
-import os
 import pickle
 import warnings
 from pathlib import Path
 
 import torch
 
+import durable
 from errors import UserError
 
 FORMAT = "nanogpt-ckpt"
@@ -35,26 +36,11 @@ def save(checkpoint: dict, path) -> None:
     """Write checkpoint to path atomically; on failure the previous file is untouched."""
     path = Path(path)
     checkpoint = {"format": FORMAT, "version": VERSION, **checkpoint}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a run that was killed mid-save
-            stale.unlink(missing_ok=True)
-        with open(tmp, "wb") as f:
+        with durable.replacing(path) as f:
             torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         kept = " The previous checkpoint is unchanged." if path.exists() else ""
         raise UserError(f"could not write checkpoint {path}: {reason}. Free some disk space or "

@@ -4,7 +4,19 @@ Every script raises UserError (with the fix in the message) for anything a user 
 get wrong, and wraps its main() in run_main(). Other exceptions are our bugs and keep
 their traceback.
 """
+import codecs
+import io
 import sys
+
+
+def use_utf8_streams():
+    """Read and print UTF-8 whatever the OS's code page: on Windows, a pipe or a file is
+    otherwise read and written in the ANSI code page (cp1252 in Western Europe and the
+    Americas), which cannot hold most of what a model writes. (A Windows console already
+    gets Unicode; macOS and Linux streams are UTF-8 anyway.)"""
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and codecs.lookup(stream.encoding).name != "utf-8":
+            stream.reconfigure(encoding="utf-8")
 
 
 class UserError(Exception):
@@ -13,6 +25,7 @@ class UserError(Exception):
 
 def run_main(main, argv=None):
     """Run main(argv); turn a UserError into `error: ...` on stderr and exit code 2."""
+    use_utf8_streams()
     try:
         main(argv)
     except UserError as e:

@@ -4,15 +4,23 @@
     python export.py --out_dir=out-shakespeare-cpu --format=onnx --dest=exports/shakespeare-onnx
     python export.py --out_dir=out-shakespeare-ft-cpu --format=gguf --dest=exports/shakespeare-gguf
 
-hf:   config.json (GPT2Config), model.safetensors (GPT-2's layout), generation_config.json,
-      tokenizer.json + tokenizer_config.json, README.md (the model card). Loads with
-      transformers.AutoModelForCausalLM / AutoTokenizer.from_pretrained(dest), offline.
-onnx: model.onnx (input_ids (batch, sequence) int64 -> logits (batch, sequence, vocab)),
-      model_with_past.onnx (the same plus past_key_values.N.key/value -> present.N.key/value,
-      for fast generation), config.json, tokenizer.json, README.md. Runs with onnxruntime and
-      tokenizers alone.
-gguf: model.gguf (llama.cpp's gpt2 architecture, float32, the tokenizer inside) and README.md,
-      for GPT-2 BPE models; runs with llama.cpp (e.g. the xllamacpp wheel).
+hf:   a model GPT-2's architecture expresses (GPTConfig.non_gpt2_options() empty) becomes a plain
+      GPT2LMHeadModel folder: config.json (GPT2Config), model.safetensors (GPT-2's layout),
+      generation_config.json. Any other model (rotary, rmsnorm, relu2, qk_norm, an untied head,
+      bigram, x0_lambdas, value_embeds) becomes a folder of model_type "nanogpt" that transformers
+      loads with trust_remote_code=True: config.json (our GPTConfig fields and auto_map),
+      model.safetensors (our own state dict), and configuration_nanogpt.py + modeling_nanogpt.py
+      copied from hf_remote/. Both carry tokenizer.json + tokenizer_config.json and README.md (the
+      model card) and load with transformers.AutoModelForCausalLM / AutoTokenizer, offline.
+onnx: model.onnx (model.py's GPT.forward traced: input_ids (batch, sequence) int64 -> logits
+      (batch, sequence, vocab)), model_with_past.onnx (the same plus the KV cache,
+      past_key_values.N.key/value -> present.N.key/value, for fast generation; a bigram model
+      also carries its past tokens, past_input_ids -> present_input_ids), config.json,
+      tokenizer.json, README.md. Runs with onnxruntime and tokenizers alone, for every model.
+gguf: model.gguf (llama.cpp's gpt2 architecture, or gptneox for rotary positions; float32, the
+      tokenizer inside) and README.md, for GPT-2 BPE models whose architecture llama.cpp computes
+      (GPT-2's, with rotary positions, an untied head, no biases); any other is refused in one
+      line naming what llama.cpp lacks.
 
 Everything comes from <out_dir>/ckpt.pt. The folder is written beside dest under a temporary
 name and renamed into place when complete, so an interrupted export leaves no half folder. A
@@ -31,13 +39,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.onnx import symbolic_helper
 
+import durable
 import hf_format
 from config import parse_config
 from errors import UserError, run_main
 from hf_format import require
 from loading import load_model
-from model import GPT
+from model import GPT, apply_rotary
 from tokenizer import Tokenizer
 
 FORMATS = ("hf", "onnx", "gguf")
@@ -65,47 +75,87 @@ class ExportConfig:
 
 # ---------------------------------------------------------------------------- the model card
 
-# Greedy generation with onnxruntime and the KV cache; the README shows the same loop, and
-# tests/test_export.py runs it.
+# Greedy generation with onnxruntime and the KV cache, for every model; docs/export.md shows the
+# same loop, and tests/test_export.py runs it. {start} and {stop} differ for a documents model.
 ONNX_LOOP = """# greedy generation with onnxruntime and the KV cache, no torch
 import numpy as np, onnxruntime as ort
 from tokenizers import Tokenizer
 folder, prompt, max_new_tokens = {folder}, "ROMEO:", 100
 tokenizer = Tokenizer.from_file(f"{{folder}}/tokenizer.json")
 session = ort.InferenceSession(f"{{folder}}/model_with_past.onnx")
-past_names = [i.name for i in session.get_inputs()[1:]]  # past_key_values.N.key/value
-_, heads, _, head_size = session.get_inputs()[1].shape  # (batch, heads, positions, head size)
-past = {{name: np.zeros((1, heads, 0, head_size), np.float32) for name in past_names}}
-ids = np.array([tokenizer.encode(prompt).ids], dtype=np.int64)  # the prompt, then one token a step
+# an empty cache: past_key_values.N.key/value (batch, heads, 0, head size), and for a model
+# with the bigram option past_input_ids (batch, 0)
+past = {{i.name: np.zeros([1 if d == "batch" else 0 if d == "past_sequence" else d for d in i.shape],
+                         np.int64 if i.type == "tensor(int64)" else np.float32)
+        for i in session.get_inputs()[1:]}}
+{start}
 new = []
-for _ in range(max_new_tokens):  # prompt + new tokens must fit in n_positions (config.json)
+for _ in range(max_new_tokens):  # prompt + new tokens must fit in block_size (config.json)
     logits, *present = session.run(None, {{"input_ids": ids, **past}})
     ids = logits[:, -1:].argmax(-1)  # greedy: (1, 1), int64; sample from softmax(logits) for variety
-    past = dict(zip(past_names, present))
+{stop}    past = dict(zip(past, present))
     new.append(int(ids[0, 0]))
 print(prompt + tokenizer.decode(new))
 """
+ONNX_START = "ids = np.array([tokenizer.encode(prompt).ids], dtype=np.int64)  # the prompt, then one token a step"
+ONNX_START_DOCUMENT = ("ids = np.array([[{eot}] + tokenizer.encode(prompt.lstrip(\"\\n\")).ids], dtype=np.int64)  "
+                       "# a new document: <|endoftext|>, the prompt")
+ONNX_STOP_DOCUMENT = "    if ids[0, 0] == {eot}:  # <|endoftext|>: the document ended\n        break\n"
+
+
+def onnx_loop(folder: str, tokenizer: Tokenizer) -> str:
+    """ONNX_LOOP for this model, reading the folder at the path folder."""
+    documents = tokenizer.documents is not None
+    start = ONNX_START_DOCUMENT.format(eot=tokenizer.eot_id) if documents else ONNX_START
+    stop = ONNX_STOP_DOCUMENT.format(eot=tokenizer.eot_id) if documents else ""
+    return ONNX_LOOP.format(folder=json.dumps(folder), start=start, stop=stop)
+
+
+def hf_usage(name: str, model: GPT, tokenizer: Tokenizer) -> str:
+    remote = bool(model.config.non_gpt2_options())
+    trust = ", trust_remote_code=True" if remote else ""
+    if tokenizer.documents:
+        ids = ('ids = torch.tensor([[tokenizer.eos_token_id] + tokenizer("ROMEO:").input_ids])  '
+               '# a new document: <|endoftext|>, the prompt\n')
+        ends = "generation ends with the document (<|endoftext|>)"
+    else:
+        ids = 'ids = tokenizer("ROMEO:", return_tensors="pt").input_ids\n'
+        ends = "prompt + new tokens must fit in the context"
+    code = ("import torch\n" if tokenizer.documents else "") + (
+            f"from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f"model = AutoModelForCausalLM.from_pretrained(\"{name}\"{trust})\n"
+            f"tokenizer = AutoTokenizer.from_pretrained(\"{name}\"{trust})\n{ids}"
+            f"out = model.generate(ids, max_new_tokens=100, do_sample=True, top_k=200, temperature=0.8)  # {ends}\n"
+            f"print(tokenizer.decode(out[0], skip_special_tokens=True))\n")
+    why = ("\n\nThe model uses options GPT-2's architecture lacks, so its code ships in this folder "
+           "(`modeling_nanogpt.py`, `configuration_nanogpt.py`: plain PyTorch, read them before you trust "
+           "them); `trust_remote_code=True` lets transformers run it (AutoTokenizer reads config.json too, "
+           "so it asks for the same). generate() and its KV cache work as for any transformers model; "
+           "padding does not.") if remote else ""
+    return (f"```python\n{code}```{why}\n\nOr continue training it: `python train.py --init_from={name} ...` "
+            f"in nanogpt-toolkit (or sample it: `python sample.py --init_from={name}`).")
 
 
 def model_card(model: GPT, tokenizer: Tokenizer, ckpt: dict, fmt: str, name: str) -> str:
     c, cfg = model.config, ckpt.get("config", {})
     tok = (f"char-level, {len(tokenizer.chars)} characters" if tokenizer.name == "char"
-           else f"tiktoken {tokenizer.name} BPE, {tokenizer.vocab_size:,} tokens")
+           else f"tiktoken {tokenizer.name} BPE, {tokenizer.vocab_size:,} tokens" if tokenizer.name != "bpe"
+           else f"byte-level BPE trained on the dataset, {tokenizer.vocab_size:,} tokens")
+    if tokenizer.documents:
+        tok += f"; documents mode ({tokenizer.documents}): <|endoftext|> (id {tokenizer.eot_id}) starts and ends each document"
     start = cfg.get("init_from", "scratch")
     origin = "trained" if start in ("scratch", "resume") else f"finetuned from {start}"
     best = ckpt.get("best_val_loss")
     best = f"{best:.4f}" if isinstance(best, float) and best != float("inf") else "not measured"
+    options = c.non_gpt2_options()
+    arch = f"GPT-2's architecture with {', '.join(options)}" if options else "GPT-2's architecture"
+    gpt2_layout = fmt == "gguf" or (fmt == "hf" and not options)  # always has biases
+    zeros = " (exported as zeros)" if gpt2_layout else ""
+    shape = (f"{c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, context {c.block_size} tokens, "
+             f"{c.activation} MLP, {c.norm}, {'rotary' if c.rotary else 'learned'} positions, "
+             f"biases {'yes' if c.bias else 'no' + zeros}")
     if fmt == "hf":
-        use = f"""```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("{name}")
-tokenizer = AutoTokenizer.from_pretrained("{name}")
-ids = tokenizer("ROMEO:", return_tensors="pt").input_ids
-out = model.generate(ids, max_new_tokens=100, do_sample=True, top_k=200, temperature=0.8)
-print(tokenizer.decode(out[0]))
-```
-
-Or continue training it: `python train.py --init_from={name} ...` in nanogpt-toolkit."""
+        use = hf_usage(name, model, tokenizer)
     elif fmt == "gguf":
         use = f"""With llama.cpp: `llama-cli -m {name}/model.gguf -p "ROMEO:" -n 100`, or from Python with xllamacpp:
 
@@ -122,23 +172,24 @@ gets slightly different logits there (greedy text matched ours in our tests)."""
     else:
         use = ("`model.onnx` maps `input_ids` (int64, batch x sequence) to `logits`; "
                "`model_with_past.onnx` also takes and returns the KV cache (`past_key_values.N.key/value` "
-               "-> `present.N.key/value`, each batch x heads x positions x head size) for fast generation "
-               "with onnxruntime and tokenizers alone:\n\n```python\n" + ONNX_LOOP.format(folder=json.dumps(name)) + "```")
+               "-> `present.N.key/value`, each batch x heads x positions x head size; a bigram model also "
+               "`past_input_ids` -> `present_input_ids`, the tokens so far) for fast generation "
+               "with onnxruntime and tokenizers alone:\n\n```python\n" + onnx_loop(name, tokenizer) + "```")
     return f"""---
 library_name: {dict(hf="transformers").get(fmt, fmt)}
 pipeline_tag: text-generation
-tags: [gpt2, nanogpt-toolkit]
+tags: [{"gpt2" if not options else "nanogpt"}, nanogpt-toolkit]
 {MARKER}
 ---
 # {name}
 
-A GPT-2-architecture language model {origin} with nanogpt-toolkit, a nanoGPT-style trainer, and
+A language model ({arch}) {origin} with nanogpt-toolkit, a nanoGPT-style trainer, and
 exported by its `export.py` ({fmt} format).
 
 | | |
 |---|---|
-| parameters | {model.num_params(non_embedding=False):,} ({model.num_params() / 1e6:.2f}M without position embeddings) |
-| shape | {c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, context {c.block_size} tokens, {c.activation} MLP, biases {"yes" if c.bias else "no (exported as zeros)"} |
+| parameters | {model.num_params(non_embedding=False):,} ({model.num_params() / 1e6:.2f}M without embedding tables) |
+| shape | {shape} |
 | tokenizer | {tok} |
 | dataset | {cfg.get("dataset", "unknown")} |
 | iterations | {ckpt.get("iter_num", "unknown")} |
@@ -161,62 +212,119 @@ exported by its `export.py` ({fmt} format).
 def write_tokenizer(tokenizer: Tokenizer, block_size: int, folder: Path):
     hf_format.hf_tokenizer(tokenizer).save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(
-        json.dumps(hf_format.tokenizer_config(tokenizer, block_size), indent=2) + "\n")
+        json.dumps(hf_format.tokenizer_config(tokenizer, block_size), indent=2) + "\n", encoding="utf-8")
+
+
+def write_json(path: Path, data: dict):
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def write_hf_remote(model: GPT, tokenizer: Tokenizer, folder: Path):
+    """A model GPT-2 cannot express: our config, our state dict and the modeling code that
+    computes them, the layout transformers expects of a model outside the library."""
+    from safetensors.torch import save_file
+    for name in hf_format.REMOTE_FILES:
+        shutil.copyfile(hf_format.REMOTE_CODE / name, folder / name)
+    write_json(folder / "config.json", hf_format.nanogpt_config_dict(model.config, tokenizer))
+    save_file(hf_format.nanogpt_state_dict(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    eot = tokenizer.eot_id
+    write_json(folder / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot})
 
 
 def write_hf(model: GPT, tokenizer: Tokenizer, folder: Path):
-    """config.json, model.safetensors, generation_config.json through transformers itself."""
-    transformers = require("transformers", "--format=hf")
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    config = transformers.GPT2Config(**hf_format.hf_config_dict(model.config, tokenizer))
-    hf = transformers.GPT2LMHeadModel(config)
-    hf.load_state_dict(hf_format.to_hf_state_dict(model))
-    hf.save_pretrained(folder, safe_serialization=True)
+    """GPT-2's own folder through transformers itself, or ours with its modeling code."""
+    if model.config.non_gpt2_options():
+        write_hf_remote(model, tokenizer, folder)
+    else:
+        transformers = require("transformers", "--format=hf")
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        config = transformers.GPT2Config(**hf_format.hf_config_dict(model.config, tokenizer))
+        hf = transformers.GPT2LMHeadModel(config)
+        hf.load_state_dict(hf_format.to_hf_state_dict(model))
+        hf.save_pretrained(folder, safe_serialization=True)
     write_tokenizer(tokenizer, model.config.block_size, folder)
 
 
-def forward_with_past(model: GPT, input_ids, past: list | None):
-    """GPT.forward for ONNX: logits at every position, and the cache as explicit tensors.
+def forward_with_past(model: GPT, input_ids, past: list, past_ids=None):
+    """GPT.forward with the KV cache as explicit tensors, for the ONNX graph with the cache.
 
-    input_ids (B, T) continue `past`, [k0, v0, k1, v1, ...] each (B, nh, P, hs) (None: P = 0).
-    Returns logits (B, T, vocab) and the presents, each (B, nh, P + T, hs). The mask is built
-    from positions, not from Python numbers, so the traced graph holds for any P and T."""
+    input_ids (B, T) continue `past`, [k0, v0, k1, v1, ...] each (B, nh, P, hs), P >= 0, and,
+    for the bigram option, past_ids (B, P), the tokens so far. Returns logits (B, T, vocab) and
+    the presents, each (B, nh, P + T, hs) (then (B, P + T) tokens for the bigram). Every step is
+    model.py's module or function; positions and the mask come from tensor shapes, not Python
+    numbers, so the traced graph holds for any P and T."""
+    c, tr = model.config, model.transformer
     B, T = input_ids.shape
-    P = past[0].shape[2] if past else 0
-    tr = model.transformer
+    P = past[0].shape[2]
     pos = torch.arange(P, P + T, device=input_ids.device)  # (T,)
     mask = torch.arange(P + T, device=input_ids.device)[None, :] <= pos[:, None]  # (T, P + T): causal
-    x = tr.wte(input_ids) + tr.wpe(pos)
+    x = tr.wte(input_ids)  # (B, T, C)
+    rope = model.rotary(pos) if c.rotary else None
+    if not c.rotary:
+        x = x + tr.wpe(pos)
+    extra = []
+    if c.bigram:  # the token before each new one: the last past token, or vocab_size (none) at the start
+        so_far = torch.cat([input_ids.new_full((B, 1), c.vocab_size), past_ids, input_ids], dim=1)  # (B, 1 + P + T)
+        x = x + model.bigram(so_far[:, -T - 1:-1] * c.vocab_size + input_ids)
+        extra = [so_far[:, 1:]]
+    x0 = x
     presents = []
     for i, block in enumerate(tr.h):
-        attn, C, nh = block.attn, block.attn.n_embd, block.attn.n_head
+        attn, C, nh = block.attn, c.n_embd, c.n_head
+        if c.x0_lambdas:
+            x = block.lambdas[0] * x + block.lambdas[1] * x0
         q, k, v = attn.c_attn(block.ln_1(x)).split(C, dim=2)
+        if c.value_embeds:
+            v = v + model.value_embeds[i](input_ids)
         q, k, v = (t.view(B, T, nh, C // nh).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if past:
-            k, v = torch.cat([past[2 * i], k], dim=2), torch.cat([past[2 * i + 1], v], dim=2)
+        if c.qk_norm:
+            q, k = F.rms_norm(q, (C // nh,)), F.rms_norm(k, (C // nh,))
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        k, v = torch.cat([past[2 * i], k], dim=2), torch.cat([past[2 * i + 1], v], dim=2)
         presents += [k, v]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + attn.c_proj(y.transpose(1, 2).reshape(B, T, C))
         x = x + block.mlp(block.ln_2(x))
-    return model.lm_head(tr.ln_f(x)), presents
+    return model.lm_head(tr.ln_f(x)), presents + extra
 
 
 class Logits(nn.Module):
+    """model.py's GPT.forward itself: with targets it returns the logits of every position (the
+    loss it also computes feeds no output, so the exporter drops it)."""
+
     def __init__(self, model: GPT):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids):
-        return forward_with_past(self.model, input_ids, None)[0]
+        return self.model(input_ids, torch.zeros_like(input_ids))[0]
 
 
 class LogitsWithPast(Logits):
     def forward(self, input_ids, *past):
-        logits, presents = forward_with_past(self.model, input_ids, list(past))
+        n = 2 * self.model.config.n_layer
+        logits, presents = forward_with_past(self.model, input_ids, list(past[:n]), *past[n:])
         return (logits, *presents)
 
 
+def rms_norm_symbolic(g, x, normalized_shape, weight, eps):
+    """aten::rms_norm, which the TorchScript ONNX exporter lacks, in plain ONNX operators:
+    x / sqrt(mean(x^2 over the last dims) + eps) (* weight), as torch computes it."""
+    node = normalized_shape.node()
+    dims = (len(list(node.inputs())) if node.kind() == "prim::ListConstruct"
+            else len(symbolic_helper._get_const(normalized_shape, "is", "normalized_shape")))
+    eps = (torch.finfo(torch.float32).eps if symbolic_helper._is_none(eps)  # torch's default
+           else symbolic_helper._get_const(eps, "f", "eps"))
+    axes = g.op("Constant", value_t=torch.arange(-dims, 0))
+    mean_square = g.op("ReduceMean", g.op("Mul", x, x), axes, keepdims_i=1)
+    eps = g.op("Constant", value_t=torch.tensor(eps, dtype=torch.float32))
+    y = g.op("Mul", x, g.op("Reciprocal", g.op("Sqrt", g.op("Add", mean_square, eps))))
+    return y if symbolic_helper._is_none(weight) else g.op("Mul", y, weight)
+
+
+ONNX_OPSET = 18
 ONNX_INLINE_BYTES = 1.8e9  # weights above this go to a .data file beside the graph (protobuf stops at 2 GB)
 
 
@@ -224,12 +332,13 @@ def export_onnx(module: nn.Module, args: tuple, path: Path, inline: bool, **name
     """torch.onnx.export into a scratch folder (a large model comes out as one file per tensor),
     then the graph at path: weights inside, or all in one path.data file beside it."""
     import onnx
+    torch.onnx.register_custom_op_symbolic("aten::rms_norm", rms_norm_symbolic, ONNX_OPSET)
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notices
         raw = Path(scratch) / path.name
-        # TorchScript exporter (dynamo=False): the dynamo one gives the same graphs here but
-        # took 25 s instead of 1 s for a 2-layer model
-        torch.onnx.export(module, args, str(raw), dynamo=False, **names_and_axes)
+        # TorchScript exporter (dynamo=False): the dynamo one gives the same graphs here, many
+        # times slower (docs/export.md has the figures)
+        torch.onnx.export(module, args, str(raw), dynamo=False, opset_version=ONNX_OPSET, **names_and_axes)
         if inline:
             os.replace(raw, path)
         else:
@@ -245,16 +354,23 @@ def write_onnx(model: GPT, tokenizer: Tokenizer, folder: Path):
     ids = torch.zeros(2, 3, dtype=torch.long)
     past = [torch.zeros(2, c.n_head, 2, c.n_embd // c.n_head) for _ in range(2 * c.n_layer)]
     names = [f"past_key_values.{i}.{kv}" for i in range(c.n_layer) for kv in ("key", "value")]
-    presents = [n.replace("past_key_values", "present") for n in names]
+    if c.bigram:
+        past.append(torch.zeros(2, 2, dtype=torch.long))
+        names.append("past_input_ids")
+    presents = [n.replace("past_key_values", "present").replace("past_input_ids", "present_input_ids") for n in names]
     tokens = {0: "batch", 1: "sequence"}
     export_onnx(Logits(model), (ids,), folder / "model.onnx", inline, input_names=["input_ids"],
                 output_names=["logits"], dynamic_axes={"input_ids": tokens, "logits": tokens})
+    sequence_axis = {n: 1 if n.endswith("input_ids") else 2 for n in names + presents}
     export_onnx(LogitsWithPast(model), (ids, *past), folder / "model_with_past.onnx", inline,
                 input_names=["input_ids", *names], output_names=["logits", *presents],
                 dynamic_axes={"input_ids": tokens, "logits": tokens,
-                              **{n: {0: "batch", 2: "past_sequence"} for n in names},
-                              **{n: {0: "batch", 2: "total_sequence"} for n in presents}})
-    (folder / "config.json").write_text(json.dumps(hf_format.hf_config_dict(c, tokenizer), indent=2) + "\n")
+                              **{n: {0: "batch", sequence_axis[n]: "past_sequence"} for n in names},
+                              **{n: {0: "batch", sequence_axis[n]: "total_sequence"} for n in presents}})
+    config = (hf_format.nanogpt_config_dict(c, tokenizer) if c.non_gpt2_options()
+              else hf_format.hf_config_dict(c, tokenizer))
+    config.pop("auto_map", None)  # no modeling code in an ONNX folder
+    write_json(folder / "config.json", config)
     write_tokenizer(tokenizer, c.block_size, folder)
 
 
@@ -275,26 +391,67 @@ def gguf_name(name: str) -> str:
     return f"blk.{layer}.{GGUF_BLOCK_MODULES[sub]}.{kind}"
 
 
-def check_gguf(tokenizer: Tokenizer):
-    if tokenizer.name not in GGUF_TOKENIZERS:
-        raise UserError(f"--format=gguf takes GPT-2 BPE models (tokenizer gpt2) only: llama.cpp has no "
-                        f"char-level vocabulary, and its pre-tokenizer for {tokenizer.name!r} is not verified "
-                        f"here; use --format=hf or --format=onnx")
+# What llama.cpp lacks for each option beyond GPT-2 (GPTConfig.non_gpt2_options' names). Its gpt2
+# architecture has an untied head (the output tensor), and its gptneox architecture is GPT-2's
+# block with rotary positions (LayerNorm, biases, a GELU MLP, sequential residuals when
+# use_parallel_residual is false), so neither option is missing.
+GGUF_EXPRESSES = ("rotary", "tie_head")
+GGUF_LACKS = {"activation": "a relu(x)^2 MLP with GPT-2's blocks", "norm": "parameter-free RMSNorm with GPT-2's blocks",
+              "qk_norm": "RMSNorm of each head's queries and keys", "bigram": "a bigram embedding table",
+              "x0_lambdas": "blocks mixing in the first block's input (x0_lambdas)",
+              "value_embeds": "value embeddings added to attention's values"}
+
+
+def check_gguf(model: GPT, tokenizer: Tokenizer):
+    """Refuse, before anything is written, a model llama.cpp cannot run exactly, naming all it lacks."""
+    lacks = []
+    if tokenizer.name == "char":
+        lacks.append("a char-level vocabulary")
+    elif tokenizer.name not in GGUF_TOKENIZERS:
+        lacks.append(f"a pre-tokenizer verified here to split text as {tokenizer.name!r} does")
+    options = [o.partition("=")[0] for o in model.config.non_gpt2_options()]
+    lacks += [GGUF_LACKS.get(o, f"the option {o}") for o in options if o not in GGUF_EXPRESSES]
+    if lacks:
+        raise UserError(f"--format=gguf takes GPT-2 BPE models (tokenizer gpt2) only, of an architecture "
+                        f"llama.cpp computes; for this model llama.cpp lacks {'; '.join(lacks)}. Use "
+                        f"--format=hf or --format=onnx (nothing was written)")
     require("gguf", "--format=gguf")
 
 
+def gguf_tensors(model: GPT):
+    """(GGUF name, float32 array) of every weight: GPT-2's tensors with their biases (zeros for a
+    bias-free model) in nn.Linear layout. For rotary, llama.cpp's NEOX rope rotates each pair
+    (i, i + hs/2) by +angle where apply_rotary rotates by -angle; negating the second half of
+    every head's queries and keys makes the two agree (q . k is unchanged, values untouched)."""
+    c = model.config
+    hs = c.n_embd // c.n_head
+    flip = torch.ones(c.n_head, 2, hs // 2)
+    flip[:, 1] = -1
+    flip = torch.cat([flip.flatten(), flip.flatten(), torch.ones(c.n_embd)])  # (3C,): q, k, v rows
+    for name, tensor in hf_format.to_hf_state_dict(model).items():
+        if name.endswith(hf_format.CONV1D):
+            tensor = tensor.t()
+        if c.rotary and name.endswith(("attn.c_attn.weight", "attn.c_attn.bias")):
+            tensor = tensor * (flip[:, None] if tensor.dim() == 2 else flip)
+        yield gguf_name(name), tensor.contiguous().numpy()
+
+
 def write_gguf(model: GPT, tokenizer: Tokenizer, folder: Path):
-    """model.gguf for llama.cpp (architecture gpt2, float32), the tokenizer inside it."""
-    check_gguf(tokenizer)
+    """model.gguf for llama.cpp (architecture gpt2, or gptneox for rotary; float32), the tokenizer inside it."""
+    check_gguf(model, tokenizer)
     gguf = require("gguf", "--format=gguf")
     c = model.config
-    writer = gguf.GGUFWriter(str(folder / "model.gguf"), "gpt2")
+    writer = gguf.GGUFWriter(str(folder / "model.gguf"), "gptneox" if c.rotary else "gpt2")
     writer.add_context_length(c.block_size)
     writer.add_embedding_length(c.n_embd)
     writer.add_feed_forward_length(4 * c.n_embd)
     writer.add_block_count(c.n_layer)
     writer.add_head_count(c.n_head)
     writer.add_layer_norm_eps(hf_format.LAYER_NORM_EPS)
+    if c.rotary:  # model.py's Rotary: every channel of a head, base 10000
+        writer.add_rope_dimension_count(c.n_embd // c.n_head)
+        writer.add_rope_freq_base(10000.0)
+        writer.add_parallel_residual(False)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     # the vocabulary and merges of our tokenizer.json, in GGUF's byte-level BPE form
     fast = json.loads(hf_format.hf_tokenizer(tokenizer).to_str())
@@ -312,11 +469,8 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, folder: Path):
     writer.add_bos_token_id(tokenizer.eot_id)
     writer.add_eos_token_id(tokenizer.eot_id)
     writer.add_add_bos_token(False)  # our prompts start with their own text, as in sample.py
-    # GPT-2's tensors with their biases (zeros for a bias-free model), back in nn.Linear layout
-    for name, tensor in hf_format.to_hf_state_dict(model).items():
-        if name.endswith(hf_format.CONV1D):
-            tensor = tensor.t()
-        writer.add_tensor(gguf_name(name), tensor.contiguous().numpy())
+    for name, array in gguf_tensors(model):
+        writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -349,11 +503,8 @@ def check_destination(dest: Path, force: bool):
 
 
 def fsync(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """A file's contents, or a folder's entries where the OS allows it (durable.py), to disk."""
+    durable.fsync_folder(path) if path.is_dir() else durable.fsync_file(path)
 
 
 def write_atomically(dest: Path, write):
@@ -413,12 +564,8 @@ def main(argv=None):
     check_destination(dest, cfg.force)
     model, tokenizer, ckpt = load_model(cfg.out_dir, "cpu")
     model.float()
-    if options := model.config.non_gpt2_options():  # every format here is GPT-2's architecture
-        raise UserError(f"{cfg.out_dir} was trained with options GPT-2 does not have ({', '.join(options)}); "
-                        f"--format={cfg.format} can only express GPT-2's architecture, so nothing was written. "
-                        f"Sample it with sample.py, or train without these options to export")
     if cfg.format == "gguf":  # before anything is written
-        check_gguf(tokenizer)
+        check_gguf(model, tokenizer)
     card = model_card(model, tokenizer, ckpt, cfg.format, str(dest))
 
     def write(folder: Path):

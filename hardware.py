@@ -6,13 +6,21 @@ dtype "auto": the fastest safe choice for that device
   - older cuda               -> float16 autocast with a GradScaler
   - cpu with AMX or AVX512-BF16 (native bf16 matrix units) -> bfloat16 autocast,
     several times faster than float32 there
-  - anything else (mps, older cpus) -> float32
+  - mps (Apple silicon) on macOS 14 or newer -> bfloat16 autocast: torch runs bf16 on MPS
+    from macOS 14 on, and bf16 needs no GradScaler; on older macOS -> float32 (MPS has no
+    bf16 there, and float16 would need a GradScaler)
+  - anything else (older cpus, Apple's arm CPUs) -> float32
+
+The CPU's features come from torch's own detection (cpuinfo), which works on Linux, Windows
+and macOS alike and answers False for x86 features on arm CPUs; nothing here reads /proc.
 """
 import contextlib
 import functools
 import os
+import platform
 from dataclasses import dataclass
 
+import psutil
 import torch
 
 from errors import UserError
@@ -22,17 +30,29 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """True when this CPU has bf16 matrix instructions (x86 AMX-BF16 or AVX512-BF16)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:  # not Linux: macOS arm CPUs and Windows are treated as float32 machines
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    """True when this CPU has bf16 matrix instructions (x86 AMX or AVX512-BF16)."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(check is not None and check() for check in checks)
 
 
 def mps_available() -> bool:
     return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+
+
+def mps_dtype(macos: str) -> tuple[str, str]:
+    """(dtype, reason) for dtype auto on MPS, given the macOS version ("14.5")."""
+    try:
+        major = int(macos.split(".")[0])
+    except ValueError:
+        major = 0
+    if major >= 14:
+        return "bfloat16", f"macOS {macos} runs bf16 on MPS; no GradScaler needed"
+    return "float32", f"macOS {macos or '?'} has no bf16 on MPS (it needs macOS 14); float16 would need a GradScaler"
+
+
+def available_memory() -> int:
+    """Bytes this machine can still give a process without swapping (psutil: every OS)."""
+    return psutil.virtual_memory().available
 
 
 @dataclass
@@ -72,7 +92,8 @@ def resolve(device: str = "auto", dtype: str = "auto") -> Precision:
             device = "mps"
         else:
             device = "cpu"
-        why.append(f"device {device} (best available)")
+        gpu = {"cuda": "a CUDA GPU", "mps": "the Apple silicon GPU", "cpu": "no GPU found"}[device]
+        why.append(f"device {device} ({gpu}: best available)")
     else:
         kind = device.split(":")[0]
         if kind == "cuda" and not torch.cuda.is_available():
@@ -95,7 +116,7 @@ def resolve(device: str = "auto", dtype: str = "auto") -> Precision:
         elif kind == "cpu":
             dtype, because = "float32", "this CPU has no native bf16, autocast would be slower"
         else:
-            dtype, because = "float32", "the safe choice on mps"
+            dtype, because = mps_dtype(platform.mac_ver()[0])
         why.append(f"dtype {dtype} ({because})")
     elif dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")

@@ -8,6 +8,11 @@ GPT-2 name). The two models are the same network with the same module names; the
 - biases: GPT-2 always has them, so a model trained with bias=False exports zeros;
 - the MLP nonlinearity: GPT-2 used the tanh approximation of GELU ("gelu_new"), nanoGPT the
   exact one ("gelu"); GPTConfig.activation says which, and config.json carries it.
+A model with options GPT-2 lacks (GPTConfig.non_gpt2_options: rotary, rmsnorm, ...) travels
+instead as a folder of model_type "nanogpt": config.json holds our GPTConfig fields,
+model.safetensors our own state dict, and hf_remote/'s configuration and modeling files sit
+beside them, so transformers builds it with trust_remote_code=True (export.py writes these
+folders; load_model reads them back without transformers).
 The tokenizer travels as tokenizer.json (Hugging Face tokenizers), built from the tokenizer
 we hold, never downloaded: tiktoken's ranks, pattern and special tokens for BPE, one token
 per character for char-level.
@@ -15,6 +20,7 @@ per character for char-level.
 transformers, tokenizers and safetensors are extras: a missing one is one line saying which
 pip command installs it.
 """
+import dataclasses
 import importlib
 import json
 import os
@@ -23,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+import hardware
 from errors import UserError
 from model import GPT, GPTConfig
 from tokenizer import CHAR, Tokenizer, bytes_to_unicode
@@ -96,9 +103,54 @@ def hf_config_dict(config: GPTConfig, tokenizer: Tokenizer) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------- models GPT-2 cannot express
+
+NANOGPT = "nanogpt"  # config.json's model_type of the folders with our modeling code
+REMOTE_CODE = Path(__file__).resolve().parent / "hf_remote"  # the files copied into those folders
+REMOTE_FILES = ("configuration_nanogpt.py", "modeling_nanogpt.py")
+# GPTConfig's fields in such a config.json, with the type each must have (dropout and
+# zero_init_proj are training settings, not part of the exported model). configuration_nanogpt.py
+# takes the same (tests/test_export_options.py checks it), modeling_nanogpt.py computes them.
+NANOGPT_FIELDS = {f.name: f.type for f in dataclasses.fields(GPTConfig) if f.name not in ("dropout", "zero_init_proj")}
+
+
+def nanogpt_config_dict(config: GPTConfig, tokenizer: Tokenizer) -> dict:
+    """config.json of a model GPT-2 cannot express: our fields, and where transformers finds the
+    code (auto_map, the convention for models outside the library)."""
+    eot = tokenizer.eot_id
+    return {"architectures": ["NanoGPTForCausalLM"], "model_type": NANOGPT,
+            "auto_map": {"AutoConfig": "configuration_nanogpt.NanoGPTConfig",
+                         "AutoModelForCausalLM": "modeling_nanogpt.NanoGPTForCausalLM"},
+            **{k: getattr(config, k) for k in NANOGPT_FIELDS},
+            "tie_word_embeddings": config.tie_head, "use_cache": True, "dtype": "float32",
+            "bos_token_id": eot, "eos_token_id": eot, "pad_token_id": None}
+
+
+def nanogpt_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our state dict as model.safetensors holds it: float32, contiguous, without the head when
+    it is the token embedding (safetensors stores a tensor once; transformers ties it back)."""
+    state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_head:
+        del state["lm_head.weight"]
+    return state
+
+
+def _nanogpt_config(folder: Path, c: dict) -> GPTConfig:
+    """Our GPTConfig from a nanogpt folder's config.json, checked field by field."""
+    bad = [f"{k} {c.get(k)!r}" for k, kind in NANOGPT_FIELDS.items()
+           if not isinstance(c.get(k), kind) or (kind is int and isinstance(c.get(k), bool))]
+    if not bad:
+        config = GPTConfig(**{k: c[k] for k in NANOGPT_FIELDS}, dropout=0.0)
+        bad = config.problems()
+    if bad:
+        raise UserError(f"{folder / 'config.json'} has invalid or missing settings ({', '.join(bad)}); "
+                        f"the folder is damaged")
+    return config
+
+
 def gpt_config(folder: Path) -> GPTConfig:
-    """Our GPTConfig from a GPT-2 folder's config.json; refuses anything that is not a GPT-2
-    this model computes exactly."""
+    """Our GPTConfig from a Hugging Face folder's config.json: a GPT-2, or a model of ours with
+    options GPT-2 lacks (model_type nanogpt); refuses anything this model does not compute exactly."""
     path = folder / "config.json"
     if not path.is_file():
         raise UserError(f"{folder} is not a Hugging Face model folder (no config.json); give a folder "
@@ -109,9 +161,11 @@ def gpt_config(folder: Path) -> GPTConfig:
         c = None
     if not isinstance(c, dict):
         raise UserError(f"{path} is not valid JSON (an object of settings); the folder is damaged")
+    if c.get("model_type") == NANOGPT:
+        return _nanogpt_config(folder, c)
     if c.get("model_type") != "gpt2":
         raise UserError(f"{folder} holds a {c.get('model_type')!r} model, not a GPT-2 (model_type "
-                        f"'gpt2'); only GPT-2 models load here")
+                        f"'gpt2') or an export of ours ({NANOGPT!r}); only these load here")
     act = c.get("activation_function", "gelu_new")
     unsupported = []
     if act not in FROM_HF_ACTIVATION:
@@ -314,17 +368,6 @@ def resolve(init_from: str) -> Path:
     return folder
 
 
-def available_memory() -> int:
-    """Bytes this process can still allocate (Linux MemAvailable; elsewhere free pages)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def check_memory(folder: Path, config: GPTConfig):
     """Refuse, before loading, a model that does not fit: loading holds transformers' copy
     and ours at once, both float32."""
@@ -332,20 +375,43 @@ def check_memory(folder: Path, config: GPTConfig):
     if not weights:
         raise UserError(f"{folder} has no weights (model.safetensors or pytorch_model.bin)")
     C, L, V = config.n_embd, config.n_layer, config.vocab_size
-    params = V * C + config.block_size * C + L * (12 * C * C + 13 * C) + 2 * C
+    on_disk = sum(p.stat().st_size for p in weights)
+    # GPT-2's count, or the float32 file's when larger (the tables of bigram, value_embeds, an untied head)
+    params = max(V * C + config.block_size * C + L * (12 * C * C + 13 * C) + 2 * C, on_disk // 4)
     needed = 2 * 4 * params
-    have = available_memory()
+    have = hardware.available_memory()
     if needed > have:
-        on_disk = sum(p.stat().st_size for p in weights)
         raise UserError(f"{folder} holds a {params / 1e6:,.0f}M-parameter model ({on_disk / 2**30:.1f} GiB on disk) "
                         f"that needs about {needed / 2**30:.1f} GiB of memory to load, but only "
                         f"{have / 2**30:.1f} GiB is available; use a smaller model or a bigger machine")
 
 
+def _load_nanogpt(folder: Path, config: GPTConfig) -> GPT:
+    """Our GPT with the weights of a nanogpt folder: model.safetensors is our own state dict."""
+    safetensors = require("safetensors", f"loading the model in {folder}")
+    from safetensors.torch import load_file
+    try:
+        state = load_file(folder / "model.safetensors")
+    except (OSError, safetensors.SafetensorError) as e:
+        raise UserError(f"could not read {folder / 'model.safetensors'}: {e}; the folder is damaged") from None
+    if config.tie_head:
+        state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
+    model = GPT(config)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as e:
+        first = str(e).splitlines()[0]
+        raise UserError(f"{folder}: the weights do not match its config.json ({first}); the folder is "
+                        f"damaged or was edited") from None
+    return model
+
+
 def load_model(folder: Path, config: GPTConfig) -> GPT:
-    """Our GPT (train mode, cpu) with the weights of the GPT-2 in folder; config comes from
+    """Our GPT (train mode, cpu) with the weights of the model in folder; config comes from
     gpt_config(folder), with the dropout the caller wants."""
     check_memory(folder, config)
+    if json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type") == NANOGPT:
+        return _load_nanogpt(folder, config)
     transformers = require("transformers", f"loading the GPT-2 in {folder}")
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -360,8 +426,9 @@ def load_model(folder: Path, config: GPTConfig) -> GPT:
 
 
 def load(init_from: str) -> tuple[GPT, Tokenizer]:
-    """(our GPT in eval mode on the cpu, its Tokenizer) from a GPT-2 folder or name: the entry
-    point for anything that only runs a Hugging Face GPT-2 (sample.py, app.py)."""
+    """(our GPT in eval mode on the cpu, its Tokenizer) from a Hugging Face folder (a GPT-2, or
+    an export of ours with options GPT-2 lacks) or a GPT-2 name: the entry point for sample.py
+    and app.py."""
     folder = resolve(init_from)
     config = gpt_config(folder)
     check_memory(folder, config)

@@ -42,8 +42,8 @@ class ModelOptions:
 
     def non_gpt2_options(self) -> list[str]:
         """The options in use that GPT-2's architecture lacks, as "name=value" (empty for a
-        GPT-2 model). Code that only knows GPT-2 (the HF/ONNX export, a fixed decode path)
-        refuses a model whose list is not empty, naming these. Every field after GPT2_SHAPE
+        GPT-2 model). Code that only knows GPT-2 (a plain GPT-2 Hugging Face folder, a fixed
+        decode path) refuses, or hands over to a general path, a model whose list is not empty. Every field after GPT2_SHAPE
         counts, unless its value is in GPT2_EQUIVALENT: so an option added later is refused
         by that code until someone says otherwise."""
         beyond = [f for f in dataclasses.fields(ModelOptions) if f.name not in GPT2_SHAPE]
@@ -338,10 +338,11 @@ class GPT(nn.Module):
 
     def crop_block_size(self, block_size: int):
         """Keep the first block_size position embeddings, e.g. to finetune GPT-2 (1024
-        positions) with a shorter context, as nanoGPT does."""
+        positions) with a shorter context, as nanoGPT does. A rotary model has no table to crop."""
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if "wpe" in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None, positions=None):
         """idx (B, T) token ids -> logits (B, T, vocab) and the mean cross-entropy loss.

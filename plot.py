@@ -18,11 +18,11 @@ no global state and is safe from a web server's threads.
 """
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import durable
 from config import parse_config
 from errors import UserError, run_main
 
@@ -143,17 +143,10 @@ def save_png(fig, path) -> None:
     """Write fig as a PNG atomically: a temp file in the same folder, fsync, then rename,
     so a reader (app.py, an image viewer) never sees half a file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-write
-            stale.unlink(missing_ok=True)
-        with open(tmp, "wb") as f:
+        with durable.replacing(path) as f:
             fig.savefig(f, format="png")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"could not write {path}: {e.strerror}; choose another --output or free some disk space") from None
 
 

@@ -67,6 +67,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+import durable
 import runlock
 from errors import UserError, run_main
 import template
@@ -442,8 +443,7 @@ def split_tail(stream: Path, n_keep: int, tail_path: Path, itemsize: int, block:
 def fsync_dir_files(folder: Path) -> None:
     for p in folder.iterdir():
         if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
+            durable.fsync_file(p)
 
 
 def carry_over(old: Path, new: Path) -> None:
@@ -477,6 +477,7 @@ def swap_into_place(tmp: Path, dest: Path) -> None:
         if old is not None:
             os.rename(old / dest.name, dest)
         raise
+    durable.fsync_folder(dest.parent)  # the renames survive a power cut (where the OS allows it)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -496,12 +497,8 @@ def remove_stale_temps(data_dir: Path, name: str) -> None:
         m = re.match(rf"\.{re.escape(name)}\.(?:tmp|old)-(\d+)-", p.name)
         if not m:
             continue
-        try:
-            os.kill(int(m.group(1)), 0)  # the run that made it is still going: leave it
-        except ProcessLookupError:
+        if not runlock.pid_alive(int(m.group(1))):  # a run that is still going keeps its folder
             shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass
 
 
 # ---------------------------------------------------------------- instruction data (JSONL)

@@ -137,7 +137,8 @@ class StopRequest:
         self.repeat_stops_at_once = not ddp
         self.signum = None
         self.previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        windows = [signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else []  # Ctrl-Break in a Windows console
+        for sig in (signal.SIGINT, signal.SIGTERM, *windows):
             self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):

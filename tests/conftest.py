@@ -1,6 +1,7 @@
 """Shared test setup: offline copies of the corpus and the tiktoken files, CPU only."""
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # No test downloads anything from the Hugging Face Hub (transformers reads these at import).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# transformers copies the modeling code of a trust_remote_code folder into this cache: keep it out of ~
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="hf-modules-"))
 
 
 @pytest.fixture(scope="session")

@@ -519,18 +519,21 @@ def test_bigram_on_a_large_vocabulary_is_refused(tmp_path, capsys):
     assert not (tmp_path / "out" / "ckpt.pt").exists()
 
 
-@pytest.mark.parametrize("fmt", ["hf", "onnx"])
-def test_export_refuses_a_model_with_options_gpt2_lacks(fmt, tmp_path, shakespeare_text, capsys):
-    """A model trained with options beyond GPT-2 cannot be written as GPT-2: one line naming
-    them, exit 2, and no --dest folder written."""
+def test_export_of_a_model_with_options_gpt2_lacks(tmp_path, shakespeare_text, capsys):
+    """A model trained with options beyond GPT-2 exports to hf (with its modeling code) and onnx;
+    gguf, which llama.cpp cannot compute for it, is one line naming what llama.cpp lacks, exit 2,
+    and no --dest folder written."""
     import export
     write_char_dataset(tmp_path / "data", shakespeare_text[:20_000])
     options = ["--rotary", "--bigram", "--x0_lambdas", "--value_embeds", "--tie_head=false"]
     train.main([f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", *TINY, "--max_iters=2",
                 "--eval_interval=2", *options])
+    for fmt in ("hf", "onnx"):
+        export.main([f"--out_dir={tmp_path / 'out'}", f"--dest={tmp_path / fmt}", f"--format={fmt}"])
+    assert (tmp_path / "hf" / "modeling_nanogpt.py").is_file() and (tmp_path / "onnx" / "model.onnx").is_file()
     capsys.readouterr()
     line = error_line(export.main, [f"--out_dir={tmp_path / 'out'}", f"--dest={tmp_path / 'export'}",
-                                        f"--format={fmt}"], tmp_path, capsys, code=2)
-    assert "options GPT-2 does not have (rotary=True, tie_head=False, bigram=True, x0_lambdas=True, " \
-           "value_embeds=True)" in line
+                                    "--format=gguf"], tmp_path, capsys, code=2)
+    assert "llama.cpp lacks a char-level vocabulary; a bigram embedding table; blocks mixing in the first " \
+           "block's input (x0_lambdas); value embeddings added to attention's values." in line
     assert not (tmp_path / "export").exists()

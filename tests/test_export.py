@@ -67,12 +67,12 @@ def our_logits(out_dir, ids: torch.Tensor) -> torch.Tensor:
 
 
 def onnx_loop_code() -> str:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    return re.search(r"```python\n(# greedy generation with onnxruntime.*?)```", readme, re.S).group(1)
+    docs = (ROOT / "docs" / "export.md").read_text(encoding="utf-8")
+    return re.search(r"```python\n(# greedy generation with onnxruntime.*?)```", docs, re.S).group(1)
 
 
 def onnx_loop(folder, prompt: str) -> str:
-    """The README's onnxruntime generation loop, run as written in a fresh Python."""
+    """docs/export.md's onnxruntime generation loop, run as written in a fresh Python."""
     code = onnx_loop_code().replace('"exports/shakespeare-onnx", "ROMEO:", 100', f"{str(folder)!r}, {prompt!r}, {N_NEW}")
     code += "import sys\nassert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -276,6 +276,25 @@ def test_gguf_of_a_model_with_exact_gelu_and_no_biases(tmp_path, capsys):
                      "best_val_loss": float("inf"), "config": {}, "tokenizer": tok.describe()},
                     tmp_path / "out" / "ckpt.pt")
     check_gguf(tmp_path / "out", tmp_path / "gguf", capsys)
+
+
+def test_gguf_of_a_rotary_model_with_an_untied_head(tmp_path, capsys):
+    """Rotary positions go to llama.cpp's gptneox architecture (its NEOX rope, sequential
+    residuals), an untied head to its output tensor: llama.cpp gives our greedy text."""
+    tok = gpt2_tokenizer()
+    torch.manual_seed(0)
+    args = dict(block_size=32, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
+                bias=False, activation="gelu_tanh", rotary=True, tie_head=False)
+    model = GPT(GPTConfig(**args))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)  # the zero-initialized head too, so greedy text varies
+    checkpoint.save({"model": model.state_dict(), "model_args": args, "optimizer": {}, "iter_num": 0,
+                     "best_val_loss": float("inf"), "config": {}, "tokenizer": tok.describe()},
+                    tmp_path / "out" / "ckpt.pt")
+    check_gguf(tmp_path / "out", tmp_path / "gguf", capsys)
+    import gguf
+    assert gguf.GGUFReader(tmp_path / "gguf" / "model.gguf").fields["general.architecture"].contents() == "gptneox"
 
 
 def test_finetune_refuses_shape_flags_and_a_foreign_tokenizer(toy_gpt2, bpe_data, char_run, tmp_path):

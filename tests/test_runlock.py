@@ -69,8 +69,8 @@ def test_second_run_is_refused_naming_the_first(tiny_data, tmp_path, hold_lock, 
         assert f"kill {holder.pid}" in message and "choose another --out_dir" in message
         assert "\n" not in message
         assert capsys.readouterr().out == ""  # refused before it prints its config
-    after = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "train.lock"}
-    assert after == before  # the holder's folder is untouched
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.name not in ("train.lock", ".train.lock.flock")}
+    assert after == before  # the holder's folder is untouched (but for the holder's own lock files)
 
 
 def test_lock_of_a_killed_run_is_taken_over(tiny_data, tmp_path, hold_lock, capsys):
@@ -85,7 +85,7 @@ def test_lock_of_a_killed_run_is_taken_over(tiny_data, tmp_path, hold_lock, caps
     assert f"taking over the stale lock {out / 'train.lock'} of PID {holder.pid}" in err
     assert "no longer running" in err
     assert checkpoint.load(out / "ckpt.pt")["iter_num"] == 2
-    assert not (out / "train.lock").exists()  # released at the end of the run
+    assert not (out / "train.lock").exists() and not (out / ".train.lock.flock").exists()  # released at the end
 
 
 def test_lock_from_another_host_is_taken_over_and_says_so(tmp_path, capsys):

@@ -1,0 +1,228 @@
+"""export.py for every model option: each option alone and all together, with a char-level
+tokenizer and with a trained BPE vocabulary in documents mode. Each export runs in its runtime
+itself: transformers (GPT-2 folders plainly, the others with trust_remote_code and its own
+generate() and cache), onnxruntime (the model card's loop), and comes back through
+--init_from; all give sample.py's greedy text. Offline: tiny models built here."""
+import contextlib
+import dataclasses
+import inspect
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import checkpoint
+import export
+import hf_format
+import loading
+import sample
+from conftest import ROOT
+from errors import UserError
+from model import GPT2_SHAPE, GPT, GPTConfig, ModelOptions
+from tokenizer import Tokenizer
+
+for _module in ("transformers", "tokenizers", "safetensors", "onnx", "onnxruntime"):
+    pytest.importorskip(_module, reason="needs the extras: pip install -r requirements-extras.txt")
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import transformers  # noqa: E402
+
+PROMPT, N_NEW = "ROMEO:", 16  # prompt + new tokens stay within the tiny models' 32 positions
+ALONE = {"rotary": {"rotary": True}, "rmsnorm": {"norm": "rmsnorm"}, "relu2": {"activation": "relu2"},
+         "gelu_tanh": {"activation": "gelu_tanh"}, "qk_norm": {"qk_norm": True}, "untied_head": {"tie_head": False},
+         "bigram": {"bigram": True}, "x0_lambdas": {"x0_lambdas": True}, "value_embeds": {"value_embeds": True},
+         "no_bias": {"bias": False}}
+ALL = {"activation": "relu2", "norm": "rmsnorm", "rotary": True, "qk_norm": True, "tie_head": False,
+       "bigram": True, "x0_lambdas": True, "value_embeds": True, "bias": False}
+CASES = {**ALONE, "all": ALL}
+
+
+def test_every_model_option_is_tested_and_known_to_the_remote_code():
+    """An option added to model.py must join CASES here, and configuration_nanogpt.py (with
+    modeling_nanogpt.py) must take it, before its models export."""
+    import importlib.util
+    beyond = {f.name for f in dataclasses.fields(ModelOptions)} - set(GPT2_SHAPE) - {"zero_init_proj"}
+    assert beyond | {"bias"} <= {k for options in ALONE.values() for k in options}
+    spec = importlib.util.spec_from_file_location("configuration_nanogpt", hf_format.REMOTE_CODE / "configuration_nanogpt.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    taken = set(inspect.signature(module.NanoGPTConfig.__init__).parameters) - {"self", "kwargs"}
+    assert taken == set(hf_format.NANOGPT_FIELDS)
+
+
+def bpe_tokenizer(text: str) -> Tokenizer:
+    """A small byte-level BPE vocabulary in documents mode, as prepare.py --tokenizer=bpe:N
+    --documents=line makes: every byte, then a few merges, then <|endoftext|>."""
+    merges = [b"th", b"the", b"e ", b"ou", b"an", b"in", b"er", b"RO", b"ROM", b"EO", b"O:", b"\n\n"]
+    return Tokenizer.bpe_from_ranks([bytes([b]) for b in range(256)] + merges, documents="line")
+
+
+@pytest.fixture(scope="module")
+def tokenizers(shakespeare_text):
+    text = shakespeare_text[:5000]
+    return {"char": Tokenizer.char_from_text(text), "bpe": bpe_tokenizer(text)}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tokenizers):
+    """(case, tokenizer kind) -> folder holding out/ckpt.pt, hf/ and onnx/ exports of a 1-layer
+    model with random weights (large enough that every option changes the greedy text), built on
+    first use and shared by the tests of the module."""
+    done = {}
+
+    def get(case: str, kind: str):
+        if (case, kind) not in done:
+            root = tmp_path_factory.mktemp(f"{case}-{kind}")
+            tok = tokenizers[kind]
+            args = dict(block_size=32, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, dropout=0.0,
+                        **{"bias": True, **CASES[case]})
+            torch.manual_seed(0)
+            model = GPT(GPTConfig(**args))
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(torch.randn_like(p) * 0.3)
+            checkpoint.save({"model": model.state_dict(), "model_args": args, "optimizer": {}, "iter_num": 0,
+                             "best_val_loss": float("inf"), "config": {}, "tokenizer": tok.describe()},
+                            root / "out" / "ckpt.pt")
+            for fmt in ("hf", "onnx"):
+                export.main([f"--out_dir={root / 'out'}", f"--format={fmt}", f"--dest={root / fmt}"])
+            done[case, kind] = root
+        return done[case, kind]
+
+    return get
+
+
+def greedy_sample(argv) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        sample.main([*argv, f"--prompt={PROMPT}", "--temperature=0", "--dtype=float32", "--device=cpu",
+                     f"--max_new_tokens={N_NEW}"])
+    return out.getvalue().removesuffix("\n")
+
+
+def hf_greedy(folder, tokenizer: Tokenizer, use_cache=True) -> tuple[str, transformers.PreTrainedModel]:
+    """transformers' own greedy text (generate() with its cache), prompted as sample.py prompts."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    ids = tok(PROMPT).input_ids
+    if tokenizer.documents:  # a new document starts with its boundary token
+        ids = [tok.eos_token_id] + ids
+    out = model.generate(torch.tensor([ids]), max_new_tokens=N_NEW, do_sample=False, use_cache=use_cache)
+    return tok.decode(out[0], skip_special_tokens=True), model
+
+
+def onnx_greedy(folder, tokenizer: Tokenizer) -> str:
+    """The model card's onnxruntime loop, run as written (in this process)."""
+    code = export.onnx_loop(str(folder), tokenizer)
+    assert code in (folder / "README.md").read_text(encoding="utf-8")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(code.replace(f'"{PROMPT}", 100', f'"{PROMPT}", {N_NEW}'), {})
+    return out.getvalue().removesuffix("\n")
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_runtime_gives_our_greedy_text(case, kind, exported, tokenizers):
+    tokenizer = tokenizers[kind]
+    root = exported(case, kind)
+    ours = greedy_sample([f"--out_dir={root / 'out'}"])
+    assert len(ours) > len(PROMPT)
+    model, _, _ = loading.load_model(root / "out", "cpu")
+    ids = torch.tensor([tokenizer.encode(ours)[:32]])  # re-encoded text can be longer than the tokens made
+    with torch.no_grad():
+        expected = model(ids, ids)[0]  # with targets: logits at every position
+
+    config = json.loads((root / "hf" / "config.json").read_text())
+    remote = bool(model.config.non_gpt2_options())
+    assert config["model_type"] == ("nanogpt" if remote else "gpt2")
+    assert (root / "hf" / "modeling_nanogpt.py").is_file() == remote  # GPT-2 folders stay plain
+    text, hf = hf_greedy(root / "hf", tokenizer)
+    with torch.no_grad():
+        assert (hf(ids).logits - expected).abs().max().item() <= 1e-4
+    assert text == ours
+
+    session = ort.InferenceSession(str(root / "onnx" / "model.onnx"))
+    logits = session.run(["logits"], {"input_ids": ids.numpy()})[0]
+    assert np.abs(logits - expected.numpy()).max() <= 1e-4
+    assert onnx_greedy(root / "onnx", tokenizer) == ours
+
+    assert greedy_sample([f"--init_from={root / 'hf'}"]) == ours  # export -> import keeps the text
+    back, _ = hf_format.load(str(root / "hf"))
+    # a GPT-2 folder has biases: a bias-free model comes back with zero ones
+    assert back.config == (model.config if remote else GPTConfig(**{**vars(model.config), "bias": True}))
+
+
+def test_transformers_cache_and_cards_of_a_remote_code_model(exported, tokenizers):
+    """generate() with transformers' cache equals generate() without it; the card says how to
+    load the folder (trust_remote_code, the document's boundary token)."""
+    root = exported("all", "bpe")
+    assert hf_greedy(root / "hf", tokenizers["bpe"])[0] == hf_greedy(root / "hf", tokenizers["bpe"], use_cache=False)[0]
+    card = (root / "hf" / "README.md").read_text(encoding="utf-8")
+    assert "trust_remote_code=True" in card and "tokenizer.eos_token_id" in card
+    config = json.loads((root / "hf" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_nanogpt.NanoGPTForCausalLM"
+    assert "auto_map" not in json.loads((root / "onnx" / "config.json").read_text())
+    names = [i.name for i in ort.InferenceSession(str(root / "onnx" / "model_with_past.onnx")).get_inputs()]
+    assert names == ["input_ids", "past_key_values.0.key", "past_key_values.0.value", "past_input_ids"]
+
+
+def test_onnx_loop_runs_without_torch_and_is_documented(exported, tokenizers):
+    """The loop of docs/export.md is the card's, and runs in a Python without torch."""
+    root = exported("all", "char")
+    docs = (ROOT / "docs" / "export.md").read_text(encoding="utf-8")
+    assert export.onnx_loop("exports/shakespeare-onnx", tokenizers["char"]) in docs
+    code = export.onnx_loop(str(root / "onnx"), tokenizers["char"]).replace(f'"{PROMPT}", 100', f'"{PROMPT}", {N_NEW}')
+    code += "import sys\nassert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.removesuffix("\n") == greedy_sample([f"--out_dir={root / 'out'}"])
+
+
+def test_gguf_names_what_llama_cpp_lacks_and_writes_nothing(exported, tmp_path):
+    root = exported("all", "bpe")
+    with pytest.raises(UserError) as e:
+        export.main([f"--out_dir={root / 'out'}", "--format=gguf", f"--dest={tmp_path / 'gguf'}"])
+    message = str(e.value)
+    assert "\n" not in message and "nothing was written" in message
+    docs = (ROOT / "docs" / "export.md").read_text(encoding="utf-8")
+    for lack in export.GGUF_LACKS.values():
+        assert lack in message and f"| {lack}" in docs
+    assert "a pre-tokenizer verified here" in message  # a trained vocabulary: llama.cpp's is unknown
+    assert not (tmp_path / "gguf").exists()
+
+
+def test_train_continues_from_a_remote_code_folder(exported, shakespeare_text, tmp_path):
+    """train.py --init_from=<nanogpt folder>: the model keeps every option and its weights."""
+    import train
+    from conftest import TINY, write_char_dataset
+    root = exported("all", "char")
+    write_char_dataset(tmp_path / "data", shakespeare_text[:5000])  # the export's characters
+    flags = [a for a in TINY if not a.startswith(("--n_layer", "--n_head", "--n_embd", "--block_size"))]
+    # two steps of a tiny learning rate: the weights stay (nearly) the folder's, so does the text
+    train.main([f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", *flags, f"--init_from={root / 'hf'}",
+                "--max_iters=2", "--eval_interval=2", "--learning_rate=1e-9", "--min_lr=0"])
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert {k: ckpt["model_args"][k] for k in ALL} == ALL and ckpt["model_args"]["n_layer"] == 1
+    assert greedy_sample([f"--out_dir={tmp_path / 'out'}"]) == greedy_sample([f"--out_dir={root / 'out'}"])
+    # a shorter context crops the positions: a rotary model has no table to crop
+    train.main([f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'short'}", *flags, f"--init_from={root / 'hf'}",
+                "--max_iters=2", "--eval_interval=2", "--block_size=16"])
+    assert torch.load(tmp_path / "short" / "ckpt.pt", weights_only=True)["model_args"]["block_size"] == 16
+
+
+def test_a_damaged_remote_code_folder_is_one_clear_line(exported, tmp_path):
+    import shutil
+    folder = tmp_path / "hf"
+    shutil.copytree(exported("all", "char") / "hf", folder)
+    config = json.loads((folder / "config.json").read_text())
+    for change, message in (({"n_head": 3}, "must be divisible by --n_head"), ({"rotary": "yes"}, "rotary 'yes'"),
+                            ({"n_layer": 2}, "the weights do not match its config.json")):
+        (folder / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(UserError, match=message):
+            hf_format.load(str(folder))

@@ -1,0 +1,300 @@
+"""Runs on the user's own computer: the whole pipeline on a Python made to look like Windows
+(tests/windows_like.py: no fcntl, os.sysconf, os.getuid, os.getpgid, os.O_CLOEXEC or fork,
+os.kill(pid, 0) and os.open of a folder refused, cp1252 as the default text encoding,
+spawned worker processes), in a folder whose path has spaces, a backslash and non-ASCII
+letters; and the run lock on both of its code paths: the OS lock, and the soft lock that
+filelock falls back to without one."""
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+import durable
+import hardware
+import runlock
+from conftest import TINY
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def sim_dir(tmp_path_factory) -> Path:
+    """A folder holding tests/windows_like.py as sitecustomize.py."""
+    folder = tmp_path_factory.mktemp("windows_like")
+    shutil.copy(ROOT / "tests" / "windows_like.py", folder / "sitecustomize.py")
+    return folder
+
+
+def environment(kind: str, sim_dir: Path, project=ROOT) -> dict:
+    """The environment of a subprocess: this Python as it is ("normal"), or made to look like
+    Windows for the code under project ("windows_like")."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if kind == "windows_like":
+        env.update(PYTHONPATH=str(sim_dir), WINDOWS_LIKE_ROOT=str(project))
+    return env
+
+
+PROBE = """
+import json, multiprocessing, os, sys
+found = {"fcntl": True}
+try:
+    import fcntl
+except ImportError:
+    found["fcntl"] = False
+found.update({name: hasattr(os, name) for name in ("O_CLOEXEC", "sysconf", "getuid", "getpgid", "fork")})
+try:
+    os.kill(os.getpid(), 0)
+    found["kill0"] = "probed"
+except OSError:
+    found["kill0"] = "refused"
+try:
+    os.close(os.open(".", os.O_RDONLY))
+    found["open_folder"] = "opened"
+except PermissionError:
+    found["open_folder"] = "refused"
+with open("x.txt", "w") as f:
+    f.write("\\u00e9")
+found["default_encoding"] = open("x.txt", "rb").read().hex()
+found["start_method"] = multiprocessing.get_start_method()
+print(json.dumps(found))
+"""
+
+
+def test_the_windows_like_python_hides_the_posix_pieces(sim_dir, tmp_path):
+    (tmp_path / "probe.py").write_text(PROBE, encoding="utf-8")
+    for kind, expected in (("windows_like", {"fcntl": False, "O_CLOEXEC": False, "sysconf": False,
+                                             "getuid": False, "getpgid": False, "fork": False,
+                                             "kill0": "refused", "open_folder": "refused",
+                                             "default_encoding": "e9", "start_method": "spawn"}),
+                           ("normal", {"fcntl": True, "sysconf": True, "kill0": "probed", "open_folder": "opened",
+                                       "default_encoding": "c3a9"})):
+        out = subprocess.run([sys.executable, "probe.py"], cwd=tmp_path, env=environment(kind, sim_dir, tmp_path),
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        found = json.loads(out.stdout)
+        assert {k: found[k] for k in expected} == expected, kind
+
+
+# ---------------------------------------------------------------------------- the pipeline
+
+def script(name: str, *args) -> list[str]:
+    return [sys.executable, str(ROOT / name), *map(str, args)]
+
+
+def run(cmd: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, timeout=300, encoding="utf-8")
+
+
+def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120):
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended before writing {path.name}: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"no {path} after {seconds} s"
+        time.sleep(0.1)
+
+
+def test_pipeline_on_a_windows_like_python(sim_dir, tmp_path, shakespeare_text):
+    """prepare (spawned workers), train, a second run refused naming the first, kill -9, resume
+    (taking over the stale lock), sample, export --format=hf and sample the export."""
+    env = environment("windows_like", sim_dir)
+    base = tmp_path / "my runs\\é x"  # a space, a backslash (a separator on Windows) and an accent
+    base.mkdir()
+    (base / "input.txt").write_text(shakespeare_text[:30_000] + "\ncafé naïve — ✓ 東京\n", encoding="utf-8")
+    data, out, hf = base / "data", base / "out\\a b", base / "hf x"
+
+    done = run(script("prepare.py", "--input", base / "input.txt", "--name", "tiny", "--tokenizer", "char",
+                      "--block_size=32", "--data_dir", data, "--num_workers=2", "--chunk_size=4096"), env, base)
+    assert done.returncode == 0, done.stderr
+    assert "✓" in json.loads((data / "tiny" / "meta.json").read_text(encoding="utf-8"))["chars"]
+
+    train = script("train.py", f"--data_dir={data}", f"--out_dir={out}", *TINY, "--eval_interval=5")
+    first = subprocess.Popen(train + ["--max_iters=100000"], env=env, cwd=base,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(out / "ckpt.pt", first)
+        second = run(train + ["--max_iters=10"], env, base)
+        assert second.returncode == 2
+        assert second.stderr.startswith(f"error: --out_dir {out} is in use by PID {first.pid} on host "
+                                        f"{socket.gethostname()}"), second.stderr
+        assert second.stderr.count("\n") == 1 and f"kill {first.pid}" in second.stderr
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    iter_num = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
+
+    resumed = run(train + ["--init_from=resume", f"--max_iters={iter_num + 5}"], env, base)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"taking over the stale lock {out / 'train.lock'} of PID {first.pid}" in resumed.stderr
+    assert "that process is no longer running" in resumed.stderr
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == iter_num + 5
+    assert not (out / "train.lock").exists()
+
+    sample = ["--prompt=café ", "--max_new_tokens=30", "--seed=7"]
+    from_checkpoint = run(script("sample.py", f"--out_dir={out}", *sample), env, base)
+    assert from_checkpoint.returncode == 0, from_checkpoint.stderr
+    assert from_checkpoint.stdout.startswith("café ")
+
+    exported = run(script("export.py", f"--out_dir={out}", "--format=hf", f"--dest={hf}"), env, base)
+    assert exported.returncode == 0, exported.stderr
+    assert (hf / "model.safetensors").is_file()
+    from_export = run(script("sample.py", f"--init_from={hf}", *sample), env, base)  # checks memory first
+    assert from_export.returncode == 0, from_export.stderr
+    assert from_export.stdout == from_checkpoint.stdout
+
+
+# ---------------------------------------------------------------------------- the lock, both paths
+
+HOLDER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import runlock
+lock = runlock.FolderLock(sys.argv[2], "the folder", "choose another").acquire()
+print("held", "soft" if lock.soft else "os", flush=True)
+time.sleep(120)
+"""
+
+CONTENDER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import runlock
+from errors import UserError
+lock = runlock.FolderLock(sys.argv[2], "the folder", "choose another")
+try:
+    lock.acquire()
+except UserError as e:
+    print("refused:", e)
+    sys.exit(0)
+print("took", "soft" if lock.soft else "os", open(sys.argv[2], encoding="utf-8").read().strip())
+lock.release()
+"""
+
+LOCKS = {"normal": "os", "windows_like": "soft"}  # the lock each path takes: without fcntl, a soft one
+
+
+@pytest.fixture(params=list(LOCKS))
+def lock_env(request, sim_dir):
+    """(kind, environment) of the two code paths."""
+    return request.param, environment(request.param, sim_dir)
+
+
+@pytest.fixture
+def holders():
+    """start(path, env) -> a process holding the lock at path; all killed at the end."""
+    procs = []
+
+    def start(path, env):
+        proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(ROOT), str(path)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(proc)
+        ready, _, _ = select.select([proc.stdout], [], [], 60)  # bounded: a hung holder fails the test
+        assert ready, "the lock holder did not start"
+        return proc, proc.stdout.readline().split()
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.communicate(timeout=30)
+
+
+def contend(path, env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", CONTENDER, str(ROOT), str(path)], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_the_lock_refuses_a_second_holder_and_names_the_first(lock_env, holders, tmp_path):
+    kind, env = lock_env
+    path = tmp_path / "train.lock"
+    holder, said = holders(path, env)
+    assert said == ["held", LOCKS[kind]]
+    out = contend(path, env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"refused: the folder is in use by PID {holder.pid} on host {socket.gethostname()}")
+    assert "-c" in out.stdout and f"kill {holder.pid}" in out.stdout  # its command, and how to stop it
+    assert json.loads(path.read_text(encoding="utf-8"))["pid"] == holder.pid  # the holder's note is untouched
+
+
+def test_the_lock_of_a_killed_holder_is_taken_over(lock_env, holders, tmp_path):
+    kind, env = lock_env
+    path = tmp_path / "train.lock"
+    holder, _ = holders(path, env)
+    holder.send_signal(signal.SIGKILL)  # no chance to clean up: the note and the lock file stay
+    holder.wait(timeout=30)
+    assert path.exists() and (tmp_path / ".train.lock.flock").exists()
+    out = contend(path, env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"took {LOCKS[kind]} ")
+    assert json.loads(out.stdout.split(" ", 2)[2])["pid"] != holder.pid  # the note now names the new holder
+    assert f"taking over the stale lock {path} of PID {holder.pid}" in out.stderr
+    assert "that process is no longer running" in out.stderr
+    assert not path.exists() and not (tmp_path / ".train.lock.flock").exists()  # released at the end
+
+
+def test_a_soft_lock_from_another_host_is_refused_with_the_way_out(sim_dir, tmp_path):
+    """Without OS locks, a lock file whose note comes from another host cannot be checked: the
+    error says which file to delete once that run is known to be over."""
+    note, lock_file = tmp_path / "train.lock", tmp_path / ".train.lock.flock"
+    note.write_text(json.dumps({"pid": 4242, "host": "elsewhere.example", "started": time.time(),
+                                "command": "python train.py"}), encoding="utf-8")
+    lock_file.touch()
+    out = contend(note, environment("windows_like", sim_dir))
+    assert out.stdout.startswith("refused: the folder is in use by PID 4242 on host elsewhere.example"), out
+    assert f"delete {lock_file}" in out.stdout
+    assert lock_file.exists() and json.loads(note.read_text(encoding="utf-8"))["pid"] == 4242
+
+
+def test_a_reused_pid_is_not_the_holder(tmp_path):
+    """A note's PID names its holder only if that process started before the note was written."""
+    host = socket.gethostname()
+    assert runlock.pid_alive(os.getpid(), since=time.time())
+    assert not runlock.pid_alive(os.getpid(), since=psutil.Process().create_time() - 3600)  # a later process
+    assert not runlock.holder_is_gone({"host": host, "pid": os.getpid(), "started": time.time()})
+    assert runlock.holder_is_gone({"host": host, "pid": os.getpid(), "started": 0})
+    assert not runlock.holder_is_gone({"host": "elsewhere.example", "pid": 1 << 30, "started": 0})
+
+
+# ---------------------------------------------------------------------------- atomic writes, devices
+
+def test_replace_waits_for_a_reader_to_let_go(tmp_path, monkeypatch):
+    """On Windows os.replace fails while another process has the target open; durable.replace
+    tries again, and the file is whole either way."""
+    target = tmp_path / "ckpt.pt"
+    target.write_bytes(b"old")
+    refusals, real_replace = [], os.replace
+
+    def busy_twice(src, dst):
+        if len(refusals) < 2:
+            refusals.append(dst)
+            raise PermissionError(13, "The process cannot access the file because it is being used")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", busy_twice)
+    monkeypatch.setattr(durable, "REPLACE_WAIT", 0.01)
+    with durable.replacing(target) as f:
+        f.write(b"new")
+    assert target.read_bytes() == b"new" and len(refusals) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left
+
+
+def test_mps_precision_follows_the_macos_version():
+    assert hardware.mps_dtype("14.5")[0] == "bfloat16"
+    assert hardware.mps_dtype("15.0")[0] == "bfloat16"
+    dtype, why = hardware.mps_dtype("13.6.1")
+    assert dtype == "float32" and "macOS 14" in why
+    assert hardware.mps_dtype("")[0] == "float32"  # not macOS, or unknown
+
+
+def test_memory_check_needs_no_posix():
+    have = hardware.available_memory()
+    assert 0 < have <= psutil.virtual_memory().total
