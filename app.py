@@ -5,7 +5,7 @@
     python app.py                                           # the out*/ checkpoints beside app.py
 
 The page has a Prompt, Generate and Stop buttons, the Output as it streams (updated at most
-every --stream_interval, 0.05 s: a small model writes hundreds of tokens a second), the sampling
+every --stream_interval: a small model writes tokens faster than a page redraws), the sampling
 settings of sample.py (max new tokens, temperature, top-k, top-p, seed, min-p, repetition
 penalty), a Chat box for models trained on chats (docs/finetune.md), and beside them a
 model picker with each model's card and loss curve. Programs call the same generation as the
@@ -252,7 +252,7 @@ def generate(models: Models, limit: int, interval: float, prompt, max_new_tokens
              seed, model=None, min_p=0.0, repetition_penalty=1.0):
     """Yield the text (prompt included) as it grows: sample.py's generation, the prompt at once,
     then at most one update every `interval` seconds, then the whole text. A small model makes
-    hundreds of tokens a second: one update per token would swamp the browser (and its Stop).
+    many tokens a second: one update per token would swamp the browser (and its Stop).
     An instruction model's prompt is wrapped in its template, and the answer ends at its end."""
     cfg = read_settings(max_new_tokens, temperature, top_k, top_p, seed, limit, min_p, repetition_penalty)
     loaded = models.get(model)

@@ -8,7 +8,7 @@ to the field's type; a bool flag alone (`--compile`) means true. A `list[str]` f
 a list in a config file, or the flag repeated (`--stop=A --stop=B`), which replaces the file's. Unknown keys, values of
 the wrong type and settings the script's `problems()` rejects are all reported at once, in
 one line, with the closest valid key. `--help` lists every key, its default and the comment
-written beside it in the dataclass.
+written beside it in the dataclass: a script's own keys first, then those it inherits.
 """
 import dataclasses
 import difflib

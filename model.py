@@ -43,9 +43,9 @@ class ModelOptions:
     def non_gpt2_options(self) -> list[str]:
         """The options in use that GPT-2's architecture lacks, as "name=value" (empty for a
         GPT-2 model). Code that only knows GPT-2 (a plain GPT-2 Hugging Face folder, a fixed
-        decode path) refuses, or hands over to a general path, a model whose list is not empty. Every field after GPT2_SHAPE
-        counts, unless its value is in GPT2_EQUIVALENT: so an option added later is refused
-        by that code until someone says otherwise."""
+        decode path) refuses a model whose list is not empty, or hands it over to a general
+        path. Every field after GPT2_SHAPE counts, unless its value is in GPT2_EQUIVALENT: so
+        an option added later is refused by that code until someone says otherwise."""
         beyond = [f for f in dataclasses.fields(ModelOptions) if f.name not in GPT2_SHAPE]
         return [f"{f.name}={getattr(self, f.name)}" for f in beyond
                 if getattr(self, f.name) not in (f.default, *GPT2_EQUIVALENT.get(f.name, ()))]

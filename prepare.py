@@ -9,7 +9,7 @@
 train.bin and val.bin are flat little-endian token ids (uint16, or uint32 when the
 vocabulary does not fit in 16 bits); the last --val_fraction of the token stream is val,
 as in nanoGPT. meta.json describes the tokenizer, the dtype, the split sizes and the
-sources (see DESIGN.md, contract 1).
+sources (see docs/design.md, contract 1).
 
 Several input files are separate documents. With BPE they are joined by the end-of-text
 token; char-level has no such token, so their texts are simply concatenated. Either way
@@ -37,10 +37,9 @@ split into lines before BPE (tokenizer.LINE_PATTERN): merges may cross spaces, s
 record's recurring words ("Lead Hook", " - ") become single tokens. The trainer sees only
 the first --bpe_sample_chars characters (10M by default) of the training documents (in
 file mode: of the text without its last --val_fraction), so its memory stays bounded on
-any corpus (tiny Shakespeare, 1.1M characters, bpe:2000: 196 MB peak for the whole run).
-The vocabulary goes into meta.json as tiktoken ranks (base64 bytes of each token in rank
-order) plus the split pattern; train.py copies it into the checkpoint, and tiktoken
-encodes and decodes with it everywhere. Byte-level: any text, emoji included, decodes
+any corpus. The vocabulary goes into meta.json as tiktoken ranks (base64 bytes of each
+token in rank order) plus the split pattern; train.py copies it into the checkpoint, and
+tiktoken encodes and decodes with it everywhere. Byte-level: any text, emoji included, decodes
 back exactly.
 
 Inputs of any size stream with bounded memory in two passes: pass 1 checks the UTF-8,
@@ -52,7 +51,6 @@ is swapped into place at the end, so an interrupted run leaves the previous data
 import argparse
 import codecs
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -69,6 +67,7 @@ from tqdm import tqdm
 
 import durable
 import runlock
+from documents import split_documents
 from errors import UserError, run_main
 import template
 from tokenizer import BPE, CHAR, LINE_PATTERN, Tokenizer, bytes_to_unicode
@@ -145,30 +144,6 @@ def read_text(path: Path, read_size: int, progress=None, sha=None):
                     return
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-
-
-def split_documents(pieces, mode: str):
-    """The documents in one file's text pieces. line: every line holding more than
-    whitespace; blank: runs of such lines, separated by lines of only whitespace (joined by
-    "\n"). Line ends ("\n" or "\r\n") are not part of a document."""
-    buf, block = "", []  # the unfinished last line; blank mode: lines of the current document
-    for piece in itertools.chain(pieces, [None]):  # None: the end of the file
-        if piece is None:
-            lines, buf = ([buf] if buf else []), ""
-        else:
-            *lines, buf = (buf + piece).split("\n")
-        for line in lines:
-            line = line.removesuffix("\r")
-            if not line.strip():
-                if block:
-                    yield "\n".join(block)
-                    block = []
-            elif mode == "line":
-                yield line
-            else:
-                block.append(line)
-    if block:
-        yield "\n".join(block)
 
 
 def iter_documents(files: list[Path], mode: str, read_size: int, progress=None, sha=None):
@@ -351,8 +326,8 @@ def encode_files(files, tokenizer: Tokenizer, out_path: Path, dtype, chunk_size:
     n_tokens = 0
     # A bounded queue of encodes in flight: worker processes encode while this one reads,
     # cuts and writes, and memory holds a few chunks, never the whole input. Processes, not
-    # threads: tiktoken's threads contend with each other (measured 6.7 MB/s with two
-    # threads, 11.6 MB/s with two processes on 2 cores).
+    # threads: tiktoken's threads contend with each other, so two threads encode slower than
+    # two processes.
     pending: deque = deque()
     with open(out_path, "wb") as out, ProcessPoolExecutor(
             num_workers, initializer=_start_worker, initargs=(tokenizer.describe(),)) as pool, \
@@ -719,8 +694,9 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def check_args(args) -> tuple[str, str | None]:
+    """Every mistake in the flags, before any work. Returns the dataset's name and its documents
+    mode (None: the text is one stream, not documents)."""
     if args.dataset is not None and args.dataset not in NAMED_DATASETS:
         raise UserError(f"unknown dataset {args.dataset!r}; named datasets: {', '.join(NAMED_DATASETS)} "
                         "(or pass --input PATH --name NAME)")
@@ -740,16 +716,12 @@ def main(argv=None):
         raise UserError(f"unknown --documents mode {args.documents!r}; valid: {', '.join(DOCUMENT_MODES)}")
     if args.shuffle.lower() not in ("true", "false"):
         raise UserError(f"--shuffle must be true or false, got {args.shuffle!r}")
-    documents = None if args.documents == "file" else args.documents  # None: not documents mode
+    return name, None if args.documents == "file" else args.documents
 
-    tokenizer_name = args.tokenizer or NAMED_DATASETS.get(args.dataset, "gpt2")
-    bpe_size = parse_bpe_size(tokenizer_name)
-    tokenizer = None if tokenizer_name == CHAR or bpe_size else Tokenizer.tiktoken(tokenizer_name)
-    if tokenizer is not None:
-        tokenizer.documents = documents
 
-    data_dir = Path(args.data_dir)
-    dest = data_dir / name
+def make_temp_folder(data_dir: Path, name: str) -> Path:
+    """A fresh folder beside data/<name>/ to build the dataset in (swap_into_place moves it there),
+    after removing the ones runs that died left behind."""
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(data_dir, name)
@@ -759,6 +731,44 @@ def main(argv=None):
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the dataset is not
     except OSError as e:
         raise UserError(f"cannot write to {data_dir}: {e.strerror or e}; pick another --data_dir") from None
+    return tmp
+
+
+def encode_splits(args, files: list[Path], documents: str | None, is_val, n_docs: int, tokenizer: Tokenizer,
+                  tmp: Path, dtype) -> tuple[int, int, dict]:
+    """Encode the input into tmp/train.bin (and val.bin in documents mode). Returns the token
+    counts of train and val, and what meta.json says of the documents (empty without them)."""
+    if not documents:
+        n_tokens = encode_files(files, tokenizer, tmp / "train.bin", dtype, args.chunk_size, args.num_workers)
+        n_train = int(n_tokens * (1 - args.val_fraction))  # nanoGPT: data[:int(n*0.9)]
+        return n_train, n_tokens - n_train, {}
+    n_split, lengths = encode_documents(files, documents, is_val, tokenizer, tmp, dtype,
+                                        args.chunk_size, args.num_workers)
+    stats = document_stats(lengths, args.block_size)
+    doc_meta = {"documents": documents, "train_documents": n_docs - int(is_val.sum()),
+                "val_documents": int(is_val.sum()), "shuffle": args.shuffle.lower() == "true",
+                "seed": args.seed, "document_tokens": stats}
+    print(f"document length in tokens: mean {stats['mean']:.1f}, median {stats['median']:.0f}, "
+          f"max {stats['max']:,}")
+    if stats["longer_than_block_size"] > LONG_DOCUMENTS_WARNING * n_docs:
+        print(f"warning: {stats['longer_than_block_size']:,} of {n_docs:,} documents are longer than "
+              f"--block_size={args.block_size} tokens (with their boundary); train.py cuts them into "
+              f"windows, so train with a larger --block_size if you can", file=sys.stderr)
+    return n_split["train"], n_split["val"], doc_meta
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    name, documents = check_args(args)
+    tokenizer_name = args.tokenizer or NAMED_DATASETS.get(args.dataset, "gpt2")
+    bpe_size = parse_bpe_size(tokenizer_name)
+    tokenizer = None if tokenizer_name == CHAR or bpe_size else Tokenizer.tiktoken(tokenizer_name)
+    if tokenizer is not None:
+        tokenizer.documents = documents
+
+    data_dir = Path(args.data_dir)
+    dest = data_dir / name
+    tmp = make_temp_folder(data_dir, name)
 
     # one prepare per dataset: held beside data/<name>/, which the swap below replaces whole
     lock = runlock.FolderLock(data_dir / f".{name}.lock", f"dataset folder {dest}", "choose another --name")
@@ -809,26 +819,8 @@ def main(argv=None):
         print(f"vocab size: {tokenizer.vocab_size:,} ({tokenizer.name})")
 
         dtype = np.dtype("<u2") if tokenizer.vocab_size <= 1 << 16 else np.dtype("<u4")
-        doc_meta = {}
-        if documents:
-            n_split, lengths = encode_documents(files, documents, is_val, tokenizer, tmp, dtype,
-                                                args.chunk_size, args.num_workers)
-            n_train, n_val = n_split["train"], n_split["val"]
-            n_tokens = n_train + n_val
-            stats = document_stats(lengths, args.block_size)
-            doc_meta = {"documents": documents, "train_documents": n_docs - int(is_val.sum()),
-                        "val_documents": int(is_val.sum()), "shuffle": args.shuffle.lower() == "true",
-                        "seed": args.seed, "document_tokens": stats}
-            print(f"document length in tokens: mean {stats['mean']:.1f}, median {stats['median']:.0f}, "
-                  f"max {stats['max']:,}")
-            if stats["longer_than_block_size"] > LONG_DOCUMENTS_WARNING * n_docs:
-                print(f"warning: {stats['longer_than_block_size']:,} of {n_docs:,} documents are longer than "
-                      f"--block_size={args.block_size} tokens (with their boundary); train.py cuts them into "
-                      f"windows, so train with a larger --block_size if you can", file=sys.stderr)
-        else:
-            n_tokens = encode_files(files, tokenizer, tmp / "train.bin", dtype, args.chunk_size, args.num_workers)
-            n_train = int(n_tokens * (1 - args.val_fraction))  # nanoGPT: data[:int(n*0.9)]
-            n_val = n_tokens - n_train
+        n_train, n_val, doc_meta = encode_splits(args, files, documents, is_val, n_docs, tokenizer, tmp, dtype)
+        n_tokens = n_train + n_val
         need = args.block_size + 1  # one training window: block_size inputs + the next token
         if n_tokens < 2 * need:
             raise UserError(f"the input has only {n_tokens:,} tokens, but train and val each need at "

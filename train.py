@@ -10,15 +10,16 @@ Reads data/<dataset>/{train,val}.bin and meta.json (see prepare.py), writes
 <out_dir>/ckpt.pt (see checkpoint.py), <out_dir>/metrics.jsonl and its loss curves,
 <out_dir>/loss.png (redrawn at every evaluation, see plot.py).
 
-A dataset prepared with --documents=line|blank trains in document mode, with no flag: every
-row of a batch starts at a document's boundary token and runs on through the documents
-after it until the row is full (short documents packed one after another; the last one is
-cut at the row's end), position embeddings restart at each document, attention never
-crosses a boundary (model.document_mask), and the loss includes predicting each boundary,
-which is how generation learns to stop. A document longer than block_size is also trained
-from windows that start every block_size tokens inside it, their positions counted from
-0 as in generation's sliding window (model.GPT.generate_stream), so no part of it is
-left out. Rows whose window would run past the split's end are never drawn.
+A dataset prepared with --documents=line|blank trains in document mode, with no flag: rows
+start at documents, position embeddings restart at each one, attention never crosses a
+boundary (dataset.py says how rows are drawn), and the loss includes predicting each
+boundary, which is how generation learns to stop.
+
+Read top to bottom: what the loop logs and how it stops, the setup steps (process group,
+resumed or pretrained settings, data, model and optimizer, RNG), evaluation and checkpoints,
+then run(): the setup, one step after another, and the training loop. The settings
+(training.TrainConfig), the learning-rate schedule and the optimizer step live in training.py,
+which bench.py shares.
 """
 import contextlib
 import dataclasses
@@ -28,6 +29,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -43,13 +45,7 @@ from dataset import Dataset
 from errors import UserError, run_main
 from model import GPT, MODEL_KEYS, GPTConfig
 from tokenizer import Tokenizer
-from training import TrainConfig, get_lr, get_muon_momentum, train_step
-
-
-def conflicts(cfg: TrainConfig, explicit: set, fixed: dict, source: str) -> list[str]:
-    """The flags set on this command line that contradict what an existing model fixes."""
-    return [f"--{k}={getattr(cfg, k)} ({source} has {v})"
-            for k, v in fixed.items() if k in explicit and getattr(cfg, k) != v]
+from training import TrainConfig, set_schedule, train_step
 
 
 # ---------------------------------------------------------------------------- logging
@@ -64,7 +60,7 @@ class MetricsLog:
 
     def log(self, record: dict):
         try:
-            with open(self.path, "a") as f:
+            with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:
             raise UserError(f"cannot write {self.path}: {e.strerror}; free some disk space or choose "
@@ -123,6 +119,35 @@ class Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+# ---------------------------------------------------------------------------- what the loop reports
+
+def report_eval(iter_num: int, losses: dict, lr: float, log: MetricsLog, progress: Progress, out_dir: str):
+    """An evaluation's losses: on the console, in the metrics log, and in loss.png."""
+    train_part = f"train loss {losses['train']:.4f}, " if "train" in losses else ""
+    progress.write(f"step {iter_num}: {train_part}val loss {losses['val']:.4f}")
+    log.log({"iter": iter_num, **{f"{k}/loss": v for k, v in losses.items()}, "lr": lr})
+    draw_loss_curve(out_dir, progress)
+
+
+def report_stop(signum: int, iter_num: int, ckpt_path: Path, progress: Progress):
+    """After a stop by signal, once its checkpoint is saved: the curve up to now, and how to resume."""
+    draw_loss_curve(str(ckpt_path.parent), progress)  # with the steps since the last evaluation
+    progress.close()
+    print(f"{signal.Signals(signum).name} received: saved iteration {iter_num} to {ckpt_path}. Resume with "
+          f"the same command plus --init_from=resume", file=sys.stderr)
+
+
+def report_skipped_step(iter_num: int, scaler, out_dir: str, progress: Progress, master: bool):
+    """A step whose gradients were not finite, so it was not taken. In float16 the scaler lowered
+    its scale and training goes on; in other dtypes the run stops, its last checkpoint intact."""
+    if not scaler.is_enabled():
+        raise UserError(f"the loss became non-finite (NaN or inf) at iteration {iter_num}; stopped "
+                        f"without saving. The last checkpoint in {out_dir} is intact: lower "
+                        f"--learning_rate, set --grad_clip, or use --dtype=float32")
+    if master:
+        progress.write(f"iteration {iter_num}: gradients overflowed in float16, step skipped")
 
 
 # ---------------------------------------------------------------------------- stop requests
@@ -225,123 +250,148 @@ def lock_out_dir(lock: runlock.FolderLock, ddp: bool, master: bool, create: bool
         sys.exit(2)  # rank 0 says why
 
 
-# ---------------------------------------------------------------------------- main
+# ---------------------------------------------------------------------------- setup steps
 
-def main(argv=None):
-    # the lock on out_dir (and anything else held) is released however the run ends
-    with contextlib.ExitStack() as held:
-        run(argv, held)
+class Processes(NamedTuple):
+    """This process among the run's: one of world_size ranks under torchrun, else the only one."""
+    ddp: bool = False
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def master(self) -> bool:  # rank 0 prints, logs and writes the checkpoint
+        return self.rank == 0
 
 
-def run(argv, held: contextlib.ExitStack):
-    # a resumed run completes its settings from the checkpoint, so they are checked after that
-    cfg, explicit = parse_config(TrainConfig, argv, prog="train.py", check=False)
+def start_process_group(cfg: TrainConfig) -> Processes:
+    """Under torchrun (it sets RANK), join the process group: NCCL on GPUs (--backend), gloo on
+    CPUs; on GPUs each rank takes the device of its local rank. Otherwise one process."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return Processes()
+    procs = Processes(True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    torch.distributed.init_process_group(backend=cfg.backend if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        cfg.device = f"cuda:{procs.local_rank}"
+        torch.cuda.set_device(cfg.device)
+    return procs
 
-    # distributed: torchrun sets RANK; otherwise one process on one device
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        from torch.distributed import init_process_group
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-        world_size = int(os.environ["WORLD_SIZE"])
-        backend = cfg.backend if torch.cuda.is_available() else "gloo"
-        init_process_group(backend=backend)
-        if torch.cuda.is_available():
-            cfg.device = f"cuda:{local_rank}"
-            torch.cuda.set_device(cfg.device)
-    else:
-        rank, world_size = 0, 1
-    master = rank == 0
 
-    # one run per out_dir: rank 0 holds <out_dir>/train.lock until this run ends
-    out_lock = runlock.FolderLock(Path(cfg.out_dir) / "train.lock", f"--out_dir {cfg.out_dir}",
-                                  "choose another --out_dir")
-    held.callback(out_lock.release)
-    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
-    ckpt = None
-    if cfg.init_from == "resume":
-        lock_out_dir(out_lock, ddp, master, create=False)  # before reading a checkpoint another run may write
-        ckpt = checkpoint.load(ckpt_path)
-        # checkpoints from before the model options have GPT-2's behaviour: GPTConfig's defaults
-        ckpt["model_args"] = {**dataclasses.asdict(GPTConfig()), **ckpt["model_args"]}
-        # the saved run's settings, with what was set explicitly now on top
-        saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
-        saved.pop("out_dir", None)  # the run continues where its checkpoint is now, even if moved
-        fixed = {**{k: ckpt["model_args"][k] for k in MODEL_KEYS},  # the optimizer's state and groups:
-                 "optimizer": ckpt["config"].get("optimizer", "adamw"),
-                 "embed_lr_scale": ckpt["config"].get("embed_lr_scale", 1.0),
-                 **{k: ckpt["config"].get(k, getattr(TrainConfig, k)) for k in lora.SETTINGS}}
-        refused = conflicts(cfg, explicit, fixed, "checkpoint")
-        if refused:
-            raise UserError(f"cannot resume {ckpt_path} with a different model shape or optimizer: "
-                            f"{', '.join(refused)}; drop these flags or start a new run with another --out_dir")
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in explicit},
-                                  init_from="resume")
-    if cfg.problems():  # every invalid setting at once, before any work
-        raise UserError("; ".join(cfg.problems()))
-    hf_folder = hf_config = base = None
-    if cfg.init_from not in ("scratch", "resume"):
-        # a pretrained GPT-2 fixes the shape; a shorter --block_size crops its positions (as nanoGPT)
-        hf_folder = hf_format.resolve(cfg.init_from)
-        if (hf_folder / "ckpt.pt").is_file():  # a run of ours (a LoRA run's adapters merged): its weights only
-            base = loading.load_model(str(hf_folder), "cpu")[:2]
-        hf_config = base[0].config if base else hf_format.gpt_config(hf_folder)
-        fixed = {k: getattr(hf_config, k) for k in MODEL_KEYS if k != "block_size"}
-        refused = conflicts(cfg, explicit, fixed, cfg.init_from)
-        if cfg.block_size > hf_config.block_size and "block_size" in explicit:
-            refused.append(f"--block_size={cfg.block_size} ({cfg.init_from} has {hf_config.block_size} "
-                           f"positions; a shorter block_size crops them)")
-        if refused:
-            raise UserError(f"cannot start from {cfg.init_from} with a different model shape: "
-                            f"{', '.join(refused)}; drop these flags")
-        block_size = cfg.block_size if "block_size" in explicit else hf_config.block_size
-        cfg = dataclasses.replace(cfg, **fixed, block_size=block_size)
-    if cfg.gradient_accumulation_steps % world_size:
-        raise UserError(f"--gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be "
-                        f"a multiple of the number of processes ({world_size})")
-    accum = cfg.gradient_accumulation_steps // world_size  # micro-steps of this process
+def conflicts(cfg: TrainConfig, explicit: set, fixed: dict, source: str) -> list[str]:
+    """The flags set on this command line that contradict what an existing model fixes."""
+    return [f"--{k}={getattr(cfg, k)} ({source} has {v})"
+            for k, v in fixed.items() if k in explicit and getattr(cfg, k) != v]
 
-    precision = hardware.resolve(cfg.device, cfg.dtype)
-    device = precision.device
+
+def resume_settings(cfg: TrainConfig, explicit: set, ckpt_path: Path) -> tuple[TrainConfig, dict]:
+    """--init_from=resume: the checkpoint, and the saved run's settings with the ones set
+    explicitly now on top. Flags that contradict what the checkpoint fixes (the model's shape
+    and options, the optimizer's state and groups) are refused."""
+    ckpt = checkpoint.load(ckpt_path)
+    # checkpoints from before the model options have GPT-2's behaviour: GPTConfig's defaults
+    ckpt["model_args"] = {**dataclasses.asdict(GPTConfig()), **ckpt["model_args"]}
+    saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
+    saved.pop("out_dir", None)  # the run continues where its checkpoint is now, even if moved
+    fixed = {**{k: ckpt["model_args"][k] for k in MODEL_KEYS},
+             "optimizer": ckpt["config"].get("optimizer", "adamw"),
+             "embed_lr_scale": ckpt["config"].get("embed_lr_scale", 1.0),
+             **{k: ckpt["config"].get(k, getattr(TrainConfig, k)) for k in lora.SETTINGS}}  # the adapters
+    refused = conflicts(cfg, explicit, fixed, "checkpoint")
+    if refused:
+        raise UserError(f"cannot resume {ckpt_path} with a different model shape or optimizer: "
+                        f"{', '.join(refused)}; drop these flags or start a new run with another --out_dir")
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in explicit}, init_from="resume")
+    return cfg, ckpt
+
+
+class Pretrained(NamedTuple):
+    """A GPT-2 to start from (--init_from): its Hugging Face folder and its configuration; or a
+    folder holding a ckpt.pt of ours, whose model (a LoRA run's merged) and tokenizer are `ours`."""
+    folder: Path
+    config: GPTConfig
+    ours: tuple | None = None  # (GPT, Tokenizer) from loading.load_model
+
+
+def pretrained_settings(cfg: TrainConfig, explicit: set) -> tuple[TrainConfig, Pretrained | None]:
+    """--init_from=a GPT-2 (name or folder): that model, and the settings with the shape it
+    fixes; a shorter --block_size crops its positions (as nanoGPT). (cfg, None) for a new
+    model or a resumed one."""
+    if cfg.init_from in ("scratch", "resume"):
+        return cfg, None
+    hf_folder = hf_format.resolve(cfg.init_from)
+    ours = loading.load_model(str(hf_folder), "cpu")[:2] if (hf_folder / "ckpt.pt").is_file() else None
+    hf_config = ours[0].config if ours else hf_format.gpt_config(hf_folder)
+    fixed = {k: getattr(hf_config, k) for k in MODEL_KEYS if k != "block_size"}
+    refused = conflicts(cfg, explicit, fixed, cfg.init_from)
+    if cfg.block_size > hf_config.block_size and "block_size" in explicit:
+        refused.append(f"--block_size={cfg.block_size} ({cfg.init_from} has {hf_config.block_size} "
+                       f"positions; a shorter block_size crops them)")
+    if refused:
+        raise UserError(f"cannot start from {cfg.init_from} with a different model shape: "
+                        f"{', '.join(refused)}; drop these flags")
+    block_size = cfg.block_size if "block_size" in explicit else hf_config.block_size
+    return dataclasses.replace(cfg, **fixed, block_size=block_size), Pretrained(hf_folder, hf_config, ours)
+
+
+def open_dataset(cfg: TrainConfig, pretrained: Pretrained | None) -> tuple[Dataset, dict]:
+    """The dataset, checked against the run: each split holds a window of block_size, and a
+    pretrained model's tokenizer is the one the text was prepared with. Returns it and the
+    description of its tokenizer, saved in the checkpoint so that sample.py needs no data/."""
     data = Dataset(cfg.data_dir, cfg.dataset)
     for split, n in data.sizes.items():
         if n <= cfg.block_size:
             raise UserError(f"the {split} split of {cfg.dataset!r} has {n} tokens, too few for one window of "
                             f"--block_size={cfg.block_size}; lower --block_size or prepare more text")
-    tokenizer = Tokenizer.from_description(data.meta).describe()  # saved so sample.py needs no data/
-    if hf_folder is not None:  # the model's tokenizer must be the one the dataset was prepared with
-        theirs = (base[1] if base else hf_format.load_tokenizer(hf_folder)).describe()
-        if (theirs["name"], theirs.get("chars")) != (tokenizer["name"], tokenizer.get("chars")):
-            what = "a char-level" if theirs["name"] == "char" else f"the {theirs['name']}"
-            raise UserError(f"--init_from={cfg.init_from} uses {what} tokenizer, but dataset {cfg.dataset!r} was "
-                            f"prepared with {tokenizer['name']}; prepare the text with the model's tokenizer "
-                            f"(`python prepare.py --input FILE --name NAME --tokenizer {theirs['name']}`)")
-        if data.vocab_size > hf_config.vocab_size:
-            raise UserError(f"dataset {cfg.dataset!r} has {data.vocab_size} tokens, more than the "
-                            f"{hf_config.vocab_size} of --init_from={cfg.init_from}")
-        tokenizer = {**theirs, **{k: v for k, v in tokenizer.items() if k == "documents"}}  # the data's mode
+    tokenizer = Tokenizer.from_description(data.meta).describe()
+    if pretrained is None:
+        return data, tokenizer
+    theirs = (pretrained.ours[1] if pretrained.ours else hf_format.load_tokenizer(pretrained.folder)).describe()
+    if (theirs["name"], theirs.get("chars")) != (tokenizer["name"], tokenizer.get("chars")):
+        what = "a char-level" if theirs["name"] == "char" else f"the {theirs['name']}"
+        raise UserError(f"--init_from={cfg.init_from} uses {what} tokenizer, but dataset {cfg.dataset!r} was "
+                        f"prepared with {tokenizer['name']}; prepare the text with the model's tokenizer "
+                        f"(`python prepare.py --input FILE --name NAME --tokenizer {theirs['name']}`)")
+    if data.vocab_size > pretrained.config.vocab_size:
+        raise UserError(f"dataset {cfg.dataset!r} has {data.vocab_size} tokens, more than the "
+                        f"{pretrained.config.vocab_size} of --init_from={cfg.init_from}")
+    return data, {**theirs, **{k: v for k, v in tokenizer.items() if k == "documents"}}  # the data's mode
 
-    lock_out_dir(out_lock, ddp, master, create=True)
-    if master:
-        print(f"{precision.reason}")
-        print("config: " + json.dumps(dataclasses.asdict(cfg)))
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    if master:
-        print(f"tokens per iteration: {tokens_per_iter:,}")
-        if data.documents:
-            print(f"document mode: {data.meta.get('train_documents', '?')} training documents; rows start at "
-                  f"document starts, attention stays inside each document")
 
-    torch.manual_seed(cfg.seed + rank)
-    data_gen = torch.Generator().manual_seed(cfg.seed + rank)
+def micro_steps(cfg: TrainConfig, procs: Processes) -> int:
+    """Micro-steps of this process: gradient_accumulation_steps counts them over all ranks."""
+    if cfg.gradient_accumulation_steps % procs.world_size:
+        raise UserError(f"--gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be "
+                        f"a multiple of the number of processes ({procs.world_size})")
+    return cfg.gradient_accumulation_steps // procs.world_size
+
+
+def announce(cfg: TrainConfig, precision: hardware.Precision, data: Dataset, tokens_per_iter: int):
+    """What this run is, printed once by rank 0: the precision and why, the resolved config."""
+    print(f"{precision.reason}")
+    print("config: " + json.dumps(dataclasses.asdict(cfg)))
+    print(f"tokens per iteration: {tokens_per_iter:,}")
+    if data.documents:
+        print(f"document mode: {data.meta.get('train_documents', '?')} training documents; rows start at "
+              f"document starts, attention stays inside each document")
+
+
+def seed_rngs(cfg: TrainConfig, procs: Processes) -> torch.Generator:
+    """Seed the weights' initialization and dropout (torch's RNG), and return the generator of
+    the training batches; each rank draws its own."""
+    torch.manual_seed(cfg.seed + procs.rank)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    return torch.Generator().manual_seed(cfg.seed + procs.rank)
 
-    # model
+
+def build_model(cfg: TrainConfig, data: Dataset, ckpt: dict | None, ckpt_path: Path,
+                pretrained: Pretrained | None) -> tuple[GPT, dict]:
+    """The model and its model_args: new, with a pretrained GPT-2's weights, or with the
+    checkpoint's (its shape and vocabulary are the checkpoint's)."""
     model_args = {k: getattr(cfg, k) for k in MODEL_KEYS}
     model_args.update(vocab_size=data.vocab_size, dropout=cfg.dropout)
-    if hf_config is not None:
-        model_args.update(vocab_size=hf_config.vocab_size)
+    if pretrained is not None:
+        model_args.update(vocab_size=pretrained.config.vocab_size)
     if ckpt is not None:
         model_args.update({k: ckpt["model_args"][k] for k in MODEL_KEYS + ("vocab_size",)})
         if ckpt["model_args"]["vocab_size"] != data.vocab_size:
@@ -350,170 +400,221 @@ def run(argv, held: contextlib.ExitStack):
     problems = GPTConfig(**model_args).problems()  # what needs the dataset to check: the bigram table's size
     if problems:
         raise UserError(f"cannot build this model on {cfg.dataset!r}: " + "; ".join(problems))
-    if hf_config is not None:
-        model_config = GPTConfig(**{**model_args, "block_size": hf_config.block_size})
-        if base:  # built again for this run's dropout
+    if pretrained is not None:
+        block_size = pretrained.config.block_size
+        model_config = GPTConfig(**{**model_args, "block_size": block_size})
+        if pretrained.ours:  # built again for this run's dropout
             model = GPT(model_config)
-            model.load_state_dict(base[0].state_dict())
+            model.load_state_dict(pretrained.ours[0].state_dict())
         else:
-            model = hf_format.load_model(hf_folder, model_config)
-        if cfg.block_size < hf_config.block_size:
+            model = hf_format.load_model(pretrained.folder, model_config)
+        if cfg.block_size < block_size:
             model.crop_block_size(cfg.block_size)
     else:
         model = GPT(GPTConfig(**model_args))
-    lora_cfg = lora.from_settings(cfg)
-    if lora_cfg is not None:  # before a resumed state is loaded: it holds the adapters
-        n_adapters = lora.apply(model, lora_cfg)
+    if cfg.lora_rank:  # before a resumed state is loaded: it holds the adapters
+        lora.apply(model, lora.from_settings(cfg))
     model.grad_checkpoint = cfg.grad_checkpoint
-    iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-    model.to(device)
-    if master:
-        print(f"number of parameters: {model.num_params() / 1e6:.2f}M")
-        if lora_cfg is not None:
-            print(f"LoRA rank {lora_cfg.rank} on {lora_cfg.targets}: {n_adapters:,} parameters train "
-                  f"({100 * n_adapters / sum(p.numel() for p in model.parameters()):.2f}% of the model), the rest is frozen")
+    return model, model_args
 
-    scaler = torch.amp.GradScaler(precision.device_type, enabled=precision.dtype == "float16")
+
+def make_optimizer(model: GPT, cfg: TrainConfig, precision: hardware.Precision):
+    """The optimizer (model.configure_optimizer: AdamW, or Muon with AdamW) and the gradient
+    scaler, which float16 needs and other dtypes leave disabled."""
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                           precision.device_type, cfg.optimizer, cfg.head_lr_scale,
                                           cfg.embed_lr_scale)
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])  # its state moves to the parameters' device
-        if ckpt["scaler"]:  # empty when the saved run did not use float16: a fresh scaler starts
-            scaler.load_state_dict(ckpt["scaler"])
-        cuda_states = ckpt["rng"].get("cuda")
-        if cuda_states and precision.device_type == "cuda" and len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
-        resume_rng(ckpt, rank, world_size, iter_num, cfg.seed, data_gen, master)
-        was = ckpt.get("precision")
-        if master and was and (was["device"], was["dtype"]) != (precision.device, precision.dtype):
-            print(f"note: {ckpt_path} was trained on {was['device']} in {was['dtype']}, this run continues on "
-                  f"{precision.device} in {precision.dtype}: the same state, but the numbers from here on "
-                  f"will not match an uninterrupted run bit for bit")
-    ckpt = None  # free memory
+    scaler = torch.amp.GradScaler(precision.device_type, enabled=precision.dtype == "float16")
+    return optimizer, scaler
 
-    raw_model = model  # saved weights always come from the uncompiled module
+
+def resume_state(ckpt: dict, optimizer, scaler, data_gen: torch.Generator, precision: hardware.Precision,
+                 seed: int, procs: Processes, ckpt_path: Path) -> tuple[int, float]:
+    """Take back what exact resume needs beyond the weights: the optimizer's and the scaler's
+    state and the RNG states (resume_rng). Returns the iteration and best val loss reached."""
+    optimizer.load_state_dict(ckpt["optimizer"])  # its state moves to the parameters' device
+    if ckpt["scaler"]:  # empty when the saved run did not use float16: a fresh scaler starts
+        scaler.load_state_dict(ckpt["scaler"])
+    cuda_states = ckpt["rng"].get("cuda")
+    if cuda_states and precision.device_type == "cuda" and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+    resume_rng(ckpt, procs.rank, procs.world_size, ckpt["iter_num"], seed, data_gen, procs.master)
+    was = ckpt.get("precision")
+    if procs.master and was and (was["device"], was["dtype"]) != (precision.device, precision.dtype):
+        print(f"note: {ckpt_path} was trained on {was['device']} in {was['dtype']}, this run continues on "
+              f"{precision.device} in {precision.dtype}: the same state, but the numbers from here on "
+              f"will not match an uninterrupted run bit for bit")
+    return ckpt["iter_num"], ckpt["best_val_loss"]
+
+
+def wrap_model(model: GPT, cfg: TrainConfig, procs: Processes, precision: hardware.Precision):
+    """The module the loop calls: compiled (--compile) and, under torchrun, wrapped in DDP."""
     if cfg.compile:
-        if master:
+        if procs.master:
             print("compiling the model... (takes a minute)")
         model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if precision.device_type == "cuda" else None)
+    if procs.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[procs.local_rank] if precision.device_type == "cuda" else None)
+    return model
 
-    @torch.no_grad()
-    def estimate_loss():
-        """Mean loss over eval_iters batches of each split (val only without eval_train). The
-        batches come from their own generator, re-seeded every time: evaluations compare like
-        with like, and they never move the training RNG (so exact resume holds)."""
-        out = {}
-        model.eval()
-        for i, split in enumerate(("train", "val")):
-            if split == "train" and not cfg.eval_train:
-                continue
-            gen = torch.Generator().manual_seed(cfg.seed + 1000 + i)
-            losses = torch.zeros(cfg.eval_iters)
-            for k in range(cfg.eval_iters):
-                x, y, *positions = data.get_batch(split, cfg.batch_size, cfg.block_size, gen, device)
-                with precision.autocast():
-                    _, loss = model(x, y, positions=positions[0] if positions else None)
-                losses[k] = loss.item()
-            mean = losses.mean()
-            if ddp:  # every rank takes the same checkpoint decision from the same numbers
-                torch.distributed.all_reduce(mean)
-                mean /= world_size
-            out[split] = mean.item()
-        model.train()
-        return out
 
-    def save_checkpoint():
-        """Called on every rank (DDP gathers each rank's data-sampler state); rank 0 writes."""
-        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
-            raise UserError(f"the model holds NaN or inf at iteration {iter_num}; not saving it over "
-                            f"{ckpt_path}. Lower --learning_rate or use --dtype=float32")
-        states = [(data_gen.get_state(), torch.get_rng_state())]  # this rank's batches and dropout
-        if ddp:
-            states = [None] * world_size
-            torch.distributed.all_gather_object(states, (data_gen.get_state(), torch.get_rng_state()))
-        if not master:
-            return
-        checkpoint.save({
-            "model": raw_model.state_dict(),
-            "model_args": model_args,
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "iter_num": iter_num,
-            "best_val_loss": best_val_loss,
-            "config": dataclasses.asdict(cfg),
-            "tokenizer": tokenizer,
-            "lora": lora_cfg.to_dict() if lora_cfg is not None else None,  # readers merge it (lora.py)
-            "instruct": data.instruct,  # the template of instruction data, for sample.py and app.py
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if precision.device_type == "cuda" else [],
-                    "data": [data for data, _ in states],
-                    "torch_ranks": [rng for _, rng in states]},
-            "precision": {"device": precision.device, "dtype": precision.dtype},
-        }, ckpt_path)
+# ---------------------------------------------------------------------------- evaluation and checkpoints
+
+@torch.no_grad()
+def estimate_loss(model, data: Dataset, cfg: TrainConfig, precision: hardware.Precision, procs: Processes) -> dict:
+    """Mean loss over eval_iters batches of each split (val only without eval_train). The
+    batches come from their own generator, re-seeded every time: evaluations compare like
+    with like, and they never move the training RNG (so exact resume holds)."""
+    out = {}
+    model.eval()
+    for i, split in enumerate(("train", "val")):
+        if split == "train" and not cfg.eval_train:
+            continue
+        gen = torch.Generator().manual_seed(cfg.seed + 1000 + i)
+        losses = torch.zeros(cfg.eval_iters)
+        for k in range(cfg.eval_iters):
+            x, y, *positions = data.get_batch(split, cfg.batch_size, cfg.block_size, gen, precision.device)
+            with precision.autocast():
+                _, loss = model(x, y, positions=positions[0] if positions else None)
+            losses[k] = loss.item()
+        mean = losses.mean()
+        if procs.ddp:  # every rank takes the same checkpoint decision from the same numbers
+            torch.distributed.all_reduce(mean)
+            mean /= procs.world_size
+        out[split] = mean.item()
+    model.train()
+    return out
+
+
+def save_checkpoint(path: Path, raw_model: GPT, optimizer, scaler, iter_num: int, best_val_loss: float,
+                    run: dict, data_gen: torch.Generator, procs: Processes):
+    """Called on every rank (DDP gathers each rank's data-sampler state); rank 0 writes. run holds
+    what stays the same all run long: model_args, config, tokenizer and precision."""
+    if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+        raise UserError(f"the model holds NaN or inf at iteration {iter_num}; not saving it over "
+                        f"{path}. Lower --learning_rate or use --dtype=float32")
+    states = [(data_gen.get_state(), torch.get_rng_state())]  # this rank's batches and dropout
+    if procs.ddp:
+        states = [None] * procs.world_size
+        torch.distributed.all_gather_object(states, (data_gen.get_state(), torch.get_rng_state()))
+    if not procs.master:
+        return
+    on_cuda = run["precision"]["device"].startswith("cuda")
+    checkpoint.save({
+        **run,
+        "model": raw_model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "iter_num": iter_num,
+        "best_val_loss": best_val_loss,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if on_cuda else [],
+                "data": [data for data, _ in states],
+                "torch_ranks": [rng for _, rng in states]},
+    }, path)
+
+
+# ---------------------------------------------------------------------------- main
+
+def main(argv=None):
+    # settings: a resumed run completes them from its checkpoint, so they are checked after that
+    cfg, explicit = parse_config(TrainConfig, argv, prog="train.py", check=False)
+    # the lock on out_dir (and anything else held) is released however the run ends
+    with contextlib.ExitStack() as held:
+        run(cfg, explicit, held)
+
+
+def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
+    procs = start_process_group(cfg)
+    master = procs.master
+    # one run per out_dir: rank 0 holds <out_dir>/train.lock until this run ends
+    out_lock = runlock.FolderLock(Path(cfg.out_dir) / "train.lock", f"--out_dir {cfg.out_dir}",
+                                  "choose another --out_dir")
+    held.callback(out_lock.release)
+    ckpt_path, ckpt = Path(cfg.out_dir) / "ckpt.pt", None
+    if cfg.init_from == "resume":
+        lock_out_dir(out_lock, procs.ddp, master, create=False)  # before reading a checkpoint another run may write
+        cfg, ckpt = resume_settings(cfg, explicit, ckpt_path)
+    if cfg.problems():  # every invalid setting at once, before any work
+        raise UserError("; ".join(cfg.problems()))
+    cfg, pretrained = pretrained_settings(cfg, explicit)
+    accum = micro_steps(cfg, procs)
+
+    # device, data, out_dir
+    precision = hardware.resolve(cfg.device, cfg.dtype)
+    device = precision.device
+    data, tokenizer = open_dataset(cfg, pretrained)
+    lock_out_dir(out_lock, procs.ddp, master, create=True)
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    if master:
+        announce(cfg, precision, data, tokens_per_iter)
+
+    # model and optimizer, new or as the checkpoint left them
+    data_gen = seed_rngs(cfg, procs)
+    raw_model, model_args = build_model(cfg, data, ckpt, ckpt_path, pretrained)
+    raw_model.to(device)  # saved weights always come from this uncompiled module
+    if master:
+        print(f"number of parameters: {raw_model.num_params() / 1e6:.2f}M")
+        if cfg.lora_rank:
+            n = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+            print(f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {n:,} parameters train "
+                  f"({100 * n / sum(p.numel() for p in raw_model.parameters()):.2f}% of the model), the rest is frozen")
+    optimizer, scaler = make_optimizer(raw_model, cfg, precision)
+    iter_num, best_val_loss = 0, float("inf")
+    if ckpt is not None:
+        iter_num, best_val_loss = resume_state(ckpt, optimizer, scaler, data_gen, precision, cfg.seed, procs,
+                                               ckpt_path)
+    ckpt = None  # free memory
+    model = wrap_model(raw_model, cfg, procs, precision)
+    run_info = {"model_args": model_args, "config": dataclasses.asdict(cfg), "tokenizer": tokenizer,
+                "lora": lora.from_settings(cfg).to_dict() if cfg.lora_rank else None,  # readers merge it (lora.py)
+                "instruct": data.instruct,  # the template of instruction data, for sample.py and app.py
+                "precision": {"device": precision.device, "dtype": precision.dtype}}
 
     log = MetricsLog(cfg.out_dir, start_wandb(cfg) if master else None)
     progress = Progress(iter_num, cfg.max_iters, enabled=master)
-    stop = StopRequest(ddp)
+    stop = StopRequest(procs.ddp)
     skip_eval_at = iter_num if cfg.init_from == "resume" else None  # that eval is in the checkpoint
     stopped_by = None  # the signal that stopped the run early
     t0, steps_timed = time.perf_counter(), 0
     try:
         while True:
-            # learning rate for this iteration
-            lr = get_lr(iter_num, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            if cfg.optimizer == "muon":
-                for group in optimizer.muon.param_groups:
-                    group["momentum"] = get_muon_momentum(iter_num, cfg)
+            lr = set_schedule(optimizer, iter_num, cfg)  # learning rate (and Muon's momentum) of this iteration
 
             # evaluate and checkpoint, every eval_interval and after the last step
             last = iter_num >= cfg.max_iters
             at_start = iter_num == 0 and not cfg.eval_at_start and not cfg.eval_only
             if (iter_num % cfg.eval_interval == 0 or last or cfg.eval_only) and iter_num != skip_eval_at and not at_start:
-                losses = estimate_loss()
+                losses = estimate_loss(model, data, cfg, precision, procs)
                 if master:
-                    train_part = f"train loss {losses['train']:.4f}, " if "train" in losses else ""
-                    progress.write(f"step {iter_num}: {train_part}val loss {losses['val']:.4f}")
-                    log.log({"iter": iter_num, **{f"{k}/loss": v for k, v in losses.items()}, "lr": lr})
-                    draw_loss_curve(cfg.out_dir, progress)
+                    report_eval(iter_num, losses, lr, log, progress, cfg.out_dir)
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
                 if iter_num > 0 and (improved or cfg.always_save_checkpoint) and not cfg.eval_only:
-                    save_checkpoint()
+                    save_checkpoint(ckpt_path, raw_model, optimizer, scaler, iter_num, best_val_loss, run_info,
+                                    data_gen, procs)
                     if master:
                         progress.write(f"saved checkpoint to {ckpt_path}")
                 t0, steps_timed = time.perf_counter(), 0  # keep eval out of the throughput figures
             if last or cfg.eval_only:
                 break
-            if stop.requested(ddp, device):
-                save_checkpoint()
+            if stop.requested(procs.ddp, device):  # Ctrl-C or SIGTERM: save, say how to resume, leave
+                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, iter_num, best_val_loss, run_info,
+                                data_gen, procs)
                 if master:
-                    draw_loss_curve(cfg.out_dir, progress)  # with the steps since the last evaluation
-                    progress.close()
-                    name = signal.Signals(stop.signum).name
-                    print(f"{name} received: saved iteration {iter_num} to {ckpt_path}. Resume with the same "
-                          f"command plus --init_from=resume", file=sys.stderr)
+                    report_stop(stop.signum, iter_num, ckpt_path, progress)
                 stopped_by = stop.signum
                 break
 
             # forward, backward, clip, update
             batches = [data.get_batch("train", cfg.batch_size, cfg.block_size, data_gen, device)
                        for _ in range(accum)]
-            loss, grad_norm = train_step(model, optimizer, scaler, batches, precision, cfg.grad_clip, ddp)
-            if not torch.isfinite(grad_norm):
-                if not scaler.is_enabled():
-                    raise UserError(f"the loss became non-finite (NaN or inf) at iteration {iter_num}; stopped "
-                                    f"without saving. The last checkpoint in {cfg.out_dir} is intact: lower "
-                                    f"--learning_rate, set --grad_clip, or use --dtype=float32")
-                if master:  # float16: the scaler skipped this step and lowered its scale
-                    progress.write(f"iteration {iter_num}: gradients overflowed in float16, step skipped")
+            loss, grad_norm = train_step(model, optimizer, scaler, batches, precision, cfg.grad_clip, procs.ddp)
+            if not torch.isfinite(grad_norm):  # the step was not taken
+                report_skipped_step(iter_num, scaler, cfg.out_dir, progress, master)
 
             # timing and logging (loss.item() waits for the device, so only every log_interval)
             record = None
@@ -528,12 +629,11 @@ def run(argv, held: contextlib.ExitStack):
                 t0, steps_timed = time.perf_counter(), 0
             progress.step(record)
             iter_num += 1
-
     finally:
         stop.restore()
         progress.close()
     log.finish()
-    if ddp:
+    if procs.ddp:
         leave_process_group()
     if stopped_by is not None:
         sys.exit(128 + stopped_by)
@@ -546,8 +646,8 @@ def exit_rank():
     the interpreter's teardown. DDP leaves references to the gloo process group that nothing can
     drop (even a bare DistributedDataParallel(nn.Linear), deleted, keeps its gloo and TCPStore
     threads alive after destroy_process_group and gc), so those threads meet the interpreter's
-    finalization, where about 1 rank process in 100 here died with SIGABRT ("terminate called
-    without an active exception"), failing a finished run. By then everything is saved and the
+    finalization, where a rank process can die with SIGABRT ("terminate called without an
+    active exception"), failing a finished run. By then everything is saved and the
     lock released; the barrier in leave_process_group kept every rank until all were done."""
     code = 0
     try:

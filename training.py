@@ -151,6 +151,18 @@ def get_muon_momentum(it: int, cfg: TrainConfig) -> float:
     return 0.85 + 0.10 * it / cfg.muon_momentum_warmup
 
 
+def set_schedule(optimizer, it: int, cfg: TrainConfig) -> float:
+    """Set each parameter group's learning rate for iteration it (get_lr, times the group's
+    lr_scale) and, with Muon, its momentum; returns the learning rate."""
+    lr = get_lr(it, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    if cfg.optimizer == "muon":
+        for group in optimizer.muon.param_groups:
+            group["momentum"] = get_muon_momentum(it, cfg)
+    return lr
+
+
 # ---------------------------------------------------------------------------- one step
 
 def train_step(model, optimizer, scaler, batches, precision, grad_clip: float, ddp: bool = False):

@@ -1,15 +1,13 @@
-# Documents mode on synthetic boxing combos (one per line), about a minute on a 2-core CPU.
+# Documents mode on synthetic boxing combos (one per line): a small model that learns to write
+# new, valid combos. Sized for a 2-core AMD EPYC with AVX2 only (float32); times, val losses and
+# sample scores: docs/documents.md ("Measured on the combos") and docs/configs.md.
 # python data/make_combos.py --n 12000 --out data/combos.txt
 # python prepare.py --input data/combos.txt --name combos --tokenizer char --documents line --block_size 128
 # python train.py configs/combos.py
 # python sample.py --out_dir=out-combos --prompt="" --num_samples=60 > samples.txt
 # python data/make_combos.py --score samples.txt --out data/combos.txt
-# Measured on our shared 2-core EPYC (AVX2, float32, load ~9, one thread, nice 5): with Muon,
-# 300 iterations reach val 0.269 in 164 s of CPU (1,013 s wall on the busy box); 60 samples
-# at sample.py's defaults (temperature 0.8, top_k 200) are 98.3% valid combos, 81.7% valid
-# and new (seed 1337). The AdamW recipe it replaced (lr 3e-3) ended at val 0.275: 80.0% valid.
-# With prepare --tokenizer bpe:400 --block_size 32 --name combos_bpe and
-# --dataset=combos_bpe --block_size=32: 100% valid, 70.0% new (108 s of CPU).
+# A trained vocabulary instead of characters: prepare with --tokenizer bpe:400 --block_size 32
+# --name combos_bpe, then train with --dataset=combos_bpe --block_size=32.
 out_dir = "out-combos"
 eval_interval = 300  # evaluate at the start and after the last step only
 eval_iters = 20
@@ -18,14 +16,14 @@ always_save_checkpoint = False
 
 dataset = "combos"
 batch_size = 16
-block_size = 128  # combos are 46 characters on average (133 at most): a row packs about 3
+block_size = 128  # about the longest combo, so a row packs a few whole ones (lengths: docs/configs.md)
 
 n_layer = 3
 n_head = 4
 n_embd = 96
 dropout = 0.0
 
-optimizer = "muon"  # AdamW at 3e-3 (same steps): val 0.275, 80% valid samples; Muon: 0.269, 98.3%
+optimizer = "muon"  # more valid samples than AdamW at 3e-3 in the same steps: docs/configs.md
 learning_rate = 3e-2  # Muon wants a high rate (as configs/shakespeare_quick.py); 3e-3 was for AdamW
 max_iters = 300
 lr_decay_iters = 300

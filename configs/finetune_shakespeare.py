@@ -1,5 +1,6 @@
 # Finetune OpenAI's GPT-2 XL (1.5B) on tiny Shakespeare, as nanoGPT's config/finetune_shakespeare.py.
-# Meant for a GPU: weights, gradients and AdamW state of 1.5B parameters take ~25 GB in float32.
+# Meant for a GPU: weights, gradients and AdamW state of 1.5B parameters take 1.5B x 16 bytes
+# ~ 24 GB in float32.
 # python prepare.py shakespeare && python train.py configs/finetune_shakespeare.py
 # The weights come from transformers' local cache (`hf download openai-community/gpt2-xl` first),
 # or pass --init_from=PATH of a downloaded folder. Then: python sample.py --out_dir=out-shakespeare-ft

@@ -3,10 +3,8 @@
 # init_from "gpt2" reads transformers' local cache (`hf download openai-community/gpt2` on a machine
 # with internet, then copy ~/.cache/huggingface here); --init_from=PATH takes a downloaded folder.
 # Sized for a 2-core CPU: block 256 (the first 256 of GPT-2's 1024 positions are kept), 2,048 tokens
-# per iteration, ~1.5 TFLOP each (6 x 124M x 2,048), so seconds per iteration at the few hundred
-# GFLOP/s such a CPU gives in float32: an estimate, not a measurement. No GPT-2 weights could be
-# downloaded where this was written; the recipe ran (load, crop to 256, evaluate, step) with a
-# randomly initialised GPT-2-small-shaped folder, on a host too crowded that day to time it.
+# per iteration, ~1.5 TFLOP each (6 x 124M x 2,048). Not yet timed with real GPT-2 weights: what
+# was run, and what is left to measure, is in docs/configs.md.
 out_dir = "out-shakespeare-ft-cpu"
 eval_interval = 50
 eval_iters = 10

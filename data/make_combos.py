@@ -9,7 +9,7 @@
 A combo is 2 to 6 moves joined by " - ", e.g. "Jab - Cross to the Body - Lead Hook - Slip".
 Punches may go to the body; a defensive move (slip, roll, ...) is never repeated twice in a
 row, and a combo starts with a punch. is_valid() tells whether a line is a combo of known
-moves: what the benchmark in the README counts.
+moves: what the measurements in docs/documents.md ("Measured on the combos") count.
 """
 import argparse
 import random

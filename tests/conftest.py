@@ -35,7 +35,7 @@ def shakespeare_text() -> str:
 
 
 def write_char_dataset(data_dir: Path, text: str, name: str = "tiny", val_fraction: float = 0.1) -> Path:
-    """A char-level dataset in the prepared-data format (DESIGN.md contract 1), built
+    """A char-level dataset in the prepared-data format (docs/design.md, contract 1), built
     directly so the training tests do not depend on prepare.py."""
     import json
 

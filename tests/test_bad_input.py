@@ -377,7 +377,7 @@ def test_export_and_init_from_bad_input(name, hf_world, capsys):
     assert not (hf_world / "new").exists() and not list(hf_world.glob(".*tmp*"))  # nothing written
 
 
-# Documents mode and trained vocabularies (issue 12): the same promise for their inputs.
+# Documents mode and trained vocabularies: the same promise for their inputs.
 DOCUMENT_CASES = {
     "prepare unknown documents mode": (P("--input", "{root}/short.txt", "--name=x", "--documents=paragraph"),
                                        "unknown --documents mode 'paragraph'"),

@@ -87,3 +87,4 @@ def test_help_lists_every_key_with_default_and_comment(capsys):
     out = capsys.readouterr().out
     assert "--batch_size=12" in out and "sequences per micro-step" in out
     assert out.count("\n  --") + 1 >= len(TrainConfig.__dataclass_fields__)
+    assert out.index("--out_dir=") < out.index("--n_layer=")  # train.py's own keys, then the model's options

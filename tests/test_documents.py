@@ -1,4 +1,4 @@
-"""Documents mode and trained vocabularies (issue 12): prepare.py --documents=line|blank and
+"""Documents mode and trained vocabularies: prepare.py --documents=line|blank and
 --tokenizer=bpe:N, document-mode training (rows start at documents, attention never crosses
 a boundary, positions restart), and sampling that ends each sample at its document's end
 or at --stop strings."""
@@ -14,6 +14,7 @@ import torch
 import checkpoint
 import config
 import dataset
+import documents
 import prepare
 import sample
 import train
@@ -55,9 +56,9 @@ def documents_of(ids, tokenizer):
 
 def test_split_documents_line_and_blank():
     pieces = ["a b\r\n\n  \nc", "d\n\ne\nf\n", "\n \ng"]  # a document may span reads
-    assert list(prepare.split_documents(iter(pieces), "line")) == ["a b", "cd", "e", "f", "g"]
-    assert list(prepare.split_documents(iter(pieces), "blank")) == ["a b", "cd", "e\nf", "g"]
-    assert list(prepare.split_documents(iter(["\n\n", " \n"]), "line")) == []
+    assert list(documents.split_documents(iter(pieces), "line")) == ["a b", "cd", "e", "f", "g"]
+    assert list(documents.split_documents(iter(pieces), "blank")) == ["a b", "cd", "e\nf", "g"]
+    assert list(documents.split_documents(iter(["\n\n", " \n"]), "line")) == []
 
 
 @pytest.mark.parametrize("tokenizer", ["char", "gpt2", "bpe:300"])
@@ -220,7 +221,7 @@ def test_document_mode_under_torchrun(combos_data, tmp_path):
 
 def test_combos_train_then_sample_whole_documents(combos_data, tmp_path, capsys):
     """A few seconds of training on combos; an empty prompt gives one combo per sample, on
-    a single line, made mostly of known moves (the minute-long figure is in the README)."""
+    a single line, made mostly of known moves."""
     out = tmp_path / "out"
     train.main([f"--data_dir={combos_data / 'data'}", f"--out_dir={out}", "--dataset=combos", "--device=cpu",
                 "--dtype=float32", "--n_layer=2", "--n_head=2", "--n_embd=48", "--block_size=32",

@@ -1,15 +1,20 @@
-"""The model options beyond GPT-2 (model.GPTConfig) and the schedule options of train.py:
+"""The model options beyond GPT-2 (model.ModelOptions) and the schedule options of train.py:
 each one trains, resumes exactly, is saved in the checkpoint, samples, and decodes with the
-KV cache exactly as without it."""
+KV cache exactly as without it; each is declared once, and the flags, --help, the checks and
+the fast path follow from that declaration."""
+import dataclasses
+
 import pytest
 import torch
 
 import checkpoint
+import config
+import fast_decode
 import sample
 import train
 import training
 from conftest import TINY
-from model import GPT, GPTConfig, apply_rotary
+from model import GPT, GPT2_EQUIVALENT, GPT2_SHAPE, MODEL_KEYS, GPTConfig, ModelOptions, apply_rotary
 
 # each option alone, then all of them together (with Muon and the wsd schedule)
 OPTIONS = {
@@ -28,8 +33,7 @@ OPTIONS = {
             "--value_embeds=true", "--embed_lr_scale=3.0", "--optimizer=muon", "--lr_schedule=wsd",
             "--warmdown_frac=0.5", "--muon_momentum_warmup=4"],
 }
-MODEL_FLAGS = {"rotary", "norm", "activation", "qk_norm", "tie_head", "zero_init_proj", "bigram", "x0_lambdas",
-               "value_embeds"}
+MODEL_FLAGS = set(MODEL_KEYS)
 
 
 def run_train(data_dir, out_dir, *flags):
@@ -227,3 +231,56 @@ def test_eval_at_start_can_be_skipped(tiny_data, tmp_path):
     run_train(tiny_data, tmp_path / "out", "--max_iters=4", "--eval_interval=2", "--eval_at_start=false")
     lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in lines if "val/loss" in r] == [2, 4]
+
+
+# ---------------------------------------------------------------------------- declared once
+
+# A value other than the default for each option beyond GPT-2. An option added to
+# model.ModelOptions fails the first test below until it has one here; then every check below
+# runs on it: a train.py flag with the declared default and comment, in MODEL_KEYS, named by
+# the GPT-2 check, and either computed exactly by the fast path or left to the plain one.
+OTHER_VALUE = {"activation": "relu2", "norm": "rmsnorm", "rotary": True, "qk_norm": True, "tie_head": False,
+               "zero_init_proj": True, "bigram": True, "x0_lambdas": True, "value_embeds": True}
+TRAINING_DEFAULTS = {"bias": False}  # train.py's default where it is nanoGPT's training choice, not GPT-2's
+
+
+def test_model_options_are_declared_once_and_the_rest_follows():
+    options = {f.name: f for f in dataclasses.fields(ModelOptions)}
+    assert set(OTHER_VALUE) == set(options) - set(GPT2_SHAPE), "give a new option a value in OTHER_VALUE"
+    assert [f.name for f in dataclasses.fields(GPTConfig)] == [*options, "vocab_size"]  # the data's vocabulary
+    assert set(MODEL_KEYS) == set(options) - {"dropout"}  # fixed once a model exists; dropout may change
+    trains = {f.name: f for f in dataclasses.fields(training.TrainConfig)}
+    declared, shown = config.field_comments(ModelOptions), config.field_comments(training.TrainConfig)
+    help_text = config.help_text(training.TrainConfig, "train.py")
+    for name, option in options.items():
+        assert trains[name].type == option.type, name
+        assert trains[name].default == TRAINING_DEFAULTS.get(name, option.default), name
+        assert declared[name] and (shown[name] == declared[name] or name in TRAINING_DEFAULTS), name
+        assert f"--{name}=" in help_text and shown[name] in help_text, name
+    for name, value in OTHER_VALUE.items():
+        cfg, _ = config.parse_config(training.TrainConfig, [f"--{name}={value}"])
+        assert getattr(cfg, name) == value, name
+        beyond_gpt2 = value not in GPT2_EQUIVALENT.get(name, ())
+        assert GPTConfig(**{name: value}).non_gpt2_options() == ([f"{name}={value}"] if beyond_gpt2 else []), name
+
+
+def test_model_options_are_checked_once_in_train_py_and_in_the_model():
+    """The same check, named as its flag, whether train.py reads the setting or code builds the model."""
+    bad = {"activation": "swish", "norm": "batchnorm", "n_head": 5, "dropout": 1.0}
+    expected = ModelOptions(**bad).problems()
+    assert len(expected) == 4 and all(p.startswith("--") for p in expected)
+    assert GPTConfig(**bad).problems() == expected
+    assert all(p in training.TrainConfig(**bad).problems() for p in expected)
+
+
+@pytest.mark.parametrize("name", list(OTHER_VALUE))
+def test_the_fast_path_computes_each_option_or_leaves_it_to_the_model(name):
+    model = perturbed_model(**{name: OTHER_VALUE[name]})
+    decoder, why = fast_decode.decoder_for(model, 1, "float32")
+    if name in fast_decode.NOT_IMPLEMENTED:
+        assert decoder is model and name in why
+        return
+    assert isinstance(decoder, fast_decode.FastDecoder), why
+    idx = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        assert torch.allclose(decoder.forward(idx, 0), model(idx)[0][:, -1], atol=1e-5)
