@@ -16,12 +16,13 @@ Prints, as medians over `repeats` timed runs after a warm-up:
     nanoGPT counterpart); --profile adds torch.profiler's table of the step's operators
   - sample: tokens/s of model.generate in sample.py's precision (float32 on CPUs), at batch 1
     with and without the KV cache, and in all for a batch of sample_batch sequences; on CPUs
-    also sample.py's fast path (fast_decode.py) at batch 1 and sample_batch, and nanoGPT's
+    also sample.py's fast path (fast_decode.py) at batch 1 (eager, and with the step compiled:
+    built once per shape into the user's cache, then loaded) and sample_batch, and nanoGPT's
     generate loop (no KV cache: the whole window every step) on the same float32 weights,
     all timed side by side (interleaved), with each rate's speed-up over nanoGPT's loop
   - sample.py process (CPUs, --process_runs > 0): the wall time of whole sampling processes
     of sample_tokens tokens on a checkpoint of this model: nanoGPT's sample.py (its steps and
-    loop, NANOGPT_SAMPLE), ours (the fast path) and ours with --dtype=float32, interleaved: the
+    loop, NANOGPT_SAMPLE), ours (the default), --compile=false and --dtype=float32, interleaved: the
     first run of each, then the median of the others, each with its speed-up over nanoGPT's
 Any train.py config file or flag works here; the few extra keys are listed by --help.
 """
@@ -73,6 +74,7 @@ class BenchConfig(TrainConfig):
     quant_eval: str = ""  # out_dir of a trained model: its val loss over the whole val split, float32 and int8
     process_runs: int = 0  # whole `python sample.py` processes per variant (cpu; 0 = none, 5 = first + 4 repeats)
     profile: bool = False  # also print torch.profiler's table of the training step's operators
+    sample_compile: bool = True  # also time the fast path's compiled step (built once per shape into the cache, then loaded)
 
     def problems(self) -> list[str]:
         p = super().problems()
@@ -206,8 +208,8 @@ def bench_sample_side_by_side(model, cfg: BenchConfig) -> dict[str, tuple[list[f
     model.eval()
     cpu = hardware.Precision("cpu", "float32", "")
     fast, why = {}, {}
-    for batch in (1, cfg.sample_batch):
-        fast[batch], why[batch] = fast_decode.decoder_for(model, batch)
+    for batch in (1, cfg.sample_batch):  # the eager step: no compile of a second batch size here
+        fast[batch], why[batch] = fast_decode.decoder_for(model, batch, compile=False)
     int8 = fast_decode.FastDecoder(model, "int8") if fast_decode.int8_available() else None
     n, options = cfg.sample_tokens, dict(temperature=0.8, top_k=200)
     idx = {b: torch.zeros((b, 1), dtype=torch.long) for b in (1, cfg.sample_batch)}
@@ -217,8 +219,8 @@ def bench_sample_side_by_side(model, cfg: BenchConfig) -> dict[str, tuple[list[f
                                  "nanoGPT's generate loop (no KV cache), float32"),
         "sample, kv cache": (lambda: model.generate(idx[1], n, generator=generator, **options), 1,
                                      "model.generate_stream (--dtype=float32)"),
-        "sample, fast path": (lambda: fast[1].generate(idx[1], n, generator=generator, **options), 1,
-                              f"sample.py's default: {why[1]}"),
+        "sample, fast path, eager step": (lambda: fast[1].generate(idx[1], n, generator=generator, **options), 1,
+                                          f"sample.py --compile=false: {why[1]}"),
         f"sample, kv cache, batch {cfg.sample_batch}": (
             lambda: model.generate(idx[cfg.sample_batch], n, generator=generator, **options), cfg.sample_batch,
             "model.generate_stream, tokens/s of all sequences"),
@@ -228,13 +230,13 @@ def bench_sample_side_by_side(model, cfg: BenchConfig) -> dict[str, tuple[list[f
     }
     if int8 is not None:
         variants["sample, int8 weights"] = (lambda: int8.generate(idx[1], n, generator=generator, **options), 1,
-                                            "the fast path with --fast_weights=int8")
-    if cfg.compile and isinstance(fast[1], fast_decode.FastDecoder):  # sample.py --compile
-        compiled = fast_decode.FastDecoder(model, fast[1].weights)
-        seconds = compiled.compile_step()
-        variants["sample, fast path, compiled"] = (
-            lambda: compiled.generate(idx[1], n, generator=generator, **options), 1,
-            f"sample.py --compile: {compiled.weights} weights, the step compiled in {seconds:.1f} s")
+                                            "the fast path's eager step with --fast_weights=int8")
+    if cfg.sample_compile:  # sample.py's default for long generations: built once, then loaded
+        compiled, how = fast_decode.decoder_for(model, 1, compile=True)
+        if isinstance(compiled, fast_decode.FastDecoder) and compiled.compiled is not None:
+            variants["sample, fast path, compiled step"] = (
+                lambda: compiled.generate(idx[1], n, generator=generator, **options), 1,
+                f"sample.py's default: {how}")
     rates = {name: [] for name in variants}
     for fn, _, _ in variants.values():
         for _ in range(cfg.warmup):
@@ -279,12 +281,14 @@ print(''.join(chars[i] for i in idx[0].tolist()))
 def bench_sample_process(model, cfg: BenchConfig) -> dict[str, list[float]]:
     """Seconds of whole sampling processes (start-up, loading, sample_tokens tokens from a
     one-character prompt, temperature 0.8, top-k 200) on a checkpoint of this model: nanoGPT's
-    sample.py (NANOGPT_SAMPLE), ours (the fast path) and ours with --dtype=float32, in turn. The
+    sample.py (NANOGPT_SAMPLE), ours (the default), ours with --compile=false and ours with
+    --dtype=float32, in turn. The
     first run of each is the cold one (a fresh process, nothing of it cached but the OS's files),
     then the others."""
     chars = [chr(0x21 + i) for i in range(cfg.vocab_size)]  # a char tokenizer of the vocabulary
     root = Path(__file__).resolve().parent
-    times: dict[str, list[float]] = {"nanoGPT sample.py": [], "sample.py": [], "sample.py --dtype=float32": []}
+    times: dict[str, list[float]] = {"nanoGPT sample.py": [], "sample.py": [], "sample.py --compile=false": [],
+                                     "sample.py --dtype=float32": []}
     with tempfile.TemporaryDirectory() as out_dir:
         checkpoint.save({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
                          "optimizer": {}, "iter_num": 0, "best_val_loss": float("inf"), "config": {},
@@ -295,6 +299,7 @@ def bench_sample_process(model, cfg: BenchConfig) -> dict[str, list[float]]:
             "sample.py": [sys.executable, str(root / "sample.py"), f"--out_dir={out_dir}", "--prompt=!",
                           "--device=cpu", f"--max_new_tokens={cfg.sample_tokens}", f"--seed={cfg.seed}"],
         }
+        commands["sample.py --compile=false"] = commands["sample.py"] + ["--compile=false"]
         commands["sample.py --dtype=float32"] = commands["sample.py"] + ["--dtype=float32"]
         for _ in range(cfg.process_runs):
             for name, command in commands.items():
@@ -313,11 +318,11 @@ def bench_quant_eval(out_dir: str) -> dict[str, float]:
     train_cfg = ckpt.get("config", {})
     data = Dataset(train_cfg.get("data_dir", "data"), train_cfg.get("dataset", "shakespeare_char"))
     val = torch.from_numpy(np.fromfile(data.paths["val"], dtype=data.dtype).astype(np.int64))
-    int8 = fast_decode.FastDecoder(model, "int8")
+    int8 = fast_decode.quantized(model)
     block = model.config.block_size
     with torch.inference_mode():
         return {"float32": fast_decode.val_loss(lambda x: model(x, x)[0], val, block),
-                "int8": fast_decode.val_loss(lambda x: int8.forward(x, 0, all_logits=True), val, block)}
+                "int8": fast_decode.val_loss(lambda x: int8(x, x)[0], val, block)}
 
 
 def row(name: str, values: list[float], unit: str, scale: float = 1.0, extra: str = "") -> str:

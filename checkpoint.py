@@ -8,6 +8,7 @@ A checkpoint is one dict of plain data (tensors, numbers, strings, lists, dicts)
     model_args             GPTConfig fields
     optimizer, scaler      optimizer and GradScaler state
     iter_num, best_val_loss
+    train_seconds          training time spent so far (train.py --time_budget counts it)
     config                 the full resolved training config
     tokenizer              Tokenizer.describe(), so sample.py needs nothing from data/
     rng                    torch (and cuda) RNG states, and per rank the data sampler's

@@ -1,51 +1,58 @@
-"""Fast token-by-token decoding on CPU: a lean decode step over a static KV cache, with the
-block matrices in float32 or as int8 weight-only linears, whichever this CPU runs faster.
+"""Fast token-by-token decoding on CPU: model.py's GPT with its one-token step made lean, its
+block matrices in float32 or int8, and that step compiled once per model shape.
 
-At batch 1 a decoder step is 25 matrix-vector products (4 per block, plus the output head)
-and about a hundred small ops around them; every op costs a few microseconds of dispatch, so
-the step below does only what decoding needs (after gpt-fast's generate.py and quantize.py):
-- one key/value buffer per layer, (B, nh, block_size, hs), allocated once per generation and
-  written in place at the position; a new token attends (SDPA) over the buffer up to it;
-- the weights are read straight from the model (float32: no copy), or quantized once to int8
-  with one scale per output channel (Int8Linear, a module swap): a quarter of the bytes. Its
-  kernel, torch._weight_int8pack_mm, is fast where the CPU has bf16 instructions
-  (AVX512-BF16, AMX) and slow elsewhere, so choose_weights times both formats on this CPU, at
-  the model's shapes, and keeps the faster (the choice and the figures are printed);
-- the embeddings, LayerNorms, residual stream, attention and the output head stay float32.
+What it supports, exactly: a model.GPT on a CPU with float32 weights and plain nn.Linear and
+norm modules in its blocks (supported()), with every GPTConfig option (norm, rotary, qk_norm,
+activation, untied head, bigram, x0_lambdas, value_embeds); batch sizes of 1 or more; greedy
+and sampled decoding (temperature, top_k, top_p, a seeded generator); prompts and generations
+of any length (model.slide_window's loop past block_size). Anything else, and any model whose
+logits here differ from its own forward (matches_model, checked once), runs on model.py's
+generate_stream: decoder_for says which, and why.
 
-FastDecoder.generate_stream takes the same arguments and yields the same values as
-GPT.generate_stream (model.py), including the sliding window past block_size, so whatever
-consumes one (sample.py, the interactive prompt, a web demo) takes the other. The model's
-config is checked first (supported()), and the decoder's float32 logits are compared once
-with the model's own forward: any model this file does not know falls back to the plain path.
-
-The one-token step (step) is forward for T = 1 in fewer ops. compile_step (sample.py and app.py
---compile) builds it with torch.compile, for long generations and sessions: on our loaded 2-core
-AVX2 EPYC, 5.2-5.5 ms of CPU time per token against 6.4-6.9 eager (6x384, int8), after 50-105 s
-to compile the first time and 13-47 s from inductor's cache, so it is never the default.
+What it shares with model.py: the KV cache (model.KVCache: one (B, nh, block_size, hs) buffer
+per layer, written in place), the generation loop and its sliding window (model.slide_window),
+the prompt and every refill after a slide (the float32 model's own forward, which fills the
+cache), the blocks' own norm and activation modules, and the sampling (model.sample_next).
+What it adds (after gpt-fast's generate.py and quantize.py):
+- step: forward for one token per row in fewer ops. At batch 1 a step is 25 matrix-vector
+  products (4 per block, plus the output head) and about a hundred small ops around them,
+  each costing microseconds of dispatch, so rows stay (B, C) and no module wraps the step;
+- int8 weights: the block matrices quantized once with one scale per output channel
+  (Int8Linear, a module swap in a copy of the model that shares its other tensors): a quarter
+  of the bytes. Its kernel, torch._weight_int8pack_mm, is fast where the CPU has bf16
+  instructions (AVX512-BF16, AMX) and slow elsewhere, so choose_weights times both formats on
+  this CPU, at the model's shapes, and keeps the faster;
+- the compiled step (CompiledStep): model.py's own forward for one token, exported
+  (torch.export) and compiled by AOTInductor into a package, once per model shape, weight
+  format, batch size, torch version and CPU, kept in the user's cache (cache_dir()). The
+  weights are not in the package: a later process loads it and points it at its own model's
+  tensors, without importing the compiler (docs/speed.md has the timings). A failed build or load
+  falls back to the eager step, with one line saying so.
 """
+import copy
 import dataclasses
-import math
+import hashlib
+import json
 import os
+import platform
 import statistics
+import sys
 import time
+import warnings
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import GPT, GPTConfig, apply_rotary, sample_next
+import model as model_module
+from model import GPT, GPTConfig, KVCache, apply_rotary, slide_window
 
 # the model options this decoder does not implement: a model that uses one of them (a value other
 # than its default, GPT-2's behaviour) runs on the plain path. It implements every other
-# GPTConfig field, and decoder_for checks its logits against the model's before using it.
-NOT_IMPLEMENTED = {"x0_lambdas", "value_embeds"}
+# GPTConfig field (today: all of them), and decoder_for checks its logits against the model's.
+NOT_IMPLEMENTED: set[str] = set()
 KNOWN_FIELDS = {f.name for f in dataclasses.fields(GPTConfig)} - NOT_IMPLEMENTED
-ACTIVATIONS = {  # config.activation -> the MLP's activation, as model.ACTIVATIONS computes it
-    "gelu": lambda x: F.gelu(x),
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu2": lambda x: F.relu(x).square(),
-}
 NORMS = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}  # config.norm -> the module model.py builds
 
 
@@ -58,9 +65,6 @@ def supported(model: nn.Module) -> str | None:
         value = getattr(config, field.name)
         if field.name not in KNOWN_FIELDS and value != field.default:
             return f"model option {field.name}={value!r} is not implemented by the fast path"
-    activation = getattr(config, "activation", "gelu")
-    if activation not in ACTIVATIONS:
-        return f"activation {activation!r} is not implemented by the fast path"
     if next(model.parameters()).device.type != "cpu":
         return "the fast path is for CPUs; GPUs keep their own"
     if any(p.dtype != torch.float32 for p in model.parameters()):
@@ -74,13 +78,6 @@ def supported(model: nn.Module) -> str | None:
             if kind is None or type(modules.get(name)) is not kind:
                 return f"block {i} has no plain {getattr(kind, '__name__', config.norm)} {name}"
     return None
-
-
-def norm_of(module: nn.Module):
-    """The functional form of a LayerNorm or parameter-free RMSNorm module: x -> normed x."""
-    if isinstance(module, nn.RMSNorm):
-        return lambda x: F.rms_norm(x, module.normalized_shape, module.weight, module.eps)
-    return lambda x: F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
 
 
 class Int8Linear(nn.Module):
@@ -128,8 +125,8 @@ def _block_linears(block) -> list[nn.Module]:
 def choose_weights(model: GPT, batch_size: int = 1, repeats: int = 7) -> tuple[str, str]:
     """'float32' or 'int8' for the block matrices, whichever runs one block's four products
     faster here at this batch size (interleaved timings, a few ms in all), and why. Measured,
-    not assumed from CPU flags: on our AVX2 EPYC, int8 measured about as fast as float32 on one
-    thread and up to 100x slower on two threads of a loaded host."""
+    not assumed from CPU flags: without bf16 instructions the int8 kernel can be many times
+    slower, and more so on a loaded host (docs/speed.md)."""
     if not int8_available():
         return "float32", "int8 weight-only kernel not available in this torch build"
     float_linears = _block_linears(model.transformer.h[0])
@@ -152,30 +149,28 @@ def choose_weights(model: GPT, batch_size: int = 1, repeats: int = 7) -> tuple[s
     f32, i8 = statistics.median(times["float32"]), statistics.median(times["int8"])
     figures = f"{i8 * 1e3:.3f} ms int8 vs {f32 * 1e3:.3f} ms float32 per block at batch {batch_size}"
     # int8 changes the numbers a little, so it must win by 10%, in the typical run (median)
-    # and in the best one (min, which other processes' load cannot inflate). On the quiet AVX2
-    # EPYC a 19% win per block made whole decode steps 37% faster (166 vs 122 tokens/s)
+    # and in the best one (min, which other processes' load cannot inflate)
     if i8 < 0.9 * f32 and min(times["int8"]) < 0.9 * min(times["float32"]):
         return "int8", f"int8 weights ({figures}, measured on this CPU)"
     return "float32", f"float32 weights (int8 is not faster on this CPU: {figures})"
 
 
-class StaticKVCache:
-    """Keys and values of every layer for one generation: one buffer per layer, allocated once
-    at the full window, (B, nh, block_size, hs), written in place, and the last token seen (the
-    bigram option's previous token). One per generate_stream call, so generations running at
-    the same time (a web demo) never share one."""
-
-    def __init__(self, n_layer: int, batch_size: int, n_head: int, block_size: int, head_size: int):
-        shape = (batch_size, n_head, block_size, head_size)
-        self.k = [torch.zeros(shape) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape) for _ in range(n_layer)]
-        self.last_token = torch.zeros(batch_size, dtype=torch.long)  # (B,): the last token seen
+def quantized(model: GPT) -> GPT:
+    """A copy of model whose block matrices are Int8Linear; every other tensor (embeddings,
+    norms, head, options' tables) is the model's own, shared, not copied."""
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    int8 = copy.deepcopy(model, memo=shared)
+    for block in int8.transformer.h:
+        block.attn.c_attn, block.attn.c_proj = Int8Linear(block.attn.c_attn), Int8Linear(block.attn.c_proj)
+        block.mlp.c_fc, block.mlp.c_proj = Int8Linear(block.mlp.c_fc), Int8Linear(block.mlp.c_proj)
+    return int8
 
 
 class FastDecoder:
-    """The model's forward for decoding, over a static KV cache, with every option model.py
-    has (norm, rotary, qk_norm, activation, untied head, bigram). Holds no copy of float32
-    weights; with weights="int8", the block matrices are swapped for Int8Linear copies."""
+    """model.py's generation with a lean one-token step, its block matrices in float32 (the
+    model's own) or int8 (a quantized copy), and that step compiled once per shape
+    (compile_step). The prompt and refills run on the float32 model's own forward: matrix-matrix
+    products, where float32 is fast and exact and int8's kernel is not."""
 
     def __init__(self, model: GPT, weights: str = "float32"):
         assert weights in ("float32", "int8"), weights
@@ -183,180 +178,112 @@ class FastDecoder:
         assert why is None, why
         self.model = model
         self.weights = weights
-        config = model.config
-        self.block_size = config.block_size
-        self.vocab_size = config.vocab_size
-        self.n_head = config.n_head
-        self.head_size = config.n_embd // config.n_head
-        self.act = ACTIVATIONS[getattr(config, "activation", "gelu")]
-        self.qk_norm = getattr(config, "qk_norm", False)
-        self.rotary = model.rotary if getattr(config, "rotary", False) else None
-        self.bigram = model.bigram.weight if getattr(config, "bigram", False) else None
-        make = Int8Linear if weights == "int8" else (lambda lin: lin)
-        self.linears = [[make(lin) for lin in _block_linears(b)] for b in model.transformer.h]
-        self.norms = [(norm_of(b.ln_1), norm_of(b.ln_2)) for b in model.transformer.h]
-        self.ln_f = norm_of(model.transformer.ln_f)
-        self.compiled_step = None  # compile_step() sets it
-        # prompts and refills after a slide (many tokens at once) run on the float32 weights:
-        # matrix-matrix products, where float32 is fast and int8's kernel is not (128 tokens of
-        # the 6x384 model: 56 ms against 95), and exact; the cache they fill is the same
-        self.prefill = self if weights == "float32" else FastDecoder(model, "float32")
+        self.stepping = quantized(model) if weights == "int8" else model  # the model the step computes
+        self.compiled = None  # a CompiledStep, once compile_step() built or loaded one
 
-    def compile_step(self, batch_size: int = 1) -> float:
-        """torch.compile the one-token step (whole graph, the position and batch size symbolic:
-        one graph serves every position from 2 on) and run it once, which compiles it: seconds
-        taken. For long generations and sessions: eager steps start at once, and the compiled
-        step runs the ~200 small ops around the matrix products as a few fused C++ loops.
+    def new_cache(self) -> KVCache:
+        return KVCache(self.model.config.n_layer, self.model.config.block_size)
 
-        Inductor keeps what it builds in an on-disk cache, TORCHINDUCTOR_CACHE_DIR (here
-        ~/.cache/torchinductor unless the environment names one), keyed by the graph (the
-        model's shape, options and weight format), the torch version and the CPU's instruction
-        set, so a later process compiles from it. The weights are inputs of the graph, not
-        constants in it: another checkpoint of the same shape reuses the entries and computes
-        with its own weights. Inductor writes each entry to a temporary file and renames it, so
-        a process killed while compiling leaves no half-written entry behind."""
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "torchinductor"))
-        if self.block_size < 4:  # no position the compiled step would serve (see step)
-            return 0.0
+    def next_logits(self, new_tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """model.slide_window's next_logits: the step for one new token per row after cached
+        ones, else (a prompt, a refill after a slide) the model's forward. (B, T) -> (B, vocab)"""
+        if new_tokens.size(1) == 1 and cache.length > 0:
+            return self.step(new_tokens[:, 0], cache)
+        return self.model(new_tokens, kv_cache=cache)[0][:, -1]
+
+    def step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """idx (B,), the tokens after the cache.length (>= 1) cached positions -> logits (B, vocab);
+        their keys and values join the cache. Compiled where compile_step() made it so."""
+        if self.compiled is not None:
+            return self.compiled(idx, cache)
+        return self.eager_step(idx, cache)
+
+    @torch.no_grad()
+    def eager_step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """GPT.forward for T = 1 in fewer ops: rows stay (B, C), no module wraps a block, and
+        with int8 weights the MLP's hidden layer stays bf16, the input its second kernel takes."""
+        model, config = self.stepping, self.stepping.config
+        tr, B, pos = model.transformer, idx.size(0), cache.length
+        nh, hs, C = config.n_head, config.n_embd // config.n_head, config.n_embd
+        int8 = {"dtype": torch.bfloat16} if self.weights == "int8" else {}
+        x = F.embedding(idx, tr.wte.weight)  # (B, C)
+        if config.rotary:
+            rope = model.rotary.cos[pos:pos + 1], model.rotary.sin[pos:pos + 1]  # (1, hs/2) each
+        else:
+            x = x + tr.wpe.weight[pos]
+        if config.bigram:
+            x = x + F.embedding(cache.last_token * config.vocab_size + idx, model.bigram.weight)
+        x0 = x
+        for i, block in enumerate(tr.h):
+            if config.x0_lambdas:
+                x = block.lambdas[0] * x + block.lambdas[1] * x0
+            q, k, v = block.attn.c_attn(block.ln_1(x)).view(B, 3, nh, 1, hs).unbind(1)  # (B, nh, 1, hs) each
+            if config.value_embeds:
+                v = v + F.embedding(idx, model.value_embeds[i].weight).view(B, nh, 1, hs)
+            if config.qk_norm:
+                q, k = F.rms_norm(q, (hs,)), F.rms_norm(k, (hs,))
+            if config.rotary:
+                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            keys, values = cache.update(i, k, v)  # (B, nh, pos + 1, hs)
+            y = F.scaled_dot_product_attention(q, keys, values)  # (B, nh, 1, hs)
+            x = x + block.attn.c_proj(y.view(B, C))
+            x = x + block.mlp.c_proj(block.mlp.act(block.mlp.c_fc(block.ln_2(x), **int8)))
+        cache.advance(idx[:, None])
+        return F.linear(tr.ln_f(x), model.lm_head.weight)
+
+    def compile_step(self, batch_size: int, build: bool = True, log=print) -> str:
+        """Load this shape's compiled step from the cache, or (build) compile it there first;
+        a stale or damaged package is built again. Returns how the step runs, in a few words;
+        log(line) tells the user what takes time or failed."""
+        key = step_key(self.stepping, self.weights, batch_size)
+        path = step_path(key)
+        if path.exists():
+            try:
+                self.compiled = CompiledStep(path, key, self.stepping)
+                self.check_compiled(batch_size)
+                return f"compiled step loaded from {path}"
+            except Exception as e:  # noqa: BLE001 (any failure to load means: build it again)
+                self.compiled = None
+                log(f"the compiled decoding step {path} is stale or damaged ({one_line(e)}); building it again")
+        if not build:
+            return "eager step (--compile=true compiles it once for this model shape)"
+        log(f"compiling the decoding step for this model shape, once: a minute or more on a small CPU "
+            f"(later runs load it from {path})")
         t0 = time.perf_counter()
-        step = torch.compile(self._step, fullgraph=True, dynamic=True)
-        cache = self.new_cache(batch_size)
-        with torch.no_grad():
-            step(torch.zeros(batch_size, dtype=torch.long), 2, cache)
-        self.compiled_step = step
-        return time.perf_counter() - t0
-
-    def mlp(self, h: torch.Tensor, c_fc, mlp_proj) -> torch.Tensor:
-        """A block's MLP on normed h. With int8 weights the hidden layer stays bf16, the input
-        mlp_proj's kernel takes."""
-        if self.weights == "int8":
-            return mlp_proj(self.act(c_fc(h, torch.bfloat16)))
-        return mlp_proj(self.act(c_fc(h)))
-
-    def new_cache(self, batch_size: int) -> StaticKVCache:
-        return StaticKVCache(len(self.linears), batch_size, self.n_head, self.block_size, self.head_size)
+        try:
+            build_step(self.stepping, batch_size, key, path)
+            self.compiled = CompiledStep(path, key, self.stepping)
+            self.check_compiled(batch_size)
+        except Exception as e:  # noqa: BLE001 (no compiler, an op it lacks...: decode eagerly)
+            self.compiled = None
+            log(f"could not compile the decoding step ({one_line(e)}); decoding with the eager step")
+            return "eager step (its compile failed)"
+        return f"step compiled in {time.perf_counter() - t0:.0f} s, kept in {path}"
 
     @torch.no_grad()
-    def forward(self, idx: torch.Tensor, pos: int, cache: StaticKVCache | None = None,
-                all_logits: bool = False) -> torch.Tensor:
-        """idx (B, T): tokens at positions [pos, pos + T) of a window whose positions [0, pos)
-        are in cache (None: a new cache, pos must be 0). Returns the logits of the last
-        position (B, vocab), or of every position (B, T, vocab)."""
-        B, T = idx.shape
-        end = pos + T
-        assert end <= self.block_size, f"positions up to {end} past block_size {self.block_size}"
-        if cache is None:
-            assert pos == 0, "a window that does not start at 0 needs the cache of its start"
-            cache = self.new_cache(B)
-        tr = self.model.transformer
-        nh, hs = self.n_head, self.head_size
-        C = nh * hs
-        x = tr.wte(idx)  # (B, T, C)
-        if self.rotary is None:
-            x = x + tr.wpe.weight[pos:end]
-        else:
-            rope = self.rotary.cos[pos:end], self.rotary.sin[pos:end]  # (T, hs/2) each
-        if self.bigram is not None:  # rows previous * vocab + token; a window's first token has none
-            V = self.vocab_size
-            first = cache.last_token[:, None] if pos > 0 else idx.new_full((B, 1), V)
-            x = x + F.embedding(torch.cat([first, idx[:, :-1]], dim=1) * V + idx, self.bigram)
-        for (c_attn, attn_proj, c_fc, mlp_proj), (ln_1, ln_2), k_buf, v_buf in zip(
-                self.linears, self.norms, cache.k, cache.v):
-            qkv = c_attn(ln_1(x)).view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
-            q, k = qkv[0], qkv[1]
-            if self.qk_norm:
-                q, k = F.rms_norm(q, (hs,)), F.rms_norm(k, (hs,))
-            if self.rotary is not None:
-                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-            k_buf[:, :, pos:end] = k
-            v_buf[:, :, pos:end] = qkv[2]
-            keys, values = k_buf[:, :, :end], v_buf[:, :, :end]  # (B, nh, end, hs)
-            if T == 1:  # one query sees every cached position: no mask
-                att = (q @ keys.transpose(-1, -2)) * (1.0 / math.sqrt(hs))
-                y = att.softmax(dim=-1) @ values  # (B, nh, 1, hs)
-            else:  # query t at position pos + t sees keys up to it
-                mask = torch.ones(T, end, dtype=torch.bool).tril(diagonal=pos)
-                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-            x = x + attn_proj(y.transpose(1, 2).reshape(B, T, C))
-            x = x + self.mlp(ln_2(x), c_fc, mlp_proj)
-        cache.last_token = idx[:, -1].clone(memory_format=torch.contiguous_format)  # plain strides, as step's
-        if not all_logits:
-            x = x[:, -1]
-        return F.linear(self.ln_f(x), self.model.lm_head.weight)  # the output head stays float32
-
-    @torch.no_grad()
-    def step(self, idx: torch.Tensor, pos: int, cache: StaticKVCache) -> torch.Tensor:
-        """forward for one token per row, the decoding step: idx (B,) at position pos, after
-        positions [0, pos) in cache -> logits (B, vocab). The same arithmetic as forward with
-        T = 1, in fewer ops: rows stay (B, C), the key and value go straight to their slot, and
-        attention is SDPA over the filled slots. Compiled after compile_step(), except at
-        positions 0 and 1 and the window's last slot, which torch.compile would specialize
-        (compile again) for: those few steps run eager."""
-        if self.compiled_step is not None and 2 <= pos < self.block_size - 1:
-            # the graph's guards check strides: give it plain ones
-            return self.compiled_step(idx.clone(memory_format=torch.contiguous_format), pos, cache)
-        return self._step(idx, pos, cache)
-
-    def _step(self, idx: torch.Tensor, pos: int, cache: StaticKVCache) -> torch.Tensor:
-        B = idx.size(0)
-        tr = self.model.transformer
-        nh, hs = self.n_head, self.head_size
-        C = nh * hs
-        x = F.embedding(idx, tr.wte.weight)  # (B, C); positions are sliced, not indexed, so
-        if self.rotary is None:  # a compiled step keeps pos symbolic
-            x = x + tr.wpe.weight[pos:pos + 1]
-        else:
-            rope = self.rotary.cos[pos:pos + 1], self.rotary.sin[pos:pos + 1]  # (1, hs/2) each
-        if self.bigram is not None:  # a window's first token has no previous one
-            previous = cache.last_token if pos > 0 else torch.full_like(idx, self.vocab_size)
-            x = x + F.embedding(previous * self.vocab_size + idx, self.bigram)
-        for (c_attn, attn_proj, c_fc, mlp_proj), (ln_1, ln_2), k_buf, v_buf in zip(
-                self.linears, self.norms, cache.k, cache.v):
-            q, k, v = c_attn(ln_1(x)).view(B, 3, nh, 1, hs).unbind(1)  # (B, nh, 1, hs) each
-            if self.qk_norm:
-                q, k = F.rms_norm(q, (hs,)), F.rms_norm(k, (hs,))
-            if self.rotary is not None:
-                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-            k_buf[:, :, pos:pos + 1] = k
-            v_buf[:, :, pos:pos + 1] = v
-            y = F.scaled_dot_product_attention(q, k_buf[:, :, :pos + 1], v_buf[:, :, :pos + 1])  # (B, nh, 1, hs)
-            x = x + attn_proj(y.view(B, C))
-            x = x + self.mlp(ln_2(x), c_fc, mlp_proj)
-        cache.last_token = idx
-        return F.linear(self.ln_f(x), self.model.lm_head.weight)
+    def check_compiled(self, batch_size: int):
+        """Raise unless the compiled step gives the eager step's logits on a few tokens."""
+        config = self.model.config
+        T = min(4, config.block_size)
+        idx = torch.arange(batch_size * T).remainder(config.vocab_size).view(batch_size, T)
+        got, expected = self.new_cache(), self.new_cache()
+        self.model(idx[:, :-1], kv_cache=got), self.model(idx[:, :-1], kv_cache=expected)
+        a, b = self.compiled(idx[:, -1], got), self.eager_step(idx[:, -1], expected)
+        if not (a - b).abs().max().item() <= 2e-2 * (b.abs().max().item() + 1.0):
+            raise RuntimeError("its logits differ from the eager step's")
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         generator=None, use_cache=True, min_p=0.0, repetition_penalty=1.0):
-        """GPT.generate_stream's contract on this decoder: yields the next token ids (B,), and
-        slides the same way past block_size (the window jumps to keep its last block_size // 2
-        tokens, which are then re-read). use_cache=False is the model's own no-cache loop."""
+        """GPT.generate_stream's contract, in the same loop (model.slide_window): yields the
+        next token ids (B,). use_cache=False is the model's own no-cache loop."""
         if not use_cache:
             yield from self.model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
                                                   generator, use_cache=False, min_p=min_p,
                                                   repetition_penalty=repetition_penalty)
             return
-        block_size = self.block_size
-        B, T = idx.shape
-        cache = self.new_cache(B)
-        tokens = idx.new_empty(B, T + max_new_tokens)  # every token so far, written in place
-        tokens[:, :T] = idx
-        n = T  # tokens filled
-        start = max(0, n - block_size)  # first token of the current window
-        cached = 0  # tokens of the window in the cache
-        for _ in range(max_new_tokens):
-            if n - start > block_size:
-                start, cached = n - block_size // 2, 0
-            if n - start - cached == 1:  # one new token: the decoding step
-                logits = self.step(tokens[:, n - 1], cached, cache)
-            else:  # the prompt, or a window refilled after a slide
-                logits = self.prefill.forward(tokens[:, start + cached:n], cached, cache)
-            cached = n - start
-            next_id = sample_next(logits, temperature, top_k, top_p, generator, min_p,
-                                  repetition_penalty, tokens[:, :n])  # (B,)
-            tokens[:, n] = next_id
-            n += 1
-            yield next_id
+        yield from slide_window(self.next_logits, self.model.config.block_size, self.new_cache(), idx,
+                                max_new_tokens, temperature, top_k, top_p, generator, min_p, repetition_penalty)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, **kwargs):
@@ -365,25 +292,130 @@ class FastDecoder:
         return torch.cat([idx] + [t[:, None] for t in new], dim=1) if new else idx
 
 
+def one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+
+
+# ---------------------------------------------------------------------------- the compiled step
+
+def cache_dir() -> Path:
+    """Where compiled steps are kept: the user's cache ($XDG_CACHE_HOME, else ~/.cache)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "nanogpt-toolkit" / "decode"
+
+
+def step_key(model: GPT, weights: str, batch_size: int) -> str:
+    """What a compiled step depends on, as JSON: the model's shape and options, the weight
+    format, the batch size, torch, the CPU's instruction set, and the code it was built from
+    (model.py, this file), so that an edit to either builds it again."""
+    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (model_module, sys.modules[__name__])))
+    return json.dumps({"config": {k: v for k, v in dataclasses.asdict(model.config).items() if k != "dropout"},
+                       "weights": weights, "batch_size": batch_size, "torch": torch.__version__,
+                       "cpu": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}",
+                       "code": code.hexdigest()}, sort_keys=True)
+
+
+def step_path(key: str) -> Path:
+    """The package of the compiled step for step_key's key, in cache_dir()."""
+    return cache_dir() / f"step-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt2"
+
+
+class OneToken(nn.Module):
+    """What is compiled: model.py's own forward for one token per row after pos >= 1 cached
+    positions, over a KVCache made of the given buffers (written in place)."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx, pos, last_token, keys, values):
+        """idx (B,), pos () int64, last_token (B,), keys and values one (B, nh, block_size, hs)
+        per layer -> logits (B, vocab)"""
+        block_size = self.model.config.block_size
+        cache = KVCache(len(keys), block_size)
+        position = pos.item()  # symbolic in the graph: one graph serves every position
+        torch._check(position >= 1)
+        torch._check(position < block_size)
+        cache.k, cache.v, cache.length, cache.last_token = list(keys), list(values), position, last_token
+        return self.model(idx[:, None], kv_cache=cache)[0][:, -1]
+
+
+def build_step(model: GPT, batch_size: int, key: str, path: Path):
+    """Export OneToken(model) and compile it with AOTInductor into the package at path (written
+    to a temporary file and renamed: a killed build leaves no half-written package). The
+    weights stay out of the package (CompiledStep points it at a model's own); key goes into its
+    metadata, so a package built for anything else is recognised as stale."""
+    from torch._inductor import aoti_compile_and_package  # the compiler: imported only to build
+
+    config = model.config
+    nh, hs = config.n_head, config.n_embd // config.n_head
+    ids = torch.zeros(batch_size, dtype=torch.long)
+    buffers = [[torch.zeros(batch_size, nh, config.block_size, hs) for _ in range(config.n_layer)] for _ in range(2)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, not the user's business
+            program = torch.export.export(OneToken(model).eval(), (ids, torch.tensor(1), ids.clone(), *buffers),
+                                            strict=False)  # distinct tensors: inputs that alias are exported as one
+            aoti_compile_and_package(program, package_path=str(partial), inductor_configs={
+                "aot_inductor.package_constants_in_so": False, "aot_inductor.metadata": {"key": key},
+                # small weights (x0_lambdas) stay inputs too, never values written into the code
+                "always_keep_tensor_constants": True})
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+class CompiledStep:
+    """A compiled step's package, loaded with the AOTInductor runtime alone (no compiler import)
+    and pointed at model's own tensors (no copy): step(idx (B,), cache) -> logits (B, vocab)."""
+
+    def __init__(self, path: Path, key: str, model: GPT):
+        self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        built_for = self.loader.get_metadata().get("key")
+        if built_for != key:
+            raise RuntimeError("it was built for another model shape, torch, CPU or code")
+        tensors = {**dict(model.named_parameters(remove_duplicate=False)),
+                   **dict(model.named_buffers(remove_duplicate=False))}
+        self.loader.load_constants({name: tensors[name.removeprefix("model.")]
+                                    for name in self.loader.get_constant_fqns()}, False, True, True)
+        self.model = model  # the runtime reads its tensors: keep them alive
+
+    def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        last = cache.last_token if cache.last_token is not None else idx
+        inputs = [idx.contiguous(), torch.tensor(cache.length), last.contiguous(), *cache.k, *cache.v]
+        logits = self.loader.run(inputs)[0]  # the keys and values are written into cache's buffers
+        cache.advance(idx[:, None])
+        return logits
+
+
 @torch.no_grad()
 def matches_model(decoder: FastDecoder, tokens: int = 8, tolerance: float = 1e-3) -> bool:
-    """Whether the decoder's step in float32 gives the model's own logits on a few tokens (a
+    """Whether the eager step in float32 gives the model's own logits on a few tokens (a
     prompt, then one more token): the guard against a model this file would compute wrongly."""
     model = decoder.model
     reference = FastDecoder(model, "float32") if decoder.weights != "float32" else decoder
-    T = min(tokens, model.config.block_size)
+    T = max(2, min(tokens, model.config.block_size))
     idx = torch.arange(T).remainder(model.config.vocab_size)[None]  # (1, T)
     expected = model(idx)[0][:, -1]  # (1, vocab): the last position
-    cache = reference.new_cache(1)
-    if T > 1:
-        reference.forward(idx[:, :-1], 0, cache)  # the first T - 1 positions into the cache
-    got = reference.step(idx[:, -1], T - 1, cache)  # the step generation runs on
+    cache = reference.new_cache()
+    model(idx[:, :-1], kv_cache=cache)  # the first T - 1 positions into the cache
+    got = reference.eager_step(idx[:, -1], cache)  # the step generation runs on
     return (got - expected).abs().max().item() <= tolerance * (expected.abs().max().item() + 1.0)
 
 
-def decoder_for(model: nn.Module, batch_size: int, weights: str = "auto"):
+# a compiled step pays for loading it (docs/speed.md#sampling) when a generation runs at least
+# this many token-layers (max_new_tokens x n_layer); shorter ones stay eager unless --compile
+COMPILE_PAYS = 2000
+
+
+def decoder_for(model: nn.Module, batch_size: int, weights: str = "auto", compile: bool | None = None,
+                new_tokens: int = 0, log=print):
     """What to call generate_stream on: a FastDecoder where it applies, else the model itself.
-    weights: auto (choose_weights), float32 or int8. Returns (decoder, why, in a few words)."""
+    weights: auto (choose_weights), float32 or int8. compile: True (load or build the compiled
+    step), False (eager), None (load it when kept; build it when a generation of new_tokens
+    is long enough to pay: COMPILE_PAYS). Returns (decoder, why, in a few words)."""
     why = supported(model)
     if why is not None:
         return model, f"plain ({why})"
@@ -394,7 +426,11 @@ def decoder_for(model: nn.Module, batch_size: int, weights: str = "auto"):
     decoder = FastDecoder(model, weights)
     if not matches_model(decoder):
         return model, "plain (the fast path's logits differ from this model's own)"
-    return decoder, f"fast CPU path, static KV cache, {reason}"
+    how = f"fast CPU path, {reason}"
+    if compile is not False and model.config.block_size >= 2:
+        build = compile is True or new_tokens * model.config.n_layer >= COMPILE_PAYS
+        how += f"; {decoder.compile_step(batch_size, build, log)}"
+    return decoder, how
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ the choice of what decodes, the prompt's tokens and the text as it grows.
   sample ends where its document ends; a --stop string ends a sample for any model.
 """
 import math
-import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -40,7 +40,7 @@ class GenerationConfig:
     use_cache: bool = True  # KV cache: each new token costs one position, not the whole context
     stop: list[str] = field(default_factory=list)  # end a sample at this string, not printed; repeat for several
     dtype: str = "auto"  # auto (float32 on cpu: faster for decoding; bf16 or fp16 on gpus), float32, bfloat16 or float16
-    compile: bool = False  # torch.compile: on a CPU the fast path's decoding step (for long generations: slow to build the first time, then read from inductor's cache), elsewhere the model
+    compile: bool | None = None  # on a CPU the fast path's decoding step, compiled once per model shape and kept in ~/.cache/nanogpt-toolkit (unset: where it pays, i.e. a kept one, or max_new_tokens x n_layer >= 2000); on a GPU torch.compile the model (true only)
     fast_weights: str = "auto"  # block matrices of the fast CPU path (dtype auto): auto (faster here), float32 or int8
 
     def problems(self) -> list[str]:
@@ -70,18 +70,17 @@ class GenerationConfig:
 def choose_decoder(model: GPT, cfg: GenerationConfig, precision: hardware.Precision):
     """What generates: fast_decode's CPU path for --dtype=auto on a CPU, else the model itself
     (float32 as requested is the exact reference; GPUs keep the model's path). Both have
-    generate_stream(...) with the same arguments and yielded values. --compile compiles the
-    fast path's step, or else the model. Returns (decoder, how it decodes, in words)."""
+    generate_stream(...) with the same arguments and yielded values. --compile: the fast path's
+    step compiled (fast_decode.decoder_for; unset, where it pays), or else the model (true
+    only). Returns (decoder, how it decodes, in words)."""
     if precision.device_type != "cpu":
         decoder, how = model, "model.generate_stream (the fast path is for CPUs)"
     elif cfg.dtype != "auto":
         decoder, how = model, "model.generate_stream (exact, as --dtype asked)"
     else:
-        decoder, how = fast_decode.decoder_for(model, cfg.num_samples, cfg.fast_weights)
-    if cfg.compile and isinstance(decoder, fast_decode.FastDecoder):
-        seconds = decoder.compile_step(cfg.num_samples)
-        how += f"; its step compiled in {seconds:.1f} s (cache: {os.environ['TORCHINDUCTOR_CACHE_DIR']})"
-    elif cfg.compile:
+        decoder, how = fast_decode.decoder_for(model, cfg.num_samples, cfg.fast_weights, cfg.compile,
+                                               cfg.max_new_tokens, log=lambda line: print(line, file=sys.stderr))
+    if cfg.compile and not isinstance(decoder, fast_decode.FastDecoder):
         model.compile(dynamic=True)  # dynamic: the cached context grows every step
         how += "; the model compiled (torch.compile, on its first steps)"
     return decoder, how

@@ -176,6 +176,11 @@ class KVCache:
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def advance(self, idx: torch.Tensor):
+        """Count the tokens idx (B, T) as cached, once every layer has its keys and values."""
+        self.length += idx.size(1)
+        self.last_token = idx[:, -1]
+
     def reset(self):
         """Forget every position but keep the buffers, to refill them with a new window."""
         self.length = 0
@@ -384,8 +389,7 @@ class GPT(nn.Module):
                 x = block(x, kv_cache, mask, rope, x0, ve)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
-            kv_cache.length += T
-            kv_cache.last_token = idx[:, -1]
+            kv_cache.advance(idx)
         if targets is None:
             return self.lm_head(x[:, -1:, :]), None  # a slice keeps the time dim
         logits = self.lm_head(x)
@@ -440,44 +444,55 @@ class GPT(nn.Module):
     @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         generator=None, use_cache=True, min_p=0.0, repetition_penalty=1.0):
-        """Yield the next token ids (B,) one step at a time, continuing idx (B, T).
+        """Yield the next token ids (B,) one step at a time, continuing idx (B, T): the model's
+        forward in slide_window's loop (see there for the window past block_size). Without the
+        cache, the same window is recomputed every step, so greedy output with and without the
+        cache is the same."""
+        cache = KVCache(self.config.n_layer, self.config.block_size) if use_cache else None
 
-        Context past block_size slides: when the tokens since the window start no longer
-        fit in block_size, the window jumps forward to keep the last block_size // 2 tokens
-        and the cache is refilled from them. So the model always sees between block_size // 2
-        and block_size tokens of context, and each refill is paid once per block_size // 2
-        new tokens. A prompt longer than block_size starts from its last block_size tokens.
-        Without the cache, the same window is recomputed every step, so greedy output with
-        and without the cache is the same.
-        """
-        block_size = self.config.block_size
-        B, T = idx.shape
-        # every token so far, written in place (B, T + max_new_tokens): no torch.cat per step
-        tokens = idx.new_empty(B, T + max_new_tokens)
-        tokens[:, :T] = idx
-        n = T  # tokens filled
-        start = max(0, n - block_size)  # first token of the current window
-        cache = KVCache(self.config.n_layer, block_size) if use_cache else None
-        for _ in range(max_new_tokens):
-            if n - start > block_size:
-                start = n - block_size // 2
-                if cache is not None:
-                    cache.reset()
-            if cache is not None:
-                logits, _ = self(tokens[:, start + cache.length:n], kv_cache=cache)
-            else:
-                logits, _ = self(tokens[:, start:n])
-            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator,
-                                  min_p, repetition_penalty, tokens[:, :n])  # (B,)
-            tokens[:, n] = next_id
-            n += 1
-            yield next_id
+        def next_logits(new_tokens, cache):  # (B, T) -> the last position's logits (B, vocab)
+            return self(new_tokens, kv_cache=cache)[0][:, -1]
+
+        yield from slide_window(next_logits, self.config.block_size, cache, idx, max_new_tokens,
+                                temperature, top_k, top_p, generator, min_p, repetition_penalty)
 
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, **kwargs):
         """idx (B, T) -> (B, T + max_new_tokens): the prompt and its continuation."""
         new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
         return torch.cat([idx] + [t[:, None] for t in new], dim=1) if new else idx
+
+
+def slide_window(next_logits, block_size: int, cache: KVCache | None, idx: torch.Tensor,
+                 max_new_tokens: int, temperature=1.0, top_k=None, top_p=None, generator=None,
+                 min_p=0.0, repetition_penalty=1.0):
+    """The generation loop every decoder shares: yield the next token ids (B,) one step at a
+    time, continuing idx (B, T). next_logits(tokens (B, T_new), cache) -> logits (B, vocab) of
+    the last of tokens, which are the window's tokens not yet in cache (all of them when cache
+    is None).
+
+    Context past block_size slides: when the tokens since the window start no longer fit in
+    block_size, the window jumps forward to keep the last block_size // 2 tokens and the cache
+    is refilled from them. So the model always sees between block_size // 2 and block_size
+    tokens of context, and each refill is paid once per block_size // 2 new tokens. A prompt
+    longer than block_size starts from its last block_size tokens."""
+    B, T = idx.shape
+    # every token so far, written in place (B, T + max_new_tokens): no torch.cat per step
+    tokens = idx.new_empty(B, T + max_new_tokens)
+    tokens[:, :T] = idx
+    n = T  # tokens filled
+    start = max(0, n - block_size)  # first token of the current window
+    for _ in range(max_new_tokens):
+        if n - start > block_size:
+            start = n - block_size // 2
+            if cache is not None:
+                cache.reset()
+        cached = cache.length if cache is not None else 0
+        next_id = sample_next(next_logits(tokens[:, start + cached:n], cache), temperature, top_k, top_p,
+                              generator, min_p, repetition_penalty, tokens[:, :n])  # (B,)
+        tokens[:, n] = next_id
+        n += 1
+        yield next_id
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None, min_p=0.0,

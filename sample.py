@@ -35,11 +35,13 @@ shape and the tokenizer, so nothing in data/ is needed. Standard output holds on
 - Precision: --dtype=auto picks float32 on CPUs even where training uses bf16 autocast:
   decoding one token at a time is a chain of small matrix-vector products, where autocast's
   casts cost more than they save (loading.choose_precision). GPUs keep hardware.resolve's choice.
-- Fast CPU path: with --dtype=auto on a CPU, generation runs on fast_decode.FastDecoder (a
-  static KV cache and a lean step; block matrices in float32 or int8, whichever measures
-  faster on this CPU; --fast_weights chooses). The choice is printed on stderr. An explicit
-  --dtype=float32 keeps the exact float32 path of model.py, the reference. --compile compiles
-  that path's one-token step (torch.compile; kept in inductor's on-disk cache for the next run).
+- Fast CPU path: with --dtype=auto on a CPU, generation runs on fast_decode.FastDecoder
+  (model.py's forward with a lean one-token step; block matrices in float32 or int8,
+  whichever measures faster on this CPU; --fast_weights chooses). Its step is compiled once
+  per model shape and kept in ~/.cache/nanogpt-toolkit, so later runs load it instead of
+  compiling: by default where that pays (a kept one, or a long generation), always with
+  --compile, never with --compile=false. The choices are printed on stderr. An explicit
+  --dtype=float32 keeps the exact float32 path of model.py, the reference.
 """
 import sys
 import time

@@ -3,6 +3,8 @@
     python train.py configs/shakespeare_cpu.py
     python train.py configs/shakespeare.py --batch_size=32 --compile
     python train.py configs/shakespeare.py --init_from=resume     # continue from out_dir/ckpt.pt
+    python train.py configs/shakespeare_5min.py                   # a time budget, not iterations (docs/speedrun.md)
+    python train.py configs/shakespeare.py --patience=3           # stop when val stops improving; keep the best
     python train.py configs/finetune_shakespeare.py               # finetune GPT-2 (--init_from=gpt2 or a folder)
     torchrun --standalone --nproc_per_node=4 train.py configs/shakespeare.py
 
@@ -45,7 +47,7 @@ from dataset import Dataset
 from errors import UserError, run_main
 from model import GPT, MODEL_KEYS, GPTConfig
 from tokenizer import Tokenizer
-from training import TrainConfig, set_schedule, train_step
+from training import TimeBudget, TrainConfig, schedule_iter, set_schedule, train_step
 
 
 # ---------------------------------------------------------------------------- logging
@@ -131,12 +133,28 @@ def report_eval(iter_num: int, losses: dict, lr: float, log: MetricsLog, progres
     draw_loss_curve(out_dir, progress)
 
 
-def report_stop(signum: int, iter_num: int, ckpt_path: Path, progress: Progress):
-    """After a stop by signal, once its checkpoint is saved: the curve up to now, and how to resume."""
+def report_stop(signum: int, iter_num: int, ckpt_path: Path, progress: Progress, kept_best: int | None = None):
+    """After a stop by signal, once its checkpoint is saved (or, with --patience, the best one
+    kept, from iteration kept_best): the curve up to now, and how to resume."""
     draw_loss_curve(str(ckpt_path.parent), progress)  # with the steps since the last evaluation
     progress.close()
-    print(f"{signal.Signals(signum).name} received: saved iteration {iter_num} to {ckpt_path}. Resume with "
-          f"the same command plus --init_from=resume", file=sys.stderr)
+    what = (f"kept {ckpt_path}, the best model (iteration {kept_best}; --patience keeps the best)"
+            if kept_best is not None else f"saved iteration {iter_num} to {ckpt_path}")
+    print(f"{signal.Signals(signum).name} received: {what}. Resume with the same command plus "
+          f"--init_from=resume", file=sys.stderr)
+
+
+class Patience:
+    """--patience: the evaluations since the val loss last improved, and where it did. With
+    patience, ckpt.pt is written only on an improvement, so it always holds the best model."""
+
+    def __init__(self, patience: int, iter_num: int):
+        self.patience, self.since_best, self.best_iter = patience, 0, iter_num
+
+    def run_out(self, improved: bool, iter_num: int) -> bool:
+        """Count this evaluation; True when patience evaluations in a row brought no better val loss."""
+        self.since_best, self.best_iter = (0, iter_num) if improved else (self.since_best + 1, self.best_iter)
+        return self.patience > 0 and self.since_best >= self.patience
 
 
 def report_skipped_step(iter_num: int, scaler, out_dir: str, progress: Progress, master: bool):
@@ -490,9 +508,10 @@ def estimate_loss(model, data: Dataset, cfg: TrainConfig, precision: hardware.Pr
 
 
 def save_checkpoint(path: Path, raw_model: GPT, optimizer, scaler, iter_num: int, best_val_loss: float,
-                    run: dict, data_gen: torch.Generator, procs: Processes):
+                    run: dict, data_gen: torch.Generator, procs: Processes, train_seconds: float):
     """Called on every rank (DDP gathers each rank's data-sampler state); rank 0 writes. run holds
-    what stays the same all run long: model_args, config, tokenizer and precision."""
+    what stays the same all run long: model_args, config, tokenizer and precision; train_seconds
+    is the training time spent so far (TimeBudget)."""
     if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
         raise UserError(f"the model holds NaN or inf at iteration {iter_num}; not saving it over "
                         f"{path}. Lower --learning_rate or use --dtype=float32")
@@ -510,6 +529,7 @@ def save_checkpoint(path: Path, raw_model: GPT, optimizer, scaler, iter_num: int
         "scaler": scaler.state_dict(),
         "iter_num": iter_num,
         "best_val_loss": best_val_loss,
+        "train_seconds": train_seconds,
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if on_cuda else [],
                 "data": [data for data, _ in states],
@@ -567,6 +587,7 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
     if ckpt is not None:
         iter_num, best_val_loss = resume_state(ckpt, optimizer, scaler, data_gen, precision, cfg.seed, procs,
                                                ckpt_path)
+    budget = TimeBudget(cfg, ckpt.get("train_seconds", 0.0) if ckpt else 0.0, precision, procs.ddp)
     ckpt = None  # free memory
     model = wrap_model(raw_model, cfg, procs, precision)
     run_info = {"model_args": model_args, "config": dataclasses.asdict(cfg), "tokenizer": tokenizer,
@@ -575,17 +596,19 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
                 "precision": {"device": precision.device, "dtype": precision.dtype}}
 
     log = MetricsLog(cfg.out_dir, start_wandb(cfg) if master else None)
-    progress = Progress(iter_num, cfg.max_iters, enabled=master)
+    progress = Progress(iter_num, None if cfg.time_budget else cfg.max_iters, enabled=master)
+    patience = Patience(cfg.patience, iter_num)
     stop = StopRequest(procs.ddp)
     skip_eval_at = iter_num if cfg.init_from == "resume" else None  # that eval is in the checkpoint
     stopped_by = None  # the signal that stopped the run early
     t0, steps_timed = time.perf_counter(), 0
     try:
         while True:
-            lr = set_schedule(optimizer, iter_num, cfg)  # learning rate (and Muon's momentum) of this iteration
+            # learning rate (and Muon's momentum) at this iteration, or at the time spent (time_budget)
+            lr = set_schedule(optimizer, schedule_iter(iter_num, budget.agree(), cfg), cfg)
 
             # evaluate and checkpoint, every eval_interval and after the last step
-            last = iter_num >= cfg.max_iters
+            last = iter_num >= cfg.max_iters or budget.used_up
             at_start = iter_num == 0 and not cfg.eval_at_start and not cfg.eval_only
             if (iter_num % cfg.eval_interval == 0 or last or cfg.eval_only) and iter_num != skip_eval_at and not at_start:
                 losses = estimate_loss(model, data, cfg, precision, procs)
@@ -593,23 +616,36 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
                     report_eval(iter_num, losses, lr, log, progress, cfg.out_dir)
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
-                if iter_num > 0 and (improved or cfg.always_save_checkpoint) and not cfg.eval_only:
+                keep_every = cfg.always_save_checkpoint and not cfg.patience  # patience: ckpt.pt is the best
+                if iter_num > 0 and (improved or keep_every) and not cfg.eval_only:
                     save_checkpoint(ckpt_path, raw_model, optimizer, scaler, iter_num, best_val_loss, run_info,
-                                    data_gen, procs)
+                                    data_gen, procs, budget.spent)
                     if master:
                         progress.write(f"saved checkpoint to {ckpt_path}")
+                if patience.run_out(improved, iter_num) and not last:
+                    last = True
+                    if master:
+                        progress.write(f"no better val loss in {cfg.patience} evaluations: stopped at iteration "
+                                       f"{iter_num}; {ckpt_path} holds the best, val loss {best_val_loss:.4f} "
+                                       f"at iteration {patience.best_iter}")
                 t0, steps_timed = time.perf_counter(), 0  # keep eval out of the throughput figures
+            if last and budget.used_up and master:
+                progress.write(f"time budget spent: {iter_num:,} iterations in {budget.spent:.1f} s of "
+                               f"training (--time_budget={cfg.time_budget:g})")
             if last or cfg.eval_only:
                 break
             if stop.requested(procs.ddp, device):  # Ctrl-C or SIGTERM: save, say how to resume, leave
-                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, iter_num, best_val_loss, run_info,
-                                data_gen, procs)
+                if not cfg.patience:  # with patience ckpt.pt holds the best model: it stays
+                    save_checkpoint(ckpt_path, raw_model, optimizer, scaler, iter_num, best_val_loss, run_info,
+                                    data_gen, procs, budget.spent)
                 if master:
-                    report_stop(stop.signum, iter_num, ckpt_path, progress)
+                    report_stop(stop.signum, iter_num, ckpt_path, progress,
+                                patience.best_iter if cfg.patience else None)
                 stopped_by = stop.signum
                 break
 
             # forward, backward, clip, update
+            budget.start()
             batches = [data.get_batch("train", cfg.batch_size, cfg.block_size, data_gen, device)
                        for _ in range(accum)]
             loss, grad_norm = train_step(model, optimizer, scaler, batches, precision, cfg.grad_clip, procs.ddp)
@@ -625,9 +661,12 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
                 dt = (time.perf_counter() - t0) / steps_timed
                 record = {"iter": iter_num, "train/loss": train_loss, "lr": lr,
                           "tokens_per_sec": tokens_per_iter / dt, "step_ms": dt * 1000}
+                if cfg.time_budget:
+                    record["progress"] = budget.spent / cfg.time_budget  # of the budget, before this step
                 log.log(record)
                 t0, steps_timed = time.perf_counter(), 0
             progress.step(record)
+            budget.stop()
             iter_num += 1
     finally:
         stop.restore()

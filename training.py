@@ -2,6 +2,7 @@
 optimizer step. train.py runs them; bench.py times the same step on the same settings.
 """
 import math
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,8 @@ class TrainConfig(ModelOptions):
     eval_only: bool = False  # evaluate once and exit
     eval_at_start: bool = True  # evaluate before the first step too (nanoGPT does; short timed runs skip it)
     eval_train: bool = True  # evaluate the train split too (nanoGPT does); false halves an evaluation's time
-    always_save_checkpoint: bool = True  # checkpoint at every evaluation, not only when val improves
+    always_save_checkpoint: bool = True  # checkpoint at every evaluation, not only when val improves (with patience: only the best)
+    patience: int = 0  # stop after this many evaluations in a row without a better val loss; ckpt.pt keeps the best. 0 = off
     init_from: str = "scratch"  # scratch (a new model), resume (from out_dir/ckpt.pt), a GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face GPT-2 folder, or a folder holding a ckpt.pt to finetune
     # logging
     wandb_log: bool = False  # log to Weights & Biases (WANDB_MODE=offline works)
@@ -42,7 +44,8 @@ class TrainConfig(ModelOptions):
     # optimizer
     optimizer: str = "adamw"  # adamw, or muon (Muon for the matrices in the blocks, AdamW for the rest)
     learning_rate: float = 6e-4  # peak learning rate
-    max_iters: int = 600000  # optimizer steps in the whole run
+    max_iters: int = 600000  # optimizer steps in the whole run (an upper bound with time_budget)
+    time_budget: float = 0.0  # seconds of training (start-up, compilation, evaluation left out) the run lasts; the schedule follows the time spent. 0 = off
     weight_decay: float = 1e-1  # decoupled weight decay of AdamW and Muon (2-D weights only)
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
@@ -106,6 +109,10 @@ class TrainConfig(ModelOptions):
         for k in ("head_lr_scale", "embed_lr_scale"):
             if not (math.isfinite(getattr(self, k)) and getattr(self, k) > 0):
                 p.append(f"--{k} must be a finite number above 0, got {getattr(self, k)}")
+        if not (math.isfinite(self.time_budget) and self.time_budget >= 0):
+            p.append(f"--time_budget must be a number of seconds >= 0 (0 = off), got {self.time_budget}")
+        if self.patience < 0:
+            p.append(f"--patience must be >= 0 (0 = off), got {self.patience}")
         if self.muon_momentum_warmup < 0:
             p.append(f"--muon_momentum_warmup must be >= 0, got {self.muon_momentum_warmup}")
         if self.lora_rank < 0:
@@ -141,6 +148,54 @@ def get_lr(it: int, cfg: TrainConfig) -> float:
     ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # from 1 down to 0
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+def schedule_iter(iter_num: int, train_seconds: float, cfg: TrainConfig) -> float:
+    """Where the run is on its schedule (get_lr, get_muon_momentum): the iteration, or with
+    time_budget the share of the budget spent times lr_decay_iters, so that warmup, decay and
+    Muon's momentum warmup are the same fractions of the budget as of lr_decay_iters."""
+    if not cfg.time_budget:
+        return iter_num
+    return train_seconds / cfg.time_budget * cfg.lr_decay_iters
+
+
+class TimeBudget:
+    """The training time of a run (saved in the checkpoint as train_seconds), which with
+    --time_budget sets the schedule and the end. Only the training steps count: start-up,
+    evaluations, checkpoints and, with --compile, this process's first step (where the
+    compilation happens) do not. Under DDP rank 0's clock decides: its time is broadcast to
+    every rank at each step, so all ranks use the same learning rate and stop together."""
+
+    def __init__(self, cfg: TrainConfig, spent: float, precision, ddp: bool):
+        self.seconds = cfg.time_budget  # 0: no budget, the time is only recorded
+        self.spent = spent  # training seconds so far, of this run and the runs it resumes
+        self.precision, self.ddp = precision, ddp
+        self.skip_next = cfg.compile  # the compiling step is start-up, not training
+        self.started = None
+
+    def agree(self) -> float:
+        """The training seconds spent: rank 0's on every rank (under DDP with a budget)."""
+        if self.ddp and self.seconds:
+            t = torch.tensor([self.spent], dtype=torch.float64, device=self.precision.device)
+            torch.distributed.broadcast(t, src=0)
+            self.spent = t.item()
+        return self.spent
+
+    @property
+    def used_up(self) -> bool:
+        return self.seconds > 0 and self.spent >= self.seconds
+
+    def start(self):
+        if self.seconds:  # the clock is read when the device is done (a GPU runs ahead)
+            self.precision.synchronize()
+        self.started = time.perf_counter()
+
+    def stop(self):
+        if self.seconds:
+            self.precision.synchronize()
+        if not self.skip_next:
+            self.spent += time.perf_counter() - self.started
+        self.skip_next = False
 
 
 def get_muon_momentum(it: int, cfg: TrainConfig) -> float:

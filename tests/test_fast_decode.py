@@ -3,6 +3,10 @@ tokens wherever the logits leave a margin, seeded sampling, sliding past block_s
 and without the cache), falls back to the plain path for models it does not know, and
 sample.py uses it by default on CPU and prints the choice."""
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ from fast_decode import FastDecoder, decoder_for, supported, val_loss
 from model import GPT, GPTConfig
 
 BLOCK = 32
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +59,7 @@ def test_greedy_equals_float32_wherever_the_logits_leave_a_margin(trained, corpu
     GPT.generate_stream): at every step where float32's best token leads the runner-up by more
     than `margin`, the fast path picks it too."""
     decoder = FastDecoder(trained, weights)
-    cache = decoder.new_cache(1)
+    cache = decoder.new_cache()
     tokens = prompt(corpus)
     T, n = tokens.size(1), 2 * BLOCK + 5  # slides twice
     start, cached = 0, 0  # the window's first token; how many of it the decoder has cached
@@ -65,7 +70,9 @@ def test_greedy_equals_float32_wherever_the_logits_leave_a_margin(trained, corpu
             if end - start > BLOCK:
                 start, cached = end - BLOCK // 2, 0
             reference = trained(tokens[:, start:end])[0][0, -1]  # no cache: the plain reference
-            fast = decoder.forward(tokens[:, start + cached:end], cached, cache)[0]
+            if cached == 0:
+                cache.reset()
+            fast = decoder.next_logits(tokens[:, start + cached:end], cache)[0]
             cached = end - start
             best, runner_up = reference.topk(2).values
             if best - runner_up > margin:
@@ -128,7 +135,7 @@ def test_sampling_options_restrict_the_choice(trained, corpus):
     assert torch.equal(decoder.generate(idx, 20, temperature=1.0, top_p=1e-6, generator=g), greedy)
     text = decoder.generate(idx, 20, temperature=2.0, top_k=3, generator=g)
     for t in range(idx.size(1), text.size(1)):
-        best3 = decoder.forward(text[:, :t], 0).topk(3).indices[0].tolist()
+        best3 = decoder.stepping(text[:, :t])[0][0, -1].topk(3).indices.tolist()
         assert text[0, t].item() in best3
 
 
@@ -137,10 +144,8 @@ def test_int8_val_loss_is_close_to_float32(trained, corpus):
     trained shakespeare model's figure is in the README)."""
     _, _, val_ids = corpus
     reference = val_loss(lambda x: trained(x, x)[0], val_ids, BLOCK)
-    fast32 = val_loss(lambda x: FastDecoder(trained, "float32").forward(x, 0, all_logits=True), val_ids, BLOCK)
-    int8 = val_loss(lambda x: FastDecoder(trained, "int8").forward(x, 0, all_logits=True), val_ids, BLOCK)
+    int8 = val_loss(lambda x: fast_decode.quantized(trained)(x, x)[0], val_ids, BLOCK)
     assert reference < 2.6
-    assert abs(fast32 - reference) < 1e-5
     assert abs(int8 - reference) < 0.01
 
 
@@ -156,7 +161,7 @@ def test_int8_linear_is_close_to_the_float_one():
 
 @dataclasses.dataclass
 class LaterConfig(GPTConfig):
-    value_embeds: bool = False  # an option a later model.py may grow, unknown to fast_decode
+    later_option: bool = False  # an option a later model.py may grow, unknown to fast_decode
 
 
 class DoubledLogits(GPT):
@@ -170,11 +175,8 @@ class DoubledLogits(GPT):
 def test_models_it_does_not_know_fall_back_to_the_plain_path(trained):
     args = dict(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=16)
     assert supported(trained) is None
-    assert "value_embeds=True" in supported(GPT(LaterConfig(**args, value_embeds=True)))
-    assert supported(GPT(LaterConfig(**args, value_embeds=False))) is None  # the default is GPT-2's
-    unknown_activation = GPT(GPTConfig(**args))
-    unknown_activation.config.activation = "relu"
-    assert "relu" in supported(unknown_activation)
+    assert "later_option=True" in supported(GPT(LaterConfig(**args, later_option=True)))
+    assert supported(GPT(LaterConfig(**args, later_option=False))) is None  # the default is GPT-2's
     swapped = GPT(GPTConfig(**args))
     swapped.transformer.h[0].mlp.c_fc = torch.nn.Identity()
     assert "mlp.c_fc" in supported(swapped)
@@ -187,29 +189,33 @@ def test_models_it_does_not_know_fall_back_to_the_plain_path(trained):
 
 OPTIONS = [dict(norm="rmsnorm"), dict(rotary=True), dict(qk_norm=True), dict(activation="relu2"),
            dict(activation="gelu_tanh"), dict(tie_head=False), dict(bigram=True), dict(bias=False),
+           dict(x0_lambdas=True), dict(value_embeds=True),
            dict(norm="rmsnorm", rotary=True, qk_norm=True, activation="relu2", tie_head=False,
-                zero_init_proj=True, bigram=True, bias=False)]
+                zero_init_proj=True, bigram=True, bias=False, x0_lambdas=True, value_embeds=True)]
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_every_model_option_runs_on_the_fast_path_with_the_models_own_results(options):
-    """Each option of model.py (and all at once, as configs/shakespeare_cpu.py trains them) runs
-    on the fast path: the same logits as the model's own forward, the same greedy text past
+    """Each option of model.py (and all at once) runs on the fast path: the step gives the same
+    logits as the model's own forward, the same greedy text past
     block_size (the window slides, the bigram's previous token restarts), and int8 close."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=23, n_layer=2, n_head=2, n_embd=32, **options)).eval()
     with torch.no_grad():  # away from the zero inits (untied head, bigram), so every part counts
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    decoder, why = decoder_for(model, 1, "float32")
+    decoder, why = decoder_for(model, 1, "float32", compile=False)
     assert isinstance(decoder, FastDecoder), why
     idx = torch.tensor([[3, 1, 4, 1, 5, 9, 2]])
-    assert torch.allclose(decoder.forward(idx, 0), model(idx)[0][:, -1], atol=1e-5)
+    cache = decoder.new_cache()
+    model(idx[:, :-1], kv_cache=cache)
+    assert torch.allclose(decoder.step(idx[:, -1], cache), model(idx)[0][:, -1], atol=1e-5)
     expected = model.generate(idx, 40, temperature=0)  # slides twice
     assert torch.equal(decoder.generate(idx, 40, temperature=0), expected)
     assert torch.equal(decoder.generate(idx, 40, temperature=0, use_cache=False), expected)
-    int8 = FastDecoder(model, "int8")
-    logits, reference = int8.forward(idx, 0), model(idx)[0][:, -1]
+    int8, cache = FastDecoder(model, "int8"), decoder.new_cache()
+    model(idx[:, :-1], kv_cache=cache)
+    logits, reference = int8.step(idx[:, -1], cache), model(idx)[0][:, -1]
     assert (logits - reference).abs().max() < 0.05 * reference.abs().max()
 
 
@@ -243,27 +249,86 @@ def test_sample_py_uses_the_fast_path_on_cpu_and_says_so(trained, corpus, tmp_pa
     assert "int8 weights" in int8.err and int8.out.count("---------------") == 2
 
 
-def test_the_compiled_step_gives_the_eager_text_and_serves_another_checkpoint(tmp_path, monkeypatch):
-    """--compile: the step compiled by torch.compile gives the eager step's greedy and seeded
-    text, past block_size; a second checkpoint of the same shape compiles from the first's
-    cache entries and computes with its own weights; the entries are on disk for the next run."""
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    torch.manual_seed(0)
-    config = GPTConfig(block_size=16, vocab_size=23, n_layer=1, n_head=2, n_embd=16, **OPTIONS[-1])  # all options
+def tiny_model(seed: int) -> GPT:
+    """A 1x16 model with every option, its weights away from the zero inits (untied head,
+    bigram, value tables), so that every part counts."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=16, vocab_size=23, n_layer=1, n_head=2, n_embd=16, **OPTIONS[-1])).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """One compiled step, shared by the tests below (the compiler takes a minute or more): for
+    tiny_model's shape, in a cache folder of its own, built where a damaged package lay."""
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(cache))
+        decoder = FastDecoder(tiny_model(0), "float32")
+        path = fast_decode.step_path(fast_decode.step_key(decoder.model, "float32", 1))
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"half a package")
+        lines = []
+        how = decoder.compile_step(1, log=lines.append)
+        yield {"decoder": decoder, "how": how, "lines": lines, "path": path, "cache": cache}
+
+
+@pytest.mark.slow
+def test_a_damaged_package_is_built_again_and_the_user_is_told(compiled):
+    assert "stale or damaged" in compiled["lines"][0] and "compiling the decoding step" in compiled["lines"][1]
+    assert "compiled in" in compiled["how"] and compiled["decoder"].compiled is not None
+    assert compiled["path"].stat().st_size > 1000
+    assert not list(compiled["path"].parent.glob("*.partial.pt2"))  # the build's temporary file is gone
+
+
+@pytest.mark.slow
+def test_the_compiled_step_gives_the_eager_text_and_serves_another_checkpoint(compiled, monkeypatch):
+    """Greedy and seeded text of the compiled step equal the eager step's, past block_size (the
+    window slides twice); a second checkpoint of the same shape loads the same package and
+    computes with its own weights."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(compiled["cache"]))
     idx = torch.tensor([[3, 1, 4]])
     texts = []
-    for model in [GPT(config).eval(), GPT(config).eval()]:  # two checkpoints of one shape
-        with torch.no_grad():  # away from the zero inits (untied head, bigram)
-            for p in model.parameters():
-                p.add_(0.1 * torch.randn_like(p))
-        eager, compiled = FastDecoder(model, "float32"), FastDecoder(model, "float32")
-        assert compiled.compile_step() > 0
-        with torch._dynamo.config.patch(error_on_recompile=True):  # one graph serves every step
-            expected = eager.generate(idx, 40, temperature=0)  # slides twice
-            assert torch.equal(compiled.generate(idx, 40, temperature=0), expected)
-            seeded = [d.generate(idx, 20, temperature=1.0, generator=torch.Generator().manual_seed(1))
-                      for d in (eager, compiled)]
+    for decoder in (compiled["decoder"], FastDecoder(tiny_model(1), "float32")):
+        if decoder.compiled is None:
+            assert "loaded from" in decoder.compile_step(1, build=False)
+        eager = FastDecoder(decoder.model, "float32")
+        expected = eager.generate(idx, 40, temperature=0)
+        assert torch.equal(decoder.generate(idx, 40, temperature=0), expected)
+        seeded = [d.generate(idx, 20, temperature=1.0, generator=torch.Generator().manual_seed(1))
+                  for d in (eager, decoder)]
         assert torch.equal(seeded[0], seeded[1])
         texts.append(expected)
     assert not torch.equal(texts[0], texts[1])  # each computed with its own weights
-    assert any((tmp_path / "inductor").rglob("*"))  # built once, kept for later processes
+
+
+@pytest.mark.slow
+def test_a_stale_package_is_not_used(compiled, monkeypatch):
+    """A package at another key's path (here: batch 2's) is recognised by the key inside it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(compiled["cache"]))
+    decoder = FastDecoder(compiled["decoder"].model, "float32")
+    other = fast_decode.step_path(fast_decode.step_key(decoder.model, "float32", 2))
+    other.write_bytes(compiled["path"].read_bytes())
+    lines = []
+    assert decoder.compile_step(2, build=False, log=lines.append).startswith("eager step")
+    assert decoder.compiled is None and "built for another" in lines[0]
+
+
+@pytest.mark.slow
+def test_a_later_process_loads_the_package_without_compiling(compiled):
+    """What sample.py does by default in a new process: the kept package is loaded, not built."""
+    script = ("import sys; sys.path.insert(0, '.'); sys.path.insert(0, 'tests')\n"
+              "import fast_decode, test_fast_decode\n"
+              "model = test_fast_decode.tiny_model(2)\n"
+              "decoder, how = fast_decode.decoder_for(model, 1, 'float32', new_tokens=1)\n"
+              "print(how)\n")
+    before = compiled["path"].stat().st_mtime_ns
+    env = {**os.environ, "XDG_CACHE_HOME": str(compiled["cache"])}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "compiled step loaded from" in done.stdout and "compiling" not in done.stdout + done.stderr
+    assert compiled["path"].stat().st_mtime_ns == before

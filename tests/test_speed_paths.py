@@ -169,14 +169,16 @@ def test_training_with_dropout_is_deterministic_and_learns():
 def test_bench_runs_end_to_end():
     flags = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2", "--vocab_size=50",
              "--peak_size=64", "--warmup=0", "--repeats=2", "--train_steps=1", "--sample_tokens=4",
-             "--sample_batch=3", "--optimizer=muon", "--process_runs=1", "--profile"]
+             "--sample_batch=3", "--optimizer=muon", "--process_runs=1", "--profile",
+             "--sample_compile=false"]  # the compiled step's build is tested in test_fast_decode.py
     out = subprocess.run([sys.executable, "bench.py", *flags], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
     for name in ["matmul peak", "train ", "train MFU", "train, nanoGPT's step", "train MFU, nanoGPT's step",
                  "sample, kv cache", "sample, nanoGPT loop",
                  "sample, kv cache, batch 3", "sample, fast path", "sample, fast path, batch 3",
-                 "nanoGPT sample.py, first run", "sample.py, first run", "sample.py --dtype=float32, first run",
+                 "nanoGPT sample.py, first run", "sample.py, first run", "sample.py --compile=false, first run",
+                 "sample.py --dtype=float32, first run",
                  "Self CPU time total"]:  # the last: --profile's table
         assert name in out.stdout
 

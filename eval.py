@@ -1,0 +1,405 @@
+"""Evaluate a model: loss, perplexity and bits per byte over a whole split or any text; per-line scores.
+
+    python eval.py --out_dir=out-shakespeare-cpu                  # the whole val split of its dataset
+    python eval.py --out_dir=out --split=train --json             # one JSON object
+    python eval.py --out_dir=out --input=story.txt                # any UTF-8 file
+    python eval.py --out_dir=out --input=combos.txt --per_line=scores.jsonl   # one score per line
+    python eval.py --init_from=gpt2 --dataset=shakespeare         # a Hugging Face GPT-2 folder or name
+
+What is scored:
+- A split (--split, val by default) of the prepared dataset the checkpoint was trained on
+  (--dataset and --data_dir choose another, prepared with the model's tokenizer), or the text
+  of --input, tokenized as prepare.py would (documents mode when the model was trained on
+  documents: each document after its boundary token, the split closed by one).
+- Every token but the first is predicted from the tokens before it, exactly once: the
+  sequence is cut into windows of block_size tokens, all scored (--stride=block_size, the
+  default, as train.py's val loss). A smaller --stride slides the window by that many
+  tokens and scores only the last stride of each, so every token after the first window
+  sees at least block_size - stride tokens of context (lower loss, block_size / stride
+  times the work). In documents mode, positions restart and attention stops at each
+  boundary, as in training.
+
+The figures (all from the summed negative log-likelihood of the scored tokens, in nats):
+- loss: nats per token, and perplexity exp(loss): they depend on the tokenizer.
+- bits per byte: nats / ln 2 / the UTF-8 bytes of the text the scored tokens stand for. It
+  does not depend on the tokenizer, so a char-level and a BPE model of the same text compare
+  (as nanochat reports). A document boundary stands for no bytes (it replaces the line end
+  or blank line between documents); its prediction is scored like any token. Bits per
+  character divide by the characters instead.
+
+--per_line=OUT.jsonl (or OUT.tsv) scores every non-blank line of --input on its own (every
+document, for a documents model): after a line end (after the boundary token for a documents
+model), up to and including the line's end (the closing boundary). Each record holds the line
+number, tokens, bytes, loss per token, bits per byte, the total log-probability in nats and
+the text, so lines can be ranked by how likely the model finds them.
+
+float32 unless --dtype asks for another; --int8 runs the blocks' matrices as int8 weight-only
+linears (fast_decode.py) to measure what quantization costs.
+"""
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+import fast_decode
+import hardware
+from config import parse_config
+from dataset import Dataset, document_positions
+from documents import split_documents
+from errors import UserError, run_main
+from loading import load, load_hf
+from tokenizer import Tokenizer
+
+LOGITS_BUDGET = 2 ** 27  # float32 logits per forward pass (512 MB) when --batch_size is 0
+
+
+@dataclass
+class EvalConfig:
+    """Settings of eval.py."""
+    out_dir: str = "out"  # folder holding ckpt.pt, written by train.py
+    init_from: str = "resume"  # resume (out_dir/ckpt.pt), a GPT-2 (gpt2, ...) or a Hugging Face GPT-2 folder
+    dataset: str = ""  # prepared dataset to score; empty: the one the checkpoint was trained on
+    data_dir: str = ""  # where prepared datasets live; empty: the checkpoint's (else data)
+    split: str = "val"  # split of the dataset to score: val or train
+    input: str = ""  # a UTF-8 text file to score instead of a split
+    per_line: str = ""  # write each line's (document's) scores of --input to this .jsonl (or .tsv) file
+    stride: int = 0  # tokens the window moves; 0 = block_size (non-overlapping windows, each token scored once)
+    batch_size: int = 0  # windows per forward pass; 0 = as many as keep the logits under 512 MB
+    json: bool = False  # print one JSON object (loss, ppl, bits_per_byte, bits_per_char, tokens, bytes, ...)
+    int8: bool = False  # the blocks' matrices as int8 weight-only linears (cpu; not with a documents split)
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
+    dtype: str = "float32"  # float32, bfloat16 or float16 (autocast), or auto (the fastest safe one)
+
+    def problems(self) -> list[str]:
+        """Every setting that cannot work, so all are reported at once before any work."""
+        p = []
+        if self.split not in ("val", "train"):
+            p.append(f"--split must be val or train, got {self.split!r}")
+        if self.stride < 0:
+            p.append(f"--stride must be >= 0 (0 = block_size), got {self.stride}")
+        if self.batch_size < 0:
+            p.append(f"--batch_size must be >= 0 (0 = automatic), got {self.batch_size}")
+        if self.per_line and not self.input:
+            p.append("--per_line scores the lines of a text file: give it with --input=FILE")
+        if not self.out_dir and self.init_from == "resume":
+            p.append("--out_dir must name the folder holding ckpt.pt")
+        return p
+
+
+# ---------------------------------------------------------------------------- text and tokens
+
+def read_utf8(path: Path) -> str:
+    """The text of a UTF-8 file; a bad byte is named with its line and offset."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"--input file {path} not found") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path} is not UTF-8 text: invalid byte at offset {e.start} (line {line}); "
+                        f"convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+
+
+def check_known_chars(tokenizer: Tokenizer, text: str, path: Path):
+    """A char-level model can only score characters it saw: name the first unknown one and its line."""
+    if tokenizer.chars is None:
+        return
+    known = set(tokenizer.chars) | ({"\n", "\r"} if tokenizer.documents else set())  # line ends cut documents
+    unknown = sorted(set(text) - known, key=text.index)
+    if unknown:
+        where = text.index(unknown[0])
+        line = text.count("\n", 0, where) + 1
+        more = f" ({len(unknown)} unknown characters in all)" if len(unknown) > 1 else ""
+        raise UserError(f"{path} line {line} holds {unknown[0]!r}, a character the char-level model never "
+                        f"saw{more}; remove it, or train on text that has it")
+
+
+def text_units(text: str, documents: str | None) -> list[tuple[int, str]]:
+    """(first line number, text) of what --per_line scores: each non-blank line, or each document
+    of a documents model (as prepare.py cuts them)."""
+    if documents:
+        docs, units = list(split_documents([text], documents)), []
+        lines = text.split("\n")
+        n = 0  # the line where the next document starts
+        for doc in docs:
+            first = doc.split("\n", 1)[0]
+            while lines[n].removesuffix("\r") != first:
+                n += 1
+            units.append((n + 1, doc))
+            n += doc.count("\n") + 1
+        return units
+    return [(n + 1, line.removesuffix("\r")) for n, line in enumerate(text.split("\n")) if line.strip()]
+
+
+def encode_text(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    """The token ids of a whole text as prepare.py writes a split: in documents mode
+    [eot] doc [eot] doc ... doc [eot]; otherwise the text's ids."""
+    if not tokenizer.documents:
+        return tokenizer.encode_to_numpy(text).astype(np.int64)
+    ids = [[tokenizer.eot_id]]
+    for doc in split_documents([text], tokenizer.documents):
+        ids += [tokenizer.encode_to_numpy(doc).astype(np.int64), [tokenizer.eot_id]]
+    return np.concatenate([np.asarray(i, dtype=np.int64) for i in ids])
+
+
+def encode_unit(tokenizer: Tokenizer, text: str) -> tuple[np.ndarray, int]:
+    """The ids that score one line (or document) on its own, and how many of them are context
+    only: after the boundary up to the closing one (documents), or after a line end up to the
+    line's own end; without either in the vocabulary, the first token is the context."""
+    body = tokenizer.encode(text)
+    if tokenizer.documents:
+        return np.array([tokenizer.eot_id, *body, tokenizer.eot_id], dtype=np.int64), 1
+    newline = tokenizer.encode("\n", drop_unknown=True)
+    return np.array([*newline, *body, *newline], dtype=np.int64), max(1, len(newline))
+
+
+def token_sizes(tokenizer: Tokenizer, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per token id: the UTF-8 bytes it stands for, and the characters that start in them (bytes
+    that are not continuation bytes 10xxxxxx), so both add up over any run of tokens.
+    Special tokens (the document boundary) and the model's padding ids stand for nothing."""
+    n_bytes, n_chars = np.zeros(vocab_size, np.int64), np.zeros(vocab_size, np.int64)
+    if tokenizer.chars is not None:
+        for i, c in enumerate(tokenizer.chars):
+            n_bytes[i], n_chars[i] = len(c.encode("utf-8")), 1
+        return n_bytes, n_chars
+    enc = tokenizer.encoding
+    special = {enc.encode_single_token(s) for s in enc.special_tokens_set}
+    for i in range(min(enc.n_vocab, vocab_size)):
+        if i in special:
+            continue
+        try:
+            b = enc.decode_single_token_bytes(i)
+        except KeyError:  # a gap in the vocabulary
+            continue
+        n_bytes[i], n_chars[i] = len(b), sum((x & 0xC0) != 0x80 for x in b)
+    return n_bytes, n_chars
+
+
+# ---------------------------------------------------------------------------- scoring
+
+def windows(n: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows over a sequence of n ids: (start, end, scored_from). A window reads ids[start:end]
+    and predicts ids[start + 1:end + 1]; the predictions of inputs at scored_from..end-1 are the
+    ones it scores, so over all windows every id but the first is scored once."""
+    out, scored_to = [], 0
+    for start in range(0, max(n - 1, 0), stride):
+        end = min(start + block_size, n - 1)
+        out.append((start, end, scored_to))
+        scored_to = end
+        if end == n - 1:
+            break
+    return out
+
+
+class Scorer:
+    """Negative log-likelihood (nats) of each predicted token, batch by batch."""
+
+    def __init__(self, model, precision: hardware.Precision, batch_size: int, int8: bool, documents_eot=None):
+        self.model, self.precision = model, precision
+        self.block_size = model.config.block_size
+        self.batch_size = batch_size or max(1, LOGITS_BUDGET // (self.block_size * model.config.vocab_size))
+        self.eot = documents_eot  # in documents mode: positions restart at this id
+        self.int8 = fast_decode.FastDecoder(model, "int8") if int8 else None
+
+    @torch.inference_mode()
+    def nll(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """x, y (B, T) ids, y = -1 where nothing is scored -> nats (B, T), 0 there."""
+        x = torch.from_numpy(x).to(self.precision.device)
+        y = torch.from_numpy(y).to(self.precision.device)
+        if self.int8 is not None:
+            logits = self.int8.forward(x, 0, all_logits=True)
+        else:
+            positions = document_positions(x.cpu(), self.eot).to(x.device) if self.eot is not None else None
+            with self.precision.autocast():
+                logits, _ = self.model(x, y.clamp(min=0), positions=positions)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none")
+        return loss.view(y.shape).double().cpu().numpy()
+
+    def sequence(self, ids: np.ndarray, stride: int, progress=None) -> np.ndarray:
+        """nats of predicting ids[1:] (len(ids) - 1 values), by windows (see windows())."""
+        out = np.zeros(max(len(ids) - 1, 0))
+        plan = windows(len(ids), self.block_size, stride)
+        full = [w for w in plan if w[1] - w[0] == self.block_size]
+        rest = [w for w in plan if w[1] - w[0] != self.block_size]  # at most the last one
+        T = self.block_size
+        for i in range(0, len(full), self.batch_size):
+            batch = full[i:i + self.batch_size]
+            starts = np.array([s for s, _, _ in batch])
+            x = ids[starts[:, None] + np.arange(T)]
+            y = ids[starts[:, None] + np.arange(1, T + 1)].copy()
+            for row, (start, end, scored_from) in enumerate(batch):
+                y[row, :scored_from - start] = -1
+            nats = self.nll(x, y)
+            for row, (start, end, scored_from) in enumerate(batch):
+                out[scored_from:end] = nats[row, scored_from - start:end - start]
+            if progress is not None:
+                progress.update(len(batch))
+        for start, end, scored_from in rest:
+            y = ids[None, start + 1:end + 1].copy()
+            y[0, :scored_from - start] = -1
+            out[scored_from:end] = self.nll(ids[None, start:end], y)[0, scored_from - start:]
+            if progress is not None:
+                progress.update(1)
+        return out
+
+    def units(self, units: list[tuple[np.ndarray, int]], stride: int) -> list[np.ndarray]:
+        """For each (ids, context) the nats of its tokens after the context. Units that fit one
+        window are scored together, padded on the right (causal attention: the padding changes
+        nothing before it); longer ones by windows."""
+        out = [None] * len(units)
+        short = sorted((i for i, (ids, _) in enumerate(units) if len(ids) - 1 <= self.block_size),
+                       key=lambda i: len(units[i][0]))
+        for i, (ids, context) in enumerate(units):
+            if len(ids) - 1 > self.block_size:
+                out[i] = self.sequence(ids, stride)[context - 1:]
+        for b in range(0, len(short), self.batch_size):
+            batch = short[b:b + self.batch_size]
+            T = max(len(units[i][0]) - 1 for i in batch)
+            x, y = np.zeros((len(batch), T), np.int64), np.full((len(batch), T), -1, np.int64)
+            for row, i in enumerate(batch):
+                ids, context = units[i]
+                x[row, :len(ids) - 1] = ids[:-1]
+                y[row, context - 1:len(ids) - 1] = ids[context:]
+            nats = self.nll(x, y)
+            for row, i in enumerate(batch):
+                ids, context = units[i]
+                out[i] = nats[row, context - 1:len(ids) - 1]
+        return out
+
+
+def summary(nats: float, tokens: int, n_bytes: int, n_chars: int) -> dict:
+    """The figures of a scored text from its summed nats (see the module docstring)."""
+    loss = nats / tokens if tokens else math.nan
+    return {"loss": loss, "ppl": math.exp(loss) if loss < 700 else math.inf,
+            "bits_per_byte": nats / math.log(2) / n_bytes if n_bytes else math.nan,
+            "bits_per_char": nats / math.log(2) / n_chars if n_chars else math.nan,
+            "logprob": -nats, "tokens": tokens, "bytes": n_bytes, "chars": n_chars}
+
+
+# ---------------------------------------------------------------------------- setup
+
+def load_for_eval(cfg: EvalConfig, device: str):
+    """(model, tokenizer, the dataset it was trained on or None, its data_dir): from out_dir (a
+    checkpoint, or a Hugging Face folder) or from --init_from (a Hugging Face folder or name)."""
+    if cfg.init_from == "resume":
+        model, tokenizer, info = load(cfg.out_dir, device)
+        if info["iter_num"] is None:  # a Hugging Face folder: it names no dataset
+            return model, tokenizer, None, "data"
+        return model, tokenizer, info["config"].get("dataset"), info["config"].get("data_dir", "data")
+    model, tokenizer, _ = load_hf(cfg.init_from, device)
+    return model, tokenizer, None, "data"
+
+
+def split_ids(cfg: EvalConfig, tokenizer: Tokenizer, trained_on: str | None, trained_dir: str):
+    """The ids of the split to score, and a name for it."""
+    name = cfg.dataset or trained_on
+    if not name:
+        raise UserError(f"which text? --init_from={cfg.init_from} names no dataset: pass --dataset=NAME "
+                        f"(prepared with its tokenizer) or --input=FILE")
+    data = Dataset(cfg.data_dir or trained_dir, name)
+    theirs = Tokenizer.from_description(data.meta).describe()
+    ours = tokenizer.describe()
+    if (theirs["name"], theirs.get("chars"), theirs.get("eot_id")) != (ours["name"], ours.get("chars"), ours.get("eot_id")):
+        raise UserError(f"dataset {name!r} was prepared with another tokenizer ({theirs['name']}, "
+                        f"{theirs['vocab_size']} tokens) than the model's ({ours['name']}, {ours['vocab_size']}); "
+                        f"score it with --input on its text, or prepare it with the model's tokenizer")
+    ids = np.fromfile(data.paths[cfg.split], dtype=data.dtype).astype(np.int64)
+    return ids, f"the {cfg.split} split of {name}"
+
+
+def write_per_line(path: Path, records: list[dict]):
+    """JSONL (one object per line), or TSV with a header when the name ends in .tsv."""
+    keys = ["line", "tokens", "bytes", "loss", "bits_per_byte", "logprob", "text"]
+    try:
+        with open(path, "w", encoding="utf-8", newline="\n") as f:
+            if path.suffix.lower() == ".tsv":
+                f.write("\t".join(keys) + "\n")
+                for r in records:
+                    text = r["text"].replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+                    f.write("\t".join([*(f"{r[k]:.6g}" if isinstance(r[k], float) else str(r[k]) for k in keys[:-1]), text]) + "\n")
+            else:
+                for r in records:
+                    f.write(json.dumps({k: r[k] for k in keys}, ensure_ascii=False) + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write --per_line file {path}: {e.strerror or e}") from None
+
+
+def main(argv=None):
+    cfg, explicit = parse_config(EvalConfig, argv, prog="eval.py")
+    if cfg.input and "split" in explicit:
+        raise UserError("--input and --split each choose the text to score: pass one of them")
+    hardware.set_cpu_threads()
+    precision = hardware.resolve(cfg.device, cfg.dtype)
+    if cfg.int8 and precision.device_type != "cpu":
+        raise UserError("--int8 runs on the cpu only (fast_decode's int8 kernel); add --device=cpu")
+    if cfg.int8 and not fast_decode.int8_available():
+        raise UserError("--int8 needs torch's int8 weight-only kernel, which this torch build lacks")
+    text = read_utf8(Path(cfg.input)) if cfg.input else None  # a bad file fails before loading
+    model, tokenizer, trained_on, trained_dir = load_for_eval(cfg, precision.device)
+    block_size = model.config.block_size
+    stride = cfg.stride or block_size
+    if stride > block_size:
+        raise UserError(f"--stride ({stride}) is longer than the model's block_size ({block_size}); "
+                        f"lower it (0 = block_size)")
+    if cfg.int8 and (why := fast_decode.supported(model)):
+        raise UserError(f"--int8 cannot run this model: {why}")
+    if text is not None:
+        check_known_chars(tokenizer, text, Path(cfg.input))
+        ids, what = encode_text(tokenizer, text), cfg.input
+    else:
+        ids, what = split_ids(cfg, tokenizer, trained_on, trained_dir)
+    if cfg.int8 and tokenizer.documents and not cfg.per_line:
+        raise UserError("--int8 scores windows from position 0 and cannot restart positions at each "
+                        "document; drop --int8 for a documents model's split (--per_line works)")
+    if len(ids) < 2:
+        raise UserError(f"{what} holds {len(ids)} token(s); there is nothing to predict")
+    print(f"precision: {precision.reason}", file=sys.stderr)
+
+    scorer = Scorer(model, precision, cfg.batch_size, cfg.int8,
+                    tokenizer.eot_id if tokenizer.documents else None)
+    n_bytes, n_chars = token_sizes(tokenizer, model.config.vocab_size)
+    n_windows = len(windows(len(ids), block_size, stride))
+    progress = None
+    if sys.stderr.isatty() and n_windows > 4 * scorer.batch_size:
+        from tqdm import tqdm
+        progress = tqdm(total=n_windows, unit="window", file=sys.stderr, leave=False)
+    nats = scorer.sequence(ids, stride, progress)
+    if progress is not None:
+        progress.close()
+    targets = ids[1:]
+    result = summary(float(nats.sum()), len(targets), int(n_bytes[targets].sum()), int(n_chars[targets].sum()))
+    result.update(text=what, block_size=block_size, stride=stride, dtype=precision.dtype + (" int8" if cfg.int8 else ""))
+
+    if cfg.per_line:
+        units = text_units(text, tokenizer.documents)
+        encoded = [encode_unit(tokenizer, t) for _, t in units]
+        records = []
+        for (line, t), (uids, context), unats in zip(units, encoded, scorer.units(encoded, stride)):
+            scored = uids[context:]
+            records.append({"line": line, "text": t, **summary(float(unats.sum()), len(scored),
+                                                                 int(n_bytes[scored].sum()), int(n_chars[scored].sum()))})
+        write_per_line(Path(cfg.per_line), records)
+        result["per_line"] = {"file": cfg.per_line, "lines": len(records)}
+
+    if cfg.json:
+        print(json.dumps(result))
+        return
+    print(f"{what}: {result['tokens']:,} tokens scored, {result['bytes']:,} bytes, {result['chars']:,} characters "
+          f"(windows of {block_size} tokens, stride {stride}, {result['dtype']})")
+    print(f"loss {result['loss']:.4f} nats per token, perplexity {result['ppl']:.3f}")
+    print(f"bits per byte {result['bits_per_byte']:.4f}, bits per character {result['bits_per_char']:.4f}")
+    if cfg.per_line:
+        print(f"per-line scores of {len(records):,} lines written to {cfg.per_line}")
+
+
+if __name__ == "__main__":
+    run_main(main)

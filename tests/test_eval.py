@@ -1,0 +1,225 @@
+"""eval.py: loss, perplexity and bits per byte over a split or a text file, per-line scores, errors."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+import checkpoint
+import eval as evaluate  # the stage script (eval.py)
+from conftest import ROOT, write_char_dataset
+from errors import UserError
+from model import GPT, GPTConfig
+from tokenizer import Tokenizer
+
+BLOCK = 16
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak. Café!\n" * 6
+CHARS = sorted(set(TEXT))
+
+
+def save_model(out_dir, tokenizer: Tokenizer, seed: int = 0, dataset: str = "tiny", data_dir: str = "",
+               zero: bool = False, vocab_size: int | None = None) -> str:
+    """A random tiny GPT (all weights zero with zero: every prediction uniform) as a checkpoint."""
+    torch.manual_seed(seed)
+    args = dict(block_size=BLOCK, vocab_size=vocab_size or tokenizer.vocab_size, n_layer=2, n_head=2,
+                n_embd=16, dropout=0.0, bias=True, bigram=True)
+    model = GPT(GPTConfig(**args))
+    if zero:
+        for p in model.parameters():
+            torch.nn.init.zeros_(p)
+    checkpoint.save({"model": model.state_dict(), "model_args": args, "optimizer": {}, "iter_num": 0,
+                     "best_val_loss": 9.9, "config": {"dataset": dataset, "data_dir": data_dir},
+                     "tokenizer": tokenizer.describe()}, out_dir / "ckpt.pt")
+    return str(out_dir)
+
+
+def model_of(out_dir) -> GPT:
+    ckpt = checkpoint.load(out_dir)
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def run_json(argv, capsys) -> dict:
+    evaluate.main([*argv, "--json", "--device=cpu"])
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def char_tok():
+    return Tokenizer.char_from_text(TEXT)
+
+
+@pytest.fixture(scope="module")
+def char_dir(tmp_path_factory, char_tok):
+    return save_model(tmp_path_factory.mktemp("char"), char_tok)
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+def test_windows_score_every_token_once():
+    for n in (2, 3, 16, 17, 18, 40, 100):
+        for stride in (1, 5, 16):
+            scored = []
+            for start, end, scored_from in evaluate.windows(n, BLOCK, stride):
+                assert end - start <= BLOCK and start <= scored_from < end
+                scored += range(scored_from, end)
+            assert scored == list(range(n - 1)), (n, stride)
+
+
+def test_bits_per_byte_by_hand(char_dir, char_tok, text_file, capsys):
+    """A text shorter than a window: one forward pass gives every token's loss."""
+    short = "Speak. Café!\n"
+    text_file.write_text(short, encoding="utf-8")
+    ids = torch.tensor(char_tok.encode(short))
+    logits, _ = model_of(char_dir)(ids[None, :-1], ids[None, 1:])
+    nats = F.cross_entropy(logits[0], ids[1:], reduction="sum").item()
+    scored_bytes = len(short[1:].encode("utf-8"))  # the first character is not predicted; é is 2 bytes
+    r = run_json([f"--out_dir={char_dir}", f"--input={text_file}"], capsys)
+    assert r["tokens"] == len(short) - 1 and r["bytes"] == scored_bytes == r["chars"] + 1
+    assert r["loss"] == pytest.approx(nats / (len(short) - 1), rel=1e-5)
+    assert r["ppl"] == pytest.approx(math.exp(r["loss"]), rel=1e-9)
+    assert r["bits_per_byte"] == pytest.approx(nats / math.log(2) / scored_bytes, rel=1e-5)
+    assert r["bits_per_char"] == pytest.approx(nats / math.log(2) / (len(short) - 1), rel=1e-5)
+
+
+def test_whole_split_is_the_mean_over_windows(tmp_path, capsys):
+    """Non-overlapping windows of block_size tokens, every token but the first scored once; the
+    loss is the token-weighted mean of the windows' losses, as the model computes them."""
+    text = TEXT * 3
+    data = write_char_dataset(tmp_path / "data", text, name="tiny", val_fraction=0.5).parent
+    tok = Tokenizer.char_from_text(text)
+    out = save_model(tmp_path / "out", tok, data_dir=str(data))
+    val = torch.from_numpy(np.fromfile(data / "tiny" / "val.bin", dtype=np.uint16).astype(np.int64))
+    model, total = model_of(out), 0.0
+    for start in range(0, len(val) - 1, BLOCK):
+        x, y = val[start:start + BLOCK], val[start + 1:start + BLOCK + 1]
+        _, loss = model(x[None, :len(y)], y[None])
+        total += loss.item() * len(y)
+    r = run_json([f"--out_dir={out}"], capsys)
+    assert r["tokens"] == len(val) - 1
+    assert r["loss"] == pytest.approx(total / (len(val) - 1), rel=1e-5)
+    # a shorter stride gives more context, never changes what is scored
+    strided = run_json([f"--out_dir={out}", "--stride=4", "--batch_size=3"], capsys)
+    assert strided["tokens"] == r["tokens"] and strided["bytes"] == r["bytes"]
+    assert strided["loss"] != r["loss"]
+
+
+def test_bits_per_byte_compares_tokenizers(tmp_path, text_file, capsys):
+    """Char-level and BPE models of the same text: the same bytes, and a model that predicts
+    uniformly gives tokens * log2(vocab) / bytes, whatever its tokenizer."""
+    ranks = [bytes([b]) for b in range(256)] + [b"e ", b"pe", b"pea", b"peak", b"Sp"]
+    results = {}
+    for name, tok in (("char", Tokenizer.char_from_text(TEXT)), ("bpe", Tokenizer.bpe_from_ranks(ranks))):
+        out = save_model(tmp_path / name, tok, zero=True)
+        r = results[name] = run_json([f"--out_dir={out}", f"--input={text_file}"], capsys)
+        ids = tok.encode(TEXT)
+        assert r["tokens"] == len(ids) - 1
+        assert r["bytes"] == len(tok.decode_bytes(ids[1:]))
+        assert r["loss"] == pytest.approx(math.log(tok.vocab_size), rel=1e-6)
+        assert r["bits_per_byte"] == pytest.approx(r["tokens"] * math.log2(tok.vocab_size) / r["bytes"], rel=1e-6)
+    assert results["bpe"]["tokens"] < results["char"]["tokens"]
+    # the first token is the context of both: its bytes are the only ones counted apart
+    assert results["char"]["bytes"] == len(TEXT.encode("utf-8")) - 1
+    assert results["bpe"]["bytes"] == len(TEXT.encode("utf-8")) - len(ranks[int(Tokenizer.bpe_from_ranks(ranks).encode(TEXT)[0])])
+
+
+def test_per_line_scores_each_line_on_its_own(char_dir, char_tok, text_file, tmp_path, capsys):
+    out = tmp_path / "lines.jsonl"
+    r = run_json([f"--out_dir={char_dir}", f"--input={text_file}", f"--per_line={out}"], capsys)
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    lines = [(n + 1, line) for n, line in enumerate(TEXT.split("\n")) if line.strip()]
+    assert [(rec["line"], rec["text"]) for rec in records] == lines
+    assert r["per_line"]["lines"] == len(lines)
+    model = model_of(char_dir)
+    short = [rec for rec in records if len(rec["text"]) + 1 <= BLOCK]  # one window; longer lines slide
+    assert short and len(short) < len(records)
+    for rec in short[:4]:  # after a line end, up to and including the line's own end
+        ids = torch.tensor(char_tok.encode("\n" + rec["text"] + "\n"))
+        logits, _ = model(ids[None, :-1], ids[None, 1:])
+        nats = F.cross_entropy(logits[0], ids[1:], reduction="sum").item()
+        assert rec["tokens"] == len(rec["text"]) + 1
+        assert rec["bytes"] == len((rec["text"] + "\n").encode("utf-8"))
+        assert rec["logprob"] == pytest.approx(-nats, rel=1e-5)
+        assert rec["bits_per_byte"] == pytest.approx(nats / math.log(2) / rec["bytes"], rel=1e-5)
+    tsv = tmp_path / "lines.tsv"
+    run_json([f"--out_dir={char_dir}", f"--input={text_file}", f"--per_line={tsv}"], capsys)
+    rows = tsv.read_text(encoding="utf-8").splitlines()
+    assert rows[0].split("\t") == ["line", "tokens", "bytes", "loss", "bits_per_byte", "logprob", "text"]
+    assert len(rows) == len(lines) + 1 and rows[1].split("\t")[-1] == lines[0][1]
+
+
+def test_documents_model(tmp_path, capsys):
+    """A documents model: each line a document after its boundary, scored up to the closing one;
+    the boundary stands for no bytes."""
+    docs = ["jab cross hook", "jab jab cross", "hook uppercut"]
+    tok = Tokenizer.char_from_text("".join(docs), documents="line")
+    out = save_model(tmp_path / "out", tok)
+    path = tmp_path / "combos.txt"
+    path.write_text("\n".join(docs) + "\n\n", encoding="utf-8")
+    per_line = tmp_path / "scores.jsonl"
+    r = run_json([f"--out_dir={out}", f"--input={path}", f"--per_line={per_line}"], capsys)
+    assert r["tokens"] == sum(len(d) + 1 for d in docs)  # [eot] doc [eot] doc [eot] doc [eot]
+    assert r["bytes"] == sum(len(d) for d in docs)
+    records = [json.loads(line) for line in per_line.read_text(encoding="utf-8").splitlines()]
+    assert [(rec["line"], rec["text"], rec["tokens"]) for rec in records] == [(i + 1, d, len(d) + 1) for i, d in enumerate(docs)]
+    # documents are scored apart: the first one's loss is the same as in the whole text
+    ids = torch.tensor([tok.eot_id, *tok.encode(docs[0]), tok.eot_id])
+    logits, _ = model_of(out)(ids[None, :-1], ids[None, 1:])
+    assert records[0]["logprob"] == pytest.approx(-F.cross_entropy(logits[0], ids[1:], reduction="sum").item(), rel=1e-5)
+
+
+def test_bad_inputs_one_clear_line(char_dir, tmp_path):
+    cases = []
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("ok\nCaf\xe9\n".encode("latin-1"))
+    cases.append(([f"--out_dir={char_dir}", f"--input={latin1}"], "not UTF-8 text: invalid byte at offset 6 (line 2)"))
+    unknown = tmp_path / "unknown.txt"
+    unknown.write_text("Speak.\nSpeak Zed\n", encoding="utf-8")
+    cases.append(([f"--out_dir={char_dir}", f"--input={unknown}"], "line 2 holds 'Z'"))
+    cases.append(([f"--out_dir={tmp_path / 'nothing'}"], "no checkpoint at"))
+    cases.append(([f"--out_dir={char_dir}", f"--input={tmp_path / 'missing.txt'}"], "not found"))
+    cases.append(([f"--out_dir={char_dir}", "--per_line=x.jsonl"], "--per_line scores the lines of a text file"))
+    cases.append(([f"--out_dir={char_dir}", f"--input={unknown}", "--split=val"], "pass one of them"))
+    cases.append(([f"--out_dir={char_dir}", "--split=test"], "--split must be val or train"))
+    short = tmp_path / "short.txt"
+    short.write_text("S", encoding="utf-8")
+    cases.append(([f"--out_dir={char_dir}", f"--input={short}"], "nothing to predict"))
+    cases.append(([f"--out_dir={char_dir}", "--stride=99", f"--input={unknown}"], "longer than the model's block_size"))
+    cases.append(([f"--out_dir={char_dir}", f"--data_dir={tmp_path}"], "dataset 'tiny' not found"))
+    for argv, message in cases:
+        with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            evaluate.main(argv)
+
+
+def test_dataset_of_another_tokenizer_is_refused(tmp_path):
+    data = write_char_dataset(tmp_path / "data", TEXT + "XYZ", name="other").parent
+    with pytest.raises(UserError, match="prepared with another tokenizer"):
+        evaluate.main([f"--out_dir={save_model(tmp_path / 'out', Tokenizer.char_from_text(TEXT))}",
+                       f"--data_dir={data}", "--dataset=other"])
+
+
+def test_cli_error_is_one_line(tmp_path):
+    p = subprocess.run([sys.executable, "eval.py", f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "no checkpoint at" in p.stderr
+
+
+def test_int8_weights_score_close_to_float32(char_dir, text_file, capsys):
+    import fast_decode
+    if not fast_decode.int8_available():
+        pytest.skip("this torch build has no int8 weight-only kernel")
+    exact = run_json([f"--out_dir={char_dir}", f"--input={text_file}"], capsys)
+    int8 = run_json([f"--out_dir={char_dir}", f"--input={text_file}", "--int8"], capsys)
+    assert int8["dtype"] == "float32 int8" and int8["tokens"] == exact["tokens"]
+    assert int8["loss"] == pytest.approx(exact["loss"], rel=0.02)
