@@ -6,10 +6,12 @@
 
 The page has a Prompt, Generate and Stop buttons, the Output as it streams (updated at most
 every --stream_interval: a small model writes tokens faster than a page redraws), the sampling
-settings of sample.py (max new tokens, temperature, top-k, top-p, seed), and beside them a
+settings of sample.py (max new tokens, temperature, top-k, top-p, seed, min-p, repetition
+penalty), a Chat box for models trained on chats (docs/finetune.md), and beside them a
 model picker with each model's card and loss curve. Programs call the same generation as the
 API endpoint `/generate` (parameters prompt, max_new_tokens, temperature, top_k, top_p, seed,
-and optionally model), e.g. with gradio_client:
+and optionally model, min_p, repetition_penalty; `/chat` takes a message and the history
+before those), e.g. with gradio_client:
 
     from gradio_client import Client
     Client("http://127.0.0.1:7860/").predict("ROMEO:", 100, 0.8, 200, 1.0, 1337, api_name="/generate")
@@ -38,6 +40,7 @@ import torch
 
 import hardware
 import plot
+import template
 from config import coerce, parse_config
 from errors import UserError, run_main
 from generation import GenerationConfig, choose_decoder, encode_prompt, generate_text
@@ -204,10 +207,12 @@ def loss_curve(loaded: Loaded, scratch: Path) -> str | None:
 
 # ---------------------------------------------------------------------------- one request
 
-def read_settings(max_new_tokens, temperature, top_k, top_p, seed, limit: int) -> GenerationConfig:
+def read_settings(max_new_tokens, temperature, top_k, top_p, seed, limit: int, min_p=0.0,
+                  repetition_penalty=1.0) -> GenerationConfig:
     """A generation's settings from a request's values, checked as sample.py checks its flags."""
     types = {f.name: f.type for f in dataclasses.fields(GenerationConfig)}
-    given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                 min_p=min_p, repetition_penalty=repetition_penalty)
     values, errors = {}, []
     for key, value in given.items():
         if value is None or value == "":
@@ -228,8 +233,9 @@ def read_settings(max_new_tokens, temperature, top_k, top_p, seed, limit: int) -
     return cfg
 
 
-def prompt_ids_of(tokenizer, prompt: str) -> list[int]:
-    """The prompt's token ids, or a message a person at the page can act on."""
+def prompt_ids_of(tokenizer, prompt: str, instruct: dict | None = None) -> list[int]:
+    """The prompt's token ids (wrapped in an instruction model's template), or a message a
+    person at the page can act on."""
     if len(prompt) > MAX_PROMPT_CHARS:
         raise UserError(f"the prompt has {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
     if not prompt and tokenizer.eot_id is None:
@@ -237,19 +243,23 @@ def prompt_ids_of(tokenizer, prompt: str) -> list[int]:
         # empty prompt (generation.encode_prompt); a plain char model has nothing to start from
         raise UserError("the prompt is empty; type some text for the model to continue, e.g. ROMEO:")
     try:
-        return encode_prompt(tokenizer, prompt, drop_unknown=False)
+        return encode_prompt(tokenizer, prompt, drop_unknown=False, instruct=instruct)
     except UserError as e:
         raise UserError(str(e).replace("pass --drop_unknown to drop them", "remove them from the prompt")) from None
 
 
 def generate(models: Models, limit: int, interval: float, prompt, max_new_tokens, temperature, top_k, top_p,
-             seed, model=None):
+             seed, model=None, min_p=0.0, repetition_penalty=1.0):
     """Yield the text (prompt included) as it grows: sample.py's generation, the prompt at once,
     then at most one update every `interval` seconds, then the whole text. A small model makes
-    many tokens a second: one update per token would swamp the browser (and its Stop)."""
-    cfg = read_settings(max_new_tokens, temperature, top_k, top_p, seed, limit)
+    many tokens a second: one update per token would swamp the browser (and its Stop).
+    An instruction model's prompt is wrapped in its template, and the answer ends at its end."""
+    cfg = read_settings(max_new_tokens, temperature, top_k, top_p, seed, limit, min_p, repetition_penalty)
     loaded = models.get(model)
-    prompt_ids = prompt_ids_of(loaded.tokenizer, "" if prompt is None else str(prompt))
+    instruct = loaded.info.get("instruct")
+    if instruct:
+        cfg.stop = template.stop_strings(instruct["template"])
+    prompt_ids = prompt_ids_of(loaded.tokenizer, "" if prompt is None else str(prompt), instruct)
     generator = torch.Generator(device=models.precision.device).manual_seed(cfg.seed)  # as sample.py seeds
     shown, last = None, -math.inf
     for text in generate_text(loaded.decoder, loaded.tokenizer, prompt_ids, cfg, models.precision,
@@ -259,6 +269,50 @@ def generate(models: Models, limit: int, interval: float, prompt, max_new_tokens
             shown, last = text, time.monotonic()
     if text != shown:
         yield text
+
+
+def message_text(content) -> str:
+    """The text of a chat message as gradio hands it back: a string, or a list of parts."""
+    if isinstance(content, str):
+        return content
+    parts = content if isinstance(content, list) else [content]
+    return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in parts)
+
+
+def chat(models: Models, limit: int, interval: float, message, history, max_new_tokens, temperature, top_k,
+         top_p, seed, model=None, min_p=0.0, repetition_penalty=1.0):
+    """Yield the chat (gradio's messages, [{"role", "content"}, ...]) with the model's answer as it
+    grows, for a model trained on chats (JSONL "messages"). The history and the new message are
+    wrapped as the training chats were, the oldest exchanges left out when they no longer fit
+    in the block (template.chat_ids), as sample.py --interactive does."""
+    cfg = read_settings(max_new_tokens, temperature, top_k, top_p, seed, limit, min_p, repetition_penalty)
+    loaded = models.get(model)
+    instruct = loaded.info.get("instruct")
+    if not (instruct and instruct.get("chat")):
+        raise UserError("this model was not trained on chats (JSONL records with \"messages\"); use Generate")
+    message = "" if message is None else str(message)
+    if not message.strip() or len(message) > MAX_PROMPT_CHARS:
+        raise UserError(f"the message is empty or longer than {MAX_PROMPT_CHARS:,} characters")
+    history = [{"role": m["role"], "content": message_text(m["content"])} for m in history or []
+               if m.get("role") in ("user", "assistant")]
+    turns = [(m["role"], m["content"]) for m in history] + [("user", message)]
+    block_size = loaded.model.config.block_size
+    try:
+        ids, _ = template.chat_ids(loaded.tokenizer, instruct["template"], turns,
+                                   block_size - min(cfg.max_new_tokens, block_size // 2))
+    except UserError as e:
+        raise UserError(str(e).replace("pass --drop_unknown to drop them", "remove them from the message")) from None
+    cfg.stop = template.stop_strings(instruct["template"])
+    history.append({"role": "user", "content": message})
+    generator = torch.Generator(device=models.precision.device).manual_seed(cfg.seed)
+    shown, last = None, -math.inf
+    for text in generate_text(loaded.decoder, loaded.tokenizer, ids, cfg, models.precision, generator,
+                              echo_prompt=False):
+        if time.monotonic() - last >= interval:
+            yield history + [{"role": "assistant", "content": text}]
+            shown, last = text, time.monotonic()
+    if text != shown:
+        yield history + [{"role": "assistant", "content": text}]
 
 
 # ---------------------------------------------------------------------------- the page
@@ -276,11 +330,19 @@ def build_demo(gr, models: Models, limit: int, interval: float, scratch: Path):
     """The gradio Blocks: prompt, buttons and output on the left, model picker and card on the right."""
     defaults = GenerationConfig()
 
-    def on_generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, model):
+    def on_generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, model, min_p, repetition_penalty):
         try:
             yield from generate(models, limit, interval, prompt, max_new_tokens, temperature, top_k, top_p, seed,
-                                model)
+                                model, min_p, repetition_penalty)
         except UserError as e:  # shown on the page (and to API clients); the server goes on
+            raise gr.Error(str(e), print_exception=False) from None
+
+    def on_chat(message, history, max_new_tokens, temperature, top_k, top_p, seed, model, min_p,
+                repetition_penalty):
+        try:
+            yield from chat(models, limit, interval, message, history, max_new_tokens, temperature, top_k, top_p,
+                            seed, model, min_p, repetition_penalty)
+        except UserError as e:
             raise gr.Error(str(e), print_exception=False) from None
 
     def on_model(model):
@@ -307,15 +369,28 @@ def build_demo(gr, models: Models, limit: int, interval: float, scratch: Path):
                     top_k = gr.Number(defaults.top_k, label="top-k (0 = off)", min_width=120)
                     top_p = gr.Number(defaults.top_p, label="top-p (1 = off)", step=0.05, min_width=120)
                     seed = gr.Number(defaults.seed, label="seed", min_width=120)
+                    min_p = gr.Number(defaults.min_p, label="min-p (0 = off)", step=0.05, min_width=120)
+                    repetition_penalty = gr.Number(defaults.repetition_penalty, label="repetition penalty (1 = off)",
+                                                   step=0.05, min_width=120)
+                is_chat = bool((first.info.get("instruct") or {}).get("chat"))
+                with gr.Accordion("Chat (a model trained on chats: JSONL messages)", open=is_chat):
+                    chatbot = gr.Chatbot(label="Chat", height=300)
+                    with gr.Row():
+                        message = gr.Textbox(label="Message", scale=4)
+                        send = gr.Button("Send", variant="primary", scale=1)
+                        clear = gr.Button("Clear", scale=1)
             with gr.Column(scale=2):
                 model = gr.Dropdown(list(models.folders), value=models.default, label="Model",
                                     interactive=len(models.folders) > 1)
                 card = gr.Markdown(model_card(models.default, first), label="model card")
                 curve = gr.Image(loss_curve(first, scratch), label="loss curve", show_label=False, type="filepath",
                                  interactive=False, format="png")
-        event = go.click(on_generate, [prompt, max_new_tokens, temperature, top_k, top_p, seed, model],
-                         output, api_name="generate")
-        stop.click(None, None, None, cancels=[event])
+        settings = [max_new_tokens, temperature, top_k, top_p, seed, model, min_p, repetition_penalty]
+        event = go.click(on_generate, [prompt, *settings], output, api_name="generate")
+        chat_event = send.click(on_chat, [message, chatbot, *settings], chatbot, api_name="chat")
+        chat_event.success(lambda: "", None, message, api_name=False)  # the message went into the chat
+        clear.click(lambda: [], None, chatbot, api_name=False)
+        stop.click(None, None, None, cancels=[event, chat_event])
         model.change(on_model, model, [card, curve], api_name="model_card")
     return demo
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from errors import UserError
+from tokenizer import DOCUMENT_MODES
 
 
 class Dataset:
@@ -51,8 +52,19 @@ class Dataset:
 
         # document mode: a dataset of documents, each starting with the boundary token eot_id
         self.eot_id = self.meta.get("eot_id")
-        self.documents = self.meta.get("documents") in ("line", "blank") and self.eot_id is not None
+        self.documents = self.meta.get("documents") in DOCUMENT_MODES and self.eot_id is not None
         self._row_starts = {}  # (split, block_size) -> where document-mode rows may start
+        # instruction data (JSONL): a uint8 flag per token, 1 where it is a target in the loss
+        self.mask_paths = None
+        if "loss_mask" in self.meta:
+            self.mask_paths = {split: folder / self.meta["loss_mask"][split] for split in self.paths}
+            for split, path in self.mask_paths.items():
+                if not path.is_file() or path.stat().st_size != self.sizes[split]:
+                    raise UserError(f"{path} is missing or does not hold one flag per token of "
+                                    f"{self.paths[split]}; run prepare.py for {name!r} again")
+        # what sampling needs to wrap a prompt as the records were (see template.py)
+        self.instruct = {"template": self.meta["template"], "chat": bool(self.meta.get("chat"))} \
+            if "template" in self.meta else None
 
     def row_starts(self, split: str, block_size: int) -> np.ndarray:
         """Document mode: every document start (its boundary token) and, inside a document
@@ -67,7 +79,15 @@ class Dataset:
             doc = np.repeat(np.arange(len(firsts)), more)
             k = np.arange(len(doc)) - np.repeat(np.cumsum(more) - more, more) + 1  # 1, 2, .. per document
             starts = np.sort(np.concatenate([firsts, firsts[doc] + k * block_size]))
-            self._row_starts[key] = starts[starts + block_size + 1 <= len(data)]
+            starts = starts[starts + block_size + 1 <= len(data)]
+            if self.mask_paths:  # a window with no target in the loss teaches nothing (and its loss is 0/0)
+                in_loss = np.concatenate([[0], np.cumsum(np.memmap(self.mask_paths[split], dtype=np.uint8,
+                                                                    mode="r"), dtype=np.int64)])
+                starts = starts[in_loss[starts + block_size + 1] > in_loss[starts + 1]]
+                if len(starts) == 0:
+                    raise UserError(f"no window of --block_size={block_size} tokens in the {split} split holds "
+                                    f"a token in the loss; use a larger --block_size")
+            self._row_starts[key] = starts
         return self._row_starts[key]
 
     def get_batch(self, split, batch_size, block_size, generator, device):
@@ -83,6 +103,10 @@ class Dataset:
         windows = data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)  # (B, T+1)
         xy = torch.from_numpy(windows)
         batch = [xy[:, :-1], xy[:, 1:]]
+        if self.mask_paths:  # targets out of the loss become -1, which the cross-entropy ignores
+            flags = np.memmap(self.mask_paths[split], dtype=np.uint8, mode="r")
+            out = torch.from_numpy(flags[starts[:, None] + np.arange(1, block_size + 1)] == 0)  # (B, T)
+            batch[1] = batch[1].masked_fill(out, -1)
         if self.documents:
             batch.append(document_positions(batch[0], self.eot_id))
         if device.startswith("cuda"):  # pinned memory lets the copy overlap with compute

@@ -71,7 +71,7 @@ class EvalConfig:
     stride: int = 0  # tokens the window moves; 0 = block_size (non-overlapping windows, each token scored once)
     batch_size: int = 0  # windows per forward pass; 0 = as many as keep the logits under 512 MB
     json: bool = False  # print one JSON object (loss, ppl, bits_per_byte, bits_per_char, tokens, bytes, ...)
-    int8: bool = False  # the blocks' matrices as int8 weight-only linears (cpu; not with a documents split)
+    int8: bool = False  # the blocks' matrices as int8 weight-only linears (cpu)
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
     dtype: str = "float32"  # float32, bfloat16 or float16 (autocast), or auto (the fastest safe one)
 
@@ -208,19 +208,16 @@ class Scorer:
         self.block_size = model.config.block_size
         self.batch_size = batch_size or max(1, LOGITS_BUDGET // (self.block_size * model.config.vocab_size))
         self.eot = documents_eot  # in documents mode: positions restart at this id
-        self.int8 = fast_decode.FastDecoder(model, "int8") if int8 else None
+        self.forward_model = fast_decode.quantized(model) if int8 else model  # int8: the same GPT, block matrices int8
 
     @torch.inference_mode()
     def nll(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """x, y (B, T) ids, y = -1 where nothing is scored -> nats (B, T), 0 there."""
         x = torch.from_numpy(x).to(self.precision.device)
         y = torch.from_numpy(y).to(self.precision.device)
-        if self.int8 is not None:
-            logits = self.int8.forward(x, 0, all_logits=True)
-        else:
-            positions = document_positions(x.cpu(), self.eot).to(x.device) if self.eot is not None else None
-            with self.precision.autocast():
-                logits, _ = self.model(x, y.clamp(min=0), positions=positions)
+        positions = document_positions(x.cpu(), self.eot).to(x.device) if self.eot is not None else None
+        with self.precision.autocast():
+            logits, _ = self.forward_model(x, y.clamp(min=0), positions=positions)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none")
         return loss.view(y.shape).double().cpu().numpy()
 
@@ -357,9 +354,6 @@ def main(argv=None):
         ids, what = encode_text(tokenizer, text), cfg.input
     else:
         ids, what = split_ids(cfg, tokenizer, trained_on, trained_dir)
-    if cfg.int8 and tokenizer.documents and not cfg.per_line:
-        raise UserError("--int8 scores windows from position 0 and cannot restart positions at each "
-                        "document; drop --int8 for a documents model's split (--per_line works)")
     if len(ids) < 2:
         raise UserError(f"{what} holds {len(ids)} token(s); there is nothing to predict")
     print(f"precision: {precision.reason}", file=sys.stderr)

@@ -278,15 +278,16 @@ class FastDecoder:
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        generator=None, use_cache=True):
+                        generator=None, use_cache=True, min_p=0.0, repetition_penalty=1.0):
         """GPT.generate_stream's contract, in the same loop (model.slide_window): yields the
         next token ids (B,). use_cache=False is the model's own no-cache loop."""
         if not use_cache:
             yield from self.model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
-                                                  generator, use_cache=False)
+                                                  generator, use_cache=False, min_p=min_p,
+                                                  repetition_penalty=repetition_penalty)
             return
         yield from slide_window(self.next_logits, self.model.config.block_size, self.new_cache(), idx,
-                                max_new_tokens, temperature, top_k, top_p, generator)
+                                max_new_tokens, temperature, top_k, top_p, generator, min_p, repetition_penalty)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, **kwargs):

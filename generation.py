@@ -19,6 +19,7 @@ import torch
 
 import fast_decode
 import hardware
+import template
 from errors import UserError
 from model import GPT
 from stopping import StopCondition
@@ -33,6 +34,8 @@ class GenerationConfig:
     temperature: float = 0.8  # 1.0 = the model's distribution, lower = more likely tokens, 0 = greedy
     top_k: int | None = 200  # sample from the k most likely tokens only; 0 or none = off
     top_p: float = 1.0  # sample from the smallest set of tokens whose probability reaches p; 1.0 = off
+    min_p: float = 0.0  # keep only tokens at least min_p times as likely as the most likely one; 0 = off
+    repetition_penalty: float = 1.0  # above 1: tokens already in the prompt or sample become less likely; 1.0 = off
     seed: int = 1337  # random seed: the same seed gives the same samples
     use_cache: bool = True  # KV cache: each new token costs one position, not the whole context
     stop: list[str] = field(default_factory=list)  # end a sample at this string, not printed; repeat for several
@@ -53,6 +56,10 @@ class GenerationConfig:
             p.append(f"--top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:  # also false for nan
             p.append(f"--top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if not 0 <= self.min_p <= 1:  # also false for nan
+            p.append(f"--min_p must be in [0, 1] (0 = off), got {self.min_p}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            p.append(f"--repetition_penalty must be a finite number above 0 (1 = off), got {self.repetition_penalty}")
         if any(s == "" for s in self.stop):
             p.append("--stop needs a non-empty string, e.g. --stop=END")
         if self.fast_weights not in ("auto", "float32", "int8"):
@@ -79,8 +86,12 @@ def choose_decoder(model: GPT, cfg: GenerationConfig, precision: hardware.Precis
     return decoder, how
 
 
-def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool) -> list[int]:
-    """Token ids of the prompt; at least one, since generation continues from something."""
+def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool, instruct: dict | None = None) -> list[int]:
+    """Token ids of the prompt; at least one, since generation continues from something. A
+    model trained on instruction records (instruct: the checkpoint's template) gets the prompt
+    as a user turn followed by the assistant marker (template.prompt_ids)."""
+    if instruct:
+        return template.prompt_ids(tokenizer, instruct["template"], text, drop_unknown)
     if tokenizer.documents:  # a new document: its boundary token, then the prompt's text
         return [tokenizer.eot_id] + tokenizer.encode(text.lstrip("\n"), drop_unknown=drop_unknown)
     ids = tokenizer.encode(text, drop_unknown=drop_unknown)
@@ -116,7 +127,8 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], cfg: 
     yield text
     tokens = model.generate_stream(idx, cfg.max_new_tokens, temperature=cfg.temperature,
                                    top_k=cfg.top_k or None, top_p=cfg.top_p,
-                                   generator=generator, use_cache=cfg.use_cache)
+                                   generator=generator, use_cache=cfg.use_cache, min_p=cfg.min_p,
+                                   repetition_penalty=cfg.repetition_penalty)
     while not stop.all_done:  # until every sample reached its end
         # autocast is entered per step, not around the loop: a web server may resume this
         # generator on another thread, and autocast state belongs to a thread

@@ -8,6 +8,7 @@ from pathlib import Path
 import checkpoint
 import hardware
 import hf_format
+import lora
 from errors import UserError
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
@@ -37,6 +38,7 @@ def load_model(out_dir: str, device: str) -> tuple[GPT, Tokenizer, dict]:
                         f"it was written by another version of train.py") from None
     # a checkpoint of a compiled model saved without unwrapping has every key prefixed
     state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    state = lora.merge_state_dict(state, ckpt.get("lora"))  # a LoRA run's adapters folded into its weights
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -69,7 +71,8 @@ def load(folder: str, device: str) -> tuple[GPT, Tokenizer, dict]:
     model_args, config, iter_num, best_val_loss (None where the folder has no such thing)."""
     if (Path(folder) / "ckpt.pt").is_file() or not is_hf_folder(Path(folder)):
         model, tokenizer, ckpt = load_model(folder, device)
-        return model, tokenizer, {k: ckpt.get(k) for k in ("model_args", "config", "iter_num", "best_val_loss")}
+        return model, tokenizer, {k: ckpt.get(k) for k in ("model_args", "config", "iter_num", "best_val_loss",
+                                                           "instruct")}
     return load_hf(folder, device)
 
 

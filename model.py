@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 from cpu_kernels import Dropout, causal_attention
@@ -278,6 +279,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    grad_checkpoint = False  # train.py --grad_checkpoint: recompute each block's activations in backward
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -381,7 +383,10 @@ class GPT(nn.Module):
         x0 = x if self.config.x0_lambdas else None
         for i, block in enumerate(self.transformer.h):
             ve = self.value_embeds[i](idx) if self.config.value_embeds else None
-            x = block(x, kv_cache, mask, rope, x0, ve)
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():  # never when decoding
+                x = torch.utils.checkpoint.checkpoint(block, x, kv_cache, mask, rope, x0, ve, use_reentrant=False)
+            else:
+                x = block(x, kv_cache, mask, rope, x0, ve)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.advance(idx)
@@ -438,7 +443,7 @@ class GPT(nn.Module):
 
     @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        generator=None, use_cache=True):
+                        generator=None, use_cache=True, min_p=0.0, repetition_penalty=1.0):
         """Yield the next token ids (B,) one step at a time, continuing idx (B, T): the model's
         forward in slide_window's loop (see there for the window past block_size). Without the
         cache, the same window is recomputed every step, so greedy output with and without the
@@ -449,7 +454,7 @@ class GPT(nn.Module):
             return self(new_tokens, kv_cache=cache)[0][:, -1]
 
         yield from slide_window(next_logits, self.config.block_size, cache, idx, max_new_tokens,
-                                temperature, top_k, top_p, generator)
+                                temperature, top_k, top_p, generator, min_p, repetition_penalty)
 
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, **kwargs):
@@ -459,7 +464,8 @@ class GPT(nn.Module):
 
 
 def slide_window(next_logits, block_size: int, cache: KVCache | None, idx: torch.Tensor,
-                 max_new_tokens: int, temperature=1.0, top_k=None, top_p=None, generator=None):
+                 max_new_tokens: int, temperature=1.0, top_k=None, top_p=None, generator=None,
+                 min_p=0.0, repetition_penalty=1.0):
     """The generation loop every decoder shares: yield the next token ids (B,) one step at a
     time, continuing idx (B, T). next_logits(tokens (B, T_new), cache) -> logits (B, vocab) of
     the last of tokens, which are the window's tokens not yet in cache (all of them when cache
@@ -482,18 +488,27 @@ def slide_window(next_logits, block_size: int, cache: KVCache | None, idx: torch
             if cache is not None:
                 cache.reset()
         cached = cache.length if cache is not None else 0
-        next_id = sample_next(next_logits(tokens[:, start + cached:n], cache),
-                              temperature, top_k, top_p, generator)  # (B,)
+        next_id = sample_next(next_logits(tokens[:, start + cached:n], cache), temperature, top_k, top_p,
+                              generator, min_p, repetition_penalty, tokens[:, :n])  # (B,)
         tokens[:, n] = next_id
         n += 1
         yield next_id
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None, min_p=0.0,
+                repetition_penalty=1.0, seen=None):
     """Pick the next token from logits (B, vocab). temperature 0 is greedy; top_k keeps the k
     most likely (clamped to the vocabulary, None or 0 = off); top_p keeps the smallest set
-    whose probability reaches p (nucleus sampling, Holtzman et al. 2019; 1.0 = off)."""
+    whose probability reaches p (nucleus sampling, Holtzman et al. 2019; 1.0 = off); min_p
+    keeps the tokens at least min_p times as likely as the best one, after temperature (Nguyen
+    et al. 2024, "min-p sampling"; 0 = off). repetition_penalty divides the positive logits
+    and multiplies the negative ones of every token in seen (B, n), the tokens so far, before
+    anything else (CTRL, Keskar et al. 2019, as Hugging Face's; 1.0 = off, above 1 repeats less)."""
     logits = logits.float()
+    if repetition_penalty != 1.0 and seen is not None and seen.numel():
+        picked = logits.gather(1, seen)
+        picked = torch.where(picked > 0, picked / repetition_penalty, picked * repetition_penalty)
+        logits = logits.scatter(1, seen, picked)
     if temperature == 0:
         return logits.argmax(dim=-1)
     # shift the best logit to 0 first, so a tiny temperature gives -inf, never inf - inf = nan
@@ -508,5 +523,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
         drop = drop_sorted.scatter(1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
+    if min_p > 0:  # logits hold log-probabilities up to a shift: compare with the best one's
+        logits = logits.masked_fill(logits < logits.amax(dim=-1, keepdim=True) + math.log(min_p), float("-inf"))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)

@@ -69,6 +69,7 @@ import durable
 import runlock
 from documents import split_documents
 from errors import UserError, run_main
+import template
 from tokenizer import BPE, CHAR, LINE_PATTERN, Tokenizer, bytes_to_unicode
 
 FORMAT_VERSION = 1
@@ -76,6 +77,7 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 NAMED_DATASETS = {"shakespeare_char": CHAR, "shakespeare": "gpt2"}  # name -> default tokenizer
 OUTPUTS = ("train.bin", "val.bin", "meta.json")  # what a run writes into data/<name>/
+MASK_OUTPUTS = ("train_mask.bin", "val_mask.bin")  # and beside them for JSONL records: the loss masks
 DOCUMENT_MODES = ("file", "line", "blank")  # --documents: what one document is
 BPE_MIN_VOCAB = 257  # a trained vocabulary holds the 256 bytes and <|endoftext|> at least
 LONG_DOCUMENTS_WARNING = 0.1  # warn when more than this share of documents exceed --block_size
@@ -423,7 +425,7 @@ def carry_over(old: Path, new: Path) -> None:
     """Keep what the user had in data/<name>/ besides our outputs (input.txt, say): hard
     links where possible, copies otherwise."""
     for entry in old.iterdir():
-        if entry.name in OUTPUTS or (new / entry.name).exists():
+        if entry.name in OUTPUTS + MASK_OUTPUTS or (new / entry.name).exists():
             continue
         if entry.is_dir():
             try:
@@ -455,6 +457,15 @@ def swap_into_place(tmp: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def write_dataset(tmp: Path, dest: Path, meta: dict) -> None:
+    """meta.json beside the bins in tmp, everything fsync'd, then tmp swapped into dest."""
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    fsync_dir_files(tmp)
+    if dest.is_dir():
+        carry_over(dest, tmp)
+    swap_into_place(tmp, dest)
+
+
 def remove_stale_temps(data_dir: Path, name: str) -> None:
     """Delete hidden temp folders that killed runs of this dataset left behind."""
     for p in data_dir.glob(f".{name}.*"):
@@ -463,6 +474,177 @@ def remove_stale_temps(data_dir: Path, name: str) -> None:
             continue
         if not runlock.pid_alive(int(m.group(1))):  # a run that is still going keeps its folder
             shutil.rmtree(p, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- instruction data (JSONL)
+# A .jsonl input (or --format=jsonl) holds one JSON record per line: {"text"}, {"prompt",
+# "response"} or {"messages"} (see template.py). Each record is one document, [eot] parts...,
+# and beside each token bin goes its loss mask: <split>_mask.bin, one uint8 per token, 1
+# where the token is a target in the loss (see docs/finetune.md). Records are read twice
+# (check, then encode), so memory stays bounded; encoding runs in this process.
+
+JSONL = "jsonl"
+
+
+def is_jsonl(files: list[Path], fmt: str) -> bool:
+    """--format=jsonl, or (auto) every input file ends in .jsonl."""
+    if fmt != "auto":
+        return fmt == JSONL
+    jsonl = [p.suffix.lower() == ".jsonl" for p in files]
+    if any(jsonl) and not all(jsonl):
+        raise UserError("some inputs are .jsonl and some are not; prepare them separately, or pass "
+                        "--format=jsonl (every file holds records) or --format=text")
+    return all(jsonl)
+
+
+def read_template(path: str | None) -> dict:
+    """The default template, or one from a JSON file with the same four keys."""
+    if path is None:
+        return dict(template.TEMPLATE)
+    try:
+        loaded = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read --template {path}: {e}") from None
+    keys = sorted(template.TEMPLATE)
+    if not isinstance(loaded, dict) or sorted(loaded) != keys or not all(isinstance(v, str) for v in loaded.values()):
+        raise UserError(f"--template {path} must be a JSON object of strings with exactly the keys {', '.join(keys)}")
+    if "{content}" not in loaded["user"] or "{content}" not in loaded["system"]:
+        raise UserError(f"--template {path}: user and system must hold {{content}}, where the turn's text goes")
+    if not loaded["end"].strip():
+        raise UserError(f"--template {path}: end must hold more than whitespace (it is where an answer stops)")
+    return loaded
+
+
+def read_records(path: Path, sha=None):
+    """(record, kind) for every non-blank line of a JSONL file; any problem is one UserError
+    naming the file and line."""
+    try:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if sha is not None:
+                    sha.update(raw)
+                try:
+                    line = raw.decode("utf-8")
+                    if lineno == 1:
+                        line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
+                    if not line.strip():
+                        continue
+                    record = json.loads(line)
+                    kind = template.record_kind(record)
+                except UnicodeDecodeError:
+                    raise UserError(f"{path}:{lineno}: not UTF-8 text") from None
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                                    f"each line must be one JSON object") from None
+                except ValueError as e:
+                    raise UserError(f"{path}:{lineno}: {e}") from None
+                yield record, kind
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def scan_jsonl(files: list[Path], tmpl: dict):
+    """Pass 1: check every record; sources (size, sha256, record count), the count of each
+    kind and the characters of the text the records become."""
+    sources, kinds, chars = [], dict.fromkeys(template.KINDS, 0), set(tmpl["end"] + tmpl["assistant"])
+    for path in files:
+        sha, n = hashlib.sha256(), 0
+        for record, kind in read_records(path, sha):
+            kinds[kind] += 1
+            n += 1
+            for text, _ in template.record_parts(record, kind, tmpl):
+                chars.update(text)
+        sources.append({"path": str(path), "bytes": path.stat().st_size, "documents": n, "sha256": sha.hexdigest()})
+    return sources, kinds, chars
+
+
+def iter_records(files: list[Path]):
+    for path in files:
+        yield from read_records(path)
+
+
+def encode_jsonl(files, tmpl: dict, is_val: np.ndarray, tokenizer: Tokenizer, folder: Path, dtype):
+    """Pass 2: every record into <split>.bin and its flags into <split>_mask.bin. The boundary
+    token that closes a record is in the loss when the record's last part is (a response's
+    end); the first boundary of a split never is. Returns the token count and the count in
+    the loss of each split, and each record's token count."""
+    n_tokens, n_loss = {"train": 0, "val": 0}, {"train": 0, "val": 0}
+    closing = {"train": 0, "val": 0}  # the flag of the boundary that closes the split's last record
+    lengths = np.zeros(len(is_val), dtype=np.int64)
+    eot = np.array([tokenizer.eot_id], dtype=dtype)
+    with open(folder / "train.bin", "wb") as train_ids, open(folder / "val.bin", "wb") as val_ids, \
+            open(folder / MASK_OUTPUTS[0], "wb") as train_mask, open(folder / MASK_OUTPUTS[1], "wb") as val_mask:
+        outs = {"train": (train_ids, train_mask), "val": (val_ids, val_mask)}
+
+        def write(split, ids, mask):
+            outs[split][0].write(ids.astype(dtype, copy=False).tobytes())
+            outs[split][1].write(mask.tobytes())
+            n_tokens[split] += len(ids)
+            n_loss[split] += int(mask.sum())
+
+        for i, (record, kind) in enumerate(tqdm(iter_records(files), total=len(is_val), unit="rec",
+                                                desc="encode", disable=None)):
+            split = "val" if is_val[i] else "train"
+            parts = template.record_parts(record, kind, tmpl)
+            ids, mask = template.encode_parts(tokenizer, parts)
+            write(split, eot, np.array([closing[split]], dtype=np.uint8))
+            write(split, ids, mask)
+            closing[split] = int(parts[-1][1])
+            lengths[i] = len(ids)
+        for split in outs:
+            write(split, eot, np.array([closing[split]], dtype=np.uint8))
+    return n_tokens, n_loss, lengths
+
+
+def prepare_jsonl(args, files: list[Path], tokenizer: Tokenizer | None, bpe_size: int | None,
+                  folder: Path) -> dict:
+    """Instruction data into folder: train/val bins, their masks; returns meta.json's dict.
+    tokenizer: the tiktoken encoding asked for, or None for char and a trained vocabulary."""
+    if args.documents != "file":
+        raise UserError("JSONL input: every record is one document already; drop --documents")
+    tmpl = read_template(args.template)
+    sources, kinds, chars = scan_jsonl(files, tmpl)
+    n_records = sum(kinds.values())
+    if n_records == 0:
+        raise UserError(f"the input has no records: {', '.join(str(p) for p in files)}")
+    is_val = choose_val_documents(n_records, args.val_fraction, args.shuffle.lower() == "true", args.seed)
+    print(f"{n_records:,} records ({', '.join(f'{n:,} {k}' for k, n in kinds.items() if n)}): "
+          f"{n_records - int(is_val.sum()):,} train, {int(is_val.sum()):,} val")
+    if bpe_size:
+        texts = ("".join(t for t, _ in template.record_parts(r, k, tmpl))
+                 for (r, k), v in zip(iter_records(files), is_val) if not v)
+        print(f"training a BPE vocabulary of {bpe_size:,} tokens on up to {args.bpe_sample_chars:,} characters...")
+        tokenizer = train_bpe(bounded(texts, args.bpe_sample_chars), bpe_size, JSONL)
+    elif tokenizer is None:
+        tokenizer = Tokenizer.char_from_text(chars, JSONL)
+    tokenizer.documents = JSONL
+    print(f"vocab size: {tokenizer.vocab_size:,} ({tokenizer.name})")
+    dtype = np.dtype("<u2") if tokenizer.vocab_size <= 1 << 16 else np.dtype("<u4")
+    n_tokens, n_loss, lengths = encode_jsonl(files, tmpl, is_val, tokenizer, folder, dtype)
+    need = args.block_size + 1
+    for split in ("train", "val"):
+        print(f"{split} has {n_tokens[split]:,} tokens, {n_loss[split]:,} of them in the loss")
+        if n_tokens[split] < need:
+            raise UserError(f"the {split} split has {n_tokens[split]:,} tokens, fewer than block_size + 1 = "
+                            f"{need} (one training window); add records, change --val_fraction, "
+                            "or use a smaller --block_size")
+    stats = document_stats(lengths, args.block_size)
+    if stats["longer_than_block_size"] > LONG_DOCUMENTS_WARNING * n_records:
+        print(f"warning: {stats['longer_than_block_size']:,} of {n_records:,} records are longer than "
+              f"--block_size={args.block_size} tokens; train.py cuts them into windows, so the end of an "
+              f"answer may be learned without its question: train with a larger --block_size if you can",
+              file=sys.stderr)
+    return {"version": FORMAT_VERSION, "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
+            "dtype": dtype.name, "train_tokens": n_tokens["train"], "val_tokens": n_tokens["val"],
+            "eot_id": tokenizer.eot_id, **({"chars": tokenizer.chars} if tokenizer.chars is not None else {}),
+            "documents": JSONL, "train_documents": n_records - int(is_val.sum()),
+            "val_documents": int(is_val.sum()), "shuffle": args.shuffle.lower() == "true", "seed": args.seed,
+            "document_tokens": stats,
+            "loss_mask": {"train": MASK_OUTPUTS[0], "val": MASK_OUTPUTS[1], "dtype": "uint8",
+                          "train_loss_tokens": n_loss["train"], "val_loss_tokens": n_loss["val"]},
+            "records": kinds, "template": tmpl, "chat": kinds["messages"] > 0,
+            **({"bpe": tokenizer.describe()["bpe"]} if tokenizer.name == BPE else {}),
+            "sources": sources}
 
 
 # ---------------------------------------------------------------- main
@@ -494,6 +676,12 @@ def parse_args(argv):
                    help="documents mode: val takes the last --val_fraction of the documents after a "
                         "seeded shuffle (true) or in input order (false)")
     p.add_argument("--seed", type=int, default=1337, help="documents mode: seed of the val shuffle")
+    p.add_argument("--format", default="auto", choices=("auto", "text", JSONL),
+                   help="auto: inputs ending in .jsonl are instruction records (text, prompt/response or "
+                        "messages: see docs/finetune.md), others plain text")
+    p.add_argument("--template", metavar="FILE.json",
+                   help="JSONL: the template joining prompts, answers and chat turns (keys system, user, "
+                        "assistant, end; default: template.TEMPLATE)")
     p.add_argument("--bpe_sample_chars", type=int, default=10_000_000,
                    help="--tokenizer=bpe:N trains on at most this many characters of the training text")
     p.add_argument("--val_fraction", type=float, default=0.1, help="last fraction of the tokens used as val")
@@ -593,6 +781,12 @@ def main(argv=None):
         else:
             download_shakespeare(tmp / "input.txt", dest / "input.txt")  # kept in data/<name>/ after the swap
             files = [tmp / "input.txt"]
+        if is_jsonl(files, args.format):  # instruction data: its own path (the JSONL block above)
+            meta = prepare_jsonl(args, files, tokenizer, bpe_size, tmp)
+            write_dataset(tmp, dest, meta)
+            print(f"wrote {dest}/: train.bin, val.bin ({meta['dtype']}), their loss masks "
+                  f"({', '.join(MASK_OUTPUTS)}), meta.json")
+            return
         sources, n_chars, chars = scan(files, args.chunk_size, want_chars=tokenizer_name == CHAR,
                                        documents=args.documents)
         n_docs = sum(s.get("documents", 0) for s in sources)
@@ -654,11 +848,7 @@ def main(argv=None):
             **({"bpe": tokenizer.describe()["bpe"]} if tokenizer.name == BPE else {}),
             "sources": sources,
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        fsync_dir_files(tmp)
-        if dest.is_dir():
-            carry_over(dest, tmp)
-        swap_into_place(tmp, dest)
+        write_dataset(tmp, dest, meta)
     except OSError as e:
         raise UserError(f"cannot write the dataset to {dest}: {e.strerror or e}") from None
     finally:

@@ -5,6 +5,7 @@
     python sample.py --out_dir=out --interactive          # a `>> ` prompt; quit, Ctrl-D or Ctrl-C leave
     python sample.py --out_dir=out --stats --use_cache=false   # tokens/s on stderr, without the KV cache
     python sample.py --init_from=gpt2-xl --prompt="Hello"    # OpenAI's GPT-2, or any Hugging Face GPT-2 folder
+    python sample.py --out_dir=out-instruct --interactive # trained on JSONL chats: a conversation (docs/finetune.md)
 
 Everything comes from <out_dir>/ckpt.pt (or a Hugging Face folder there, or the --init_from one; loading.py): the weights, the model's
 shape and the tokenizer, so nothing in data/ is needed. Standard output holds only the text; the precision choice and
@@ -55,6 +56,7 @@ from errors import UserError, run_main
 from generation import GenerationConfig, choose_decoder, encode_prompt, generate_text, shown_prompt
 from loading import choose_precision, load, load_hf
 from model import GPT
+import template
 from stopping import StopCondition
 from tokenizer import Tokenizer
 
@@ -132,8 +134,31 @@ def report_stats(cfg: SampleConfig, n_tokens: int, seconds: float, cpu_seconds: 
           f"tokens/s per sample ({'with' if cfg.use_cache else 'without'} KV cache)", file=sys.stderr)
 
 
-def interactive(model, tokenizer, cfg, precision, generator, out):
-    """Complete each line typed at the `>> ` prompt until quit, end of input or Ctrl-C."""
+def chat_turn(model, tokenizer, cfg, precision, generator, out, tmpl: dict, block_size: int,
+              history: list[tuple[str, str]], line: str):
+    """One exchange of a chat: the history and the new user turn wrapped as the training chats
+    were, the oldest exchanges left out when they no longer fit in the block (keeping room for
+    the answer), the answer streamed to out and added to history."""
+    budget = block_size - min(cfg.max_new_tokens, block_size // 2)
+    ids, dropped = template.chat_ids(tokenizer, tmpl, history + [("user", line)], budget, cfg.drop_unknown)
+    if dropped:
+        print(f"(the {dropped} oldest turns no longer fit in the model's context and are left out)", file=sys.stderr)
+        del history[:dropped]
+    answer = ""
+    for text in generate_text(model, tokenizer, ids, cfg, precision, generator, echo_prompt=False):
+        out.write(text[len(answer):])
+        out.flush()
+        answer = text
+    out.write("\n")
+    history += [("user", line), ("assistant", answer)]
+
+
+def interactive(model, tokenizer, cfg, precision, generator, out, instruct: dict | None = None,
+                block_size: int = 0):
+    """Complete each line typed at the `>> ` prompt until quit, end of input or Ctrl-C. A model
+    trained on chats (instruct["chat"]) holds a conversation instead (chat_turn); /reset
+    forgets it."""
+    history = []  # a chat's turns so far: (role, text)
     if sys.stdin.isatty():
         try:
             import readline  # noqa: F401  (line editing and history for input())
@@ -151,7 +176,14 @@ def interactive(model, tokenizer, cfg, precision, generator, out):
             if not line:
                 continue
             try:
-                prompt_ids = encode_prompt(tokenizer, line, cfg.drop_unknown)
+                if instruct and instruct["chat"]:
+                    if line.strip() == "/reset":
+                        history.clear()
+                    else:
+                        chat_turn(model, tokenizer, cfg, precision, generator, out, instruct["template"],
+                                  block_size, history, line)
+                    continue
+                prompt_ids = encode_prompt(tokenizer, line, cfg.drop_unknown, instruct)
             except UserError as e:  # one bad line is no reason to leave
                 print(f"error: {e}", file=sys.stderr)
                 continue
@@ -173,10 +205,13 @@ def main(argv=None):
         hardware.set_cpu_threads()
     precision = choose_precision(cfg.device, cfg.dtype)
     if cfg.init_from == "resume":  # the checkpoint in out_dir (or a Hugging Face folder there)
-        model, tokenizer, _ = load(cfg.out_dir, precision.device)
+        model, tokenizer, info = load(cfg.out_dir, precision.device)
     else:  # a Hugging Face GPT-2: ours after export.py, or OpenAI's
-        model, tokenizer, _ = load_hf(cfg.init_from, precision.device)
-    prompt_ids = None if cfg.interactive else encode_prompt(tokenizer, prompt_text, cfg.drop_unknown)
+        model, tokenizer, info = load_hf(cfg.init_from, precision.device)
+    instruct = info.get("instruct")  # trained on instruction records: the template that wraps a prompt
+    if instruct:  # an answer ends at the template's end marker (or the boundary token)
+        cfg.stop = [*cfg.stop, *template.stop_strings(instruct["template"])]
+    prompt_ids = None if cfg.interactive else encode_prompt(tokenizer, prompt_text, cfg.drop_unknown, instruct)
     # only now that the checkpoint and the prompt are good: a mistake gets one line on stderr
     print(f"precision: {precision.reason}", file=sys.stderr)
     decoder, how = choose_decoder(model, cfg, precision)
@@ -186,7 +221,7 @@ def main(argv=None):
     out = sys.stdout
 
     if cfg.interactive:
-        interactive(decoder, tokenizer, cfg, precision, generator, out)
+        interactive(decoder, tokenizer, cfg, precision, generator, out, instruct, model.config.block_size)
         return
     timing = complete(decoder, tokenizer, prompt_ids, cfg, precision, generator, echo_prompt=True, out=out)
     if cfg.stats:

@@ -29,6 +29,8 @@ EOT = "<|endoftext|>"  # the document-boundary token of tiktoken and of trained 
 # a line end, so records made of a few recurring words (boxing combos, log lines) get tokens
 # for whole moves or fields; GPT-2's word regex caps a 12,000-combo file at 334 tokens.
 LINE_PATTERN = r"[^\n]+|\n+"
+# how a documents dataset was cut: prepare.py --documents=line|blank, or JSONL records (one each)
+DOCUMENT_MODES = ("line", "blank", "jsonl")
 
 
 def _id_list(ids) -> list[int]:
@@ -116,7 +118,7 @@ class Tokenizer:
         name = d.get("name", d.get("tokenizer"))
         if name is None:
             raise UserError("tokenizer description has no 'name' (or 'tokenizer') key")
-        documents = d.get("documents") if d.get("documents") in ("line", "blank") else None
+        documents = d.get("documents") if d.get("documents") in DOCUMENT_MODES else None
         if name == CHAR:
             if not d.get("chars"):
                 raise UserError("char tokenizer description has no 'chars' list; re-run prepare.py")

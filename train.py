@@ -38,6 +38,8 @@ import torch
 import checkpoint
 import hardware
 import hf_format
+import loading
+import lora
 import plot
 import runlock
 from config import parse_config
@@ -310,7 +312,8 @@ def resume_settings(cfg: TrainConfig, explicit: set, ckpt_path: Path) -> tuple[T
     saved.pop("out_dir", None)  # the run continues where its checkpoint is now, even if moved
     fixed = {**{k: ckpt["model_args"][k] for k in MODEL_KEYS},
              "optimizer": ckpt["config"].get("optimizer", "adamw"),
-             "embed_lr_scale": ckpt["config"].get("embed_lr_scale", 1.0)}
+             "embed_lr_scale": ckpt["config"].get("embed_lr_scale", 1.0),
+             **{k: ckpt["config"].get(k, getattr(TrainConfig, k)) for k in lora.SETTINGS}}  # the adapters
     refused = conflicts(cfg, explicit, fixed, "checkpoint")
     if refused:
         raise UserError(f"cannot resume {ckpt_path} with a different model shape or optimizer: "
@@ -320,9 +323,11 @@ def resume_settings(cfg: TrainConfig, explicit: set, ckpt_path: Path) -> tuple[T
 
 
 class Pretrained(NamedTuple):
-    """A GPT-2 to start from (--init_from): its Hugging Face folder and its configuration."""
+    """A GPT-2 to start from (--init_from): its Hugging Face folder and its configuration; or a
+    folder holding a ckpt.pt of ours, whose model (a LoRA run's merged) and tokenizer are `ours`."""
     folder: Path
     config: GPTConfig
+    ours: tuple | None = None  # (GPT, Tokenizer) from loading.load_model
 
 
 def pretrained_settings(cfg: TrainConfig, explicit: set) -> tuple[TrainConfig, Pretrained | None]:
@@ -332,7 +337,8 @@ def pretrained_settings(cfg: TrainConfig, explicit: set) -> tuple[TrainConfig, P
     if cfg.init_from in ("scratch", "resume"):
         return cfg, None
     hf_folder = hf_format.resolve(cfg.init_from)
-    hf_config = hf_format.gpt_config(hf_folder)
+    ours = loading.load_model(str(hf_folder), "cpu")[:2] if (hf_folder / "ckpt.pt").is_file() else None
+    hf_config = ours[0].config if ours else hf_format.gpt_config(hf_folder)
     fixed = {k: getattr(hf_config, k) for k in MODEL_KEYS if k != "block_size"}
     refused = conflicts(cfg, explicit, fixed, cfg.init_from)
     if cfg.block_size > hf_config.block_size and "block_size" in explicit:
@@ -342,7 +348,7 @@ def pretrained_settings(cfg: TrainConfig, explicit: set) -> tuple[TrainConfig, P
         raise UserError(f"cannot start from {cfg.init_from} with a different model shape: "
                         f"{', '.join(refused)}; drop these flags")
     block_size = cfg.block_size if "block_size" in explicit else hf_config.block_size
-    return dataclasses.replace(cfg, **fixed, block_size=block_size), Pretrained(hf_folder, hf_config)
+    return dataclasses.replace(cfg, **fixed, block_size=block_size), Pretrained(hf_folder, hf_config, ours)
 
 
 def open_dataset(cfg: TrainConfig, pretrained: Pretrained | None) -> tuple[Dataset, dict]:
@@ -357,7 +363,7 @@ def open_dataset(cfg: TrainConfig, pretrained: Pretrained | None) -> tuple[Datas
     tokenizer = Tokenizer.from_description(data.meta).describe()
     if pretrained is None:
         return data, tokenizer
-    theirs = hf_format.load_tokenizer(pretrained.folder).describe()
+    theirs = (pretrained.ours[1] if pretrained.ours else hf_format.load_tokenizer(pretrained.folder)).describe()
     if (theirs["name"], theirs.get("chars")) != (tokenizer["name"], tokenizer.get("chars")):
         what = "a char-level" if theirs["name"] == "char" else f"the {theirs['name']}"
         raise UserError(f"--init_from={cfg.init_from} uses {what} tokenizer, but dataset {cfg.dataset!r} was "
@@ -366,7 +372,7 @@ def open_dataset(cfg: TrainConfig, pretrained: Pretrained | None) -> tuple[Datas
     if data.vocab_size > pretrained.config.vocab_size:
         raise UserError(f"dataset {cfg.dataset!r} has {data.vocab_size} tokens, more than the "
                         f"{pretrained.config.vocab_size} of --init_from={cfg.init_from}")
-    return data, theirs
+    return data, {**theirs, **{k: v for k, v in tokenizer.items() if k == "documents"}}  # the data's mode
 
 
 def micro_steps(cfg: TrainConfig, procs: Processes) -> int:
@@ -414,11 +420,19 @@ def build_model(cfg: TrainConfig, data: Dataset, ckpt: dict | None, ckpt_path: P
         raise UserError(f"cannot build this model on {cfg.dataset!r}: " + "; ".join(problems))
     if pretrained is not None:
         block_size = pretrained.config.block_size
-        model = hf_format.load_model(pretrained.folder, GPTConfig(**{**model_args, "block_size": block_size}))
+        model_config = GPTConfig(**{**model_args, "block_size": block_size})
+        if pretrained.ours:  # built again for this run's dropout
+            model = GPT(model_config)
+            model.load_state_dict(pretrained.ours[0].state_dict())
+        else:
+            model = hf_format.load_model(pretrained.folder, model_config)
         if cfg.block_size < block_size:
             model.crop_block_size(cfg.block_size)
     else:
         model = GPT(GPTConfig(**model_args))
+    if cfg.lora_rank:  # before a resumed state is loaded: it holds the adapters
+        lora.apply(model, lora.from_settings(cfg))
+    model.grad_checkpoint = cfg.grad_checkpoint
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     return model, model_args
@@ -564,6 +578,10 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
     raw_model.to(device)  # saved weights always come from this uncompiled module
     if master:
         print(f"number of parameters: {raw_model.num_params() / 1e6:.2f}M")
+        if cfg.lora_rank:
+            n = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+            print(f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {n:,} parameters train "
+                  f"({100 * n / sum(p.numel() for p in raw_model.parameters()):.2f}% of the model), the rest is frozen")
     optimizer, scaler = make_optimizer(raw_model, cfg, precision)
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
@@ -573,6 +591,8 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
     ckpt = None  # free memory
     model = wrap_model(raw_model, cfg, procs, precision)
     run_info = {"model_args": model_args, "config": dataclasses.asdict(cfg), "tokenizer": tokenizer,
+                "lora": lora.from_settings(cfg).to_dict() if cfg.lora_rank else None,  # readers merge it (lora.py)
+                "instruct": data.instruct,  # the template of instruction data, for sample.py and app.py
                 "precision": {"device": precision.device, "dtype": precision.dtype}}
 
     log = MetricsLog(cfg.out_dir, start_wandb(cfg) if master else None)

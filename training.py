@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import hf_format
+import lora
 from model import ModelOptions
 
 
@@ -28,7 +29,7 @@ class TrainConfig(ModelOptions):
     eval_train: bool = True  # evaluate the train split too (nanoGPT does); false halves an evaluation's time
     always_save_checkpoint: bool = True  # checkpoint at every evaluation, not only when val improves (with patience: only the best)
     patience: int = 0  # stop after this many evaluations in a row without a better val loss; ckpt.pt keeps the best. 0 = off
-    init_from: str = "scratch"  # scratch (a new model), resume (from out_dir/ckpt.pt), a GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a Hugging Face GPT-2 folder
+    init_from: str = "scratch"  # scratch (a new model), resume (from out_dir/ckpt.pt), a GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face GPT-2 folder, or a folder holding a ckpt.pt to finetune
     # logging
     wandb_log: bool = False  # log to Weights & Biases (WANDB_MODE=offline works)
     wandb_project: str = "nanogpt"  # wandb project name
@@ -65,6 +66,12 @@ class TrainConfig(ModelOptions):
     compile: bool = False  # torch.compile the model (a gain on GPUs; on a CPU, bench.py --compile tells)
     seed: int = 1337  # seed for weights, dropout and batch sampling
     backend: str = "nccl"  # torch.distributed backend under torchrun on GPUs (gloo on CPUs)
+    # finetuning (docs/finetune.md)
+    lora_rank: int = 0  # LoRA: train rank-r adapters on the targeted layers, everything else frozen; 0 = off
+    lora_alpha: float = 16.0  # LoRA: the adapters' update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.05  # LoRA: dropout on the adapters' input during training
+    lora_targets: str = "c_attn,c_proj"  # LoRA: comma-separated Linear layers of each block (c_attn, c_proj, c_fc)
+    grad_checkpoint: bool = False  # recompute each block's activations in the backward pass: less memory, more compute
 
     def problems(self) -> list[str]:
         """Every setting that cannot work, so all are reported at once before any work."""
@@ -108,6 +115,13 @@ class TrainConfig(ModelOptions):
             p.append(f"--patience must be >= 0 (0 = off), got {self.patience}")
         if self.muon_momentum_warmup < 0:
             p.append(f"--muon_momentum_warmup must be >= 0, got {self.muon_momentum_warmup}")
+        if self.lora_rank < 0:
+            p.append(f"--lora_rank must be >= 0 (0 = off), got {self.lora_rank}")
+        elif self.lora_rank:
+            p += lora.from_settings(self).problems()
+            if self.init_from == "scratch":
+                p.append("--lora_rank adapts a trained model, not random weights: give --init_from=gpt2 (or "
+                         "another GPT-2), a Hugging Face folder, a folder holding a ckpt.pt, or resume")
         if self.init_from not in ("scratch", "resume", *hf_format.GPT2_NAMES) and not Path(self.init_from).is_dir():
             p.append(f"--init_from must be scratch or resume, a GPT-2 ({', '.join(hf_format.GPT2_NAMES)}) or a "
                      f"folder holding a Hugging Face GPT-2; got {self.init_from!r}, which is no folder")

@@ -431,12 +431,13 @@ def test_app_api_passes_every_setting_to_the_sampler(char_dir, sampler_calls, tm
         # each parameter is fed by the page's box of that name, which starts at sample.py's default
         parameters = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]
         names = [p["parameter_name"] for p in parameters["parameters"]]
-        assert names == ["prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "model"]
+        assert names == ["prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "model", "min_p",
+                         "repetition_penalty"]
         defaults = GenerationConfig()
         for p in parameters["parameters"]:
             name = p["parameter_name"]
             assert p["label"].lower().replace("-", " ").startswith(name.replace("_", " ")), p
-            if name in ("temperature", "top_k", "top_p", "seed"):
+            if name in ("temperature", "top_k", "top_p", "seed", "min_p", "repetition_penalty"):
                 assert p["parameter_default"] == getattr(defaults, name), p
     finally:
         demo.close()

@@ -1,0 +1,342 @@
+"""Instruction data: prepare.py reads JSONL records into token bins with a loss mask beside
+them (only answers are in the loss), refuses a bad line in one line naming file and line,
+and sampling wraps prompts and chats with the template stored in meta.json; the shared
+sampler's min-p and repetition penalty."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import prepare
+import template
+from errors import UserError
+from model import sample_next
+from tokenizer import Tokenizer
+
+RECORDS = [
+    {"prompt": "What is 2+2?", "response": "4"},
+    {"text": "A plain document {with braces}."},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
+                  {"role": "assistant", "content": "Bye!"}]},
+    {"prompt": "Capital of France?", "response": "Paris", "id": 7},  # other keys are ignored
+] * 5
+
+
+def write_jsonl(path: Path, records, extra_lines=()) -> Path:
+    lines = [json.dumps(r, ensure_ascii=False) for r in records] + list(extra_lines)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def prepare_records(tmp_path, records, *args, name="inst"):
+    src = write_jsonl(tmp_path / "records.jsonl", records)
+    prepare.main(["--input", str(src), "--name", name, "--data_dir", str(tmp_path / "data"),
+                  "--block_size", "8", "--num_workers", "1", *args])
+    folder = tmp_path / "data" / name
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    splits = {s: (np.fromfile(folder / f"{s}.bin", dtype=meta["dtype"]),
+                  np.fromfile(folder / f"{s}_mask.bin", dtype=np.uint8)) for s in ("train", "val")}
+    return meta, splits
+
+
+def records_of(ids, mask, tokenizer):
+    """Each record of a split as (its whole text, the text of its tokens in the loss), the
+    boundary that closes it shown as <EOT> in the second."""
+    bounds = np.flatnonzero(ids == tokenizer.eot_id)
+    out = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        body, flags = ids[a + 1:b + 1], mask[a + 1:b + 1]
+        trained = "".join("<EOT>" if i == tokenizer.eot_id else tokenizer.decode([i])
+                          for i, f in zip(body, flags) if f)
+        out.append((tokenizer.decode(body[:-1]), trained))
+    return out
+
+
+@pytest.mark.parametrize("tok", ["char", "gpt2"])
+def test_records_become_documents_with_the_answers_in_the_loss(tmp_path, tok):
+    meta, splits = prepare_records(tmp_path, RECORDS, "--tokenizer", tok, "--shuffle", "false",
+                                   "--val_fraction", "0.2")
+    tokenizer = Tokenizer.from_description(meta)
+    assert meta["documents"] == "jsonl" and tokenizer.documents == "jsonl"
+    assert meta["template"] == template.TEMPLATE and meta["chat"] is True
+    assert meta["records"] == {"text": 5, "prompt_response": 10, "messages": 5}
+    assert (meta["train_documents"], meta["val_documents"]) == (16, 4)
+    for split, (ids, mask) in splits.items():
+        assert len(ids) == len(mask) == meta[f"{split}_tokens"]
+        assert int(mask.sum()) == meta["loss_mask"][f"{split}_loss_tokens"]
+        assert ids[0] == ids[-1] == tokenizer.eot_id and mask[0] == 0
+    got = records_of(*splits["train"], tokenizer) + records_of(*splits["val"], tokenizer)
+    user, assistant, end = template.TEMPLATE["user"], template.TEMPLATE["assistant"], template.TEMPLATE["end"]
+    expected = [
+        (user.replace("{content}", "What is 2+2?") + assistant + "4", "4<EOT>"),
+        ("A plain document {with braces}.", "A plain document {with braces}.<EOT>"),
+        ("<|system|>\nBe brief.\n" + user.replace("{content}", "Hi") + assistant + "Hello!" + end
+         + user.replace("{content}", "Bye") + assistant + "Bye!" + end, "Hello!" + end + "Bye!" + end + "<EOT>"),
+        (user.replace("{content}", "Capital of France?") + assistant + "Paris", "Paris<EOT>"),
+    ] * 5
+    assert got == expected
+
+
+def test_sampling_wraps_prompts_as_training_did(tmp_path):
+    meta, splits = prepare_records(tmp_path, RECORDS[:1] * 20, "--tokenizer", "gpt2")
+    tokenizer = Tokenizer.from_description(meta)
+    ids = template.prompt_ids(tokenizer, meta["template"], "What is 2+2?")
+    record = splits["train"][0][:len(ids) + 2].tolist()
+    assert record[:len(ids)] == ids  # the prompt is exactly the start of a training record
+    assert tokenizer.decode(record[len(ids):]) == "4<|endoftext|>"
+
+
+def test_chat_drops_the_oldest_turns_to_fit():
+    tokenizer = Tokenizer.tiktoken("gpt2")
+    turns = [("system", "Be brief."), ("user", "one " * 20), ("assistant", "uno " * 20),
+             ("user", "two"), ("assistant", "dos"), ("user", "three")]
+    full, dropped = template.chat_ids(tokenizer, template.TEMPLATE, turns, budget=1000)
+    assert dropped == 0 and tokenizer.decode(full).endswith("<|user|>\nthree\n<|assistant|>\n")
+    record = {"messages": [{"role": r, "content": c} for r, c in turns]}
+    ids, _ = template.encode_parts(tokenizer, template.record_parts(record, "messages", template.TEMPLATE))
+    assert full == [tokenizer.eot_id] + ids.tolist() + tokenizer.encode(template.TEMPLATE["assistant"])
+    short, dropped = template.chat_ids(tokenizer, template.TEMPLATE, turns, budget=60)
+    assert dropped == 2 and len(short) <= 60  # the long first exchange went, whole
+    text = tokenizer.decode(short)
+    assert text.startswith("<|endoftext|><|system|>\nBe brief.\n<|user|>\ntwo\n") and "one" not in text
+    newest, dropped = template.chat_ids(tokenizer, template.TEMPLATE, turns, budget=5)
+    assert dropped == 4 and tokenizer.decode(newest).endswith("three\n<|assistant|>\n")  # the newest stays
+
+
+BAD_LINES = {
+    "broken JSON": ('{"prompt": "a", "response": }', "records.jsonl:3: not valid JSON"),
+    "not an object": ('["a", "b"]', "records.jsonl:3: a record must be a JSON object, got a list"),
+    "no known field": ('{"question": "a"}', 'records.jsonl:3: the record has none of "text"'),
+    "missing response": ('{"prompt": "a"}', 'records.jsonl:3: the record has "prompt" but no "response"'),
+    "wrong type": ('{"prompt": "a", "response": 4}', 'records.jsonl:3: "response" must be a string, got a number'),
+    "mixed kinds": ('{"text": "a", "prompt": "b"}', "records.jsonl:3: the record mixes"),
+    "bad role": ('{"messages": [{"role": "bot", "content": "hi"}]}', "records.jsonl:3: messages[0].role must be"),
+    "no assistant": ('{"messages": [{"role": "user", "content": "hi"}]}',
+                     'records.jsonl:3: "messages" has no assistant turn'),
+    "content not text": ('{"messages": [{"role": "assistant", "content": null}]}',
+                         "records.jsonl:3: messages[0].content must be a string, got a null"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_LINES)
+def test_a_bad_line_is_one_error_naming_file_and_line_and_nothing_is_written(tmp_path, case):
+    line, message = BAD_LINES[case]
+    src = write_jsonl(tmp_path / "records.jsonl", RECORDS[:1], extra_lines=["", line] + [json.dumps(RECORDS[0])] * 9)
+    with pytest.raises(UserError) as e:
+        prepare.main(["--input", str(src), "--name", "bad", "--data_dir", str(tmp_path / "data")])
+    assert str(e.value).startswith(f"{tmp_path / message}") and "\n" not in str(e.value)
+    assert not (tmp_path / "data" / "bad").exists()
+    assert [p.name for p in (tmp_path / "data").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_format_flags_and_a_custom_template(tmp_path):
+    src = write_jsonl(tmp_path / "records.txt", RECORDS)
+    with pytest.raises(UserError, match="drop --documents"):
+        prepare.main(["--input", str(src), "--format", "jsonl", "--documents", "line", "--name", "x",
+                      "--data_dir", str(tmp_path / "data")])
+    custom = {"system": "S: {content}\n", "user": "Q: {content}\n", "assistant": "A: ", "end": " <END>\n"}
+    (tmp_path / "t.json").write_text(json.dumps(custom), encoding="utf-8")
+    prepare.main(["--input", str(src), "--format", "jsonl", "--template", str(tmp_path / "t.json"),
+                  "--name", "x", "--data_dir", str(tmp_path / "data"), "--block_size", "8", "--tokenizer", "char"])
+    meta = json.loads((tmp_path / "data" / "x" / "meta.json").read_text(encoding="utf-8"))
+    assert meta["template"] == custom and template.stop_strings(custom) == [" <END>", "Q:"]
+    (tmp_path / "t.json").write_text(json.dumps({**custom, "user": "Q:"}), encoding="utf-8")
+    with pytest.raises(UserError, match="must hold {content}"):
+        prepare.main(["--input", str(src), "--format", "jsonl", "--template", str(tmp_path / "t.json"),
+                      "--name", "y", "--data_dir", str(tmp_path / "data")])
+    # a plain text dataset prepared over it later leaves no stale mask behind
+    (tmp_path / "plain.txt").write_text("plain text " * 50, encoding="utf-8")
+    prepare.main(["--input", str(tmp_path / "plain.txt"), "--name", "x", "--data_dir", str(tmp_path / "data"),
+                  "--block_size", "8", "--tokenizer", "char"])
+    assert sorted(p.name for p in (tmp_path / "data" / "x").iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
+# ---------------------------------------------------------------- the shared sampler
+
+def test_min_p_keeps_tokens_near_the_best():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    drawn = {sample_next(logits, 1.0, min_p=0.5, generator=g).item() for _ in range(300)}
+    assert drawn == {0, 1}  # 0.3 >= 0.5 * 0.5; 0.15 is not
+    drawn = {sample_next(logits, 1.0, min_p=0.2, generator=g).item() for _ in range(300)}
+    assert drawn == {0, 1, 2}
+    assert {sample_next(logits, 1.0, min_p=1.0, generator=g).item() for _ in range(50)} == {0}
+
+
+def test_repetition_penalty_as_hugging_face():
+    from transformers import RepetitionPenaltyLogitsProcessor
+    logits = torch.tensor([[2.0, -1.0, 1.5, 0.5, -0.2]])
+    seen = torch.tensor([[0, 1, 1]])
+    theirs = RepetitionPenaltyLogitsProcessor(1.8)(seen, logits.clone())
+    assert sample_next(logits, 0, repetition_penalty=1.8, seen=seen).item() == theirs.argmax().item() == 2
+    assert sample_next(logits, 0, repetition_penalty=1.0, seen=seen).item() == 0
+
+
+# ---------------------------------------------------------------- training on the answers only
+
+def tiny_hf_folder(folder: Path, tokenizer, n_positions=64) -> Path:
+    """A small GPT-2 with random weights saved by transformers, with our tokenizer's files: a
+    pretrained model to finetune, as --init_from=FOLDER reads one."""
+    transformers = pytest.importorskip("transformers")
+    import hf_format
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=tokenizer.vocab_size,
+                                     n_positions=n_positions, bos_token_id=None, eos_token_id=None)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    hf_format.hf_tokenizer(tokenizer).save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(hf_format.tokenizer_config(tokenizer, n_positions)))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def instruct_data(tmp_path_factory):
+    """data_dir with 'inst' (char-level records of RECORDS) and a tiny GPT-2 folder for it."""
+    root = tmp_path_factory.mktemp("instruct")
+    meta, _ = prepare_records(root, RECORDS * 4, "--tokenizer", "char", name="inst")
+    tiny_hf_folder(root / "base", Tokenizer.from_description(meta))
+    return root
+
+
+def test_targets_outside_the_answers_are_ignored_in_every_batch(instruct_data):
+    from dataset import Dataset
+    data = Dataset(str(instruct_data / "data"), "inst")
+    flags = np.fromfile(instruct_data / "data" / "inst" / "val_mask.bin", dtype=np.uint8)
+    tokens = np.fromfile(instruct_data / "data" / "inst" / "val.bin", dtype=np.uint16).astype(np.int64)
+    starts = data.row_starts("val", 32)
+    assert len(starts) > 0 and all(flags[s + 1:s + 33].any() for s in starts)  # every window trains something
+    x, y, positions = data.get_batch("val", 8, 32, torch.Generator().manual_seed(0), "cpu")
+    expected = lambda s: np.where(flags[s + 1:s + 33] == 1, tokens[s + 1:s + 33], -1)  # noqa: E731
+    for row_x, row_y in zip(x.numpy(), y.numpy()):
+        assert any((row_y == expected(s)).all() for s in starts if (tokens[s:s + 32] == row_x).all())
+    assert (y == -1).any() and (x >= 0).all()  # the inputs keep every token
+
+
+def run_train(root, out, *flags):
+    import train
+    train.main([f"--data_dir={root / 'data'}", f"--out_dir={root / out}", "--dataset=inst",
+                f"--init_from={root / 'base'}", "--block_size=32", "--batch_size=4", "--eval_iters=2",
+                "--warmup_iters=0", "--learning_rate=3e-2", "--dtype=float32", "--device=cpu",
+                "--eval_at_start=false", *flags])
+
+
+def test_lora_resumes_exactly_holds_little_optimizer_state_and_loads_merged(instruct_data):
+    import checkpoint
+    import loading
+    import lora
+    root = instruct_data
+    run_train(root, "straight", "--lora_rank=4", "--lora_dropout=0.1", "--max_iters=6", "--eval_interval=3")
+    run_train(root, "halves", "--lora_rank=4", "--lora_dropout=0.1", "--max_iters=3", "--eval_interval=3")
+    run_train(root, "halves", "--init_from=resume", "--max_iters=6")
+    a, b = checkpoint.load(root / "straight"), checkpoint.load(root / "halves")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["lora"] == {"rank": 4, "alpha": 16.0, "dropout": 0.1, "targets": "c_attn,c_proj"}
+    assert a["instruct"]["template"] == template.TEMPLATE and a["tokenizer"]["documents"] == "jsonl"
+    adapters = [v for k, v in a["model"].items() if k.endswith((".lora_A", ".lora_B"))]
+    n_state = sum(t.numel() for s in a["optimizer"]["state"].values() for t in s.values() if t.dim())
+    assert n_state == 2 * sum(t.numel() for t in adapters)  # Adam's two moments of the adapters, nothing else
+    model, tokenizer, _ = loading.load_model(str(root / "straight"), "cpu")
+    assert not any(isinstance(m, lora.LoRALinear) for m in model.modules())  # a plain GPT
+    adapted = loading.load_model(str(root / "straight"), "cpu")[0]
+    lora.apply(adapted, lora.LoRAConfig(**a["lora"]))
+    adapted.load_state_dict(a["model"])
+    x = torch.tensor([template.prompt_ids(tokenizer, a["instruct"]["template"], "What is 2+2?")[-16:]])
+    with torch.no_grad():
+        assert torch.allclose(model(x, x)[0], adapted.eval()(x, x)[0], atol=1e-5)
+
+
+def test_lora_and_sampling_values_out_of_range_are_one_line(instruct_data):
+    with pytest.raises(UserError, match="--lora_rank adapts a trained model"):
+        run_train(instruct_data, "x", "--lora_rank=4", "--init_from=scratch")
+    with pytest.raises(UserError, match="--lora_dropout must be in"):
+        run_train(instruct_data, "x", "--lora_rank=4", "--lora_dropout=1.5")
+    with pytest.raises(UserError, match="--lora_targets must be"):
+        run_train(instruct_data, "x", "--lora_rank=4", "--lora_targets=q_proj")
+
+
+# ---------------------------------------------------------------- sampling an instruction model
+
+@pytest.fixture(scope="module")
+def chat_run(instruct_data):
+    """A model trained (briefly) on the records, chats included: its checkpoint folder."""
+    run_train(instruct_data, "chat", "--max_iters=2", "--eval_interval=2")
+    return instruct_data / "chat"
+
+
+def test_sample_wraps_the_prompt_and_a_chat_keeps_what_fits(chat_run, capsys):
+    import hardware
+    import loading
+    import sample
+    sample.main([f"--out_dir={chat_run}", "--prompt=What is 2+2?", "--max_new_tokens=5", "--dtype=float32",
+                 "--device=cpu", "--temperature=0"])
+    assert capsys.readouterr().out.startswith("<|user|>\nWhat is 2+2?\n<|assistant|>\n")
+    model, tokenizer, info = loading.load(str(chat_run), "cpu")
+    tmpl = info["instruct"]["template"]
+    cfg = sample.SampleConfig(max_new_tokens=4, temperature=0, stop=template.stop_strings(tmpl))
+    history, out = [], __import__("io").StringIO()
+    for line in ("Hi", "What is 2+2?"):  # the second no longer fits beside the first in 32 tokens
+        sample.chat_turn(model, tokenizer, cfg, hardware.resolve("cpu", "float32"), torch.Generator(), out,
+                         tmpl, 32, history, line)
+    assert [turn for turn, _ in history] == ["user", "assistant"] and history[0][1] == "What is 2+2?"
+    assert "oldest turns no longer fit" in capsys.readouterr().err
+    assert out.getvalue().count("\n") == 2  # one answer line per turn
+
+
+def test_an_answer_stops_at_the_end_marker():
+    from stopping import StopCondition
+    tokenizer = Tokenizer.tiktoken("gpt2")
+    stop = StopCondition.for_model(tokenizer, 1, template.stop_strings(template.TEMPLATE))
+    for i in tokenizer.encode("Paris<|end|>\n<|user|>\nmore"):
+        if stop.update([i]):
+            break
+    assert stop.text(0) == "Paris"
+
+
+def test_app_wraps_prompts_holds_a_chat_and_checks_the_new_settings(instruct_data, chat_run):
+    import app
+    import hardware
+    models = app.Models({"chat": chat_run, "base": instruct_data / "base"}, hardware.resolve("cpu", "float32"))
+    texts = list(app.generate(models, 100, 0.0, "What is 2+2?", 4, 0, 0, 1.0, 1, "chat", 0.1, 1.2))
+    assert texts[-1].startswith("<|user|>\nWhat is 2+2?\n<|assistant|>\n")
+    history = list(app.chat(models, 100, 0.0, "Hi", [], 4, 0, 0, 1.0, 1, "chat"))[-1]
+    assert [m["role"] for m in history] == ["user", "assistant"] and history[0]["content"] == "Hi"
+    history = list(app.chat(models, 100, 0.0, "Bye", history, 4, 0, 0, 1.0, 1, "chat"))[-1]
+    assert [m["content"] for m in history][::2] == ["Hi", "Bye"]
+    with pytest.raises(UserError, match="not trained on chats"):
+        list(app.chat(models, 100, 0.0, "Hi", [], 4, 0, 0, 1.0, 1, "base"))
+    with pytest.raises(UserError, match="min_p must be in .0, 1.*repetition_penalty must be a finite number above 0"):
+        list(app.generate(models, 100, 0.0, "x", 4, 0, 0, 1.0, 1, "chat", 1.5, 0))
+
+
+@pytest.mark.parametrize("flag, message", [("--min_p=2", "--min_p must be in [0, 1]"),
+                                           ("--min_p=nan", "--min_p must be in [0, 1]"),
+                                           ("--repetition_penalty=0", "--repetition_penalty must be a finite")])
+def test_sample_refuses_sampling_values_out_of_range(flag, message):
+    import sample
+    with pytest.raises(UserError) as e:
+        sample.main(["--out_dir=nowhere", flag])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_fast_path_draws_as_the_model_with_min_p_and_repetition_penalty(chat_run):
+    import loading
+    from fast_decode import FastDecoder
+    model = loading.load(str(chat_run), "cpu")[0]
+    idx = torch.tensor([[0, 5, 6, 7], [0, 9, 9, 9]])
+    options = dict(temperature=1.0, min_p=0.02, repetition_penalty=1.3)
+    draw = lambda generate, seed: generate(idx, 40, generator=torch.Generator().manual_seed(seed), **options)  # noqa: E731
+    assert torch.equal(draw(FastDecoder(model, "float32").generate, 1), draw(model.generate, 1))
+    assert not torch.equal(draw(model.generate, 1), draw(model.generate, 2))
+
+
+def test_lora_finetunes_a_checkpoint_folder_of_ours(instruct_data, chat_run):
+    import checkpoint
+    run_train(instruct_data, "from_ckpt", f"--init_from={chat_run}", "--lora_rank=2", "--max_iters=2",
+              "--eval_interval=2")
+    mine, base = checkpoint.load(instruct_data / "from_ckpt"), checkpoint.load(chat_run)
+    for key in ("transformer.h.0.mlp.c_fc.weight", "transformer.h.1.attn.c_attn.weight"):
+        assert torch.equal(mine["model"][key], base["model"][key])  # frozen, as the checkpoint had them
+    assert mine["lora"]["rank"] == 2 and mine["instruct"] == base["instruct"]
