@@ -1,9 +1,9 @@
 """CPU kernels for training: fast dropout masks and chunked causal attention with its backward.
 
-torch's CPU dropout draws its mask with bernoulli_ (about 10 ns an element), and SDPA with
+torch's CPU dropout draws its mask with bernoulli_ (slow per element), and SDPA with
 dropout_p > 0 leaves the fused flash kernel for an unfused math path over full-size
-temporaries: at the Shakespeare shape that made a bf16 training step about 3x slower at
-dropout 0.2 than at 0. The code below draws the same masks (each element dropped
+temporaries: at the Shakespeare shape that made a bf16 training step several times slower at
+dropout 0.2 than at 0 (figures in docs/speed.md). The code below draws the same masks (each element dropped
 independently with probability p, survivors scaled by 1/(1-p)) from cheap random bits, and
 computes attention dropout in chunks of a few sequences.
 The bits come from numpy's SFC64 generator seeded from torch's global RNG, so
@@ -41,8 +41,8 @@ def use_cpu_dropout(x: torch.Tensor) -> bool:
 
 
 def _random_int16(n: int) -> np.ndarray:
-    """n uniform int16 values from numpy's SFC64 (about 10x faster than torch's bernoulli_ on
-    CPU), seeded with one draw from torch's global RNG."""
+    """n uniform int16 values from numpy's SFC64 (much cheaper than torch's bernoulli_ on CPU),
+    seeded with one draw from torch's global RNG."""
     seed = int(torch.randint(0, 2**62, (1,)).item())
     words = np.random.SFC64(seed).random_raw((n + 3) // 4)  # uint64, four int16 each
     return words.view(np.int16)[:n]
@@ -61,9 +61,8 @@ _BITS = {2: (np.uint16, torch.int16), 4: (np.uint32, torch.int32), 8: (np.uint64
 
 def _ones_where_kept(drop: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """A tensor of dtype: 1 where `drop` (a numpy bool array) is False, 0 where True. Made as
-    the bit pattern of 1.0 times the kept bytes, in numpy: multiplying by this mask is about
-    10x faster on CPU than torch.where with a bool mask (41 ms against 3 ms for a 64x256x384
-    bf16 tensor), and gives the same values."""
+    the bit pattern of 1.0 times the kept bytes, in numpy: multiplying by this mask is much
+    faster on CPU than torch.where with a bool mask (docs/speed.md), and gives the same values."""
     uint, same_size_int = _BITS[torch.empty((), dtype=dtype).element_size()]
     one = torch.ones((), dtype=dtype).view(same_size_int).item()  # the bits of 1.0 (positive)
     ones = np.multiply(np.logical_not(drop), uint(one), dtype=uint)
@@ -158,8 +157,8 @@ class _CPUAttention(torch.autograd.Function):
     The same math as SDPA's unfused path, y = (softmax(q k^T * scale + causal) * M/(1-p)) @ v,
     computed a few sequences at a time so that the (rows, nh, T, T) temporaries stay small,
     with the cheap mask of _dropped_causal. On CPU this beat SDPA's math path (which dropout
-    forces) and the flash kernel's backward, which is slow in bf16: ~45% of a step of a small
-    model (used without dropout too, for bf16). With P the probabilities, Pm = P * M,
+    forces) and the flash kernel's backward, which is slow in bf16 and took a large share of a
+    small model's step (used without dropout too, for bf16). With P the probabilities, Pm = P * M,
     c = 1/(1-p) (folded into v as vc = c v) and D_i = g_i . y_i:
         y = Pm vc,  dv = c Pm^T g,  ds = Pm * (g vc^T) - P * D,  dq = scale ds k,  dk = scale ds^T q
     P and Pm are kept for the backward pass: 2 * nh * T * T values per sequence (one without

@@ -125,6 +125,20 @@ class Progress:
 
 # ---------------------------------------------------------------------------- what the loop reports
 
+def step_record(iter_num: int, loss, lr: float, precision, t0: float, steps_timed: int, tokens_per_iter: int,
+                budget, cfg: TrainConfig) -> dict:
+    """The log record of the steps since t0. loss.item() waits for the device, which is why the
+    loop asks for it only every log_interval."""
+    train_loss = loss.item()  # of the last micro-step
+    precision.synchronize()
+    dt = (time.perf_counter() - t0) / steps_timed
+    record = {"iter": iter_num, "train/loss": train_loss, "lr": lr,
+              "tokens_per_sec": tokens_per_iter / dt, "step_ms": dt * 1000}
+    if cfg.time_budget:
+        record["progress"] = budget.spent / cfg.time_budget  # of the budget, before this step
+    return record
+
+
 def report_eval(iter_num: int, losses: dict, lr: float, log: MetricsLog, progress: Progress, out_dir: str):
     """An evaluation's losses: on the console, in the metrics log, and in loss.png."""
     train_part = f"train loss {losses['train']:.4f}, " if "train" in losses else ""
@@ -155,6 +169,12 @@ class Patience:
         """Count this evaluation; True when patience evaluations in a row brought no better val loss."""
         self.since_best, self.best_iter = (0, iter_num) if improved else (self.since_best + 1, self.best_iter)
         return self.patience > 0 and self.since_best >= self.patience
+
+
+def report_patience(patience: int, iter_num: int, ckpt_path: Path, best_val_loss: float, best_iter: int,
+                    progress: Progress):
+    progress.write(f"no better val loss in {patience} evaluations: stopped at iteration {iter_num}; "
+                   f"{ckpt_path} holds the best, val loss {best_val_loss:.4f} at iteration {best_iter}")
 
 
 def report_skipped_step(iter_num: int, scaler, out_dir: str, progress: Progress, master: bool):
@@ -383,6 +403,24 @@ def micro_steps(cfg: TrainConfig, procs: Processes) -> int:
     return cfg.gradient_accumulation_steps // procs.world_size
 
 
+def announce_model(raw_model: GPT, cfg: TrainConfig):
+    """The model's size, and with LoRA the share of it that trains."""
+    print(f"number of parameters: {raw_model.num_params() / 1e6:.2f}M")
+    if cfg.lora_rank:
+        n = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+        print(f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {n:,} parameters train "
+              f"({100 * n / sum(p.numel() for p in raw_model.parameters()):.2f}% of the model), the rest is frozen")
+
+
+def run_description(cfg: TrainConfig, model_args: dict, tokenizer: dict, data: Dataset,
+                    precision: hardware.Precision) -> dict:
+    """What every checkpoint of this run says about it besides the weights and the state."""
+    return {"model_args": model_args, "config": dataclasses.asdict(cfg), "tokenizer": tokenizer,
+            "lora": lora.from_settings(cfg).to_dict() if cfg.lora_rank else None,  # readers merge it (lora.py)
+            "instruct": data.instruct,  # the template of instruction data, for sample.py and app.py
+            "precision": {"device": precision.device, "dtype": precision.dtype}}
+
+
 def announce(cfg: TrainConfig, precision: hardware.Precision, data: Dataset, tokens_per_iter: int):
     """What this run is, printed once by rank 0: the precision and why, the resolved config."""
     print(f"{precision.reason}")
@@ -547,13 +585,28 @@ def main(argv=None):
         run(cfg, explicit, held)
 
 
+def out_dir_lock(cfg: TrainConfig, held: contextlib.ExitStack) -> runlock.FolderLock:
+    """One run per out_dir: rank 0 holds <out_dir>/train.lock until this run ends, however it ends."""
+    lock = runlock.FolderLock(Path(cfg.out_dir) / "train.lock", f"--out_dir {cfg.out_dir}", "choose another --out_dir")
+    held.callback(lock.release)
+    return lock
+
+
+def end_run(procs, stopped_by: int | None, say_done: bool, done: str):
+    """After the loop, on every rank: leave the process group, then exit with the signal's code
+    when a signal stopped the run, or say what the run did."""
+    if procs.ddp:
+        leave_process_group()
+    if stopped_by is not None:
+        sys.exit(128 + stopped_by)
+    if say_done:
+        print(done)
+
+
 def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
     procs = start_process_group(cfg)
     master = procs.master
-    # one run per out_dir: rank 0 holds <out_dir>/train.lock until this run ends
-    out_lock = runlock.FolderLock(Path(cfg.out_dir) / "train.lock", f"--out_dir {cfg.out_dir}",
-                                  "choose another --out_dir")
-    held.callback(out_lock.release)
+    out_lock = out_dir_lock(cfg, held)
     ckpt_path, ckpt = Path(cfg.out_dir) / "ckpt.pt", None
     if cfg.init_from == "resume":
         lock_out_dir(out_lock, procs.ddp, master, create=False)  # before reading a checkpoint another run may write
@@ -577,11 +630,7 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
     raw_model, model_args = build_model(cfg, data, ckpt, ckpt_path, pretrained)
     raw_model.to(device)  # saved weights always come from this uncompiled module
     if master:
-        print(f"number of parameters: {raw_model.num_params() / 1e6:.2f}M")
-        if cfg.lora_rank:
-            n = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-            print(f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {n:,} parameters train "
-                  f"({100 * n / sum(p.numel() for p in raw_model.parameters()):.2f}% of the model), the rest is frozen")
+        announce_model(raw_model, cfg)
     optimizer, scaler = make_optimizer(raw_model, cfg, precision)
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
@@ -590,10 +639,7 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
     budget = TimeBudget(cfg, ckpt.get("train_seconds", 0.0) if ckpt else 0.0, precision, procs.ddp)
     ckpt = None  # free memory
     model = wrap_model(raw_model, cfg, procs, precision)
-    run_info = {"model_args": model_args, "config": dataclasses.asdict(cfg), "tokenizer": tokenizer,
-                "lora": lora.from_settings(cfg).to_dict() if cfg.lora_rank else None,  # readers merge it (lora.py)
-                "instruct": data.instruct,  # the template of instruction data, for sample.py and app.py
-                "precision": {"device": precision.device, "dtype": precision.dtype}}
+    run_info = run_description(cfg, model_args, tokenizer, data, precision)
 
     log = MetricsLog(cfg.out_dir, start_wandb(cfg) if master else None)
     progress = Progress(iter_num, None if cfg.time_budget else cfg.max_iters, enabled=master)
@@ -625,13 +671,11 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
                 if patience.run_out(improved, iter_num) and not last:
                     last = True
                     if master:
-                        progress.write(f"no better val loss in {cfg.patience} evaluations: stopped at iteration "
-                                       f"{iter_num}; {ckpt_path} holds the best, val loss {best_val_loss:.4f} "
-                                       f"at iteration {patience.best_iter}")
+                        report_patience(cfg.patience, iter_num, ckpt_path, best_val_loss, patience.best_iter, progress)
                 t0, steps_timed = time.perf_counter(), 0  # keep eval out of the throughput figures
             if last and budget.used_up and master:
-                progress.write(f"time budget spent: {iter_num:,} iterations in {budget.spent:.1f} s of "
-                               f"training (--time_budget={cfg.time_budget:g})")
+                progress.write(f"time budget spent: {iter_num:,} iterations in {budget.spent:.1f} s of training "
+                               f"(--time_budget={cfg.time_budget:g})")
             if last or cfg.eval_only:
                 break
             if stop.requested(procs.ddp, device):  # Ctrl-C or SIGTERM: save, say how to resume, leave
@@ -656,13 +700,7 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
             record = None
             steps_timed += 1
             if iter_num % cfg.log_interval == 0 and master:
-                train_loss = loss.item()  # of the last micro-step
-                precision.synchronize()
-                dt = (time.perf_counter() - t0) / steps_timed
-                record = {"iter": iter_num, "train/loss": train_loss, "lr": lr,
-                          "tokens_per_sec": tokens_per_iter / dt, "step_ms": dt * 1000}
-                if cfg.time_budget:
-                    record["progress"] = budget.spent / cfg.time_budget  # of the budget, before this step
+                record = step_record(iter_num, loss, lr, precision, t0, steps_timed, tokens_per_iter, budget, cfg)
                 log.log(record)
                 t0, steps_timed = time.perf_counter(), 0
             progress.step(record)
@@ -672,12 +710,8 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
         stop.restore()
         progress.close()
     log.finish()
-    if procs.ddp:
-        leave_process_group()
-    if stopped_by is not None:
-        sys.exit(128 + stopped_by)
-    if master and not cfg.eval_only:
-        print(f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}, checkpoint in {ckpt_path}")
+    end_run(procs, stopped_by, master and not cfg.eval_only,
+            f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}, checkpoint in {ckpt_path}")
 
 
 def exit_rank():
