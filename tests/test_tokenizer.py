@@ -1,4 +1,5 @@
 """Tokenizer: encode/decode round trips, descriptions, and clear errors."""
+import base64
 import json
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 import tiktoken
 
 from errors import UserError
-from tokenizer import Tokenizer
+from tokenizer import LINE_PATTERN, Tokenizer, bytes_to_unicode
 
 TEXT = "Hello, wörld! 你好 😀\n\tcafé"
 
@@ -92,3 +93,48 @@ def test_offline_without_cache_says_how_to_fix(monkeypatch, tmp_path):
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # forget encodings already loaded
     with pytest.raises(UserError, match="TIKTOKEN_CACHE_DIR"):
         Tokenizer.tiktoken("gpt2")
+
+
+def test_a_trained_vocabulary_round_trips_through_its_description():
+    ranks = [bytes([i]) for i in range(256)] + [b"ab", b"abc"]
+    tok = Tokenizer.bpe_from_ranks(ranks, documents="line")
+    assert (tok.name, tok.vocab_size, tok.eot_id, tok.documents) == ("bpe", 259, 258, "line")
+    assert tok.encode("abc\nab") == [257, 10, 256]  # merges inside a line, never across its end
+    d = json.loads(json.dumps(tok.describe()))
+    assert d["bpe"]["pattern"] == LINE_PATTERN and d["bpe"]["special_tokens"] == {"<|endoftext|>": 258}
+    assert [base64.b64decode(t) for t in d["bpe"]["ranks"]] == ranks and d["documents"] == "line"
+    again = Tokenizer.from_description(d)
+    assert again.describe() == d and again.encode("abc\nab") == [257, 10, 256]
+    assert again.decode([257, again.eot_id]) == "abc<|endoftext|>"
+
+
+def test_a_damaged_trained_vocabulary_is_refused():
+    byte_ranks = [bytes([i]) for i in range(256)]
+    for ranks in (byte_ranks + [b"a"], byte_ranks[1:]):  # a repeated token, a missing byte
+        with pytest.raises(UserError, match="the trained vocabulary is damaged"):
+            Tokenizer.bpe_from_ranks(ranks)
+    for bpe in (None, {"ranks": ["not base64!"], "pattern": LINE_PATTERN}, {"ranks": []}):
+        with pytest.raises(UserError, match="has no valid 'bpe' ranks and pattern"):
+            Tokenizer.from_description({"name": "bpe", "bpe": bpe})
+
+
+def test_a_char_documents_vocabulary_has_one_more_id_that_decodes_to_nothing():
+    tok = Tokenizer.char_from_text("ba", documents="blank")
+    assert (tok.vocab_size, tok.eot_id, tok.documents) == (3, 2, "blank")
+    assert tok.decode([0, 2, 1]) == "ab" and tok.decode_bytes([2, 0]) == b"a"
+    d = tok.describe()
+    assert d == {"name": "char", "vocab_size": 3, "eot_id": 2, "chars": ["a", "b"], "documents": "blank"}
+    again = Tokenizer.from_description(d)
+    assert (again.vocab_size, again.eot_id, again.documents) == (3, 2, "blank")
+    assert Tokenizer.from_description({**d, "documents": "pages"}).documents is None  # not a mode: none
+    with pytest.raises(UserError, match="has eot_id 5, but the boundary id of 2 characters is 2"):
+        Tokenizer.from_description({**d, "eot_id": 5})
+    plain = Tokenizer.char_from_text("ba")
+    assert (plain.vocab_size, plain.eot_id, plain.documents) == (2, None, None)
+    assert repr(plain) == "Tokenizer(name='char', vocab_size=2)"
+    assert Tokenizer.from_description({"name": "gpt2", "documents": "line"}).documents == "line"
+
+
+def test_bytes_to_unicode_is_gpt2s_byte_alphabet():
+    hf = pytest.importorskip("transformers.convert_slow_tokenizer")
+    assert bytes_to_unicode() == hf.bytes_to_unicode()
