@@ -11,7 +11,8 @@ import checkpoint
 import sample
 from conftest import ROOT
 from errors import UserError, run_main
-from generation import GenerationConfig, encode_prompt, shown_prompt
+from generation import GenerationConfig, choose_decoder, encode_prompt, shown_prompt
+from hardware import Precision
 from model import GPT, GPTConfig, KVCache, sample_next
 from stopping import StopCondition
 from tokenizer import Tokenizer
@@ -140,7 +141,7 @@ def test_a_prompt_becomes_the_ids_the_model_continues_from():
     docs = Tokenizer.char_from_text("ab\n", documents="line")
     ids = encode_prompt(docs, "\n\nab\n", False)  # a new document: leading line ends dropped
     assert ids == [docs.eot_id] + docs.encode("ab\n")
-    assert shown_prompt(docs, ids + [docs.vocab_size + 3]) == docs.encode("ab\n")  # no boundary, no padding id
+    assert shown_prompt(docs, ids + [docs.vocab_size]) == docs.encode("ab\n")  # no boundary, no padding id
     assert encode_prompt(docs, "", False) == [docs.eot_id]
     bpe = Tokenizer.bpe_from_ranks([bytes([i]) for i in range(256)])
     assert encode_prompt(bpe, "", False) == [bpe.eot_id]  # an empty prompt starts a new document
@@ -148,6 +149,12 @@ def test_a_prompt_becomes_the_ids_the_model_continues_from():
         encode_prompt(char, "", False)
     with pytest.raises(UserError, match="^the prompt has no character the model knows; give some text"):
         encode_prompt(char, "xyz", True)
+
+
+def test_an_exact_dtype_decodes_with_the_model_itself_and_says_so():
+    model, _ = tiny_model(len(CHARS))
+    decoder, how = choose_decoder(model, GenerationConfig(dtype="float32"), Precision("cpu", "float32", "float32"))
+    assert decoder is model and how == "model.generate_stream (exact, as --dtype asked)"
 
 
 # ---------------------------------------------------------------------------- sample.py
