@@ -155,6 +155,9 @@ def test_an_exact_dtype_decodes_with_the_model_itself_and_says_so():
     model, _ = tiny_model(len(CHARS))
     decoder, how = choose_decoder(model, GenerationConfig(dtype="float32"), Precision("cpu", "float32", "float32"))
     assert decoder is model and how == "model.generate_stream (exact, as --dtype asked)"
+    decoder, how = choose_decoder(model, GenerationConfig(dtype="float32", compile=True),
+                                  Precision("cpu", "float32", "float32"))  # compiles on its first steps
+    assert decoder is model and how.endswith("asked); the model compiled (torch.compile, on its first steps)")
 
 
 # ---------------------------------------------------------------------------- sample.py
