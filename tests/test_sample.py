@@ -11,7 +11,8 @@ import checkpoint
 import sample
 from conftest import ROOT
 from errors import UserError, run_main
-from generation import GenerationConfig, choose_decoder, encode_prompt, shown_prompt
+import template
+from generation import GenerationConfig, choose_decoder, encode_prompt, generate_text, shown_prompt
 from hardware import Precision
 from model import GPT, GPTConfig, KVCache, sample_next
 from stopping import StopCondition
@@ -149,6 +150,47 @@ def test_a_prompt_becomes_the_ids_the_model_continues_from():
         encode_prompt(char, "", False)
     with pytest.raises(UserError, match="^the prompt has no character the model knows; give some text"):
         encode_prompt(char, "xyz", True)
+
+
+def test_a_documents_or_instruct_prompt_keeps_its_text_and_drops_unknown_characters():
+    docs = Tokenizer.char_from_text("ab\n X", documents="line")
+    assert encode_prompt(docs, "\n\n Xa", False) == [docs.eot_id] + docs.encode(" Xa")  # only line ends go
+    assert encode_prompt(docs, "\nXa", False) == [docs.eot_id] + docs.encode("Xa")
+    assert encode_prompt(docs, "\naz€b", True) == [docs.eot_id] + docs.encode("ab")
+    chat = Tokenizer.char_from_text(template.fill(template.TEMPLATE, "user", "hi") + template.TEMPLATE["assistant"],
+                                    documents="jsonl")
+    ids = encode_prompt(chat, "h€i", True, instruct={"template": template.TEMPLATE})  # a user turn, then the marker
+    assert ids == [chat.eot_id] + chat.encode("<|user|>\nhi\n<|assistant|>\n")
+
+
+def test_generate_text_streams_what_the_model_draws_with_these_settings():
+    char = Tokenizer.char_from_text(CHARS)
+    model, _ = tiny_model(len(CHARS))
+    cpu = Precision("cpu", "float32", "float32")
+    prompt = char.encode("ab")
+
+    def stream(echo=True, **kw):
+        cfg = GenerationConfig(max_new_tokens=12, temperature=0.05, top_k=None, **kw)
+        return list(generate_text(model, char, prompt, cfg, cpu, torch.Generator().manual_seed(5), echo))
+
+    def drawn(**kw):  # the model's own draws with the same settings and seed
+        tokens = model.generate_stream(torch.tensor([prompt]), 12, temperature=0.05,
+                                       generator=torch.Generator().manual_seed(5), **kw)
+        return char.decode([int(t) for t in tokens])
+
+    settings = ({}, dict(min_p=0.5), dict(repetition_penalty=1.5))
+    assert len({drawn(**kw) for kw in settings}) == 3  # each setting changes the sample
+    for kw in settings:
+        assert stream(**kw)[-1] == "ab" + drawn(**kw), kw
+    assert stream(echo=False)[0] == ""
+    text = drawn()
+    # the whole sample could start the stop string: held back, then given at the end
+    assert stream(stop=[text + "!"]) == ["ab", "ab" + text]
+    # prompt ids that end inside a character echo U+FFFD, not an error
+    bpe = Tokenizer.bpe_from_ranks([bytes([i]) for i in range(256)])
+    cfg = GenerationConfig(max_new_tokens=0)
+    assert list(generate_text(tiny_model(bpe.vocab_size)[0], bpe, list("€".encode()[:2]), cfg, cpu,
+                              torch.Generator(), True)) == ["\N{REPLACEMENT CHARACTER}"]
 
 
 def test_an_exact_dtype_decodes_with_the_model_itself_and_says_so():

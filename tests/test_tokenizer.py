@@ -148,3 +148,31 @@ def test_a_char_documents_vocabulary_has_one_more_id_that_decodes_to_nothing():
 def test_bytes_to_unicode_is_gpt2s_byte_alphabet():
     hf = pytest.importorskip("transformers.convert_slow_tokenizer")
     assert bytes_to_unicode() == hf.bytes_to_unicode()
+
+
+def test_a_char_documents_description_rebuilds_the_same_tokenizer_and_bad_ones_say_why():
+    d = Tokenizer.char_from_text("ba", documents="line").describe()
+    again = Tokenizer.from_description(d)
+    assert again.describe() == d and again.decode([1, 2, 0]) == "ba"
+    with pytest.raises(UserError, match=r"^tokenizer description has no 'name' \(or 'tokenizer'\) key$"):
+        Tokenizer.from_description({"vocab_size": 3})
+    with pytest.raises(UserError, match=r"^char tokenizer description has no 'chars' list; re-run prepare.py$"):
+        Tokenizer.from_description({"name": "char", "chars": []})
+
+
+def test_unknown_characters_are_listed_ten_at_most():
+    tok = Tokenizer.char_from_text("abc")
+    for n, more in ((10, ""), (11, " and 1 more")):
+        unknown = [chr(0x400 + i) for i in range(n)]
+        shown = ", ".join(repr(c) for c in unknown[:10])
+        with pytest.raises(UserError) as e:
+            tok.encode("a" + "".join(unknown))
+        assert str(e.value) == (f"{n} character(s) not in the char vocabulary: {shown}{more}; "
+                                "pass --drop_unknown to drop them")
+
+
+def test_a_trained_description_with_a_stray_character_in_a_rank_is_refused():
+    d = Tokenizer.bpe_from_ranks([bytes([i]) for i in range(256)] + [b"ab"]).describe()
+    d["bpe"]["ranks"][-1] += "!"  # base64 of b"ab" with a character outside the alphabet: not silently dropped
+    with pytest.raises(UserError, match="has no valid 'bpe' ranks and pattern"):
+        Tokenizer.from_description(d)
