@@ -64,7 +64,7 @@ class AppConfig:
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto (float32 on cpu: faster for decoding; bf16 or fp16 on gpus), float32, bfloat16 or float16
     cpu_threads: int = 0  # torch threads on cpu; 0 = all cores
-    compile: bool = False  # torch.compile each model's decoding step as it loads (slow to build the first time, then read from inductor's cache)
+    compile: bool | None = None  # on a CPU the fast path's compiled decoding step: unset loads one kept in ~/.cache/nanogpt-toolkit (sample.py keeps it), true also builds a missing one as the model loads (a minute or more), false never
 
     def problems(self) -> list[str]:
         p = []
@@ -147,10 +147,12 @@ class Models:
     """The models to serve by name, each loaded once, on first use, then kept in memory."""
 
     def __init__(self, folders: dict[str, Path], precision: hardware.Precision, dtype: str = "float32",
-                 compile: bool = False):
+                 compile: bool | None = None):
         self.folders = folders
         self.precision = precision
-        self.settings = GenerationConfig(dtype=dtype, compile=compile)  # what choose_decoder reads
+        # what choose_decoder reads; max_new_tokens=1: with compile unset, a kept compiled step
+        # is loaded but none is built while a visitor waits for the first answer
+        self.settings = GenerationConfig(dtype=dtype, compile=compile, max_new_tokens=1)
         self.loaded: dict[str, Loaded] = {}
         self.lock = threading.Lock()  # two tabs asking for a new model load it once
         self.default = next(iter(folders))

@@ -424,7 +424,14 @@ def decoder_for(model: nn.Module, batch_size: int, weights: str = "auto", compil
     if why is not None:
         return model, f"plain ({why})"
     if weights == "auto":
-        weights, reason = choose_weights(model, batch_size)
+        # a format whose compiled step is kept wins without timing: the compiled step beats the
+        # eager gap between the formats, and later processes then agree (the timing is live)
+        kept = [w for w in ("int8", "float32") if compile is not False and (w == "float32" or int8_available())
+                and step_path(step_key(model, w, batch_size)).exists()]
+        if len(kept) == 1:
+            weights, reason = kept[0], f"{kept[0]} weights (their compiled step is kept)"
+        else:
+            weights, reason = choose_weights(model, batch_size)
     else:
         reason = f"{weights} weights (as requested)"
     decoder = FastDecoder(model, weights)

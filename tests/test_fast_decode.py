@@ -285,6 +285,23 @@ def test_val_loss_is_the_mean_cross_entropy_over_every_window():
         assert got == pytest.approx(expected, rel=1e-5), batch_size
 
 
+@pytest.mark.parametrize("kept", ["float32", "int8"])
+def test_a_kept_compiled_step_decides_the_weights_without_timing(trained, tmp_path, monkeypatch, kept):
+    """With one format's compiled step in the cache, weights=auto takes that format (the choice
+    by timing could differ from process to process and miss the kept step); --compile=false
+    still times."""
+    if kept == "int8" and not fast_decode.int8_available():
+        pytest.skip("no int8 kernel in this torch build")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = fast_decode.step_path(fast_decode.step_key(trained, kept, 1))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a package")  # found, then refused when loaded: the eager step runs
+    decoder, how = decoder_for(trained, 1, "auto", None, new_tokens=1, log=lambda line: None)
+    assert decoder.weights == kept and "compiled step is kept" in how and decoder.compiled is None
+    decoder, how = decoder_for(trained, 1, "auto", False)
+    assert "measured on this CPU" in how or "not faster" in how or "not available" in how
+
+
 def save(model, chars, out_dir):
     import checkpoint
     checkpoint.save({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),

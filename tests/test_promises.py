@@ -6,10 +6,12 @@ fast CPU path and the plain one)."""
 import copy
 import dataclasses
 import inspect
+import contextlib
 import math
 import io
 import socket
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -515,3 +517,79 @@ def test_a_sample_ends_at_the_first_stop_string_even_at_its_start_or_twice_in_on
     ids = gpt2.encode("a----b")
     assert gpt2.decode(ids[1:2]) == "----"  # one token holds the stop string twice
     assert run_rows(StopCondition.for_model(gpt2, 1, ["--"]), [ids]) == ["a"]
+
+
+# ---------------------------------------------------------------------------- checkpoint files
+
+def plain_checkpoint(**more) -> dict:
+    return {"model": {"w": torch.ones(3)}, "model_args": {}, "iter_num": 7, "config": {}, "tokenizer": {}, **more}
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """Writes past limit bytes fail (EFBIG) in this process, as on a full disk (Unix)."""
+    resource = pytest.importorskip("resource")
+    import signal
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write, do not kill the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old_limit[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def test_a_checkpoint_is_saved_into_new_folders_and_loads_from_its_folder(tmp_path):
+    folder = tmp_path / "runs" / "a"  # neither folder exists yet
+    checkpoint.save(plain_checkpoint(), folder / "ckpt.pt")
+    loaded = checkpoint.load(folder)  # a folder stands for its ckpt.pt
+    assert (loaded["format"], loaded["version"], loaded["iter_num"]) == (checkpoint.FORMAT, checkpoint.VERSION, 7)
+    assert loaded["model"]["w"].device.type == "cpu"
+    assert checkpoint.load(folder, map_location="meta")["model"]["w"].is_meta  # map_location reaches torch.load
+
+
+def test_a_failed_save_says_why_in_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    blocked = tmp_path / "file" / "out" / "ckpt.pt"
+    (tmp_path / "file").write_text("a file where a folder should be")
+    with pytest.raises(UserError) as e:
+        checkpoint.save(plain_checkpoint(), blocked)
+    assert str(e.value) == (f"could not write checkpoint {blocked}: Not a directory. Free some disk space "
+                            f"or choose another --out_dir.")  # no previous checkpoint: none is promised
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save(plain_checkpoint(), path)
+    with file_size_limit(4096), pytest.raises(UserError) as e:
+        checkpoint.save(plain_checkpoint(model={"w": torch.zeros(10_000)}), path)
+    message = str(e.value)
+    assert message.startswith(f"could not write checkpoint {path}: the write stopped short ([enforce fail")  # torch's RuntimeError, first line
+    assert message.endswith(". Free some disk space or choose another --out_dir. The previous checkpoint is unchanged.")
+    assert "\n" not in message
+    assert torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(3))
+
+
+def test_a_newer_version_or_missing_entries_are_refused_by_name(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    plain = {"format": checkpoint.FORMAT, **plain_checkpoint()}
+    torch.save(plain, path)  # no version: written before versions were recorded, read as version 0
+    assert checkpoint.load(path)["iter_num"] == 7
+    torch.save({**plain, "version": checkpoint.VERSION + 1}, path)
+    with pytest.raises(UserError, match=rf"has checkpoint version {checkpoint.VERSION + 1}, newer than this code "
+                                        rf"reads \({checkpoint.VERSION}\); update the code"):
+        checkpoint.load(path)
+    torch.save({k: v for k, v in plain.items() if k not in ("model", "tokenizer")}, path)
+    with pytest.raises(UserError, match="is missing model, tokenizer; it is incomplete"):
+        checkpoint.load(path)
+
+
+def test_an_unreadable_checkpoint_says_what_the_loader_found(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    with zipfile.ZipFile(path, "w") as z:  # a zip archive, but not torch's layout
+        z.writestr("archive/notes.txt", "no data.pkl here")
+    with pytest.raises(RuntimeError) as found:
+        torch.load(path, weights_only=True)
+    with pytest.raises(UserError) as e:
+        checkpoint.load(path)
+    assert f"is truncated or corrupted ({str(found.value).splitlines()[0]}); restore it" in str(e.value)
+    path.write_bytes(b"\x88")  # one opcode, then the end: an EOFError without a message names its type
+    with pytest.raises(UserError, match=r"is truncated or corrupted \(EOFError\); restore it"):
+        checkpoint.load(path)

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 import checkpoint
@@ -126,3 +127,48 @@ def test_prepare_refuses_a_dataset_being_prepared(tmp_path, hold_lock):
     holder.wait(timeout=30)
     prepare.main(args)  # a stale lock: taken over
     assert not (tmp_path / "data" / ".x.lock").exists()
+
+
+def test_a_process_is_alive_while_it_runs_and_only_if_it_began_before_its_note():
+    began = psutil.Process().create_time()
+    assert runlock.pid_alive(os.getpid()) and runlock.pid_alive(os.getpid(), since=began)
+    assert runlock.pid_alive(os.getpid(), since=began - 1)  # start times are rounded: a second of slack
+    assert not runlock.pid_alive(os.getpid(), since=began - 1.5)  # began after the note: its PID was reused
+    for pid in (None, "4242", 0, -1, 1.0):  # not a PID a note can name
+        assert not runlock.pid_alive(pid)
+    if psutil.pid_exists(1):  # a run in a container can be PID 1
+        assert runlock.pid_alive(1)
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    if os.name != "nt":  # POSIX: an ended child is a zombie until its parent reaps it
+        for _ in range(3000):
+            if psutil.Process(ended.pid).status() == psutil.STATUS_ZOMBIE:
+                break
+            time.sleep(0.01)
+        assert not runlock.pid_alive(ended.pid)
+    ended.wait()
+    assert not runlock.pid_alive(ended.pid)
+
+
+def test_a_stale_note_of_a_live_process_says_that_it_no_longer_holds_the_lock(tmp_path, capsys):
+    path = tmp_path / "train.lock"
+    for started, why in ((time.time(), "that process no longer holds it"),
+                         (psutil.Process().create_time() - 3600, "that process is no longer running")):  # a reused PID
+        note = {"pid": os.getpid(), "host": socket.gethostname(), "started": started}
+        path.write_text(json.dumps(note))
+        with runlock.FolderLock(path, "the folder", "choose another"):
+            pass
+        assert capsys.readouterr().err == f"note: taking over the stale lock {path} of {runlock.describe(note)}: {why}\n"
+
+
+def test_a_note_names_its_holder_and_an_unreadable_note_is_empty(tmp_path):
+    started = time.mktime((2026, 11, 29, 8, 50, 1, 0, 0, -1))  # local time
+    note = {"pid": 4242, "host": "gpu1", "started": started, "command": "python train.py"}
+    assert runlock.describe(note) == "PID 4242 on host gpu1 since 2026-11-29 08:50:01 (python train.py)"
+    assert runlock.describe({"started": "yesterday"}) == "PID ? on host ?"
+    path = tmp_path / "train.lock"
+    assert runlock.read_note(path) is None
+    for text in ("{not json", "[4242]"):
+        path.write_text(text)
+        assert runlock.read_note(path) == {}
+    if os.name != "nt":
+        assert runlock.command_line(["python", "train.py", "--out_dir=my runs"]) == "python train.py '--out_dir=my runs'"

@@ -11,6 +11,8 @@ import checkpoint
 import sample
 from conftest import ROOT
 from errors import UserError, run_main
+from generation import GenerationConfig, choose_decoder, encode_prompt, shown_prompt
+from hardware import Precision
 from model import GPT, GPTConfig, KVCache, sample_next
 from stopping import StopCondition
 from tokenizer import Tokenizer
@@ -109,6 +111,53 @@ def test_sampling_settings():
     for seed in range(20):
         ids = sample_next(logits, 5.0, top_k=3, generator=torch.Generator().manual_seed(seed))
         assert (top3 == ids[:, None]).any(dim=1).all()
+
+
+def test_every_impossible_generation_setting_is_named_at_once():
+    bad = GenerationConfig(num_samples=0, max_new_tokens=-1, temperature=float("inf"), top_k=-1, top_p=0.0,
+                           min_p=1.5, repetition_penalty=0.0, stop=["END", ""], fast_weights="int4")
+    assert bad.problems() == [
+        "--num_samples must be at least 1, got 0",
+        "--max_new_tokens must be >= 0, got -1",
+        "--temperature must be a finite number >= 0 (0 = greedy), got inf",
+        "--top_k must be >= 0 (0 = off), got -1",
+        "--top_p must be in (0, 1] (1 = off), got 0.0",
+        "--min_p must be in [0, 1] (0 = off), got 1.5",
+        "--repetition_penalty must be a finite number above 0 (1 = off), got 0.0",
+        "--stop needs a non-empty string, e.g. --stop=END",
+        "--fast_weights must be auto, float32 or int8, got 'int4'"]
+    nan = float("nan")
+    assert len(GenerationConfig(temperature=nan, top_p=nan, min_p=nan, repetition_penalty=float("inf")).problems()) == 4
+    assert len(GenerationConfig(temperature=-0.1, top_p=1.01, min_p=-0.01).problems()) == 3
+    for edge in (dict(num_samples=1, max_new_tokens=0, temperature=0.0, top_k=0, top_p=1.0, min_p=1.0,
+                      repetition_penalty=0.5, stop=["x"], fast_weights="int8"),
+                 dict(top_k=None, top_p=1e-9, min_p=0.0, repetition_penalty=2.0, fast_weights="float32"), {}):
+        assert GenerationConfig(**edge).problems() == [], edge
+
+
+def test_a_prompt_becomes_the_ids_the_model_continues_from():
+    char = Tokenizer.char_from_text("ab\n")
+    assert encode_prompt(char, "ba", False) == char.encode("ba")
+    docs = Tokenizer.char_from_text("ab\n", documents="line")
+    ids = encode_prompt(docs, "\n\nab\n", False)  # a new document: leading line ends dropped
+    assert ids == [docs.eot_id] + docs.encode("ab\n")
+    assert shown_prompt(docs, ids + [docs.vocab_size]) == docs.encode("ab\n")  # no boundary, no padding id
+    assert encode_prompt(docs, "", False) == [docs.eot_id]
+    bpe = Tokenizer.bpe_from_ranks([bytes([i]) for i in range(256)])
+    assert encode_prompt(bpe, "", False) == [bpe.eot_id]  # an empty prompt starts a new document
+    with pytest.raises(UserError, match=r"^the prompt is empty; give some text, e.g. --prompt='\\n'$"):
+        encode_prompt(char, "", False)
+    with pytest.raises(UserError, match="^the prompt has no character the model knows; give some text"):
+        encode_prompt(char, "xyz", True)
+
+
+def test_an_exact_dtype_decodes_with_the_model_itself_and_says_so():
+    model, _ = tiny_model(len(CHARS))
+    decoder, how = choose_decoder(model, GenerationConfig(dtype="float32"), Precision("cpu", "float32", "float32"))
+    assert decoder is model and how == "model.generate_stream (exact, as --dtype asked)"
+    decoder, how = choose_decoder(model, GenerationConfig(dtype="float32", compile=True),
+                                  Precision("cpu", "float32", "float32"))  # compiles on its first steps
+    assert decoder is model and how.endswith("asked); the model compiled (torch.compile, on its first steps)")
 
 
 # ---------------------------------------------------------------------------- sample.py

@@ -1,4 +1,5 @@
 """Tokenizer: encode/decode round trips, descriptions, and clear errors."""
+import base64
 import json
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 import tiktoken
 
 from errors import UserError
-from tokenizer import Tokenizer
+from tokenizer import LINE_PATTERN, Tokenizer, bytes_to_unicode
 
 TEXT = "Hello, wörld! 你好 😀\n\tcafé"
 
@@ -20,6 +21,8 @@ def test_char_round_trip_and_sorted_vocab():
     assert tok.decode(ids) == TEXT
     assert tok.decode(np.array(ids, dtype=np.uint16)) == TEXT
     assert tok.decode_bytes(ids) == TEXT.encode("utf-8")
+    lone = json.loads('"a\\ud800"')  # a JSON record may hold half a surrogate pair
+    assert Tokenizer.char_from_text(lone).encode(lone) == [0, 1]
 
 
 def test_char_unknown_characters():
@@ -29,6 +32,8 @@ def test_char_unknown_characters():
     msg = str(e.value)
     assert "'x'" in msg and "'z'" in msg and "pass --drop_unknown" in msg
     assert tok.encode("abxyzc", drop_unknown=True) == [0, 1, 2]
+    with pytest.raises(UserError, match="pass --drop_unknown"):  # prepare.py and eval.py call it so
+        tok.encode_to_numpy("abx")
     with pytest.raises(UserError, match="and 2 more"):
         tok.encode("".join(chr(0x400 + i) for i in range(12)))
 
@@ -77,18 +82,69 @@ def test_bad_descriptions():
 def test_unknown_tiktoken_name_lists_valid_names():
     with pytest.raises(UserError) as e:
         Tokenizer.tiktoken("gpt3")
-    assert "char" in str(e.value) and "cl100k_base" in str(e.value) and "o200k_base" in str(e.value)
+    assert str(e.value) == f"unknown tokenizer 'gpt3'; valid: {', '.join(['char'] + tiktoken.list_encoding_names())}"
 
 
 def test_offline_without_cache_says_how_to_fix(monkeypatch, tmp_path):
     import tiktoken.load
     import tiktoken.registry
 
+    reason = "cannot reach the server: " + "no route to host, " * 20  # long: cut to 150 characters
+
     def no_network(blobpath):
-        raise ConnectionError(f"cannot reach {blobpath}")
+        raise ConnectionError(reason)
 
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # an empty cache
     monkeypatch.setattr(tiktoken.load, "read_file", no_network)
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # forget encodings already loaded
-    with pytest.raises(UserError, match="TIKTOKEN_CACHE_DIR"):
+    with pytest.raises(UserError) as e:
         Tokenizer.tiktoken("gpt2")
+    assert str(e.value) == (f"could not load the tiktoken encoding 'gpt2' (ConnectionError: {reason[:150]}); "
+                            "tiktoken downloads its files on first use: without internet, set "
+                            "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached files")
+
+
+def test_a_trained_vocabulary_round_trips_through_its_description():
+    ranks = [bytes([i]) for i in range(256)] + [b"ab", b"abc"]
+    tok = Tokenizer.bpe_from_ranks(ranks, documents="line")
+    assert (tok.name, tok.vocab_size, tok.eot_id, tok.documents) == ("bpe", 259, 258, "line")
+    assert tok.encode("abc\nab") == [257, 10, 256]  # merges inside a line, never across its end
+    d = json.loads(json.dumps(tok.describe()))
+    assert d["bpe"]["pattern"] == LINE_PATTERN and d["bpe"]["special_tokens"] == {"<|endoftext|>": 258}
+    assert [base64.b64decode(t) for t in d["bpe"]["ranks"]] == ranks and d["documents"] == "line"
+    again = Tokenizer.from_description(d)
+    assert again.describe() == d and again.encode("abc\nab") == [257, 10, 256]
+    assert again.decode([257, again.eot_id]) == "abc<|endoftext|>"
+
+
+def test_a_damaged_trained_vocabulary_is_refused():
+    byte_ranks = [bytes([i]) for i in range(256)]
+    for ranks in (byte_ranks + [b"a"], byte_ranks[1:]):  # a repeated token, a missing byte
+        with pytest.raises(UserError, match=r"^the trained vocabulary is damaged \(a repeated token or a missing "
+                                            r"byte\); re-run prepare.py$"):
+            Tokenizer.bpe_from_ranks(ranks)
+    for bpe in (None, {"ranks": ["not base64!"], "pattern": LINE_PATTERN}, {"ranks": []}):
+        with pytest.raises(UserError, match="has no valid 'bpe' ranks and pattern"):
+            Tokenizer.from_description({"name": "bpe", "bpe": bpe})
+
+
+def test_a_char_documents_vocabulary_has_one_more_id_that_decodes_to_nothing():
+    tok = Tokenizer.char_from_text("ba", documents="blank")
+    assert (tok.vocab_size, tok.eot_id, tok.documents) == (3, 2, "blank")
+    assert tok.decode([0, 2, 1]) == "ab" and tok.decode_bytes([2, 0]) == b"a"
+    d = tok.describe()
+    assert d == {"name": "char", "vocab_size": 3, "eot_id": 2, "chars": ["a", "b"], "documents": "blank"}
+    again = Tokenizer.from_description(d)
+    assert (again.vocab_size, again.eot_id, again.documents) == (3, 2, "blank")
+    assert Tokenizer.from_description({**d, "documents": "pages"}).documents is None  # not a mode: none
+    with pytest.raises(UserError, match="has eot_id 5, but the boundary id of 2 characters is 2"):
+        Tokenizer.from_description({**d, "eot_id": 5})
+    plain = Tokenizer.char_from_text("ba")
+    assert (plain.vocab_size, plain.eot_id, plain.documents) == (2, None, None)
+    assert repr(plain) == "Tokenizer(name='char', vocab_size=2)"
+    assert Tokenizer.from_description({"name": "gpt2", "documents": "line"}).documents == "line"
+
+
+def test_bytes_to_unicode_is_gpt2s_byte_alphabet():
+    hf = pytest.importorskip("transformers.convert_slow_tokenizer")
+    assert bytes_to_unicode() == hf.bytes_to_unicode()
