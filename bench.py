@@ -46,9 +46,8 @@ import cpu_kernels
 import fast_decode
 import hardware
 from config import parse_config
-from dataset import Dataset
 from errors import run_main
-from loading import choose_precision, load_model
+from loading import choose_precision
 from model import GPT, MODEL_KEYS, GPTConfig
 from training import TrainConfig, train_step
 
@@ -72,7 +71,6 @@ class BenchConfig(TrainConfig):
     peak_size: int = 4096  # side of the square matrices of the peak FLOP/s measurement
     skip_sample: bool = False  # measure training only
     skip_train: bool = False  # measure sampling only (no matmul peak, no training step)
-    quant_eval: str = ""  # out_dir of a trained model: its val loss over the whole val split, float32 and int8
     process_runs: int = 0  # whole `python sample.py` processes per variant (cpu; 0 = none, 5 = first + 4 repeats)
     profile: bool = False  # also print torch.profiler's table of the training step's operators
     sample_compile: bool = True  # also time the fast path's compiled step (built once per shape into the cache, then loaded)
@@ -315,22 +313,6 @@ def bench_sample_process(model, cfg: BenchConfig) -> dict[str, list[float]]:
     return times
 
 
-def bench_quant_eval(out_dir: str) -> dict[str, float]:
-    """Val loss of a trained checkpoint over its whole val split (fast_decode.val_loss):
-    model.py in float32, and the fast path with int8 block matrices."""
-    import numpy as np
-
-    model, _, ckpt = load_model(out_dir, "cpu")
-    train_cfg = ckpt.get("config", {})
-    data = Dataset(train_cfg.get("data_dir", "data"), train_cfg.get("dataset", "shakespeare_char"))
-    val = torch.from_numpy(np.fromfile(data.paths["val"], dtype=data.dtype).astype(np.int64))
-    int8 = fast_decode.quantized(model)
-    block = model.config.block_size
-    with torch.inference_mode():
-        return {"float32": fast_decode.val_loss(lambda x: model(x, x)[0], val, block),
-                "int8": fast_decode.val_loss(lambda x: int8(x, x)[0], val, block)}
-
-
 def row(name: str, values: list[float], unit: str, scale: float = 1.0, extra: str = "") -> str:
     med, lo, hi = statistics.median(values) / scale, min(values) / scale, max(values) / scale
     return f"{name:<38} {med:>12,.1f} {lo:>12,.1f} {hi:>12,.1f}  {unit:<12} {extra}"
@@ -385,12 +367,6 @@ def main(argv=None):
         for name, (rates, note) in results.items():
             speedup = statistics.median(rates) / baseline
             print(row(name, rates, "tokens/s", 1.0, f"{speedup:.1f}x nanoGPT's loop; {note}"))
-    if cfg.quant_eval:
-        losses = bench_quant_eval(cfg.quant_eval)
-        delta = losses["int8"] - losses["float32"]
-        for name, loss in losses.items():
-            vs = f", {delta:+.4f} vs float32" if name == "int8" else ""
-            print(f"{'val loss, ' + name:<38} {loss:>12.4f} {'':>25}  {'nats':<12} {cfg.quant_eval}, whole val split{vs}")
     if cfg.process_runs and sampling.device_type == "cpu":
         times = bench_sample_process(model.cpu(), cfg)
         nanogpt = times["nanoGPT sample.py"]

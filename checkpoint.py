@@ -42,7 +42,10 @@ def save(checkpoint: dict, path) -> None:
         with durable.replacing(path) as f:
             torch.save(checkpoint, f)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        if isinstance(e, OSError) and e.strerror:
+            reason = e.strerror
+        else:  # torch's own words ("[enforce fail at inline_container.cc...] unexpected pos ...") say little
+            reason = f"the write stopped short ({(str(e).splitlines() or [''])[0][:200]})"
         kept = " The previous checkpoint is unchanged." if path.exists() else ""
         raise UserError(f"could not write checkpoint {path}: {reason}. Free some disk space or "
                         f"choose another --out_dir.{kept}") from None

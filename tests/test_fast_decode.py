@@ -3,6 +3,7 @@ tokens wherever the logits leave a margin, seeded sampling, sliding past block_s
 and without the cache), falls back to the plain path for models it does not know, and
 sample.py uses it by default on CPU and prints the choice."""
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -159,6 +160,13 @@ def test_int8_linear_is_close_to_the_float_one():
         assert (y - linear(x)).abs().max() < 0.02 * linear(x).abs().max()
 
 
+def test_int8_linear_gives_the_dtype_asked_for():
+    """bf16 out for the MLP's hidden layer (the input the next kernel takes), float32 by default."""
+    for bias in (True, False):
+        int8 = fast_decode.Int8Linear(torch.nn.Linear(64, 96, bias=bias))
+        for x in (torch.randn(2, 64), torch.randn(2, 3, 64)):
+            assert int8(x).dtype == torch.float32 and int8(x, torch.bfloat16).dtype == torch.bfloat16
+
 @dataclasses.dataclass
 class LaterConfig(GPTConfig):
     later_option: bool = False  # an option a later model.py may grow, unknown to fast_decode
@@ -223,6 +231,58 @@ def test_choose_weights_says_what_it_measured(trained):
     weights, why = fast_decode.choose_weights(trained, batch_size=2)
     assert weights in ("float32", "int8")
     assert "ms int8" in why and "ms float32" in why
+
+
+def small_model(**options):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=23, n_layer=2, n_head=2, n_embd=32, **options)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def test_quantized_swaps_only_the_block_matrices_of_a_copy():
+    model = small_model()
+    int8 = fast_decode.quantized(model)
+    for block, original in zip(int8.transformer.h, model.transformer.h):
+        linears = fast_decode._block_linears(block)
+        assert all(isinstance(lin, fast_decode.Int8Linear) for lin in linears)
+        assert all(type(lin) is torch.nn.Linear for lin in fast_decode._block_linears(original))
+        assert block.ln_1.weight is original.ln_1.weight  # shared, not copied
+    assert int8.transformer.wte.weight is model.transformer.wte.weight and int8.lm_head.weight is model.lm_head.weight
+    idx = torch.tensor([[3, 1, 4, 1, 5]])
+    assert (int8(idx)[0] - model(idx)[0]).abs().max() < 0.05 * model(idx)[0].abs().max()
+
+
+def test_matches_model_tells_a_step_that_computes_the_model_from_one_that_does_not():
+    args = dict(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=16)
+    plain = GPT(GPTConfig(**args)).eval()
+    assert fast_decode.matches_model(FastDecoder(plain)) and fast_decode.matches_model(FastDecoder(plain, "int8"))
+    doubled = DoubledLogits(GPTConfig(**args)).eval()
+    assert not fast_decode.matches_model(FastDecoder(doubled))
+    assert not fast_decode.matches_model(FastDecoder(doubled, "int8"))  # checked against float32 all the same
+
+
+def test_step_key_names_everything_a_compiled_step_depends_on():
+    model = small_model()
+    key = fast_decode.step_key(model, "float32", 1)
+    assert json.loads(key)["config"]["n_embd"] == 32 and "dropout" not in json.loads(key)["config"]
+    others = [fast_decode.step_key(model, "int8", 1), fast_decode.step_key(model, "float32", 2),
+              fast_decode.step_key(small_model(rotary=True), "float32", 1)]
+    assert len({key, *others}) == 4
+    model.config.dropout = 0.1  # dropout does not change a decoding step
+    assert fast_decode.step_key(model, "float32", 1) == key
+
+
+def test_val_loss_is_the_mean_cross_entropy_over_every_window():
+    model = small_model()
+    data = torch.randint(0, 23, (3 * 16 + 5,))  # three windows of 16 and 17 targets; the tail is left out
+    x, y = data[:48].view(3, 16), data[1:49].view(3, 16)
+    expected = torch.nn.functional.cross_entropy(model(x, y)[0].flatten(0, 1), y.flatten()).item()
+    for batch_size in (1, 2, 16):
+        got = val_loss(lambda idx: model(idx, idx)[0], data, 16, batch_size)
+        assert got == pytest.approx(expected, rel=1e-5), batch_size
 
 
 @pytest.mark.parametrize("kept", ["float32", "int8"])

@@ -273,6 +273,34 @@ def test_model_options_are_checked_once_in_train_py_and_in_the_model():
     assert all(p in training.TrainConfig(**bad).problems() for p in expected)
 
 
+@pytest.mark.parametrize("settings, expected", [
+    (dict(), []),
+    (dict(n_layer=0), ["--n_layer must be at least 1, got 0"]),
+    (dict(n_head=0), ["--n_head must be at least 1, got 0"]),  # no divisibility check without heads
+    (dict(n_embd=0, block_size=-1), ["--n_embd must be at least 1, got 0", "--block_size must be at least 1, got -1"]),
+    (dict(dropout=0.0), []), (dict(dropout=1.0), ["--dropout must be in [0, 1), got 1.0"]),
+    (dict(dropout=-0.1), ["--dropout must be in [0, 1), got -0.1"]),
+    (dict(dropout=float("nan")), ["--dropout must be in [0, 1), got nan"]),
+    (dict(n_embd=10, n_head=4), ["--n_embd (10) must be divisible by --n_head (4)"]),
+    (dict(n_embd=10, n_head=4, n_layer=1), ["--n_embd (10) must be divisible by --n_head (4)"]),
+    (dict(n_embd=10, n_head=4, n_layer=0), ["--n_layer must be at least 1, got 0"]),
+    (dict(n_embd=7, n_head=1), []),
+    (dict(n_embd=7, n_head=1, rotary=True),
+     ["--rotary needs an even head size, got n_embd/n_head = 7; change --n_embd or --n_head"]),
+    (dict(activation="swish"), ["--activation must be gelu, gelu_tanh or relu2, got 'swish'"]),
+    (dict(norm="batchnorm"), ["--norm must be layernorm or rmsnorm, got 'batchnorm'"]),
+    (dict(n_embd=6, n_head=2, rotary=True),
+     ["--rotary needs an even head size, got n_embd/n_head = 3; change --n_embd or --n_head"]),
+    (dict(n_embd=8, n_head=2, rotary=True), []),
+    (dict(vocab_size=0), ["vocab_size must be at least 1, got 0"]), (dict(vocab_size=1), []),
+    (dict(bigram=True, vocab_size=1024), []),
+    (dict(bigram=True, vocab_size=1025), ["--bigram needs a vocabulary of at most 1024 tokens (its table has "
+                                          "vocab_size^2 rows), got 1025; use it with char-level data"]),
+])
+def test_each_setting_a_model_cannot_have_is_named_with_its_value(settings, expected):
+    assert GPTConfig(**settings).problems() == expected
+
+
 @pytest.mark.parametrize("name", list(OTHER_VALUE))
 def test_the_fast_path_computes_each_option_or_leaves_it_to_the_model(name):
     model = perturbed_model(**{name: OTHER_VALUE[name]})

@@ -561,7 +561,7 @@ def test_a_failed_save_says_why_in_one_line_and_keeps_the_previous_checkpoint(tm
     with file_size_limit(4096), pytest.raises(UserError) as e:
         checkpoint.save(plain_checkpoint(model={"w": torch.zeros(10_000)}), path)
     message = str(e.value)
-    assert message.startswith(f"could not write checkpoint {path}: [enforce fail")  # torch's RuntimeError, first line
+    assert message.startswith(f"could not write checkpoint {path}: the write stopped short ([enforce fail")  # torch's RuntimeError, first line
     assert message.endswith(". Free some disk space or choose another --out_dir. The previous checkpoint is unchanged.")
     assert "\n" not in message
     assert torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(3))

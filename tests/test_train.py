@@ -9,7 +9,7 @@ import checkpoint
 import train
 import training
 from conftest import TINY, rank_output, torchrun
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, KVCache, Rotary, apply_rotary, document_mask, slide_window
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,6 +38,168 @@ def test_attention_is_causal():
     logits_b, _ = model(changed, changed)
     assert torch.equal(logits_a[:, :10], logits_b[:, :10])  # the past cannot see the future
     assert not torch.allclose(logits_a[:, 10:], logits_b[:, 10:])
+
+
+def test_kv_cache_chunks_give_the_full_forwards_logits():
+    """Feeding a sequence to the cache in chunks (a prompt, one token, then several at once)
+    gives at each chunk's last token the logits of one forward over the whole sequence."""
+    model = tiny_model().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # off the init: every part of the model shows
+    idx = torch.randint(0, 40, (2, 12))
+    full, _ = model(idx, idx)
+    cache = KVCache(model.config.n_layer, model.config.block_size)
+    for end, chunk in ((1, idx[:, :1]), (5, idx[:, 1:5]), (6, idx[:, 5:6]), (8, idx[:, 6:8]), (12, idx[:, 8:12])):
+        logits, _ = model(chunk, kv_cache=cache)
+        assert torch.allclose(logits[:, -1], full[:, end - 1], atol=1e-5), end
+        assert cache.length == end and torch.equal(cache.last_token, idx[:, end - 1])
+    k, v = cache.update(0, torch.zeros(2, 2, 1, 16), torch.ones(2, 2, 1, 16))  # views of all 13 positions
+    assert k.shape == v.shape == (2, 2, 13, 16) and not k[:, :, -1].any() and v[:, :, -1].eq(1).all()
+    assert cache.length == 12  # update writes; only advance counts the tokens
+    with pytest.raises(AssertionError, match="holds 16 positions, asked for 17"):
+        cache.update(1, torch.zeros(2, 2, 5, 16), torch.zeros(2, 2, 5, 16))
+    buffer = cache.k[0]
+    cache.reset()
+    assert cache.length == 0 and cache.k[0] is buffer  # the buffers are kept for the next window
+    model(idx[:, :4], kv_cache=cache)
+    assert cache.length == 4 and cache.k[0] is buffer
+    with pytest.raises(AssertionError, match="^KV cache reused with another batch size, dtype or device$"):
+        model(idx[:1, 4:5], kv_cache=cache)
+    cache.reset()  # empty, a cache takes another dtype (or batch size): new buffers
+    k, _ = cache.update(0, torch.zeros(2, 2, 1, 16, dtype=torch.bfloat16), torch.zeros(2, 2, 1, 16, dtype=torch.bfloat16))
+    assert k.dtype == torch.bfloat16 and cache.k[0] is not buffer
+
+
+def test_a_packed_document_computes_as_if_it_were_alone():
+    """In a row of several documents (positions restart at each), every document's logits are
+    those of the document alone: its own positions, no attention to the one before (also with
+    rotary positions and the options that feed every block)."""
+    for options in (dict(), dict(rotary=True, x0_lambdas=True, value_embeds=True)):
+        model = tiny_model(**options)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        first, second = torch.tensor([[39, 5, 6, 7, 8]]), torch.tensor([[39, 9, 10, 11]])
+        row = torch.cat([first, second], dim=1)
+        positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]])
+        model.eval()
+        packed, _ = model(row, row, positions=positions)
+        assert torch.allclose(packed[:, :5], model(first, first)[0], atol=1e-5)
+        assert torch.allclose(packed[:, 5:], model(second, second)[0], atol=1e-5)
+    with pytest.raises(AssertionError, match="^positions are for training rows, not cached generation$"):
+        model(row, positions=positions, kv_cache=KVCache(2, 16))
+
+
+def test_grad_checkpoint_gives_the_plain_gradients_in_document_rows_with_every_block_input():
+    """Checkpointed blocks get every input of a plain block: the document mask, the rotary
+    angles, the first input (x0_lambdas) and the value embeddings."""
+    model = tiny_model(rotary=True, x0_lambdas=True, value_embeds=True).train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    row = torch.tensor([[39, 5, 6, 7, 8, 39, 9, 10, 11]])
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]])
+    grads = []
+    for checkpointed in (False, True):
+        model.grad_checkpoint = checkpointed
+        model.zero_grad()
+        model(row, row, positions=positions)[1].backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+def test_targets_of_minus_one_are_left_out_of_the_loss():
+    model = tiny_model().eval()
+    idx = torch.randint(0, 40, (2, 8))
+    targets = idx.clone()
+    targets[:, :3] = -1  # e.g. a prompt the loss should not teach
+    logits, loss = model(idx, targets)
+    expected = torch.nn.functional.cross_entropy(logits[:, 3:].flatten(0, 1), idx[:, 3:].flatten())
+    assert torch.allclose(loss, expected)
+
+def test_a_sequence_longer_than_block_size_is_refused_with_its_length():
+    model = tiny_model().eval()
+    with pytest.raises(ValueError, match="^sequence of length 17 exceeds block_size 16$"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    cache = KVCache(2, 16)
+    model(torch.zeros(1, 12, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="^sequence of length 17 exceeds block_size 16$"):
+        model(torch.zeros(1, 5, dtype=torch.long), kv_cache=cache)
+
+
+def test_attention_dropout_applies_in_training_only():
+    torch.manual_seed(0)
+    attn = tiny_model(dropout=0.5).transformer.h[0].attn
+    attn.resid_dropout = torch.nn.Identity()  # only the dropout inside attention is left
+    x = torch.randn(2, 8, 32)
+    attn.train()
+    assert not torch.allclose(attn(x), attn(x))
+    attn.eval()
+    plain = tiny_model(dropout=0.0).transformer.h[0].attn.eval()
+    assert torch.equal(attn(x), attn(x)) and torch.allclose(attn(x), plain(x))
+
+
+def test_the_window_slides_by_half_a_block_and_refills_the_cache():
+    """slide_window hands the decoder only the tokens its cache lacks; past block_size the
+    window jumps to the last block_size // 2 tokens and the cache starts again. A prompt longer
+    than block_size starts from its last block_size tokens."""
+    for use_cache in (True, False):
+        fed = []
+
+        def next_logits(tokens, cache):  # a decoder whose next token is the last one + 1
+            fed.append(tokens[0].tolist())
+            if cache is not None:
+                cache.advance(tokens)
+            return torch.nn.functional.one_hot((tokens[:, -1] + 1) % 40, 40).float()
+
+        cache = KVCache(1, 4) if use_cache else None
+        prompt = torch.tensor([[10, 11, 12, 13, 14, 15], [20, 21, 22, 23, 24, 25]])
+        new = list(slide_window(next_logits, 4, cache, prompt, 5, temperature=0))
+        assert torch.equal(torch.stack(new, 1), torch.tensor([[16, 17, 18, 19, 20], [26, 27, 28, 29, 30]]))
+        if use_cache:
+            assert fed == [[12, 13, 14, 15], [15, 16], [17], [18], [18, 19]]
+        else:
+            assert fed == [[12, 13, 14, 15], [15, 16], [15, 16, 17], [15, 16, 17, 18], [18, 19]]
+
+
+def test_the_repetition_penalty_sees_every_token_so_far_not_only_the_window():
+    """Token 1, seen only before the window, is penalized; without a penalty (the default) it stays best."""
+    def next_logits(tokens, cache):
+        return torch.tensor([[0.0, 2.0, 1.5]])
+
+    prompt = torch.tensor([[1, 0, 0]])  # block_size 2: the window starts after the 1
+    penalized = list(slide_window(next_logits, 2, KVCache(1, 2), prompt, 2, temperature=0, repetition_penalty=2.0))
+    assert [t.item() for t in penalized] == [2, 1]  # then 2 is seen too: 0, 1, 0.75
+    plain = list(slide_window(next_logits, 2, None, prompt, 2, temperature=0))
+    assert [t.item() for t in plain] == [1, 1]
+
+
+def test_document_mask_is_causal_inside_each_document():
+    positions = torch.tensor([[0, 1, 2, 0, 1], [0, 0, 1, 2, 3]])
+    mask = document_mask(positions)
+    assert mask.shape == (2, 1, 5, 5)
+    for b in range(2):
+        for i in range(5):
+            for j in range(5):
+                assert mask[b, 0, i, j] == (i - positions[b, i] <= j <= i), (b, i, j)
+
+
+def test_rotary_turns_each_channel_pair_by_its_position_times_its_frequency():
+    """Channel pair (i, i + hs/2) at position p turns by p * 10000^(-2i/hs): x1 + i x2 times e^(-i angle)."""
+    rotary = Rotary(head_size=4, max_positions=8)
+    angles = torch.tensor([[p * 10000 ** (-2 * i / 4) for i in range(2)] for p in range(8)])
+    assert torch.allclose(rotary.cos, angles.cos(), atol=1e-6) and torch.allclose(rotary.sin, angles.sin(), atol=1e-6)
+    x = torch.randn(2, 1, 3, 4, dtype=torch.float64)  # (B, nh, T, hs)
+    positions = torch.tensor([[1, 2, 3], [5, 6, 7]])  # per sequence (B, T)
+    cos, sin = rotary(positions)
+    assert cos.shape == (2, 3, 2)
+    turned = apply_rotary(x, cos, sin)
+    assert turned.dtype == torch.float64 and apply_rotary(x.bfloat16(), cos, sin).dtype == torch.bfloat16
+    assert not rotary.state_dict()  # derived from the shape: not saved in checkpoints
+    z = torch.complex(x[..., :2], x[..., 2:]) * torch.exp(-1j * angles[positions][:, None].double())
+    assert torch.allclose(turned, torch.cat([z.real, z.imag], dim=-1), atol=1e-5)
+    cos, sin = rotary(positions[1])  # the same positions for every sequence (T,)
+    assert torch.allclose(apply_rotary(x, cos, sin)[1], turned[1], atol=1e-6)
 
 
 def test_gpt2_module_names_and_weight_tying():
