@@ -69,7 +69,6 @@ class Tokenizer:
             codepoints = np.array([ord(c) for c in chars], dtype=np.uint32)
             self._order = np.argsort(codepoints, kind="stable").astype(np.uint32)
             self._sorted_codepoints = codepoints[self._order]
-            self._stoi = {c: i for i, c in enumerate(chars)}
 
     # ---- construction ----
 
