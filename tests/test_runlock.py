@@ -172,3 +172,33 @@ def test_a_note_names_its_holder_and_an_unreadable_note_is_empty(tmp_path):
         assert runlock.read_note(path) == {}
     if os.name != "nt":
         assert runlock.command_line(["python", "train.py", "--out_dir=my runs"]) == "python train.py '--out_dir=my runs'"
+
+
+def test_an_in_process_lock_names_its_file_writes_a_full_note_and_handles_sigterm_while_held(tmp_path):
+    """The lock file sits beside the note with one leading dot; the note holds pid, host, start
+    and command; SIGTERM ends the process through Python (so finally blocks release the lock)
+    only while the lock is held and only where no handler was set; a second acquire is a no-op."""
+    for name, lock_name in (("train.lock", ".train.lock.flock"), (".prepare.lock", ".prepare.lock.flock")):
+        assert runlock.FolderLock(tmp_path / name, "the folder", "choose another").lock_path == tmp_path / lock_name
+    path = tmp_path / "train.lock"
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        lock = runlock.FolderLock(path, "the folder", "choose another")
+        assert not lock.held and not lock.soft and lock.fd is None
+        with lock:
+            note = json.loads(path.read_text())
+            assert note["pid"] == os.getpid() and note["host"] == socket.gethostname()
+            assert time.time() - 60 < note["started"] <= time.time() and "python" in note["command"]
+            assert (lock.held, lock.soft, lock.lock_path.exists()) == (True, False, True)
+            assert lock.acquire() is lock and isinstance(lock.fd, int)  # already held: nothing changes
+            assert signal.getsignal(signal.SIGTERM) is runlock._exit_on_sigterm
+            with pytest.raises(SystemExit) as e:
+                runlock._exit_on_sigterm(signal.SIGTERM, None)
+            assert e.value.code == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back on release
+        assert not path.exists() and not lock.lock_path.exists() and not lock.held
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a handler of the program's own is left alone
+        with runlock.FolderLock(path, "the folder", "choose another"):
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
