@@ -5,6 +5,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -178,7 +179,8 @@ def test_an_in_process_lock_names_its_file_writes_a_full_note_and_handles_sigter
     """The lock file sits beside the note with one leading dot; the note holds pid, host, start
     and command; SIGTERM ends the process through Python (so finally blocks release the lock)
     only while the lock is held and only where no handler was set; a second acquire is a no-op."""
-    for name, lock_name in (("train.lock", ".train.lock.flock"), (".prepare.lock", ".prepare.lock.flock")):
+    for name, lock_name in (("train.lock", ".train.lock.flock"), (".prepare.lock", ".prepare.lock.flock"),
+                            (".Xsum.lock", ".Xsum.lock.flock")):  # --name Xsum must not share sum's lock file
         assert runlock.FolderLock(tmp_path / name, "the folder", "choose another").lock_path == tmp_path / lock_name
     path = tmp_path / "train.lock"
     before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -198,7 +200,84 @@ def test_an_in_process_lock_names_its_file_writes_a_full_note_and_handles_sigter
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back on release
         assert not path.exists() and not lock.lock_path.exists() and not lock.held
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a handler of the program's own is left alone
-        with runlock.FolderLock(path, "the folder", "choose another"):
+        with lock:  # the same lock taken again
             assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_a_second_lock_in_the_same_process_is_refused_and_the_first_lets_go_cleanly(tmp_path):
+    """The OS lock is per open file, so a second FolderLock on a held path is refused even in
+    the holder's own process, with the holder named (or "still starting" while it has no note);
+    a released lock object can be taken again."""
+    path = tmp_path / "train.lock"
+    first = runlock.FolderLock(path, "the folder", "choose another")
+    with first:
+        note = json.loads(path.read_text())
+        for _ in range(2):
+            with pytest.raises(UserError) as e:
+                runlock.FolderLock(path, "the folder", "choose another").acquire()
+            assert str(e.value) == (f"the folder is in use by {runlock.describe(note)}; wait for it to finish, "
+                                    f"stop it (kill {os.getpid()}), or choose another")
+        assert json.loads(path.read_text()) == note and first.lock_path.exists()  # the holder is untouched
+        path.unlink()  # a holder that has not written its note yet
+        with pytest.raises(UserError) as e:
+            runlock.FolderLock(path, "the folder", "choose another").acquire()
+        assert str(e.value) == ("the folder is in use by another process (still starting); wait for it to "
+                                "finish, stop it, or choose another")
+        fd = first.fd
+    with pytest.raises(OSError):  # let go of: the lock file's descriptor is closed
+        os.fstat(fd)
+    assert not first.lock_path.exists() and not first.held
+    with first:  # the same object takes the lock again
+        assert json.loads(path.read_text())["pid"] == os.getpid() and first.held
+    assert not path.exists() and not first.lock_path.exists()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="Windows deletes no open file")
+def test_a_lock_file_deleted_by_hand_while_held_is_not_deleted_again_by_the_old_holder(tmp_path):
+    path = tmp_path / "train.lock"
+    old = runlock.FolderLock(path, "the folder", "choose another").acquire()
+    old.lock_path.unlink()
+    path.unlink()
+    with runlock.FolderLock(path, "the folder", "choose another") as new:
+        old.release()  # must leave the new holder's lock file alone
+        assert new.lock_path.exists() and same_inode(new.lock_path, new.fd)
+        with pytest.raises(UserError, match="in use by"):
+            runlock.FolderLock(path, "the folder", "choose another").acquire()
+    assert not new.lock_path.exists()
+
+
+def same_inode(path, fd):
+    return os.path.samestat(os.stat(path), os.fstat(fd))
+
+
+def test_a_note_or_lock_file_that_cannot_be_written_is_refused_in_one_line(tmp_path):
+    """A folder where the note or the lock file should be: the error names the file and the OS's
+    reason, and nothing is left held."""
+    path = tmp_path / "train.lock"
+    path.mkdir()
+    lock = runlock.FolderLock(path, "the folder", "choose another")
+    with pytest.raises(UserError) as e:
+        lock.acquire()
+    assert str(e.value).startswith(f"cannot write the lock file {path}: ") and str(e.value).endswith("; choose another")
+    assert "Errno" not in str(e.value) and "\n" not in str(e.value)
+    assert not lock.held and not lock.lock_path.exists()
+    path.rmdir()
+    lock.lock_path.mkdir()
+    with pytest.raises(UserError) as e:
+        lock.acquire()
+    assert str(e.value).startswith(f"cannot create the lock file {lock.lock_path}: ") and str(e.value).endswith("; choose another")
+    assert "Errno" not in str(e.value) and "\n" not in str(e.value)
+    assert not lock.held and not path.exists()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
+def test_the_lock_file_is_readable_by_all_and_writable_by_its_owner_only(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        with runlock.FolderLock(tmp_path / "train.lock", "the folder", "choose another") as lock:
+            assert stat.S_IMODE(os.stat(lock.lock_path).st_mode) == 0o644
+    finally:
+        os.umask(umask)
