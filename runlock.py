@@ -161,6 +161,9 @@ class FolderLock:
                 except FileExistsError:
                     fd, created = os.open(self.lock_path, os.O_RDWR), False
             except FileNotFoundError:  # deleted between the two opens: try again
+                if not self.lock_path.parent.is_dir():  # unless there is no folder to create it in
+                    raise UserError(f"cannot create the lock file {self.lock_path}: the folder "
+                                    f"{self.lock_path.parent} does not exist; {self.other_choice}") from None
                 continue
             except OSError as e:
                 raise UserError(f"cannot create the lock file {self.lock_path}: {e.strerror or e}; "

@@ -281,3 +281,12 @@ def test_the_lock_file_is_readable_by_all_and_writable_by_its_owner_only(tmp_pat
             assert stat.S_IMODE(os.stat(lock.lock_path).st_mode) == 0o644
     finally:
         os.umask(umask)
+
+
+def test_a_lock_in_a_folder_that_does_not_exist_says_so(tmp_path):
+    lock = runlock.FolderLock(tmp_path / "missing" / "train.lock", "the folder", "choose another")
+    with pytest.raises(UserError) as e:
+        lock.acquire()
+    assert str(e.value) == (f"cannot create the lock file {tmp_path / 'missing' / '.train.lock.flock'}: the folder "
+                            f"{tmp_path / 'missing'} does not exist; choose another")
+    assert not lock.held
