@@ -426,8 +426,8 @@ def decoder_for(model: nn.Module, batch_size: int, weights: str = "auto", compil
     if weights == "auto":
         # a format whose compiled step is kept wins without timing: the compiled step beats the
         # eager gap between the formats, and later processes then agree (the timing is live)
-        kept = [w for w in ("int8", "float32") if compile is not False and (w == "float32" or int8_available())
-                and step_path(step_key(model, w, batch_size)).exists()]
+        formats = [] if compile is False else ["int8", "float32"] if int8_available() else ["float32"]
+        kept = [w for w in formats if step_path(step_key(model, w, batch_size)).exists()]
         if len(kept) == 1:
             weights, reason = kept[0], f"{kept[0]} weights (their compiled step is kept)"
         else:

@@ -28,11 +28,22 @@ from errors import UserError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _cpu_supports(name: str) -> bool:
+    """torch.cpu's private feature check `name`, False where this torch build lacks it."""
+    check = getattr(torch.cpu, name, None)
+    return check is not None and check()
+
+
+@functools.cache
+def cpu_has_amx() -> bool:
+    """True when this CPU has AMX tiles (Intel Xeon, 4th generation on)."""
+    return _cpu_supports("_is_amx_tile_supported")
+
+
 @functools.cache
 def cpu_has_native_bf16() -> bool:
     """True when this CPU has bf16 matrix instructions (x86 AMX or AVX512-BF16)."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    return any(check is not None and check() for check in checks)
+    return cpu_has_amx() or _cpu_supports("_is_avx512_bf16_supported")
 
 
 def mps_available() -> bool:

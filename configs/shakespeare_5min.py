@@ -30,8 +30,8 @@ dropout = 0.0  # at the steps a CPU without AMX buys in 270 s, the model does no
 # On a CPU with AMX (Intel Xeon, 4th generation on) 270 s buy about 2,200 of those steps and the
 # model overfits its 1M characters: there it reads windows of 128 (more context per
 # prediction, fewer steps) with a little dropout. Measured on both kinds: docs/speedrun.md.
-import torch as _torch
-if getattr(_torch.cpu, "_is_amx_tile_supported", lambda: False)():
+import hardware as _hardware
+if _hardware.cpu_has_amx():
     batch_size = 32
     block_size = 128
     dropout = 0.05
