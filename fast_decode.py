@@ -127,13 +127,16 @@ def _block_linears(block) -> list[nn.Module]:
 
 @torch.no_grad()
 def choose_weights(model: GPT, batch_size: int = 1, repeats: int = 7) -> tuple[str, str]:
-    """'float32' or 'int8' for the block matrices, whichever runs one block's four products
+    """'float32' or 'int8' for the block matrices, whichever runs every block's four products
     faster here at this batch size (interleaved timings, a few ms in all), and why. Measured,
     not assumed from CPU flags: without bf16 instructions the int8 kernel can be many times
-    slower, and more so on a loaded host (docs/speed.md)."""
+    slower, and more so on a loaded host (docs/speed.md). All the blocks, as a step reads them:
+    one block's matrices stay in the CPU's cache between repeats, where float32's four times
+    the bytes cost less than in a step, and its timing picked float32 on CPUs where the int8
+    step was much faster."""
     if not int8_available():
         return "float32", "int8 weight-only kernel not available in this torch build"
-    float_linears = _block_linears(model.transformer.h[0])
+    float_linears = [lin for block in model.transformer.h for lin in _block_linears(block)]
     int8_linears = [Int8Linear(lin) for lin in float_linears]
     x = {n: torch.randn(batch_size, n) for n in {lin.in_features for lin in float_linears}}
 
@@ -151,7 +154,8 @@ def choose_weights(model: GPT, batch_size: int = 1, repeats: int = 7) -> tuple[s
         if min(times["int8"]) > 2 * max(times["float32"]):  # clearly slower: stop early
             break
     f32, i8 = statistics.median(times["float32"]), statistics.median(times["int8"])
-    figures = f"{i8 * 1e3:.3f} ms int8 vs {f32 * 1e3:.3f} ms float32 per block at batch {batch_size}"
+    figures = (f"{i8 * 1e3:.3f} ms int8 vs {f32 * 1e3:.3f} ms float32 for the {len(model.transformer.h)} "
+               f"blocks' products at batch {batch_size}")
     # int8 changes the numbers a little, so it must win by 10%, in the typical run (median)
     # and in the best one (min, which other processes' load cannot inflate)
     if i8 < 0.9 * f32 and min(times["int8"]) < 0.9 * min(times["float32"]):

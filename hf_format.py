@@ -396,9 +396,8 @@ def _load_nanogpt(folder: Path, config: GPTConfig) -> GPT:
         raise UserError(f"could not read {folder / 'model.safetensors'}: {e}; the folder is damaged") from None
     if config.tie_head:
         state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
-    model = GPT(config)
     try:
-        model.load_state_dict(state)
+        model = GPT.from_state_dict(config, state)
     except (RuntimeError, TypeError) as e:
         first = str(e).splitlines()[0]
         raise UserError(f"{folder}: the weights do not match its config.json ({first}); the folder is "
@@ -420,9 +419,7 @@ def load_model(folder: Path, config: GPTConfig) -> GPT:
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load the GPT-2 weights in {folder}: {first}") from None
-    model = GPT(config)
-    model.load_state_dict(from_hf_state_dict(hf.state_dict()))
-    return model
+    return GPT.from_state_dict(config, from_hf_state_dict(hf.state_dict()))
 
 
 def load(init_from: str) -> tuple[GPT, Tokenizer]:

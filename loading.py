@@ -32,7 +32,7 @@ def load_model(out_dir: str, device: str) -> tuple[GPT, Tokenizer, dict]:
     path = Path(out_dir) / "ckpt.pt"
     ckpt = checkpoint.load(path)
     try:
-        model = GPT(GPTConfig(**ckpt["model_args"]))
+        config = GPTConfig(**ckpt["model_args"])
     except TypeError as e:
         raise UserError(f"{path} has model_args this code does not know ({e}); "
                         f"it was written by another version of train.py") from None
@@ -40,7 +40,7 @@ def load_model(out_dir: str, device: str) -> tuple[GPT, Tokenizer, dict]:
     state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
     state = lora.merge_state_dict(state, ckpt.get("lora"))  # a LoRA run's adapters folded into its weights
     try:
-        model.load_state_dict(state)
+        model = GPT.from_state_dict(config, state)
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise UserError(f"{path}: the weights do not match its model_args ({first}); "

@@ -322,6 +322,25 @@ class GPT(nn.Module):
         for table in self.value_embeds if config.value_embeds else []:  # likewise: attention as GPT-2's at first
             torch.nn.init.zeros_(table.weight)
 
+    @classmethod
+    def from_state_dict(cls, config: GPTConfig, state: dict) -> "GPT":
+        """GPT(config) with state loaded (load_state_dict's checks and errors), built without
+        first drawing the random weights that state replaces: a loaded model starts sooner
+        (docs/speed.md). torch.nn.init's random fills do nothing meanwhile, as transformers'
+        no_init_weights does; building on the meta device instead imports torch's compiler
+        (its init functions run as Python references there), which costs a second."""
+        fills = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_")
+        saved = {name: getattr(torch.nn.init, name) for name in fills}
+        try:
+            for name in fills:
+                setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+            model = cls(config)
+        finally:
+            for name, fill in saved.items():
+                setattr(torch.nn.init, name, fill)
+        model.load_state_dict(state)
+        return model
+
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)

@@ -210,3 +210,37 @@ def test_torch_kernels_switches_dropout_and_attention_back_to_torchs():
     assert torch.equal(att, F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=True))
     assert att.grad_fn.name() != "_CPUAttentionBackward"
     assert cpu_kernels.Dropout(0.5).train()(x).grad_fn.name() == "_CPUDropoutBackward"  # ours again after the block
+
+
+@pytest.mark.parametrize("options", [{}, {"rotary": True}, {"tie_head": False}])
+def test_from_state_dict_equals_a_new_model_loaded_and_draws_no_random_numbers(options):
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, **options)
+    torch.manual_seed(0)
+    reference = GPT(config)
+    reference.transformer.h[0].attn.c_attn.weight.data.normal_()  # nothing an init would draw
+    rng = torch.get_rng_state()
+    model = GPT.from_state_dict(config, reference.state_dict())
+    assert torch.equal(torch.get_rng_state(), rng)  # no weight was drawn and thrown away
+    idx = torch.randint(0, 50, (2, 16))
+    assert torch.equal(model(idx)[0], reference(idx)[0])
+    assert (model.lm_head.weight is model.transformer.wte.weight) == config.tie_head
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters())
+
+
+def test_from_state_dict_restores_torchs_init_even_when_the_state_does_not_fit():
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=8, vocab_size=20)
+    fills = {name: getattr(torch.nn.init, name) for name in ("normal_", "uniform_", "kaiming_uniform_")}
+    with pytest.raises(RuntimeError):
+        GPT.from_state_dict(config, {"lm_head.weight": torch.zeros(3, 3)})
+    with pytest.raises(ValueError):  # a bad config raises inside the construction
+        GPT.from_state_dict(GPTConfig(n_layer=1, n_head=3, n_embd=32), {})
+    assert all(getattr(torch.nn.init, name) is fill for name, fill in fills.items())
+    assert torch.nn.init.normal_(torch.zeros(1000)).std() > 0.5  # drawing again
+
+
+@pytest.mark.parametrize("script", ["train", "sample", "eval", "export", "app", "bench"])
+def test_a_stage_script_leaves_garbage_collection_on(script):
+    # the scripts turn the collector off while torch imports; a script that forgot to turn it
+    # back on would never free cyclic garbage in a long run
+    code = f"import gc, {script}; assert gc.isenabled(), 'collector off'; assert gc.get_freeze_count() > 0, 'nothing frozen'"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
