@@ -1,5 +1,7 @@
 """Shared test setup: offline copies of the corpus and the tiktoken files, CPU only."""
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -21,8 +23,11 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # No test downloads anything from the Hugging Face Hub (transformers reads these at import).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# transformers copies the modeling code of a trust_remote_code folder into this cache: keep it out of ~
-os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="hf-modules-"))
+# transformers copies the modeling code of a trust_remote_code folder into this cache: keep it
+# out of ~, in a folder of this test process that goes when the process ends
+if "HF_MODULES_CACHE" not in os.environ:
+    os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="hf-modules-")
+    atexit.register(shutil.rmtree, os.environ["HF_MODULES_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
