@@ -59,13 +59,14 @@ def _drop_threshold(p: float) -> tuple[int, float]:
 _BITS = {2: (np.uint16, torch.int16), 4: (np.uint32, torch.int32), 8: (np.uint64, torch.int64)}  # by item size
 
 
-def _ones_where_kept(drop: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """A tensor of dtype: 1 where `drop` (a numpy bool array) is False, 0 where True. Made as
-    the bit pattern of 1.0 times the kept bytes, in numpy: multiplying by this mask is much
-    faster on CPU than torch.where with a bool mask (docs/speed.md), and gives the same values."""
+def _ones_where_kept(drop: np.ndarray, dtype: torch.dtype, value: float = 1.0) -> torch.Tensor:
+    """A tensor of dtype: value (1, or the survivors' scale) where `drop` (a numpy bool array)
+    is False, 0 where True. Made as the bit pattern of value times the kept bytes, in numpy:
+    multiplying by this mask is much faster on CPU than torch.where with a bool mask
+    (docs/speed.md), and gives the same values."""
     uint, same_size_int = _BITS[torch.empty((), dtype=dtype).element_size()]
-    one = torch.ones((), dtype=dtype).view(same_size_int).item()  # the bits of 1.0 (positive)
-    ones = np.multiply(np.logical_not(drop), uint(one), dtype=uint)
+    bits = torch.tensor(value, dtype=dtype).view(same_size_int).item()  # the bits of value (positive)
+    ones = np.multiply(np.logical_not(drop), uint(bits), dtype=uint)
     return torch.from_numpy(ones).view(dtype)
 
 
@@ -115,20 +116,21 @@ def _dropped_causal(B: int, nh: int, T: int, p: float) -> tuple[torch.Tensor, fl
 
 
 class _CPUDropout(torch.autograd.Function):
-    """Dropout with a mask from _dropped_numpy, kept as 0/1 in x's dtype for the backward pass."""
+    """Dropout with a mask from _dropped_numpy, kept for the backward pass as 0 / scale in x's
+    dtype: one multiply each way. (In bf16 the scale is rounded to bf16: 1/(1-p) within 0.4%,
+    so the kept values' expectation moves by as much; float32 keeps it to 1e-7.)"""
 
     @staticmethod
     def forward(ctx, x, p):
         drop, scale = _dropped_numpy(x.shape, p)
-        kept = _ones_where_kept(drop, x.dtype)
+        kept = _ones_where_kept(drop, x.dtype, scale)
         ctx.save_for_backward(kept)
-        ctx.scale = scale
-        return (x * kept).mul_(scale)
+        return x * kept
 
     @staticmethod
     def backward(ctx, grad):
         (kept,) = ctx.saved_tensors
-        return (grad * kept).mul_(ctx.scale), None
+        return grad * kept, None
 
 
 class Dropout(nn.Dropout):
@@ -214,14 +216,16 @@ class _CPUAttention(torch.autograd.Function):
         for rows, p_chunk, pm_chunk in zip(_row_chunks(B, nh * T * T), probs, kept):
             heads = slice(rows.start * nh, rows.stop * nh)
             g = grad[heads]
-            minus_d = (g.to(acc) * y[heads].to(acc)).sum(-1, keepdim=True).neg_()  # -D, (rows * nh, T, 1)
-            torch.bmm(pm_chunk.transpose(1, 2), g, out=dv[heads])
+            # -D, (rows * nh, T, 1): summed in float32, then in q's dtype, so that addcmul_ below
+            # runs in one dtype (a float32 operand made it copy the (T, T) tensors three times)
+            minus_d = (g.to(acc) * y[heads].to(acc)).sum(-1, keepdim=True).neg_().to(q.dtype)
+            # the constant factors of dv and dq are the products' alpha: no pass of their own
+            torch.baddbmm(dv[heads], pm_chunk.transpose(1, 2), g, beta=0, alpha=ctx.keep_scale, out=dv[heads])
             ds = torch.bmm(g, v[heads].transpose(1, 2)).mul_(pm_chunk).addcmul_(p_chunk, minus_d)
-            torch.bmm(ds, k[heads], out=dq[heads])
+            torch.baddbmm(dq[heads], ds, k[heads], beta=0, alpha=1.0 / math.sqrt(hs), out=dq[heads])
             torch.bmm(ds.transpose(1, 2), q[heads], out=dk[heads])
         shape = (B, nh, T, hs)
-        return (dq.mul_(1.0 / math.sqrt(hs)).view(shape), dk.view(shape),
-                dv.mul_(ctx.keep_scale).view(shape), None, None)
+        return dq.view(shape), dk.view(shape), dv.view(shape), None, None
 
 
 def causal_attention(q, k, v, dropout_p: float, mask: torch.Tensor | None = None) -> torch.Tensor:

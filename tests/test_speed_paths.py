@@ -29,6 +29,19 @@ def test_dropout_rate_and_scale():
         assert abs(y.float().mean().item() - 1.0) < 0.01  # unbiased
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_survivors_and_their_gradient_are_one_multiply_by_the_scale(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(5000, dtype=dtype, requires_grad=True)
+    y = Dropout(0.2).train()(x)
+    scale = torch.tensor(cpu_kernels._drop_threshold(0.2)[1], dtype=dtype)  # 1/(1-p), in x's dtype
+    kept = y != 0
+    assert torch.equal(y[kept], x.detach()[kept] * scale)
+    g = torch.randn_like(y)
+    (grad,) = torch.autograd.grad(y, x, g)
+    assert torch.equal(grad[kept], g[kept] * scale) and not grad[~kept].any()
+
+
 def test_dropout_is_deterministic_under_the_global_seed():
     x = torch.randn(64, 33)
     drop = Dropout(0.3).train()
