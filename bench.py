@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -59,6 +60,8 @@ gc.enable()
 @dataclass
 class BenchConfig(TrainConfig):
     """Settings of bench.py: every train.py key (so its config files load) plus the ones below."""
+    MOVED: ClassVar[dict[str, str]] = {  # former settings: where their job went
+        "quant_eval": "what int8 weights cost in val loss is eval.py's now: python eval.py --out_dir=OUT_DIR --int8"}
     # the default model is the shakespeare_char one
     batch_size: int = 64  # sequences per micro-step
     block_size: int = 256  # context length in tokens

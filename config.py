@@ -189,7 +189,9 @@ def parse_config(cls, argv: list[str] | None = None, prog: str | None = None, ch
     values = {}
     for key, value in raw.items():
         if key not in types_:
-            errors.append(f"unknown setting {key!r}{_closest(key, types_)}; see --help")
+            moved = getattr(cls, "MOVED", {}).get(key)  # a setting a script had and no longer has
+            errors.append(f"--{key} is gone: {moved}" if moved else
+                          f"unknown setting {key!r}{_closest(key, types_)}; see --help")
             continue
         try:
             values[key] = coerce(key, value, types_[key])

@@ -44,6 +44,14 @@ def test_unknown_key_names_the_closest():
         parse_config(TrainConfig, ["--batchsize=3"])
 
 
+def test_a_setting_a_script_no_longer_has_says_where_its_job_went():
+    import bench
+    with pytest.raises(UserError, match=r"--quant_eval is gone: .*python eval.py --out_dir=OUT_DIR --int8"):
+        parse_config(bench.BenchConfig, ["--quant_eval=out"])
+    with pytest.raises(UserError, match="unknown setting 'quant_eval'"):  # train.py never had it
+        parse_config(TrainConfig, ["--quant_eval=out"])
+
+
 def test_all_problems_reported_at_once():
     with pytest.raises(UserError) as e:
         parse_config(TrainConfig, ["--batch_size=zero", "--n_layer=0", "--dropout=1.5", "--compile=maybe",
