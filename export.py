@@ -50,6 +50,7 @@ from errors import UserError, run_main
 from hf_format import require
 from loading import load_model
 from model import GPT, apply_rotary
+import template
 from tokenizer import Tokenizer
 gc.freeze()  # what the imports made is never traversed again, not even at exit
 gc.enable()
@@ -115,22 +116,28 @@ def onnx_loop(folder: str, tokenizer: Tokenizer) -> str:
     return ONNX_LOOP.format(folder=json.dumps(folder), start=start, stop=stop)
 
 
-def hf_usage(name: str, model: GPT, tokenizer: Tokenizer) -> str:
+def hf_usage(name: str, model: GPT, tokenizer: Tokenizer, instruct: dict | None = None) -> str:
     remote = bool(model.config.non_gpt2_options())
     trust = ", trust_remote_code=True" if remote else ""
-    if tokenizer.documents:
+    more, shown = "", "out[0]"
+    if instruct:  # trained on instruction records: the chat template wraps the prompt as training did
+        ids = ('ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], '
+               'add_generation_prompt=True, return_tensors="pt")["input_ids"]\n')
+        more = f",\n                     stop_strings={json.dumps(template.stop_strings(instruct['template']))}, tokenizer=tokenizer"
+        ends, shown = "the answer ends at <|endoftext|> or, in a chat, at the end marker", "out[0, ids.shape[1]:]"
+    elif tokenizer.documents:
         ids = ('ids = torch.tensor([[tokenizer.eos_token_id] + tokenizer("ROMEO:").input_ids])  '
                '# a new document: <|endoftext|>, the prompt\n')
         ends = "generation ends with the document (<|endoftext|>)"
     else:
         ids = 'ids = tokenizer("ROMEO:", return_tensors="pt").input_ids\n'
         ends = "prompt + new tokens must fit in the context"
-    code = ("import torch\n" if tokenizer.documents else "") + (
+    code = ("import torch\n" if tokenizer.documents and not instruct else "") + (
             f"from transformers import AutoModelForCausalLM, AutoTokenizer\n"
             f"model = AutoModelForCausalLM.from_pretrained(\"{name}\"{trust})\n"
             f"tokenizer = AutoTokenizer.from_pretrained(\"{name}\"{trust})\n{ids}"
-            f"out = model.generate(ids, max_new_tokens=100, do_sample=True, top_k=200, temperature=0.8)  # {ends}\n"
-            f"print(tokenizer.decode(out[0], skip_special_tokens=True))\n")
+            f"out = model.generate(ids, max_new_tokens=100, do_sample=True, top_k=200, temperature=0.8{more})  # {ends}\n"
+            f"print(tokenizer.decode({shown}, skip_special_tokens=True))\n")
     why = ("\n\nThe model uses options GPT-2's architecture lacks, so its code ships in this folder "
            "(`modeling_nanogpt.py`, `configuration_nanogpt.py`: plain PyTorch, read them before you trust "
            "them); `trust_remote_code=True` lets transformers run it (AutoTokenizer reads config.json too, "
@@ -159,7 +166,7 @@ def model_card(model: GPT, tokenizer: Tokenizer, ckpt: dict, fmt: str, name: str
              f"{c.activation} MLP, {c.norm}, {'rotary' if c.rotary else 'learned'} positions, "
              f"biases {'yes' if c.bias else 'no' + zeros}")
     if fmt == "hf":
-        use = hf_usage(name, model, tokenizer)
+        use = hf_usage(name, model, tokenizer, ckpt.get("instruct"))
     elif fmt == "gguf":
         use = f"""With llama.cpp: `llama-cli -m {name}/model.gguf -p "ROMEO:" -n 100`, or from Python with xllamacpp:
 
@@ -213,10 +220,10 @@ exported by its `export.py` ({fmt} format).
 
 # ---------------------------------------------------------------------------- formats
 
-def write_tokenizer(tokenizer: Tokenizer, block_size: int, folder: Path):
+def write_tokenizer(tokenizer: Tokenizer, block_size: int, folder: Path, instruct: dict | None = None):
     hf_format.hf_tokenizer(tokenizer).save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(
-        json.dumps(hf_format.tokenizer_config(tokenizer, block_size), indent=2) + "\n", encoding="utf-8")
+        json.dumps(hf_format.tokenizer_config(tokenizer, block_size, instruct), indent=2) + "\n", encoding="utf-8")
 
 
 def write_json(path: Path, data: dict):
@@ -235,7 +242,7 @@ def write_hf_remote(model: GPT, tokenizer: Tokenizer, folder: Path):
     write_json(folder / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot})
 
 
-def write_hf(model: GPT, tokenizer: Tokenizer, folder: Path):
+def write_hf(model: GPT, tokenizer: Tokenizer, folder: Path, instruct: dict | None = None):
     """GPT-2's own folder through transformers itself, or ours with its modeling code."""
     if model.config.non_gpt2_options():
         write_hf_remote(model, tokenizer, folder)
@@ -247,7 +254,7 @@ def write_hf(model: GPT, tokenizer: Tokenizer, folder: Path):
         hf = transformers.GPT2LMHeadModel(config)
         hf.load_state_dict(hf_format.to_hf_state_dict(model))
         hf.save_pretrained(folder, safe_serialization=True)
-    write_tokenizer(tokenizer, model.config.block_size, folder)
+    write_tokenizer(tokenizer, model.config.block_size, folder, instruct)
 
 
 def forward_with_past(model: GPT, input_ids, past: list, past_ids=None):
@@ -351,7 +358,7 @@ def export_onnx(module: nn.Module, args: tuple, path: Path, inline: bool, **name
     onnx.checker.check_model(str(path))
 
 
-def write_onnx(model: GPT, tokenizer: Tokenizer, folder: Path):
+def write_onnx(model: GPT, tokenizer: Tokenizer, folder: Path, instruct: dict | None = None):
     """model.onnx and model_with_past.onnx, checked with onnx.checker."""
     c = model.config
     inline = sum(p.numel() for p in model.parameters()) * 4 <= ONNX_INLINE_BYTES
@@ -375,7 +382,7 @@ def write_onnx(model: GPT, tokenizer: Tokenizer, folder: Path):
               else hf_format.hf_config_dict(c, tokenizer))
     config.pop("auto_map", None)  # no modeling code in an ONNX folder
     write_json(folder / "config.json", config)
-    write_tokenizer(tokenizer, c.block_size, folder)
+    write_tokenizer(tokenizer, c.block_size, folder, instruct)
 
 
 # GGUF tensor names of llama.cpp's gpt2 architecture (as its convert_hf_to_gguf.py writes them)
@@ -440,7 +447,7 @@ def gguf_tensors(model: GPT):
         yield gguf_name(name), tensor.contiguous().numpy()
 
 
-def write_gguf(model: GPT, tokenizer: Tokenizer, folder: Path):
+def write_gguf(model: GPT, tokenizer: Tokenizer, folder: Path, instruct: dict | None = None):
     """model.gguf for llama.cpp (architecture gpt2, or gptneox for rotary; float32), the tokenizer inside it."""
     check_gguf(model, tokenizer)
     gguf = require("gguf", "--format=gguf")
@@ -473,6 +480,8 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, folder: Path):
     writer.add_bos_token_id(tokenizer.eot_id)
     writer.add_eos_token_id(tokenizer.eot_id)
     writer.add_add_bos_token(False)  # our prompts start with their own text, as in sample.py
+    if instruct:  # llama.cpp formats chats with it (--jinja)
+        writer.add_chat_template(template.chat_template(instruct["template"]))
     for name, array in gguf_tensors(model):
         writer.add_tensor(name, array)
     writer.write_header_to_file()
@@ -573,7 +582,7 @@ def main(argv=None):
     card = model_card(model, tokenizer, ckpt, cfg.format, str(dest))
 
     def write(folder: Path):
-        WRITERS[cfg.format](model, tokenizer, folder)
+        WRITERS[cfg.format](model, tokenizer, folder, ckpt.get("instruct"))
         (folder / "README.md").write_text(card, encoding="utf-8")
 
     write_atomically(dest, write)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 import hardware
+import template
 from errors import UserError
 from model import GPT, GPTConfig
 from tokenizer import CHAR, Tokenizer, bytes_to_unicode
@@ -260,10 +261,13 @@ def hf_tokenizer(tokenizer: Tokenizer):
 
 
 OUR_TOKENIZER_KEY = "nanogpt_tokenizer"  # in tokenizer_config.json: tokenizer.Tokenizer.describe()
+OUR_INSTRUCT_KEY = "nanogpt_instruct"  # in tokenizer_config.json: the checkpoint's instruct (template, chat)
 
 
-def tokenizer_config(tokenizer: Tokenizer, block_size: int) -> dict:
-    """tokenizer_config.json: what AutoTokenizer needs besides tokenizer.json."""
+def tokenizer_config(tokenizer: Tokenizer, block_size: int, instruct: dict | None = None) -> dict:
+    """tokenizer_config.json: what AutoTokenizer needs besides tokenizer.json. A model trained on
+    instruction records (instruct: the checkpoint's template) also gets its chat_template, for
+    apply_chat_template, and the template itself, for our --init_from."""
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
               "clean_up_tokenization_spaces": False, "add_prefix_space": False}
     if tokenizer.eot_id is not None:
@@ -271,7 +275,23 @@ def tokenizer_config(tokenizer: Tokenizer, block_size: int) -> dict:
     # our own description, ignored by transformers: --init_from=PATH gets back exactly the
     # tokenizer the model was trained with (a trained bpe vocabulary, documents mode)
     config[OUR_TOKENIZER_KEY] = tokenizer.describe()
+    if instruct:
+        config["chat_template"] = template.chat_template(instruct["template"])
+        config[OUR_INSTRUCT_KEY] = instruct
     return config
+
+
+def instruct_of(folder: Path) -> dict | None:
+    """The instruction template an export of ours left in tokenizer_config.json (None if none):
+    sample.py and app.py then wrap prompts as the model was trained."""
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    instruct = config.get(OUR_INSTRUCT_KEY) if isinstance(config, dict) else None
+    ok = (isinstance(instruct, dict) and isinstance(instruct.get("template"), dict)
+          and all(isinstance(instruct["template"].get(k), str) for k in template.TEMPLATE))
+    return {"template": instruct["template"], "chat": bool(instruct.get("chat"))} if ok else None
 
 
 def _vocab_of(folder: Path) -> tuple[dict[str, int], dict[str, int], bool]:

@@ -80,5 +80,6 @@ def load_hf(init_from: str, device: str) -> tuple[GPT, Tokenizer, dict]:
     """load()'s triple from a Hugging Face GPT-2 only: a folder or a GPT-2 name (--init_from)."""
     model, tokenizer = hf_format.load(init_from)
     info = {"model_args": dataclasses.asdict(model.config), "config": {"dataset": "(Hugging Face folder)"},
-            "iter_num": None, "best_val_loss": None}
+            "iter_num": None, "best_val_loss": None,
+            "instruct": hf_format.instruct_of(hf_format.resolve(init_from))}  # an instruction model's template
     return model.to(device), tokenizer, info

@@ -16,6 +16,8 @@ the "end" marker (text), since a boundary would cut the conversation into docume
 template's strings are stored in meta.json and in the checkpoint, so sample.py and app.py
 wrap a prompt (prompt_ids) or a chat history (chat_ids) exactly as the training data was.
 """
+import json
+
 import numpy as np
 
 ROLES = ("system", "user", "assistant")
@@ -137,6 +139,25 @@ def chat_ids(tokenizer, template: dict, turns: list[tuple[str, str]], budget: in
             dropped += 1
     ids = [tokenizer.eot_id] + [i for t in system + rest[dropped:] for i in t] + tail
     return ids, dropped
+
+
+def chat_template(template: dict) -> str:
+    """template as a Jinja chat template (tokenizer_config.json's chat_template), for
+    transformers' apply_chat_template and llama.cpp: the text chat_ids encodes, boundary token
+    (eos_token) first; add_generation_prompt ends it with the assistant marker. chat_ids (and
+    prepare.py) encode turn by turn, a template renders one string: the ids are the same
+    (tested with transformers) except where a message ends in whitespace, which encoded on its
+    own merges with the template's line end into one token and rendered in one string does not."""
+    def text(role: str, content: str) -> str:  # a Jinja expression: the literal pieces around content
+        pieces = [json.dumps(piece) for piece in template[role].split("{content}")]
+        return "{{ " + f" ~ {content} ~ ".join(pieces) + " }}"
+
+    turn = "message['content']"
+    return ("{{ eos_token }}{% for message in messages %}"
+            "{% if message['role'] == 'assistant' %}" + text("assistant", "''") + "{{ message['content'] }}"
+            + text("end", "''") + "{% elif message['role'] == 'system' %}" + text("system", turn)
+            + "{% else %}" + text("user", turn) + "{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}" + text("assistant", "''") + "{% endif %}")
 
 
 def stop_strings(template: dict) -> list[str]:

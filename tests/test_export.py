@@ -370,3 +370,16 @@ def test_trained_vocabulary_documents_model_comes_back_from_its_export(tmp_path,
     assert back.describe() == tokenizer.describe() and back.documents == "line"
     text = "Jab - Cross - Lead Hook"
     assert transformers.AutoTokenizer.from_pretrained(hf_dir)(text)["input_ids"] == tokenizer.encode(text)
+
+
+def test_gguf_of_an_instruction_model_carries_its_chat_template(tmp_path):
+    gguf = pytest.importorskip("gguf", reason=f"needs the extras: {EXTRAS}")
+    import template
+    tok = gpt2_tokenizer()
+    model = GPT(GPTConfig(block_size=16, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16))
+    custom = {**template.TEMPLATE, "user": "[INST] {content} [/INST]"}
+    export.write_gguf(model, tok, tmp_path, {"template": custom, "chat": True})
+    field = gguf.GGUFReader(tmp_path / "model.gguf").fields["tokenizer.chat_template"]
+    assert field.contents() == template.chat_template(custom)
+    export.write_gguf(model, tok, tmp_path)  # a model of plain text: no template
+    assert "tokenizer.chat_template" not in gguf.GGUFReader(tmp_path / "model.gguf").fields

@@ -340,3 +340,46 @@ def test_lora_finetunes_a_checkpoint_folder_of_ours(instruct_data, chat_run):
     for key in ("transformer.h.0.mlp.c_fc.weight", "transformer.h.1.attn.c_attn.weight"):
         assert torch.equal(mine["model"][key], base["model"][key])  # frozen, as the checkpoint had them
     assert mine["lora"]["rank"] == 2 and mine["instruct"] == base["instruct"]
+
+
+# ---------------------------------------------------------------- sharing an instruction model
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there,  friend!"},
+        {"role": "assistant", "content": "Hello! 123"}, {"role": "user", "content": "What's 2+2? ünï 😀"}]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "char"])
+def test_the_chat_template_gives_transformers_the_ids_sampling_uses(tmp_path, name):
+    transformers = pytest.importorskip("transformers")
+    import hf_format
+    text = "".join(m["content"] for m in CHAT) + "".join(template.TEMPLATE.values()) + '#()"}{% '
+    tok = Tokenizer.tiktoken("gpt2") if name == "gpt2" else Tokenizer.char_from_text(text, documents="jsonl")
+    custom = {**template.TEMPLATE, "user": "### {content} ({content})\n", "end": '"}} {% end %}\n'}
+    for tmpl in (template.TEMPLATE, custom):  # a custom template's quotes and braces stay text
+        hf_format.hf_tokenizer(tok).save(str(tmp_path / "tokenizer.json"))
+        (tmp_path / "tokenizer_config.json").write_text(
+            json.dumps(hf_format.tokenizer_config(tok, 1024, {"template": tmpl, "chat": True})))
+        hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+        for messages in (CHAT, CHAT[1:2]):
+            ours = template.chat_ids(tok, tmpl, [(m["role"], m["content"]) for m in messages], 10**6)[0]
+            assert hf.apply_chat_template(messages, add_generation_prompt=True)["input_ids"] == ours
+        assert hf_format.instruct_of(tmp_path) == {"template": tmpl, "chat": True}
+    assert template.prompt_ids(tok, tmpl, CHAT[1]["content"]) == ours  # one user turn: a prompt's wrapping
+
+
+def test_an_exported_instruction_model_keeps_its_template(chat_run, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    import export
+    import sample
+    export.main([f"--out_dir={chat_run}", f"--dest={tmp_path / 'hf'}", "--format=hf"])
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == template.chat_template(template.TEMPLATE)
+    assert "apply_chat_template" in (tmp_path / "hf" / "README.md").read_text()  # the card shows how
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = hf.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True)
+    tok = Tokenizer.from_description(config["nanogpt_tokenizer"])
+    assert ids["input_ids"] == template.prompt_ids(tok, template.TEMPLATE, "What is 2+2?")
+    capsys.readouterr()
+    sample.main([f"--init_from={tmp_path / 'hf'}", "--prompt=What is 2+2?", "--max_new_tokens=5",
+                 "--dtype=float32", "--device=cpu", "--temperature=0"])
+    assert capsys.readouterr().out.startswith("<|user|>\nWhat is 2+2?\n<|assistant|>\n")  # wrapped, as from ckpt.pt
