@@ -141,8 +141,8 @@ def hf_usage(name: str, model: GPT, tokenizer: Tokenizer, instruct: dict | None 
     why = ("\n\nThe model uses options GPT-2's architecture lacks, so its code ships in this folder "
            "(`modeling_nanogpt.py`, `configuration_nanogpt.py`: plain PyTorch, read them before you trust "
            "them); `trust_remote_code=True` lets transformers run it (AutoTokenizer reads config.json too, "
-           "so it asks for the same). generate() and its KV cache work as for any transformers model; "
-           "padding does not.") if remote else ""
+           "so it asks for the same). generate() and its KV cache work as for any transformers model, "
+           "batches of prompts too, left-padded with an attention_mask.") if remote else ""
     return (f"```python\n{code}```{why}\n\nOr continue training it: `python train.py --init_from={name} ...` "
             f"in nanogpt-toolkit (or sample it: `python sample.py --init_from={name}`).")
 

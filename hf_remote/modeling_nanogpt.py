@@ -11,8 +11,10 @@ transformer.h.N.attn.c_attn, lm_head, bigram, value_embeds, ...), so model.safet
 model.py's own state dict. The KV cache is transformers' own (DynamicCache), so generate()
 and its cache work as for any model of the library.
 
-Not supported: padding (an attention_mask with zeros), since model.py has no notion of it;
-prompt + new tokens must fit in block_size (model.py's sample loop slides its window then,
+Batches of prompts of different lengths work left-padded (an attention_mask with zeros before
+each prompt, as generate() takes them): each row's positions count its own tokens, its queries
+never see its padding, and a bigram model reads "no previous token" before its first token.
+Prompt + new tokens must fit in block_size (model.py's sample loop slides its window then,
 generate() does not).
 """
 import torch
@@ -45,10 +47,11 @@ def make_norm(config: NanoGPTConfig) -> nn.Module:
 
 
 def rotary_angles(positions: torch.Tensor, head_size: int, base: float = 10000.0):
-    """(cos, sin) of the rotary angles at positions (T,), each (T, hs/2): model.py's table rows."""
+    """(cos, sin) of the rotary angles at positions (B, T), each (B, 1, T, hs/2): model.py's
+    table rows, one set per row of the batch."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, device=positions.device).float() / head_size)
-    angles = torch.outer(positions.float(), inv_freq)
-    return angles.cos(), angles.sin()
+    angles = positions.float()[..., None] * inv_freq  # (B, T, hs/2)
+    return angles.cos()[:, None], angles.sin()[:, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -68,7 +71,8 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
-    def forward(self, x, cache=None, rope=None, ve=None):
+    def forward(self, x, cache=None, rope=None, ve=None, keys_real=None):
+        """keys_real: None, or a bool (B, cached + T) of the positions that are not padding."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         if ve is not None:
@@ -83,7 +87,13 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             past = cache.get_seq_length(self.layer)
             k, v = cache.update(k, v, self.layer)  # (B, nh, past + T, hs)
-        if past == 0:
+        if keys_real is not None:  # padding: causal, and never a padding key (a padding query sees itself)
+            at = torch.arange(T, device=x.device)
+            allowed = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            allowed = allowed & keys_real[:, None, :]  # (B, T, past + T)
+            allowed[:, at, past + at] = True  # no row without a key (its output is never used)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
+        elif past == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif T == 1:
             y = F.scaled_dot_product_attention(q, k, v)
@@ -116,10 +126,10 @@ class Block(nn.Module):
         if config.x0_lambdas:
             self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))
 
-    def forward(self, x, cache=None, rope=None, x0=None, ve=None):
+    def forward(self, x, cache=None, rope=None, x0=None, ve=None, keys_real=None):
         if x0 is not None:  # x0_lambdas: x0 is the first block's input
             x = self.lambdas[0] * x + self.lambdas[1] * x0
-        x = x + self.attn(self.ln_1(x), cache, rope, ve)
+        x = x + self.attn(self.ln_1(x), cache, rope, ve, keys_real)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -190,15 +200,20 @@ class NanoGPTForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache = use_cache if use_cache is not None else getattr(self.config, "use_cache", True)
         if use_cache and cache is None:
             cache = DynamicCache()
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("this model does not support padding (an attention_mask with zeros): "
-                             "generate one prompt at a time, or prompts of the same length")
         config = self.config
         B, T = input_ids.shape
         start = cache.get_seq_length() if cache is not None else 0
-        if start + T > config.block_size:
-            raise ValueError(f"sequence of length {start + T} exceeds block_size {config.block_size}")
-        positions = torch.arange(start, start + T, device=input_ids.device)  # (T,)
+        real = None  # padding: a bool (B, start + T), True at the tokens that are not padding
+        if attention_mask is not None and not bool(attention_mask.all()):
+            if tuple(attention_mask.shape) != (B, start + T):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                                 f"{(B, start + T)}: the cached tokens and input_ids")
+            real = attention_mask.bool()
+            positions = (real.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T): each row's own count
+        else:
+            positions = torch.arange(start, start + T, device=input_ids.device)[None]  # (1, T)
+        if int(positions.max()) >= config.block_size:
+            raise ValueError(f"sequence of length {int(positions.max()) + 1} exceeds block_size {config.block_size}")
         x = self.transformer.wte(input_ids)  # (B, T, C)
         rope = None
         if config.rotary:
@@ -210,11 +225,15 @@ class NanoGPTForCausalLM(PreTrainedModel, GenerationMixin):
                 raise ValueError("a bigram model continuing a cache needs previous_token_ids, the token "
                                  "before input_ids (generate() passes it)")
             first = previous_token_ids if start > 0 else input_ids.new_full((B, 1), config.vocab_size)
-            x = x + self.bigram(torch.cat([first, input_ids[:, :-1]], dim=1) * config.vocab_size + input_ids)
+            previous = torch.cat([first, input_ids[:, :-1]], dim=1)  # (B, T)
+            if real is not None:  # after padding there is no previous token
+                before = real[:, start - 1:start + T - 1] if start > 0 else torch.cat([real[:, :1] & False, real[:, :T - 1]], 1)
+                previous = torch.where(before, previous, config.vocab_size)
+            x = x + self.bigram(previous * config.vocab_size + input_ids)
         x0 = x if config.x0_lambdas else None
         for i, block in enumerate(self.transformer.h):
             ve = self.value_embeds[i](input_ids) if config.value_embeds else None
-            x = block(x, cache, rope, x0, ve)
+            x = block(x, cache, rope, x0, ve, real)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
         loss = None
         if labels is not None:  # transformers' convention: labels are input_ids, shifted here

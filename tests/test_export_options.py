@@ -226,3 +226,26 @@ def test_a_damaged_remote_code_folder_is_one_clear_line(exported, tmp_path):
         (folder / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(UserError, match=message):
             hf_format.load(str(folder))
+
+
+@pytest.mark.parametrize("case", ["all", "relu2"])  # rotary, bigram and the rest; learned positions
+def test_left_padded_prompts_generate_as_each_prompt_alone(case, exported, tokenizers):
+    """A batch of prompts of different lengths, left-padded with an attention_mask, gives each
+    prompt the greedy text and the logits it gets alone (remote code: positions per row,
+    padding keys never seen, no bigram across the padding)."""
+    tok = tokenizers["char"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(exported(case, "char") / "hf", trust_remote_code=True).eval()
+    prompts = [tok.encode(p) for p in ("ROMEO:", "Second Citizen:", "O")]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask).logits
+    for row, p in enumerate(prompts):
+        alone = model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False)[0, len(p):]
+        assert torch.equal(out[row, width:], alone)
+        with torch.no_grad():
+            assert (padded[row, width - len(p):] - model(torch.tensor([p])).logits[0]).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        model(ids, attention_mask=mask[:, 1:])
