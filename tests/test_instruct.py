@@ -362,7 +362,7 @@ def test_the_chat_template_gives_transformers_the_ids_sampling_uses(tmp_path, na
         hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
         for messages in (CHAT, CHAT[1:2]):
             ours = template.chat_ids(tok, tmpl, [(m["role"], m["content"]) for m in messages], 10**6)[0]
-            assert hf.apply_chat_template(messages, add_generation_prompt=True)["input_ids"] == ours
+            assert hf.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"] == ours
         assert hf_format.instruct_of(tmp_path) == {"template": tmpl, "chat": True}
     assert template.prompt_ids(tok, tmpl, CHAT[1]["content"]) == ours  # one user turn: a prompt's wrapping
 
@@ -376,7 +376,8 @@ def test_an_exported_instruction_model_keeps_its_template(chat_run, tmp_path, ca
     assert config["chat_template"] == template.chat_template(template.TEMPLATE)
     assert "apply_chat_template" in (tmp_path / "hf" / "README.md").read_text()  # the card shows how
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    ids = hf.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True)
+    ids = hf.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True,
+                                        return_dict=True)
     tok = Tokenizer.from_description(config["nanogpt_tokenizer"])
     assert ids["input_ids"] == template.prompt_ids(tok, template.TEMPLATE, "What is 2+2?")
     capsys.readouterr()
