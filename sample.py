@@ -236,10 +236,12 @@ def main(argv=None):
 if __name__ == "__main__":
     run_main(main)  # a mistake exits here, through Python's usual exit
     # done, and the output flushed: skip Python's teardown of torch's modules, a tenth of a
-    # second of a short run's time that frees nothing the system would not (docs/speed.md)
+    # second of a short run's time that frees nothing the system would not (docs/speed.md);
+    # not under a profiler or a coverage tracer, which report at exit
     try:
         sys.stdout.flush()
         sys.stderr.flush()
     except BrokenPipeError:  # the reader left: nothing more to say
         pass
-    os._exit(0)
+    if sys.getprofile() is None and sys.gettrace() is None:
+        os._exit(0)

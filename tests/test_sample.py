@@ -285,6 +285,18 @@ def test_interactive_answers_each_line_until_quit_or_end_of_input(char_dir):
     assert "'é'" in result.stderr
 
 
+def test_a_finished_run_ends_at_once_except_under_a_profiler(char_dir):
+    # sample.py skips Python's teardown once its output is flushed; all of it still arrives,
+    # and a profiler (which prints at exit) still gets to print
+    args = [f"--out_dir={char_dir}", "--prompt=ab", "--max_new_tokens=40", "--temperature=0", "--num_samples=2"]
+    result = run_cli(args)
+    assert result.returncode == 0 and result.stdout.count("ab") == 2 and result.stdout.endswith("\n")
+    profiled = subprocess.run([sys.executable, "-m", "cProfile", "-s", "tottime", "sample.py", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert profiled.returncode == 0 and "function calls" in profiled.stdout
+    assert profiled.stdout.startswith(result.stdout)  # the same text, then the profile
+
+
 def test_bpe_stream_never_breaks_characters(gpt2, bpe_dir, capsys):
     text = "héllo wörld — 日本語のテキスト 🙂🚀 naïve café"
     ids = gpt2.encode(text)
