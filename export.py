@@ -121,8 +121,9 @@ def hf_usage(name: str, model: GPT, tokenizer: Tokenizer, instruct: dict | None 
     trust = ", trust_remote_code=True" if remote else ""
     more, shown = "", "out[0]"
     if instruct:  # trained on instruction records: the chat template wraps the prompt as training did
-        ids = ('ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], '
-               'add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]\n')
+        ids = ('ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}],\n'
+               '                                    add_generation_prompt=True, return_tensors="pt", '
+               'return_dict=True)["input_ids"]\n')
         more = f",\n                     stop_strings={json.dumps(template.stop_strings(instruct['template']))}, tokenizer=tokenizer"
         ends, shown = "the answer ends at <|endoftext|> or, in a chat, at the end marker", "out[0, ids.shape[1]:]"
     elif tokenizer.documents:

@@ -284,12 +284,8 @@ def tokenizer_config(tokenizer: Tokenizer, block_size: int, instruct: dict | Non
 def instruct_of(folder: Path) -> dict | None:
     """The instruction template an export of ours left in tokenizer_config.json (None if none):
     sample.py and app.py then wrap prompts as the model was trained."""
-    try:
-        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    instruct = config.get(OUR_INSTRUCT_KEY) if isinstance(config, dict) else None
-    ok = (isinstance(instruct, dict) and isinstance(instruct.get("template"), dict)
+    instruct = _ours_in_tokenizer_config(folder, OUR_INSTRUCT_KEY)
+    ok = (instruct is not None and isinstance(instruct.get("template"), dict)
           and all(isinstance(instruct["template"].get(k), str) for k in template.TEMPLATE))
     return {"template": instruct["template"], "chat": bool(instruct.get("chat"))} if ok else None
 
@@ -316,14 +312,14 @@ def _vocab_of(folder: Path) -> tuple[dict[str, int], dict[str, int], bool]:
                     f"of the model into it")
 
 
-def _our_description(folder: Path) -> dict | None:
-    """The tokenizer description export.py left in tokenizer_config.json, if any."""
+def _ours_in_tokenizer_config(folder: Path, key: str) -> dict | None:
+    """What export.py left under key in the folder's tokenizer_config.json (a dict), if any."""
     try:
         config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    description = config.get(OUR_TOKENIZER_KEY) if isinstance(config, dict) else None
-    return description if isinstance(description, dict) else None
+    entry = config.get(key) if isinstance(config, dict) else None
+    return entry if isinstance(entry, dict) else None
 
 
 def load_tokenizer(folder: Path) -> Tokenizer:
@@ -332,7 +328,7 @@ def load_tokenizer(folder: Path) -> Tokenizer:
     cl100k_base, ...)."""
     import tiktoken
     vocab, specials, has_merges = _vocab_of(folder)
-    ours = _our_description(folder)
+    ours = _ours_in_tokenizer_config(folder, OUR_TOKENIZER_KEY)
     if ours is not None:
         tokenizer = Tokenizer.from_description(ours)
         if tokenizer.vocab_size != len(vocab | specials):

@@ -227,7 +227,7 @@ class NanoGPTForCausalLM(PreTrainedModel, GenerationMixin):
             first = previous_token_ids if start > 0 else input_ids.new_full((B, 1), config.vocab_size)
             previous = torch.cat([first, input_ids[:, :-1]], dim=1)  # (B, T)
             if real is not None:  # after padding there is no previous token
-                before = real[:, start - 1:start + T - 1] if start > 0 else torch.cat([real[:, :1] & False, real[:, :T - 1]], 1)
+                before = real[:, start - 1:start + T - 1] if start > 0 else torch.cat([real.new_zeros(B, 1), real[:, :T - 1]], 1)
                 previous = torch.where(before, previous, config.vocab_size)
             x = x + self.bigram(previous * config.vocab_size + input_ids)
         x0 = x if config.x0_lambdas else None
