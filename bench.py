@@ -81,6 +81,7 @@ class BenchConfig(TrainConfig):
     process_runs: int = 0  # whole `python sample.py` processes per variant (cpu; 0 = none, 5 = first + 4 repeats)
     profile: bool = False  # also print torch.profiler's table of the training step's operators
     sample_compile: bool = True  # also time the fast path's compiled step (built once per shape into the cache, then loaded)
+    numpy_kernels: bool = False  # cpu: also time our step on the numpy dropout path (a machine without a C compiler's), interleaved
 
     def problems(self) -> list[str]:
         p = super().problems()
@@ -158,6 +159,8 @@ def bench_train(model, cfg: BenchConfig, precision) -> dict[str, list[float]]:
                                           precision.device_type, cfg.optimizer)
     runs = {"matmul peak": peak,
             "train": stepper(torch.compile(model) if cfg.compile else model, optimizer, precision)}
+    if precision.device_type == "cpu" and cfg.numpy_kernels:  # the same model and optimizer, numpy's dropout
+        runs["train, numpy kernels"] = stepper(model, optimizer, precision, cpu_kernels.without_c)
     if precision.device_type == "cpu" and not model.config.non_gpt2_options():  # nanoGPT's model is GPT-2's
         baseline = copy.deepcopy(model)
         runs["train, nanoGPT's step"] = stepper(baseline, nanogpt_optimizer(baseline, cfg),
@@ -335,6 +338,8 @@ def main(argv=None):
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
           f"load average {load}")
+    if precision.device_type == "cpu":
+        print(f"dropout: {cpu_kernels.kernels_used()}")
 
     model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS}, vocab_size=cfg.vocab_size, dropout=cfg.dropout))
     model.to(precision.device)
@@ -354,6 +359,11 @@ def main(argv=None):
         print(row("train", train, "tokens/s"))
         print(row("train step", ms_per_step, "ms"))
         print(row("train MFU", mfu, "%", 0.01, "of the matmul peak timed beside each sample"))
+        if "train, numpy kernels" in trains:
+            numpy_rates = trains["train, numpy kernels"]
+            gain = statistics.median(train) / statistics.median(numpy_rates)
+            print(row("train, numpy kernels", numpy_rates, "tokens/s", 1.0,
+                      f"the C kernels' step is {gain:.2f}x this; the same step without a C compiler"))
         if "train, nanoGPT's step" in trains:
             nanogpt = trains["train, nanoGPT's step"]
             speedup = statistics.median(train) / statistics.median(nanogpt)

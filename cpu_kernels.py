@@ -9,16 +9,31 @@ computes attention dropout in chunks of a few sequences.
 The bits come from numpy's SFC64 generator seeded from torch's global RNG, so
 torch.manual_seed and torch.set_rng_state still determine every mask (exact resume holds).
 Only used on CPU in eager mode: GPUs and torch.compile keep torch's own dropout.
+
+Where the system has a C compiler (Linux, macOS), cpu_kernels.c is built once into the user's
+cache and does the element-wise work in one pass on every core: the generator (numpy's SFC64,
+word for word), and the mask applied straight from the random bits. Without one, numpy and
+torch do the same work in several passes; both ways give the same values bit for bit (tested),
+so a run does not depend on which one a machine takes. bench.py prints which it took.
 model.py uses two names from here: Dropout and causal_attention; bench.py turns them off with
 torch_kernels() to time nanoGPT's step (torch's dropout and SDPA) side by side with ours.
 """
 import contextlib
+import ctypes
+import hashlib
 import math
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from hardware import user_cache
 
 
 _enabled = True  # False inside torch_kernels()
@@ -36,16 +51,148 @@ def torch_kernels():
         _enabled = was
 
 
+# ---------------------------------------------------------------------------- the C kernels
+
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+_PTR, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+_SIGNATURES = {  # cpu_kernels.c's functions and their arguments
+    "sfc64_fill": (_PTR, _PTR, _I64),
+    "mask_mul_bf16": (_PTR, _PTR, _PTR, _I64, _I64, _I32, _F32),
+    "mask_mul_f32": (_PTR, _PTR, _PTR, _I64, _I64, _I32, _F32),
+    "causal_mask_bf16": (_PTR, _PTR, _PTR, _I64, _I64, _I64, _I32),
+    "causal_mask_f32": (_PTR, _PTR, _PTR, _I64, _I64, _I64, _I32),
+}
+_c_state: dict = {}  # "lib": the loaded library or None, "why": what was used and why
+_c_allowed = True  # False inside without_c()
+
+
+def _compiler() -> str | None:
+    names = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
+    return next(filter(None, map(shutil.which, names)), None)
+
+
+def _build(compiler: str, path: Path) -> str | None:
+    """Compile cpu_kernels.c into the shared library at path (written to a temporary name and
+    renamed, so that processes building at once never load half a file). None, or why not."""
+    import subprocess  # here: a process that only samples never builds
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial{path.suffix}")
+    why = ""
+    for flags in (["-O3"], ["-O3", "-DNO_CLONES"]):  # an older compiler may lack target_clones
+        try:
+            done = subprocess.run([compiler, *flags, "-fPIC", "-shared", "-o", str(partial), str(_SOURCE)],
+                                  capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"{compiler} failed ({type(e).__name__})"
+        if done.returncode == 0:
+            os.replace(partial, path)
+            return None
+        why = (done.stderr.strip().splitlines() or ["no message"])[0][:200]
+    partial.unlink(missing_ok=True)
+    return f"{compiler} could not build {_SOURCE.name}: {why}"
+
+
+def _load():
+    """The C kernels, built into the user's cache on first use (about a second), or None and
+    _c_state["why"] says why (no compiler, Windows, a failed build)."""
+    if sys.platform == "win32":
+        return None, "numpy kernels (the C ones are built on Linux and macOS)"
+    compiler = _compiler()
+    if compiler is None:
+        return None, "numpy kernels (no C compiler: cc, gcc or clang; CC names another)"
+    key = hashlib.sha256(_SOURCE.read_bytes() + f"{os.path.realpath(compiler)} {sys.platform} "
+                         f"{platform.machine()}".encode()).hexdigest()[:20]
+    path = user_cache("kernels") / f"cpu_kernels-{key}{'.dylib' if sys.platform == 'darwin' else '.so'}"
+    try:
+        if not path.exists() and (why := _build(compiler, path)):
+            return None, f"numpy kernels ({why})"
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:  # an unwritable cache, a library this system cannot load
+        return None, f"numpy kernels ({type(e).__name__}: {e})"
+    for name, args in _SIGNATURES.items():
+        getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
+    return lib, f"C kernels ({path})"
+
+
+def _c():
+    """The loaded C kernels, or None (numpy and torch do their work)."""
+    if not _c_allowed:
+        return None
+    if "lib" not in _c_state:
+        _c_state["lib"], _c_state["why"] = _load()
+    return _c_state["lib"]
+
+
+def kernels_used() -> str:
+    """Which dropout kernels this process uses and why, in a few words (bench.py prints it)."""
+    _c()
+    return _c_state.get("why", "numpy kernels (turned off)")
+
+
+@contextlib.contextmanager
+def without_c():
+    """Inside this block the numpy path runs even where the C kernels are built (for tests and
+    bench.py's side-by-side rows)."""
+    global _c_allowed
+    was, _c_allowed = _c_allowed, False
+    try:
+        yield
+    finally:
+        _c_allowed = was
+
+
+_pool: dict = {}  # workers -> a concurrent.futures.ThreadPoolExecutor of that many threads
+
+
+def _on_all_cores(fn, n: int, size: int, *args):
+    """fn(a, b, c, start, stop, ...) for args = (a, b, c, ...) over items [0, n), each of `size`
+    elements, split among torch's threads: ctypes lets go of the GIL, so the parts run at once,
+    the calling thread doing the first."""
+    parts = min(torch.get_num_threads(), n, max(1, n * size // 32768))  # 32K elements a part at least
+    bounds = [n * i // parts for i in range(parts + 1)]
+    if parts > 1 and parts - 1 not in _pool:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool[parts - 1] = ThreadPoolExecutor(parts - 1, thread_name_prefix="cpu_kernels")
+    head, tail = args[:3], args[3:]
+    rest = [_pool[parts - 1].submit(fn, *head, bounds[i], bounds[i + 1], *tail) for i in range(1, parts)]
+    fn(*head, bounds[0], bounds[1], *tail)
+    for f in rest:
+        f.result()
+
+
+def _ptr(a) -> int:
+    return a.data_ptr() if isinstance(a, torch.Tensor) else a.ctypes.data
+
+
 def use_cpu_dropout(x: torch.Tensor) -> bool:
     return _enabled and x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+class _Bits:
+    """A stream of uniform int16 values from numpy's SFC64 generator (much cheaper than torch's
+    bernoulli_ on CPU) seeded with one draw from torch's global RNG: numpy draws them, or the C
+    kernels' copy of the generator from numpy's starting state (the same values, faster)."""
+
+    def __init__(self):
+        self.numpy = np.random.SFC64(int(torch.randint(0, 2**62, (1,)).item()))
+        self.lib = _c()
+        if self.lib is not None:
+            self.state = self.numpy.state["state"]["state"].astype(np.uint64)  # a, b, c, counter
+
+    def words(self, n: int) -> np.ndarray:
+        """The next n uint64 words of the stream, as 4 * n int16 values."""
+        if self.lib is None:
+            return self.numpy.random_raw(n).view(np.int16)
+        out = np.empty(n, dtype=np.uint64)
+        self.lib.sfc64_fill(self.state.ctypes.data, out.ctypes.data, n)
+        return out.view(np.int16)
+
+
 def _random_int16(n: int) -> np.ndarray:
-    """n uniform int16 values from numpy's SFC64 (much cheaper than torch's bernoulli_ on CPU),
-    seeded with one draw from torch's global RNG."""
-    seed = int(torch.randint(0, 2**62, (1,)).item())
-    words = np.random.SFC64(seed).random_raw((n + 3) // 4)  # uint64, four int16 each
-    return words.view(np.int16)[:n]
+    """n uniform int16 values from a new _Bits stream."""
+    return _Bits().words((n + 3) // 4)[:n]  # four int16 per word
 
 
 def _drop_threshold(p: float) -> tuple[int, float]:
@@ -56,6 +203,7 @@ def _drop_threshold(p: float) -> tuple[int, float]:
     return drop_count - 32768, 65536 / (65536 - drop_count)
 
 
+_C_TYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}  # the dtypes cpu_kernels.c handles
 _BITS = {2: (np.uint16, torch.int16), 4: (np.uint32, torch.int32), 8: (np.uint64, torch.int64)}  # by item size
 
 
@@ -90,13 +238,30 @@ class _CausalDropStream:
         self.nh, self.T = nh, T
         self.threshold, self.scale = _drop_threshold(p)
         self.per_row = nh * T * T if T % 2 else nh * (T // 2) * (T + 1)  # int16 draws per batch row
-        self.bits = np.random.SFC64(int(torch.randint(0, 2**62, (1,)).item()))
+        self.stream = _Bits()
+
+    def bits(self, rows: int) -> np.ndarray:
+        """The next rows' int16 draws, (rows, per_row)."""
+        words = (self.per_row + 3) // 4  # uint64 words per batch row, four int16 each
+        return self.stream.words(rows * words).reshape(rows, 4 * words)[:, :self.per_row]
+
+    def apply(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs (rows * nh, T, T), contiguous: the next rows' probabilities times their mask
+        (0 where dropped, else unchanged). In one pass with the C kernels, else in numpy and torch."""
+        kernel = getattr(self.stream.lib, f"causal_mask_{_C_TYPES.get(probs.dtype)}", None)
+        rows = probs.size(0) // self.nh
+        if kernel is None:
+            return probs * _ones_where_kept(self.drop(rows), probs.dtype).view(probs.shape)
+        bits = np.ascontiguousarray(self.bits(rows))  # a copy only when per_row % 4 leaves a gap
+        out = torch.empty_like(probs)
+        _on_all_cores(kernel, probs.size(0), self.T * self.T, _ptr(probs), _ptr(bits), _ptr(out), self.T,
+                      self.threshold)
+        return out
 
     def drop(self, rows: int) -> np.ndarray:
         """A numpy bool (rows, nh, T, T), True where a probability is dropped: the next rows."""
         nh, T = self.nh, self.T
-        words = (self.per_row + 3) // 4  # uint64 words per batch row, four int16 each
-        bits = self.bits.random_raw(rows * words).view(np.int16).reshape(rows, 4 * words)[:, :self.per_row]
+        bits = self.bits(rows)
         if T % 2:
             return np.less(bits.reshape(rows, nh, T, T), self.threshold)
         half = T // 2
@@ -118,19 +283,39 @@ def _dropped_causal(B: int, nh: int, T: int, p: float) -> tuple[torch.Tensor, fl
 class _CPUDropout(torch.autograd.Function):
     """Dropout with a mask from _dropped_numpy, kept for the backward pass as 0 / scale in x's
     dtype: one multiply each way. (In bf16 the scale is rounded to bf16: 1/(1-p) within 0.4%,
-    so the kept values' expectation moves by as much; float32 keeps it to 1e-7.)"""
+    so the kept values' expectation moves by as much; float32 keeps it to 1e-7.)
+    With the C kernels the random bits themselves are kept, and each way is one pass over them."""
 
     @staticmethod
     def forward(ctx, x, p):
-        drop, scale = _dropped_numpy(x.shape, p)
-        kept = _ones_where_kept(drop, x.dtype, scale)
-        ctx.save_for_backward(kept)
-        return x * kept
+        kernel = getattr(_c(), f"mask_mul_{_C_TYPES.get(x.dtype)}", None)
+        if kernel is None:
+            drop, scale = _dropped_numpy(x.shape, p)
+            kept = _ones_where_kept(drop, x.dtype, scale)
+            ctx.save_for_backward(kept)
+            ctx.kernel = None
+            return x * kept
+        threshold, scale = _drop_threshold(p)
+        bits = torch.from_numpy(_random_int16(x.numel()))
+        ctx.save_for_backward(bits)
+        ctx.kernel, ctx.threshold = kernel, threshold
+        ctx.scale = torch.tensor(scale, dtype=x.dtype).item()  # the scale as x's dtype holds it
+        return _CPUDropout.masked(ctx, x, bits)
+
+    @staticmethod
+    def masked(ctx, x, bits):
+        """x * (0 where dropped, else the scale), by the C kernel."""
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        _on_all_cores(ctx.kernel, x.numel(), 1, _ptr(x), _ptr(bits), _ptr(out), ctx.threshold, ctx.scale)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        (kept,) = ctx.saved_tensors
-        return grad * kept, None
+        (saved,) = ctx.saved_tensors  # the kept values, or the C kernels' random bits
+        if ctx.kernel is None:
+            return grad * saved, None
+        return _CPUDropout.masked(ctx, grad, saved), None
 
 
 class Dropout(nn.Dropout):
@@ -196,8 +381,7 @@ class _CPUAttention(torch.autograd.Function):
                     att = torch.bmm(q[heads], k[heads].transpose(1, 2)).view(-1, nh, T, T).add_(causal[rows])
                 probs.append(torch.softmax(att.view(-1, T, T), dim=-1))
                 if p > 0:  # this chunk's mask, drawn per chunk: no full-size mask in memory
-                    keep = _ones_where_kept(stream.drop(rows.stop - rows.start), q.dtype)
-                    kept.append(probs[-1] * keep.view(-1, T, T))
+                    kept.append(stream.apply(probs[-1]))
                 else:
                     kept.append(probs[-1])
                 torch.bmm(kept[-1], v[heads], out=y[heads])

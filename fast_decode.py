@@ -46,6 +46,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import model as model_module
+from hardware import user_cache
 from model import GPT, GPTConfig, KVCache, apply_rotary, slide_window
 
 # the model options this decoder does not implement: a model that uses one of them (a value other
@@ -309,8 +310,7 @@ def one_line(e: BaseException) -> str:
 
 def cache_dir() -> Path:
     """Where compiled steps are kept: the user's cache ($XDG_CACHE_HOME, else ~/.cache)."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "nanogpt-toolkit" / "decode"
+    return user_cache("decode")
 
 
 def step_key(model: GPT, weights: str, batch_size: int) -> str:

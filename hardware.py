@@ -19,6 +19,7 @@ import functools
 import os
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 import torch
@@ -59,6 +60,13 @@ def mps_dtype(macos: str) -> tuple[str, str]:
     if major >= 14:
         return "bfloat16", f"macOS {macos} runs bf16 on MPS; no GradScaler needed"
     return "float32", f"macOS {macos or '?'} has no bf16 on MPS (it needs macOS 14); float16 would need a GradScaler"
+
+
+def user_cache(name: str) -> Path:
+    """A folder of the user's cache ($XDG_CACHE_HOME, else ~/.cache) for what this toolkit
+    builds once per machine: compiled decode steps, the C dropout kernels."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "nanogpt-toolkit" / name
 
 
 def available_memory() -> int:

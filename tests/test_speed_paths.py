@@ -257,3 +257,108 @@ def test_a_stage_script_leaves_garbage_collection_on(script):
     # back on would never free cyclic garbage in a long run
     code = f"import gc, {script}; assert gc.isenabled(), 'collector off'; assert gc.get_freeze_count() > 0, 'nothing frozen'"
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
+
+
+# ---------------------------------------------------------------------------- the C kernels
+
+def _both_paths(run):
+    """run() under the same seed with the numpy path and with the C kernels, on two threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with cpu_kernels.without_c():
+            torch.manual_seed(11)
+            numpy_result = run()
+        torch.manual_seed(11)
+        c_result = run()
+    finally:
+        torch.set_num_threads(threads)
+    return numpy_result, c_result
+
+
+def test_the_c_kernels_are_built_where_a_compiler_is():
+    if cpu_kernels._compiler() is None or sys.platform == "win32":
+        pytest.skip("no C compiler here: the numpy path is the only one")
+    assert cpu_kernels._c() is not None, cpu_kernels.kernels_used()
+    assert cpu_kernels.kernels_used().startswith("C kernels")
+    with cpu_kernels.without_c():
+        assert cpu_kernels._c() is None
+
+
+def test_the_c_generator_gives_numpys_words():
+    if cpu_kernels._c() is None:
+        pytest.skip(cpu_kernels.kernels_used())
+    torch.manual_seed(3)
+    ours = cpu_kernels._Bits()
+    torch.manual_seed(3)
+    reference = cpu_kernels._Bits().numpy
+    for n in (1, 7, 1000, 3):  # the state carries over from call to call
+        assert (ours.words(n) == reference.random_raw(n).view("int16")).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 5, 70_001])  # under and over the size split between threads
+def test_c_dropout_equals_the_numpy_path_bit_for_bit(dtype, n):
+    if cpu_kernels._c() is None:
+        pytest.skip(cpu_kernels.kernels_used())
+    x = torch.randn(n, dtype=dtype)
+    x[:3] = torch.tensor([float("nan"), float("-inf"), -0.0])[: min(n, 3)].to(dtype)
+    g = torch.randn(n, dtype=dtype)
+
+    def run():
+        leaf = x.clone().requires_grad_()
+        y = Dropout(0.2).train()(leaf)
+        y.backward(g)
+        return y.detach(), leaf.grad
+
+    (y0, g0), (y1, g1) = _both_paths(run)
+    assert torch.equal(y0.isnan(), y1.isnan())  # (torch's own NaN bits differ between its code paths)
+    assert torch.equal(y0[~y0.isnan()].view(torch.uint8), y1[~y1.isnan()].view(torch.uint8))  # -0 too
+    assert torch.equal(g0, g1)
+    # the kernels keep the random bits for the backward pass, not a mask tensor
+    assert Dropout(0.2).train()(x.clone().requires_grad_()).grad_fn.name() == "_CPUDropoutBackward"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B, nh, T", [(5, 3, 16), (3, 2, 7), (2, 1, 6), (9, 2, 32)])
+def test_c_attention_dropout_equals_the_numpy_path_bit_for_bit(dtype, B, nh, T):
+    """(3, 2, 7): odd T draws the square; (2, 1, 6): a batch row's draws end mid-word (a gap)."""
+    if cpu_kernels._c() is None:
+        pytest.skip(cpu_kernels.kernels_used())
+    q, k, v = (torch.randn(B, nh, T, 8, dtype=dtype) for _ in range(3))
+    g = torch.randn(B, nh, T, 8, dtype=dtype)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        y = causal_attention(*leaves, 0.3)
+        y.backward(g)
+        return [y.detach()] + [t.grad for t in leaves]
+
+    numpy_result, c_result = _both_paths(run)
+    for a, b in zip(numpy_result, c_result):
+        assert torch.equal(a, b)
+
+
+def test_a_failed_build_falls_back_to_numpy_with_the_reason(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernels, "_c_state", {})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    if sys.platform == "win32" or not __import__("shutil").which("false"):
+        pytest.skip("no 'false' command here")
+    assert cpu_kernels._c() is None
+    assert "false could not build cpu_kernels.c" in cpu_kernels.kernels_used()
+    torch.manual_seed(0)
+    y = Dropout(0.5).train()(torch.ones(1000))  # still drops, on the numpy path
+    assert 400 < (y == 0).sum() < 600
+    assert not list(tmp_path.rglob("*.partial*"))  # nothing half-built left behind
+
+
+def test_a_cache_that_cannot_be_written_falls_back_to_numpy(monkeypatch, tmp_path):
+    if cpu_kernels._compiler() is None or sys.platform == "win32":
+        pytest.skip("no C compiler here")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    monkeypatch.setattr(cpu_kernels, "_c_state", {})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    assert cpu_kernels._c() is None
+    assert cpu_kernels.kernels_used().startswith("numpy kernels (")

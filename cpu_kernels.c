@@ -1,0 +1,100 @@
+/* Element-wise dropout kernels for cpu_kernels.py, built once per machine by the system's C
+ * compiler and loaded with ctypes (cpu_kernels.py says when; without a compiler it does the same
+ * work in numpy and torch, with the same results bit for bit).
+ *
+ * The random bits are int16 values drawn by numpy (cpu_kernels.py), 16 per element: an element
+ * is kept when its value is >= threshold. Every function handles the elements [start, stop) of
+ * its arrays, so that cpu_kernels.py can split one call over threads (ctypes lets go of the GIL).
+ * bf16 values are handled as their uint16 bit patterns: widened to float by a shift, rounded
+ * back to the nearest even as torch does (c10::BFloat16), so every result equals torch's
+ * multiply of the same operands. */
+#include <stdint.h>
+#include <string.h>
+
+/* On x86-64 Linux each function is built for AVX512, AVX2 and plain x86-64, the CPU picking one
+ * at load time (gcc and clang's target_clones): one build serves any x86 CPU that shares the
+ * cache folder. Elsewhere (macOS, arm) the compiler's default target is used. */
+#if defined(__x86_64__) && defined(__linux__) && !defined(NO_CLONES)
+#define VEC __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define VEC
+#endif
+
+static inline float bf16_to_float(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if (f != f) return 0x7FC0; /* NaN, as c10::BFloat16 rounds it */
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* numpy's SFC64 generator (numpy/random/src/sfc64/sfc64.h): n outputs from the state s (a, b,
+ * c, counter), which is advanced in place, so this gives the words numpy's random_raw(n) gives
+ * from the same state, several times faster (numpy calls its generator once per word). */
+VEC void sfc64_fill(uint64_t *s, uint64_t *out, int64_t n) {
+    uint64_t a = s[0], b = s[1], c = s[2], counter = s[3];
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t tmp = a + b + counter++;
+        a = b ^ (b >> 11);
+        b = c + (c << 3);
+        c = ((c << 24) | (c >> 40)) + tmp;
+        out[i] = tmp;
+    }
+    s[0] = a, s[1] = b, s[2] = c, s[3] = counter;
+}
+
+/* out[i] = x[i] * (bits[i] >= threshold ? scale : 0): dropout and its backward pass */
+VEC void mask_mul_bf16(const uint16_t *x, const int16_t *bits, uint16_t *out, int64_t start, int64_t stop,
+                   int32_t threshold, float scale) {
+    for (int64_t i = start; i < stop; i++)
+        out[i] = float_to_bf16(bf16_to_float(x[i]) * (bits[i] >= threshold ? scale : 0.0f));
+}
+
+VEC void mask_mul_f32(const float *x, const int16_t *bits, float *out, int64_t start, int64_t stop,
+                  int32_t threshold, float scale) {
+    for (int64_t i = start; i < stop; i++)
+        out[i] = x[i] * (bits[i] >= threshold ? scale : 0.0f);
+}
+
+/* The attention probabilities p of matrices [start, stop), each (T, T), times their causal
+ * dropout mask (cpu_kernels._CausalDropStream): with T even, matrix m's bits are (T/2, T+1)
+ * values from bits + m * (T/2) * (T+1); query row i < T/2 reads its bit row i forwards, row
+ * T-1-i reads the same bit row backwards from its end. With T odd the bits are (T, T). */
+#define CAUSAL_MASK(NAME, TYPE, LOAD, STORE)                                                         \
+    VEC void NAME(const TYPE *p, const int16_t *bits, TYPE *out, int64_t start, int64_t stop, int64_t T, \
+              int32_t threshold) {                                                                \
+        int64_t half = T / 2;                                                                     \
+        for (int64_t m = start; m < stop; m++) {                                                  \
+            const TYPE *pm = p + m * T * T;                                                       \
+            TYPE *om = out + m * T * T;                                                           \
+            if (T % 2) {                                                                          \
+                const int16_t *b = bits + m * T * T;                                              \
+                for (int64_t e = 0; e < T * T; e++)                                               \
+                    om[e] = STORE(LOAD(pm[e]) * (b[e] >= threshold ? 1.0f : 0.0f));               \
+                continue;                                                                         \
+            }                                                                                     \
+            const int16_t *bm = bits + m * half * (T + 1);                                        \
+            for (int64_t i = 0; i < half; i++) {                                                  \
+                const int16_t *b = bm + i * (T + 1);                                              \
+                const TYPE *pr = pm + i * T;                                                      \
+                TYPE *orow = om + i * T;                                                          \
+                for (int64_t j = 0; j < T; j++)                                                   \
+                    orow[j] = STORE(LOAD(pr[j]) * (b[j] >= threshold ? 1.0f : 0.0f));             \
+                pr = pm + (T - 1 - i) * T;                                                        \
+                orow = om + (T - 1 - i) * T;                                                      \
+                const int16_t *back = b + T; /* column j reads b[T - j] */                        \
+                for (int64_t j = 0; j < T; j++)                                                   \
+                    orow[j] = STORE(LOAD(pr[j]) * (back[-j] >= threshold ? 1.0f : 0.0f));         \
+            }                                                                                     \
+        }                                                                                         \
+    }
+
+#define IDENTITY(v) (v)
+CAUSAL_MASK(causal_mask_bf16, uint16_t, bf16_to_float, float_to_bf16)
+CAUSAL_MASK(causal_mask_f32, float, IDENTITY, IDENTITY)
