@@ -98,3 +98,27 @@ VEC void mask_mul_f32(const float *x, const int16_t *bits, float *out, int64_t s
 #define IDENTITY(v) (v)
 CAUSAL_MASK(causal_mask_bf16, uint16_t, bf16_to_float, float_to_bf16)
 CAUSAL_MASK(causal_mask_f32, float, IDENTITY, IDENTITY)
+
+/* The residual add with dropout, x + dropout(y), for x in float32 and y in bf16 (autocast) or
+ * float32: out[i] = x[i] + (y[i] * (kept ? scale : 0), rounded to y's dtype), as torch's add
+ * of the two computes it. Built with -ffp-contract=off, so no multiply and add fuse into one
+ * rounding where torch rounds twice. */
+VEC void add_mask_mul_bf16(const float *x, const uint16_t *y, const int16_t *bits, float *out, int64_t start,
+                           int64_t stop, int32_t threshold, float scale) {
+    for (int64_t i = start; i < stop; i++)
+        out[i] = x[i] + bf16_to_float(float_to_bf16(bf16_to_float(y[i]) * (bits[i] >= threshold ? scale : 0.0f)));
+}
+
+VEC void add_mask_mul_f32(const float *x, const float *y, const int16_t *bits, float *out, int64_t start,
+                          int64_t stop, int32_t threshold, float scale) {
+    for (int64_t i = start; i < stop; i++)
+        out[i] = x[i] + y[i] * (bits[i] >= threshold ? scale : 0.0f);
+}
+
+/* Its backward pass for a bf16 y: the float32 gradient rounded to bf16 (the add's backward
+ * casts it to y's dtype), times the mask, rounded again. */
+VEC void mask_mul_f32_to_bf16(const float *g, const int16_t *bits, uint16_t *out, int64_t start, int64_t stop,
+                              int32_t threshold, float scale) {
+    for (int64_t i = start; i < stop; i++)
+        out[i] = float_to_bf16(bf16_to_float(float_to_bf16(g[i])) * (bits[i] >= threshold ? scale : 0.0f));
+}

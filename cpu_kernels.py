@@ -15,7 +15,7 @@ cache and does the element-wise work in one pass on every core: the generator (n
 word for word), and the mask applied straight from the random bits. Without one, numpy and
 torch do the same work in several passes; both ways give the same values bit for bit (tested),
 so a run does not depend on which one a machine takes. bench.py prints which it took.
-model.py uses two names from here: Dropout and causal_attention; bench.py turns them off with
+model.py uses three names from here: Dropout, residual_dropout and causal_attention; bench.py turns them off with
 torch_kernels() to time nanoGPT's step (torch's dropout and SDPA) side by side with ours.
 """
 import contextlib
@@ -61,6 +61,9 @@ _SIGNATURES = {  # cpu_kernels.c's functions and their arguments
     "mask_mul_f32": (_PTR, _PTR, _PTR, _I64, _I64, _I32, _F32),
     "causal_mask_bf16": (_PTR, _PTR, _PTR, _I64, _I64, _I64, _I32),
     "causal_mask_f32": (_PTR, _PTR, _PTR, _I64, _I64, _I64, _I32),
+    "add_mask_mul_bf16": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I32, _F32),
+    "add_mask_mul_f32": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I32, _F32),
+    "mask_mul_f32_to_bf16": (_PTR, _PTR, _PTR, _I64, _I64, _I32, _F32),
 }
 _c_state: dict = {}  # "lib": the loaded library or None, "why": what was used and why
 _c_allowed = True  # False inside without_c()
@@ -79,7 +82,8 @@ def _build(compiler: str, path: Path) -> str | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.stem}.{os.getpid()}.partial{path.suffix}")
     why = ""
-    for flags in (["-O3"], ["-O3", "-DNO_CLONES"]):  # an older compiler may lack target_clones
+    # -ffp-contract=off: each multiply and add rounds on its own, as torch's separate ops do
+    for flags in (["-O3", "-ffp-contract=off"], ["-O3", "-ffp-contract=off", "-DNO_CLONES"]):  # an older compiler may lack target_clones
         try:
             done = subprocess.run([compiler, *flags, "-fPIC", "-shared", "-o", str(partial), str(_SOURCE)],
                                   capture_output=True, text=True, timeout=300)
@@ -145,20 +149,20 @@ def without_c():
 _pool: dict = {}  # workers -> a concurrent.futures.ThreadPoolExecutor of that many threads
 
 
-def _on_all_cores(fn, n: int, size: int, *args):
-    """fn(a, b, c, start, stop, ...) for args = (a, b, c, ...) over items [0, n), each of `size`
-    elements, split among torch's threads: ctypes lets go of the GIL, so the parts run at once,
-    the calling thread doing the first."""
+def _on_all_cores(fn, n: int, size: int, arrays: tuple, *rest):
+    """fn(*arrays' addresses, start, stop, *rest) over items [0, n), each of `size` elements,
+    split among torch's threads: ctypes lets go of the GIL, so the parts run at once, the
+    calling thread doing the first."""
     parts = min(torch.get_num_threads(), n, max(1, n * size // 32768))  # 32K elements a part at least
     bounds = [n * i // parts for i in range(parts + 1)]
     if parts > 1 and parts - 1 not in _pool:
         from concurrent.futures import ThreadPoolExecutor
 
         _pool[parts - 1] = ThreadPoolExecutor(parts - 1, thread_name_prefix="cpu_kernels")
-    head, tail = args[:3], args[3:]
-    rest = [_pool[parts - 1].submit(fn, *head, bounds[i], bounds[i + 1], *tail) for i in range(1, parts)]
-    fn(*head, bounds[0], bounds[1], *tail)
-    for f in rest:
+    head = [_ptr(a) for a in arrays]
+    others = [_pool[parts - 1].submit(fn, *head, bounds[i], bounds[i + 1], *rest) for i in range(1, parts)]
+    fn(*head, bounds[0], bounds[1], *rest)
+    for f in others:
         f.result()
 
 
@@ -254,8 +258,7 @@ class _CausalDropStream:
             return probs * _ones_where_kept(self.drop(rows), probs.dtype).view(probs.shape)
         bits = np.ascontiguousarray(self.bits(rows))  # a copy only when per_row % 4 leaves a gap
         out = torch.empty_like(probs)
-        _on_all_cores(kernel, probs.size(0), self.T * self.T, _ptr(probs), _ptr(bits), _ptr(out), self.T,
-                      self.threshold)
+        _on_all_cores(kernel, probs.size(0), self.T * self.T, (probs, bits, out), self.T, self.threshold)
         return out
 
     def drop(self, rows: int) -> np.ndarray:
@@ -307,7 +310,7 @@ class _CPUDropout(torch.autograd.Function):
         """x * (0 where dropped, else the scale), by the C kernel."""
         x = x.contiguous()
         out = torch.empty_like(x)
-        _on_all_cores(ctx.kernel, x.numel(), 1, _ptr(x), _ptr(bits), _ptr(out), ctx.threshold, ctx.scale)
+        _on_all_cores(ctx.kernel, x.numel(), 1, (x, bits, out), ctx.threshold, ctx.scale)
         return out
 
     @staticmethod
@@ -329,6 +332,45 @@ class Dropout(nn.Dropout):
         return super().forward(x)
 
 
+class _CPUResidualDropout(torch.autograd.Function):
+    """x + dropout(y) by the C kernels in one pass: the residual stream x (float32) plus a
+    block's output y (float32, or bf16 under autocast), with the mask _CPUDropout would draw
+    and the same values bit for bit. Backward: x's gradient passes through as it is, y's is
+    cast to y's dtype and masked in one pass."""
+
+    @staticmethod
+    def forward(ctx, x, y, p):
+        lib = _c()
+        threshold, scale = _drop_threshold(p)
+        bits = torch.from_numpy(_random_int16(y.numel()))
+        ctx.save_for_backward(bits)
+        ctx.threshold, ctx.scale = threshold, torch.tensor(scale, dtype=y.dtype).item()
+        ctx.backward_kernel = lib.mask_mul_f32_to_bf16 if y.dtype == torch.bfloat16 else lib.mask_mul_f32
+        ctx.y_dtype = y.dtype
+        x, y = x.contiguous(), y.contiguous()
+        out = torch.empty_like(x)
+        kernel = getattr(lib, f"add_mask_mul_{_C_TYPES[y.dtype]}")
+        _on_all_cores(kernel, x.numel(), 1, (x, y, bits, out), threshold, ctx.scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (bits,) = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_y = torch.empty(grad.shape, dtype=ctx.y_dtype)
+        _on_all_cores(ctx.backward_kernel, grad.numel(), 1, (grad, bits, grad_y), ctx.threshold, ctx.scale)
+        return grad, grad_y, None
+
+
+def residual_dropout(x: torch.Tensor, y: torch.Tensor, dropout: nn.Dropout) -> torch.Tensor:
+    """x + dropout(y): the residual stream plus a block's output after its dropout module.
+    Training on CPU with the C kernels built, in one pass (_CPUResidualDropout); else as written."""
+    if (dropout.training and dropout.p > 0 and use_cpu_dropout(y) and x.shape == y.shape
+            and x.dtype == torch.float32 and y.dtype in _C_TYPES and _c() is not None):
+        return _CPUResidualDropout.apply(x, y, dropout.p)
+    return x + dropout(y)
+
+
 def _row_chunks(n: int, per_row: int, budget: int = 1 << 22):
     """Slices of range(n), each of about `budget` elements when a row holds per_row. Every op
     on a chunk is one parallel region, and on a busy host each region waits until all of its
@@ -336,6 +378,15 @@ def _row_chunks(n: int, per_row: int, budget: int = 1 << 22):
     many cache-sized ones there, for a few percent more CPU time on one thread (docs/speed.md)."""
     step = max(1, budget // per_row)
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _contiguous_times(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """A new contiguous tensor of x * scale: a copy, then a multiply in place (a multiply
+    straight from a strided view took about twice as long as both; docs/speed.md)."""
+    out = x.contiguous()
+    if scale == 1.0:
+        return out
+    return out * scale if out is x else out.mul_(scale)
 
 
 class _CPUAttention(torch.autograd.Function):
@@ -364,12 +415,12 @@ class _CPUAttention(torch.autograd.Function):
             causal = torch.full((T, T), float("-inf"), dtype=q.dtype).triu_(1)
         else:  # (B, 1, T, T): -inf on keys outside the query's document too
             causal = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
-        # q, k, v arrive as strided views of c_attn's output: one pass each makes them contiguous
-        # (with q's 1/sqrt(hs) and v's keep_scale folded in), and from here on every tensor is
+        # q, k, v arrive as strided views of c_attn's output: made contiguous (with q's
+        # 1/sqrt(hs) and v's keep_scale folded in), and from here on every tensor is
         # (B * nh, T, .): each chunk of rows is a contiguous slice for bmm, with no copies
-        q = torch.mul(q, 1.0 / math.sqrt(hs), out=q.new_empty(q.shape)).flatten(0, 1)
+        q = _contiguous_times(q, 1.0 / math.sqrt(hs)).flatten(0, 1)
         k = k.contiguous().flatten(0, 1)
-        v = (torch.mul(v, keep_scale, out=v.new_empty(v.shape)) if p > 0 else v.contiguous()).flatten(0, 1)
+        v = _contiguous_times(v, keep_scale).flatten(0, 1)
         y = torch.empty_like(q)
         probs, kept = [], []  # per chunk: P, Pm, each (rows * nh, T, T)
         with torch.autocast("cpu", enabled=False):  # softmax stays in q's dtype

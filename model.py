@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch.nn import functional as F
 
-from cpu_kernels import Dropout, causal_attention
+from cpu_kernels import Dropout, causal_attention, residual_dropout
 from optim import Muon, MuonAdamW, newton_schulz_dtype
 
 
@@ -243,7 +243,7 @@ class CausalSelfAttention(nn.Module):
                 mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
-        return self.resid_dropout(self.c_proj(y))
+        return self.c_proj(y)  # resid_dropout: Block applies it with the residual add
 
 
 class MLP(nn.Module):
@@ -256,7 +256,7 @@ class MLP(nn.Module):
         self.dropout = Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+        return self.c_proj(self.act(self.c_fc(x)))  # dropout: Block applies it with the residual add
 
 
 class Block(nn.Module):
@@ -273,8 +273,9 @@ class Block(nn.Module):
     def forward(self, x, kv_cache=None, mask=None, rope=None, x0=None, ve=None):
         if x0 is not None:  # the x0_lambdas option: x0 is the first block's input
             x = self.lambdas[0] * x + self.lambdas[1] * x0
-        x = x + self.attn(self.ln_1(x), kv_cache, mask, rope, ve)
-        x = x + self.mlp(self.ln_2(x))
+        # x + dropout(sublayer output), in one pass on a CPU (cpu_kernels.residual_dropout)
+        x = residual_dropout(x, self.attn(self.ln_1(x), kv_cache, mask, rope, ve), self.attn.resid_dropout)
+        x = residual_dropout(x, self.mlp(self.ln_2(x)), self.mlp.dropout)
         return x
 
 

@@ -362,3 +362,46 @@ def test_a_cache_that_cannot_be_written_falls_back_to_numpy(monkeypatch, tmp_pat
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
     assert cpu_kernels._c() is None
     assert cpu_kernels.kernels_used().startswith("numpy kernels (")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_dropout_in_one_pass_equals_the_add_of_a_dropout(dtype):
+    """cpu_kernels.residual_dropout (Block's x + dropout(sublayer)): the fused C pass against
+    the plain `x + dropout(y)`, forward and both gradients, bit for bit."""
+    if cpu_kernels._c() is None:
+        pytest.skip(cpu_kernels.kernels_used())
+    x, y = torch.randn(3, 50, 64), torch.randn(3, 50, 64).to(dtype)
+    g = torch.randn(3, 50, 64)
+
+    def run():
+        xl, yl = x.clone().requires_grad_(), y.clone().requires_grad_()
+        out = cpu_kernels.residual_dropout(xl, yl, Dropout(0.2).train())
+        out.backward(g)
+        return out.detach(), xl.grad, yl.grad, out.grad_fn.name()
+
+    (*plain, plain_op), (*fused, fused_op) = _both_paths(run)
+    assert (plain_op, fused_op) == ("AddBackward0", "_CPUResidualDropoutBackward")
+    for a, b in zip(plain, fused):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_training_step_is_the_same_with_and_without_the_c_kernels(dtype):
+    """A whole GPT forward and backward with every dropout on (embeddings, attention, the
+    residual adds): the same loss and the same gradients on both paths."""
+    if cpu_kernels._c() is None:
+        pytest.skip(cpu_kernels.kernels_used())
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=40, dropout=0.2,
+                          rotary=True, qk_norm=True))
+    x, y = torch.randint(0, 40, (3, 16)), torch.randint(0, 40, (3, 16))
+
+    def run():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            _, loss = model(x, y)
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(*_both_paths(run)):
+        assert torch.equal(a, b)
