@@ -122,3 +122,22 @@ VEC void mask_mul_f32_to_bf16(const float *g, const int16_t *bits, uint16_t *out
     for (int64_t i = start; i < stop; i++)
         out[i] = float_to_bf16(bf16_to_float(float_to_bf16(g[i])) * (bits[i] >= threshold ? scale : 0.0f));
 }
+
+/* The attention backward's ds for matrices [start, stop), each (T, T), in place over gv (the
+ * product g v^T): ds = gv * pm + p * minus_d, minus_d one value per query row, all bf16.
+ * Rounded as torch's gv.mul_(pm).addcmul_(p, minus_d) rounds: the product to bf16, then the
+ * sum (p * minus_d, two bf16 values, is exact in float, so whether torch fuses that multiply
+ * into its add makes no difference; in float32 it would, so float32 keeps torch's ops). */
+#define ATTENTION_DS(NAME, TYPE, LOAD, STORE)                                                      \
+    VEC void NAME(TYPE *gv, const TYPE *pm, const TYPE *p, const TYPE *minus_d, int64_t start,     \
+                  int64_t stop, int64_t T) {                                                       \
+        for (int64_t r = start * T; r < stop * T; r++) { /* one query row of one matrix */         \
+            float d = LOAD(minus_d[r]);                                                            \
+            TYPE *row = gv + r * T;                                                                \
+            const TYPE *pmr = pm + r * T, *pr = p + r * T;                                         \
+            for (int64_t j = 0; j < T; j++)                                                        \
+                row[j] = STORE(LOAD(STORE(LOAD(row[j]) * LOAD(pmr[j]))) + LOAD(pr[j]) * d);        \
+        }                                                                                          \
+    }
+
+ATTENTION_DS(attention_ds_bf16, uint16_t, bf16_to_float, float_to_bf16)

@@ -64,6 +64,7 @@ _SIGNATURES = {  # cpu_kernels.c's functions and their arguments
     "add_mask_mul_bf16": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I32, _F32),
     "add_mask_mul_f32": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I32, _F32),
     "mask_mul_f32_to_bf16": (_PTR, _PTR, _PTR, _I64, _I64, _I32, _F32),
+    "attention_ds_bf16": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64),
 }
 _c_state: dict = {}  # "lib": the loaded library or None, "why": what was used and why
 _c_allowed = True  # False inside without_c()
@@ -448,6 +449,7 @@ class _CPUAttention(torch.autograd.Function):
         grad = grad.contiguous().flatten(0, 1)
         acc = torch.promote_types(q.dtype, torch.float32)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        ds_kernel = _c() and (_c().attention_ds_bf16 if q.dtype == torch.bfloat16 else None)
         for rows, p_chunk, pm_chunk in zip(_row_chunks(B, nh * T * T), probs, kept):
             heads = slice(rows.start * nh, rows.stop * nh)
             g = grad[heads]
@@ -456,7 +458,11 @@ class _CPUAttention(torch.autograd.Function):
             minus_d = (g.to(acc) * y[heads].to(acc)).sum(-1, keepdim=True).neg_().to(q.dtype)
             # the constant factors of dv and dq are the products' alpha: no pass of their own
             torch.baddbmm(dv[heads], pm_chunk.transpose(1, 2), g, beta=0, alpha=ctx.keep_scale, out=dv[heads])
-            ds = torch.bmm(g, v[heads].transpose(1, 2)).mul_(pm_chunk).addcmul_(p_chunk, minus_d)
+            ds = torch.bmm(g, v[heads].transpose(1, 2))
+            if ds_kernel is None:
+                ds.mul_(pm_chunk).addcmul_(p_chunk, minus_d)
+            else:  # the same in one pass
+                _on_all_cores(ds_kernel, ds.size(0), T * T, (ds, pm_chunk, p_chunk, minus_d.contiguous()), T)
             torch.baddbmm(dq[heads], ds, k[heads], beta=0, alpha=1.0 / math.sqrt(hs), out=dq[heads])
             torch.bmm(ds.transpose(1, 2), q[heads], out=dk[heads])
         shape = (B, nh, T, hs)
