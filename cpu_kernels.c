@@ -2,12 +2,13 @@
  * compiler and loaded with ctypes (cpu_kernels.py says when; without a compiler it does the same
  * work in numpy and torch, with the same results bit for bit).
  *
- * The random bits are int16 values drawn by numpy (cpu_kernels.py), 16 per element: an element
- * is kept when its value is >= threshold. Every function handles the elements [start, stop) of
- * its arrays, so that cpu_kernels.py can split one call over threads (ctypes lets go of the GIL).
+ * The random bits are int16 values of numpy's SFC64 stream (sfc64_fill below, or numpy itself),
+ * 16 per element: an element is kept when its value is >= threshold. Every function handles
+ * the elements (or matrices) [start, stop) of its arrays, so that cpu_kernels.py can split one
+ * call over threads (ctypes lets go of the GIL).
  * bf16 values are handled as their uint16 bit patterns: widened to float by a shift, rounded
- * back to the nearest even as torch does (c10::BFloat16), so every result equals torch's
- * multiply of the same operands. */
+ * back to the nearest even as torch does (c10::BFloat16), so every result equals what torch's
+ * ops compute from the same operands. */
 #include <stdint.h>
 #include <string.h>
 

@@ -11,12 +11,14 @@ torch.manual_seed and torch.set_rng_state still determine every mask (exact resu
 Only used on CPU in eager mode: GPUs and torch.compile keep torch's own dropout.
 
 Where the system has a C compiler (Linux, macOS), cpu_kernels.c is built once into the user's
-cache and does the element-wise work in one pass on every core: the generator (numpy's SFC64,
-word for word), and the mask applied straight from the random bits. Without one, numpy and
-torch do the same work in several passes; both ways give the same values bit for bit (tested),
-so a run does not depend on which one a machine takes. bench.py prints which it took.
-model.py uses three names from here: Dropout, residual_dropout and causal_attention; bench.py turns them off with
-torch_kernels() to time nanoGPT's step (torch's dropout and SDPA) side by side with ours.
+cache and does the element-wise work in one pass each, on every core: the generator (numpy's
+SFC64, word for word), masks applied straight from the random bits, the residual add with its
+dropout, and the bf16 attention backward's ds. Without one, numpy and torch do the same work
+in more passes; both ways give the same values bit for bit (tested), so a run does not depend
+on which one a machine takes. bench.py prints which it took.
+model.py uses three names from here: Dropout, residual_dropout and causal_attention; bench.py
+turns them off with torch_kernels() to time nanoGPT's step (torch's dropout and SDPA) side by
+side with ours.
 """
 import contextlib
 import ctypes
@@ -66,6 +68,8 @@ _SIGNATURES = {  # cpu_kernels.c's functions and their arguments
     "mask_mul_f32_to_bf16": (_PTR, _PTR, _PTR, _I64, _I64, _I32, _F32),
     "attention_ds_bf16": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64),
 }
+# -ffp-contract=off: each multiply and add rounds on its own, as torch's separate ops do
+_FLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared"]
 _c_state: dict = {}  # "lib": the loaded library or None, "why": what was used and why
 _c_allowed = True  # False inside without_c()
 
@@ -83,10 +87,9 @@ def _build(compiler: str, path: Path) -> str | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.stem}.{os.getpid()}.partial{path.suffix}")
     why = ""
-    # -ffp-contract=off: each multiply and add rounds on its own, as torch's separate ops do
-    for flags in (["-O3", "-ffp-contract=off"], ["-O3", "-ffp-contract=off", "-DNO_CLONES"]):  # an older compiler may lack target_clones
+    for flags in (_FLAGS, [*_FLAGS, "-DNO_CLONES"]):  # an older compiler may lack target_clones
         try:
-            done = subprocess.run([compiler, *flags, "-fPIC", "-shared", "-o", str(partial), str(_SOURCE)],
+            done = subprocess.run([compiler, *flags, "-o", str(partial), str(_SOURCE)],
                                   capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.TimeoutExpired) as e:
             return f"{compiler} failed ({type(e).__name__})"
@@ -106,7 +109,7 @@ def _load():
     compiler = _compiler()
     if compiler is None:
         return None, "numpy kernels (no C compiler: cc, gcc or clang; CC names another)"
-    key = hashlib.sha256(_SOURCE.read_bytes() + f"{os.path.realpath(compiler)} {sys.platform} "
+    key = hashlib.sha256(_SOURCE.read_bytes() + f"{os.path.realpath(compiler)} {_FLAGS} {sys.platform} "
                          f"{platform.machine()}".encode()).hexdigest()[:20]
     path = user_cache("kernels") / f"cpu_kernels-{key}{'.dylib' if sys.platform == 'darwin' else '.so'}"
     try:
