@@ -151,6 +151,8 @@ def without_c():
 
 
 _pool: dict = {}  # workers -> a concurrent.futures.ThreadPoolExecutor of that many threads
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads: new pools
+    os.register_at_fork(after_in_child=_pool.clear)
 
 
 def _on_all_cores(fn, n: int, size: int, arrays: tuple, *rest):
