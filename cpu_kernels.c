@@ -21,6 +21,22 @@
 #define VEC
 #endif
 
+/* Built with OpenMP (-fopenmp, where the compiler has it: gcc), each function splits its range
+ * over the threads itself. The library then asks for libgomp.so.1, which torch's own copy
+ * already answers in the process, so these loops run on the very threads of torch's parallel
+ * regions, which are still spinning for work when a kernel follows one of torch's ops. Without
+ * OpenMP (Apple's clang) the pragmas are nothing and cpu_kernels.py splits a call over Python
+ * threads. */
+#ifdef _OPENMP
+#define PRAGMA(text) _Pragma(#text)
+#define PARALLEL_FOR(enough) PRAGMA(omp parallel for schedule(static) if (enough))
+int kernels_openmp(void) { return 1; }
+#else
+#define PARALLEL_FOR(enough)
+int kernels_openmp(void) { return 0; }
+#endif
+#define ELEMENTS (stop - start >= 65536)
+
 static inline float bf16_to_float(uint16_t b) {
     uint32_t u = (uint32_t)b << 16;
     float f;
@@ -53,12 +69,14 @@ VEC void sfc64_fill(uint64_t *s, uint64_t *out, int64_t n) {
 /* out[i] = x[i] * (bits[i] >= threshold ? scale : 0): dropout and its backward pass */
 VEC void mask_mul_bf16(const uint16_t *x, const int16_t *bits, uint16_t *out, int64_t start, int64_t stop,
                    int32_t threshold, float scale) {
+    PARALLEL_FOR(ELEMENTS)
     for (int64_t i = start; i < stop; i++)
         out[i] = float_to_bf16(bf16_to_float(x[i]) * (bits[i] >= threshold ? scale : 0.0f));
 }
 
 VEC void mask_mul_f32(const float *x, const int16_t *bits, float *out, int64_t start, int64_t stop,
                   int32_t threshold, float scale) {
+    PARALLEL_FOR(ELEMENTS)
     for (int64_t i = start; i < stop; i++)
         out[i] = x[i] * (bits[i] >= threshold ? scale : 0.0f);
 }
@@ -71,6 +89,7 @@ VEC void mask_mul_f32(const float *x, const int16_t *bits, float *out, int64_t s
     VEC void NAME(const TYPE *p, const int16_t *bits, TYPE *out, int64_t start, int64_t stop, int64_t T, \
               int32_t threshold) {                                                                \
         int64_t half = T / 2;                                                                     \
+        PARALLEL_FOR(stop - start >= 2)                                                           \
         for (int64_t m = start; m < stop; m++) {                                                  \
             const TYPE *pm = p + m * T * T;                                                       \
             TYPE *om = out + m * T * T;                                                           \
@@ -106,12 +125,14 @@ CAUSAL_MASK(causal_mask_f32, float, IDENTITY, IDENTITY)
  * rounding where torch rounds twice. */
 VEC void add_mask_mul_bf16(const float *x, const uint16_t *y, const int16_t *bits, float *out, int64_t start,
                            int64_t stop, int32_t threshold, float scale) {
+    PARALLEL_FOR(ELEMENTS)
     for (int64_t i = start; i < stop; i++)
         out[i] = x[i] + bf16_to_float(float_to_bf16(bf16_to_float(y[i]) * (bits[i] >= threshold ? scale : 0.0f)));
 }
 
 VEC void add_mask_mul_f32(const float *x, const float *y, const int16_t *bits, float *out, int64_t start,
                           int64_t stop, int32_t threshold, float scale) {
+    PARALLEL_FOR(ELEMENTS)
     for (int64_t i = start; i < stop; i++)
         out[i] = x[i] + y[i] * (bits[i] >= threshold ? scale : 0.0f);
 }
@@ -120,6 +141,7 @@ VEC void add_mask_mul_f32(const float *x, const float *y, const int16_t *bits, f
  * casts it to y's dtype), times the mask, rounded again. */
 VEC void mask_mul_f32_to_bf16(const float *g, const int16_t *bits, uint16_t *out, int64_t start, int64_t stop,
                               int32_t threshold, float scale) {
+    PARALLEL_FOR(ELEMENTS)
     for (int64_t i = start; i < stop; i++)
         out[i] = float_to_bf16(bf16_to_float(float_to_bf16(g[i])) * (bits[i] >= threshold ? scale : 0.0f));
 }
@@ -132,6 +154,7 @@ VEC void mask_mul_f32_to_bf16(const float *g, const int16_t *bits, uint16_t *out
 #define ATTENTION_DS(NAME, TYPE, LOAD, STORE)                                                      \
     VEC void NAME(TYPE *gv, const TYPE *pm, const TYPE *p, const TYPE *minus_d, int64_t start,     \
                   int64_t stop, int64_t T) {                                                       \
+        PARALLEL_FOR((stop - start) * T * T >= 65536)                                              \
         for (int64_t r = start * T; r < stop * T; r++) { /* one query row of one matrix */         \
             float d = LOAD(minus_d[r]);                                                            \
             TYPE *row = gv + r * T;                                                                \

@@ -67,6 +67,7 @@ _SIGNATURES = {  # cpu_kernels.c's functions and their arguments
     "add_mask_mul_f32": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I32, _F32),
     "mask_mul_f32_to_bf16": (_PTR, _PTR, _PTR, _I64, _I64, _I32, _F32),
     "attention_ds_bf16": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64),
+    "kernels_openmp": (),
 }
 # -ffp-contract=off: each multiply and add rounds on its own, as torch's separate ops do
 _FLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared"]
@@ -87,7 +88,9 @@ def _build(compiler: str, path: Path) -> str | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.stem}.{os.getpid()}.partial{path.suffix}")
     why = ""
-    for flags in (_FLAGS, [*_FLAGS, "-DNO_CLONES"]):  # an older compiler may lack target_clones
+    # OpenMP where the compiler has it (gcc; not Apple's clang), target_clones where it has them
+    attempts = [[*_FLAGS, "-fopenmp"], [*_FLAGS, "-fopenmp", "-DNO_CLONES"], _FLAGS, [*_FLAGS, "-DNO_CLONES"]]
+    for flags in attempts:
         try:
             done = subprocess.run([compiler, *flags, "-o", str(partial), str(_SOURCE)],
                                   capture_output=True, text=True, timeout=300)
@@ -120,7 +123,9 @@ def _load():
         return None, f"numpy kernels ({type(e).__name__}: {e})"
     for name, args in _SIGNATURES.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
-    return lib, f"C kernels ({path})"
+    lib.kernels_openmp.restype = ctypes.c_int
+    lib.openmp = bool(lib.kernels_openmp())
+    return lib, f"C kernels ({path}{', OpenMP' if lib.openmp else ''})"
 
 
 def _c():
@@ -157,8 +162,13 @@ if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's t
 
 def _on_all_cores(fn, n: int, size: int, arrays: tuple, *rest):
     """fn(*arrays' addresses, start, stop, *rest) over items [0, n), each of `size` elements,
-    split among torch's threads: ctypes lets go of the GIL, so the parts run at once, the
-    calling thread doing the first."""
+    on every core: built with OpenMP, one call, which torch's own OpenMP threads share out (they
+    are still spinning after torch's last op: Python threads started then waited for them, a
+    dropout 4.4 against 2.4 ms after a sleep). Else split among Python threads: ctypes lets go
+    of the GIL, so the parts run at once, the calling thread doing the first."""
+    if _c_state["lib"].openmp:
+        fn(*[_ptr(a) for a in arrays], 0, n, *rest)
+        return
     parts = min(torch.get_num_threads(), n, max(1, n * size // 32768))  # 32K elements a part at least
     bounds = [n * i // parts for i in range(parts + 1)]
     if parts > 1 and parts - 1 not in _pool:

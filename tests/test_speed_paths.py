@@ -405,3 +405,34 @@ def test_a_training_step_is_the_same_with_and_without_the_c_kernels(dtype):
 
     for a, b in zip(*_both_paths(run)):
         assert torch.equal(a, b)
+
+
+def test_the_openmp_build_shares_torchs_threads():
+    """Built with OpenMP, the kernels must load torch's own libgomp (the one already in the
+    process), not a second runtime with threads of its own."""
+    lib = cpu_kernels._c()
+    if lib is None or not lib.openmp or not sys.platform.startswith("linux"):
+        pytest.skip("no OpenMP build here")
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        runtimes = {line.split()[-1] for line in maps if "libgomp" in line}
+    assert len(runtimes) == 1, runtimes
+
+
+def test_python_threads_split_a_call_like_openmp(monkeypatch):
+    """Where the kernels have no OpenMP (Apple's clang), Python threads split each call: the
+    same values as one call over the whole range."""
+    lib = cpu_kernels._c()
+    if lib is None:
+        pytest.skip(cpu_kernels.kernels_used())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(200_003).bfloat16()
+        bits = torch.from_numpy(cpu_kernels._random_int16(x.numel()))
+        whole, split = torch.empty_like(x), torch.empty_like(x)
+        lib.mask_mul_bf16(x.data_ptr(), bits.data_ptr(), whole.data_ptr(), 0, x.numel(), -19661, 1.25)
+        monkeypatch.setattr(lib, "openmp", False)
+        cpu_kernels._on_all_cores(lib.mask_mul_bf16, x.numel(), 1, (x, bits, split), -19661, 1.25)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(whole, split) and (whole == 0).any()
