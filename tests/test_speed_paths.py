@@ -436,3 +436,19 @@ def test_python_threads_split_a_call_like_openmp(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(whole, split) and (whole == 0).any()
+
+
+def test_a_fresh_cache_builds_the_kernels_once(monkeypatch, tmp_path):
+    """An empty cache: the first use builds cpu_kernels.c there (nothing half-written left),
+    a second process state loads the same file without building again."""
+    if cpu_kernels._compiler() is None or sys.platform == "win32":
+        pytest.skip("no C compiler here")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_c_state", {})
+    assert cpu_kernels._c() is not None, cpu_kernels.kernels_used()
+    built = list((tmp_path / "nanogpt-toolkit" / "kernels").iterdir())
+    assert len(built) == 1 and "partial" not in built[0].name
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(cpu_kernels, "_c_state", {})
+    monkeypatch.setattr(cpu_kernels, "_build", lambda *a: pytest.fail("built again"))
+    assert cpu_kernels._c() is not None and built[0].stat().st_mtime_ns == stamp
