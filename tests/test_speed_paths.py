@@ -452,3 +452,16 @@ def test_a_fresh_cache_builds_the_kernels_once(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernels, "_c_state", {})
     monkeypatch.setattr(cpu_kernels, "_build", lambda *a: pytest.fail("built again"))
     assert cpu_kernels._c() is not None and built[0].stat().st_mtime_ns == stamp
+
+
+def test_residual_dropout_takes_the_plain_add_where_the_kernel_does_not_apply():
+    """Eval mode, p = 0, a broadcast add and a bf16 residual stream: `x + dropout(y)` as written
+    (the identity dropout adds y unchanged)."""
+    x, y = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    assert torch.equal(cpu_kernels.residual_dropout(x, y, Dropout(0.2).eval()), x + y)
+    assert torch.equal(cpu_kernels.residual_dropout(x, y, Dropout(0.0).train()), x + y)
+    torch.manual_seed(0)
+    broadcast = cpu_kernels.residual_dropout(x, y[:1].requires_grad_(), Dropout(0.5).train())
+    assert broadcast.shape == x.shape and broadcast.grad_fn.name() == "AddBackward0"
+    low = cpu_kernels.residual_dropout(x.bfloat16(), y.bfloat16().requires_grad_(), Dropout(0.5).train())
+    assert low.dtype == torch.bfloat16 and low.grad_fn.name() == "AddBackward0"
