@@ -182,6 +182,12 @@ def _on_all_cores(fn, n: int, size: int, arrays: tuple, *rest):
         f.result()
 
 
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    """value as a tensor of dtype holds it (the survivors' scale a C kernel multiplies by, so
+    that it equals torch's multiply by a mask of that dtype)."""
+    return torch.tensor(value, dtype=dtype).item()
+
+
 def _ptr(a) -> int:
     return a.data_ptr() if isinstance(a, torch.Tensor) else a.ctypes.data
 
@@ -318,7 +324,7 @@ class _CPUDropout(torch.autograd.Function):
         bits = torch.from_numpy(_random_int16(x.numel()))
         ctx.save_for_backward(bits)
         ctx.kernel, ctx.threshold = kernel, threshold
-        ctx.scale = torch.tensor(scale, dtype=x.dtype).item()  # the scale as x's dtype holds it
+        ctx.scale = _rounded(scale, x.dtype)
         return _CPUDropout.masked(ctx, x, bits)
 
     @staticmethod
@@ -360,7 +366,7 @@ class _CPUResidualDropout(torch.autograd.Function):
         threshold, scale = _drop_threshold(p)
         bits = torch.from_numpy(_random_int16(y.numel()))
         ctx.save_for_backward(bits)
-        ctx.threshold, ctx.scale = threshold, torch.tensor(scale, dtype=y.dtype).item()
+        ctx.threshold, ctx.scale = threshold, _rounded(scale, y.dtype)
         ctx.backward_kernel = lib.mask_mul_f32_to_bf16 if y.dtype == torch.bfloat16 else lib.mask_mul_f32
         ctx.y_dtype = y.dtype
         x, y = x.contiguous(), y.contiguous()
@@ -464,7 +470,8 @@ class _CPUAttention(torch.autograd.Function):
         grad = grad.contiguous().flatten(0, 1)
         acc = torch.promote_types(q.dtype, torch.float32)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        ds_kernel = _c() and (_c().attention_ds_bf16 if q.dtype == torch.bfloat16 else None)
+        lib = _c()
+        ds_kernel = lib.attention_ds_bf16 if lib is not None and q.dtype == torch.bfloat16 else None
         for rows, p_chunk, pm_chunk in zip(_row_chunks(B, nh * T * T), probs, kept):
             heads = slice(rows.start * nh, rows.stop * nh)
             g = grad[heads]
