@@ -16,17 +16,20 @@ def newton_schulz_dtype(device_type: str) -> torch.dtype:
 
 
 def orthogonalize(g: torch.Tensor, coefficients, steps: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """torch.optim.Muon's quintic Newton-Schulz iteration (Jordan et al. 2024), in `dtype`:
-    g (A, B) -> a matrix near the orthogonal factor of g, with singular values ~0.5-1.5."""
+    """torch.optim.Muon's quintic Newton-Schulz iteration (Jordan et al. 2024), in `dtype`, on a
+    stack of matrices at once: g (n, A, B) -> for each, a matrix near its orthogonal factor, with
+    singular values ~0.5-1.5. One batched product per stage instead of one per matrix: the same
+    numbers bit for bit (each matrix's product is computed alone either way; tested against
+    torch.optim.Muon), for a third of the time on the small matrices of CPU models."""
     a, b, c = coefficients
     x = g.to(dtype)
-    if g.size(0) > g.size(1):
-        x = x.T
-    x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
+    if g.size(1) > g.size(2):
+        x = x.mT
+    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)  # spectral norm at most 1
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if g.size(0) > g.size(1) else x
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if g.size(1) > g.size(2) else x
 
 
 class Muon(torch.optim.Muon):
@@ -44,26 +47,30 @@ class Muon(torch.optim.Muon):
         assert closure is None, "closures are not used here"
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
+            same_shape: dict[torch.Size, list] = {}  # matrices of one shape are orthogonalized as one stack
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - momentum)
-                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
-                                       self.ns_dtype)
-                A, B = p.shape
+                if p.grad is not None:
+                    same_shape.setdefault(p.shape, []).append(p)
+            for (A, B), params in same_shape.items():
+                grads = [p.grad for p in params]
+                buffers = []
+                for p in params:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p.grad)
+                    buffers.append(state["momentum_buffer"])
+                torch._foreach_lerp_(buffers, grads, 1 - momentum)
+                updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
+                updates = orthogonalize(torch.stack(updates), group["ns_coefficients"], group["ns_steps"],
+                                        group["eps"], self.ns_dtype)
                 if group["adjust_lr_fn"] == "match_rms_adamw":
                     scale = 0.2 * math.sqrt(max(A, B))
                 elif group["adjust_lr_fn"] in (None, "original"):
                     scale = math.sqrt(max(1, A / B))
                 else:
                     scale = 1.0
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-lr * scale)
+                torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+                torch._foreach_add_(params, list(updates.to(params[0].dtype).unbind(0)), alpha=-lr * scale)
 
 
 class MuonAdamW:

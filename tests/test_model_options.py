@@ -200,11 +200,12 @@ def test_embedding_tables_get_their_own_learning_rate_and_resume_keeps_it(tiny_d
 
 
 def test_our_muon_is_torchs_update_with_a_choice_of_dtype():
-    """optim.Muon in bf16 is bit-identical to torch.optim.Muon; in float32 (used on CPUs
-    without native bf16) it differs only by bf16's rounding, and loads torch's state."""
+    """optim.Muon in bf16 is bit-identical to torch.optim.Muon, which orthogonalizes one matrix
+    at a time (ours stacks the matrices of one shape: repeated shapes below); in float32 (used
+    on CPUs without native bf16) it differs only by bf16's rounding, and loads torch's state."""
     import optim
     torch.manual_seed(0)
-    shapes = [(48, 16), (16, 16), (16, 64)]
+    shapes = [(48, 16), (16, 16), (48, 16), (16, 64), (16, 16), (48, 16)]
     params = {name: [torch.nn.Parameter(torch.randn(*s) * 0.02) for s in shapes] for name in ("torch", "bf16", "fp32")}
     for name in ("bf16", "fp32"):
         for p, q in zip(params[name], params["torch"]):
@@ -224,6 +225,30 @@ def test_our_muon_is_torchs_update_with_a_choice_of_dtype():
         assert torch.allclose(p, r, atol=2e-3) and not torch.equal(p, r)
     opts["fp32"].load_state_dict(opts["torch"].state_dict())
     assert optim.newton_schulz_dtype("cuda") == torch.bfloat16
+
+
+def test_stacked_newton_schulz_is_each_matrix_alone():
+    """optim.orthogonalize runs a stack of same-shaped matrices through batched products; on
+    this machine's kernels each result is the one-matrix iteration's (2-D products) bit for
+    bit, in bf16 and float32, at the shapes of the CPU recipes' Muon matrices."""
+    import optim
+    a, b, c = coefficients = (3.4445, -4.7750, 2.0315)
+
+    def alone(g, dtype):  # the iteration as torch.optim.Muon writes it, one matrix
+        x = g.to(dtype)
+        x = x.T if g.size(0) > g.size(1) else x
+        x = x / x.norm().clamp(min=1e-7)
+        for _ in range(5):
+            gram = x @ x.T
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        return x.T if g.size(0) > g.size(1) else x
+    torch.manual_seed(0)
+    for shape in [(576, 192), (192, 192), (768, 192), (192, 768)]:
+        stack = torch.randn(4, *shape)
+        for dtype in (torch.bfloat16, torch.float32):
+            out = optim.orthogonalize(stack, coefficients, 5, 1e-7, dtype)
+            for g, x in zip(stack, out):
+                assert torch.equal(x, alone(g, dtype)), (shape, dtype)
 
 
 def test_eval_at_start_can_be_skipped(tiny_data, tmp_path):
