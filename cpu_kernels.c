@@ -47,8 +47,8 @@ static inline float bf16_to_float(uint16_t b) {
 static inline uint16_t float_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
-    if (f != f) return 0x7FC0; /* NaN, as c10::BFloat16 rounds it */
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    uint16_t rounded = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    return f != f ? 0x7FC0 : rounded; /* NaN as c10::BFloat16 rounds it; a select, not a branch */
 }
 
 /* numpy's SFC64 generator (numpy/random/src/sfc64/sfc64.h): n outputs from the state s (a, b,
@@ -165,3 +165,55 @@ VEC void mask_mul_f32_to_bf16(const float *g, const int16_t *bits, uint16_t *out
     }
 
 ATTENTION_DS(attention_ds_bf16, uint16_t, bf16_to_float, float_to_bf16)
+
+/* relu(x)^2, the relu2 MLP activation (model.ReLUSquared), forward and backward, each one pass
+ * over elements [start, stop). Rounded as torch's relu, square (pow 2) and their backward
+ * (grad * (2 * r), zero where r <= 0) round: 2 * r is exact, so each result is one rounding of
+ * a product. NaN stays NaN, as in torch's relu. */
+#define RELU_SQUARED(SUFFIX, TYPE, LOAD, STORE)                                                      \
+    VEC void relu_squared_forward_##SUFFIX(const TYPE *x, TYPE *out, int64_t start, int64_t stop) {                \
+        PARALLEL_FOR(ELEMENTS)                                                                     \
+        for (int64_t i = start; i < stop; i++) {                                                   \
+            float v = LOAD(x[i]);                                                                  \
+            float r = (v > 0.0f || v != v) ? v : 0.0f;                                             \
+            out[i] = STORE(r * r);                                                                 \
+        }                                                                                          \
+    }                                                                                              \
+    VEC void relu_squared_backward_##SUFFIX(const TYPE *x, const TYPE *g, TYPE *out, int64_t start, int64_t stop) { \
+        PARALLEL_FOR(ELEMENTS)                                                                     \
+        for (int64_t i = start; i < stop; i++) {                                                   \
+            float v = LOAD(x[i]);                                                                  \
+            float r = (v > 0.0f || v != v) ? v : 0.0f;                                             \
+            out[i] = r <= 0.0f ? STORE(0.0f) : STORE(LOAD(g[i]) * LOAD(STORE(2.0f * r)));         \
+        }                                                                                          \
+    }
+
+RELU_SQUARED(bf16, uint16_t, bf16_to_float, float_to_bf16)
+RELU_SQUARED(f32, float, IDENTITY, IDENTITY)
+
+/* Rotary position embeddings (model.apply_rotary) in float32 on rows [start, stop) of x, a
+ * (B, nh, T, hs) tensor with unit stride in hs and strides sb, sh, st for B, nh and T; cos and
+ * sin are (T, h) per batch row, cb apart (0: shared), h = hs / 2. Each row of out (contiguous,
+ * as torch.cat makes it) is, with x1, x2 the two halves:
+ *   forward:  [x1 cos + x2 sin, x2 cos - x1 sin]
+ *   backward: [x1 cos - x2 sin, x2 cos + x1 sin] (x is then the gradient; autograd's sum of the
+ *             two products that reach each half, in either order: the sum is the same)
+ * every product rounded, then the sum, as torch's separate multiplies and adds. (bf16 keeps
+ * torch's ops: with its roundings emulated this loop was no faster than they are.) */
+VEC void rotary_f32(const float *x, const float *cos, const float *sin, float *out, int64_t start, int64_t stop,
+                    int64_t nh, int64_t T, int64_t h, int64_t sb, int64_t sh, int64_t st, int64_t cb,
+                    int32_t backward) {
+    float sign = backward ? -1.0f : 1.0f; /* exact: it only flips signs */
+    PARALLEL_FOR((stop - start) * h >= 32768)
+    for (int64_t r = start; r < stop; r++) { /* row r = (b * nh + head) * T + t */
+        int64_t t = r % T, head = (r / T) % nh, b = r / (T * nh);
+        const float *restrict x1 = x + b * sb + head * sh + t * st, *restrict x2 = x1 + h;
+        const float *restrict c = cos + b * cb + t * h, *restrict s = sin + b * cb + t * h;
+        float *restrict o = out + r * 2 * h;
+        for (int64_t j = 0; j < h; j++) {
+            float ac = x1[j] * c[j], as = x1[j] * s[j], zc = x2[j] * c[j], zs = x2[j] * s[j];
+            o[j] = ac + sign * zs;     /* forward: ac + zs; backward: ac - zs */
+            o[h + j] = zc - sign * as; /* forward: zc - as; backward: zc + as */
+        }
+    }
+}

@@ -13,12 +13,13 @@ Only used on CPU in eager mode: GPUs and torch.compile keep torch's own dropout.
 Where the system has a C compiler (Linux, macOS), cpu_kernels.c is built once into the user's
 cache and does the element-wise work in one pass each, on every core: the generator (numpy's
 SFC64, word for word), masks applied straight from the random bits, the residual add with its
-dropout, and the bf16 attention backward's ds. Without one, numpy and torch do the same work
-in more passes; both ways give the same values bit for bit (tested), so a run does not depend
-on which one a machine takes. bench.py prints which it took.
-model.py uses three names from here: Dropout, residual_dropout and causal_attention; bench.py
-turns them off with torch_kernels() to time nanoGPT's step (torch's dropout and SDPA) side by
-side with ours.
+dropout, the bf16 attention backward's ds, and two passes of the model's options outside
+dropout: the relu2 activation and (float32) the rotary embedding, each way. Without one,
+numpy and torch do the same work in more passes; both ways give the same values bit for bit
+(tested), so a run does not depend on which one a machine takes. bench.py prints which it took.
+model.py uses five names from here: Dropout, residual_dropout, causal_attention, relu_squared
+and rotary; bench.py turns them all off with torch_kernels() to time nanoGPT's step (torch's
+dropout and SDPA) side by side with ours.
 """
 import contextlib
 import ctypes
@@ -67,6 +68,9 @@ _SIGNATURES = {  # cpu_kernels.c's functions and their arguments
     "add_mask_mul_f32": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I32, _F32),
     "mask_mul_f32_to_bf16": (_PTR, _PTR, _PTR, _I64, _I64, _I32, _F32),
     "attention_ds_bf16": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64),
+    **{f"relu_squared_forward_{t}": (_PTR, _PTR, _I64, _I64) for t in ("bf16", "f32")},
+    **{f"relu_squared_backward_{t}": (_PTR, _PTR, _PTR, _I64, _I64) for t in ("bf16", "f32")},
+    "rotary_f32": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, *[_I64] * 7, _I32),
     "kernels_openmp": (),
 }
 # -ffp-contract=off: each multiply and add rounds on its own, as torch's separate ops do
@@ -391,6 +395,84 @@ def residual_dropout(x: torch.Tensor, y: torch.Tensor, dropout: nn.Dropout) -> t
             and x.dtype == torch.float32 and y.dtype in _C_TYPES and _c() is not None):
         return _CPUResidualDropout.apply(x, y, dropout.p)
     return x + dropout(y)
+
+
+# ---------------------------------------------------------------------------- relu2 and rotary
+
+def _elementwise(x: torch.Tensor, name: str):
+    """cpu_kernels.c's `name` kernel for x's dtype where it applies (eager work on a CPU tensor
+    of some size, the C kernels built: not under torch.compile, export or tracing), else None."""
+    if (not _enabled or x.device.type != "cpu" or x.dtype not in _C_TYPES or x.numel() < 4096
+            or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        return None
+    return getattr(_c(), f"{name}_{_C_TYPES[x.dtype]}", None)
+
+
+class _CPUReLUSquared(torch.autograd.Function):
+    """relu(x)^2 in one pass each way (torch: relu, square, and three passes back), the same
+    values bit for bit; x is kept for the backward pass, where torch keeps relu(x)."""
+
+    @staticmethod
+    def forward(ctx, x, forward_kernel, backward_kernel):
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        _on_all_cores(forward_kernel, x.numel(), 1, (x, out))
+        ctx.save_for_backward(x)
+        ctx.kernel = backward_kernel
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        grad = grad.contiguous()  # autograd hands it over in x's dtype
+        out = torch.empty_like(x)
+        _on_all_cores(ctx.kernel, x.numel(), 1, (x, grad, out))
+        return out, None, None
+
+
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2 (model.ReLUSquared): by the C kernels where they apply, else torch's ops."""
+    if _elementwise(x, "relu_squared_forward") is None:
+        return F.relu(x).square()
+    return _CPUReLUSquared.apply(x, _elementwise(x, "relu_squared_forward"), _elementwise(x, "relu_squared_backward"))
+
+
+def _rotate(kernel, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: int) -> torch.Tensor:
+    B, nh, T, hs = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype)  # contiguous, as torch.cat makes it
+    _on_all_cores(kernel, B * nh * T, hs, (x, cos, sin, out), nh, T, hs // 2, *x.stride()[:3],
+                  T * hs // 2 if cos.dim() == 4 else 0, backward)
+    return out
+
+
+class _CPURotary(torch.autograd.Function):
+    """model.apply_rotary's rotation in one pass each way (torch: four multiplies, an add, a
+    subtract and a cat; the same again back), the same values bit for bit. float32 only: in
+    bf16 torch's ops were as fast as a C loop that rounds as they do."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, kernel):
+        ctx.save_for_backward(cos, sin)
+        ctx.kernel = kernel
+        return _rotate(kernel, x, cos, sin, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(ctx.kernel, grad, cos, sin, 1), None, None, None
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """x (B, nh, T, hs) with each channel pair (i, i + hs/2) rotated, cos and sin (T, hs/2) or
+    (B, 1, T, hs/2) in x's dtype, by the C kernel (float32); None where it does not apply
+    (model.py's apply_rotary then runs torch's ops)."""
+    kernel = _elementwise(x, "rotary")
+    if kernel is None or x.dim() != 4 or cos.dtype != x.dtype or cos.requires_grad or sin.requires_grad:
+        return None
+    return _CPURotary.apply(x, cos, sin, kernel)
 
 
 def _row_chunks(n: int, per_row: int, budget: int = 1 << 22):

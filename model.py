@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch.nn import functional as F
 
-from cpu_kernels import Dropout, causal_attention, residual_dropout
+from cpu_kernels import Dropout, causal_attention, relu_squared, residual_dropout
+from cpu_kernels import rotary as cpu_rotary
 from optim import Muon, MuonAdamW, newton_schulz_dtype
 
 
@@ -104,7 +105,7 @@ class ReLUSquared(nn.Module):
     """relu(x)^2: the MLP activation of Primer (So et al. 2021) and modded-nanogpt."""
 
     def forward(self, x):
-        return F.relu(x).square()
+        return relu_squared(x)  # F.relu(x).square(), in one pass on a CPU (cpu_kernels.py)
 
 
 # the MLP's activation by GPTConfig.activation
@@ -141,6 +142,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     if cos.dim() == 3:  # per-sequence positions (B, T, hs/2) -> (B, 1, T, hs/2)
         cos, sin = cos[:, None], sin[:, None]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if (rotated := cpu_rotary(x, cos, sin)) is not None:  # the same, in one pass on a CPU
+        return rotated
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 

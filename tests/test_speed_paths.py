@@ -392,9 +392,11 @@ def test_a_training_step_is_the_same_with_and_without_the_c_kernels(dtype):
     if cpu_kernels._c() is None:
         pytest.skip(cpu_kernels.kernels_used())
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=40, dropout=0.2,
-                          rotary=True, qk_norm=True))
-    x, y = torch.randint(0, 40, (3, 16)), torch.randint(0, 40, (3, 16))
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=40, dropout=0.2,
+                          rotary=True, qk_norm=True, activation="relu2"))
+    x, y = torch.randint(0, 40, (8, 16)), torch.randint(0, 40, (8, 16))
+    q = torch.empty(8, 2, 16, 32)  # big enough for the relu2 and (float32) rotary kernels too
+    assert cpu_kernels._elementwise(q, "rotary") is not None
 
     def run():
         model.zero_grad()
@@ -405,6 +407,60 @@ def test_a_training_step_is_the_same_with_and_without_the_c_kernels(dtype):
 
     for a, b in zip(*_both_paths(run)):
         assert torch.equal(a, b)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same values (any NaN as any NaN: torch's own kernels differ in NaN's bits), zeros'
+    signs included, and the same layout."""
+    return (a.dtype == b.dtype and a.stride() == b.stride()
+            and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.5), b.nan_to_num(0.5))
+            and torch.equal(a.signbit() & ~a.isnan(), b.signbit() & ~b.isnan()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relu_squared_in_one_pass_equals_torchs(dtype):
+    """model.ReLUSquared's kernel: forward and backward equal F.relu(x).square() and autograd's
+    gradient of it, specials included."""
+    if cpu_kernels._c() is None:
+        pytest.skip(cpu_kernels.kernels_used())
+    torch.manual_seed(0)
+    specials = torch.tensor([float("nan"), 0.0, -0.0, float("inf"), -float("inf"), 1e30, -1e-30, 3e38])
+    x = torch.cat([specials, torch.randn(69_992) * 4]).to(dtype).view(10, -1)
+    g = torch.cat([torch.tensor([1.0, float("nan"), float("inf"), 2.0, 0.0, -0.0, 5.0, 1e38]),
+                   torch.randn(69_992)]).to(dtype).view(10, -1)
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = cpu_kernels.relu_squared(ours)
+    assert type(out.grad_fn).__name__ == "_CPUReLUSquaredBackward"
+    expected = F.relu(theirs).square()
+    assert _same(out, expected)
+    out.backward(g)
+    expected.backward(g)
+    assert _same(ours.grad, theirs.grad)
+
+
+@pytest.mark.parametrize("per_sequence", [False, True])  # cos (T, h) or per-sequence (B, 1, T, h)
+def test_rotary_in_one_pass_equals_torchs(per_sequence):
+    """model.apply_rotary by the C kernel (float32) equals its torch ops, forward and backward,
+    on q as the model has it (a strided view of c_attn's output); bf16 keeps torch's ops."""
+    import model
+    if cpu_kernels._c() is None:
+        pytest.skip(cpu_kernels.kernels_used())
+    torch.manual_seed(0)
+    B, nh, T, hs = 4, 3, 40, 16
+    x = torch.randn(B, T, nh, hs).transpose(1, 2)
+    angles = torch.randn(B, T, hs // 2) if per_sequence else torch.randn(T, hs // 2)
+    cos, sin = angles.cos(), angles.sin()
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = model.apply_rotary(ours * 1, cos, sin)  # ours * 1: keeps the strided layout
+    assert type(out.grad_fn).__name__ == "_CPURotaryBackward"
+    with cpu_kernels.without_c():
+        expected = model.apply_rotary(theirs * 1, cos, sin)
+    assert _same(out, expected)
+    g = torch.randn(B, nh, T, hs)
+    out.backward(g)
+    expected.backward(g)
+    assert _same(ours.grad, theirs.grad)
+    assert cpu_kernels.rotary(x.to(torch.bfloat16), cos.to(torch.bfloat16), sin.to(torch.bfloat16)) is None
 
 
 def test_the_openmp_build_shares_torchs_threads():
