@@ -217,3 +217,89 @@ VEC void rotary_f32(const float *x, const float *cos, const float *sin, float *o
         }
     }
 }
+
+/* Parameter-free RMSNorm over the last dimension (n values a row), as torch's rms_norm computes
+ * it in float32 (bf16 rows widened first): r = rsqrt(mean(x^2) + eps) per row, y = x * r.
+ * torch's own reductions stay in cpu_kernels.py (the mean of the squares, the backward's row
+ * sums), since the order of their additions decides their rounding; these kernels do the
+ * element-wise passes around them, one pass each where torch makes two to four:
+ *   rms_square: x^2 in float32 (what the mean reads)   rms_scale: y = x * r, in x's dtype
+ *   rms_product: g * x in float32 (what the row sums read)
+ *   rms_grad: dx = g * r + (gv / n) * (2 x), gv = -0.5 * sum(g x) * r^3 per row (autograd's
+ *             terms of the mul, and of the mean and the square, rounded as it rounds them)
+ * Row `row` of x (and of sq, out for the forward ones) starts at the offset of its index
+ * (i0, i1, i2) over sizes (., d1, d2) and strides (s0, s1, s2); g, prod and the backward's out
+ * are contiguous. */
+#define ROW_OFFSET(row, s0, s1, s2) (((row) / (d1 * d2)) * (s0) + (((row) / d2) % d1) * (s1) + ((row) % d2) * (s2))
+#define RMS_NORM(SUFFIX, TYPE, LOAD, STORE)                                                        \
+    VEC void rms_square_##SUFFIX(const TYPE *x, float *sq, int64_t start, int64_t stop, int64_t n, \
+                                 int64_t d1, int64_t d2, int64_t s0, int64_t s1, int64_t s2,      \
+                                 int64_t q0, int64_t q1, int64_t q2) {                            \
+        PARALLEL_FOR((stop - start) * n >= 32768)                                                  \
+        for (int64_t row = start; row < stop; row++) {                                             \
+            const TYPE *restrict xr = x + ROW_OFFSET(row, s0, s1, s2);                            \
+            float *restrict o = sq + ROW_OFFSET(row, q0, q1, q2);                                  \
+            for (int64_t j = 0; j < n; j++) {                                                      \
+                float v = LOAD(xr[j]);                                                             \
+                o[j] = v * v;                                                                      \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+    VEC void rms_scale_##SUFFIX(const TYPE *x, const float *r, TYPE *out, int64_t start, int64_t stop, \
+                                int64_t n, int64_t d1, int64_t d2, int64_t s0, int64_t s1, int64_t s2, \
+                                int64_t o0, int64_t o1, int64_t o2) {                             \
+        PARALLEL_FOR((stop - start) * n >= 32768)                                                  \
+        for (int64_t row = start; row < stop; row++) {                                             \
+            const TYPE *restrict xr = x + ROW_OFFSET(row, s0, s1, s2);                            \
+            TYPE *restrict o = out + ROW_OFFSET(row, o0, o1, o2);                                  \
+            float rr = r[row];                                                                     \
+            for (int64_t j = 0; j < n; j++)                                                        \
+                o[j] = STORE(LOAD(xr[j]) * rr);                                                    \
+        }                                                                                          \
+    }                                                                                              \
+    VEC void rms_product_##SUFFIX(const TYPE *g, const TYPE *x, float *prod, int64_t start, int64_t stop, \
+                                  int64_t n, int64_t d1, int64_t d2, int64_t s0, int64_t s1, int64_t s2) { \
+        PARALLEL_FOR((stop - start) * n >= 32768)                                                  \
+        for (int64_t row = start; row < stop; row++) {                                             \
+            const TYPE *restrict xr = x + ROW_OFFSET(row, s0, s1, s2), *restrict gr = g + row * n; \
+            float *restrict o = prod + row * n;                                                    \
+            for (int64_t j = 0; j < n; j++)                                                        \
+                o[j] = LOAD(gr[j]) * LOAD(xr[j]);                                                  \
+        }                                                                                          \
+    }
+
+RMS_NORM(bf16, uint16_t, bf16_to_float, float_to_bf16)
+RMS_NORM(f32, float, IDENTITY, IDENTITY)
+
+/* The backward's gradient for a bf16 x: torch's composite widens x to float32 first, so both of
+ * its terms meet in float32 and the sum is rounded to bf16 once. */
+VEC void rms_grad_bf16(const uint16_t *g, const uint16_t *x, const float *r, const float *gv, uint16_t *out,
+                       int64_t start, int64_t stop, int64_t n, int64_t d1, int64_t d2, int64_t s0, int64_t s1,
+                       int64_t s2) {
+    PARALLEL_FOR((stop - start) * n >= 32768)
+    for (int64_t row = start; row < stop; row++) {
+        const uint16_t *restrict xr = x + ROW_OFFSET(row, s0, s1, s2), *restrict gr = g + row * n;
+        uint16_t *restrict o = out + row * n;
+        float rr = r[row], d = gv[row] / (float)n;
+        for (int64_t j = 0; j < n; j++)
+            o[j] = float_to_bf16(bf16_to_float(gr[j]) * rr + d * (2.0f * bf16_to_float(xr[j])));
+    }
+}
+
+/* For a float32 x the two terms are x's gradient from two of autograd's nodes (the mul and the
+ * square): it adds each to whatever else x's gradient holds in turn, so they are written apart
+ * and cpu_kernels.py hands them back as two gradients, to be added in the same order. */
+VEC void rms_grad_terms_f32(const float *g, const float *x, const float *r, const float *gv, float *direct,
+                            float *squared, int64_t start, int64_t stop, int64_t n, int64_t d1, int64_t d2,
+                            int64_t s0, int64_t s1, int64_t s2) {
+    PARALLEL_FOR((stop - start) * n >= 32768)
+    for (int64_t row = start; row < stop; row++) {
+        const float *restrict xr = x + ROW_OFFSET(row, s0, s1, s2), *restrict gr = g + row * n;
+        float *restrict o = direct + row * n, *restrict q = squared + row * n;
+        float rr = r[row], d = gv[row] / (float)n;
+        for (int64_t j = 0; j < n; j++) {
+            o[j] = gr[j] * rr;
+            q[j] = d * (2.0f * xr[j]);
+        }
+    }
+}

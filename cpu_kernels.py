@@ -71,6 +71,11 @@ _SIGNATURES = {  # cpu_kernels.c's functions and their arguments
     **{f"relu_squared_forward_{t}": (_PTR, _PTR, _I64, _I64) for t in ("bf16", "f32")},
     **{f"relu_squared_backward_{t}": (_PTR, _PTR, _PTR, _I64, _I64) for t in ("bf16", "f32")},
     "rotary_f32": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, *[_I64] * 7, _I32),
+    **{f"rms_square_{t}": (_PTR, _PTR, _I64, _I64, *[_I64] * 9) for t in ("bf16", "f32")},
+    **{f"rms_scale_{t}": (_PTR, _PTR, _PTR, _I64, _I64, *[_I64] * 9) for t in ("bf16", "f32")},
+    **{f"rms_product_{t}": (_PTR, _PTR, _PTR, _I64, _I64, *[_I64] * 6) for t in ("bf16", "f32")},
+    "rms_grad_bf16": (_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, *[_I64] * 6),
+    "rms_grad_terms_f32": (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, *[_I64] * 6),
     "kernels_openmp": (),
 }
 # -ffp-contract=off: each multiply and add rounds on its own, as torch's separate ops do
@@ -473,6 +478,63 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     if kernel is None or x.dim() != 4 or cos.dtype != x.dtype or cos.requires_grad or sin.requires_grad:
         return None
     return _CPURotary.apply(x, cos, sin, kernel)
+
+
+def _row_layout(t: torch.Tensor) -> tuple[int, ...]:
+    """(d1, d2, s0, s1, s2): t's rows (all but its last dimension, at most three) as sizes and
+    strides over three leading dimensions, for cpu_kernels.c's ROW_OFFSET."""
+    sizes, strides = [1, 1, 1, *t.shape[:-1]][-3:], [0, 0, 0, *t.stride()[:-1]][-3:]
+    return sizes[1], sizes[2], *strides
+
+
+class _CPURMSNorm(torch.autograd.Function):
+    """Parameter-free RMSNorm over the last dimension (model.py's norm and qk_norm) with the
+    element-wise passes in C, torch's reductions kept: the same values bit for bit as
+    F.rms_norm and autograd's gradient of its float32 composite (pow, mean, add, rsqrt, mul,
+    and for bf16 the casts around them). Backward in three or four passes instead of about ten.
+    x comes in twice: a float32 x gets its gradient from autograd's mul and square as two
+    terms, each added in turn to what x's gradient already holds (the residual stream's, say);
+    a sum rounds differently in another order, so the two are handed back as two gradients,
+    which autograd adds in the same order."""
+
+    @staticmethod
+    def forward(ctx, x, same_x, eps, t):
+        lib, n, rows = _c(), x.size(-1), x.numel() // x.size(-1)
+        layout = _row_layout(x)
+        sq = torch.empty_like(x, dtype=torch.float32)  # x.float().pow(2), in the layout torch gives it
+        _on_all_cores(getattr(lib, f"rms_square_{t}"), rows, n, (x, sq), n, *layout, *_row_layout(sq)[2:])
+        r = sq.mean(-1, keepdim=True).add_(eps).rsqrt().contiguous()  # one per row
+        out = torch.empty(x.shape, dtype=x.dtype)  # contiguous, as torch's x * r comes out
+        _on_all_cores(getattr(lib, f"rms_scale_{t}"), rows, n, (x, r, out), n, *layout, *_row_layout(out)[2:])
+        ctx.save_for_backward(x, r)
+        ctx.t = t
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, r = ctx.saved_tensors
+        lib, t, n, rows = _c(), ctx.t, x.size(-1), x.numel() // x.size(-1)
+        layout = _row_layout(x)
+        grad = grad.contiguous()
+        prod = torch.empty(x.shape, dtype=torch.float32)  # g * x, which the mul's backward sums
+        _on_all_cores(getattr(lib, f"rms_product_{t}"), rows, n, (grad, x, prod), n, *layout)
+        gv = -0.5 * prod.sum(-1, keepdim=True) * r.pow(3)  # RsqrtBackward's term, as autograd writes it
+        if t == "bf16":  # both terms meet in float32 before the cast back: one gradient
+            out = torch.empty(x.shape, dtype=x.dtype)
+            _on_all_cores(lib.rms_grad_bf16, rows, n, (grad, x, r, gv, out), n, *layout)
+            return out, None, None, None
+        direct, squared = torch.empty(x.shape), torch.empty(x.shape)
+        _on_all_cores(lib.rms_grad_terms_f32, rows, n, (grad, x, r, gv, direct, squared), n, *layout)
+        return direct, squared, None, None
+
+
+def rms_norm(x: torch.Tensor, normalized_shape, eps: float | None = None) -> torch.Tensor:
+    """F.rms_norm(x, normalized_shape, eps=eps) without a weight; training on a CPU with the C
+    kernels built, by _CPURMSNorm (the same values, fewer passes)."""
+    if (len(normalized_shape) != 1 or x.dim() > 4 or not (torch.is_grad_enabled() and x.requires_grad)
+            or _elementwise(x, "rms_scale") is None or x.stride(-1) != 1):
+        return F.rms_norm(x, normalized_shape, eps=eps)
+    return _CPURMSNorm.apply(x, x, torch.finfo(torch.float32).eps if eps is None else eps, _C_TYPES[x.dtype])
 
 
 def _row_chunks(n: int, per_row: int, budget: int = 1 << 22):

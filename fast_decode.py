@@ -47,14 +47,14 @@ from torch.nn import functional as F
 
 import model as model_module
 from hardware import user_cache
-from model import GPT, GPTConfig, KVCache, apply_rotary, slide_window
+from model import GPT, GPTConfig, KVCache, RMSNorm, apply_rotary, slide_window
 
 # the model options this decoder does not implement: a model that uses one of them (a value other
 # than its default, GPT-2's behaviour) runs on the plain path. It implements every other
 # GPTConfig field (today: all of them), and decoder_for checks its logits against the model's.
 NOT_IMPLEMENTED: set[str] = set()
 KNOWN_FIELDS = {f.name for f in dataclasses.fields(GPTConfig)} - NOT_IMPLEMENTED
-NORMS = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}  # config.norm -> the module model.py builds
+NORMS = {"layernorm": nn.LayerNorm, "rmsnorm": RMSNorm}  # config.norm -> the module model.py builds
 
 
 def supported(model: nn.Module) -> str | None:

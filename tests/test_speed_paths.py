@@ -463,6 +463,38 @@ def test_rotary_in_one_pass_equals_torchs(per_sequence):
     assert cpu_kernels.rotary(x.to(torch.bfloat16), cos.to(torch.bfloat16), sin.to(torch.bfloat16)) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("where", ["residual", "qk"])
+def test_rms_norm_in_fewer_passes_equals_torchs(dtype, where):
+    """cpu_kernels.rms_norm equals F.rms_norm forward, and backward the gradient autograd gives
+    its composite, where it meets other gradients: the residual stream's input, used by the
+    norm and by the residual add (a float32 x takes the norm's two terms one at a time), and a
+    head's q as the model has it (a strided view of c_attn's output)."""
+    if cpu_kernels._c() is None:
+        pytest.skip(cpu_kernels.kernels_used())
+    torch.manual_seed(0)
+    w = torch.randn(192, 192).to(dtype) * 0.1
+    base = torch.randn(4, 16, 3 * 192)
+
+    def run(norm):
+        x = base.to(dtype).clone().requires_grad_()  # a new leaf each run
+        if where == "residual":
+            h = x[..., :192] * 1
+            y = h + norm(h, (192,)) @ w
+        else:  # (B, nh, T, hs) from (B, T, 3C)
+            q = x[..., :192].view(4, 16, 4, 48).transpose(1, 2)
+            y = norm(q, (48,)).transpose(1, 2).reshape(4, 16, 192) @ w
+        y.float().square().sum().backward()
+        return y, x.grad
+
+    (y, grad), (expected_y, expected_grad) = run(cpu_kernels.rms_norm), run(F.rms_norm)
+    assert _same(y, expected_y) and _same(grad, expected_grad)
+    x = base[..., :192].to(dtype).clone().requires_grad_()
+    assert type(cpu_kernels.rms_norm(x * 1, (192,)).grad_fn).__name__ == "_CPURMSNormBackward"
+    with torch.no_grad():  # evaluation and sampling keep torch's op
+        assert cpu_kernels.rms_norm(x, (192,)).grad_fn is None
+
+
 def test_the_openmp_build_shares_torchs_threads():
     """Built with OpenMP, the kernels must load torch's own libgomp (the one already in the
     process), not a second runtime with threads of its own."""
