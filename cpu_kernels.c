@@ -218,11 +218,74 @@ VEC void rotary_f32(const float *x, const float *cos, const float *sin, float *o
     }
 }
 
+/* The float32 sum of v[0..n) in the order of torch's own CPU sum over a contiguous last
+ * dimension (ATen's vectorized_inner_sum, SumKernel.cpp) with vectors of `lanes` floats: lane-wise
+ * sums of the n / lanes whole vectors (four interleaved accumulators, cascaded in chunks of 16),
+ * then the leftover values one by one, then the lanes one by one. lanes is what torch's build
+ * uses on this CPU (16 with AVX512, 8 with AVX2): cpu_kernels.py finds it by comparing this
+ * with torch.sum, and does not use it where none matches. n >= lanes, lanes <= 16. */
+#define TORCH_SUM(NAME, L)                                                                         \
+    static inline float NAME(const float *v, int64_t n) {                                         \
+        enum { LEVELS = 4, ILP = 4 };                                                              \
+        int64_t vecs = n / L, size = vecs / ILP;                                                   \
+        int64_t ceil_log2 = 1;                                                                     \
+        if (size > 2) {                                                                            \
+            ceil_log2 = 0;                                                                         \
+            while (((int64_t)1 << ceil_log2) < size) ceil_log2++;                                  \
+        }                                                                                          \
+        int64_t power = ceil_log2 / LEVELS > 4 ? ceil_log2 / LEVELS : 4;                           \
+        int64_t step = (int64_t)1 << power, mask = step - 1;                                       \
+        float acc[LEVELS][ILP][L] = {{{0.0f}}};                                                    \
+        int64_t i = 0;                                                                             \
+        while (i + step <= size) { /* ATen's cascade: chunks of `step` groups, then up a level */ \
+            for (int64_t j = 0; j < step; j++, i++)                                                \
+                for (int k = 0; k < ILP; k++)                                                      \
+                    for (int l = 0; l < L; l++) acc[0][k][l] += v[(i * ILP + k) * L + l];          \
+            for (int j = 1; j < LEVELS; j++) {                                                     \
+                for (int k = 0; k < ILP; k++)                                                      \
+                    for (int l = 0; l < L; l++) {                                                  \
+                        acc[j][k][l] += acc[j - 1][k][l];                                          \
+                        acc[j - 1][k][l] = 0.0f;                                                   \
+                    }                                                                              \
+                if ((i & (mask << (j * power))) != 0) break;                                       \
+            }                                                                                      \
+        }                                                                                          \
+        for (; i < size; i++)                                                                      \
+            for (int k = 0; k < ILP; k++)                                                          \
+                for (int l = 0; l < L; l++) acc[0][k][l] += v[(i * ILP + k) * L + l];              \
+        if (vecs >= step * ILP) /* levels above 0 hold something only after a whole chunk */      \
+            for (int j = 1; j < LEVELS; j++)                                                       \
+                for (int k = 0; k < ILP; k++)                                                      \
+                    for (int l = 0; l < L; l++) acc[0][k][l] += acc[j][k][l];                      \
+        for (int64_t r = size * ILP; r < vecs; r++) /* whole vectors after the groups of ILP */   \
+            for (int l = 0; l < L; l++) acc[0][0][l] += v[r * L + l];                              \
+        for (int k = 1; k < ILP; k++)                                                              \
+            for (int l = 0; l < L; l++) acc[0][0][l] += acc[0][k][l];                              \
+        float total = 0.0f;                                                                        \
+        for (int64_t r = vecs * L; r < n; r++) total += v[r];                                      \
+        for (int l = 0; l < L; l++) total += acc[0][0][l];                                         \
+        return total;                                                                              \
+    }
+
+TORCH_SUM(torch_sum16, 16)
+TORCH_SUM(torch_sum8, 8)
+TORCH_SUM(torch_sum4, 4)
+
+static inline float torch_sum(const float *v, int64_t n, int64_t lanes) {
+    return lanes == 16 ? torch_sum16(v, n) : lanes == 8 ? torch_sum8(v, n) : torch_sum4(v, n);
+}
+
+/* out[row] = torch_sum of row `row` of v (rows of n, contiguous): the check against torch.sum */
+VEC void row_sums_f32(const float *v, float *out, int64_t start, int64_t stop, int64_t n, int64_t lanes) {
+    for (int64_t row = start; row < stop; row++) out[row] = torch_sum(v + row * n, n, lanes);
+}
+
 /* Parameter-free RMSNorm over the last dimension (n values a row), as torch's rms_norm computes
  * it in float32 (bf16 rows widened first): r = rsqrt(mean(x^2) + eps) per row, y = x * r.
- * torch's own reductions stay in cpu_kernels.py (the mean of the squares, the backward's row
- * sums), since the order of their additions decides their rounding; these kernels do the
- * element-wise passes around them, one pass each where torch makes two to four:
+ * torch's own reductions (the mean of the squares, the backward's row sums) decide their rounding
+ * by the order of their additions: rms_sums below adds in torch's order where cpu_kernels.py has
+ * checked that it matches; elsewhere torch reduces, and these kernels do the element-wise passes
+ * around its reductions, one pass each where torch makes two to four:
  *   rms_square: x^2 in float32 (what the mean reads)   rms_scale: y = x * r, in x's dtype
  *   rms_product: g * x in float32 (what the row sums read)
  *   rms_grad: dx = g * r + (gv / n) * (2 x), gv = -0.5 * sum(g x) * r^3 per row (autograd's
@@ -270,6 +333,30 @@ VEC void rotary_f32(const float *x, const float *cos, const float *sin, float *o
 
 RMS_NORM(bf16, uint16_t, bf16_to_float, float_to_bf16)
 RMS_NORM(f32, float, IDENTITY, IDENTITY)
+
+/* Where torch_sum matches torch's sum (cpu_kernels.py checks), the reductions too, in the
+ * passes that make their values: out[row] = the sum of x^2 (product = 0: the forward's mean,
+ * before its division) or of g * x (product = 1: the backward's row sums) over row `row`, the
+ * values made in a buffer of the row (n <= 8192) and summed in torch's order. x's rows as
+ * above, g contiguous. No sq or prod tensor is written, nor read again by torch. */
+#define RMS_SUMS(SUFFIX, TYPE, LOAD)                                                               \
+    VEC void rms_sums_##SUFFIX(const TYPE *x, const TYPE *g, float *out, int64_t start, int64_t stop, \
+                               int64_t n, int64_t d1, int64_t d2, int64_t s0, int64_t s1, int64_t s2, \
+                               int64_t lanes, int32_t product) {                                  \
+        PARALLEL_FOR((stop - start) * n >= 32768)                                                  \
+        for (int64_t row = start; row < stop; row++) {                                             \
+            float buf[8192];                                                                       \
+            const TYPE *restrict xr = x + ROW_OFFSET(row, s0, s1, s2), *restrict gr = g + row * n; \
+            if (product)                                                                           \
+                for (int64_t j = 0; j < n; j++) buf[j] = LOAD(gr[j]) * LOAD(xr[j]);               \
+            else                                                                                   \
+                for (int64_t j = 0; j < n; j++) buf[j] = LOAD(xr[j]) * LOAD(xr[j]);               \
+            out[row] = torch_sum(buf, n, lanes);                                                   \
+        }                                                                                          \
+    }
+
+RMS_SUMS(bf16, uint16_t, bf16_to_float)
+RMS_SUMS(f32, float, IDENTITY)
 
 /* The backward's gradient for a bf16 x: torch's composite widens x to float32 first, so both of
  * its terms meet in float32 and the sum is rounded to bf16 once. */

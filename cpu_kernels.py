@@ -75,6 +75,8 @@ _SIGNATURES = {  # cpu_kernels.c's functions and their arguments
     **{f"rms_scale_{t}": (_PTR, _PTR, _PTR, _I64, _I64, *[_I64] * 9) for t in ("bf16", "f32")},
     **{f"rms_product_{t}": (_PTR, _PTR, _PTR, _I64, _I64, *[_I64] * 6) for t in ("bf16", "f32")},
     "rms_grad_bf16": (_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, *[_I64] * 6),
+    **{f"rms_sums_{t}": (_PTR, _PTR, _PTR, _I64, _I64, *[_I64] * 7, _I32) for t in ("bf16", "f32")},
+    "row_sums_f32": (_PTR, _PTR, _I64, _I64, _I64, _I64),
     "rms_grad_terms_f32": (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, *[_I64] * 6),
     "kernels_openmp": (),
 }
@@ -487,6 +489,29 @@ def _row_layout(t: torch.Tensor) -> tuple[int, ...]:
     return sizes[1], sizes[2], *strides
 
 
+def _sum_lanes(n: int) -> int:
+    """The vector width (floats) of torch's float32 sum on this machine, if cpu_kernels.c's
+    torch_sum adds in the very order of torch.sum there (checked once, on rows of several
+    lengths, from a private generator), and n fits its kernels; else 0 (torch then reduces)."""
+    if "lanes" not in _c_state:
+        lanes, lib, gen = 0, _c(), torch.Generator().manual_seed(0)
+        for candidate in (16, 8, 4) if lib is not None else ():
+            same = True
+            for length in (16, 48, 100, 192, 768, 4099):
+                if length < candidate:
+                    continue
+                rows = torch.randn(8, length, generator=gen) * torch.rand(8, 1, generator=gen) * 100
+                ours = torch.empty(8)
+                lib.row_sums_f32(rows.data_ptr(), ours.data_ptr(), 0, 8, length, candidate)
+                same = same and torch.equal(ours, rows.sum(-1))
+            if same:
+                lanes = candidate
+                break
+        _c_state["lanes"] = lanes
+    lanes = _c_state["lanes"]
+    return lanes if lanes <= n <= 8192 else 0
+
+
 class _CPURMSNorm(torch.autograd.Function):
     """Parameter-free RMSNorm over the last dimension (model.py's norm and qk_norm) with the
     element-wise passes in C, torch's reductions kept: the same values bit for bit as
@@ -501,9 +526,15 @@ class _CPURMSNorm(torch.autograd.Function):
     def forward(ctx, x, same_x, eps, t):
         lib, n, rows = _c(), x.size(-1), x.numel() // x.size(-1)
         layout = _row_layout(x)
-        sq = torch.empty_like(x, dtype=torch.float32)  # x.float().pow(2), in the layout torch gives it
-        _on_all_cores(getattr(lib, f"rms_square_{t}"), rows, n, (x, sq), n, *layout, *_row_layout(sq)[2:])
-        r = sq.mean(-1, keepdim=True).add_(eps).rsqrt().contiguous()  # one per row
+        if lanes := _sum_lanes(n):  # the sums of squares in torch's order, in one pass over x
+            sums = torch.empty(x.shape[:-1] + (1,))
+            _on_all_cores(getattr(lib, f"rms_sums_{t}"), rows, n, (x, x, sums), n, *layout, lanes, 0)
+            mean = sums.div_(n)  # torch's mean on a CPU: the sum, then a division
+        else:
+            sq = torch.empty_like(x, dtype=torch.float32)  # x.float().pow(2), in the layout torch gives it
+            _on_all_cores(getattr(lib, f"rms_square_{t}"), rows, n, (x, sq), n, *layout, *_row_layout(sq)[2:])
+            mean = sq.mean(-1, keepdim=True)
+        r = mean.add_(eps).rsqrt().contiguous()  # one per row
         out = torch.empty(x.shape, dtype=x.dtype)  # contiguous, as torch's x * r comes out
         _on_all_cores(getattr(lib, f"rms_scale_{t}"), rows, n, (x, r, out), n, *layout, *_row_layout(out)[2:])
         ctx.save_for_backward(x, r)
@@ -516,9 +547,14 @@ class _CPURMSNorm(torch.autograd.Function):
         lib, t, n, rows = _c(), ctx.t, x.size(-1), x.numel() // x.size(-1)
         layout = _row_layout(x)
         grad = grad.contiguous()
-        prod = torch.empty(x.shape, dtype=torch.float32)  # g * x, which the mul's backward sums
-        _on_all_cores(getattr(lib, f"rms_product_{t}"), rows, n, (grad, x, prod), n, *layout)
-        gv = -0.5 * prod.sum(-1, keepdim=True) * r.pow(3)  # RsqrtBackward's term, as autograd writes it
+        if lanes := _sum_lanes(n):  # the row sums of g * x in torch's order, in one pass
+            sums = torch.empty(r.shape)
+            _on_all_cores(getattr(lib, f"rms_sums_{t}"), rows, n, (x, grad, sums), n, *layout, lanes, 1)
+        else:
+            prod = torch.empty(x.shape, dtype=torch.float32)  # g * x, which the mul's backward sums
+            _on_all_cores(getattr(lib, f"rms_product_{t}"), rows, n, (grad, x, prod), n, *layout)
+            sums = prod.sum(-1, keepdim=True)
+        gv = -0.5 * sums * r.pow(3)  # RsqrtBackward's term, as autograd writes it
         if t == "bf16":  # both terms meet in float32 before the cast back: one gradient
             out = torch.empty(x.shape, dtype=x.dtype)
             _on_all_cores(lib.rms_grad_bf16, rows, n, (grad, x, r, gv, out), n, *layout)

@@ -463,15 +463,34 @@ def test_rotary_in_one_pass_equals_torchs(per_sequence):
     assert cpu_kernels.rotary(x.to(torch.bfloat16), cos.to(torch.bfloat16), sin.to(torch.bfloat16)) is None
 
 
+def test_the_c_row_sums_add_in_torchs_order():
+    """cpu_kernels.c's torch_sum gives torch.sum's float32 row sums bit for bit, at the vector
+    width _sum_lanes found, on rows short and long (long enough for ATen's cascade of chunks)."""
+    if cpu_kernels._c() is None:
+        pytest.skip(cpu_kernels.kernels_used())
+    lanes = cpu_kernels._sum_lanes(192)
+    if not lanes:
+        pytest.skip("torch's sum order is not one cpu_kernels.c knows on this machine: torch reduces")
+    torch.manual_seed(0)
+    for n in (lanes, 37, 48, 192, 1000, 8192, 70_001):
+        rows = torch.randn(5, n) * torch.rand(5, 1) * 100
+        ours = torch.empty(5)
+        cpu_kernels._c().row_sums_f32(rows.data_ptr(), ours.data_ptr(), 0, 5, n, lanes)
+        assert torch.equal(ours, rows.sum(-1)), n
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("where", ["residual", "qk"])
-def test_rms_norm_in_fewer_passes_equals_torchs(dtype, where):
+@pytest.mark.parametrize("c_sums", [True, False])  # the row sums in C, or torch's reductions
+def test_rms_norm_in_fewer_passes_equals_torchs(dtype, where, c_sums, monkeypatch):
     """cpu_kernels.rms_norm equals F.rms_norm forward, and backward the gradient autograd gives
     its composite, where it meets other gradients: the residual stream's input, used by the
     norm and by the residual add (a float32 x takes the norm's two terms one at a time), and a
     head's q as the model has it (a strided view of c_attn's output)."""
     if cpu_kernels._c() is None:
         pytest.skip(cpu_kernels.kernels_used())
+    if not c_sums:
+        monkeypatch.setattr(cpu_kernels, "_sum_lanes", lambda n: 0)
     torch.manual_seed(0)
     w = torch.randn(192, 192).to(dtype) * 0.1
     base = torch.randn(4, 16, 3 * 192)
