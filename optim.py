@@ -47,11 +47,11 @@ class Muon(torch.optim.Muon):
         assert closure is None, "closures are not used here"
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
-            same_shape: dict[torch.Size, list] = {}  # matrices of one shape are orthogonalized as one stack
+            same_shape: dict[tuple, list] = {}  # matrices of one shape are orthogonalized as one stack
             for p in group["params"]:
                 if p.grad is not None:
-                    same_shape.setdefault(p.shape, []).append(p)
-            for (A, B), params in same_shape.items():
+                    same_shape.setdefault((p.shape, p.dtype, p.device), []).append(p)
+            for ((A, B), _, _), params in same_shape.items():
                 grads = [p.grad for p in params]
                 buffers = []
                 for p in params:
