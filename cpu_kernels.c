@@ -47,8 +47,8 @@ static inline float bf16_to_float(uint16_t b) {
 static inline uint16_t float_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
-    uint16_t rounded = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-    return f != f ? 0x7FC0 : rounded; /* NaN as c10::BFloat16 rounds it; a select, not a branch */
+    if (f != f) return 0x7FC0; /* NaN, as c10::BFloat16 rounds it */
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
 /* numpy's SFC64 generator (numpy/random/src/sfc64/sfc64.h): n outputs from the state s (a, b,

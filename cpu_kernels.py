@@ -13,12 +13,13 @@ Only used on CPU in eager mode: GPUs and torch.compile keep torch's own dropout.
 Where the system has a C compiler (Linux, macOS), cpu_kernels.c is built once into the user's
 cache and does the element-wise work in one pass each, on every core: the generator (numpy's
 SFC64, word for word), masks applied straight from the random bits, the residual add with its
-dropout, the bf16 attention backward's ds, and two passes of the model's options outside
-dropout: the relu2 activation and (float32) the rotary embedding, each way. Without one,
+dropout, the bf16 attention backward's ds, and the model's options outside dropout: the relu2
+activation, the parameter-free RMSNorm (its row sums in torch's own order where that order is
+checked to match) and (float32) the rotary embedding, each way. Without one,
 numpy and torch do the same work in more passes; both ways give the same values bit for bit
 (tested), so a run does not depend on which one a machine takes. bench.py prints which it took.
-model.py uses five names from here: Dropout, residual_dropout, causal_attention, relu_squared
-and rotary; bench.py turns them all off with torch_kernels() to time nanoGPT's step (torch's
+model.py uses six names from here: Dropout, residual_dropout, causal_attention, relu_squared,
+rms_norm and rotary; bench.py turns them all off with torch_kernels() to time nanoGPT's step (torch's
 dropout and SDPA) side by side with ours.
 """
 import contextlib
@@ -404,7 +405,7 @@ def residual_dropout(x: torch.Tensor, y: torch.Tensor, dropout: nn.Dropout) -> t
     return x + dropout(y)
 
 
-# ---------------------------------------------------------------------------- relu2 and rotary
+# ---------------------------------------------------------------------------- relu2, rotary, RMSNorm
 
 def _elementwise(x: torch.Tensor, name: str):
     """cpu_kernels.c's `name` kernel for x's dtype where it applies (eager work on a CPU tensor
@@ -439,9 +440,10 @@ class _CPUReLUSquared(torch.autograd.Function):
 
 def relu_squared(x: torch.Tensor) -> torch.Tensor:
     """relu(x)^2 (model.ReLUSquared): by the C kernels where they apply, else torch's ops."""
-    if _elementwise(x, "relu_squared_forward") is None:
+    forward = _elementwise(x, "relu_squared_forward")
+    if forward is None:
         return F.relu(x).square()
-    return _CPUReLUSquared.apply(x, _elementwise(x, "relu_squared_forward"), _elementwise(x, "relu_squared_backward"))
+    return _CPUReLUSquared.apply(x, forward, _elementwise(x, "relu_squared_backward"))
 
 
 def _rotate(kernel, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: int) -> torch.Tensor:
@@ -514,9 +516,10 @@ def _sum_lanes(n: int) -> int:
 
 class _CPURMSNorm(torch.autograd.Function):
     """Parameter-free RMSNorm over the last dimension (model.py's norm and qk_norm) with the
-    element-wise passes in C, torch's reductions kept: the same values bit for bit as
-    F.rms_norm and autograd's gradient of its float32 composite (pow, mean, add, rsqrt, mul,
-    and for bf16 the casts around them). Backward in three or four passes instead of about ten.
+    element-wise passes in C, and the row sums too where _sum_lanes finds torch's order (else
+    torch's reductions): the same values bit for bit as F.rms_norm and autograd's gradient of
+    its float32 composite (pow, mean, add, rsqrt, mul, and for bf16 the casts around them).
+    Forward in two passes, backward in two to four, instead of about ten.
     x comes in twice: a float32 x gets its gradient from autograd's mul and square as two
     terms, each added in turn to what x's gradient already holds (the residual stream's, say);
     a sum rounds differently in another order, so the two are handed back as two gradients,
