@@ -132,17 +132,20 @@ def bench_train(model, cfg: BenchConfig, precision) -> dict[str, list[float]]:
     the peak of the same stretch of time (on a shared host both move with the load). On CPUs also nanoGPT's step on a copy of the model, timed in
     turn with ours (interleaved): float32 (nanoGPT's train.py autocasts only on GPUs), torch's dropout and SDPA
     (cpu_kernels.torch_kernels), unfused AdamW, not compiled (nanoGPT's CPU command passes
-    --compile=False). The model is GPT-2's architecture in both, so the work is the same."""
+    --compile=False), glibc's malloc setting (ours: train.py's hardware.keep_freed_memory). The
+    model is GPT-2's architecture in both, so the work is the same."""
     scaler = torch.amp.GradScaler(precision.device_type, enabled=precision.dtype == "float16")
     accum = cfg.gradient_accumulation_steps
     shape = (cfg.batch_size, cfg.block_size)
     batches = [(torch.randint(cfg.vocab_size, shape, device=precision.device),
                 torch.randint(cfg.vocab_size, shape, device=precision.device)) for _ in range(accum)]
 
-    def stepper(model, optimizer, precision, kernels=contextlib.nullcontext):
+    def stepper(model, optimizer, precision, kernels=contextlib.nullcontext, keep_memory=True):
         model.train()
 
         def steps():
+            if precision.device_type == "cpu":  # train.py's malloc setting, or glibc's own (nanoGPT's)
+                hardware.keep_freed_memory(keep_memory)
             with kernels():
                 for _ in range(cfg.train_steps):
                     train_step(model, optimizer, scaler, batches, precision, cfg.grad_clip)
@@ -165,7 +168,7 @@ def bench_train(model, cfg: BenchConfig, precision) -> dict[str, list[float]]:
         baseline = copy.deepcopy(model)
         runs["train, nanoGPT's step"] = stepper(baseline, nanogpt_optimizer(baseline, cfg),
                                                 hardware.Precision("cpu", "float32", "nanoGPT on a CPU"),
-                                                cpu_kernels.torch_kernels)
+                                                cpu_kernels.torch_kernels, keep_memory=False)
     for fn in runs.values():
         timed(fn, precision, cfg.warmup, 0)
     # a peak sample as long as a step, so both see the same stretch of a shared host's load
@@ -181,6 +184,8 @@ def bench_train(model, cfg: BenchConfig, precision) -> dict[str, list[float]]:
     tokens = cfg.train_steps * accum * cfg.batch_size * cfg.block_size
     rates = {name: [tokens / t for t in ts] for name, ts in times.items()}
     rates["matmul peak"] = [2 * n**3 * products / t for t in times["matmul peak"]]
+    if precision.device_type == "cpu":
+        hardware.keep_freed_memory(False)  # sampling runs as sample.py does, with glibc's own setting
     return rates
 
 

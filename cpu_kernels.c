@@ -191,6 +191,16 @@ ATTENTION_DS(attention_ds_bf16, uint16_t, bf16_to_float, float_to_bf16)
 RELU_SQUARED(bf16, uint16_t, bf16_to_float, float_to_bf16)
 RELU_SQUARED(f32, float, IDENTITY, IDENTITY)
 
+/* The gradient of an element-wise function of one bf16 value (GELU): x has only 65536 values,
+ * so cpu_kernels.py asks torch once for its float32 factor f(x) at each (gelu_backward of a
+ * gradient of 1 in float32), and out = bf16(float(g) * f(x)), the one product and rounding
+ * torch's bf16 kernel ends with: torch's values, at the speed of memory. */
+VEC void lookup_grad_bf16(const uint16_t *x, const uint16_t *g, const float *table, uint16_t *out,
+                          int64_t start, int64_t stop) {
+    PARALLEL_FOR(ELEMENTS)
+    for (int64_t i = start; i < stop; i++) out[i] = float_to_bf16(bf16_to_float(g[i]) * table[x[i]]);
+}
+
 /* Rotary position embeddings (model.apply_rotary) in float32 on rows [start, stop) of x, a
  * (B, nh, T, hs) tensor with unit stride in hs and strides sb, sh, st for B, nh and T; cos and
  * sin are (T, h) per batch row, cb apart (0: shared), h = hs / 2. Each row of out (contiguous,

@@ -18,8 +18,8 @@ activation, the parameter-free RMSNorm (its row sums in torch's own order where 
 checked to match) and (float32) the rotary embedding, each way. Without one,
 numpy and torch do the same work in more passes; both ways give the same values bit for bit
 (tested), so a run does not depend on which one a machine takes. bench.py prints which it took.
-model.py uses six names from here: Dropout, residual_dropout, causal_attention, relu_squared,
-rms_norm and rotary; bench.py turns them all off with torch_kernels() to time nanoGPT's step (torch's
+model.py uses seven names from here: Dropout, residual_dropout, causal_attention, relu_squared,
+gelu, rms_norm and rotary; bench.py turns them all off with torch_kernels() to time nanoGPT's step (torch's
 dropout and SDPA) side by side with ours.
 """
 import contextlib
@@ -71,6 +71,7 @@ _SIGNATURES = {  # cpu_kernels.c's functions and their arguments
     "attention_ds_bf16": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64),
     **{f"relu_squared_forward_{t}": (_PTR, _PTR, _I64, _I64) for t in ("bf16", "f32")},
     **{f"relu_squared_backward_{t}": (_PTR, _PTR, _PTR, _I64, _I64) for t in ("bf16", "f32")},
+    "lookup_grad_bf16": (_PTR, _PTR, _PTR, _PTR, _I64, _I64),
     "rotary_f32": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, *[_I64] * 7, _I32),
     **{f"rms_square_{t}": (_PTR, _PTR, _I64, _I64, *[_I64] * 9) for t in ("bf16", "f32")},
     **{f"rms_scale_{t}": (_PTR, _PTR, _PTR, _I64, _I64, *[_I64] * 9) for t in ("bf16", "f32")},
@@ -444,6 +445,119 @@ def relu_squared(x: torch.Tensor) -> torch.Tensor:
     if forward is None:
         return F.relu(x).square()
     return _CPUReLUSquared.apply(x, forward, _elementwise(x, "relu_squared_backward"))
+
+
+
+_GRAIN = 32768  # ATen's GRAIN_SIZE: above it an element-wise op's loop is split among threads
+
+
+class _GELUTables:
+    """torch's GELU backward of one `approximate` on every bf16 x, for cpu_kernels.c's lookup:
+    the float32 factor f(x) with gradient = bf16(g * f(x)), the last product and rounding of
+    torch's bf16 kernel. The factor comes twice, as torch's vector code computes it and as its
+    scalar code does (read from a strided view, which takes the scalar code throughout): their
+    erf, exp and tanh differ in the last bit for some inputs, and some of torch's loops compute
+    the last (share % step) elements of each thread's share of a contiguous tensor with the
+    scalar code. Where, and whether, is found per thread count by comparing with torch on inputs
+    where the two differ (a layout: _find); with no layout that matches, torch's op runs."""
+
+    # (step, capped): the last (share % step) of each share are scalar, the shares being
+    # at::parallel_for's, one per thread (capped: at most one per _GRAIN elements); step 0: none
+    LAYOUTS = [(0, False)] + [(step, capped) for step in (64, 32, 16, 8, 128) for capped in (True, False)]
+
+    def __init__(self, approximate: str):
+        self.approximate = approximate
+        self.values = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+        xf = self.values.float()
+        spaced = torch.empty(2 * 65536)[::2].copy_(xf)  # strided: the scalar code
+        gelu_backward = torch.ops.aten.gelu_backward
+        self.factor = (gelu_backward(torch.ones(65536), xf, approximate=approximate),
+                       gelu_backward(torch.ones(2 * 65536)[::2], spaced, approximate=approximate).contiguous())
+        self.layouts: dict = {}  # torch's thread count -> a layout, or None: torch's op runs
+
+    def layout(self) -> tuple | None:
+        threads = torch.get_num_threads()
+        if threads not in self.layouts:
+            self.layouts[threads] = self._find()
+        return self.layouts[threads]
+
+    @staticmethod
+    def tails(n: int, layout: tuple) -> list[tuple[int, int]]:
+        """The [start, stop) ranges of a contiguous op over n elements that torch's scalar code
+        computes, in that layout."""
+        step, capped = layout
+        threads = torch.get_num_threads()
+        if not step:
+            return []
+        parts = 1 if n < _GRAIN or threads == 1 else min(threads, -(-n // _GRAIN)) if capped else threads
+        share = -(-n // parts)
+        ranges = [(a + (min(n, a + share) - a) // step * step, min(n, a + share)) for a in range(0, n, share)]
+        return [(a, b) for a, b in ranges if a < b]
+
+    def grad(self, x: torch.Tensor, g: torch.Tensor, layout: tuple) -> torch.Tensor:
+        out = torch.empty_like(x)
+        _on_all_cores(_c().lookup_grad_bf16, x.numel(), 1, (x, g, self.factor[0], out))
+        flat_x, flat_g, flat_out = x.view(-1), g.view(-1), out.view(-1)
+        for a, b in self.tails(x.numel(), layout):
+            factor = self.factor[1][flat_x[a:b].view(torch.int16).long() & 0xFFFF]
+            flat_out[a:b] = (flat_g[a:b].float() * factor).to(torch.bfloat16)
+        return out
+
+    def _find(self) -> tuple | None:
+        """The first layout whose lookups give torch's values on probes made of the inputs where
+        its vector and scalar code differ: short ones (one share), long ones (one per thread)."""
+        g = 0.7  # a gradient where bf16(g * f) differs between the two factors for some x
+        with torch.inference_mode(False), torch.no_grad(), torch.autocast("cpu", enabled=False):
+            vec, scalar = ((g * f).to(torch.bfloat16).view(torch.int16) for f in self.factor)
+            values = self.values[vec != scalar]
+            if not values.numel():
+                return (0, False)  # the two codes agree: any layout gives torch's values
+            for layout in self.LAYOUTS:
+                for n in (127, 1000, 32_769, 100_003):
+                    x = values[torch.arange(n) % values.numel()]
+                    grad = torch.full_like(x, g)
+                    theirs = torch.ops.aten.gelu_backward(grad, x, approximate=self.approximate)
+                    if not torch.equal(self.grad(x, grad, layout).view(torch.int16), theirs.view(torch.int16)):
+                        break
+                else:
+                    return layout
+        return None
+
+
+_gelu_tables: dict = {}  # approximate -> _GELUTables
+
+
+class _CPUGELU(torch.autograd.Function):
+    """GELU of a contiguous bf16 tensor: torch's forward, and its backward by table lookups
+    (_GELUTables) in one pass at memory speed (torch's computes erf and exp per element), the
+    same values bit for bit (NaN as a NaN). x is kept for the backward pass, as torch keeps it."""
+
+    @staticmethod
+    def forward(ctx, x, tables):
+        ctx.save_for_backward(x)
+        ctx.tables = tables
+        return F.gelu(x, approximate=tables.approximate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        tables = ctx.tables
+        layout = tables.layout()
+        if layout is None or not grad.is_contiguous() or grad.dtype != x.dtype:  # torch's op
+            return torch.ops.aten.gelu_backward(grad, x, approximate=tables.approximate), None
+        return tables.grad(x, grad, layout), None
+
+
+def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """F.gelu(x, approximate) (model.GELU): in bf16 training on a CPU, its backward by the C
+    kernels' table lookups; else torch's op."""
+    if (not x.requires_grad or not torch.is_grad_enabled() or x.dtype != torch.bfloat16
+            or not x.is_contiguous() or _elementwise(x, "lookup_grad") is None):
+        return F.gelu(x, approximate=approximate)
+    if approximate not in _gelu_tables:
+        with torch.inference_mode(False), torch.no_grad(), torch.autocast("cpu", enabled=False):
+            _gelu_tables[approximate] = _GELUTables(approximate)
+    return _CPUGELU.apply(x, _gelu_tables[approximate])
 
 
 def _rotate(kernel, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: int) -> torch.Tensor:

@@ -144,6 +144,32 @@ def resolve(device: str = "auto", dtype: str = "auto") -> Precision:
     return Precision(device, dtype, ", ".join(why))
 
 
+def keep_freed_memory(keep: bool = True) -> bool:
+    """Linux with glibc: have malloc keep the memory of freed tensors for the next ones
+    (keep=False: glibc's usual behaviour, about as it settles in a long run). A training step
+    allocates and frees the same large activations every step; glibc maps each one above its
+    threshold (at most 32 MB) anew and unmaps it when freed, so the next step faults its pages
+    in again, each one zeroed by the kernel: about 280,000 page faults (1 GB zeroed) a step at
+    the shakespeare shape, a few hundred when kept. The process then keeps its peak memory
+    (it reaches it every step anyway). Returns whether it applied; elsewhere (macOS, Windows,
+    musl) nothing changes. docs/speed.md has the measurements."""
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return False
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+    except (AttributeError, ValueError, OSError):  # no os.confstr (Windows), not glibc
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's malloc.h
+    if keep:  # no mmap for any size, and no trimming of the heap's top below 1 GiB
+        return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    done = (libc.mallopt(M_MMAP_MAX, 65536) and libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+            and libc.mallopt(M_TRIM_THRESHOLD, 64 << 20))  # the largest threshold glibc moves itself to
+    libc.malloc_trim(0)
+    return bool(done)
+
+
 def set_cpu_threads():
     """Use every core for intra-op work unless the user set OMP_NUM_THREADS."""
     if "OMP_NUM_THREADS" not in os.environ:

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch.nn import functional as F
 
-from cpu_kernels import Dropout, causal_attention, relu_squared, residual_dropout
+from cpu_kernels import Dropout, causal_attention, gelu, relu_squared, residual_dropout
 from cpu_kernels import rms_norm as cpu_rms_norm, rotary as cpu_rotary
 from optim import Muon, MuonAdamW, newton_schulz_dtype
 
@@ -108,8 +108,15 @@ class ReLUSquared(nn.Module):
         return relu_squared(x)  # F.relu(x).square(), in one pass on a CPU (cpu_kernels.py)
 
 
+class GELU(nn.GELU):
+    """nn.GELU, its backward in bf16 on a CPU by table lookups (cpu_kernels.gelu): the same values."""
+
+    def forward(self, x):
+        return gelu(x, self.approximate)
+
+
 # the MLP's activation by GPTConfig.activation
-ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu2": ReLUSquared}
+ACTIVATIONS = {"gelu": GELU, "gelu_tanh": lambda: GELU(approximate="tanh"), "relu2": ReLUSquared}
 NORMS = ("layernorm", "rmsnorm")  # GPTConfig.norm's choices (make_norm)
 BIGRAM_MAX_VOCAB = 1024  # the bigram table holds (vocab_size + 1) * vocab_size vectors
 

@@ -623,6 +623,8 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
     # device, data, out_dir
     precision = hardware.resolve(cfg.device, cfg.dtype)
     device = precision.device
+    if precision.device_type == "cpu":  # a step's activations reuse the last step's memory
+        hardware.keep_freed_memory()
     data, tokenizer = open_dataset(cfg, pretrained)
     lock_out_dir(out_lock, procs.ddp, master, create=True)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size

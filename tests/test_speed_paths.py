@@ -572,3 +572,83 @@ def test_residual_dropout_takes_the_plain_add_where_the_kernel_does_not_apply():
     assert broadcast.shape == x.shape and broadcast.grad_fn.name() == "AddBackward0"
     low = cpu_kernels.residual_dropout(x.bfloat16(), y.bfloat16().requires_grad_(), Dropout(0.5).train())
     assert low.dtype == torch.bfloat16 and low.grad_fn.name() == "AddBackward0"
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_backward_by_table_equals_torchs(approximate):
+    """model.GELU in bf16 training: torch's forward, and a backward by lookups of torch's own
+    float32 factor, equal torch's gradient bit for bit, specials included, on one to three
+    threads and at sizes whose thread shares end in torch's scalar code (tanh's differs)."""
+    if cpu_kernels._c() is None:
+        pytest.skip(cpu_kernels.kernels_used())
+    torch.manual_seed(0)
+    specials = torch.tensor([float("nan"), 0.0, -0.0, float("inf"), -float("inf"), 1e30, -1e-30, 3e38, 5.5, -5.5])
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            for n in (4099, 32_769, 100_003):
+                x = torch.cat([specials, torch.randn(n - specials.numel()) * 3]).bfloat16()
+                g = torch.cat([specials.flip(0), torch.randn(n - specials.numel())]).bfloat16()
+                ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+                out = cpu_kernels.gelu(ours, approximate)
+                assert type(out.grad_fn).__name__ == "_CPUGELUBackward"
+                expected = F.gelu(theirs, approximate=approximate)
+                assert _same(out, expected)
+                out.backward(g)
+                expected.backward(g)
+                assert _same(ours.grad, theirs.grad), (t, n)
+    finally:
+        torch.set_num_threads(threads)
+    assert cpu_kernels.gelu(x.float().requires_grad_(), approximate).grad_fn.name() == "GeluBackward0"  # float32: torch's
+    with torch.no_grad():
+        assert cpu_kernels.gelu(x, approximate).grad_fn is None
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_a_bf16_gelu_model_step_is_the_same_with_and_without_the_c_kernels(activation):
+    """GPT-2's MLP (GELU) trained in bf16 autocast: the same loss and gradients on both paths."""
+    if cpu_kernels._c() is None:
+        pytest.skip(cpu_kernels.kernels_used())
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=40, dropout=0.1,
+                          activation=activation))
+    x, y = torch.randint(0, 40, (8, 16)), torch.randint(0, 40, (8, 16))
+
+    def run():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(x, y)
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(*_both_paths(run)):
+        assert torch.equal(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model.transformer.h[0].mlp.c_fc(torch.randn(8, 16, 64, requires_grad=True))
+        assert type(model.transformer.h[0].mlp.act(h).grad_fn).__name__ == "_CPUGELUBackward"
+
+
+def test_kept_memory_spares_the_page_faults_of_large_tensors():
+    """hardware.keep_freed_memory: on Linux with glibc a freed 64 MB tensor's memory serves the
+    next one (no fresh pages to fault in); off, each one is mapped anew. Elsewhere it says no."""
+    import hardware
+    if not hardware.keep_freed_memory(False):
+        assert not sys.platform.startswith("linux") or not __import__("os").confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+        pytest.skip("not glibc: malloc is left as it is")
+    resource = pytest.importorskip("resource")
+
+    def faults():
+        for _ in range(8):  # warm: the first ones fault their pages in (and settle the heap)
+            torch.ones(1 << 24)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(4):
+            torch.ones(1 << 24)  # 64 MB, freed at once
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    try:
+        assert faults() > 4 * 10_000  # 16,384 pages of 4 KB each time
+        assert hardware.keep_freed_memory(True)
+        assert faults() < 4_000
+    finally:
+        hardware.keep_freed_memory(False)
