@@ -82,6 +82,7 @@ class BenchConfig(TrainConfig):
     profile: bool = False  # also print torch.profiler's table of the training step's operators
     sample_compile: bool = True  # also time the fast path's compiled step (built once per shape into the cache, then loaded)
     numpy_kernels: bool = False  # cpu: also time our step on the numpy dropout path (a machine without a C compiler's), interleaved
+    glibc_malloc: bool = False  # cpu: also time our step with glibc's own malloc setting (train.py keeps freed memory), interleaved
 
     def problems(self) -> list[str]:
         p = super().problems()
@@ -132,8 +133,9 @@ def bench_train(model, cfg: BenchConfig, precision) -> dict[str, list[float]]:
     the peak of the same stretch of time (on a shared host both move with the load). On CPUs also nanoGPT's step on a copy of the model, timed in
     turn with ours (interleaved): float32 (nanoGPT's train.py autocasts only on GPUs), torch's dropout and SDPA
     (cpu_kernels.torch_kernels), unfused AdamW, not compiled (nanoGPT's CPU command passes
-    --compile=False), glibc's malloc setting (ours: train.py's hardware.keep_freed_memory). The
-    model is GPT-2's architecture in both, so the work is the same."""
+    --compile=False). Both run with train.py's malloc setting (hardware.keep_freed_memory), which
+    spares nanoGPT's step the page faults glibc's own setting gives it. The model is GPT-2's
+    architecture in both, so the work is the same."""
     scaler = torch.amp.GradScaler(precision.device_type, enabled=precision.dtype == "float16")
     accum = cfg.gradient_accumulation_steps
     shape = (cfg.batch_size, cfg.block_size)
@@ -144,11 +146,13 @@ def bench_train(model, cfg: BenchConfig, precision) -> dict[str, list[float]]:
         model.train()
 
         def steps():
-            if precision.device_type == "cpu":  # train.py's malloc setting, or glibc's own (nanoGPT's)
-                hardware.keep_freed_memory(keep_memory)
+            if not keep_memory:  # glibc's own malloc setting for this run only
+                hardware.keep_freed_memory(False)
             with kernels():
                 for _ in range(cfg.train_steps):
                     train_step(model, optimizer, scaler, batches, precision, cfg.grad_clip)
+            if not keep_memory:
+                hardware.keep_freed_memory(True)
         return steps
 
     n, products = cfg.peak_size, 1  # products: matmuls per peak sample, set to last about a step below
@@ -164,11 +168,15 @@ def bench_train(model, cfg: BenchConfig, precision) -> dict[str, list[float]]:
             "train": stepper(torch.compile(model) if cfg.compile else model, optimizer, precision)}
     if precision.device_type == "cpu" and cfg.numpy_kernels:  # the same model and optimizer, numpy's dropout
         runs["train, numpy kernels"] = stepper(model, optimizer, precision, cpu_kernels.without_c)
+    if precision.device_type == "cpu" and cfg.glibc_malloc:  # the same step, freed memory handed back
+        runs["train, glibc's malloc"] = stepper(model, optimizer, precision, keep_memory=False)
     if precision.device_type == "cpu" and not model.config.non_gpt2_options():  # nanoGPT's model is GPT-2's
         baseline = copy.deepcopy(model)
         runs["train, nanoGPT's step"] = stepper(baseline, nanogpt_optimizer(baseline, cfg),
                                                 hardware.Precision("cpu", "float32", "nanoGPT on a CPU"),
-                                                cpu_kernels.torch_kernels, keep_memory=False)
+                                                cpu_kernels.torch_kernels)
+    if precision.device_type == "cpu":  # as train.py does (nanoGPT's step too: generous to it)
+        hardware.keep_freed_memory()
     for fn in runs.values():
         timed(fn, precision, cfg.warmup, 0)
     # a peak sample as long as a step, so both see the same stretch of a shared host's load
@@ -177,6 +185,8 @@ def bench_train(model, cfg: BenchConfig, precision) -> dict[str, list[float]]:
     for _ in range(cfg.repeats):
         for name, fn in runs.items():
             times[name] += timed(fn, precision, 0, 1)
+            if name == "train, glibc's malloc":  # it handed the kept memory back: an untimed step refills it
+                runs["train"]()
     if cfg.profile:  # where a step's time goes, by operator (self time: the op's own work)
         with torch.profiler.profile() as prof:
             runs["train"]()
@@ -369,6 +379,11 @@ def main(argv=None):
             gain = statistics.median(train) / statistics.median(numpy_rates)
             print(row("train, numpy kernels", numpy_rates, "tokens/s", 1.0,
                       f"the C kernels' step is {gain:.2f}x this; the same step without a C compiler"))
+        if "train, glibc's malloc" in trains:
+            plain = trains["train, glibc's malloc"]
+            gain = statistics.median(train) / statistics.median(plain)
+            print(row("train, glibc's malloc", plain, "tokens/s", 1.0,
+                      f"the step with freed memory kept is {gain:.2f}x this (hardware.keep_freed_memory)"))
         if "train, nanoGPT's step" in trains:
             nanogpt = trains["train, nanoGPT's step"]
             speedup = statistics.median(train) / statistics.median(nanogpt)

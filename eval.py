@@ -340,6 +340,8 @@ def main(argv=None):
         raise UserError("--input and --split each choose the text to score: pass one of them")
     hardware.set_cpu_threads()
     precision = hardware.resolve(cfg.device, cfg.dtype)
+    if precision.device_type == "cpu":  # each batch's activations reuse the last one's memory
+        hardware.keep_freed_memory()
     if cfg.int8 and precision.device_type != "cpu":
         raise UserError("--int8 runs on the cpu only (fast_decode's int8 kernel); add --device=cpu")
     if cfg.int8 and not fast_decode.int8_available():

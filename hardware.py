@@ -149,9 +149,9 @@ def keep_freed_memory(keep: bool = True) -> bool:
     (keep=False: glibc's usual behaviour, about as it settles in a long run). A training step
     allocates and frees the same large activations every step; glibc maps each one above its
     threshold (at most 32 MB) anew and unmaps it when freed, so the next step faults its pages
-    in again, each one zeroed by the kernel: about 280,000 page faults (1 GB zeroed) a step at
-    the shakespeare shape, a few hundred when kept. The process then keeps its peak memory
-    (it reaches it every step anyway). Returns whether it applied; elsewhere (macOS, Windows,
+    in again, each one zeroed by the kernel: about 100,000 page faults (400 MB zeroed) a bf16
+    step at the shakespeare shape, about a thousand when kept. The process then keeps its peak
+    memory (it reaches it every step anyway). Returns whether it applied; elsewhere (macOS, Windows,
     musl) nothing changes. docs/speed.md has the measurements."""
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
@@ -166,7 +166,7 @@ def keep_freed_memory(keep: bool = True) -> bool:
         return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
     done = (libc.mallopt(M_MMAP_MAX, 65536) and libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
             and libc.mallopt(M_TRIM_THRESHOLD, 64 << 20))  # the largest threshold glibc moves itself to
-    libc.malloc_trim(0)
+    libc.malloc_trim(0)  # what was kept goes back, so large tensors are mapped anew again
     return bool(done)
 
 

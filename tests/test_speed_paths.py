@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import cpu_kernels
+import hardware
 from cpu_kernels import Dropout, _CPUAttention, _dropped_causal, causal_attention
 from model import GPT, GPTConfig
 
@@ -194,7 +195,7 @@ def test_training_with_dropout_is_deterministic_and_learns():
 def test_bench_runs_end_to_end():
     flags = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2", "--vocab_size=50",
              "--peak_size=64", "--warmup=0", "--repeats=2", "--train_steps=1", "--sample_tokens=4",
-             "--sample_batch=3", "--optimizer=muon", "--process_runs=1", "--profile",
+             "--sample_batch=3", "--optimizer=muon", "--process_runs=1", "--profile", "--glibc_malloc=true",
              "--sample_compile=false"]  # the compiled step's build is tested in test_fast_decode.py
     out = subprocess.run([sys.executable, "bench.py", *flags], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
@@ -203,7 +204,7 @@ def test_bench_runs_end_to_end():
                  "sample, kv cache", "sample, nanoGPT loop",
                  "sample, kv cache, batch 3", "sample, fast path", "sample, fast path, batch 3",
                  "nanoGPT sample.py, first run", "sample.py, first run", "sample.py --compile=false, first run",
-                 "sample.py --dtype=float32, first run",
+                 "sample.py --dtype=float32, first run", *(["train, glibc's malloc"] * hardware.keep_freed_memory(False)),
                  "Self CPU time total"]:  # the last: --profile's table
         assert name in out.stdout
 
@@ -632,7 +633,6 @@ def test_a_bf16_gelu_model_step_is_the_same_with_and_without_the_c_kernels(activ
 def test_kept_memory_spares_the_page_faults_of_large_tensors():
     """hardware.keep_freed_memory: on Linux with glibc a freed 64 MB tensor's memory serves the
     next one (no fresh pages to fault in); off, each one is mapped anew. Elsewhere it says no."""
-    import hardware
     if not hardware.keep_freed_memory(False):
         assert not sys.platform.startswith("linux") or not __import__("os").confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
         pytest.skip("not glibc: malloc is left as it is")
