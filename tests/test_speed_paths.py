@@ -575,6 +575,11 @@ def test_residual_dropout_takes_the_plain_add_where_the_kernel_does_not_apply():
     assert low.dtype == torch.bfloat16 and low.grad_fn.name() == "AddBackward0"
 
 
+def _x86_64() -> bool:
+    import platform
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_gelu_backward_by_table_equals_torchs(approximate):
     """model.GELU in bf16 training: torch's forward, and a backward by lookups of torch's own
@@ -584,13 +589,23 @@ def test_gelu_backward_by_table_equals_torchs(approximate):
         pytest.skip(cpu_kernels.kernels_used())
     torch.manual_seed(0)
     specials = torch.tensor([float("nan"), 0.0, -0.0, float("inf"), -float("inf"), 1e30, -1e-30, 3e38, 5.5, -5.5])
+    # hard inputs: where torch's scalar code (a strided tensor takes it) and its vector code differ
+    every = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    spaced, half = torch.empty(2 * 65536, dtype=torch.bfloat16), torch.full((65536,), 0.7, dtype=torch.bfloat16)
+    spaced[::2] = every
+    scalar = torch.ops.aten.gelu_backward(half.repeat_interleave(2)[::2], spaced[::2], approximate=approximate)
+    vector = torch.ops.aten.gelu_backward(half, every, approximate=approximate)
+    hard = every[(scalar.view(torch.int16) != vector.view(torch.int16)) & torch.isfinite(every)]
     threads = torch.get_num_threads()
     try:
         for t in (1, 2, 3):
             torch.set_num_threads(t)
-            for n in (4099, 32_769, 100_003):
-                x = torch.cat([specials, torch.randn(n - specials.numel()) * 3]).bfloat16()
-                g = torch.cat([specials.flip(0), torch.randn(n - specials.numel())]).bfloat16()
+            for n, kind in [(4099, "random"), (32_769, "random"), (100_003, "random"), (5_055, "hard"), (50_001, "hard")]:
+                if kind == "hard":  # every element one where the two codes differ
+                    x, g = hard[torch.arange(n) % hard.numel()], torch.full((n,), 0.7).bfloat16()
+                else:
+                    x = torch.cat([specials, torch.randn(n - specials.numel()) * 3]).bfloat16()
+                    g = torch.cat([specials.flip(0), torch.randn(n - specials.numel())]).bfloat16()
                 ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
                 out = cpu_kernels.gelu(ours, approximate)
                 assert type(out.grad_fn).__name__ == "_CPUGELUBackward"
@@ -599,6 +614,8 @@ def test_gelu_backward_by_table_equals_torchs(approximate):
                 out.backward(g)
                 expected.backward(g)
                 assert _same(ours.grad, theirs.grad), (t, n)
+            # where no layout of torch's loops matches, the backward is torch's own: on x86-64 one does
+            assert cpu_kernels._gelu_tables[approximate].layout() is not None or not _x86_64()
     finally:
         torch.set_num_threads(threads)
     assert cpu_kernels.gelu(x.float().requires_grad_(), approximate).grad_fn.name() == "GeluBackward0"  # float32: torch's
