@@ -468,11 +468,12 @@ class _GELUTables:
     def __init__(self, approximate: str):
         self.approximate = approximate
         self.values = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-        xf = self.values.float()
-        spaced = torch.empty(2 * 65536)[::2].copy_(xf)  # strided: the scalar code
-        gelu_backward = torch.ops.aten.gelu_backward
-        self.factor = (gelu_backward(torch.ones(65536), xf, approximate=approximate),
-                       gelu_backward(torch.ones(2 * 65536)[::2], spaced, approximate=approximate).contiguous())
+        with torch.inference_mode(False), torch.no_grad(), torch.autocast("cpu", enabled=False):
+            xf = self.values.float()
+            spaced = torch.empty(2 * 65536)[::2].copy_(xf)  # strided: the scalar code
+            gelu_backward = torch.ops.aten.gelu_backward
+            self.factor = (gelu_backward(torch.ones(65536), xf, approximate=approximate),
+                           gelu_backward(torch.ones(2 * 65536)[::2], spaced, approximate=approximate).contiguous())
         self.layouts: dict = {}  # torch's thread count -> a layout, or None: torch's op runs
 
     def layout(self) -> tuple | None:
@@ -512,14 +513,14 @@ class _GELUTables:
             values = self.values[vec != scalar]
             if not values.numel():
                 return (0, False)  # the two codes agree: any layout gives torch's values
+            probes = []  # (x, grad, torch's gradient)
+            for n in (127, 1000, 32_769, 100_003):
+                x = values[torch.arange(n) % values.numel()]
+                grad = torch.full_like(x, g)
+                probes.append((x, grad, torch.ops.aten.gelu_backward(grad, x, approximate=self.approximate)))
             for layout in self.LAYOUTS:
-                for n in (127, 1000, 32_769, 100_003):
-                    x = values[torch.arange(n) % values.numel()]
-                    grad = torch.full_like(x, g)
-                    theirs = torch.ops.aten.gelu_backward(grad, x, approximate=self.approximate)
-                    if not torch.equal(self.grad(x, grad, layout).view(torch.int16), theirs.view(torch.int16)):
-                        break
-                else:
+                if all(torch.equal(self.grad(x, grad, layout).view(torch.int16), theirs.view(torch.int16))
+                       for x, grad, theirs in probes):
                     return layout
         return None
 
@@ -555,8 +556,7 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
             or not x.is_contiguous() or _elementwise(x, "lookup_grad") is None):
         return F.gelu(x, approximate=approximate)
     if approximate not in _gelu_tables:
-        with torch.inference_mode(False), torch.no_grad(), torch.autocast("cpu", enabled=False):
-            _gelu_tables[approximate] = _GELUTables(approximate)
+        _gelu_tables[approximate] = _GELUTables(approximate)
     return _CPUGELU.apply(x, _gelu_tables[approximate])
 
 
