@@ -25,13 +25,14 @@ block_size = 64
 n_layer = 4
 n_head = 4
 n_embd = 192
-dropout = 0.0  # at the steps a CPU without AMX buys in 270 s, the model does not overfit
+dropout = 0.0  # at the steps a float32 CPU buys in 270 s (about one epoch), the model does not overfit
 
-# On a CPU with AMX (Intel Xeon, 4th generation on) 270 s buy about 2,200 of those steps and the
-# model overfits its 1M characters: there it reads windows of 128 (more context per
-# prediction, fewer steps) with a little dropout. Measured on both kinds: docs/speedrun.md.
+# On a CPU with bf16 units (AMX: Intel Xeon 4th generation on; AVX512-BF16: AMD EPYC Zen 4 on)
+# 270 s buy 1,400-2,200 of those steps and the model overfits its 1M characters: there it reads
+# windows of 128 (more context per prediction, fewer steps) with a little dropout. Measured on
+# both kinds and at fixed step counts: docs/speedrun.md.
 import hardware as _hardware
-if _hardware.cpu_has_amx():
+if _hardware.cpu_has_native_bf16():
     batch_size = 32
     block_size = 128
     dropout = 0.05
