@@ -72,7 +72,7 @@ _SIGNATURES = {  # cpu_kernels.c's functions and their arguments
     **{f"relu_squared_forward_{t}": (_PTR, _PTR, _I64, _I64) for t in ("bf16", "f32")},
     **{f"relu_squared_backward_{t}": (_PTR, _PTR, _PTR, _I64, _I64) for t in ("bf16", "f32")},
     "lookup_grad_bf16": (_PTR, _PTR, _PTR, _PTR, _I64, _I64),
-    "rotary_f32": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, *[_I64] * 7, _I32),
+    **{f"rotary_{t}": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, *[_I64] * 7, _I32) for t in ("bf16", "f32")},
     **{f"rms_square_{t}": (_PTR, _PTR, _I64, _I64, *[_I64] * 9) for t in ("bf16", "f32")},
     **{f"rms_scale_{t}": (_PTR, _PTR, _PTR, _I64, _I64, *[_I64] * 9) for t in ("bf16", "f32")},
     **{f"rms_product_{t}": (_PTR, _PTR, _PTR, _I64, _I64, *[_I64] * 6) for t in ("bf16", "f32")},
@@ -573,8 +573,8 @@ def _rotate(kernel, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backw
 
 class _CPURotary(torch.autograd.Function):
     """model.apply_rotary's rotation in one pass each way (torch: four multiplies, an add, a
-    subtract and a cat; the same again back), the same values bit for bit. float32 only: in
-    bf16 torch's ops were as fast as a C loop that rounds as they do."""
+    subtract and a cat; the same again back), the same values bit for bit, in float32 and in
+    bf16 (each product and sum rounded to bf16, as torch's ops round them)."""
 
     @staticmethod
     def forward(ctx, x, cos, sin, kernel):
@@ -590,8 +590,8 @@ class _CPURotary(torch.autograd.Function):
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
     """x (B, nh, T, hs) with each channel pair (i, i + hs/2) rotated, cos and sin (T, hs/2) or
-    (B, 1, T, hs/2) in x's dtype, by the C kernel (float32); None where it does not apply
-    (model.py's apply_rotary then runs torch's ops)."""
+    (B, 1, T, hs/2) in x's dtype, by the C kernel (float32 or bf16); None where it does not
+    apply (model.py's apply_rotary then runs torch's ops)."""
     kernel = _elementwise(x, "rotary")
     if kernel is None or x.dim() != 4 or cos.dtype != x.dtype or cos.requires_grad or sin.requires_grad:
         return None

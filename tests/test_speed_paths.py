@@ -396,7 +396,7 @@ def test_a_training_step_is_the_same_with_and_without_the_c_kernels(dtype):
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=40, dropout=0.2,
                           rotary=True, qk_norm=True, activation="relu2"))
     x, y = torch.randint(0, 40, (8, 16)), torch.randint(0, 40, (8, 16))
-    q = torch.empty(8, 2, 16, 32)  # big enough for the relu2 and (float32) rotary kernels too
+    q = torch.empty(8, 2, 16, 32, dtype=dtype)  # big enough for the relu2 and rotary kernels too
     assert cpu_kernels._elementwise(q, "rotary") is not None
 
     def run():
@@ -439,16 +439,20 @@ def test_relu_squared_in_one_pass_equals_torchs(dtype):
     assert _same(ours.grad, theirs.grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("per_sequence", [False, True])  # cos (T, h) or per-sequence (B, 1, T, h)
-def test_rotary_in_one_pass_equals_torchs(per_sequence):
-    """model.apply_rotary by the C kernel (float32) equals its torch ops, forward and backward,
-    on q as the model has it (a strided view of c_attn's output); bf16 keeps torch's ops."""
+def test_rotary_in_one_pass_equals_torchs(per_sequence, dtype):
+    """model.apply_rotary by the C kernel equals its torch ops, forward and backward, on q as
+    the model has it (a strided view of c_attn's output), in float32 and in bf16 (where every
+    product and sum rounds to bf16), specials and values at bf16's largest included."""
     import model
     if cpu_kernels._c() is None:
         pytest.skip(cpu_kernels.kernels_used())
     torch.manual_seed(0)
     B, nh, T, hs = 4, 3, 40, 16
-    x = torch.randn(B, T, nh, hs).transpose(1, 2)
+    x = torch.randn(B, T, nh, hs) * torch.rand(B, T, nh, 1) * 8
+    x.view(-1)[:8] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 3.38e38, -3.39e38, 1e-40])
+    x = x.to(dtype).transpose(1, 2)
     angles = torch.randn(B, T, hs // 2) if per_sequence else torch.randn(T, hs // 2)
     cos, sin = angles.cos(), angles.sin()
     ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -457,11 +461,11 @@ def test_rotary_in_one_pass_equals_torchs(per_sequence):
     with cpu_kernels.without_c():
         expected = model.apply_rotary(theirs * 1, cos, sin)
     assert _same(out, expected)
-    g = torch.randn(B, nh, T, hs)
-    out.backward(g)
-    expected.backward(g)
+    g = torch.randn(B, nh, T, hs) * 4
+    g.view(-1)[-4:] = torch.tensor([float("nan"), 3.38e38, -0.0, float("inf")])
+    out.backward(g.to(dtype))
+    expected.backward(g.to(dtype))
     assert _same(ours.grad, theirs.grad)
-    assert cpu_kernels.rotary(x.to(torch.bfloat16), cos.to(torch.bfloat16), sin.to(torch.bfloat16)) is None
 
 
 def test_the_c_row_sums_add_in_torchs_order():
