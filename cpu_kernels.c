@@ -55,15 +55,6 @@ static inline uint16_t float_to_bf16(float f) {
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-/* f rounded to bf16 as float_to_bf16 does, kept in a float (no narrowing to 16 bits and back) */
-static inline float round_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u = f != f ? 0x7FC00000u : (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 /* numpy's SFC64 generator (numpy/random/src/sfc64/sfc64.h): n outputs from the state s (a, b,
  * c, counter), which is advanced in place, so this gives the words numpy's random_raw(n) gives
  * from the same state, several times faster (numpy calls its generator once per word). */
@@ -224,7 +215,7 @@ VEC void lookup_grad_bf16(const uint16_t *x, const uint16_t *g, const float *tab
  * every product rounded to the dtype, then the sum, as torch's separate multiplies and adds do
  * (in bf16 each op widens its operands to float32 and rounds its result back). */
 #define ROUND_F32(v) (v)
-#define ROUND_BF16(v) round_bf16(v)
+#define ROUND_BF16(v) bf16_to_float(float_to_bf16(v))
 #define ROTARY(SUFFIX, TYPE, LOAD, STORE, ROUND)                                                   \
     VEC void rotary_##SUFFIX(const TYPE *x, const TYPE *cos, const TYPE *sin, TYPE *out, int64_t start, \
                              int64_t stop, int64_t nh, int64_t T, int64_t h, int64_t sb, int64_t sh,   \
