@@ -11,6 +11,7 @@
  * ops compute from the same operands. */
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
 
 /* On x86-64 Linux each function is built for AVX512, AVX2 and plain x86-64, the CPU picking one
  * at load time (gcc and clang's target_clones): one build serves any x86 CPU that shares the
@@ -169,6 +170,132 @@ VEC void mask_mul_f32_to_bf16(const float *g, const int16_t *bits, uint16_t *out
     }
 
 ATTENTION_DS(attention_ds_bf16, uint16_t, bf16_to_float, float_to_bf16)
+
+/* torch's exp of a float on x86 (ATen's Vectorized<float>::exp, which calls Sleef's expf_u10):
+ * Sleef's steps, its constants, its fused multiply-adds, for d <= 0 or NaN only (a softmax's
+ * x - max): the same value for every such float (checked against Sleef_expf16_u10 for all
+ * 1.1e9 floats from -0 to -112, docs/speed.md). exp_f32 is it over an array, for the tests. */
+static inline float pow2i(int32_t q) {
+    uint32_t u = (uint32_t)(q + 0x7f) << 23;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float torch_expf(float d) {
+    float dd = d < -104.0f ? -104.0f : d; /* below -104 the answer is 0 (NaN stays NaN) */
+    float q = __builtin_rintf(dd * 1.442695040888963407359924681001892137426645954152985934135449406931f);
+    int32_t qi = (int32_t)q;
+    float s = __builtin_fmaf(q, -0.693145751953125f, dd);
+    s = __builtin_fmaf(q, -1.428606765330187045e-06f, s);
+    float u = 0.000198527617612853646278381f;
+    u = __builtin_fmaf(u, s, 0.00139304355252534151077271f);
+    u = __builtin_fmaf(u, s, 0.00833336077630519866943359f);
+    u = __builtin_fmaf(u, s, 0.0416664853692054748535156f);
+    u = __builtin_fmaf(u, s, 0.166666671633720397949219f);
+    u = __builtin_fmaf(u, s, 0.5f);
+    u = 1.0f + __builtin_fmaf(s * s, u, s);
+    u = u * pow2i(qi >> 1) * pow2i(qi - (qi >> 1));
+    return d < -104.0f ? 0.0f : u;
+}
+
+VEC void exp_f32(const float *x, float *out, int64_t start, int64_t stop) {
+    for (int64_t i = start; i < stop; i++) out[i] = torch_expf(x[i]);
+}
+
+/* One query row i of causal attention probabilities, as torch.softmax(s + causal, -1) computes
+ * them in bf16 (ATen's _vec_softmax_lastdim<BFloat16>) with vectors of L floats: the max, then
+ * exp(x - max) summed lane by lane over the T - T % L values of whole vectors, the lanes added
+ * in halves (ATen's vec_reduce_all), the rest one by one (std::exp), then each value times
+ * 1 / sum, rounded to bf16. Only keys j <= i are read: the masked ones are exp(-inf) = 0 in
+ * torch, and adding zeros changes no sum, so the vectors past the diagonal are skipped. A NaN
+ * is left out of the max, but it makes the sum NaN, so its row comes out NaN as in torch (its
+ * masked entries 0 here, NaN there). pm (unless NULL) = p times the row's dropout bits, read at
+ * b[j * step] (step 1 or -1, as causal_mask reads them); p and pm are 0 past the diagonal. */
+#define CAUSAL_SOFTMAX_ROW(NAME, L)                                                                \
+    static inline __attribute__((always_inline)) void NAME(                                        \
+        const uint16_t *restrict x, uint16_t *restrict p, uint16_t *restrict pm,                   \
+        const int16_t *restrict b, int64_t step, int64_t i, int64_t T, int32_t threshold) {        \
+        float buf[T + L];                                                                          \
+        int64_t n = i + 1, vec_end = T - T % L;                                                    \
+        int64_t whole = n < vec_end ? n / L * L : vec_end;      /* whole vectors of keys <= i */  \
+        int64_t chunks_end = (n < vec_end ? n + L - 1 : vec_end) / L * L; /* and a part one */   \
+        float m[L], acc[L];                                                                        \
+        for (int l = 0; l < L; l++) m[l] = -INFINITY, acc[l] = 0.0f;                               \
+        for (int64_t c = 0; c < whole; c += L)                                                     \
+            for (int l = 0; l < L; l++) {                                                          \
+                float v = bf16_to_float(x[c + l]);                                                 \
+                buf[c + l] = v;                                                                    \
+                m[l] = v > m[l] ? v : m[l];                                                        \
+            }                                                                                      \
+        for (int64_t j = whole; j < chunks_end; j++) {                                             \
+            float v = j < n ? bf16_to_float(x[j]) : -INFINITY;                                     \
+            buf[j] = v;                                                                            \
+            m[j - whole] = v > m[j - whole] ? v : m[j - whole];                                    \
+        }                                                                                          \
+        float mx = -INFINITY;                                                                      \
+        for (int l = 0; l < L; l++) mx = m[l] > mx ? m[l] : mx;                                    \
+        for (int64_t j = vec_end; j < n; j++) {                                                    \
+            buf[j] = bf16_to_float(x[j]);                                                          \
+            mx = buf[j] > mx ? buf[j] : mx;                                                        \
+        }                                                                                          \
+        for (int64_t c = 0; c < chunks_end; c += L)                                                \
+            for (int l = 0; l < L; l++) {                                                          \
+                float e = torch_expf(buf[c + l] - mx);                                             \
+                buf[c + l] = e;                                                                    \
+                acc[l] += e;                                                                       \
+            }                                                                                      \
+        for (int h = L / 2; h >= 1; h /= 2)                                                        \
+            for (int l = 0; l < h; l++) acc[l] = acc[l] + acc[l + h];                              \
+        float sum = acc[0];                                                                        \
+        for (int64_t j = vec_end; j < n; j++) { /* torch's scalar tail: std::exp */               \
+            buf[j] = expf(buf[j] - mx);                                                            \
+            sum += buf[j];                                                                         \
+        }                                                                                          \
+        float inv = 1.0f / sum;                                                                    \
+        for (int64_t j = 0; j < n; j++) p[j] = float_to_bf16(buf[j] * inv);                       \
+        memset(p + n, 0, (T - n) * sizeof(uint16_t));                                              \
+        if (!pm) return;                                                                           \
+        if (step == 1)                                                                             \
+            for (int64_t j = 0; j < n; j++)                                                        \
+                pm[j] = float_to_bf16(bf16_to_float(p[j]) * (b[j] >= threshold ? 1.0f : 0.0f));   \
+        else                                                                                       \
+            for (int64_t j = 0; j < n; j++)                                                        \
+                pm[j] = float_to_bf16(bf16_to_float(p[j]) * (b[-j] >= threshold ? 1.0f : 0.0f));  \
+        memset(pm + n, 0, (T - n) * sizeof(uint16_t));                                             \
+    }
+
+CAUSAL_SOFTMAX_ROW(causal_softmax_row16, 16)
+CAUSAL_SOFTMAX_ROW(causal_softmax_row8, 8)
+
+/* The causal softmax of matrices [start, stop) of bf16 scores s, each (T, T) (only the causal
+ * part read: no mask added first), into p, and p times its dropout mask into pm, the bits laid
+ * out as causal_mask's; bits and pm NULL for no dropout. lanes: 16 or 8, the float vector of
+ * torch's build on this CPU (cpu_kernels.py checks which one gives torch's values). */
+VEC void causal_softmax_bf16(const uint16_t *s, const int16_t *bits, uint16_t *p, uint16_t *pm, int64_t start,
+                             int64_t stop, int64_t T, int32_t threshold, int64_t lanes) {
+    int64_t half = T / 2;
+    PARALLEL_FOR((stop - start) * T * T >= 65536)
+    for (int64_t r = start * T; r < stop * T; r++) { /* query row i of matrix m */
+        int64_t m = r / T, i = r % T, step = 1;
+        const int16_t *b = bits;
+        if (bits) {
+            if (T % 2)
+                b = bits + m * T * T + i * T;
+            else if (i < half)
+                b = bits + m * half * (T + 1) + i * (T + 1);
+            else {
+                b = bits + m * half * (T + 1) + (T - 1 - i) * (T + 1) + T;
+                step = -1;
+            }
+        }
+        uint16_t *pmr = pm ? pm + r * T : 0;
+        if (lanes == 16)
+            causal_softmax_row16(s + r * T, p + r * T, pmr, b, step, i, T, threshold);
+        else
+            causal_softmax_row8(s + r * T, p + r * T, pmr, b, step, i, T, threshold);
+    }
+}
 
 /* relu(x)^2, the relu2 MLP activation (model.ReLUSquared), forward and backward, each one pass
  * over elements [start, stop). Rounded as torch's relu, square (pow 2) and their backward

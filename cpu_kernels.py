@@ -69,6 +69,8 @@ _SIGNATURES = {  # cpu_kernels.c's functions and their arguments
     "add_mask_mul_f32": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I32, _F32),
     "mask_mul_f32_to_bf16": (_PTR, _PTR, _PTR, _I64, _I64, _I32, _F32),
     "attention_ds_bf16": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64),
+    "causal_softmax_bf16": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I32, _I64),
+    "exp_f32": (_PTR, _PTR, _I64, _I64),
     **{f"relu_squared_forward_{t}": (_PTR, _PTR, _I64, _I64) for t in ("bf16", "f32")},
     **{f"relu_squared_backward_{t}": (_PTR, _PTR, _PTR, _I64, _I64) for t in ("bf16", "f32")},
     "lookup_grad_bf16": (_PTR, _PTR, _PTR, _PTR, _I64, _I64),
@@ -82,8 +84,11 @@ _SIGNATURES = {  # cpu_kernels.c's functions and their arguments
     "rms_grad_terms_f32": (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, *[_I64] * 6),
     "kernels_openmp": (),
 }
-# -ffp-contract=off: each multiply and add rounds on its own, as torch's separate ops do
-_FLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared"]
+# -ffp-contract=off: each multiply and add rounds on its own, as torch's separate ops do;
+# on x86 the AVX512 build may use whole 512-bit vectors (gcc's default stops at 256 bits in
+# places: the softmax kernel's exp ran at half speed)
+_FLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared",
+          *(["-mprefer-vector-width=512"] if platform.machine().lower() in ("x86_64", "amd64") else [])]
 _c_state: dict = {}  # "lib": the loaded library or None, "why": what was used and why
 _c_allowed = True  # False inside without_c()
 
@@ -105,7 +110,7 @@ def _build(compiler: str, path: Path) -> str | None:
     attempts = [[*_FLAGS, "-fopenmp"], [*_FLAGS, "-fopenmp", "-DNO_CLONES"], _FLAGS, [*_FLAGS, "-DNO_CLONES"]]
     for flags in attempts:
         try:
-            done = subprocess.run([compiler, *flags, "-o", str(partial), str(_SOURCE)],
+            done = subprocess.run([compiler, *flags, "-o", str(partial), str(_SOURCE), "-lm"],
                                   capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.TimeoutExpired) as e:
             return f"{compiler} failed ({type(e).__name__})"
@@ -201,7 +206,9 @@ def _rounded(value: float, dtype: torch.dtype) -> float:
     return torch.tensor(value, dtype=dtype).item()
 
 
-def _ptr(a) -> int:
+def _ptr(a) -> int | None:
+    if a is None:  # NULL: a kernel's optional array
+        return None
     return a.data_ptr() if isinstance(a, torch.Tensor) else a.ctypes.data
 
 
@@ -296,6 +303,12 @@ class _CausalDropStream:
         _on_all_cores(kernel, probs.size(0), self.T * self.T, (probs, bits, out), self.T, self.threshold)
         return out
 
+    def softmax(self, scores: torch.Tensor, lanes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """scores (rows * nh, T, T) bf16, contiguous, the causal part read (no mask added): their
+        causal softmax P and P times the next rows' mask, in one C pass (_causal_softmax)."""
+        rows = scores.size(0) // self.nh
+        return _causal_softmax(scores, lanes, np.ascontiguousarray(self.bits(rows)), self.threshold)
+
     def drop(self, rows: int) -> np.ndarray:
         """A numpy bool (rows, nh, T, T), True where a probability is dropped: the next rows."""
         nh, T = self.nh, self.T
@@ -309,6 +322,39 @@ class _CausalDropStream:
         np.less(bits[:, :, :T], self.threshold, out=out[:, :half])  # row i, columns 0..i used
         np.less(bits[:, ::-1, :0:-1], self.threshold, out=out[:, half:])  # row T-1-i: draws T..i+1
         return drop
+
+
+def _causal_softmax(scores: torch.Tensor, lanes: int, bits: np.ndarray | None = None, threshold: int = 0):
+    """torch.softmax(scores + causal, -1) of bf16 scores (n, T, T), contiguous, by the C kernel
+    (only the causal part computed, the rest 0), and with bits (causal_mask's layout) also the
+    softmax times its dropout mask: (P, Pm), Pm None without bits. lanes: _softmax_lanes()."""
+    p = torch.empty_like(scores)
+    pm = torch.empty_like(scores) if bits is not None else None
+    T = scores.size(-1)
+    _on_all_cores(_c().causal_softmax_bf16, scores.size(0), T * T, (scores, bits, p, pm), T, threshold, lanes)
+    return p, pm
+
+
+def _softmax_lanes() -> int:
+    """The float vector width (16 or 8) with which cpu_kernels.c's causal_softmax_bf16 gives
+    torch.softmax's values of causally masked bf16 scores bit for bit on this machine (checked
+    once, on matrices of several sizes from a private generator), or 0: torch then computes the
+    softmax (and the dropout mask in a pass of its own)."""
+    if _c() is None:  # no compiler, or inside without_c()
+        return 0
+    if "softmax_lanes" not in _c_state:
+        lanes, lib, gen = 0, _c(), torch.Generator().manual_seed(0)
+        for candidate in (16, 8) if lib is not None else ():
+            same = True
+            for T in (5, 48, 100, 256):
+                scores = (torch.randn(2, T, T, generator=gen) * torch.rand(2, T, 1, generator=gen) * 30).bfloat16()
+                causal = torch.full((T, T), float("-inf"), dtype=torch.bfloat16).triu_(1)
+                same = same and torch.equal(_causal_softmax(scores, candidate)[0], torch.softmax(scores + causal, -1))
+            if same:
+                lanes = candidate
+                break
+        _c_state["softmax_lanes"] = lanes
+    return _c_state["softmax_lanes"]
 
 
 def _dropped_causal(B: int, nh: int, T: int, p: float) -> tuple[torch.Tensor, float]:
@@ -742,18 +788,26 @@ class _CPUAttention(torch.autograd.Function):
         v = _contiguous_times(v, keep_scale).flatten(0, 1)
         y = torch.empty_like(q)
         probs, kept = [], []  # per chunk: P, Pm, each (rows * nh, T, T)
+        # bf16 and causal: the softmax and the mask in one C pass over the causal half
+        lanes = _softmax_lanes() if mask is None and q.dtype == torch.bfloat16 else 0
         with torch.autocast("cpu", enabled=False):  # softmax stays in q's dtype
             for rows in _row_chunks(B, nh * T * T):
                 heads = slice(rows.start * nh, rows.stop * nh)
-                if mask is None:
-                    att = torch.baddbmm(causal, q[heads], k[heads].transpose(1, 2))
+                if lanes:  # no mask added: the kernel reads only keys <= query
+                    att = torch.bmm(q[heads], k[heads].transpose(1, 2))
+                    P, Pm = stream.softmax(att, lanes) if p > 0 else _causal_softmax(att, lanes)
+                    probs.append(P)
+                    kept.append(P if Pm is None else Pm)
                 else:
-                    att = torch.bmm(q[heads], k[heads].transpose(1, 2)).view(-1, nh, T, T).add_(causal[rows])
-                probs.append(torch.softmax(att.view(-1, T, T), dim=-1))
-                if p > 0:  # this chunk's mask, drawn per chunk: no full-size mask in memory
-                    kept.append(stream.apply(probs[-1]))
-                else:
-                    kept.append(probs[-1])
+                    if mask is None:
+                        att = torch.baddbmm(causal, q[heads], k[heads].transpose(1, 2))
+                    else:
+                        att = torch.bmm(q[heads], k[heads].transpose(1, 2)).view(-1, nh, T, T).add_(causal[rows])
+                    probs.append(torch.softmax(att.view(-1, T, T), dim=-1))
+                    if p > 0:  # this chunk's mask, drawn per chunk: no full-size mask in memory
+                        kept.append(stream.apply(probs[-1]))
+                    else:
+                        kept.append(probs[-1])
                 torch.bmm(kept[-1], v[heads], out=y[heads])
         ctx.save_for_backward(q, k, v, y, *probs, *kept)
         ctx.keep_scale, ctx.nh = keep_scale, nh

@@ -651,6 +651,83 @@ def test_a_bf16_gelu_model_step_is_the_same_with_and_without_the_c_kernels(activ
         assert type(model.transformer.h[0].mlp.act(h).grad_fn).__name__ == "_CPUGELUBackward"
 
 
+def test_the_c_reductions_find_torchs_order_on_x86():
+    """On x86 (torch's vector code AVX512 or AVX2) the row sums and the softmax must find
+    torch's order: a change that loses it would otherwise only turn the kernels off."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if cpu_kernels._c() is None or capability not in ("AVX512", "AVX2"):
+        pytest.skip(f"{cpu_kernels.kernels_used()}; torch's CPU code: {capability}")
+    assert cpu_kernels._sum_lanes(192) in (16, 8)  # the sum's accumulators need not be one vector
+    assert cpu_kernels._softmax_lanes() == (16 if capability == "AVX512" else 8)
+
+
+def _causal_scores(n, T, scale, generator):
+    """bf16 attention scores as q k^T makes them: the causal part is what counts."""
+    q = torch.randn(n, T, 16, generator=generator) * scale
+    return torch.bmm(q.bfloat16(), torch.randn(n, T, 16, generator=generator).bfloat16().transpose(1, 2))
+
+
+@pytest.mark.parametrize("T", [1, 7, 16, 33, 100, 256])  # odd, whole vectors, a scalar tail
+def test_the_causal_softmax_kernel_gives_torchs_softmax_and_mask_bit_for_bit(T):
+    """cpu_kernels.c's causal softmax (only keys <= query computed) against torch.softmax of the
+    masked scores and the dropout mask's pass after it: the same bits, at scales from flat
+    rows to rows where one key takes everything."""
+    if cpu_kernels._c() is None or not (lanes := cpu_kernels._softmax_lanes()):
+        pytest.skip("no C kernels, or none with torch's softmax order here")
+    gen = torch.Generator().manual_seed(T)
+    causal = torch.full((T, T), float("-inf"), dtype=torch.bfloat16).triu_(1)
+    for scale in (0.01, 1.0, 30.0, 3000.0):
+        scores = _causal_scores(6, T, scale, gen)
+        torch.manual_seed(7)
+        stream = cpu_kernels._CausalDropStream(3, T, 0.25)
+        probs, kept = stream.softmax(scores, lanes)
+        theirs = torch.softmax(scores + causal, -1)
+        torch.manual_seed(7)
+        assert torch.equal(probs.view(torch.int16), theirs.view(torch.int16))
+        assert torch.equal(kept.view(torch.int16), cpu_kernels._CausalDropStream(3, T, 0.25).apply(theirs).view(torch.int16))
+        alone, none = cpu_kernels._causal_softmax(scores, lanes)  # no dropout: no mask pass
+        assert none is None and torch.equal(alone.view(torch.int16), theirs.view(torch.int16))
+
+
+def test_the_causal_softmax_kernel_keeps_torchs_exp_and_nan():
+    """Its exp (Sleef's, as torch's vector code calls it) on every bf16 value <= 0, rounded,
+    is torch's bf16 exp; a NaN score makes its whole row NaN and leaves the others alone."""
+    if cpu_kernels._c() is None or not (lanes := cpu_kernels._softmax_lanes()):
+        pytest.skip("no C kernels, or none with torch's softmax order here")
+    values = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    values = values[values <= 0]
+    x, out = values.float(), torch.empty(values.numel())
+    cpu_kernels._c().exp_f32(x.data_ptr(), out.data_ptr(), 0, x.numel())
+    assert torch.equal(out.bfloat16().view(torch.int16), torch.exp(values).view(torch.int16))
+    scores = _causal_scores(2, 40, 1.0, torch.Generator().manual_seed(0))
+    scores[1, 20, 3] = float("nan")
+    probs, _ = cpu_kernels._causal_softmax(scores, lanes)
+    assert probs[1, 20, :21].isnan().all() and not probs[1, 20, 21:].isnan().any()
+    probs[1, 20] = 0
+    assert not probs.isnan().any()
+
+
+def test_bf16_attention_is_the_same_with_the_softmax_kernel_and_with_torchs():
+    """At a shape with whole vectors and chunks of several batch rows: the C softmax against
+    torch's softmax and the mask pass, forward and backward, bit for bit."""
+    if cpu_kernels._c() is None or not (lanes := cpu_kernels._softmax_lanes()):
+        pytest.skip("no C kernels, or none with torch's softmax order here")
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, 3, 64, 32, generator=gen).bfloat16().requires_grad_() for _ in range(3))
+    g = torch.randn(4, 3, 64, 32, generator=gen).bfloat16()
+    results = []
+    for use in (lanes, 0):
+        cpu_kernels._c_state["softmax_lanes"] = use
+        try:
+            torch.manual_seed(3)
+            y = causal_attention(q, k, v, 0.2)
+            results.append([y, *torch.autograd.grad(y, (q, k, v), g)])
+        finally:
+            cpu_kernels._c_state["softmax_lanes"] = lanes
+    for ours, theirs in zip(*results):
+        assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
+
+
 def test_kept_memory_spares_the_page_faults_of_large_tensors():
     """hardware.keep_freed_memory: on Linux with glibc a freed 64 MB tensor's memory serves the
     next one (no fresh pages to fault in); off, each one is mapped anew. Elsewhere it says no."""
