@@ -823,12 +823,20 @@ class _CPUAttention(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         lib = _c()
         ds_kernel = lib.attention_ds_bf16 if lib is not None and q.dtype == torch.bfloat16 else None
+        # D's row sums by the C kernels in torch's order where they have it (the products
+        # g * y in float32, as torch's widened multiply makes them, summed in one pass)
+        sums = getattr(lib, f"rms_sums_{_C_TYPES.get(q.dtype)}", None) if lib is not None and _sum_lanes(hs) else None
         for rows, p_chunk, pm_chunk in zip(_row_chunks(B, nh * T * T), probs, kept):
             heads = slice(rows.start * nh, rows.stop * nh)
             g = grad[heads]
             # -D, (rows * nh, T, 1): summed in float32, then in q's dtype, so that addcmul_ below
             # runs in one dtype (a float32 operand made it copy the (T, T) tensors three times)
-            minus_d = (g.to(acc) * y[heads].to(acc)).sum(-1, keepdim=True).neg_().to(q.dtype)
+            if sums is None:
+                minus_d = (g.to(acc) * y[heads].to(acc)).sum(-1, keepdim=True).neg_().to(q.dtype)
+            else:
+                d = torch.empty(g.shape[:-1] + (1,))
+                _on_all_cores(sums, g.numel() // hs, hs, (y[heads], g, d), hs, *_row_layout(y[heads]), _sum_lanes(hs), 1)
+                minus_d = d.neg_().to(q.dtype)
             # the constant factors of dv and dq are the products' alpha: no pass of their own
             torch.baddbmm(dv[heads], pm_chunk.transpose(1, 2), g, beta=0, alpha=ctx.keep_scale, out=dv[heads])
             ds = torch.bmm(g, v[heads].transpose(1, 2))

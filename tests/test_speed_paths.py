@@ -707,25 +707,26 @@ def test_the_causal_softmax_kernel_keeps_torchs_exp_and_nan():
     assert not probs.isnan().any()
 
 
-def test_bf16_attention_is_the_same_with_the_softmax_kernel_and_with_torchs():
-    """At a shape with whole vectors and chunks of several batch rows: the C softmax against
-    torch's softmax and the mask pass, forward and backward, bit for bit."""
-    if cpu_kernels._c() is None or not (lanes := cpu_kernels._softmax_lanes()):
-        pytest.skip("no C kernels, or none with torch's softmax order here")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cpu_attention_is_the_same_with_the_c_softmax_and_row_sums_and_with_torchs(dtype, monkeypatch):
+    """At a shape with whole vectors and chunks of several batch rows: the C softmax (bf16) and
+    the backward's row sums of g * y in C, against torch's softmax, mask pass and sum, forward
+    and backward, bit for bit."""
+    if cpu_kernels._c() is None or not cpu_kernels._sum_lanes(32):
+        pytest.skip("no C kernels, or none with torch's reduction order here")
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(4, 3, 64, 32, generator=gen).bfloat16().requires_grad_() for _ in range(3))
-    g = torch.randn(4, 3, 64, 32, generator=gen).bfloat16()
+    q, k, v = (torch.randn(4, 3, 64, 32, generator=gen).to(dtype).requires_grad_() for _ in range(3))
+    g = torch.randn(4, 3, 64, 32, generator=gen).to(dtype)
+    lanes, sum_lanes = cpu_kernels._softmax_lanes(), cpu_kernels._sum_lanes
     results = []
-    for use in (lanes, 0):
-        cpu_kernels._c_state["softmax_lanes"] = use
-        try:
-            torch.manual_seed(3)
-            y = causal_attention(q, k, v, 0.2)
-            results.append([y, *torch.autograd.grad(y, (q, k, v), g)])
-        finally:
-            cpu_kernels._c_state["softmax_lanes"] = lanes
+    for c_reductions in (True, False):
+        monkeypatch.setitem(cpu_kernels._c_state, "softmax_lanes", lanes if c_reductions else 0)
+        monkeypatch.setattr(cpu_kernels, "_sum_lanes", sum_lanes if c_reductions else lambda n: 0)
+        torch.manual_seed(3)
+        y = causal_attention(q, k, v, 0.2)
+        results.append([y, *torch.autograd.grad(y, (q, k, v), g)])
     for ours, theirs in zip(*results):
-        assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
+        assert torch.equal(ours, theirs)
 
 
 def test_kept_memory_spares_the_page_faults_of_large_tensors():
