@@ -34,10 +34,12 @@
 /* a short inner loop (a rotary half row: 24 values at head size 48) in vectors of 8 floats: the
  * AVX512 clone's 16 leave a third of such a row to scalar code, 3.5x slower in bf16 */
 #define SIMD8 PRAGMA(omp simd simdlen(8))
+#define SIMD_MAX(v) PRAGMA(omp simd reduction(max: v))
 int kernels_openmp(void) { return 1; }
 #else
 #define PARALLEL_FOR(enough)
 #define SIMD8
+#define SIMD_MAX(v)
 int kernels_openmp(void) { return 0; }
 #endif
 #define ELEMENTS (stop - start >= 65536)
@@ -218,27 +220,14 @@ VEC void exp_f32(const float *x, float *out, int64_t start, int64_t stop) {
         const int16_t *restrict b, int64_t step, int64_t i, int64_t T, int32_t threshold) {        \
         float buf[T + L];                                                                          \
         int64_t n = i + 1, vec_end = T - T % L;                                                    \
-        int64_t whole = n < vec_end ? n / L * L : vec_end;      /* whole vectors of keys <= i */  \
-        int64_t chunks_end = (n < vec_end ? n + L - 1 : vec_end) / L * L; /* and a part one */   \
-        float m[L], acc[L];                                                                        \
-        for (int l = 0; l < L; l++) m[l] = -INFINITY, acc[l] = 0.0f;                               \
-        for (int64_t c = 0; c < whole; c += L)                                                     \
-            for (int l = 0; l < L; l++) {                                                          \
-                float v = bf16_to_float(x[c + l]);                                                 \
-                buf[c + l] = v;                                                                    \
-                m[l] = v > m[l] ? v : m[l];                                                        \
-            }                                                                                      \
-        for (int64_t j = whole; j < chunks_end; j++) {                                             \
-            float v = j < n ? bf16_to_float(x[j]) : -INFINITY;                                     \
-            buf[j] = v;                                                                            \
-            m[j - whole] = v > m[j - whole] ? v : m[j - whole];                                    \
-        }                                                                                          \
-        float mx = -INFINITY;                                                                      \
-        for (int l = 0; l < L; l++) mx = m[l] > mx ? m[l] : mx;                                    \
-        for (int64_t j = vec_end; j < n; j++) {                                                    \
-            buf[j] = bf16_to_float(x[j]);                                                          \
-            mx = buf[j] > mx ? buf[j] : mx;                                                        \
-        }                                                                                          \
+        int64_t chunks_end = (n < vec_end ? n + L - 1 : vec_end) / L * L; /* the vectors with keys <= i */ \
+        float mx = -INFINITY, acc[L];                                                              \
+        for (int l = 0; l < L; l++) acc[l] = 0.0f;                                                 \
+        for (int64_t j = 0; j < n; j++) buf[j] = bf16_to_float(x[j]);                              \
+        for (int64_t j = n; j < chunks_end; j++) buf[j] = -INFINITY; /* exp gives 0 */             \
+        /* a NaN may be left out of the max: it makes the sum NaN, so its row comes out NaN */    \
+        SIMD_MAX(mx)                                                                               \
+        for (int64_t j = 0; j < n; j++) mx = buf[j] > mx ? buf[j] : mx;                            \
         for (int64_t c = 0; c < chunks_end; c += L)                                                \
             for (int l = 0; l < L; l++) {                                                          \
                 float e = torch_expf(buf[c + l] - mx);                                             \
@@ -253,16 +242,24 @@ VEC void exp_f32(const float *x, float *out, int64_t start, int64_t stop) {
             sum += buf[j];                                                                         \
         }                                                                                          \
         float inv = 1.0f / sum;                                                                    \
-        for (int64_t j = 0; j < n; j++) p[j] = float_to_bf16(buf[j] * inv);                       \
-        memset(p + n, 0, (T - n) * sizeof(uint16_t));                                              \
-        if (!pm) return;                                                                           \
-        if (step == 1)                                                                             \
-            for (int64_t j = 0; j < n; j++)                                                        \
-                pm[j] = float_to_bf16(bf16_to_float(p[j]) * (b[j] >= threshold ? 1.0f : 0.0f));   \
-        else                                                                                       \
-            for (int64_t j = 0; j < n; j++)                                                        \
-                pm[j] = float_to_bf16(bf16_to_float(p[j]) * (b[-j] >= threshold ? 1.0f : 0.0f));  \
-        memset(pm + n, 0, (T - n) * sizeof(uint16_t));                                             \
+        if (!pm) {                                                                                 \
+            for (int64_t j = 0; j < n; j++) p[j] = float_to_bf16(buf[j] * inv);                   \
+        } else if (step == 1) { /* pm: p where kept, else p * 0: 0, or p's NaN */                 \
+            for (int64_t j = 0; j < n; j++) {                                                      \
+                uint16_t v = float_to_bf16(buf[j] * inv);                                          \
+                p[j] = v;                                                                          \
+                pm[j] = b[j] >= threshold || v == 0x7FC0 ? v : 0;                                  \
+            }                                                                                      \
+        } else {                                                                                   \
+            for (int64_t j = 0; j < n; j++) {                                                      \
+                uint16_t v = float_to_bf16(buf[j] * inv);                                          \
+                p[j] = v;                                                                          \
+                pm[j] = b[-j] >= threshold || v == 0x7FC0 ? v : 0;                                 \
+            }                                                                                      \
+        }                                                                                          \
+        for (int64_t j = n; j < T; j++) p[j] = 0;                                                  \
+        if (pm)                                                                                    \
+            for (int64_t j = n; j < T; j++) pm[j] = 0;                                             \
     }
 
 CAUSAL_SOFTMAX_ROW(causal_softmax_row16, 16)
