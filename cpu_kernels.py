@@ -771,8 +771,9 @@ class _CPUAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, p, mask=None):
+    def forward(ctx, q, k, v, p, mask=None, qkv=None):
         B, nh, T, hs = q.shape
+        ctx.whole = qkv.shape if qkv is not None else None  # the backward hands qkv its gradient whole (_split_from)
         stream = _CausalDropStream(nh, T, p) if p > 0 else None
         keep_scale = stream.scale if p > 0 else 1.0
         # -inf on keys after the query; added to the scores inside the batched matmul
@@ -820,7 +821,7 @@ class _CPUAttention(torch.autograd.Function):
         B, nh, T, hs = grad.size(0), ctx.nh, q.size(1), q.size(2)
         grad = grad.contiguous().flatten(0, 1)
         acc = torch.promote_types(q.dtype, torch.float32)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dq, dk, dv = torch.empty((3, *q.shape), dtype=q.dtype).unbind(0)  # one tensor: one copy into qkv's
         lib = _c()
         ds_kernel = lib.attention_ds_bf16 if lib is not None and q.dtype == torch.bfloat16 else None
         # D's row sums by the C kernels in torch's order where they have it (the products
@@ -846,8 +847,30 @@ class _CPUAttention(torch.autograd.Function):
                 _on_all_cores(ds_kernel, ds.size(0), T * T, (ds, pm_chunk, p_chunk, minus_d.contiguous()), T)
             torch.baddbmm(dq[heads], ds, k[heads], beta=0, alpha=1.0 / math.sqrt(hs), out=dq[heads])
             torch.bmm(ds.transpose(1, 2), q[heads], out=dk[heads])
+        if ctx.whole is not None:  # qkv's gradient in one copy: q, k and v get none of their own
+            dqkv = torch.empty(B, T, 3, nh, hs, dtype=q.dtype)
+            dqkv.copy_(dq._base.view(3, B, nh, T, hs).permute(1, 3, 0, 2, 4))
+            return None, None, None, None, None, dqkv.view(ctx.whole)
         shape = (B, nh, T, hs)
-        return dq.view(shape), dk.view(shape), dv.view(shape), None, None
+        return dq.view(shape), dk.view(shape), dv.view(shape), None, None, None
+
+
+def _split_from(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """The (B, T, 3C) values that q, k, v (B, nh, T, hs) are views of, as model.py makes them
+    (c_attn(x).split(C, 2), each viewed as heads and transposed), or None. _CPUAttention then
+    hands its gradient to that tensor in one piece, so autograd skips the views' backward
+    (a copy of each) and the split's (a cat of all three)."""
+    base = q._base
+    if base is None or k._base is not base or v._base is not base or not base.requires_grad:
+        return None
+    B, nh, T, hs = q.shape
+    C = nh * hs
+    if base.numel() != B * T * 3 * C or base.shape[-1] != 3 * C or not base.is_contiguous() or base.dtype != q.dtype:
+        return None  # (B, T, 3C), or (B * T, 3C) where nn.Linear made it as one matrix product
+    strides, start = (T * 3 * C, hs, 3 * C, 1), base.storage_offset()
+    if any(t.stride() != strides or t.shape != q.shape for t in (k, v)) or q.stride() != strides:
+        return None
+    return base if [t.storage_offset() - start for t in (q, k, v)] == [0, C, 2 * C] else None
 
 
 def causal_attention(q, k, v, dropout_p: float, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -856,7 +879,7 @@ def causal_attention(q, k, v, dropout_p: float, mask: torch.Tensor | None = None
     mask: None, or a bool (B, 1, T, T) that replaces the causal mask (documents mode)."""
     training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if training and use_cpu_dropout(q) and (dropout_p > 0 or q.dtype == torch.bfloat16):
-        return _CPUAttention.apply(q, k, v, dropout_p, mask)
+        return _CPUAttention.apply(q, k, v, dropout_p, mask, _split_from(q, k, v))
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)

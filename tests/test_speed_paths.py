@@ -729,6 +729,32 @@ def test_cpu_attention_is_the_same_with_the_c_softmax_and_row_sums_and_with_torc
         assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cpu_attention_hands_c_attns_output_its_gradient_whole(dtype, monkeypatch):
+    """q, k, v split from c_attn's output: _CPUAttention's backward gives that output its gradient
+    in one piece (no views' copies, no cat of three), the same values as through the views."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=40, dropout=0.1))
+    x, y = torch.randint(0, 40, (8, 32)), torch.randint(0, 40, (8, 32))
+    split_from, results = cpu_kernels._split_from, []
+    for whole in (True, False):
+        monkeypatch.setattr(cpu_kernels, "_split_from", split_from if whole else lambda q, k, v: None)
+        model.zero_grad()
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            _, loss = model(x, y)
+        with torch.profiler.profile() as prof:
+            loss.backward()
+        ops = {e.key for e in prof.key_averages()}
+        assert ("aten::cat" in ops) != whole
+        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    for ours, theirs in zip(*results):
+        assert torch.equal(ours, theirs)
+    q, k, v = torch.randn(2, 5, 36, requires_grad=True).split(12, dim=2)
+    assert split_from(*(t.view(2, 5, 3, 4).transpose(1, 2) for t in (q, k, v))) is not None
+    assert split_from(*(t.view(2, 5, 3, 4).transpose(1, 2) for t in (q, v, k))) is None  # not in order
+
+
 def test_kept_memory_spares_the_page_faults_of_large_tensors():
     """hardware.keep_freed_memory: on Linux with glibc a freed 64 MB tensor's memory serves the
     next one (no fresh pages to fault in); off, each one is mapped anew. Elsewhere it says no."""
