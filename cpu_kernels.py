@@ -790,7 +790,7 @@ class _CPUAttention(torch.autograd.Function):
         y = torch.empty_like(q)
         probs, kept = [], []  # per chunk: P, Pm, each (rows * nh, T, T)
         # bf16 and causal: the softmax and the mask in one C pass over the causal half
-        lanes = _softmax_lanes() if mask is None and q.dtype == torch.bfloat16 else 0
+        lanes = _softmax_lanes() if mask is None and q.dtype == torch.bfloat16 and T <= 8192 else 0  # a row on the stack
         with torch.autocast("cpu", enabled=False):  # softmax stays in q's dtype
             for rows in _row_chunks(B, nh * T * T):
                 heads = slice(rows.start * nh, rows.stop * nh)
