@@ -294,6 +294,37 @@ VEC void causal_softmax_bf16(const uint16_t *s, const int16_t *bits, uint16_t *p
     }
 }
 
+/* The attention's q, k and v out of c_attn's output x, rows (b, t) of [q | k | v], each C = nh * hs
+ * values, row_stride apart: each into its own contiguous (B, nh, T, hs) tensor, q times q_scale
+ * and v times v_scale (k as it is), rounded to the dtype as torch's copy and in-place multiply
+ * round: one pass instead of three copies and two multiplies. Output rows [start, stop) of
+ * B * nh * T, written in order. */
+#define SPLIT_HEADS(SUFFIX, TYPE, LOAD, STORE)                                                     \
+    VEC void split_heads_##SUFFIX(const TYPE *x, TYPE *q, TYPE *k, TYPE *v, int64_t start, int64_t stop, \
+                                  int64_t nh, int64_t T, int64_t hs, int64_t row_stride, float q_scale, \
+                                  float v_scale) {                                                \
+        int64_t C = nh * hs;                                                                       \
+        PARALLEL_FOR((stop - start) * 3 * hs >= 65536)                                             \
+        for (int64_t r = start; r < stop; r++) { /* output row r = (b * nh + h) * T + t */       \
+            int64_t t = r % T, h = (r / T) % nh, b = r / (T * nh);                                 \
+            const TYPE *restrict xq = x + (b * T + t) * row_stride + h * hs;                       \
+            const TYPE *restrict xk = xq + C, *restrict xv = xq + 2 * C;                           \
+            TYPE *restrict oq = q + r * hs, *restrict ok = k + r * hs, *restrict ov = v + r * hs;  \
+            if (q_scale == 1.0f)                                                                   \
+                memcpy(oq, xq, hs * sizeof(TYPE));                                                 \
+            else                                                                                   \
+                for (int64_t j = 0; j < hs; j++) oq[j] = STORE(LOAD(xq[j]) * q_scale);             \
+            memcpy(ok, xk, hs * sizeof(TYPE));                                                     \
+            if (v_scale == 1.0f)                                                                   \
+                memcpy(ov, xv, hs * sizeof(TYPE));                                                 \
+            else                                                                                   \
+                for (int64_t j = 0; j < hs; j++) ov[j] = STORE(LOAD(xv[j]) * v_scale);             \
+        }                                                                                          \
+    }
+
+SPLIT_HEADS(bf16, uint16_t, bf16_to_float, float_to_bf16)
+SPLIT_HEADS(f32, float, IDENTITY, IDENTITY)
+
 /* relu(x)^2, the relu2 MLP activation (model.ReLUSquared), forward and backward, each one pass
  * over elements [start, stop). Rounded as torch's relu, square (pow 2) and their backward
  * (grad * (2 * r), zero where r <= 0) round: 2 * r is exact, so each result is one rounding of

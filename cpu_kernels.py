@@ -71,6 +71,7 @@ _SIGNATURES = {  # cpu_kernels.c's functions and their arguments
     "attention_ds_bf16": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64),
     "causal_softmax_bf16": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I32, _I64),
     "exp_f32": (_PTR, _PTR, _I64, _I64),
+    **{f"split_heads_{t}": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _F32) for t in ("bf16", "f32")},
     **{f"relu_squared_forward_{t}": (_PTR, _PTR, _I64, _I64) for t in ("bf16", "f32")},
     **{f"relu_squared_backward_{t}": (_PTR, _PTR, _PTR, _I64, _I64) for t in ("bf16", "f32")},
     "lookup_grad_bf16": (_PTR, _PTR, _PTR, _PTR, _I64, _I64),
@@ -784,9 +785,15 @@ class _CPUAttention(torch.autograd.Function):
         # q, k, v arrive as strided views of c_attn's output: made contiguous (with q's
         # 1/sqrt(hs) and v's keep_scale folded in), and from here on every tensor is
         # (B * nh, T, .): each chunk of rows is a contiguous slice for bmm, with no copies
-        q = _contiguous_times(q, 1.0 / math.sqrt(hs)).flatten(0, 1)
-        k = k.contiguous().flatten(0, 1)
-        v = _contiguous_times(v, keep_scale).flatten(0, 1)
+        split = getattr(_c(), f"split_heads_{_C_TYPES.get(q.dtype)}", None) if qkv is not None else None
+        if split is None:
+            q = _contiguous_times(q, 1.0 / math.sqrt(hs)).flatten(0, 1)
+            k = k.contiguous().flatten(0, 1)
+            v = _contiguous_times(v, keep_scale).flatten(0, 1)
+        else:  # the same three tensors from c_attn's output in one C pass
+            q, k, v = torch.empty((3, B * nh, T, hs), dtype=q.dtype).unbind(0)
+            _on_all_cores(split, B * nh * T, 3 * hs, (qkv, q, k, v), nh, T, hs, 3 * nh * hs,
+                          1.0 / math.sqrt(hs), keep_scale)
         y = torch.empty_like(q)
         probs, kept = [], []  # per chunk: P, Pm, each (rows * nh, T, T)
         # bf16 and causal: the softmax and the mask in one C pass over the causal half
