@@ -344,8 +344,8 @@ def _softmax_lanes() -> int:
     if _c() is None:  # no compiler, or inside without_c()
         return 0
     if "softmax_lanes" not in _c_state:
-        lanes, lib, gen = 0, _c(), torch.Generator().manual_seed(0)
-        for candidate in (16, 8) if lib is not None else ():
+        lanes, gen = 0, torch.Generator().manual_seed(0)
+        for candidate in (16, 8):
             same = True
             for T in (5, 48, 100, 256):
                 scores = (torch.randn(2, T, T, generator=gen) * torch.rand(2, T, 1, generator=gen) * 30).bfloat16()
@@ -777,8 +777,12 @@ class _CPUAttention(torch.autograd.Function):
         ctx.whole = qkv.shape if qkv is not None else None  # the backward hands qkv its gradient whole (_split_from)
         stream = _CausalDropStream(nh, T, p) if p > 0 else None
         keep_scale = stream.scale if p > 0 else 1.0
-        # -inf on keys after the query; added to the scores inside the batched matmul
-        if mask is None:
+        # bf16 and causal: the softmax and the mask in one C pass over the causal half (no mask
+        # added to the scores); else -inf on keys after the query, added inside the batched matmul
+        lanes = _softmax_lanes() if mask is None and q.dtype == torch.bfloat16 and T <= 8192 else 0  # a row on the stack
+        if lanes:
+            causal = None
+        elif mask is None:
             causal = torch.full((T, T), float("-inf"), dtype=q.dtype).triu_(1)
         else:  # (B, 1, T, T): -inf on keys outside the query's document too
             causal = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
@@ -796,8 +800,6 @@ class _CPUAttention(torch.autograd.Function):
                           1.0 / math.sqrt(hs), keep_scale)
         y = torch.empty_like(q)
         probs, kept = [], []  # per chunk: P, Pm, each (rows * nh, T, T)
-        # bf16 and causal: the softmax and the mask in one C pass over the causal half
-        lanes = _softmax_lanes() if mask is None and q.dtype == torch.bfloat16 and T <= 8192 else 0  # a row on the stack
         with torch.autocast("cpu", enabled=False):  # softmax stays in q's dtype
             for rows in _row_chunks(B, nh * T * T):
                 heads = slice(rows.start * nh, rows.stop * nh)
@@ -828,12 +830,14 @@ class _CPUAttention(torch.autograd.Function):
         B, nh, T, hs = grad.size(0), ctx.nh, q.size(1), q.size(2)
         grad = grad.contiguous().flatten(0, 1)
         acc = torch.promote_types(q.dtype, torch.float32)
-        dq, dk, dv = torch.empty((3, *q.shape), dtype=q.dtype).unbind(0)  # one tensor: one copy into qkv's
+        grads = torch.empty((3, *q.shape), dtype=q.dtype)  # dq, dk, dv in one tensor: one copy into qkv's
+        dq, dk, dv = grads.unbind(0)
         lib = _c()
         ds_kernel = lib.attention_ds_bf16 if lib is not None and q.dtype == torch.bfloat16 else None
         # D's row sums by the C kernels in torch's order where they have it (the products
         # g * y in float32, as torch's widened multiply makes them, summed in one pass)
-        sums = getattr(lib, f"rms_sums_{_C_TYPES.get(q.dtype)}", None) if lib is not None and _sum_lanes(hs) else None
+        sum_lanes = _sum_lanes(hs) if lib is not None else 0
+        sums = getattr(lib, f"rms_sums_{_C_TYPES.get(q.dtype)}", None) if sum_lanes else None
         for rows, p_chunk, pm_chunk in zip(_row_chunks(B, nh * T * T), probs, kept):
             heads = slice(rows.start * nh, rows.stop * nh)
             g = grad[heads]
@@ -843,7 +847,7 @@ class _CPUAttention(torch.autograd.Function):
                 minus_d = (g.to(acc) * y[heads].to(acc)).sum(-1, keepdim=True).neg_().to(q.dtype)
             else:
                 d = torch.empty(g.shape[:-1] + (1,))
-                _on_all_cores(sums, g.numel() // hs, hs, (y[heads], g, d), hs, *_row_layout(y[heads]), _sum_lanes(hs), 1)
+                _on_all_cores(sums, g.numel() // hs, hs, (y[heads], g, d), hs, *_row_layout(y[heads]), sum_lanes, 1)
                 minus_d = d.neg_().to(q.dtype)
             # the constant factors of dv and dq are the products' alpha: no pass of their own
             torch.baddbmm(dv[heads], pm_chunk.transpose(1, 2), g, beta=0, alpha=ctx.keep_scale, out=dv[heads])
@@ -856,7 +860,7 @@ class _CPUAttention(torch.autograd.Function):
             torch.bmm(ds.transpose(1, 2), q[heads], out=dk[heads])
         if ctx.whole is not None:  # qkv's gradient in one copy: q, k and v get none of their own
             dqkv = torch.empty(B, T, 3, nh, hs, dtype=q.dtype)
-            dqkv.copy_(dq._base.view(3, B, nh, T, hs).permute(1, 3, 0, 2, 4))
+            dqkv.copy_(grads.view(3, B, nh, T, hs).permute(1, 3, 0, 2, 4))
             return None, None, None, None, None, dqkv.view(ctx.whole)
         shape = (B, nh, T, hs)
         return dq.view(shape), dk.view(shape), dv.view(shape), None, None, None
