@@ -58,6 +58,47 @@ static inline uint16_t float_to_bf16(float f) {
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
+/* Vectors of 16 or 8 floats (GCC and clang's vector extensions: AVX512 or AVX2 registers on
+ * x86, NEON on arm), for rows too short for the compiler's own loops to fill its vectors (a
+ * rotary half row: 24 values at head size 48), loaded from and stored to float32 or bf16: the
+ * bf16 load widens as bf16_to_float, round and store round as float_to_bf16 (NaN to 0x7FC0). */
+#define BF16_VECTORS(N)                                                                            \
+    typedef float f32x##N __attribute__((vector_size(4 * N)));                                     \
+    typedef uint32_t u32x##N __attribute__((vector_size(4 * N)));                                  \
+    typedef int32_t i32x##N __attribute__((vector_size(4 * N)));                                   \
+    typedef uint16_t u16x##N __attribute__((vector_size(2 * N)));                                  \
+    static inline f32x##N load_bf16x##N(const uint16_t *p) {                                      \
+        u16x##N h;                                                                                 \
+        memcpy(&h, p, sizeof h);                                                                   \
+        u32x##N u = __builtin_convertvector(h, u32x##N) << 16;                                     \
+        f32x##N f;                                                                                 \
+        memcpy(&f, &u, sizeof f);                                                                  \
+        return f;                                                                                  \
+    }                                                                                              \
+    static inline u32x##N bf16_bits_x##N(f32x##N f) { /* the bf16 bits in the low half */        \
+        u32x##N u, nan = (u32x##N)(f != f);                                                        \
+        memcpy(&u, &f, sizeof u);                                                                  \
+        u32x##N r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;                                        \
+        return (r & ~nan) | (0x7FC0u & nan);                                                       \
+    }                                                                                              \
+    static inline f32x##N round_bf16x##N(f32x##N f) {                                             \
+        u32x##N u = bf16_bits_x##N(f) << 16;                                                       \
+        memcpy(&f, &u, sizeof f);                                                                  \
+        return f;                                                                                  \
+    }                                                                                              \
+    static inline void store_bf16x##N(uint16_t *p, f32x##N f) {                                   \
+        u16x##N h = __builtin_convertvector(bf16_bits_x##N(f), u16x##N);                           \
+        memcpy(p, &h, sizeof h);                                                                   \
+    }                                                                                              \
+    static inline f32x##N load_f32x##N(const float *p) {                                          \
+        f32x##N f;                                                                                 \
+        memcpy(&f, p, sizeof f);                                                                   \
+        return f;                                                                                  \
+    }                                                                                              \
+    static inline void store_f32x##N(float *p, f32x##N f) { memcpy(p, &f, sizeof f); }
+BF16_VECTORS(16)
+BF16_VECTORS(8)
+
 /* numpy's SFC64 generator (numpy/random/src/sfc64/sfc64.h): n outputs from the state s (a, b,
  * c, counter), which is advanced in place, so this gives the words numpy's random_raw(n) gives
  * from the same state, several times faster (numpy calls its generator once per word). */
@@ -371,29 +412,48 @@ VEC void lookup_grad_bf16(const uint16_t *x, const uint16_t *g, const float *tab
  * (in bf16 each op widens its operands to float32 and rounds its result back). */
 #define ROUND_F32(v) (v)
 #define ROUND_BF16(v) bf16_to_float(float_to_bf16(v))
-#define ROTARY(SUFFIX, TYPE, LOAD, STORE, ROUND)                                                   \
+/* a row's first values in vectors of N floats, as many as fit (the loop of one does the rest) */
+#define ROTATE_VECTORS(N, LOADV, ROUNDV, STOREV)                                                   \
+    for (; j + N <= h; j += N) {                                                                   \
+        f32x##N a = LOADV(x1 + j), z = LOADV(x2 + j), cj = LOADV(c + j), sj = LOADV(s + j);       \
+        f32x##N ac = ROUNDV(a * cj), as = ROUNDV(a * sj), zc = ROUNDV(z * cj), zs = ROUNDV(z * sj); \
+        STOREV(o + j, ac + sign * zs);                                                             \
+        STOREV(o + h + j, zc - sign * as);                                                         \
+    }
+#define VECTORS_F32 ROTATE_VECTORS(16, load_f32x16, IDENTITY, store_f32x16) ROTATE_VECTORS(8, load_f32x8, IDENTITY, store_f32x8)
+#define VECTORS_BF16 ROTATE_VECTORS(16, load_bf16x16, round_bf16x16, store_bf16x16) ROTATE_VECTORS(8, load_bf16x8, round_bf16x8, store_bf16x8)
+#define ROTARY(SUFFIX, TYPE, LOAD, STORE, ROUND, VECTORS)                                          \
     VEC void rotary_##SUFFIX(const TYPE *x, const TYPE *cos, const TYPE *sin, TYPE *out, int64_t start, \
                              int64_t stop, int64_t nh, int64_t T, int64_t h, int64_t sb, int64_t sh,   \
                              int64_t st, int64_t cb, int32_t backward) {                          \
         float sign = backward ? -1.0f : 1.0f; /* exact: it only flips signs */                   \
+        if (stop <= start) return;                                                                 \
+        /* row r = bh * T + t with bh = b * nh + head: each bh's rows in a loop over t, so that  \
+         * no row pays for divisions (three 64-bit ones weigh as much as a short row's work) */    \
+        int64_t first = start / T, last = (stop - 1) / T;                                         \
         PARALLEL_FOR((stop - start) * h >= 32768)                                                  \
-        for (int64_t r = start; r < stop; r++) { /* row r = (b * nh + head) * T + t */            \
-            int64_t t = r % T, head = (r / T) % nh, b = r / (T * nh);                              \
-            const TYPE *restrict x1 = x + b * sb + head * sh + t * st, *restrict x2 = x1 + h;     \
-            const TYPE *restrict c = cos + b * cb + t * h, *restrict s = sin + b * cb + t * h;    \
-            TYPE *restrict o = out + r * 2 * h;                                                    \
-            SIMD8                                                                                  \
-            for (int64_t j = 0; j < h; j++) {                                                      \
-                float a = LOAD(x1[j]), z = LOAD(x2[j]), cj = LOAD(c[j]), sj = LOAD(s[j]);          \
-                float ac = ROUND(a * cj), as = ROUND(a * sj), zc = ROUND(z * cj), zs = ROUND(z * sj); \
-                o[j] = STORE(ac + sign * zs);     /* forward: ac + zs; backward: ac - zs */       \
-                o[h + j] = STORE(zc - sign * as); /* forward: zc - as; backward: zc + as */       \
+        for (int64_t bh = first; bh <= last; bh++) {                                               \
+            int64_t b = bh / nh, head = bh % nh;                                                   \
+            int64_t t0 = start > bh * T ? start - bh * T : 0, t1 = stop < (bh + 1) * T ? stop - bh * T : T; \
+            for (int64_t t = t0; t < t1; t++) {                                                    \
+                const TYPE *restrict x1 = x + b * sb + head * sh + t * st, *restrict x2 = x1 + h; \
+                const TYPE *restrict c = cos + b * cb + t * h, *restrict s = sin + b * cb + t * h; \
+                TYPE *restrict o = out + (bh * T + t) * 2 * h;                                     \
+                int64_t j = 0;                                                                     \
+                VECTORS                                                                            \
+                SIMD8                                                                              \
+                for (int64_t k = j; k < h; k++) {                                                  \
+                    float a = LOAD(x1[k]), z = LOAD(x2[k]), ck = LOAD(c[k]), sk = LOAD(s[k]);      \
+                    float ac = ROUND(a * ck), as = ROUND(a * sk), zc = ROUND(z * ck), zs = ROUND(z * sk); \
+                    o[k] = STORE(ac + sign * zs);     /* forward: ac + zs; backward: ac - zs */   \
+                    o[h + k] = STORE(zc - sign * as); /* forward: zc - as; backward: zc + as */   \
+                }                                                                                  \
             }                                                                                      \
         }                                                                                          \
     }
 
-ROTARY(f32, float, IDENTITY, IDENTITY, ROUND_F32)
-ROTARY(bf16, uint16_t, bf16_to_float, float_to_bf16, ROUND_BF16)
+ROTARY(f32, float, IDENTITY, IDENTITY, ROUND_F32, VECTORS_F32)
+ROTARY(bf16, uint16_t, bf16_to_float, float_to_bf16, ROUND_BF16, VECTORS_BF16)
 
 /* The float32 sum of v[0..n) in the order of torch's own CPU sum over a contiguous last
  * dimension (ATen's vectorized_inner_sum, SumKernel.cpp) with vectors of `lanes` floats: lane-wise
@@ -412,7 +472,8 @@ ROTARY(bf16, uint16_t, bf16_to_float, float_to_bf16, ROUND_BF16)
         }                                                                                          \
         int64_t power = ceil_log2 / LEVELS > 4 ? ceil_log2 / LEVELS : 4;                           \
         int64_t step = (int64_t)1 << power, mask = step - 1;                                       \
-        float acc[LEVELS][ILP][L] = {{{0.0f}}};                                                    \
+        float acc[LEVELS][ILP][L]; /* the levels above 0 only serve rows of whole chunks */       \
+        memset(acc, 0, size >= step ? sizeof acc : sizeof acc[0]);                                 \
         int64_t i = 0;                                                                             \
         while (i + step <= size) { /* ATen's cascade: chunks of `step` groups, then up a level */ \
             for (int64_t j = 0; j < step; j++, i++)                                                \
@@ -430,7 +491,7 @@ ROTARY(bf16, uint16_t, bf16_to_float, float_to_bf16, ROUND_BF16)
         for (; i < size; i++)                                                                      \
             for (int k = 0; k < ILP; k++)                                                          \
                 for (int l = 0; l < L; l++) acc[0][k][l] += v[(i * ILP + k) * L + l];              \
-        if (vecs >= step * ILP) /* levels above 0 hold something only after a whole chunk */      \
+        if (size >= step) /* levels above 0 hold something only after a whole chunk */            \
             for (int j = 1; j < LEVELS; j++)                                                       \
                 for (int k = 0; k < ILP; k++)                                                      \
                     for (int l = 0; l < L; l++) acc[0][k][l] += acc[j][k][l];                      \

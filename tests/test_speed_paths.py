@@ -441,15 +441,18 @@ def test_relu_squared_in_one_pass_equals_torchs(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("per_sequence", [False, True])  # cos (T, h) or per-sequence (B, 1, T, h)
-def test_rotary_in_one_pass_equals_torchs(per_sequence, dtype):
+@pytest.mark.parametrize("hs", [16, 50])  # half rows of 8, and of 25: vectors of 16, of 8, one left
+def test_rotary_in_one_pass_equals_torchs(per_sequence, dtype, hs):
     """model.apply_rotary by the C kernel equals its torch ops, forward and backward, on q as
     the model has it (a strided view of c_attn's output), in float32 and in bf16 (where every
-    product and sum rounds to bf16), specials and values at bf16's largest included."""
+    product and sum rounds to bf16), specials and values at bf16's largest included; and the
+    kernel called on parts of the rows (as Python threads split it without OpenMP) gives the
+    same rows as one call."""
     import model
     if cpu_kernels._c() is None:
         pytest.skip(cpu_kernels.kernels_used())
     torch.manual_seed(0)
-    B, nh, T, hs = 4, 3, 40, 16
+    B, nh, T = 4, 3, 40
     x = torch.randn(B, T, nh, hs) * torch.rand(B, T, nh, 1) * 8
     x.view(-1)[:8] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 3.38e38, -3.39e38, 1e-40])
     x = x.to(dtype).transpose(1, 2)
@@ -466,6 +469,13 @@ def test_rotary_in_one_pass_equals_torchs(per_sequence, dtype):
     out.backward(g.to(dtype))
     expected.backward(g.to(dtype))
     assert _same(ours.grad, theirs.grad)
+    kernel = getattr(cpu_kernels._c(), f"rotary_{cpu_kernels._C_TYPES[dtype]}")
+    cos, sin = cos.to(dtype).contiguous(), sin.to(dtype).contiguous()
+    parts = torch.empty(x.shape, dtype=dtype)
+    for start, stop in ((0, 37), (37, 200), (200, 201), (201, B * nh * T)):  # rows, across heads' ends
+        kernel(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), parts.data_ptr(), start, stop, nh, T, hs // 2,
+               *x.stride()[:3], T * hs // 2 if per_sequence else 0, 0)
+    assert _same(parts, out)
 
 
 def test_the_c_row_sums_add_in_torchs_order():
