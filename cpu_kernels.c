@@ -61,43 +61,26 @@ static inline uint16_t float_to_bf16(float f) {
 /* Vectors of 16 or 8 floats (GCC and clang's vector extensions: AVX512 or AVX2 registers on
  * x86, NEON on arm), for rows too short for the compiler's own loops to fill its vectors (a
  * rotary half row: 24 values at head size 48), loaded from and stored to float32 or bf16: the
- * bf16 load widens as bf16_to_float, round and store round as float_to_bf16 (NaN to 0x7FC0). */
-#define BF16_VECTORS(N)                                                                            \
+ * bf16 load widens as bf16_to_float, its round and store round as float_to_bf16 (NaN to
+ * 0x7FC0). Macros with statement expressions, not functions: clang refuses to pass a vector
+ * between a function built for one target and one of target_clones' copies. */
+#define VECTOR_TYPES(N)                                                                            \
     typedef float f32x##N __attribute__((vector_size(4 * N)));                                     \
     typedef uint32_t u32x##N __attribute__((vector_size(4 * N)));                                  \
-    typedef int32_t i32x##N __attribute__((vector_size(4 * N)));                                   \
-    typedef uint16_t u16x##N __attribute__((vector_size(2 * N)));                                  \
-    static inline f32x##N load_bf16x##N(const uint16_t *p) {                                      \
-        u16x##N h;                                                                                 \
-        memcpy(&h, p, sizeof h);                                                                   \
-        u32x##N u = __builtin_convertvector(h, u32x##N) << 16;                                     \
-        f32x##N f;                                                                                 \
-        memcpy(&f, &u, sizeof f);                                                                  \
-        return f;                                                                                  \
-    }                                                                                              \
-    static inline u32x##N bf16_bits_x##N(f32x##N f) { /* the bf16 bits in the low half */        \
-        u32x##N u, nan = (u32x##N)(f != f);                                                        \
-        memcpy(&u, &f, sizeof u);                                                                  \
-        u32x##N r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;                                        \
-        return (r & ~nan) | (0x7FC0u & nan);                                                       \
-    }                                                                                              \
-    static inline f32x##N round_bf16x##N(f32x##N f) {                                             \
-        u32x##N u = bf16_bits_x##N(f) << 16;                                                       \
-        memcpy(&f, &u, sizeof f);                                                                  \
-        return f;                                                                                  \
-    }                                                                                              \
-    static inline void store_bf16x##N(uint16_t *p, f32x##N f) {                                   \
-        u16x##N h = __builtin_convertvector(bf16_bits_x##N(f), u16x##N);                           \
-        memcpy(p, &h, sizeof h);                                                                   \
-    }                                                                                              \
-    static inline f32x##N load_f32x##N(const float *p) {                                          \
-        f32x##N f;                                                                                 \
-        memcpy(&f, p, sizeof f);                                                                   \
-        return f;                                                                                  \
-    }                                                                                              \
-    static inline void store_f32x##N(float *p, f32x##N f) { memcpy(p, &f, sizeof f); }
-BF16_VECTORS(16)
-BF16_VECTORS(8)
+    typedef uint16_t u16x##N __attribute__((vector_size(2 * N)));
+VECTOR_TYPES(16)
+VECTOR_TYPES(8)
+#define LOAD_F32(N, p) ({ f32x##N v_; memcpy(&v_, (p), sizeof v_); v_; })
+#define KEEP_F32(N, v) (v)
+#define STORE_F32(N, p, v) do { f32x##N v_ = (v); memcpy((p), &v_, sizeof v_); } while (0)
+#define BF16_BITS(N, v) /* the bf16 bits of each float, in the low half of a u32 */              \
+    ({ f32x##N f_ = (v); u32x##N u_, nan_ = (u32x##N)(f_ != f_); memcpy(&u_, &f_, sizeof u_);    \
+       (((u_ + 0x7FFFu + ((u_ >> 16) & 1u)) >> 16) & ~nan_) | (0x7FC0u & nan_); })
+#define LOAD_BF16(N, p)                                                                            \
+    ({ u16x##N h_; memcpy(&h_, (p), sizeof h_); u32x##N w_ = __builtin_convertvector(h_, u32x##N) << 16; \
+       f32x##N g_; memcpy(&g_, &w_, sizeof g_); g_; })
+#define ROUND_BF16_V(N, v) ({ u32x##N w_ = BF16_BITS(N, v) << 16; f32x##N g_; memcpy(&g_, &w_, sizeof g_); g_; })
+#define STORE_BF16(N, p, v) do { u16x##N h_ = __builtin_convertvector(BF16_BITS(N, v), u16x##N); memcpy((p), &h_, sizeof h_); } while (0)
 
 /* numpy's SFC64 generator (numpy/random/src/sfc64/sfc64.h): n outputs from the state s (a, b,
  * c, counter), which is advanced in place, so this gives the words numpy's random_raw(n) gives
@@ -415,13 +398,14 @@ VEC void lookup_grad_bf16(const uint16_t *x, const uint16_t *g, const float *tab
 /* a row's first values in vectors of N floats, as many as fit (the loop of one does the rest) */
 #define ROTATE_VECTORS(N, LOADV, ROUNDV, STOREV)                                                   \
     for (; j + N <= h; j += N) {                                                                   \
-        f32x##N a = LOADV(x1 + j), z = LOADV(x2 + j), cj = LOADV(c + j), sj = LOADV(s + j);       \
-        f32x##N ac = ROUNDV(a * cj), as = ROUNDV(a * sj), zc = ROUNDV(z * cj), zs = ROUNDV(z * sj); \
-        STOREV(o + j, ac + sign * zs);                                                             \
-        STOREV(o + h + j, zc - sign * as);                                                         \
+        f32x##N a = LOADV(N, x1 + j), z = LOADV(N, x2 + j), cj = LOADV(N, c + j), sj = LOADV(N, s + j); \
+        f32x##N ac = ROUNDV(N, a * cj), as = ROUNDV(N, a * sj);                                   \
+        f32x##N zc = ROUNDV(N, z * cj), zs = ROUNDV(N, z * sj);                                   \
+        STOREV(N, o + j, ac + sign * zs);                                                          \
+        STOREV(N, o + h + j, zc - sign * as);                                                      \
     }
-#define VECTORS_F32 ROTATE_VECTORS(16, load_f32x16, IDENTITY, store_f32x16) ROTATE_VECTORS(8, load_f32x8, IDENTITY, store_f32x8)
-#define VECTORS_BF16 ROTATE_VECTORS(16, load_bf16x16, round_bf16x16, store_bf16x16) ROTATE_VECTORS(8, load_bf16x8, round_bf16x8, store_bf16x8)
+#define VECTORS_F32 ROTATE_VECTORS(16, LOAD_F32, KEEP_F32, STORE_F32) ROTATE_VECTORS(8, LOAD_F32, KEEP_F32, STORE_F32)
+#define VECTORS_BF16 ROTATE_VECTORS(16, LOAD_BF16, ROUND_BF16_V, STORE_BF16) ROTATE_VECTORS(8, LOAD_BF16, ROUND_BF16_V, STORE_BF16)
 #define ROTARY(SUFFIX, TYPE, LOAD, STORE, ROUND, VECTORS)                                          \
     VEC void rotary_##SUFFIX(const TYPE *x, const TYPE *cos, const TYPE *sin, TYPE *out, int64_t start, \
                              int64_t stop, int64_t nh, int64_t T, int64_t h, int64_t sb, int64_t sh,   \

@@ -105,22 +105,36 @@ def _build(compiler: str, path: Path) -> str | None:
     import subprocess  # here: a process that only samples never builds
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial{path.suffix}")
     why = ""
     # OpenMP where the compiler has it (gcc; not Apple's clang), target_clones where it has them
     attempts = [[*_FLAGS, "-fopenmp"], [*_FLAGS, "-fopenmp", "-DNO_CLONES"], _FLAGS, [*_FLAGS, "-DNO_CLONES"]]
-    for flags in attempts:
+    for i, flags in enumerate(attempts):
+        # a name of its own for each attempt: the check below loads it, and a process that has
+        # loaded a library by a name gets that one again for the same name
+        partial = path.with_name(f"{path.stem}.{os.getpid()}.{i}.partial{path.suffix}")
         try:
             done = subprocess.run([compiler, *flags, "-o", str(partial), str(_SOURCE), "-lm"],
                                   capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.TimeoutExpired) as e:
+            partial.unlink(missing_ok=True)
             return f"{compiler} failed ({type(e).__name__})"
-        if done.returncode == 0:
+        if done.returncode == 0 and not (missing := _missing_names(partial)):
             os.replace(partial, path)
             return None
-        why = (done.stderr.strip().splitlines() or ["no message"])[0][:200]
-    partial.unlink(missing_ok=True)
+        why = (f"its library lacks the name {missing[0]}" if done.returncode == 0  # clang 14's target_clones
+               else (done.stderr.strip().splitlines() or ["no message"])[0][:200])
+        partial.unlink(missing_ok=True)
     return f"{compiler} could not build {_SOURCE.name}: {why}"
+
+
+def _missing_names(path: Path) -> list[str]:
+    """The kernels that the library at path does not export by name (all, if it will not load):
+    clang 14 builds target_clones' functions under other names only."""
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:
+        return list(_SIGNATURES)
+    return [name for name in _SIGNATURES if not hasattr(lib, name)]
 
 
 def _load():
@@ -140,6 +154,8 @@ def _load():
         lib = ctypes.CDLL(str(path))
     except OSError as e:  # an unwritable cache, a library this system cannot load
         return None, f"numpy kernels ({type(e).__name__}: {e})"
+    if missing := [name for name in _SIGNATURES if not hasattr(lib, name)]:
+        return None, f"numpy kernels ({path} lacks {missing[0]}: delete it to build it again)"
     for name, args in _SIGNATURES.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
     lib.kernels_openmp.restype = ctypes.c_int

@@ -560,6 +560,49 @@ def test_python_threads_split_a_call_like_openmp(monkeypatch):
     assert torch.equal(whole, split) and (whole == 0).any()
 
 
+def test_the_kernels_build_with_clang_and_give_the_same_values(tmp_path):
+    """cpu_kernels.c builds with clang, macOS's compiler (and a Linux user's `CC=clang`): on x86
+    Linux with target_clones where clang exports them by name (clang 14 builds them under other
+    names only: _build then tries without), and the library has every kernel. Its rotary and
+    row-sum kernels give the values of the library in use."""
+    import ctypes
+    import shutil
+    clang, lib = shutil.which("clang"), cpu_kernels._c()
+    if clang is None or lib is None or sys.platform == "win32":
+        pytest.skip("no clang here" if clang is None else cpu_kernels.kernels_used())
+    path = tmp_path / "kernels.so"
+    assert cpu_kernels._build(clang, path) is None
+    assert cpu_kernels._missing_names(path) == [] and not list(tmp_path.glob("*partial*"))
+    theirs = ctypes.CDLL(str(path))
+    for name in ("rotary_bf16", "rms_sums_bf16"):
+        getattr(theirs, name).argtypes, getattr(theirs, name).restype = cpu_kernels._SIGNATURES[name], None
+    torch.manual_seed(0)
+    B, nh, T, hs = 2, 3, 20, 50  # half rows of 25: vectors of 16 and 8, and one value alone
+    x = (torch.randn(B, nh, T, hs) * 4).bfloat16()
+    cos, sin = torch.randn(T, hs // 2).bfloat16(), torch.randn(T, hs // 2).bfloat16()
+    args = (nh, T, hs // 2, *x.stride()[:3], 0, 0)
+    ours, clangs = torch.empty_like(x), torch.empty_like(x)
+    lib.rotary_bf16(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), ours.data_ptr(), 0, B * nh * T, *args)
+    theirs.rotary_bf16(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), clangs.data_ptr(), 0, B * nh * T, *args)
+    assert torch.equal(ours, clangs)
+    if lanes := cpu_kernels._sum_lanes(hs):
+        rows, layout = B * nh * T, cpu_kernels._row_layout(x)
+        ours, clangs = torch.empty(rows), torch.empty(rows)
+        lib.rms_sums_bf16(x.data_ptr(), x.data_ptr(), ours.data_ptr(), 0, rows, hs, *layout, lanes, 0)
+        theirs.rms_sums_bf16(x.data_ptr(), x.data_ptr(), clangs.data_ptr(), 0, rows, hs, *layout, lanes, 0)
+        assert torch.equal(ours, clangs)
+
+
+def test_a_library_without_every_kernel_is_not_used(monkeypatch):
+    """A built library that lacks a kernel's name (clang 14's clones; a stale file) is not used:
+    the numpy and torch path runs, and kernels_used() names the missing kernel."""
+    if cpu_kernels._c() is None:
+        pytest.skip(cpu_kernels.kernels_used())
+    monkeypatch.setitem(cpu_kernels._SIGNATURES, "no_such_kernel", ())
+    lib, why = cpu_kernels._load()
+    assert lib is None and "no_such_kernel" in why and why.startswith("numpy kernels")
+
+
 def test_a_fresh_cache_builds_the_kernels_once(monkeypatch, tmp_path):
     """An empty cache: the first use builds cpu_kernels.c there (nothing half-written left),
     a second process state loads the same file without building again."""
