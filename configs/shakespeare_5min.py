@@ -26,16 +26,18 @@ n_layer = 4
 n_head = 4
 n_embd = 192
 dropout = 0.0  # at the steps a float32 CPU buys in 270 s (about one epoch), the model does not overfit
+warmdown_frac = 0.7  # at those ~350 steps a longer warmdown ends lower (three seeds: docs/speedrun.md)
 
 # On a CPU with bf16 units (AMX: Intel Xeon 4th generation on; AVX512-BF16: AMD EPYC Zen 4 on)
 # 270 s buy 1,400-2,200 of those steps and the model overfits its 1M characters: there it reads
-# windows of 128 (more context per prediction, fewer steps) with a little dropout. Measured on
-# both kinds and at fixed step counts: docs/speedrun.md.
+# windows of 128 (more context per prediction, fewer steps) with a little dropout, and warms
+# down over the last half. Measured on both kinds and at fixed step counts: docs/speedrun.md.
 import hardware as _hardware
 if _hardware.cpu_has_native_bf16():
     batch_size = 32
     block_size = 128
     dropout = 0.05
+    warmdown_frac = 0.5
     eval_iters = 28  # 28 x 32 x 128 = 114,688 tokens: about the whole val split
 
 bigram = True
@@ -51,8 +53,7 @@ learning_rate = 1.5e-3
 weight_decay = 0.1
 beta2 = 0.99
 decay_lr = True
-lr_schedule = "wsd"  # constant, then linear to min_lr over the last half of the budget
-warmdown_frac = 0.5
+lr_schedule = "wsd"  # constant, then linear to min_lr over the budget's last warmdown_frac (above)
 # with time_budget the schedule's iterations are shares of lr_decay_iters, which stands for the
 # whole budget: warmup is the first 30 / 1000 of the time
 lr_decay_iters = 1000

@@ -25,14 +25,14 @@ def test_every_shipped_config_loads(path):
 @pytest.mark.parametrize("bf16_units", [True, False], ids=["bf16-cpu", "float32-cpu"])
 def test_5min_speedrun_takes_the_settings_of_its_cpu_kind(monkeypatch, bf16_units):
     """AMX and AVX512-BF16 CPUs buy enough steps to overfit: windows of 128, batch 32, a little
-    dropout; a float32 CPU (AVX2) keeps block 64, batch 48, none. Either way the final evaluation
+    dropout; a float32 CPU (AVX2) keeps block 64, batch 48, none, and warms down longer. Either way the final evaluation
     reads about the whole val split (111,540 tokens) and the budget leaves 30 s of the 300."""
     import hardware
 
     monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: bf16_units)
     cfg, _ = parse_config(TrainConfig, [str(ROOT / "configs" / "shakespeare_5min.py")])
-    want = (32, 128, 0.05) if bf16_units else (48, 64, 0.0)
-    assert (cfg.batch_size, cfg.block_size, cfg.dropout) == want
+    want = (32, 128, 0.05, 0.5) if bf16_units else (48, 64, 0.0, 0.7)
+    assert (cfg.batch_size, cfg.block_size, cfg.dropout, cfg.warmdown_frac) == want
     assert 111_540 <= cfg.eval_iters * cfg.batch_size * cfg.block_size < 111_540 + cfg.batch_size * cfg.block_size
     assert cfg.time_budget == 270 and cfg.max_iters > 100_000
 

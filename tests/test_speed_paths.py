@@ -595,7 +595,8 @@ def test_the_kernels_build_with_clang_and_give_the_same_values(tmp_path):
 
 def test_a_library_without_every_kernel_is_not_used(monkeypatch):
     """A built library that lacks a kernel's name (clang 14's clones; a stale file) is not used:
-    the numpy and torch path runs, and kernels_used() names the missing kernel."""
+    the numpy and torch path runs, and the reason kernels_used() prints names the missing kernel
+    (before, the first training step died with an AttributeError)."""
     if cpu_kernels._c() is None:
         pytest.skip(cpu_kernels.kernels_used())
     monkeypatch.setitem(cpu_kernels._SIGNATURES, "no_such_kernel", ())
