@@ -127,11 +127,11 @@ def _build(compiler: str, path: Path) -> str | None:
     return f"{compiler} could not build {_SOURCE.name}: {why}"
 
 
-def _missing_names(path: Path) -> list[str]:
-    """The kernels that the library at path does not export by name (all, if it will not load):
-    clang 14 builds target_clones' functions under other names only."""
+def _missing_names(library) -> list[str]:
+    """The kernels that a library (loaded, or the path of one) does not export by name (all, if
+    it will not load): clang 14 builds target_clones' functions under other names only."""
     try:
-        lib = ctypes.CDLL(str(path))
+        lib = library if isinstance(library, ctypes.CDLL) else ctypes.CDLL(str(library))
     except OSError:
         return list(_SIGNATURES)
     return [name for name in _SIGNATURES if not hasattr(lib, name)]
@@ -154,7 +154,7 @@ def _load():
         lib = ctypes.CDLL(str(path))
     except OSError as e:  # an unwritable cache, a library this system cannot load
         return None, f"numpy kernels ({type(e).__name__}: {e})"
-    if missing := [name for name in _SIGNATURES if not hasattr(lib, name)]:
+    if missing := _missing_names(lib):
         return None, f"numpy kernels ({path} lacks {missing[0]}: delete it to build it again)"
     for name, args in _SIGNATURES.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
