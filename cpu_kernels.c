@@ -70,6 +70,7 @@ static inline uint16_t float_to_bf16(float f) {
     typedef uint16_t u16x##N __attribute__((vector_size(2 * N)));
 VECTOR_TYPES(16)
 VECTOR_TYPES(8)
+VECTOR_TYPES(4)
 #define LOAD_F32(N, p) ({ f32x##N v_; memcpy(&v_, (p), sizeof v_); v_; })
 #define KEEP_F32(N, v) (v)
 #define STORE_F32(N, p, v) do { f32x##N v_ = (v); memcpy((p), &v_, sizeof v_); } while (0)
@@ -612,3 +613,149 @@ VEC void rms_grad_terms_f32(const float *g, const float *x, const float *r, cons
         }
     }
 }
+
+/* torch_sum of each of `count` rows (count <= 16) of n values, `stride` apart, into out: the
+ * order of torch_sum for rows too short for its cascade (n < 64 * lanes), with the last additions
+ * (each row's lanes, one by one) made for all the rows at once, a vector across rows. */
+#define TORCH_SUMS_SHORT(NAME, L)                                                                  \
+    static inline __attribute__((always_inline)) void NAME(const float *v, int64_t n, int64_t stride, int64_t count, \
+                                                           float *out) {                           \
+        int64_t vecs = n / L, size = vecs / 4;                                                     \
+        f32x##L across[16]; /* each row's lanes */                                                 \
+        for (int64_t r = 0; r < count; r++) {                                                      \
+            const float *x = v + r * stride;                                                       \
+            f32x##L acc[4] = {0};                                                                  \
+            for (int64_t i = 0; i < size; i++)                                                     \
+                for (int k = 0; k < 4; k++) acc[k] += LOAD_F32(L, x + (i * 4 + k) * L);           \
+            for (int64_t i = size * 4; i < vecs; i++) acc[0] += LOAD_F32(L, x + i * L);            \
+            for (int k = 1; k < 4; k++) acc[0] += acc[k];                                          \
+            float total = 0.0f;                                                                    \
+            for (int64_t i = vecs * L; i < n; i++) total += x[i];                                  \
+            out[r] = total;                                                                        \
+            across[r] = acc[0];                                                                    \
+        }                                                                                          \
+        for (int l = 0; l < L; l++) /* the rows' chains of additions are independent: they overlap */ \
+            for (int64_t r = 0; r < count; r++) out[r] += across[r][l];                            \
+    }
+TORCH_SUMS_SHORT(torch_sums_short16, 16)
+TORCH_SUMS_SHORT(torch_sums_short8, 8)
+TORCH_SUMS_SHORT(torch_sums_short4, 4)
+
+static inline __attribute__((always_inline)) void torch_sums_short(const float *v, int64_t n, int64_t stride, int64_t count, int64_t lanes,
+                                    float *out) {
+    for (int64_t r = 0; r < count; r += 16) {
+        int64_t m = count - r < 16 ? count - r : 16;
+        if (lanes == 16) torch_sums_short16(v + r * stride, n, stride, m, out + r);
+        else if (lanes == 8) torch_sums_short8(v + r * stride, n, stride, m, out + r);
+        else torch_sums_short4(v + r * stride, n, stride, m, out + r);
+    }
+}
+
+/* The attention's heads for the qk_norm and rotary options (cpu_kernels._CPUQKHeads): q, k and v
+ * out of c_attn's output qkv, rows (b, t) of [q | k | v] (C = nh * hs values each, contiguous),
+ * each head's q and k RMS-normed and rotated, into contiguous (B, nh, T, hs) tensors, in one pass
+ * each way where the split, views, rms_norm and rotary kernels above and torch's ops between them
+ * take eleven forward and twelve backward. Every value is computed and rounded as those compute
+ * and round it, so the results are theirs bit for bit (cpu_kernels.py checks it once, on this
+ * machine, before using these):
+ *   forward:  r = rsqrt(mean(x^2) + eps) per head row of q and k (the mean's sum in torch's order:
+ *             torch_sums_short), y = rotary(x * r) (rms_scale's result rounded to the dtype, then
+ *             each rotary product and sum), v copied; r is kept (B, T, 2, nh) for the backward
+ *   backward: g' = the rotary's backward of q's or k's gradient, gv = -0.5 * sum(g' x) * r^3
+ *             (the sum in torch's order; r^3 as torch's pow(r, 3): r * r * r), qkv's gradient
+ *             g' * r + (gv / hs) * (2 x) (rms_grad: rounded once in bf16; the sum of
+ *             rms_grad_terms_f32's two terms in float32, as autograd adds them), v's copied
+ * Rows [start, stop) of B * T, 2 * nh * hs <= QK_MAX. cos and sin: (T, hs/2), or (B, T, hs/2)
+ * with cb = T * hs/2 between sequences. */
+#define QK_MAX 8192
+/* rotate half rows x1, x2 (h values each), each value times `scale` and rounded first (the
+ * forward's rms_scale; 1 and no rounding in the backward), into o and o + h; sign +1 forward,
+ * -1 backward */
+#define QK_ROTATE_VECTORS(N, LOADV, ROUNDV, STOREV, SCALED)                                        \
+    for (; j + N <= h; j += N) {                                                                   \
+        f32x##N a = LOADV(N, x1 + j), z = LOADV(N, x2 + j), cj = LOADV(N, c + j), sj = LOADV(N, s + j); \
+        if (SCALED) a = ROUNDV(N, a * scale), z = ROUNDV(N, z * scale);                            \
+        f32x##N ac = ROUNDV(N, a * cj), as = ROUNDV(N, a * sj);                                   \
+        f32x##N zc = ROUNDV(N, z * cj), zs = ROUNDV(N, z * sj);                                   \
+        STOREV(N, o + j, ac + sign * zs);                                                          \
+        STOREV(N, o + h + j, zc - sign * as);                                                      \
+    }
+#define QK_VECTORS_bf16(SCALED) QK_ROTATE_VECTORS(16, LOAD_BF16, ROUND_BF16_V, STORE_BF16, SCALED)      \
+                                QK_ROTATE_VECTORS(8, LOAD_BF16, ROUND_BF16_V, STORE_BF16, SCALED)
+#define QK_VECTORS_f32(SCALED) QK_ROTATE_VECTORS(16, LOAD_F32, KEEP_F32, STORE_F32, SCALED)             \
+                               QK_ROTATE_VECTORS(8, LOAD_F32, KEEP_F32, STORE_F32, SCALED)
+#define QK_ROTATE(SUFFIX, LOAD, STORE, ROUND, SCALED)                                              \
+    {                                                                                              \
+        int64_t j = 0;                                                                             \
+        QK_VECTORS_##SUFFIX(SCALED)                                                                \
+        for (int64_t k = j; k < h; k++) {                                                          \
+            float a = LOAD(x1[k]), z = LOAD(x2[k]), ck = LOAD(c[k]), sk = LOAD(s[k]);              \
+            if (SCALED) a = ROUND(a * scale), z = ROUND(z * scale);                                \
+            float ac = ROUND(a * ck), as = ROUND(a * sk), zc = ROUND(z * ck), zs = ROUND(z * sk);  \
+            o[k] = STORE(ac + sign * zs);                                                          \
+            o[h + k] = STORE(zc - sign * as);                                                      \
+        }                                                                                          \
+    }
+#define QK_HEADS(SUFFIX, TYPE, LOAD, STORE, ROUND)                                                 \
+    VEC void qk_forward_##SUFFIX(const TYPE *qkv, const TYPE *cos, const TYPE *sin, TYPE *out, float *r, \
+                                 int64_t start, int64_t stop, int64_t rows, int64_t T, int64_t nh, \
+                                 int64_t hs, int64_t cb, int64_t lanes, float eps) {               \
+        const float sign = 1.0f;                                                                   \
+        int64_t C = nh * hs, h = hs / 2, between = rows * C; /* between the q, k, v outputs */   \
+        PARALLEL_FOR((stop - start) * 3 * C >= 32768)                                              \
+        for (int64_t row = start; row < stop; row++) {                                             \
+            int64_t b = row / T, t = row % T;                                                      \
+            const TYPE *restrict c = cos + b * cb + t * h, *restrict s = sin + b * cb + t * h;     \
+            const TYPE *restrict x = qkv + row * 3 * C; /* q's heads, then k's: 2 nh rows of hs */ \
+            float sq[QK_MAX], *restrict rr = r + row * 2 * nh;                                     \
+            for (int64_t j = 0; j < 2 * C; j++) sq[j] = LOAD(x[j]) * LOAD(x[j]);                   \
+            torch_sums_short(sq, hs, hs, 2 * nh, lanes, rr);                                       \
+            for (int64_t i = 0; i < 2 * nh; i++) rr[i] = 1.0f / sqrtf(rr[i] / (float)hs + eps);    \
+            for (int64_t i = 0; i < 2 * nh; i++) { /* head row i: part i / nh, head i % nh */     \
+                const TYPE *restrict x1 = x + i * hs, *restrict x2 = x1 + h;                       \
+                TYPE *restrict o = out + (i / nh) * between + ((b * nh + i % nh) * T + t) * hs;    \
+                float scale = rr[i];                                                               \
+                QK_ROTATE(SUFFIX, LOAD, STORE, ROUND, 1)                                           \
+            }                                                                                      \
+            for (int64_t head = 0; head < nh; head++)                                              \
+                memcpy(out + 2 * between + ((b * nh + head) * T + t) * hs, x + 2 * C + head * hs,  \
+                       hs * sizeof(TYPE));                                                         \
+        }                                                                                          \
+    }                                                                                              \
+    VEC void qk_backward_##SUFFIX(const TYPE *qkv, const TYPE *gq, const TYPE *gk, const TYPE *gv, \
+                                  const float *r, const TYPE *cos, const TYPE *sin, TYPE *out,     \
+                                  int64_t start, int64_t stop, int64_t rows, int64_t T, int64_t nh, \
+                                  int64_t hs, int64_t cb, int64_t lanes) {                         \
+        const float sign = -1.0f;                                                                  \
+        int64_t C = nh * hs, h = hs / 2;                                                           \
+        (void)rows;                                                                                \
+        PARALLEL_FOR((stop - start) * 3 * C >= 32768)                                              \
+        for (int64_t row = start; row < stop; row++) {                                             \
+            int64_t b = row / T, t = row % T;                                                      \
+            const TYPE *restrict c = cos + b * cb + t * h, *restrict s = sin + b * cb + t * h;     \
+            const TYPE *restrict x = qkv + row * 3 * C;                                            \
+            const float *restrict rr = r + row * 2 * nh;                                           \
+            TYPE *restrict dx = out + row * 3 * C;                                                 \
+            TYPE gr[QK_MAX];  /* g': the rotary's backward of each head row's gradient */         \
+            float prod[QK_MAX], sums[2 * QK_MAX / 8];                                              \
+            for (int64_t i = 0; i < 2 * nh; i++) {                                                 \
+                const TYPE *restrict x1 = (i < nh ? gq : gk) + ((b * nh + i % nh) * T + t) * hs, *restrict x2 = x1 + h; \
+                TYPE *restrict o = gr + i * hs;                                                    \
+                const float scale = 1.0f;                                                          \
+                QK_ROTATE(SUFFIX, LOAD, STORE, ROUND, 0)                                           \
+            }                                                                                      \
+            for (int64_t j = 0; j < 2 * C; j++) prod[j] = LOAD(gr[j]) * LOAD(x[j]);                \
+            torch_sums_short(prod, hs, hs, 2 * nh, lanes, sums);                                   \
+            for (int64_t i = 0; i < 2 * nh; i++) {                                                 \
+                float d = (-0.5f * sums[i]) * (rr[i] * rr[i] * rr[i]) / (float)hs, ri = rr[i];    \
+                const TYPE *restrict xi = x + i * hs, *restrict gi = gr + i * hs;                  \
+                TYPE *restrict di = dx + i * hs;                                                   \
+                for (int64_t j = 0; j < hs; j++) di[j] = STORE(LOAD(gi[j]) * ri + d * (2.0f * LOAD(xi[j]))); \
+            }                                                                                      \
+            for (int64_t head = 0; head < nh; head++)                                              \
+                memcpy(dx + 2 * C + head * hs, gv + ((b * nh + head) * T + t) * hs, hs * sizeof(TYPE)); \
+        }                                                                                          \
+    }
+
+QK_HEADS(bf16, uint16_t, bf16_to_float, float_to_bf16, ROUND_BF16)
+QK_HEADS(f32, float, IDENTITY, IDENTITY, ROUND_F32)

@@ -83,6 +83,8 @@ _SIGNATURES = {  # cpu_kernels.c's functions and their arguments
     **{f"rms_sums_{t}": (_PTR, _PTR, _PTR, _I64, _I64, *[_I64] * 7, _I32) for t in ("bf16", "f32")},
     "row_sums_f32": (_PTR, _PTR, _I64, _I64, _I64, _I64),
     "rms_grad_terms_f32": (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, *[_I64] * 6),
+    **{f"qk_forward_{t}": (*[_PTR] * 5, _I64, _I64, *[_I64] * 6, _F32) for t in ("bf16", "f32")},
+    **{f"qk_backward_{t}": (*[_PTR] * 8, _I64, _I64, *[_I64] * 6) for t in ("bf16", "f32")},
     "kernels_openmp": (),
 }
 # -ffp-contract=off: each multiply and add rounds on its own, as torch's separate ops do;
@@ -751,6 +753,87 @@ def rms_norm(x: torch.Tensor, normalized_shape, eps: float | None = None) -> tor
             or _elementwise(x, "rms_scale") is None or x.stride(-1) != 1):
         return F.rms_norm(x, normalized_shape, eps=eps)
     return _CPURMSNorm.apply(x, x, torch.finfo(torch.float32).eps if eps is None else eps, _C_TYPES[x.dtype])
+
+
+class _CPUQKHeads(torch.autograd.Function):
+    """model.py's q, k and v for the qk_norm and rotary options, from c_attn's output qkv
+    (B, T, 3C): the split into heads, each head's q and k through rms_norm and then the rotary
+    embedding, as three contiguous (B, nh, T, hs) tensors. The same values bit for bit as the
+    views, _CPURMSNorm and _CPURotary give (and the gradient they and the split's cat give qkv),
+    in one C pass each way instead of about a dozen: a head row is 48 values at the 5-minute
+    model's size, so those passes cost far more per value than their arithmetic."""
+
+    @staticmethod
+    def forward(ctx, qkv, nh, cos, sin, eps, lanes):
+        B, T, C3 = qkv.shape
+        hs = C3 // 3 // nh
+        out = torch.empty((3, B, nh, T, hs), dtype=qkv.dtype)
+        r = torch.empty(B, T, 2, nh)  # each head row's 1 / RMS, for the backward
+        ctx.rest = (B * T, T, nh, hs, T * (hs // 2) if cos.dim() == 3 else 0, lanes)
+        _on_all_cores(getattr(_c(), f"qk_forward_{_C_TYPES[qkv.dtype]}"), B * T, C3, (qkv, cos, sin, out, r),
+                      *ctx.rest, eps)
+        ctx.save_for_backward(qkv, r, cos, sin)
+        return out[0], out[1], out[2]
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        qkv, r, cos, sin = ctx.saved_tensors
+        B, T, nh, hs = r.size(0), r.size(1), r.size(3), qkv.size(-1) // 3 // r.size(3)
+        gq, gk, gv = (torch.zeros(B, nh, T, hs, dtype=qkv.dtype) if g is None else g.contiguous()
+                      for g in (gq, gk, gv))
+        out = torch.empty_like(qkv)
+        _on_all_cores(getattr(_c(), f"qk_backward_{_C_TYPES[qkv.dtype]}"), B * T, qkv.size(-1),
+                      (qkv, gq, gk, gv, r, cos, sin, out), *ctx.rest)
+        return out, None, None, None, None, None
+
+
+def _qk_exact(dtype: torch.dtype, hs: int, lanes: int) -> bool:
+    """Whether _CPUQKHeads gives what model.py's own path gives on this machine (its forward and
+    backward on a small random input with heads of hs values, zeros, tiny and huge values among
+    them): the one pass computes the norm's mean, rsqrt and pow(r, 3) itself, as torch's ops do
+    on the CPUs it was checked on. Checked once per dtype and head size."""
+    key = ("qk", dtype, hs, lanes)
+    if key not in _c_state:
+        import model  # the path to match (imported here: model.py imports this module)
+
+        gen = torch.Generator().manual_seed(0)
+        B, T, nh = 2, 5, 3
+        qkv = (torch.randn(B, T, 3 * nh * hs, generator=gen) * torch.rand(B, T, 1, generator=gen) * 10).to(dtype)
+        qkv.view(-1)[:4] = torch.tensor([0.0, -0.0, 1e-30, 3e30])
+        qkv.view(B, T, 3, nh, hs)[0, 0, 0, 0] = 0.0  # a row of zeros
+        angles = torch.randn(T, hs // 2, generator=gen)
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        grads = [torch.randn(B, nh, T, hs, generator=gen).to(dtype) for _ in range(3)]
+        results = []
+        for fused in (True, False):
+            x = qkv.clone().requires_grad_()
+            if fused:
+                q, k, v = _CPUQKHeads.apply(x, nh, cos, sin, torch.finfo(torch.float32).eps, lanes)
+            else:
+                q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in x.split(nh * hs, dim=2))
+                q, k = (model.apply_rotary(rms_norm(t, (hs,)), cos, sin) for t in (q, k))
+            torch.autograd.backward([q, k, v], grads)
+            results.append([q, k, v, x.grad])
+        _c_state[key] = all(torch.equal(a, b) for a, b in zip(*results))
+    return _c_state[key]
+
+
+def qk_heads(qkv: torch.Tensor, nh: int, cos: torch.Tensor, sin: torch.Tensor) -> tuple | None:
+    """q, k, v (B, nh, T, hs) from c_attn's output (B, T, 3C) with q and k RMS-normed (the
+    qk_norm option, F.rms_norm's default eps) and rotated by cos, sin ((T, hs/2), or
+    (B, T, hs/2) per sequence), by _CPUQKHeads: training on a CPU with the C kernels built,
+    where _qk_exact finds them exact; None elsewhere (model.py then takes its views and calls
+    rms_norm and apply_rotary)."""
+    if (not (torch.is_grad_enabled() and qkv.requires_grad) or qkv.dim() != 3 or not qkv.is_contiguous()
+            or cos.requires_grad or sin.requires_grad or _elementwise(qkv, "qk_forward") is None):
+        return None
+    hs = qkv.size(-1) // 3 // nh
+    lanes = _sum_lanes(hs)
+    if (hs % 2 or 3 * nh * hs != qkv.size(-1) or nh * hs > 4096 or not lanes or hs >= 64 * lanes
+            or not _qk_exact(qkv.dtype, hs, lanes)):
+        return None
+    cos, sin = cos.to(qkv.dtype).contiguous(), sin.to(qkv.dtype).contiguous()
+    return _CPUQKHeads.apply(qkv, nh, cos, sin, torch.finfo(torch.float32).eps, lanes)
 
 
 def _row_chunks(n: int, per_row: int, budget: int = 1 << 22):

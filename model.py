@@ -15,7 +15,7 @@ import torch.utils.checkpoint
 from torch.nn import functional as F
 
 from cpu_kernels import Dropout, causal_attention, gelu, relu_squared, residual_dropout
-from cpu_kernels import rms_norm as cpu_rms_norm, rotary as cpu_rotary
+from cpu_kernels import qk_heads as cpu_qk_heads, rms_norm as cpu_rms_norm, rotary as cpu_rotary
 from optim import Muon, MuonAdamW, newton_schulz_dtype
 
 
@@ -235,17 +235,23 @@ class CausalSelfAttention(nn.Module):
         rope: (cos, sin) of the rotary option at these tokens' positions, or None.
         ve: (B, T, C) the value_embeds option's vectors of these tokens, added to the values."""
         B, T, C = x.size()  # batch, sequence length, embedding width
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        if ve is not None:
-            v = v + ve
-        hs = C // self.n_head
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if self.qk_norm:
-            q, k = cpu_rms_norm(q, (hs,)), cpu_rms_norm(k, (hs,))  # F.rms_norm (cpu_kernels.py)
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        qkv = self.c_attn(x)
+        # training on a CPU, the lines below in two C passes each way (the same values)
+        heads = cpu_qk_heads(qkv, self.n_head, *rope) if self.qk_norm and rope is not None and ve is None else None
+        if heads is not None:
+            q, k, v = heads
+        else:
+            q, k, v = qkv.split(self.n_embd, dim=2)
+            if ve is not None:
+                v = v + ve
+            hs = C // self.n_head
+            q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+            k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+            v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+            if self.qk_norm:
+                q, k = cpu_rms_norm(q, (hs,)), cpu_rms_norm(k, (hs,))  # F.rms_norm (cpu_kernels.py)
+            if rope is not None:
+                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if kv_cache is None or kv_cache.length == 0:
             if kv_cache is not None:
                 kv_cache.update(self.layer, k, v)

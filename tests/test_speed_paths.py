@@ -478,6 +478,77 @@ def test_rotary_in_one_pass_equals_torchs(per_sequence, dtype, hs):
     assert _same(parts, out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_sequence", [False, True])  # cos (T, h) or per-sequence (B, T, h)
+@pytest.mark.parametrize("hs", [16, 48, 50])  # half rows: a vector of 8; 16 and 8; 16, 8 and one
+def test_attention_heads_in_one_pass_equal_torchs(per_sequence, dtype, hs):
+    """cpu_kernels.qk_heads (the split into heads, qk_norm and rotary in one C pass each way)
+    equals model.py's views, F.rms_norm and torch's rotary ops, forward and backward (qkv's
+    gradient), specials included, in float32 and bf16; and its kernels called on parts of the
+    rows (as Python threads split them without OpenMP) give what one call gives."""
+    import model
+    if cpu_kernels._c() is None:
+        pytest.skip(cpu_kernels.kernels_used())
+    lanes = cpu_kernels._sum_lanes(hs)
+    if not lanes:
+        pytest.skip("torch's sum order is not one cpu_kernels.c knows on this machine")
+    torch.manual_seed(0)
+    B, T, nh = 3, 20, 3
+    qkv = (torch.randn(B, T, 3 * nh, hs) * torch.rand(B, T, 3 * nh, 1) * 8).view(B, T, -1)  # rows of all sizes
+    qkv.view(-1)[:6] = torch.tensor([float("nan"), float("inf"), 0.0, -0.0, 3.38e38, 1e-40])
+    qkv.view(B, T, 3 * nh, hs)[1, 2, :2] = 0.0  # rows of zeros
+    qkv = qkv.to(dtype)
+    angles = torch.randn(B, T, hs // 2) if per_sequence else torch.randn(T, hs // 2)
+    cos, sin = angles.cos(), angles.sin()
+    grads = [torch.randn(B, nh, T, hs).to(dtype) for _ in range(3)]
+    grads[0].view(-1)[-3:] = torch.tensor([float("nan"), -0.0, 3.38e38]).to(dtype)
+
+    def run(fused):
+        x = qkv.clone().requires_grad_()
+        if fused:
+            q, k, v = cpu_kernels.qk_heads(x, nh, cos, sin)
+            assert type(q.grad_fn).__name__ == "_CPUQKHeadsBackward"
+        else:
+            with cpu_kernels.without_c():
+                q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in x.split(nh * hs, dim=2))
+                c, s = (cos[:, None], sin[:, None]) if per_sequence else (cos, sin)
+                q, k = (model.apply_rotary(F.rms_norm(t, (hs,)), c, s) for t in (q, k))
+        torch.autograd.backward([q, k, v], grads)
+        return q, k, v, x.grad
+
+    for ours, theirs in zip(run(True), run(False)):
+        assert _same(ours.detach(), theirs.detach().contiguous())
+    lib, t = cpu_kernels._c(), cpu_kernels._C_TYPES[dtype]
+    c, s = cos.to(dtype).contiguous(), sin.to(dtype).contiguous()
+    rest = (B * T, T, nh, hs, T * hs // 2 if per_sequence else 0, lanes)
+    whole, parts = [torch.empty(3, B, nh, T, hs, dtype=dtype) for _ in range(2)]
+    r_whole, r_parts = torch.empty(B, T, 2, nh), torch.empty(B, T, 2, nh)
+    dx_whole, dx_parts = torch.empty_like(qkv), torch.empty_like(qkv)
+    eps = torch.finfo(torch.float32).eps
+    for start, stop in ((0, B * T), (0, 7), (7, 21), (21, B * T)):  # rows (b, t), across sequences' ends
+        out, r, dx = (whole, r_whole, dx_whole) if stop - start == B * T else (parts, r_parts, dx_parts)
+        getattr(lib, f"qk_forward_{t}")(qkv.data_ptr(), c.data_ptr(), s.data_ptr(), out.data_ptr(), r.data_ptr(),
+                                        start, stop, *rest, eps)
+        getattr(lib, f"qk_backward_{t}")(qkv.data_ptr(), *(g.data_ptr() for g in grads), r.data_ptr(), c.data_ptr(),
+                                         s.data_ptr(), dx.data_ptr(), start, stop, *rest)
+    assert _same(whole, parts) and _same(r_whole, r_parts) and _same(dx_whole, dx_parts)
+
+
+def test_attention_heads_in_one_pass_only_where_they_apply():
+    """qk_heads hands back None (model.py then runs its own ops) without a gradient to keep, and
+    for head sizes its kernels do not take."""
+    if cpu_kernels._c() is None:
+        pytest.skip(cpu_kernels.kernels_used())
+    cos, sin = torch.ones(8, 24), torch.zeros(8, 24)
+    qkv = torch.randn(2, 8, 3 * 4 * 48)
+    assert cpu_kernels.qk_heads(qkv, 4, cos, sin) is None  # no gradient wanted
+    with torch.no_grad():
+        assert cpu_kernels.qk_heads(qkv.requires_grad_(), 4, cos, sin) is None
+    assert cpu_kernels.qk_heads(qkv, 4, cos, sin) is not None
+    odd = torch.randn(2, 8, 3 * 4 * 47, requires_grad=True)
+    assert cpu_kernels.qk_heads(odd, 4, torch.ones(8, 23), torch.zeros(8, 23)) is None
+
+
 def test_the_c_row_sums_add_in_torchs_order():
     """cpu_kernels.c's torch_sum gives torch.sum's float32 row sums bit for bit, at the vector
     width _sum_lanes found, on rows short and long (long enough for ATen's cascade of chunks)."""
@@ -508,7 +579,7 @@ def test_rms_norm_in_fewer_passes_equals_torchs(dtype, where, c_sums, monkeypatc
         monkeypatch.setattr(cpu_kernels, "_sum_lanes", lambda n: 0)
     torch.manual_seed(0)
     w = torch.randn(192, 192).to(dtype) * 0.1
-    base = torch.randn(4, 16, 3 * 192)
+    base = torch.randn(8, 16, 3 * 192)  # a head's q: 6,144 values, enough for the C kernels
 
     def run(norm):
         x = base.to(dtype).clone().requires_grad_()  # a new leaf each run
@@ -516,8 +587,8 @@ def test_rms_norm_in_fewer_passes_equals_torchs(dtype, where, c_sums, monkeypatc
             h = x[..., :192] * 1
             y = h + norm(h, (192,)) @ w
         else:  # (B, nh, T, hs) from (B, T, 3C)
-            q = x[..., :192].view(4, 16, 4, 48).transpose(1, 2)
-            y = norm(q, (48,)).transpose(1, 2).reshape(4, 16, 192) @ w
+            q = x[..., :192].view(8, 16, 4, 48).transpose(1, 2)
+            y = norm(q, (48,)).transpose(1, 2).reshape(8, 16, 192) @ w
         y.float().square().sum().backward()
         return y, x.grad
 
@@ -525,6 +596,8 @@ def test_rms_norm_in_fewer_passes_equals_torchs(dtype, where, c_sums, monkeypatc
     assert _same(y, expected_y) and _same(grad, expected_grad)
     x = base[..., :192].to(dtype).clone().requires_grad_()
     assert type(cpu_kernels.rms_norm(x * 1, (192,)).grad_fn).__name__ == "_CPURMSNormBackward"
+    q = (x * 1).view(8, 16, 4, 48).transpose(1, 2)
+    assert type(cpu_kernels.rms_norm(q, (48,)).grad_fn).__name__ == "_CPURMSNormBackward"
     with torch.no_grad():  # evaluation and sampling keep torch's op
         assert cpu_kernels.rms_norm(x, (192,)).grad_fn is None
 
