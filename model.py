@@ -236,7 +236,7 @@ class CausalSelfAttention(nn.Module):
         ve: (B, T, C) the value_embeds option's vectors of these tokens, added to the values."""
         B, T, C = x.size()  # batch, sequence length, embedding width
         qkv = self.c_attn(x)
-        # training on a CPU, the lines below in two C passes each way (the same values)
+        # training on a CPU, the lines below in one C pass each way (the same values: cpu_kernels.py)
         heads = cpu_qk_heads(qkv, self.n_head, *rope) if self.qk_norm and rope is not None and ve is None else None
         if heads is not None:
             q, k, v = heads
