@@ -636,8 +636,8 @@ def test_python_threads_split_a_call_like_openmp(monkeypatch):
 def test_the_kernels_build_with_clang_and_give_the_same_values(tmp_path):
     """cpu_kernels.c builds with clang, macOS's compiler (and a Linux user's `CC=clang`): on x86
     Linux with target_clones where clang exports them by name (clang 14 builds them under other
-    names only: _build then tries without), and the library has every kernel. Its rotary and
-    row-sum kernels give the values of the library in use."""
+    names only: _build then tries without), and the library has every kernel. Its rotary,
+    row-sum and attention-heads kernels give the values of the library in use."""
     import ctypes
     import shutil
     clang, lib = shutil.which("clang"), cpu_kernels._c()
@@ -647,7 +647,7 @@ def test_the_kernels_build_with_clang_and_give_the_same_values(tmp_path):
     assert cpu_kernels._build(clang, path) is None
     assert cpu_kernels._missing_names(path) == [] and not list(tmp_path.glob("*partial*"))
     theirs = ctypes.CDLL(str(path))
-    for name in ("rotary_bf16", "rms_sums_bf16"):
+    for name in ("rotary_bf16", "rms_sums_bf16", "qk_forward_bf16", "qk_backward_bf16"):
         getattr(theirs, name).argtypes, getattr(theirs, name).restype = cpu_kernels._SIGNATURES[name], None
     torch.manual_seed(0)
     B, nh, T, hs = 2, 3, 20, 50  # half rows of 25: vectors of 16 and 8, and one value alone
@@ -664,6 +664,19 @@ def test_the_kernels_build_with_clang_and_give_the_same_values(tmp_path):
         lib.rms_sums_bf16(x.data_ptr(), x.data_ptr(), ours.data_ptr(), 0, rows, hs, *layout, lanes, 0)
         theirs.rms_sums_bf16(x.data_ptr(), x.data_ptr(), clangs.data_ptr(), 0, rows, hs, *layout, lanes, 0)
         assert torch.equal(ours, clangs)
+        # the attention's heads in one pass, forward and backward
+        qkv = (torch.randn(B, T, 3 * nh * hs) * 4).bfloat16()
+        grads = [(torch.randn(B, nh, T, hs) * 4).bfloat16() for _ in range(3)]
+        results = []
+        for kernels in (lib, theirs):
+            out, r, dx = torch.empty(3, B, nh, T, hs, dtype=torch.bfloat16), torch.empty(B, T, 2, nh), torch.empty_like(qkv)
+            rest = (B * T, T, nh, hs, 0, lanes)
+            kernels.qk_forward_bf16(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), r.data_ptr(),
+                                    0, B * T, *rest, torch.finfo(torch.float32).eps)
+            kernels.qk_backward_bf16(qkv.data_ptr(), *(g.data_ptr() for g in grads), r.data_ptr(), cos.data_ptr(),
+                                     sin.data_ptr(), dx.data_ptr(), 0, B * T, *rest)
+            results.append((out, r, dx))
+        assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 def test_a_library_without_every_kernel_is_not_used(monkeypatch):
@@ -678,10 +691,16 @@ def test_a_library_without_every_kernel_is_not_used(monkeypatch):
 
 
 def test_a_fresh_cache_builds_the_kernels_once(monkeypatch, tmp_path):
-    """An empty cache: the first use builds cpu_kernels.c there (nothing half-written left),
-    a second process state loads the same file without building again."""
+    """An empty cache: the first use builds the kernels' source there (nothing half-written
+    left), a second process state loads the same file without building again. (A one-function
+    source stands in for cpu_kernels.c, whose build the other tests make: this one is about the
+    cache.)"""
     if cpu_kernels._compiler() is None or sys.platform == "win32":
         pytest.skip("no C compiler here")
+    source = tmp_path / "kernels.c"
+    source.write_text("int kernels_openmp(void) { return 0; }\n", encoding="utf-8")
+    monkeypatch.setattr(cpu_kernels, "_SOURCE", source)
+    monkeypatch.setattr(cpu_kernels, "_SIGNATURES", {"kernels_openmp": ()})
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(cpu_kernels, "_c_state", {})
     assert cpu_kernels._c() is not None, cpu_kernels.kernels_used()
