@@ -669,7 +669,8 @@ def test_the_kernels_build_with_clang_and_give_the_same_values(tmp_path):
         grads = [(torch.randn(B, nh, T, hs) * 4).bfloat16() for _ in range(3)]
         results = []
         for kernels in (lib, theirs):
-            out, r, dx = torch.empty(3, B, nh, T, hs, dtype=torch.bfloat16), torch.empty(B, T, 2, nh), torch.empty_like(qkv)
+            out, dx = torch.empty(3, B, nh, T, hs, dtype=torch.bfloat16), torch.empty_like(qkv)
+            r = torch.empty(B, T, 2, nh)
             rest = (B * T, T, nh, hs, 0, lanes)
             kernels.qk_forward_bf16(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), r.data_ptr(),
                                     0, B * T, *rest, torch.finfo(torch.float32).eps)
