@@ -108,8 +108,12 @@ def _build(compiler: str, path: Path) -> str | None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     why = ""
-    # OpenMP where the compiler has it (gcc; not Apple's clang), target_clones where it has them
-    attempts = [[*_FLAGS, "-fopenmp"], [*_FLAGS, "-fopenmp", "-DNO_CLONES"], _FLAGS, [*_FLAGS, "-DNO_CLONES"]]
+    # OpenMP where the compiler has it (gcc; not Apple's clang, nor a clang without libomp: a
+    # few lines find out first, where a failed link of the whole file came after all its
+    # compiling), target_clones where it has them
+    openmp = _links(compiler, [*_FLAGS, "-fopenmp"], path.parent)
+    attempts = [[*_FLAGS, "-fopenmp"], [*_FLAGS, "-fopenmp", "-DNO_CLONES"]] if openmp else []
+    attempts += [_FLAGS, [*_FLAGS, "-DNO_CLONES"]]
     for i, flags in enumerate(attempts):
         # a name of its own for each attempt: the check below loads it, and a process that has
         # loaded a library by a name gets that one again for the same name
@@ -127,6 +131,26 @@ def _build(compiler: str, path: Path) -> str | None:
                else (done.stderr.strip().splitlines() or ["no message"])[0][:200])
         partial.unlink(missing_ok=True)
     return f"{compiler} could not build {_SOURCE.name}: {why}"
+
+
+def _links(compiler: str, flags: list[str], folder: Path) -> bool:
+    """Whether compiler builds a shared library of a few lines of C with flags (a parallel
+    loop, for -fopenmp): a quick probe before a build of the whole file."""
+    import subprocess
+
+    stem = folder / f"probe.{os.getpid()}"
+    source, library = stem.with_suffix(".c"), stem.with_suffix(".so")
+    source.write_text("int kernels_probe(int n) {\n    int total = 0;\n"
+                      "#pragma omp parallel for reduction(+: total)\n"
+                      "    for (int i = 0; i < n; i++) total += i;\n    return total;\n}\n", encoding="utf-8")
+    try:
+        return subprocess.run([compiler, *flags, "-o", str(library), str(source)], capture_output=True,
+                              timeout=120).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    finally:
+        source.unlink(missing_ok=True)
+        library.unlink(missing_ok=True)
 
 
 def _missing_names(library) -> list[str]:
