@@ -164,7 +164,7 @@ def _missing_names(library) -> list[str]:
 
 
 def _load():
-    """The C kernels, built into the user's cache on first use (about a second), or None and
+    """The C kernels, built into the user's cache on first use (once: docs/speed.md), or None and
     _c_state["why"] says why (no compiler, Windows, a failed build)."""
     if sys.platform == "win32":
         return None, "numpy kernels (the C ones are built on Linux and macOS)"
