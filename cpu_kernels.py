@@ -802,11 +802,11 @@ class _CPUQKHeads(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gq, gk, gv):
         qkv, r, cos, sin = ctx.saved_tensors
-        B, T, nh, hs = r.size(0), r.size(1), r.size(3), qkv.size(-1) // 3 // r.size(3)
-        gq, gk, gv = (torch.zeros(B, nh, T, hs, dtype=qkv.dtype) if g is None else g.contiguous()
+        rows, T, nh, hs = ctx.rest[:4]
+        gq, gk, gv = (torch.zeros(rows // T, nh, T, hs, dtype=qkv.dtype) if g is None else g.contiguous()
                       for g in (gq, gk, gv))
         out = torch.empty_like(qkv)
-        _on_all_cores(getattr(_c(), f"qk_backward_{_C_TYPES[qkv.dtype]}"), B * T, qkv.size(-1),
+        _on_all_cores(getattr(_c(), f"qk_backward_{_C_TYPES[qkv.dtype]}"), rows, qkv.size(-1),
                       (qkv, gq, gk, gv, r, cos, sin, out), *ctx.rest)
         return out, None, None, None, None, None
 
