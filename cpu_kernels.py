@@ -25,6 +25,7 @@ dropout and SDPA) side by side with ours.
 import contextlib
 import ctypes
 import hashlib
+import itertools
 import math
 import os
 import platform
@@ -108,12 +109,15 @@ def _build(compiler: str, path: Path) -> str | None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     why = ""
-    # OpenMP where the compiler has it (gcc; not Apple's clang, nor a clang without libomp: a
-    # few lines find out first, where a failed link of the whole file came after all its
-    # compiling), target_clones where it has them
-    openmp = _links(compiler, [*_FLAGS, "-fopenmp"], path.parent)
-    attempts = [[*_FLAGS, "-fopenmp"], [*_FLAGS, "-fopenmp", "-DNO_CLONES"]] if openmp else []
-    attempts += [_FLAGS, [*_FLAGS, "-DNO_CLONES"]]
+    # OpenMP where the compiler has it (gcc; not Apple's clang, nor a clang without libomp), and
+    # target_clones where the compiler exports their functions by name (gcc; not clang 14): a few
+    # lines find out each first, where a failed build of the whole file came after all its
+    # compiling. Builds without them stay as fallbacks.
+    openmp = _links(compiler, [*_FLAGS, "-fopenmp"], path.parent, _OPENMP_PROBE)
+    clones = _CLONED and _links(compiler, _FLAGS, path.parent, _CLONES_PROBE, exports="kernels_probe")
+    attempts = [[*_FLAGS, *threads, *vectors]
+                for threads in ([["-fopenmp"]] if openmp else []) + [[]]
+                for vectors in ([[]] if clones else []) + [["-DNO_CLONES"]]]
     for i, flags in enumerate(attempts):
         # a name of its own for each attempt: the check below loads it, and a process that has
         # loaded a library by a name gets that one again for the same name
@@ -133,24 +137,36 @@ def _build(compiler: str, path: Path) -> str | None:
     return f"{compiler} could not build {_SOURCE.name}: {why}"
 
 
-def _links(compiler: str, flags: list[str], folder: Path) -> bool:
-    """Whether compiler builds a shared library of a few lines of C with flags (a parallel
-    loop, for -fopenmp): a quick probe before a build of the whole file."""
+# where cpu_kernels.c builds each function as target_clones (its VEC macro)
+_CLONED = sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")
+_OPENMP_PROBE = ("int kernels_probe(int n) {\n    int total = 0;\n#pragma omp parallel for reduction(+: total)\n"
+                 "    for (int i = 0; i < n; i++) total += i;\n    return total;\n}\n")
+_CLONES_PROBE = ('__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))\n'
+                 "int kernels_probe(int n) { return n + 1; }\n")
+
+
+def _links(compiler: str, flags: list[str], folder: Path, source: str, exports: str | None = None) -> bool:
+    """Whether compiler builds a shared library of a few lines of C with flags (and, with
+    exports, whether the library loads and has that name): a quick probe before a build of the
+    whole file."""
     import subprocess
 
-    stem = folder / f"probe.{os.getpid()}"
-    source, library = stem.with_suffix(".c"), stem.with_suffix(".so")
-    source.write_text("int kernels_probe(int n) {\n    int total = 0;\n"
-                      "#pragma omp parallel for reduction(+: total)\n"
-                      "    for (int i = 0; i < n; i++) total += i;\n    return total;\n}\n", encoding="utf-8")
+    stem = folder / f"probe-{os.getpid()}-{next(_probes)}"
+    c_file, library = stem.with_suffix(".c"), stem.with_suffix(".so")
+    c_file.write_text(source, encoding="utf-8")
     try:
-        return subprocess.run([compiler, *flags, "-o", str(library), str(source)], capture_output=True,
-                              timeout=120).returncode == 0
+        if subprocess.run([compiler, *flags, "-o", str(library), str(c_file)], capture_output=True,
+                          timeout=120).returncode != 0:
+            return False
+        return exports is None or hasattr(ctypes.CDLL(str(library)), exports)
     except (OSError, subprocess.TimeoutExpired):
         return False
     finally:
-        source.unlink(missing_ok=True)
+        c_file.unlink(missing_ok=True)
         library.unlink(missing_ok=True)
+
+
+_probes = itertools.count()  # a name of its own for each probe's library: a loaded name is never loaded again
 
 
 def _missing_names(library) -> list[str]:

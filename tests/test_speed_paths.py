@@ -636,15 +636,27 @@ def test_python_threads_split_a_call_like_openmp(monkeypatch):
 def test_the_kernels_build_with_clang_and_give_the_same_values(tmp_path):
     """cpu_kernels.c builds with clang, macOS's compiler (and a Linux user's `CC=clang`): on x86
     Linux with target_clones where clang exports them by name (clang 14 builds them under other
-    names only: _build then tries without), and the library has every kernel. Its rotary,
+    names only: a probe finds that out, and the file is built without them), in one compile of
+    the whole file, and the library has every kernel. Its rotary,
     row-sum and attention-heads kernels give the values of the library in use."""
     import ctypes
     import shutil
+    import subprocess
     clang, lib = shutil.which("clang"), cpu_kernels._c()
     if clang is None or lib is None or sys.platform == "win32":
         pytest.skip("no clang here" if clang is None else cpu_kernels.kernels_used())
     path = tmp_path / "kernels.so"
-    assert cpu_kernels._build(clang, path) is None
+    run, whole_builds = subprocess.run, []
+
+    def counting_run(command, *args, **kwargs):
+        whole_builds.extend([command] if str(cpu_kernels._SOURCE) in command else [])
+        return run(command, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(subprocess, "run", counting_run)
+        assert cpu_kernels._build(clang, path) is None
+    # the probes (OpenMP, target_clones' names) foretold what builds: the whole file compiled once
+    assert len(whole_builds) == 1, whole_builds
     assert cpu_kernels._missing_names(path) == [] and not list(tmp_path.glob("*partial*"))
     theirs = ctypes.CDLL(str(path))
     for name in ("rotary_bf16", "rms_sums_bf16", "qk_forward_bf16", "qk_backward_bf16"):
