@@ -91,13 +91,26 @@ def start_wandb(cfg: TrainConfig):
                         f"set WANDB_MODE=offline, or pass --wandb_log=false") from None
 
 
-def draw_loss_curve(out_dir: str, progress: "Progress"):
-    """Redraw <out_dir>/loss.png from metrics.jsonl (plot.py). A picture is never worth a
-    training run: a failure to draw is reported and training goes on."""
-    try:
-        plot.write_loss_png(out_dir)
-    except Exception as e:  # noqa: BLE001
-        progress.write(f"warning: could not draw {Path(out_dir) / 'loss.png'}: {e}")
+class LossCurve:
+    """<out_dir>/loss.png, redrawn from metrics.jsonl (plot.py) after evaluations. A drawing takes
+    a few tenths of a second, so one comes at most once per twenty times its own duration (the
+    curve costs at most about 5% of the run: evaluations a second apart, a small model's, used to
+    spend a third of their time drawing); the last evaluation and a stop always draw. A picture is
+    never worth a training run: a failure to draw is reported and training goes on."""
+
+    def __init__(self, out_dir: str, progress: "Progress"):
+        self.out_dir, self.progress, self.next_at = out_dir, progress, 0.0
+
+    def draw(self, now: bool = False):
+        start = time.perf_counter()
+        if not now and start < self.next_at:
+            return
+        try:
+            plot.write_loss_png(self.out_dir)
+        except Exception as e:  # noqa: BLE001
+            self.progress.write(f"warning: could not draw {Path(self.out_dir) / 'loss.png'}: {e}")
+        end = time.perf_counter()
+        self.next_at = end + 19 * (end - start)
 
 
 class Progress:
@@ -143,18 +156,18 @@ def step_record(iter_num: int, loss, lr: float, precision, t0: float, steps_time
     return record
 
 
-def report_eval(iter_num: int, losses: dict, lr: float, log: MetricsLog, progress: Progress, out_dir: str):
-    """An evaluation's losses: on the console, in the metrics log, and in loss.png."""
+def report_eval(iter_num: int, losses: dict, lr: float, log: MetricsLog, progress: Progress):
+    """An evaluation's losses: on the console and in the metrics log (loss.png: LossCurve)."""
     train_part = f"train loss {losses['train']:.4f}, " if "train" in losses else ""
     progress.write(f"step {iter_num}: {train_part}val loss {losses['val']:.4f}")
     log.log({"iter": iter_num, **{f"{k}/loss": v for k, v in losses.items()}, "lr": lr})
-    draw_loss_curve(out_dir, progress)
 
 
-def report_stop(signum: int, iter_num: int, ckpt_path: Path, progress: Progress, kept_best: int | None = None):
+def report_stop(signum: int, iter_num: int, ckpt_path: Path, progress: Progress, curve: LossCurve,
+                kept_best: int | None = None):
     """After a stop by signal, once its checkpoint is saved (or, with --patience, the best one
     kept, from iteration kept_best): the curve up to now, and how to resume."""
-    draw_loss_curve(str(ckpt_path.parent), progress)  # with the steps since the last evaluation
+    curve.draw(now=True)  # with the steps since the last evaluation
     progress.close()
     what = (f"kept {ckpt_path}, the best model (iteration {kept_best}; --patience keeps the best)"
             if kept_best is not None else f"saved iteration {iter_num} to {ckpt_path}")
@@ -649,6 +662,7 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
 
     log = MetricsLog(cfg.out_dir, start_wandb(cfg) if master else None)
     progress = Progress(iter_num, None if cfg.time_budget else cfg.max_iters, enabled=master)
+    curve = LossCurve(cfg.out_dir, progress)
     patience = Patience(cfg.patience, iter_num)
     stop = StopRequest(procs.ddp)
     skip_eval_at = iter_num if cfg.init_from == "resume" else None  # that eval is in the checkpoint
@@ -664,20 +678,23 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
             at_start = iter_num == 0 and not cfg.eval_at_start and not cfg.eval_only
             if (iter_num % cfg.eval_interval == 0 or last or cfg.eval_only) and iter_num != skip_eval_at and not at_start:
                 losses = estimate_loss(model, data, cfg, precision, procs)
-                if master:
-                    report_eval(iter_num, losses, lr, log, progress, cfg.out_dir)
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
+                out_of_patience = patience.run_out(improved, iter_num) and not last
+                if master:
+                    report_eval(iter_num, losses, lr, log, progress)
                 keep_every = cfg.always_save_checkpoint and not cfg.patience  # patience: ckpt.pt is the best
                 if iter_num > 0 and (improved or keep_every) and not cfg.eval_only:
                     save_checkpoint(ckpt_path, raw_model, optimizer, scaler, iter_num, best_val_loss, run_info,
                                     data_gen, procs, budget.spent)
                     if master:
                         progress.write(f"saved checkpoint to {ckpt_path}")
-                if patience.run_out(improved, iter_num) and not last:
+                if out_of_patience:
                     last = True
                     if master:
                         report_patience(cfg.patience, iter_num, ckpt_path, best_val_loss, patience.best_iter, progress)
+                if master:  # the curve after the checkpoint: a crash while drawing loses nothing
+                    curve.draw(now=last or cfg.eval_only)
                 t0, steps_timed = time.perf_counter(), 0  # keep eval out of the throughput figures
             if last and budget.used_up and master:
                 progress.write(f"time budget spent: {iter_num:,} iterations in {budget.spent:.1f} s of training "
@@ -689,7 +706,7 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
                     save_checkpoint(ckpt_path, raw_model, optimizer, scaler, iter_num, best_val_loss, run_info,
                                     data_gen, procs, budget.spent)
                 if master:
-                    report_stop(stop.signum, iter_num, ckpt_path, progress,
+                    report_stop(stop.signum, iter_num, ckpt_path, progress, curve,
                                 patience.best_iter if cfg.patience else None)
                 stopped_by = stop.signum
                 break

@@ -95,3 +95,26 @@ def test_an_empty_log_still_draws(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")
     plot.write_loss_png(tmp_path)
     assert is_figure(tmp_path / "loss.png")
+
+
+def test_frequent_evaluations_draw_at_most_a_twentieth_of_the_time(monkeypatch, tmp_path):
+    """A drawing of 0.5 s and evaluations 0.1 s apart: the curve is redrawn only once 20 times a
+    drawing's duration has passed since the last began, so drawing is at most 5% of the run;
+    a drawing asked for now (the last evaluation, a stop) always comes."""
+    import types
+    clock, drawn = [0.0], []
+
+    def draw(out_dir):
+        drawn.append(clock[0])
+        clock[0] += 0.5
+
+    monkeypatch.setattr(train.plot, "write_loss_png", draw)
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    curve = train.LossCurve(str(tmp_path), progress=None)
+    for _ in range(200):
+        curve.draw()
+        clock[0] += 0.1
+    assert len(drawn) == 3 and all(b - a >= 20 * 0.5 for a, b in zip(drawn, drawn[1:])), drawn
+    assert 0.5 * len(drawn) <= 0.05 * clock[0] + 0.5  # 5% of the run, and the first drawing
+    curve.draw(now=True)
+    assert len(drawn) == 4 and drawn[-1] == clock[0] - 0.5
