@@ -13,14 +13,10 @@
 #include <string.h>
 #include <math.h>
 
-/* On x86-64 Linux each function is built for AVX512, AVX2 and plain x86-64, the CPU picking one
- * at load time (gcc and clang's target_clones): one build serves any x86 CPU that shares the
- * cache folder. Elsewhere (macOS, arm) the compiler's default target is used. */
-#if defined(__x86_64__) && defined(__linux__) && !defined(NO_CLONES)
-#define VEC __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define VEC
-#endif
+/* cpu_kernels.py builds this file for the CPU in front of it: on x86-64 with the instruction
+ * sets of torch's own kernels for that CPU (AVX512 or AVX2, as torch.backends.cpu reports), so
+ * the cache holds one library per kind of CPU and a folder shared by different CPUs stays safe.
+ * Elsewhere (arm) the compiler's default target is used. */
 
 /* Built with OpenMP (-fopenmp, where the compiler has it: gcc), each function splits its range
  * over the threads itself. The library then asks for libgomp.so.1, which torch's own copy
@@ -62,8 +58,8 @@ static inline uint16_t float_to_bf16(float f) {
  * x86, NEON on arm), for rows too short for the compiler's own loops to fill its vectors (a
  * rotary half row: 24 values at head size 48), loaded from and stored to float32 or bf16: the
  * bf16 load widens as bf16_to_float, its round and store round as float_to_bf16 (NaN to
- * 0x7FC0). Macros with statement expressions, not functions: clang refuses to pass a vector
- * between a function built for one target and one of target_clones' copies. */
+ * 0x7FC0). Macros with statement expressions, not functions, so that they are always inlined
+ * into the kernel that uses them. */
 #define VECTOR_TYPES(N)                                                                            \
     typedef float f32x##N __attribute__((vector_size(4 * N)));                                     \
     typedef uint32_t u32x##N __attribute__((vector_size(4 * N)));                                  \
@@ -86,7 +82,7 @@ VECTOR_TYPES(4)
 /* numpy's SFC64 generator (numpy/random/src/sfc64/sfc64.h): n outputs from the state s (a, b,
  * c, counter), which is advanced in place, so this gives the words numpy's random_raw(n) gives
  * from the same state, several times faster (numpy calls its generator once per word). */
-VEC void sfc64_fill(uint64_t *s, uint64_t *out, int64_t n) {
+void sfc64_fill(uint64_t *s, uint64_t *out, int64_t n) {
     uint64_t a = s[0], b = s[1], c = s[2], counter = s[3];
     for (int64_t i = 0; i < n; i++) {
         uint64_t tmp = a + b + counter++;
@@ -99,14 +95,14 @@ VEC void sfc64_fill(uint64_t *s, uint64_t *out, int64_t n) {
 }
 
 /* out[i] = x[i] * (bits[i] >= threshold ? scale : 0): dropout and its backward pass */
-VEC void mask_mul_bf16(const uint16_t *x, const int16_t *bits, uint16_t *out, int64_t start, int64_t stop,
+void mask_mul_bf16(const uint16_t *x, const int16_t *bits, uint16_t *out, int64_t start, int64_t stop,
                    int32_t threshold, float scale) {
     PARALLEL_FOR(ELEMENTS)
     for (int64_t i = start; i < stop; i++)
         out[i] = float_to_bf16(bf16_to_float(x[i]) * (bits[i] >= threshold ? scale : 0.0f));
 }
 
-VEC void mask_mul_f32(const float *x, const int16_t *bits, float *out, int64_t start, int64_t stop,
+void mask_mul_f32(const float *x, const int16_t *bits, float *out, int64_t start, int64_t stop,
                   int32_t threshold, float scale) {
     PARALLEL_FOR(ELEMENTS)
     for (int64_t i = start; i < stop; i++)
@@ -118,7 +114,7 @@ VEC void mask_mul_f32(const float *x, const int16_t *bits, float *out, int64_t s
  * values from bits + m * (T/2) * (T+1); query row i < T/2 reads its bit row i forwards, row
  * T-1-i reads the same bit row backwards from its end. With T odd the bits are (T, T). */
 #define CAUSAL_MASK(NAME, TYPE, LOAD, STORE)                                                         \
-    VEC void NAME(const TYPE *p, const int16_t *bits, TYPE *out, int64_t start, int64_t stop, int64_t T, \
+    void NAME(const TYPE *p, const int16_t *bits, TYPE *out, int64_t start, int64_t stop, int64_t T, \
               int32_t threshold) {                                                                \
         int64_t half = T / 2;                                                                     \
         PARALLEL_FOR(stop - start >= 2)                                                           \
@@ -155,14 +151,14 @@ CAUSAL_MASK(causal_mask_f32, float, IDENTITY, IDENTITY)
  * float32: out[i] = x[i] + (y[i] * (kept ? scale : 0), rounded to y's dtype), as torch's add
  * of the two computes it. Built with -ffp-contract=off, so no multiply and add fuse into one
  * rounding where torch rounds twice. */
-VEC void add_mask_mul_bf16(const float *x, const uint16_t *y, const int16_t *bits, float *out, int64_t start,
+void add_mask_mul_bf16(const float *x, const uint16_t *y, const int16_t *bits, float *out, int64_t start,
                            int64_t stop, int32_t threshold, float scale) {
     PARALLEL_FOR(ELEMENTS)
     for (int64_t i = start; i < stop; i++)
         out[i] = x[i] + bf16_to_float(float_to_bf16(bf16_to_float(y[i]) * (bits[i] >= threshold ? scale : 0.0f)));
 }
 
-VEC void add_mask_mul_f32(const float *x, const float *y, const int16_t *bits, float *out, int64_t start,
+void add_mask_mul_f32(const float *x, const float *y, const int16_t *bits, float *out, int64_t start,
                           int64_t stop, int32_t threshold, float scale) {
     PARALLEL_FOR(ELEMENTS)
     for (int64_t i = start; i < stop; i++)
@@ -171,7 +167,7 @@ VEC void add_mask_mul_f32(const float *x, const float *y, const int16_t *bits, f
 
 /* Its backward pass for a bf16 y: the float32 gradient rounded to bf16 (the add's backward
  * casts it to y's dtype), times the mask, rounded again. */
-VEC void mask_mul_f32_to_bf16(const float *g, const int16_t *bits, uint16_t *out, int64_t start, int64_t stop,
+void mask_mul_f32_to_bf16(const float *g, const int16_t *bits, uint16_t *out, int64_t start, int64_t stop,
                               int32_t threshold, float scale) {
     PARALLEL_FOR(ELEMENTS)
     for (int64_t i = start; i < stop; i++)
@@ -184,7 +180,7 @@ VEC void mask_mul_f32_to_bf16(const float *g, const int16_t *bits, uint16_t *out
  * sum (p * minus_d, two bf16 values, is exact in float, so whether torch fuses that multiply
  * into its add makes no difference; in float32 it would, so float32 keeps torch's ops). */
 #define ATTENTION_DS(NAME, TYPE, LOAD, STORE)                                                      \
-    VEC void NAME(TYPE *gv, const TYPE *pm, const TYPE *p, const TYPE *minus_d, int64_t start,     \
+    void NAME(TYPE *gv, const TYPE *pm, const TYPE *p, const TYPE *minus_d, int64_t start,     \
                   int64_t stop, int64_t T) {                                                       \
         PARALLEL_FOR((stop - start) * T * T >= 65536)                                              \
         for (int64_t r = start * T; r < stop * T; r++) { /* one query row of one matrix */         \
@@ -226,7 +222,7 @@ static inline float torch_expf(float d) {
     return d < -104.0f ? 0.0f : u;
 }
 
-VEC void exp_f32(const float *x, float *out, int64_t start, int64_t stop) {
+void exp_f32(const float *x, float *out, int64_t start, int64_t stop) {
     for (int64_t i = start; i < stop; i++) out[i] = torch_expf(x[i]);
 }
 
@@ -294,7 +290,7 @@ CAUSAL_SOFTMAX_ROW(causal_softmax_row8, 8)
  * part read: no mask added first), into p, and p times its dropout mask into pm, the bits laid
  * out as causal_mask's; bits and pm NULL for no dropout. lanes: 16 or 8, the float vector of
  * torch's build on this CPU (cpu_kernels.py checks which one gives torch's values). */
-VEC void causal_softmax_bf16(const uint16_t *s, const int16_t *bits, uint16_t *p, uint16_t *pm, int64_t start,
+void causal_softmax_bf16(const uint16_t *s, const int16_t *bits, uint16_t *p, uint16_t *pm, int64_t start,
                              int64_t stop, int64_t T, int32_t threshold, int64_t lanes) {
     int64_t half = T / 2;
     PARALLEL_FOR((stop - start) * T * T >= 65536)
@@ -325,7 +321,7 @@ VEC void causal_softmax_bf16(const uint16_t *s, const int16_t *bits, uint16_t *p
  * round: one pass instead of three copies and two multiplies. Output rows [start, stop) of
  * B * nh * T, written in order. */
 #define SPLIT_HEADS(SUFFIX, TYPE, LOAD, STORE)                                                     \
-    VEC void split_heads_##SUFFIX(const TYPE *x, TYPE *q, TYPE *k, TYPE *v, int64_t start, int64_t stop, \
+    void split_heads_##SUFFIX(const TYPE *x, TYPE *q, TYPE *k, TYPE *v, int64_t start, int64_t stop, \
                                   int64_t nh, int64_t T, int64_t hs, int64_t row_stride, float q_scale, \
                                   float v_scale) {                                                \
         int64_t C = nh * hs;                                                                       \
@@ -355,7 +351,7 @@ SPLIT_HEADS(f32, float, IDENTITY, IDENTITY)
  * (grad * (2 * r), zero where r <= 0) round: 2 * r is exact, so each result is one rounding of
  * a product. NaN stays NaN, as in torch's relu. */
 #define RELU_SQUARED(SUFFIX, TYPE, LOAD, STORE)                                                      \
-    VEC void relu_squared_forward_##SUFFIX(const TYPE *x, TYPE *out, int64_t start, int64_t stop) {                \
+    void relu_squared_forward_##SUFFIX(const TYPE *x, TYPE *out, int64_t start, int64_t stop) {                \
         PARALLEL_FOR(ELEMENTS)                                                                     \
         for (int64_t i = start; i < stop; i++) {                                                   \
             float v = LOAD(x[i]);                                                                  \
@@ -363,7 +359,7 @@ SPLIT_HEADS(f32, float, IDENTITY, IDENTITY)
             out[i] = STORE(r * r);                                                                 \
         }                                                                                          \
     }                                                                                              \
-    VEC void relu_squared_backward_##SUFFIX(const TYPE *x, const TYPE *g, TYPE *out, int64_t start, int64_t stop) { \
+    void relu_squared_backward_##SUFFIX(const TYPE *x, const TYPE *g, TYPE *out, int64_t start, int64_t stop) { \
         PARALLEL_FOR(ELEMENTS)                                                                     \
         for (int64_t i = start; i < stop; i++) {                                                   \
             float v = LOAD(x[i]);                                                                  \
@@ -379,7 +375,7 @@ RELU_SQUARED(f32, float, IDENTITY, IDENTITY)
  * so cpu_kernels.py asks torch once for its float32 factor f(x) at each (gelu_backward of a
  * gradient of 1 in float32), and out = bf16(float(g) * f(x)), the one product and rounding
  * torch's bf16 kernel ends with: torch's values, at the speed of memory. */
-VEC void lookup_grad_bf16(const uint16_t *x, const uint16_t *g, const float *table, uint16_t *out,
+void lookup_grad_bf16(const uint16_t *x, const uint16_t *g, const float *table, uint16_t *out,
                           int64_t start, int64_t stop) {
     PARALLEL_FOR(ELEMENTS)
     for (int64_t i = start; i < stop; i++) out[i] = float_to_bf16(bf16_to_float(g[i]) * table[x[i]]);
@@ -408,7 +404,7 @@ VEC void lookup_grad_bf16(const uint16_t *x, const uint16_t *g, const float *tab
 #define VECTORS_F32 ROTATE_VECTORS(16, LOAD_F32, KEEP_F32, STORE_F32) ROTATE_VECTORS(8, LOAD_F32, KEEP_F32, STORE_F32)
 #define VECTORS_BF16 ROTATE_VECTORS(16, LOAD_BF16, ROUND_BF16_V, STORE_BF16) ROTATE_VECTORS(8, LOAD_BF16, ROUND_BF16_V, STORE_BF16)
 #define ROTARY(SUFFIX, TYPE, LOAD, STORE, ROUND, VECTORS)                                          \
-    VEC void rotary_##SUFFIX(const TYPE *x, const TYPE *cos, const TYPE *sin, TYPE *out, int64_t start, \
+    void rotary_##SUFFIX(const TYPE *x, const TYPE *cos, const TYPE *sin, TYPE *out, int64_t start, \
                              int64_t stop, int64_t nh, int64_t T, int64_t h, int64_t sb, int64_t sh,   \
                              int64_t st, int64_t cb, int32_t backward) {                          \
         float sign = backward ? -1.0f : 1.0f; /* exact: it only flips signs */                   \
@@ -499,7 +495,7 @@ static inline float torch_sum(const float *v, int64_t n, int64_t lanes) {
 }
 
 /* out[row] = torch_sum of row `row` of v (rows of n, contiguous): the check against torch.sum */
-VEC void row_sums_f32(const float *v, float *out, int64_t start, int64_t stop, int64_t n, int64_t lanes) {
+void row_sums_f32(const float *v, float *out, int64_t start, int64_t stop, int64_t n, int64_t lanes) {
     for (int64_t row = start; row < stop; row++) out[row] = torch_sum(v + row * n, n, lanes);
 }
 
@@ -518,7 +514,7 @@ VEC void row_sums_f32(const float *v, float *out, int64_t start, int64_t stop, i
  * are contiguous. */
 #define ROW_OFFSET(row, s0, s1, s2) (((row) / (d1 * d2)) * (s0) + (((row) / d2) % d1) * (s1) + ((row) % d2) * (s2))
 #define RMS_NORM(SUFFIX, TYPE, LOAD, STORE)                                                        \
-    VEC void rms_square_##SUFFIX(const TYPE *x, float *sq, int64_t start, int64_t stop, int64_t n, \
+    void rms_square_##SUFFIX(const TYPE *x, float *sq, int64_t start, int64_t stop, int64_t n, \
                                  int64_t d1, int64_t d2, int64_t s0, int64_t s1, int64_t s2,      \
                                  int64_t q0, int64_t q1, int64_t q2) {                            \
         PARALLEL_FOR((stop - start) * n >= 32768)                                                  \
@@ -531,7 +527,7 @@ VEC void row_sums_f32(const float *v, float *out, int64_t start, int64_t stop, i
             }                                                                                      \
         }                                                                                          \
     }                                                                                              \
-    VEC void rms_scale_##SUFFIX(const TYPE *x, const float *r, TYPE *out, int64_t start, int64_t stop, \
+    void rms_scale_##SUFFIX(const TYPE *x, const float *r, TYPE *out, int64_t start, int64_t stop, \
                                 int64_t n, int64_t d1, int64_t d2, int64_t s0, int64_t s1, int64_t s2, \
                                 int64_t o0, int64_t o1, int64_t o2) {                             \
         PARALLEL_FOR((stop - start) * n >= 32768)                                                  \
@@ -543,7 +539,7 @@ VEC void row_sums_f32(const float *v, float *out, int64_t start, int64_t stop, i
                 o[j] = STORE(LOAD(xr[j]) * rr);                                                    \
         }                                                                                          \
     }                                                                                              \
-    VEC void rms_product_##SUFFIX(const TYPE *g, const TYPE *x, float *prod, int64_t start, int64_t stop, \
+    void rms_product_##SUFFIX(const TYPE *g, const TYPE *x, float *prod, int64_t start, int64_t stop, \
                                   int64_t n, int64_t d1, int64_t d2, int64_t s0, int64_t s1, int64_t s2) { \
         PARALLEL_FOR((stop - start) * n >= 32768)                                                  \
         for (int64_t row = start; row < stop; row++) {                                             \
@@ -563,7 +559,7 @@ RMS_NORM(f32, float, IDENTITY, IDENTITY)
  * values made in a buffer of the row (n <= 8192) and summed in torch's order. x's rows as
  * above, g contiguous. No sq or prod tensor is written, nor read again by torch. */
 #define RMS_SUMS(SUFFIX, TYPE, LOAD)                                                               \
-    VEC void rms_sums_##SUFFIX(const TYPE *x, const TYPE *g, float *out, int64_t start, int64_t stop, \
+    void rms_sums_##SUFFIX(const TYPE *x, const TYPE *g, float *out, int64_t start, int64_t stop, \
                                int64_t n, int64_t d1, int64_t d2, int64_t s0, int64_t s1, int64_t s2, \
                                int64_t lanes, int32_t product) {                                  \
         PARALLEL_FOR((stop - start) * n >= 32768)                                                  \
@@ -583,7 +579,7 @@ RMS_SUMS(f32, float, IDENTITY)
 
 /* The backward's gradient for a bf16 x: torch's composite widens x to float32 first, so both of
  * its terms meet in float32 and the sum is rounded to bf16 once. */
-VEC void rms_grad_bf16(const uint16_t *g, const uint16_t *x, const float *r, const float *gv, uint16_t *out,
+void rms_grad_bf16(const uint16_t *g, const uint16_t *x, const float *r, const float *gv, uint16_t *out,
                        int64_t start, int64_t stop, int64_t n, int64_t d1, int64_t d2, int64_t s0, int64_t s1,
                        int64_t s2) {
     PARALLEL_FOR((stop - start) * n >= 32768)
@@ -599,7 +595,7 @@ VEC void rms_grad_bf16(const uint16_t *g, const uint16_t *x, const float *r, con
 /* For a float32 x the two terms are x's gradient from two of autograd's nodes (the mul and the
  * square): it adds each to whatever else x's gradient holds in turn, so they are written apart
  * and cpu_kernels.py hands them back as two gradients, to be added in the same order. */
-VEC void rms_grad_terms_f32(const float *g, const float *x, const float *r, const float *gv, float *direct,
+void rms_grad_terms_f32(const float *g, const float *x, const float *r, const float *gv, float *direct,
                             float *squared, int64_t start, int64_t stop, int64_t n, int64_t d1, int64_t d2,
                             int64_t s0, int64_t s1, int64_t s2) {
     PARALLEL_FOR((stop - start) * n >= 32768)
@@ -697,7 +693,7 @@ static inline __attribute__((always_inline)) void torch_sums_short(const float *
         }                                                                                          \
     }
 #define QK_HEADS(SUFFIX, TYPE, LOAD, STORE, ROUND)                                                 \
-    VEC void qk_forward_##SUFFIX(const TYPE *qkv, const TYPE *cos, const TYPE *sin, TYPE *out, float *r, \
+    void qk_forward_##SUFFIX(const TYPE *qkv, const TYPE *cos, const TYPE *sin, TYPE *out, float *r, \
                                  int64_t start, int64_t stop, int64_t rows, int64_t T, int64_t nh, \
                                  int64_t hs, int64_t cb, int64_t lanes, float eps) {               \
         const float sign = 1.0f;                                                                   \
@@ -722,7 +718,7 @@ static inline __attribute__((always_inline)) void torch_sums_short(const float *
                        hs * sizeof(TYPE));                                                         \
         }                                                                                          \
     }                                                                                              \
-    VEC void qk_backward_##SUFFIX(const TYPE *qkv, const TYPE *gq, const TYPE *gk, const TYPE *gv, \
+    void qk_backward_##SUFFIX(const TYPE *qkv, const TYPE *gq, const TYPE *gk, const TYPE *gv, \
                                   const float *r, const TYPE *cos, const TYPE *sin, TYPE *out,     \
                                   int64_t start, int64_t stop, int64_t rows, int64_t T, int64_t nh, \
                                   int64_t hs, int64_t cb, int64_t lanes) {                         \

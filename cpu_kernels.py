@@ -25,7 +25,6 @@ dropout and SDPA) side by side with ours.
 import contextlib
 import ctypes
 import hashlib
-import itertools
 import math
 import os
 import platform
@@ -91,8 +90,13 @@ _SIGNATURES = {  # cpu_kernels.c's functions and their arguments
 # -ffp-contract=off: each multiply and add rounds on its own, as torch's separate ops do;
 # on x86 the AVX512 build may use whole 512-bit vectors (gcc's default stops at 256 bits in
 # places: the softmax kernel's exp ran at half speed)
-_FLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared",
-          *(["-mprefer-vector-width=512"] if platform.machine().lower() in ("x86_64", "amd64") else [])]
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+_FLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared", *(["-mprefer-vector-width=512"] if _X86 else [])]
+# the instruction sets of torch's own CPU kernels for each capability (its cmake), so that the
+# library runs wherever torch runs those: one build for the CPU in front of us, a third of the
+# compiling of one build with a version for each (target_clones, before)
+_ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+              "AVX2": ["-mavx2", "-mfma"]}
 _c_state: dict = {}  # "lib": the loaded library or None, "why": what was used and why
 _c_allowed = True  # False inside without_c()
 
@@ -109,15 +113,13 @@ def _build(compiler: str, path: Path) -> str | None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     why = ""
-    # OpenMP where the compiler has it (gcc; not Apple's clang, nor a clang without libomp), and
-    # target_clones where the compiler exports their functions by name (gcc; not clang 14): a few
-    # lines find out each first, where a failed build of the whole file came after all its
-    # compiling. Builds without them stay as fallbacks.
-    openmp = _links(compiler, [*_FLAGS, "-fopenmp"], path.parent, _OPENMP_PROBE)
-    clones = _CLONED and _links(compiler, _FLAGS, path.parent, _CLONES_PROBE, exports="kernels_probe")
+    # OpenMP where the compiler has it (gcc; not Apple's clang, nor a clang without libomp: a few
+    # lines find out first, where a failed link of the whole file came after all its
+    # compiling), this CPU's vector instructions where the compiler takes them
+    openmp, isa = _links(compiler, [*_FLAGS, "-fopenmp"], path.parent), _isa_flags()
     attempts = [[*_FLAGS, *threads, *vectors]
                 for threads in ([["-fopenmp"]] if openmp else []) + [[]]
-                for vectors in ([[]] if clones else []) + [["-DNO_CLONES"]]]
+                for vectors in ([isa] if isa else []) + [[]]]
     for i, flags in enumerate(attempts):
         # a name of its own for each attempt: the check below loads it, and a process that has
         # loaded a library by a name gets that one again for the same name
@@ -131,47 +133,41 @@ def _build(compiler: str, path: Path) -> str | None:
         if done.returncode == 0 and not (missing := _missing_names(partial)):
             os.replace(partial, path)
             return None
-        why = (f"its library lacks the name {missing[0]}" if done.returncode == 0  # clang 14's target_clones
+        why = (f"its library lacks the name {missing[0]}" if done.returncode == 0
                else (done.stderr.strip().splitlines() or ["no message"])[0][:200])
         partial.unlink(missing_ok=True)
     return f"{compiler} could not build {_SOURCE.name}: {why}"
 
 
-# where cpu_kernels.c builds each function as target_clones (its VEC macro)
-_CLONED = sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")
-_OPENMP_PROBE = ("int kernels_probe(int n) {\n    int total = 0;\n#pragma omp parallel for reduction(+: total)\n"
-                 "    for (int i = 0; i < n; i++) total += i;\n    return total;\n}\n")
-_CLONES_PROBE = ('__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))\n'
-                 "int kernels_probe(int n) { return n + 1; }\n")
+def _isa_flags() -> list[str]:
+    """The compiler flags for this CPU's vector instructions: torch's own for its capability here
+    (AVX512 or AVX2 on x86-64; ATEN_CPU_CAPABILITY lowers it), none elsewhere."""
+    return _ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), []) if _X86 else []
 
 
-def _links(compiler: str, flags: list[str], folder: Path, source: str, exports: str | None = None) -> bool:
-    """Whether compiler builds a shared library of a few lines of C with flags (and, with
-    exports, whether the library loads and has that name): a quick probe before a build of the
-    whole file."""
+def _links(compiler: str, flags: list[str], folder: Path) -> bool:
+    """Whether compiler builds a shared library of a few lines of C with flags (a parallel
+    loop, for -fopenmp): a quick probe before a build of the whole file."""
     import subprocess
 
-    stem = folder / f"probe-{os.getpid()}-{next(_probes)}"
-    c_file, library = stem.with_suffix(".c"), stem.with_suffix(".so")
-    c_file.write_text(source, encoding="utf-8")
+    stem = folder / f"probe-{os.getpid()}"
+    source, library = stem.with_suffix(".c"), stem.with_suffix(".so")
+    source.write_text("int kernels_probe(int n) {\n    int total = 0;\n"
+                      "#pragma omp parallel for reduction(+: total)\n"
+                      "    for (int i = 0; i < n; i++) total += i;\n    return total;\n}\n", encoding="utf-8")
     try:
-        if subprocess.run([compiler, *flags, "-o", str(library), str(c_file)], capture_output=True,
-                          timeout=120).returncode != 0:
-            return False
-        return exports is None or hasattr(ctypes.CDLL(str(library)), exports)
+        return subprocess.run([compiler, *flags, "-o", str(library), str(source)], capture_output=True,
+                              timeout=120).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
     finally:
-        c_file.unlink(missing_ok=True)
+        source.unlink(missing_ok=True)
         library.unlink(missing_ok=True)
-
-
-_probes = itertools.count()  # a name of its own for each probe's library: a loaded name is never loaded again
 
 
 def _missing_names(library) -> list[str]:
     """The kernels that a library (loaded, or the path of one) does not export by name (all, if
-    it will not load): clang 14 builds target_clones' functions under other names only."""
+    it will not load: a stale or foreign file)."""
     try:
         lib = library if isinstance(library, ctypes.CDLL) else ctypes.CDLL(str(library))
     except OSError:
@@ -187,9 +183,11 @@ def _load():
     compiler = _compiler()
     if compiler is None:
         return None, "numpy kernels (no C compiler: cc, gcc or clang; CC names another)"
-    key = hashlib.sha256(_SOURCE.read_bytes() + f"{os.path.realpath(compiler)} {_FLAGS} {sys.platform} "
+    isa = _isa_flags()  # one library per kind of CPU: a cache shared by different CPUs stays safe
+    key = hashlib.sha256(_SOURCE.read_bytes() + f"{os.path.realpath(compiler)} {_FLAGS} {isa} {sys.platform} "
                          f"{platform.machine()}".encode()).hexdigest()[:20]
-    path = user_cache("kernels") / f"cpu_kernels-{key}{'.dylib' if sys.platform == 'darwin' else '.so'}"
+    kind = torch.backends.cpu.get_cpu_capability().lower() if isa else "default"
+    path = user_cache("kernels") / f"cpu_kernels-{kind}-{key}{'.dylib' if sys.platform == 'darwin' else '.so'}"
     try:
         if not path.exists() and (why := _build(compiler, path)):
             return None, f"numpy kernels ({why})"

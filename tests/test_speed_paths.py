@@ -633,12 +633,12 @@ def test_python_threads_split_a_call_like_openmp(monkeypatch):
     assert torch.equal(whole, split) and (whole == 0).any()
 
 
-def test_the_kernels_build_with_clang_and_give_the_same_values(tmp_path):
-    """cpu_kernels.c builds with clang, macOS's compiler (and a Linux user's `CC=clang`): on x86
-    Linux with target_clones where clang exports them by name (clang 14 builds them under other
-    names only: a probe finds that out, and the file is built without them), in one compile of
-    the whole file, and the library has every kernel. Its rotary,
-    row-sum and attention-heads kernels give the values of the library in use."""
+def test_the_kernels_build_with_clang_for_avx2_and_give_the_same_values(tmp_path, monkeypatch):
+    """cpu_kernels.c builds with clang, macOS's compiler (and a Linux user's `CC=clang`), in one
+    compile of the whole file (a probe finds out first whether -fopenmp links), for the CPU
+    torch reports: here told AVX2 (on x86), the vector width of an AVX2-only CPU. The library
+    has every kernel, and its rotary, row-sum and attention-heads kernels (explicit vectors of
+    16 and 8) give the values of the library in use."""
     import ctypes
     import shutil
     import subprocess
@@ -652,11 +652,13 @@ def test_the_kernels_build_with_clang_and_give_the_same_values(tmp_path):
         whole_builds.extend([command] if str(cpu_kernels._SOURCE) in command else [])
         return run(command, *args, **kwargs)
 
-    with pytest.MonkeyPatch.context() as mp:
+    with monkeypatch.context() as mp:
         mp.setattr(subprocess, "run", counting_run)
+        mp.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
         assert cpu_kernels._build(clang, path) is None
-    # the probes (OpenMP, target_clones' names) foretold what builds: the whole file compiled once
     assert len(whole_builds) == 1, whole_builds
+    if cpu_kernels._X86:
+        assert "-mavx2" in whole_builds[0] and "-mavx512f" not in whole_builds[0], whole_builds
     assert cpu_kernels._missing_names(path) == [] and not list(tmp_path.glob("*partial*"))
     theirs = ctypes.CDLL(str(path))
     for name in ("rotary_bf16", "rms_sums_bf16", "qk_forward_bf16", "qk_backward_bf16"):
@@ -693,7 +695,7 @@ def test_the_kernels_build_with_clang_and_give_the_same_values(tmp_path):
 
 
 def test_a_library_without_every_kernel_is_not_used(monkeypatch):
-    """A built library that lacks a kernel's name (clang 14's clones; a stale file) is not used:
+    """A built library that lacks a kernel's name (a stale or foreign file) is not used:
     the numpy and torch path runs, and the reason kernels_used() prints names the missing kernel
     (before, the first training step died with an AttributeError)."""
     if cpu_kernels._c() is None:
@@ -936,3 +938,34 @@ def test_kept_memory_spares_the_page_faults_of_large_tensors():
         assert faults() < 4_000
     finally:
         hardware.keep_freed_memory(False)
+
+
+def test_the_kernels_are_built_for_the_cpu_torch_reports(monkeypatch, tmp_path):
+    """One library per kind of CPU: the vector instructions of torch's own kernels for the
+    capability torch reports (AVX512, AVX2) are in the build and in the cache file's name and
+    key, so a cache folder shared by different CPUs never hands one a library built for another;
+    a compiler that refuses the flags still gets a plain build."""
+    if cpu_kernels._compiler() is None or sys.platform == "win32":
+        pytest.skip("no C compiler here")
+    if not cpu_kernels._X86:
+        assert cpu_kernels._isa_flags() == []
+        return
+    source = tmp_path / "kernels.c"
+    source.write_text("int kernels_openmp(void) { return 0; }\n", encoding="utf-8")
+    monkeypatch.setattr(cpu_kernels, "_SOURCE", source)
+    monkeypatch.setattr(cpu_kernels, "_SIGNATURES", {"kernels_openmp": ()})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder = tmp_path / "nanogpt-toolkit" / "kernels"
+    names = {}
+    for capability in ("AVX2", "DEFAULT"):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        assert cpu_kernels._load()[0] is not None
+        names[capability] = {p.name for p in folder.iterdir()} - set().union(*names.values())
+    assert [n.split("-")[1] for n in names["AVX2"]] == ["avx2"], names
+    assert [n.split("-")[1] for n in names["DEFAULT"]] == ["default"], names
+    assert cpu_kernels._isa_flags() == [] and "-mavx2" in cpu_kernels._ISA_FLAGS["AVX2"]
+    # flags the compiler refuses: the plain build after them
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setitem(cpu_kernels._ISA_FLAGS, "AVX512", ["-mno-such-flag"])
+    assert cpu_kernels._build(cpu_kernels._compiler(), tmp_path / "plain.so") is None
+    assert (tmp_path / "plain.so").exists()
