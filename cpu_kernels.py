@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from hardware import user_cache
+from hardware import mark_used, prune_cache, user_cache
 
 
 _enabled = True  # False inside torch_kernels()
@@ -189,8 +189,12 @@ def _load():
     kind = torch.backends.cpu.get_cpu_capability().lower() if isa else "default"
     path = user_cache("kernels") / f"cpu_kernels-{kind}-{key}{'.dylib' if sys.platform == 'darwin' else '.so'}"
     try:
-        if not path.exists() and (why := _build(compiler, path)):
+        if path.exists():
+            mark_used(path)
+        elif why := _build(compiler, path):
             return None, f"numpy kernels ({why})"
+        else:
+            prune_cache(path, f"cpu_kernels-*{path.suffix}")  # builds unused for a month
         lib = ctypes.CDLL(str(path))
     except OSError as e:  # an unwritable cache, a library this system cannot load
         return None, f"numpy kernels ({type(e).__name__}: {e})"

@@ -46,7 +46,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import model as model_module
-from hardware import user_cache
+from hardware import mark_used, prune_cache, user_cache
 from model import GPT, GPTConfig, KVCache, RMSNorm, apply_rotary, slide_window
 
 # the model options this decoder does not implement: a model that uses one of them (a value other
@@ -251,6 +251,7 @@ class FastDecoder:
             try:
                 self.compiled = CompiledStep(path, key, self.stepping)
                 self.check_compiled(batch_size)
+                mark_used(path)
                 return f"compiled step loaded from {path}"
             except Exception as e:  # noqa: BLE001 (any failure to load means: build it again)
                 self.compiled = None
@@ -264,6 +265,7 @@ class FastDecoder:
             build_step(self.stepping, batch_size, key, path)
             self.compiled = CompiledStep(path, key, self.stepping)
             self.check_compiled(batch_size)
+            prune_cache(path, "step-*.pt2")  # steps unused for a month: other shapes, older code
         except Exception as e:  # noqa: BLE001 (no compiler, an op it lacks...: decode eagerly)
             self.compiled = None
             log(f"could not compile the decoding step ({one_line(e)}); decoding with the eager step")

@@ -18,6 +18,7 @@ import contextlib
 import functools
 import os
 import platform
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,32 @@ def user_cache(name: str) -> Path:
     builds once per machine: compiled decode steps, the C dropout kernels."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(root) / "nanogpt-toolkit" / name
+
+
+CACHE_KEEP_DAYS = 30  # a build in the cache that no process has used for this long is removed
+
+
+def mark_used(path: Path):
+    """Note that a file of the cache was used now (its modification time), so that
+    prune_cache keeps it. A read-only cache is no error."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def prune_cache(path: Path, pattern: str):
+    """After a new build at path: remove the files of its folder matching pattern (its other
+    builds: other versions of the code, model shapes, CPUs sharing the folder) that no process
+    has used for CACHE_KEEP_DAYS days, so that upgrades do not pile builds up. What cannot be
+    removed (in use on Windows, another user's) stays."""
+    cutoff = time.time() - CACHE_KEEP_DAYS * 86400
+    for other in path.parent.glob(pattern):
+        try:
+            if other != path and other.stat().st_mtime < cutoff:
+                other.unlink()
+        except OSError:
+            pass
 
 
 def available_memory() -> int:

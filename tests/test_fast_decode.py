@@ -7,12 +7,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import fast_decode
+import hardware
 import sample
 from fast_decode import FastDecoder, decoder_for, supported, val_loss
 from model import GPT, GPTConfig
@@ -348,9 +350,15 @@ def compiled(tmp_path_factory):
         path = fast_decode.step_path(fast_decode.step_key(decoder.model, "float32", 1))
         path.parent.mkdir(parents=True)
         path.write_bytes(b"half a package")
+        # other builds in the folder: one unused for over a month, one used 10 days ago
+        old, recent = path.with_name("step-old.pt2"), path.with_name("step-recent.pt2")
+        for other, days in ((old, hardware.CACHE_KEEP_DAYS + 1), (recent, 10)):
+            other.write_bytes(b"another shape's step")
+            os.utime(other, (time.time() - days * 86400,) * 2)
         lines = []
         how = decoder.compile_step(1, log=lines.append)
-        yield {"decoder": decoder, "how": how, "lines": lines, "path": path, "cache": cache}
+        yield {"decoder": decoder, "how": how, "lines": lines, "path": path, "cache": cache,
+               "old": old, "recent": recent}
 
 
 @pytest.mark.slow
@@ -359,6 +367,7 @@ def test_a_damaged_package_is_built_again_and_the_user_is_told(compiled):
     assert "compiled in" in compiled["how"] and compiled["decoder"].compiled is not None
     assert compiled["path"].stat().st_size > 1000
     assert not list(compiled["path"].parent.glob("*.partial.pt2"))  # the build's temporary file is gone
+    assert not compiled["old"].exists() and compiled["recent"].exists()  # a build prunes the month-old
 
 
 @pytest.mark.slow
@@ -402,10 +411,12 @@ def test_a_later_process_loads_the_package_without_compiling(compiled):
               "model = test_fast_decode.tiny_model(2)\n"
               "decoder, how = fast_decode.decoder_for(model, 1, 'float32', new_tokens=1)\n"
               "print(how)\n")
-    before = compiled["path"].stat().st_mtime_ns
+    before = compiled["path"].stat()
     env = {**os.environ, "XDG_CACHE_HOME": str(compiled["cache"])}
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr
     assert "compiled step loaded from" in done.stdout and "compiling" not in done.stdout + done.stderr
-    assert compiled["path"].stat().st_mtime_ns == before
+    after = compiled["path"].stat()
+    assert (after.st_ino, after.st_size) == (before.st_ino, before.st_size)  # the same file, not rebuilt
+    assert after.st_mtime_ns >= before.st_mtime_ns  # and marked used, so that pruning keeps it

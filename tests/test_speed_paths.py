@@ -2,8 +2,10 @@
 deterministically under torch.manual_seed, and the chunked attention dropout equals a naive
 attention applying the same mask, forward and backward. Also: bench.py runs."""
 import math
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -719,12 +721,25 @@ def test_a_fresh_cache_builds_the_kernels_once(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(cpu_kernels, "_c_state", {})
     assert cpu_kernels._c() is not None, cpu_kernels.kernels_used()
-    built = list((tmp_path / "nanogpt-toolkit" / "kernels").iterdir())
+    folder = tmp_path / "nanogpt-toolkit" / "kernels"
+    built = list(folder.iterdir())
     assert len(built) == 1 and "partial" not in built[0].name
-    stamp = built[0].stat().st_mtime_ns
+    inode = built[0].stat().st_ino
+    os.utime(built[0], (1e9, 1e9))  # long unused
     monkeypatch.setattr(cpu_kernels, "_c_state", {})
-    monkeypatch.setattr(cpu_kernels, "_build", lambda *a: pytest.fail("built again"))
-    assert cpu_kernels._c() is not None and built[0].stat().st_mtime_ns == stamp
+    with monkeypatch.context() as mp:
+        mp.setattr(cpu_kernels, "_build", lambda *a: pytest.fail("built again"))
+        assert cpu_kernels._c() is not None and built[0].stat().st_ino == inode
+    assert built[0].stat().st_mtime > time.time() - 600  # a load marks it used
+    # a new build (here: a new version of the source) removes the builds unused for a month
+    stale, recent = folder / f"cpu_kernels-avx2-old{built[0].suffix}", folder / f"cpu_kernels-avx2-new{built[0].suffix}"
+    for path, days in ((stale, hardware.CACHE_KEEP_DAYS + 1), (recent, hardware.CACHE_KEEP_DAYS - 1)):
+        path.write_bytes(b"")
+        os.utime(path, (time.time() - days * 86400,) * 2)
+    source.write_text("int kernels_openmp(void) { return 1; }\n", encoding="utf-8")
+    monkeypatch.setattr(cpu_kernels, "_c_state", {})
+    assert cpu_kernels._c() is not None
+    assert not stale.exists() and recent.exists() and built[0].exists() and len(list(folder.iterdir())) == 3
 
 
 def test_residual_dropout_takes_the_plain_add_where_the_kernel_does_not_apply():
