@@ -192,17 +192,26 @@ def test_nonfinite_loss_under_float16_skips_the_step(tiny_data, tmp_path, monkey
 
 
 def test_never_saves_nan_weights(tiny_data, tmp_path, monkeypatch):
+    """Weights gone non-finite in a step whose own loss was finite (so the non-finite-loss check
+    of the next step never comes) are never saved over the last good checkpoint: the save at
+    the evaluation after that step refuses, with one line."""
     run_train(tiny_data, tmp_path / "out", "--max_iters=5", "--eval_interval=5")
     before = (tmp_path / "out" / "ckpt.pt").read_bytes()
-    load_state_dict = train.GPT.load_state_dict
+    step, steps = train.train_step, []
 
-    def load_poisoned(self, state, *args, **kwargs):
-        state = {k: v * float("nan") if k.endswith("ln_f.weight") else v for k, v in state.items()}
-        return load_state_dict(self, state, *args, **kwargs)
+    def poisoning_step(model, *args, **kwargs):
+        result = step(model, *args, **kwargs)
+        steps.append(result)
+        if len(steps) == 5:  # the step of iteration 9: then iteration 10 evaluates and saves
+            with torch.no_grad():
+                model.transformer.ln_f.weight.fill_(float("nan"))
+        return result
 
-    monkeypatch.setattr(train.GPT, "load_state_dict", load_poisoned)
-    with pytest.raises(UserError, match="NaN or inf"):
-        run_train(tiny_data, tmp_path / "out", "--max_iters=10", "--init_from=resume", "--grad_clip=0")
+    monkeypatch.setattr(train, "train_step", poisoning_step)
+    with pytest.raises(UserError, match="the model holds NaN or inf at iteration 10; not saving it"):
+        run_train(tiny_data, tmp_path / "out", "--max_iters=10", "--eval_interval=5", "--init_from=resume",
+                  "--always_save_checkpoint=true")
+    assert len(steps) == 5 and all(torch.isfinite(loss) for loss, _ in steps)
     assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
 
 

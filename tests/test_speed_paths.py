@@ -91,7 +91,10 @@ def test_attention_dropout_equals_naive_attention_with_the_same_mask(dtype, tol,
     B, nh, hs = 2, 3, 8
     q, k, v = (torch.randn(B, nh, T, hs, dtype=dtype, requires_grad=True) for _ in range(3))
     torch.manual_seed(3)
-    y = causal_attention(q, k, v, p)
+    # training takes our kernel with dropout or in bf16; float32 without dropout would take
+    # torch's SDPA, so those cases call the kernel itself
+    y = causal_attention(q, k, v, p) if p > 0 or dtype == torch.bfloat16 else _CPUAttention.apply(q, k, v, p)
+    assert y.grad_fn.name() == "_CPUAttentionBackward"
     torch.manual_seed(3)  # the same draw gives the mask the fast path used
     drop, keep_scale = _dropped_causal(B, nh, T, p)
     assert drop[..., 0, 0].any() == (p > 0)  # some first rows keep nothing: their output must be 0
@@ -116,12 +119,17 @@ def test_attention_dropout_gradcheck():
 
 
 def test_attention_dropout_rate():
-    """With q = k = 0 every causal key has probability 1/(i+1); one-hot values read the mask back."""
+    """Our attention dropout (_CPUAttention: training, so inputs that need gradients) drops a
+    fraction p of the causal entries and scales the rest by 1/(1-p): with q = k = 0 every causal
+    key has probability 1/(i+1); one-hot values read the mask back."""
     torch.manual_seed(0)
     B, nh, T, p = 4, 4, 64, 0.2
-    q = k = torch.zeros(B, nh, T, T)
+    q = torch.zeros(B, nh, T, T, requires_grad=True)
+    k = torch.zeros(B, nh, T, T)
     v = torch.eye(T).expand(B, nh, T, T)
-    y = causal_attention(q, k, v, p) * torch.arange(1, T + 1).view(T, 1)  # M_ij / (1-p)
+    y = causal_attention(q, k, v, p)
+    assert y.grad_fn.name() == "_CPUAttentionBackward"  # ours, not torch's SDPA dropout
+    y = y.detach() * torch.arange(1, T + 1).view(T, 1)  # M_ij / (1-p)
     lower = torch.ones(T, T, dtype=torch.bool).tril().expand_as(y)
     kept = y[lower]
     assert abs((kept == 0).float().mean().item() - p) < 0.01
@@ -155,6 +163,9 @@ def test_attention_mask_does_not_depend_on_the_chunking(T):
 
 
 def test_dropout_zero_and_eval_keep_the_plain_paths():
+    """Dropout 0 in training and any dropout in eval take torch's own paths: the model gives the
+    same logits, float32 attention that needs gradients stays on SDPA at p = 0 (and takes ours
+    at p > 0), and dropout at p = 0 or in eval returns its input itself."""
     torch.manual_seed(0)
     cfg = dict(block_size=16, vocab_size=40, n_layer=2, n_head=2, n_embd=32, bias=True)
     with_dropout, without = GPT(GPTConfig(dropout=0.3, **cfg)), GPT(GPTConfig(dropout=0.0, **cfg))
@@ -165,8 +176,13 @@ def test_dropout_zero_and_eval_keep_the_plain_paths():
     logits_eval, _ = with_dropout(idx, idx)
     logits_train, _ = without(idx, idx)
     assert torch.equal(logits_eval, logits_train)
-    q = k = v = torch.randn(2, 2, 8, 4)
-    assert torch.equal(causal_attention(q, k, v, 0.0), F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    q, k, v = (torch.randn(2, 2, 8, 4, requires_grad=True) for _ in range(3))
+    plain = causal_attention(q, k, v, 0.0)
+    assert plain.grad_fn.name().startswith("ScaledDotProduct")  # torch's SDPA, not _CPUAttention
+    assert torch.equal(plain, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    assert causal_attention(q, k, v, 0.3).grad_fn.name() == "_CPUAttentionBackward"
+    x = torch.randn(3, 5, requires_grad=True)
+    assert Dropout(0.0).train()(x) is x and Dropout(0.3).eval()(x) is x
 
 
 def test_fast_paths_are_cpu_only():
@@ -388,28 +404,49 @@ def test_residual_dropout_in_one_pass_equals_the_add_of_a_dropout(dtype):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+def _graph_names(tensor) -> set[str]:
+    """The names of every node of tensor's autograd graph."""
+    names, seen, todo = set(), set(), [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        todo += [next_node for next_node, _ in node.next_functions]
+    return names
+
+
+@pytest.mark.parametrize("options, kernels", [
+    (dict(qk_norm=True), {"_CPUQKHeadsBackward"}),  # the heads' split, qk_norm and rotary in one pass
+    (dict(qk_norm=False, norm="rmsnorm"), {"_CPURotaryBackward", "_CPURMSNormBackward"}),
+], ids=["qk_heads", "rotary_rmsnorm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_training_step_is_the_same_with_and_without_the_c_kernels(dtype):
+def test_a_training_step_is_the_same_with_and_without_the_c_kernels(dtype, options, kernels):
     """A whole GPT forward and backward with every dropout on (embeddings, attention, the
-    residual adds): the same loss and the same gradients on both paths."""
+    residual adds) and the options that have kernels: the same loss and the same gradients on
+    both paths, the C path having taken every kernel it has for them."""
     if cpu_kernels._c() is None:
         pytest.skip(cpu_kernels.kernels_used())
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=40, dropout=0.2,
-                          rotary=True, qk_norm=True, activation="relu2"))
+                          rotary=True, activation="relu2", **options))
     x, y = torch.randint(0, 40, (8, 16)), torch.randint(0, 40, (8, 16))
-    q = torch.empty(8, 2, 16, 32, dtype=dtype)  # big enough for the relu2 and rotary kernels too
-    assert cpu_kernels._elementwise(q, "rotary") is not None
+    graphs = []
 
     def run():
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             _, loss = model(x, y)
+        graphs.append(_graph_names(loss))
         loss.backward()
         return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
 
     for a, b in zip(*_both_paths(run)):
         assert torch.equal(a, b)
+    used = kernels | {"_CPUReLUSquaredBackward", "_CPUResidualDropoutBackward", "_CPUAttentionBackward"}
+    numpy_graph, c_graph = graphs
+    assert used <= c_graph and not kernels & numpy_graph, (c_graph, numpy_graph)  # each path's own ops
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
