@@ -37,3 +37,17 @@ def run_main(main, argv=None):
     except BrokenPipeError:  # `python sample.py | head`: the reader left, nothing to report
         sys.stderr.close()
         sys.exit(0)
+    except (MemoryError, RuntimeError) as e:  # settings larger than the machine (torch's and numpy's own errors)
+        if not out_of_memory(e):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        print(f"error: out of memory ({first}); lower what sizes the work: --batch_size, --block_size, "
+              f"the model's size, --num_samples", file=sys.stderr)
+        sys.exit(2)
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether e is an allocation that failed: numpy's MemoryError, torch's CPU allocator, a GPU's."""
+    text = str(e)
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or any(
+        marker in text for marker in ("can't allocate memory", "out of memory", "Out of memory"))

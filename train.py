@@ -279,9 +279,11 @@ def leave_process_group():
 
 # ---------------------------------------------------------------------------- one run per out_dir
 
-def lock_out_dir(lock: runlock.FolderLock, ddp: bool, master: bool, create: bool):
-    """Rank 0 creates out_dir (when create) and takes its lock (runlock.py); under DDP every
-    rank learns the outcome, so that all of them stop together when it failed."""
+def lock_out_dir(lock: runlock.FolderLock, ddp: bool, master: bool, create: bool, keep: Path | None = None):
+    """Rank 0 creates out_dir (when create) and takes its lock (runlock.py), then refuses a
+    checkpoint keep that this run would replace (a new run started where another left its
+    model); under DDP every rank learns the outcome, so that all of them stop together when it
+    failed."""
     error = None
     if master:
         try:
@@ -293,6 +295,10 @@ def lock_out_dir(lock: runlock.FolderLock, ddp: bool, master: bool, create: bool
                                     f"choose another folder") from None
             if lock.path.parent.is_dir():
                 lock.acquire()
+            if keep is not None and keep.exists():
+                raise UserError(f"--out_dir {keep.parent} already holds a model ({keep.name}) that this new run "
+                                f"would replace; continue it with --init_from=resume, or choose another "
+                                f"--out_dir (or move {keep} away to start over there)")
         except UserError as e:
             error = str(e)
     if ddp:
@@ -639,7 +645,8 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
     if precision.device_type == "cpu":  # a step's activations reuse the last step's memory
         hardware.keep_freed_memory()
     data, tokenizer = open_dataset(cfg, pretrained)
-    lock_out_dir(out_lock, procs.ddp, master, create=True)
+    lock_out_dir(out_lock, procs.ddp, master, create=True,  # never over another run's model
+                 keep=ckpt_path if cfg.init_from != "resume" and not cfg.eval_only else None)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     if master:
         announce(cfg, precision, data, tokens_per_iter)

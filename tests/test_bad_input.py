@@ -86,6 +86,13 @@ CASES = {
     "train damaged bin": (T("--dataset=broken"), "damaged"),
     "train bad meta.json": (T("--dataset=badmeta"), "not a valid meta.json"),
     "train out_dir under a file": (T("--out_dir={root}/blocker/out"), "cannot create --out_dir"),
+    "train batch beyond memory": (T("--batch_size=100000000000", "--out_dir={root}/big_batch"), "out of memory"),
+    # train.py: a new run where another left its model (the model is kept)
+    "train new run over a model": (("train", ["--data_dir={data}", "--out_dir={root}/out", *TINY, "--max_iters=2"]),
+                                   "already holds a model (ckpt.pt) that this new run would replace"),
+    "train finetune into its source": (("train", ["--data_dir={data}", "--dataset=tiny", "--out_dir={root}/out",
+                                                  "--init_from={root}/out", "--max_iters=2", "--warmup_iters=0",
+                                                  "--device=cpu"]), "continue it with --init_from=resume"),
     # train.py: resuming
     "resume with no checkpoint": (T("--init_from=resume"), "no checkpoint at"),
     "resume shape conflict": (R("--n_layer=5"), "different model shape"),
@@ -537,3 +544,31 @@ def test_export_of_a_model_with_options_gpt2_lacks(tmp_path, shakespeare_text, c
     assert "llama.cpp lacks a char-level vocabulary; a bigram embedding table; blocks mixing in the first " \
            "block's input (x0_lambdas); value embeddings added to attention's values." in line
     assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("failure", [
+    MemoryError("Unable to allocate 24.6 GiB for an array with shape (100000000, 33) and data type int64"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                 "you tried to allocate 1280000000000 bytes. Error code 12 (Cannot alloc)"),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+])
+def test_settings_beyond_memory_give_one_line(failure, capsys):
+    """numpy's and torch's allocation failures (settings too large for the machine: sample.py's
+    --num_samples=10000000000 met torch's CPU allocator) are one line naming what to lower."""
+    def main(argv):
+        raise failure
+
+    with pytest.raises(SystemExit) as e:
+        run_main(main, [])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: out of memory (")
+    assert "--batch_size" in err[0]
+
+
+def test_other_runtime_errors_keep_their_traceback():
+    """A RuntimeError that is not about memory is our bug: it is not turned into a user error."""
+    def main(argv):
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_main(main, [])
