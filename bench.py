@@ -93,6 +93,9 @@ class BenchConfig(TrainConfig):
             p.append(f"--warmup must be >= 0, got {self.warmup}")
         if self.process_runs < 0:
             p.append(f"--process_runs must be >= 0, got {self.process_runs}")
+        if self.skip_train and self.skip_sample and not self.process_runs:
+            p.append("--skip_train and --skip_sample leave nothing to measure: drop one, or add "
+                     "--process_runs=N to time whole sample.py processes")
         return p
 
 

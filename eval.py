@@ -90,6 +90,9 @@ class EvalConfig:
             p.append(f"--batch_size must be >= 0 (0 = automatic), got {self.batch_size}")
         if self.per_line and not self.input:
             p.append("--per_line scores the lines of a text file: give it with --input=FILE")
+        if self.per_line and Path(self.per_line).suffix.lower() not in (".jsonl", ".tsv"):
+            p.append(f"--per_line writes JSON lines or a table: name the file OUT.jsonl or OUT.tsv, "
+                     f"got {self.per_line}")
         if not self.out_dir and self.init_from == "resume":
             p.append("--out_dir must name the folder holding ckpt.pt")
         return p

@@ -787,6 +787,9 @@ def main(argv=None):
             print(f"wrote {dest}/: train.bin, val.bin ({meta['dtype']}), their loss masks "
                   f"({', '.join(MASK_OUTPUTS)}), meta.json")
             return
+        if args.template:
+            raise UserError(f"--template joins the records of JSONL instruction data; {files[0]} is plain "
+                            f"text: drop --template, or pass a .jsonl file (--format=jsonl)")
         sources, n_chars, chars = scan(files, args.chunk_size, want_chars=tokenizer_name == CHAR,
                                        documents=args.documents)
         n_docs = sum(s.get("documents", 0) for s in sources)

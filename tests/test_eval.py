@@ -190,6 +190,8 @@ def test_bad_inputs_one_clear_line(char_dir, tmp_path):
     cases.append(([f"--out_dir={tmp_path / 'nothing'}"], "no checkpoint at"))
     cases.append(([f"--out_dir={char_dir}", f"--input={tmp_path / 'missing.txt'}"], "not found"))
     cases.append(([f"--out_dir={char_dir}", "--per_line=x.jsonl"], "--per_line scores the lines of a text file"))
+    cases.append(([f"--out_dir={char_dir}", f"--input={unknown}", f"--per_line={tmp_path / 'x.csv'}"],
+                  "name the file OUT.jsonl or OUT.tsv"))
     cases.append(([f"--out_dir={char_dir}", f"--input={unknown}", "--split=val"], "pass one of them"))
     cases.append(([f"--out_dir={char_dir}", "--split=test"], "--split must be val or train"))
     short = tmp_path / "short.txt"
