@@ -72,7 +72,9 @@ def load(path, map_location="cpu") -> dict:
                         f"train again") from None
     except Exception as e:  # noqa: BLE001 (untrusted bytes: IndexError, KeyError, struct.error, ...)
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path} is truncated or corrupted ({first}); restore it or train again") from None
+        detail = first if len(first) > 12 else f"{type(e).__name__}: {first}"  # a bare "(101)" says nothing
+        raise UserError(f"{path} is truncated or corrupted (not a readable checkpoint: {detail}); restore "
+                        f"it or train again") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise UserError(f"{path} is not a checkpoint of this project (no '{FORMAT}' format tag); "
                         f"it was written by another program")

@@ -154,6 +154,9 @@ def gpt_config(folder: Path) -> GPTConfig:
     options GPT-2 lacks (model_type nanogpt); refuses anything this model does not compute exactly."""
     path = folder / "config.json"
     if not path.is_file():
+        if (folder / "ckpt.pt").is_file():  # a run's folder: sample.py and eval.py read it with --out_dir
+            raise UserError(f"{folder} holds a checkpoint of train.py (ckpt.pt), not a Hugging Face model: "
+                            f"pass it as --out_dir={folder}")
         raise UserError(f"{folder} is not a Hugging Face model folder (no config.json); give a folder "
                         f"written by export.py --format=hf or by transformers' save_pretrained")
     try:
@@ -389,6 +392,9 @@ def check_memory(folder: Path, config: GPTConfig):
     and ours at once, both float32."""
     weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file()]
     if not weights:
+        if any(folder.glob("*.onnx")):
+            raise UserError(f"{folder} is an ONNX export (export.py --format=onnx): it runs in onnxruntime "
+                            f"and is not loaded back here; use its run's --out_dir, or an --format=hf export")
         raise UserError(f"{folder} has no weights (model.safetensors or pytorch_model.bin)")
     C, L, V = config.n_embd, config.n_layer, config.vocab_size
     on_disk = sum(p.stat().st_size for p in weights)

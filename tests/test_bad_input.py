@@ -348,6 +348,9 @@ def hf_world(world):
         (world / name / "model.safetensors").write_bytes(b"")
     (world / "notjson").mkdir()
     (world / "notjson" / "config.json").write_text("{oops")
+    (world / "onnx").mkdir()  # what export.py --format=onnx writes, in short
+    (world / "onnx" / "config.json").write_text(json.dumps(gpt2))
+    (world / "onnx" / "model.onnx").write_bytes(b"onnx")
     return world
 
 
@@ -367,7 +370,9 @@ HF_CASES = {
     "export over the checkpoint folder": (E("--dest={root}/out", "--force"), "holds the checkpoint folder"),
     "export over a parent of the checkpoint": (E("--dest={root}", "--force"), "holds the checkpoint folder"),
     "sample init_from no such folder": (S("--init_from={root}/nope"), "no such folder"),
-    "sample init_from not a model folder": (S("--init_from={root}/truncated"), "no config.json"),
+    "sample init_from not a model folder": (S("--init_from={root}/data"), "no config.json"),
+    "sample init_from a run's folder": (S("--init_from={root}/out"), "pass it as --out_dir="),
+    "sample init_from an ONNX export": (S("--init_from={root}/onnx"), "is an ONNX export"),
     "sample init_from not a GPT-2": (S("--init_from={root}/llama"), "not a GPT-2"),
     "sample init_from damaged config": (S("--init_from={root}/notjson"), "not valid JSON"),
     "sample init_from GPT-2 variant": (S("--init_from={root}/relu"), "activation_function 'relu'"),
