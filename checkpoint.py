@@ -71,8 +71,9 @@ def load(path, map_location="cpu") -> dict:
         raise UserError(f"{path} is truncated or corrupted (not a readable checkpoint); restore it or "
                         f"train again") from None
     except Exception as e:  # noqa: BLE001 (untrusted bytes: IndexError, KeyError, struct.error, ...)
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        detail = first if len(first) > 12 else f"{type(e).__name__}: {first}"  # a bare "(101)" says nothing
+        first = str(e).splitlines()[0] if str(e) else ""
+        detail = (first if len(first) > 12 else  # a bare "101" (a KeyError's) says nothing: its kind too
+                  f"{type(e).__name__}: {first}" if first else type(e).__name__)
         raise UserError(f"{path} is truncated or corrupted (not a readable checkpoint: {detail}); restore "
                         f"it or train again") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
