@@ -460,6 +460,13 @@ def seed_rngs(cfg: TrainConfig, procs: Processes) -> torch.Generator:
     torch.manual_seed(cfg.seed + procs.rank)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    if cfg.deterministic:
+        # a CPU run is bit-reproducible already; on a GPU, backward kernels that add with atomics
+        # (embeddings, attention) vary from run to run unless asked not to, and cuBLAS needs a
+        # fixed workspace before its first product
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     return torch.Generator().manual_seed(cfg.seed + procs.rank)
 
 

@@ -288,6 +288,27 @@ def test_exact_resume(tiny_data, tmp_path, flags):
         assert str(part["config"][key]) == value, key
 
 
+def test_deterministic_changes_nothing_on_a_cpu_and_resumes_with_it(tiny_data, tmp_path):
+    """--deterministic turns on torch's deterministic kernels (for GPUs, whose backward passes
+    add with atomics); a CPU run is reproducible already, so its weights stay bit-identical, and
+    a resume keeps the saved setting."""
+    flags = ["--eval_interval=4", "--lr_decay_iters=8", "--dropout=0.1", "--optimizer=muon"]
+    try:
+        run_train(tiny_data, tmp_path / "plain", "--max_iters=8", *flags)
+        assert not torch.are_deterministic_algorithms_enabled()
+        run_train(tiny_data, tmp_path / "det", "--max_iters=4", "--deterministic=true", *flags)
+        assert torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(False)
+        run_train(tiny_data, tmp_path / "det", "--max_iters=8", "--init_from=resume")
+        assert torch.are_deterministic_algorithms_enabled()  # taken from the checkpoint
+    finally:
+        torch.use_deterministic_algorithms(False)
+    plain, det = (checkpoint.load(tmp_path / d / "ckpt.pt") for d in ("plain", "det"))
+    assert det["config"]["deterministic"] is True and plain["config"]["deterministic"] is False
+    for name, tensor in plain["model"].items():
+        assert torch.equal(tensor, det["model"][name]), name
+
+
 def test_best_val_loss_is_the_minimum(tiny_data, tmp_path):
     run_train(tiny_data, tmp_path / "out", "--max_iters=20", "--eval_interval=5", "--learning_rate=3e-2",
               "--lr_decay_iters=20")
