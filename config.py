@@ -164,6 +164,9 @@ def parse_config(cls, argv: list[str] | None = None, prog: str | None = None, ch
         if not arg.startswith("--"):
             if arg.endswith(".py"):
                 raw.update(read_config_file(arg))
+            elif Path(arg).suffix.lower() in (".yaml", ".yml", ".json", ".toml", ".cfg", ".ini"):
+                errors.append(f"config files are Python files of `key = value` lines (configs/*.py), not "
+                              f"{Path(arg).suffix[1:].upper()}: write {Path(arg).with_suffix('.py')} and pass that")
             else:
                 errors.append(f"unexpected argument {arg!r}: settings are passed as --key=value")
             i += 1
@@ -181,6 +184,10 @@ def parse_config(cls, argv: list[str] | None = None, prog: str | None = None, ch
                 errors.append(f"--{key} needs a value, e.g. --{key}=...")
                 i += 1
                 continue
+        if key == "config" and key not in types_:
+            errors.append(f"a config file is passed without a flag, before the others: {prog} {value} --key=value ...")
+            i += 1
+            continue
         if key in types_ and typing.get_origin(_optional(types_[key])[0]) is list:
             value = repeated[key] = [*repeated.get(key, []), value]
         raw[key] = value

@@ -40,6 +40,7 @@ import gc
 gc.disable()  # no garbage collection while torch imports: start-up and exit ~0.3 s faster (docs/speed.md)
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,6 +338,17 @@ def write_per_line(path: Path, records: list[dict]):
         raise UserError(f"cannot write --per_line file {path}: {e.strerror or e}") from None
 
 
+def check_writable(path: Path):
+    """Refuse a --per_line file that could not be written, before the model loads and scores."""
+    where = path.parent
+    if path.is_dir():
+        raise UserError(f"--per_line {path} is a folder; name a file in it, such as {path / 'scores.jsonl'}")
+    if not where.is_dir():
+        raise UserError(f"cannot write --per_line file {path}: its folder {where} does not exist; create it first")
+    if not os.access(where, os.W_OK):
+        raise UserError(f"cannot write --per_line file {path}: no permission to write in {where}")
+
+
 def main(argv=None):
     cfg, explicit = parse_config(EvalConfig, argv, prog="eval.py")
     if cfg.input and "split" in explicit:
@@ -350,6 +362,8 @@ def main(argv=None):
     if cfg.int8 and not fast_decode.int8_available():
         raise UserError("--int8 needs torch's int8 weight-only kernel, which this torch build lacks")
     text = read_utf8(Path(cfg.input)) if cfg.input else None  # a bad file fails before loading
+    if cfg.per_line:
+        check_writable(Path(cfg.per_line))
     model, tokenizer, trained_on, trained_dir = load_for_eval(cfg, precision.device)
     block_size = model.config.block_size
     stride = cfg.stride or block_size

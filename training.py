@@ -93,13 +93,13 @@ class TrainConfig(ModelOptions):
         if self.decay_lr:
             if self.warmup_iters < 0:
                 p.append(f"--warmup_iters must be >= 0, got {self.warmup_iters}")
-            elif self.warmup_iters > self.max_iters:
+            elif self.warmup_iters > self.max_iters >= 0:  # (a negative max_iters has its own line)
                 p.append(f"--warmup_iters ({self.warmup_iters}) is longer than the run "
                          f"(--max_iters={self.max_iters}); lower it")
             if self.lr_decay_iters < self.warmup_iters:
                 p.append(f"--lr_decay_iters ({self.lr_decay_iters}) is shorter than --warmup_iters "
                          f"({self.warmup_iters}); set it to about --max_iters")
-            if self.min_lr > self.learning_rate:
+            if self.min_lr > self.learning_rate > 0:  # (a learning rate <= 0 has its own line)
                 p.append(f"--min_lr ({self.min_lr}) is above --learning_rate ({self.learning_rate})")
         if self.optimizer not in ("adamw", "muon"):
             p.append(f"--optimizer must be adamw or muon, got {self.optimizer!r}")

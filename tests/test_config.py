@@ -111,3 +111,20 @@ def test_help_lists_every_key_with_default_and_comment(capsys):
     assert "--batch_size=12" in out and "sequences per micro-step" in out
     assert out.count("\n  --") + 1 >= len(TrainConfig.__dataclass_fields__)
     assert out.index("--out_dir=") < out.index("--n_layer=")  # train.py's own keys, then the model's options
+
+
+def test_a_mistake_is_named_once_not_again_through_the_settings_it_bounds():
+    """A negative max_iters or learning rate is one reason, not also 'warmup longer than the
+    run' or 'min_lr above the learning rate'."""
+    assert TrainConfig(max_iters=-1).problems() == ["--max_iters must be >= 0, got -1"]
+    assert TrainConfig(learning_rate=-1.0).problems() == ["--learning_rate must be a finite number >= 0, got -1.0"]
+    assert TrainConfig(max_iters=10).problems() == ["--warmup_iters (2000) is longer than the run (--max_iters=10); lower it"]
+    assert TrainConfig(min_lr=1.0).problems() == ["--min_lr (1.0) is above --learning_rate (0.0006)"]
+
+
+def test_a_yaml_file_or_a_config_flag_says_how_configs_are_passed(tmp_path):
+    (tmp_path / "run.yaml").write_text("batch_size: 8\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"Python files of `key = value` lines .* not YAML: write .*run\.py"):
+        parse_config(TrainConfig, [str(tmp_path / "run.yaml")], prog="train.py")
+    with pytest.raises(UserError, match=r"passed without a flag, before the others: train.py configs/x\.py --key"):
+        parse_config(TrainConfig, ["--config=configs/x.py", "--batch_size=2"], prog="train.py")

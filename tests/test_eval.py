@@ -193,6 +193,12 @@ def test_bad_inputs_one_clear_line(char_dir, tmp_path):
     cases.append(([f"--out_dir={char_dir}", f"--input={unknown}", f"--per_line={tmp_path / 'x.csv'}"],
                   "name the file OUT.jsonl or OUT.tsv"))
     cases.append(([f"--out_dir={char_dir}", f"--input={unknown}", "--split=val"], "pass one of them"))
+    # an unwritable --per_line is named before any model loads (here there is none to load)
+    cases.append(([f"--out_dir={tmp_path / 'nothing'}", f"--input={unknown}", f"--per_line={tmp_path / 'no' / 'x.jsonl'}"],
+                  f"its folder {tmp_path / 'no'} does not exist"))
+    (tmp_path / "dir.jsonl").mkdir()
+    cases.append(([f"--out_dir={tmp_path / 'nothing'}", f"--input={unknown}", f"--per_line={tmp_path / 'dir.jsonl'}"],
+                  "is a folder; name a file in it"))
     cases.append(([f"--out_dir={char_dir}", "--split=test"], "--split must be val or train"))
     short = tmp_path / "short.txt"
     short.write_text("S", encoding="utf-8")

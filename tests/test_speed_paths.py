@@ -818,6 +818,8 @@ def test_gelu_backward_by_table_equals_torchs(approximate):
         for t in (1, 2, 3):
             torch.set_num_threads(t)
             for n, kind in [(4099, "random"), (32_769, "random"), (100_003, "random"), (5_055, "hard"), (50_001, "hard")]:
+                if kind == "hard" and not hard.numel():
+                    continue  # the two codes agree on every input (exact GELU with AVX2): none is hard
                 if kind == "hard":  # every element one where the two codes differ
                     x, g = hard[torch.arange(n) % hard.numel()], torch.full((n,), 0.7).bfloat16()
                 else:
@@ -831,8 +833,11 @@ def test_gelu_backward_by_table_equals_torchs(approximate):
                 out.backward(g)
                 expected.backward(g)
                 assert _same(ours.grad, theirs.grad), (t, n)
-            # where no layout of torch's loops matches, the backward is torch's own: on x86-64 one does
-            assert cpu_kernels._gelu_tables[approximate].layout() is not None or not _x86_64()
+            # where no layout of torch's loops matches, the backward is torch's own: on x86-64 one
+            # does, but for the exact GELU with AVX2 only, whose bf16 backward in torch is not one
+            # product with either float32 factor (2 of 65,536 inputs differ from both at g = 1.3)
+            avx2_exact = approximate == "none" and torch.backends.cpu.get_cpu_capability() == "AVX2"
+            assert cpu_kernels._gelu_tables[approximate].layout() is not None or not _x86_64() or avx2_exact
     finally:
         torch.set_num_threads(threads)
     assert cpu_kernels.gelu(x.float().requires_grad_(), approximate).grad_fn.name() == "GeluBackward0"  # float32: torch's
