@@ -349,6 +349,7 @@ def row(name: str, values: list[float], unit: str, scale: float = 1.0, extra: st
 def main(argv=None):
     cfg, _ = parse_config(BenchConfig, argv, prog="bench.py")
     precision = hardware.resolve(cfg.device, cfg.dtype)
+    hardware.set_determinism(cfg.deterministic, precision.device_type)  # to time what it costs on a GPU
     torch.manual_seed(cfg.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

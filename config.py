@@ -173,6 +173,11 @@ def parse_config(cls, argv: list[str] | None = None, prog: str | None = None, ch
             continue
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
+        if key == "config" and key not in types_:
+            errors.append(f"a config file is passed without a flag, before the others: {prog} "
+                          f"{value or 'configs/NAME.py'} --key=value ...")
+            i += 1 if eq or i + 1 >= len(argv) or argv[i + 1].startswith("--") else 2
+            continue
         if not eq:
             is_bool = key in types_ and _optional(types_[key])[0] is bool
             nxt = argv[i + 1] if i + 1 < len(argv) else None
@@ -184,10 +189,6 @@ def parse_config(cls, argv: list[str] | None = None, prog: str | None = None, ch
                 errors.append(f"--{key} needs a value, e.g. --{key}=...")
                 i += 1
                 continue
-        if key == "config" and key not in types_:
-            errors.append(f"a config file is passed without a flag, before the others: {prog} {value} --key=value ...")
-            i += 1
-            continue
         if key in types_ and typing.get_origin(_optional(types_[key])[0]) is list:
             value = repeated[key] = [*repeated.get(key, []), value]
         raw[key] = value

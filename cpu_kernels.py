@@ -409,10 +409,12 @@ def _softmax_lanes() -> int:
         return 0
     if "softmax_lanes" not in _c_state:
         lanes, gen = 0, torch.Generator().manual_seed(0)
-        # torch's own vector width first (its float vectors: 16 lanes with AVX512, 8 with AVX2):
-        # on an AVX2 CPU 16 lanes matched these probes but missed one value in 60,000 elsewhere
-        native = 16 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 8
-        for candidate in (native, 24 - native):
+        # on x86, torch's own vector width only (its float vectors: 16 lanes with AVX512, 8 with
+        # AVX2; on an AVX2 CPU 16 lanes matched these probes but missed one value in 60,000
+        # elsewhere); other CPUs try both
+        capability = torch.backends.cpu.get_cpu_capability()
+        widths = {"AVX512": (16,), "AVX2": (8,)}.get(capability, (16, 8)) if _X86 else (16, 8)
+        for candidate in widths:
             same = True
             for T in (5, 48, 100, 256):
                 scores = (torch.randn(2, T, T, generator=gen) * torch.rand(2, T, 1, generator=gen) * 30).bfloat16()

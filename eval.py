@@ -343,10 +343,14 @@ def check_writable(path: Path):
     where = path.parent
     if path.is_dir():
         raise UserError(f"--per_line {path} is a folder; name a file in it, such as {path / 'scores.jsonl'}")
+    above = next((p for p in path.parents if p.exists()), None)  # the nearest folder that exists
+    if above is not None and not above.is_dir():
+        raise UserError(f"cannot write --per_line file {path}: {above} is a file, not a folder")
     if not where.is_dir():
         raise UserError(f"cannot write --per_line file {path}: its folder {where} does not exist; create it first")
-    if not os.access(where, os.W_OK):
-        raise UserError(f"cannot write --per_line file {path}: no permission to write in {where}")
+    if not os.access(path if path.exists() else where, os.W_OK):
+        raise UserError(f"cannot write --per_line file {path}: no permission to write "
+                        f"{'it' if path.exists() else f'in {where}'}")
 
 
 def main(argv=None):

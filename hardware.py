@@ -171,6 +171,20 @@ def resolve(device: str = "auto", dtype: str = "auto") -> Precision:
     return Precision(device, dtype, ", ".join(why))
 
 
+def set_determinism(on: bool, device_type: str) -> bool:
+    """train.py --deterministic: torch's deterministic kernels on a GPU, where the backward
+    passes of embeddings and attention otherwise add with atomics in whatever order the threads
+    arrive, so two runs of one seed differ in their last bits. A CPU run is reproducible without
+    them, so there the mode stays off (it would also fill every new tensor with NaN first).
+    cuBLAS needs its fixed workspace before its first product. Returns whether the mode is on."""
+    on = on and device_type != "cpu"
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(on)
+    return on
+
+
 def keep_freed_memory(keep: bool = True) -> bool:
     """Linux with glibc: have malloc keep the memory of freed tensors for the next ones
     (keep=False: glibc's usual behaviour, about as it settles in a long run). A training step

@@ -454,19 +454,13 @@ def announce(cfg: TrainConfig, precision: hardware.Precision, data: Dataset, tok
               f"document starts, attention stays inside each document")
 
 
-def seed_rngs(cfg: TrainConfig, procs: Processes) -> torch.Generator:
+def seed_rngs(cfg: TrainConfig, procs: Processes, device_type: str) -> torch.Generator:
     """Seed the weights' initialization and dropout (torch's RNG), and return the generator of
     the training batches; each rank draws its own."""
     torch.manual_seed(cfg.seed + procs.rank)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    if cfg.deterministic:
-        # a CPU run is bit-reproducible already; on a GPU, backward kernels that add with atomics
-        # (embeddings, attention) vary from run to run unless asked not to, and cuBLAS needs a
-        # fixed workspace before its first product
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+    hardware.set_determinism(cfg.deterministic, device_type)  # --deterministic: GPUs only
     return torch.Generator().manual_seed(cfg.seed + procs.rank)
 
 
@@ -659,7 +653,7 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
         announce(cfg, precision, data, tokens_per_iter)
 
     # model and optimizer, new or as the checkpoint left them
-    data_gen = seed_rngs(cfg, procs)
+    data_gen = seed_rngs(cfg, procs, precision.device_type)
     raw_model, model_args = build_model(cfg, data, ckpt, ckpt_path, pretrained)
     raw_model.to(device)  # saved weights always come from this uncompiled module
     if master:

@@ -128,3 +128,6 @@ def test_a_yaml_file_or_a_config_flag_says_how_configs_are_passed(tmp_path):
         parse_config(TrainConfig, [str(tmp_path / "run.yaml")], prog="train.py")
     with pytest.raises(UserError, match=r"passed without a flag, before the others: train.py configs/x\.py --key"):
         parse_config(TrainConfig, ["--config=configs/x.py", "--batch_size=2"], prog="train.py")
+    for argv in (["--config", "configs/x.py"], ["--config"], ["--config", "--batch_size=2"]):
+        with pytest.raises(UserError, match=r"^a config file is passed without a flag[^;]*$"):
+            parse_config(TrainConfig, argv, prog="train.py")

@@ -336,6 +336,17 @@ def test_export_replaces_only_its_own_folders(char_run, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["dest"]  # no temporary folder left behind
 
 
+def test_an_unwritable_destination_is_one_line_and_leaves_nothing(char_run, tmp_path, monkeypatch):
+    """A folder the user may not write in (root writes anywhere, so the refusal is the OS's
+    error raised where export.py makes its folders): one line, no folder left half made."""
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(export.Path, "mkdir", refuse)
+    with pytest.raises(UserError, match=r"cannot write --dest=.*Permission denied; choose a folder you can write to"):
+        export.main([f"--out_dir={char_run / 'out'}", f"--dest={tmp_path / 'a' / 'b'}"])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_onnx_weights_beside_the_graph_for_large_models(char_run, tmp_path, monkeypatch):
     """Above protobuf's limit the weights go to one .data file per graph; onnxruntime reads it."""
     monkeypatch.setattr(export, "ONNX_INLINE_BYTES", 0)  # treat the tiny model as a large one

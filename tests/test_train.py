@@ -1,11 +1,13 @@
 """model.py and train.py: the behaviour a user relies on when training."""
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 import checkpoint
+import hardware
 import train
 import training
 from conftest import TINY, rank_output, torchrun
@@ -288,19 +290,23 @@ def test_exact_resume(tiny_data, tmp_path, flags):
         assert str(part["config"][key]) == value, key
 
 
-def test_deterministic_changes_nothing_on_a_cpu_and_resumes_with_it(tiny_data, tmp_path):
-    """--deterministic turns on torch's deterministic kernels (for GPUs, whose backward passes
-    add with atomics); a CPU run is reproducible already, so its weights stay bit-identical, and
-    a resume keeps the saved setting."""
+def test_deterministic_is_for_gpus_and_a_resume_keeps_it(tiny_data, tmp_path, monkeypatch):
+    """--deterministic turns torch's deterministic kernels on for a GPU (whose backward passes
+    add with atomics) and leaves a CPU run as it is: reproducible already, the same weights with
+    and without the flag, at full speed. A resume keeps the saved setting."""
+    asked = []
+    set_determinism = hardware.set_determinism
+    monkeypatch.setattr(hardware, "set_determinism", lambda on, kind: asked.append(on) or set_determinism(on, kind))
     flags = ["--eval_interval=4", "--lr_decay_iters=8", "--dropout=0.1", "--optimizer=muon"]
     try:
         run_train(tiny_data, tmp_path / "plain", "--max_iters=8", *flags)
-        assert not torch.are_deterministic_algorithms_enabled()
         run_train(tiny_data, tmp_path / "det", "--max_iters=4", "--deterministic=true", *flags)
-        assert torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(False)
         run_train(tiny_data, tmp_path / "det", "--max_iters=8", "--init_from=resume")
-        assert torch.are_deterministic_algorithms_enabled()  # taken from the checkpoint
+        assert asked == [False, True, True]  # the resume took it from the checkpoint
+        assert not torch.are_deterministic_algorithms_enabled()  # on a CPU: off
+        assert hardware.set_determinism(True, "cuda") and torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert not hardware.set_determinism(False, "cuda") and not torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
     plain, det = (checkpoint.load(tmp_path / d / "ckpt.pt") for d in ("plain", "det"))
