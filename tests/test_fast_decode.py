@@ -301,7 +301,7 @@ def test_a_kept_compiled_step_decides_the_weights_without_timing(trained, tmp_pa
     decoder, how = decoder_for(trained, 1, "auto", None, new_tokens=1, log=lambda line: None)
     assert decoder.weights == kept and "compiled step is kept" in how and decoder.compiled is None
     decoder, how = decoder_for(trained, 1, "auto", False)
-    assert "measured on this CPU" in how or "not faster" in how or "not available" in how
+    assert "measured on this CPU" in how or "not 10% faster" in how or "not available" in how
 
 
 def save(model, chars, out_dir):
