@@ -768,6 +768,7 @@ def main(argv=None):
 
     data_dir = Path(args.data_dir)
     dest = data_dir / name
+    created = not data_dir.exists()  # a run that fails leaves no empty --data_dir of its own behind
     tmp = make_temp_folder(data_dir, name)
 
     # one prepare per dataset: held beside data/<name>/, which the swap below replaces whole
@@ -857,6 +858,11 @@ def main(argv=None):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful swap
         lock.release()
+        if created:
+            try:
+                data_dir.rmdir()  # only if empty: a failed run's
+            except OSError:
+                pass
     print(f"wrote {dest}/: train.bin, val.bin ({dtype.name}), meta.json")
 
 

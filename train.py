@@ -616,6 +616,16 @@ def out_dir_lock(cfg: TrainConfig, held: contextlib.ExitStack) -> runlock.Folder
     return lock
 
 
+def remove_if_empty(lock: runlock.FolderLock, folder: Path):
+    """Let go of the lock, then remove the out_dir this run created if nothing was written there
+    (a mistake found at the first step: out of memory, say)."""
+    lock.release()
+    try:
+        folder.rmdir()  # only an empty folder goes
+    except OSError:
+        pass
+
+
 def end_run(procs, stopped_by: int | None, say_done: bool, done: str):
     """After the loop, on every rank: leave the process group, then exit with the signal's code
     when a signal stopped the run, or say what the run did."""
@@ -646,8 +656,11 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
     if precision.device_type == "cpu":  # a step's activations reuse the last step's memory
         hardware.keep_freed_memory()
     data, tokenizer = open_dataset(cfg, pretrained)
+    created = master and not Path(cfg.out_dir).exists()
     lock_out_dir(out_lock, procs.ddp, master, create=True,  # never over another run's model
                  keep=ckpt_path if cfg.init_from != "resume" and not cfg.eval_only else None)
+    if created:  # a run that fails before writing anything leaves no empty folder behind
+        held.callback(remove_if_empty, out_lock, Path(cfg.out_dir))
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     if master:
         announce(cfg, precision, data, tokens_per_iter)

@@ -133,9 +133,10 @@ MAINS = {"train": train.main, "sample": sample.main, "prepare": prepare.main}
 
 
 def fingerprint(root: Path) -> dict:
-    """Every file under root, by content: nothing a user had may change."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and "new" not in p.parts}
+    """Every file under root, by content, and every folder: nothing a user had may change, and
+    a run that fails leaves no folder of its own behind (an empty out_dir, say)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in sorted(root.rglob("*")) if "new" not in p.parts}
 
 
 def error_line(main, args, root: Path, capsys, code=None) -> str:

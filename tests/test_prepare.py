@@ -242,7 +242,7 @@ def test_offline_without_local_copy_says_where_to_put_it(tmp_path):
             "prepare.SHAKESPEARE_URL = 'http://127.0.0.1:9/input.txt'; run_main(prepare.main, ['shakespeare_char'])")
     rc, stderr = cli(tmp_path, code=code)
     assert_one_clear_line(rc, stderr, "could not download", "data/shakespeare_char/input.txt", "--input PATH")
-    assert os.listdir(tmp_path / "data") == []
+    assert not (tmp_path / "data").exists()  # the folder it made for nothing is gone again
 
 
 def test_download_failure_in_process(monkeypatch, tmp_path):
