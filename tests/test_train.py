@@ -295,7 +295,7 @@ def test_deterministic_is_for_gpus_and_a_resume_keeps_it(tiny_data, tmp_path, mo
     add with atomics) and leaves a CPU run as it is: reproducible already, the same weights with
     and without the flag, at full speed. A resume keeps the saved setting."""
     asked = []
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # restored (absent) after the test
+    workspace = os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)  # put back as it was after the test
     set_determinism = hardware.set_determinism
     monkeypatch.setattr(hardware, "set_determinism", lambda on, kind: asked.append(on) or set_determinism(on, kind))
     flags = ["--eval_interval=4", "--lr_decay_iters=8", "--dropout=0.1", "--optimizer=muon"]
@@ -310,6 +310,9 @@ def test_deterministic_is_for_gpus_and_a_resume_keeps_it(tiny_data, tmp_path, mo
         assert not hardware.set_determinism(False, "cuda") and not torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        if workspace is not None:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace
     plain, det = (checkpoint.load(tmp_path / d / "ckpt.pt") for d in ("plain", "det"))
     assert det["config"]["deterministic"] is True and plain["config"]["deterministic"] is False
     for name, tensor in plain["model"].items():
