@@ -22,6 +22,12 @@ REPLACE_TRIES = 10
 REPLACE_WAIT = 0.1  # seconds between tries
 
 
+def file_in_the_way(path) -> Path | None:
+    """The nearest existing folder above path when it is a file (so path cannot be made), else None."""
+    above = next((p for p in Path(path).parents if p.exists()), None)
+    return above if above is not None and not above.is_dir() else None
+
+
 def fsync_file(path) -> None:
     """Flush a file's contents to disk. Opened for writing: Windows fsyncs only writable handles."""
     with open(path, "r+b") as f:

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+import durable
 import fast_decode
 import hardware
 from config import parse_config
@@ -343,9 +344,8 @@ def check_writable(path: Path):
     where = path.parent
     if path.is_dir():
         raise UserError(f"--per_line {path} is a folder; name a file in it, such as {path / 'scores.jsonl'}")
-    above = next((p for p in path.parents if p.exists()), None)  # the nearest folder that exists
-    if above is not None and not above.is_dir():
-        raise UserError(f"cannot write --per_line file {path}: {above} is a file, not a folder")
+    if blocker := durable.file_in_the_way(path):
+        raise UserError(f"cannot write --per_line file {path}: {blocker} is a file, not a folder")
     if not where.is_dir():
         raise UserError(f"cannot write --per_line file {path}: its folder {where} does not exist; create it first")
     if not os.access(path if path.exists() else where, os.W_OK):

@@ -505,9 +505,8 @@ def is_our_export(dest: Path) -> bool:
 
 
 def check_destination(dest: Path, force: bool):
-    above = next((p for p in dest.parents if p.exists()), None)  # the nearest folder that exists
-    if above is not None and not above.is_dir():
-        raise UserError(f"--dest={dest} lies under {above}, which is a file, not a folder; choose another --dest")
+    if blocker := durable.file_in_the_way(dest):
+        raise UserError(f"--dest={dest} lies under {blocker}, which is a file, not a folder; choose another --dest")
     if not dest.exists():
         return
     if dest.is_dir() and (is_our_export(dest) or not any(dest.iterdir())):
