@@ -68,7 +68,7 @@ class AppConfig:
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto (float32 on cpu: faster for decoding; bf16 or fp16 on gpus), float32, bfloat16 or float16
     cpu_threads: int = 0  # torch threads on cpu; 0 = all cores
-    compile: bool | None = None  # on a CPU the fast path's compiled decoding step: unset loads one kept in ~/.cache/nanogpt-toolkit (sample.py keeps it), true also builds a missing one as the model loads (a minute or more), false never
+    compile: bool | None = None  # on a CPU the fast path's compiled decoding step: unset loads one kept in ~/.cache/nanogpt-toolkit (sample.py keeps it), true also builds a missing one as the model loads (a minute or more), false never; on a CUDA GPU unset replays the one-token step as a CUDA graph, false runs the model eagerly
 
     def problems(self) -> list[str]:
         p = []

@@ -32,6 +32,7 @@ gc.disable()  # no garbage collection while torch imports: start-up and exit ~0.
 import contextlib
 import copy
 import dataclasses
+import functools
 import os
 import statistics
 import subprocess
@@ -202,15 +203,15 @@ def bench_train(model, cfg: BenchConfig, precision) -> dict[str, list[float]]:
     return rates
 
 
-def bench_sample(model, cfg: BenchConfig, precision, use_cache: bool, batch: int = 1) -> list[float]:
-    """Sampling tokens/s (all sequences together) from a one-token prompt, as sample.py runs it."""
-    model.eval()
+def bench_sample(generate, cfg: BenchConfig, precision, batch: int = 1) -> list[float]:
+    """Sampling tokens/s (all sequences together) from a one-token prompt, as sample.py runs it:
+    generate(idx, max_new_tokens, generator=...) under the run's autocast."""
     idx = torch.zeros((batch, 1), dtype=torch.long, device=precision.device)
     generator = torch.Generator(device=precision.device).manual_seed(cfg.seed)
 
     def sample():
         with precision.autocast():
-            model.generate(idx, cfg.sample_tokens, use_cache=use_cache, generator=generator)
+            generate(idx, cfg.sample_tokens, generator=generator)
 
     return [batch * cfg.sample_tokens / t for t in timed(sample, precision, cfg.warmup, cfg.repeats)]
 
@@ -397,11 +398,19 @@ def main(argv=None):
                       0.01, "of the same peaks"))
     sampling = choose_precision(cfg.device, cfg.dtype)  # sample.py's choice: float32 on CPUs
     if not cfg.skip_sample and sampling.device_type != "cpu":
-        for name, use_cache, batch in [("kv cache", True, 1), ("no cache", False, 1),
-                                       (f"kv cache, batch {cfg.sample_batch}", True, cfg.sample_batch)]:
-            rate = bench_sample(model, cfg, sampling, use_cache, batch)
+        model.eval()
+        graphs = {b: fast_decode.graph_decoder_for(model, sampling, b)[0] for b in (1, cfg.sample_batch)
+                  if sampling.device_type == "cuda"}
+        variants = [("nanoGPT loop", lambda *a, **k: nanogpt_generate(model, *a, **k), 1, "no KV cache"),
+                    ("no cache", functools.partial(model.generate, use_cache=False), 1, "model.py's loop"),
+                    ("kv cache", model.generate, 1, "model.generate_stream (sample.py --compile=false)")]
+        variants += [(f"kv cache, batch {cfg.sample_batch}", model.generate, cfg.sample_batch, "model.generate_stream")]
+        variants += [(f"cuda graph{'' if b == 1 else f', batch {b}'}", g.generate, b, "sample.py's default")
+                     for b, g in graphs.items() if isinstance(g, fast_decode.GraphDecoder)]
+        for name, generate, batch, note in variants:
+            rate = bench_sample(generate, cfg, sampling, batch)
             print(row(f"sample, {name}", rate, "tokens/s", 1.0,
-                      f"batch {batch}, {cfg.sample_tokens} new tokens, {sampling.dtype}"))
+                      f"batch {batch}, {cfg.sample_tokens} new tokens, {sampling.dtype}; {note}"))
     elif not cfg.skip_sample:
         results = bench_sample_side_by_side(model.cpu(), cfg)
         baseline = statistics.median(results["sample, nanoGPT loop"][0])

@@ -1,5 +1,7 @@
 """Fast token-by-token decoding on CPU: model.py's GPT with its one-token step made lean, its
-block matrices in float32 or int8, and that step compiled once per model shape.
+block matrices in float32 or int8, and that step compiled once per model shape. On a CUDA GPU
+the same lean step is captured as a CUDA graph and replayed (GraphDecoder, at the end of the
+decoders).
 
 What it supports, exactly: a model.GPT on a CPU with float32 weights and plain nn.Linear and
 norm modules in its blocks (supported()), with every GPTConfig option (norm, rotary, qk_norm,
@@ -29,6 +31,7 @@ What it adds (after gpt-fast's generate.py and quantize.py):
   tensors, without importing the compiler (docs/speed.md has the timings). A failed build or load
   falls back to the eager step, with one line saying so.
 """
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -46,6 +49,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import model as model_module
+import hardware
 from hardware import mark_used, prune_cache, user_cache
 from model import GPT, GPTConfig, KVCache, RMSNorm, apply_rotary, slide_window
 
@@ -57,8 +61,9 @@ KNOWN_FIELDS = {f.name for f in dataclasses.fields(GPTConfig)} - NOT_IMPLEMENTED
 NORMS = {"layernorm": nn.LayerNorm, "rmsnorm": RMSNorm}  # config.norm -> the module model.py builds
 
 
-def supported(model: nn.Module) -> str | None:
-    """None when the fast decoder computes exactly this model; else why not, in a few words."""
+def supported(model: nn.Module, device_type: str = "cpu") -> str | None:
+    """None when the fast decoder computes exactly this model on device_type (cpu: FastDecoder,
+    cuda: GraphDecoder); else why not, in a few words."""
     if not isinstance(model, GPT):
         return f"the model is a {type(model).__name__}, not model.GPT"
     config = model.config
@@ -66,8 +71,9 @@ def supported(model: nn.Module) -> str | None:
         value = getattr(config, field.name)
         if field.name not in KNOWN_FIELDS and value != field.default:
             return f"model option {field.name}={value!r} is not implemented by the fast path"
-    if next(model.parameters()).device.type != "cpu":
-        return "the fast path is for CPUs; GPUs keep their own"
+    if next(model.parameters()).device.type != device_type:
+        return ("the fast path is for CPUs; GPUs keep their own" if device_type == "cpu"
+                else f"the model is not on a {device_type} device")
     if any(p.dtype != torch.float32 for p in model.parameters()):
         return "the model's weights are not float32"
     norm = NORMS.get(getattr(config, "norm", "layernorm"))
@@ -183,9 +189,9 @@ class FastDecoder:
     (compile_step). The prompt and refills run on the float32 model's own forward: matrix-matrix
     products, where float32 is fast and exact and int8's kernel is not."""
 
-    def __init__(self, model: GPT, weights: str = "float32"):
+    def __init__(self, model: GPT, weights: str = "float32", device_type: str = "cpu"):
         assert weights in ("float32", "int8"), weights
-        why = supported(model)
+        why = supported(model, device_type)
         assert why is None, why
         self.model = model
         self.weights = weights
@@ -210,20 +216,26 @@ class FastDecoder:
         return self.eager_step(idx, cache)
 
     @torch.no_grad()
-    def eager_step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def eager_step(self, idx: torch.Tensor, cache: KVCache, at: torch.Tensor | None = None) -> torch.Tensor:
         """GPT.forward for T = 1 in fewer ops: rows stay (B, C), no module wraps a block, and
-        with int8 weights the MLP's hidden layer stays bf16, the input its second kernel takes."""
+        with int8 weights the MLP's hidden layer stays bf16, the input its second kernel takes.
+        at: None, or this token's position as a (1,) tensor (GraphDecoder's CUDA graph, where no
+        shape may depend on the position): then its keys and values are written there and
+        attention reads the whole buffers, later positions masked; the caller advances the cache."""
         model, config = self.stepping, self.stepping.config
         tr, B, pos = model.transformer, idx.size(0), cache.length
         nh, hs, C = config.n_head, config.n_embd // config.n_head, config.n_embd
         int8 = {"dtype": torch.bfloat16} if self.weights == "int8" else {}
         x = F.embedding(idx, tr.wte.weight)  # (B, C)
+        where = slice(pos, pos + 1) if at is None else at  # this position, as a (1,) index
         if config.rotary:
-            rope = model.rotary.cos[pos:pos + 1], model.rotary.sin[pos:pos + 1]  # (1, hs/2) each
+            rope = model.rotary.cos[where], model.rotary.sin[where]  # (1, hs/2) each
         else:
-            x = x + tr.wpe.weight[pos]
+            x = x + tr.wpe.weight[where]
         if config.bigram:
             x = x + F.embedding(cache.last_token * config.vocab_size + idx, model.bigram.weight)
+        if at is not None:  # (1, 1, 1, block_size): the positions filled so far, this one included
+            visible = (torch.arange(cache.max_length, device=at.device) <= at).view(1, 1, 1, -1)
         x0 = x
         for i, block in enumerate(tr.h):
             if config.x0_lambdas:
@@ -235,11 +247,16 @@ class FastDecoder:
                 q, k = F.rms_norm(q, (hs,)), F.rms_norm(k, (hs,))
             if config.rotary:
                 q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-            keys, values = cache.update(i, k, v)  # (B, nh, pos + 1, hs)
-            y = F.scaled_dot_product_attention(q, keys, values)  # (B, nh, 1, hs)
+            if at is None:
+                keys, values = cache.update(i, k, v)  # (B, nh, pos + 1, hs)
+                y = F.scaled_dot_product_attention(q, keys, values)  # (B, nh, 1, hs)
+            else:
+                cache.k[i].index_copy_(2, at, k), cache.v[i].index_copy_(2, at, v)
+                y = F.scaled_dot_product_attention(q, cache.k[i], cache.v[i], attn_mask=visible)
             x = x + block.attn.c_proj(y.view(B, C))
             x = x + block.mlp.c_proj(block.mlp.act(block.mlp.c_fc(block.ln_2(x), **int8)))
-        cache.advance(idx[:, None])
+        if at is None:
+            cache.advance(idx[:, None])
         return F.linear(tr.ln_f(x), model.lm_head.weight)
 
     def compile_step(self, batch_size: int, build: bool = True, log=print) -> str:
@@ -303,6 +320,126 @@ class FastDecoder:
         """idx (B, T) -> (B, T + max_new_tokens), as GPT.generate."""
         new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
         return torch.cat([idx] + [t[:, None] for t in new], dim=1) if new else idx
+
+
+def cast_linears(model: GPT, dtype: torch.dtype) -> GPT:
+    """A copy of model whose block matrices and output head are in dtype, the autocast dtype a
+    GPU decodes in; every other tensor is the model's own, shared. Autocast would cast them to
+    that dtype at every use (the same values); cast once, a step reads half the bytes and a CUDA
+    graph reads tensors that outlive it (autocast's own cast cache is emptied when it exits)."""
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    low = copy.deepcopy(model, memo=shared)
+    for linear in [lin for block in low.transformer.h for lin in _block_linears(block)] + [low.lm_head]:
+        for name in ("weight", "bias"):
+            if getattr(linear, name) is not None:  # a new tensor in the copy only: the model keeps its own
+                setattr(linear, name, nn.Parameter(getattr(linear, name).detach().to(dtype), requires_grad=False))
+    return low
+
+
+class GraphDecoder(FastDecoder):
+    """CUDA GPUs: FastDecoder's one-token step captured once as a CUDA graph and replayed for
+    every token. A small model's step on a GPU is a hundred kernel launches of a few
+    microseconds each around little work, so the GPU waits on Python (launch-bound); a replay
+    is one launch. A graph has fixed shapes and addresses: the step writes at a position held in
+    a tensor and attends over the whole cache with later positions masked (eager_step's `at`),
+    so one graph serves every position of a generation. It reads that generation's cache
+    buffers where they were at capture: a step on other buffers (the next generation, or two
+    generations stepped in turn) captures again, a few milliseconds. Under autocast the step runs on a copy
+    of the model with its matrices already in the autocast dtype (cast_linears): the values
+    autocast gives, without a cast per step. The prompt and refills run on the model's forward."""
+
+    def __init__(self, model: GPT, precision: hardware.Precision):
+        super().__init__(model, "float32", precision.device_type)
+        self.device_type, self.dtype = precision.device_type, precision.torch_dtype
+        if self.dtype != torch.float32:
+            self.stepping = cast_linears(model, self.dtype)
+        self.graph = None  # torch.cuda.CUDAGraph, captured on the first step (capture())
+        self.inputs: dict[str, torch.Tensor] = {}  # what a replay reads: idx, at, last_token
+        self.logits: torch.Tensor | None = None  # what a replay writes
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype, cache_enabled=False)  # nothing cached across replays
+
+    def step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        if self.graph is None or self.inputs["idx"].shape != idx.shape or self.captured != buffers(cache):
+            self.capture(idx, cache)
+        self.inputs["idx"].copy_(idx)
+        self.inputs["at"].fill_(cache.length)
+        self.inputs["last_token"].copy_(cache.last_token if cache.last_token is not None else idx)
+        self.graph.replay()
+        cache.advance(idx[:, None])
+        return self.logits.clone()  # the next replay overwrites it
+
+    def capture(self, idx: torch.Tensor, cache: KVCache):
+        """Record eager_step at a tensor position over cache's buffers (record())."""
+        self.inputs = {"idx": idx.clone(), "at": torch.tensor([cache.length], device=idx.device),
+                       "last_token": (cache.last_token if cache.last_token is not None else idx).clone()}
+        view = KVCache(len(cache.k), cache.max_length)  # the same buffers, the static last_token
+        view.k, view.v, view.last_token = list(cache.k), list(cache.v), self.inputs["last_token"]
+
+        def run():
+            with self.autocast():
+                return self.eager_step(self.inputs["idx"], view, at=self.inputs["at"])
+
+        self.graph = None
+        self.graph, self.logits = record(run, idx.device)
+        self.captured = buffers(cache)
+
+    @torch.no_grad()
+    def matches_model(self, batch_size: int, tokens: int = 8) -> bool:
+        """Whether replays give the model's own logits (under the same autocast) on a few tokens
+        (a prompt, then a token at a time): the guard against a model or GPU this gets wrong.
+        """
+        model = self.model
+        T = max(3, min(tokens, model.config.block_size))
+        idx = torch.arange(batch_size * T, device=model.lm_head.weight.device).remainder(
+            model.config.vocab_size).view(batch_size, T)
+        cache = self.new_cache()
+        with self.autocast():
+            expected = model(idx, idx)[0][:, 1:].float()  # (B, T - 1, vocab): targets ask for every position
+            model(idx[:, :1], kv_cache=cache)
+        got = torch.stack([self.step(idx[:, t], cache).float() for t in range(1, T)], dim=1)
+        return (got - expected).abs().max().item() <= 2e-2 * (expected.abs().max().item() + 1.0)
+
+
+def record(run, device: torch.device):
+    """run() captured as a CUDA graph: (graph, its output), which graph.replay() rewrites in
+    place. One warm-up run first, on a side stream, as torch.cuda.graph asks (it picks kernels
+    and allocates workspaces); GraphDecoder's warm-up writes the step's keys and values where
+    the replay then writes them again."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = run()
+    return graph, output
+
+
+def buffers(cache: KVCache) -> tuple[int, ...]:
+    """Where cache's buffers are: what a captured step reads."""
+    return tuple(t.data_ptr() for t in cache.k + cache.v)
+
+
+def graph_decoder_for(model: nn.Module, precision: hardware.Precision, batch_size: int, log=print):
+    """A GraphDecoder where it applies and agrees with the model, else the model itself (with
+    one line saying why, where something failed). Returns (decoder, how it decodes, in words)."""
+    why = supported(model, precision.device_type)
+    if why is not None:
+        return model, f"model.generate_stream ({why})"
+    try:
+        decoder = GraphDecoder(model, precision)
+        agrees = decoder.matches_model(batch_size)
+    except Exception as e:  # noqa: BLE001 (an op this torch or GPU cannot capture: decode eagerly)
+        log(f"could not capture the decoding step as a CUDA graph ({one_line(e)}); decoding with the model's own step")
+        return model, "model.generate_stream (the CUDA graph failed)"
+    if not agrees:
+        return model, "model.generate_stream (the CUDA graph's logits differ from this model's own)"
+    return decoder, "the one-token step as a CUDA graph (--compile=false: the model's own)"
 
 
 def one_line(e: BaseException) -> str:

@@ -40,7 +40,7 @@ class GenerationConfig:
     use_cache: bool = True  # KV cache: each new token costs one position, not the whole context
     stop: list[str] = field(default_factory=list)  # end a sample at this string, not printed; repeat for several
     dtype: str = "auto"  # auto (float32 on cpu: faster for decoding; bf16 or fp16 on gpus), float32, bfloat16 or float16
-    compile: bool | None = None  # on a CPU the fast path's decoding step, compiled once per model shape and kept in ~/.cache/nanogpt-toolkit (unset: where it pays, i.e. a kept one, or max_new_tokens x n_layer >= 2000); on a GPU torch.compile the model (true only)
+    compile: bool | None = None  # on a CPU the fast path's decoding step, compiled once per model shape and kept in ~/.cache/nanogpt-toolkit (unset: where it pays, i.e. a kept one, or max_new_tokens x n_layer >= 2000); on a CUDA GPU unset replays the one-token step as a CUDA graph, false runs the model eagerly, true torch.compiles it
     fast_weights: str = "auto"  # block matrices of the fast CPU path (dtype auto): auto (faster here), float32 or int8
 
     def problems(self) -> list[str]:
@@ -68,18 +68,24 @@ class GenerationConfig:
 
 
 def choose_decoder(model: GPT, cfg: GenerationConfig, precision: hardware.Precision):
-    """What generates: fast_decode's CPU path for --dtype=auto on a CPU, else the model itself
-    (float32 as requested is the exact reference; GPUs keep the model's path). Both have
-    generate_stream(...) with the same arguments and yielded values. --compile: the fast path's
-    step compiled (fast_decode.decoder_for; unset, where it pays), or else the model (true
-    only). Returns (decoder, how it decodes, in words)."""
-    if precision.device_type != "cpu":
-        decoder, how = model, "model.generate_stream (the fast path is for CPUs)"
+    """What generates: for --dtype=auto, fast_decode's CPU path on a CPU and its CUDA graph of
+    the one-token step on a CUDA GPU (--compile unset), else the model itself (a --dtype as
+    requested is the exact reference). All have generate_stream(...) with the same arguments
+    and yielded values. --compile: the CPU path's step compiled (fast_decode.decoder_for; unset,
+    where it pays), or else the model (true only). Returns (decoder, how it decodes, in words)."""
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    if precision.device_type == "cuda" and cfg.dtype == "auto" and cfg.compile is None and cfg.use_cache:
+        decoder, how = fast_decode.graph_decoder_for(model, precision, cfg.num_samples, log)
+    elif precision.device_type != "cpu":
+        why = "the fast path is for CPUs" if precision.device_type != "cuda" else (
+            "as --dtype asked" if cfg.dtype != "auto" else "without the KV cache" if not cfg.use_cache
+            else f"--compile={str(cfg.compile).lower()}")
+        decoder, how = model, f"model.generate_stream ({why})"
     elif cfg.dtype != "auto":
         decoder, how = model, "model.generate_stream (exact, as --dtype asked)"
     else:
         decoder, how = fast_decode.decoder_for(model, cfg.num_samples, cfg.fast_weights, cfg.compile,
-                                               cfg.max_new_tokens, log=lambda line: print(line, file=sys.stderr))
+                                               cfg.max_new_tokens, log=log)
     if cfg.compile and not isinstance(decoder, fast_decode.FastDecoder):
         model.compile(dynamic=True)  # dynamic: the cached context grows every step
         how += "; the model compiled (torch.compile, on its first steps)"

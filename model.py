@@ -188,8 +188,10 @@ class KVCache:
         buf = self.k[layer]
         if buf is None or buf.shape[0] != B or buf.dtype != k.dtype or buf.device != k.device:
             assert self.length == 0, "KV cache reused with another batch size, dtype or device"
-            self.k[layer] = k.new_empty(B, nh, self.max_length, hs)
-            self.v[layer] = v.new_empty(B, nh, self.max_length, hs)
+            # zeros, not whatever memory held: a CUDA graph's step (fast_decode.GraphDecoder)
+            # reads the positions not yet written too (masked), and 0 * nan would be nan
+            self.k[layer] = k.new_zeros(B, nh, self.max_length, hs)
+            self.v[layer] = v.new_zeros(B, nh, self.max_length, hs)
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]

@@ -42,6 +42,9 @@ shape and the tokenizer, so nothing in data/ is needed. Standard output holds on
   compiling: by default where that pays (a kept one, or a long generation), always with
   --compile, never with --compile=false. The choices are printed on stderr. An explicit
   --dtype=float32 keeps the exact float32 path of model.py, the reference.
+- On a CUDA GPU with --dtype=auto, each token after the prompt is one replay of a CUDA graph
+  of that lean step (fast_decode.GraphDecoder): no hundred kernel launches a token.
+  --compile=false keeps the model's own step, --compile=true torch.compiles the model.
 """
 import gc
 gc.disable()  # no garbage collection while torch imports: start-up and exit ~0.3 s faster (docs/speed.md)

@@ -229,6 +229,120 @@ def test_every_model_option_runs_on_the_fast_path_with_the_models_own_results(op
     assert (logits - reference).abs().max() < 0.05 * reference.abs().max()
 
 
+class EagerGraph:
+    """fast_decode.record's graph without CUDA: each replay runs the recorded step again and
+    writes its output in place, as a graph's replay does. GraphDecoder's own code runs around it."""
+
+    def __init__(self, run):
+        self.run, self.output = run, run()
+
+    def replay(self):
+        self.output.copy_(self.run())
+
+
+@pytest.fixture
+def eager_graphs(monkeypatch):
+    """GraphDecoder on a CPU (or, on a GPU, without CUDA graphs): the list of its recordings."""
+    recorded = []
+
+    def record(run, device):
+        recorded.append(EagerGraph(run))
+        return recorded[-1], recorded[-1].output
+
+    monkeypatch.setattr(fast_decode, "record", record)
+    return recorded
+
+
+def precision(device="cpu", dtype="float32"):
+    return hardware.Precision(device, dtype, "the test's")
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_every_model_option_gives_the_models_own_results_through_the_graph_step(options, eager_graphs):
+    """What a CUDA graph replays (the step at a position held in a tensor, attention over the
+    whole cache with later positions masked) gives the model's logits and greedy text, past
+    block_size too, for every option of model.py. Checked here on a CPU; on a GPU the graph
+    itself (test_cuda_graph_replays_what_the_step_computes)."""
+    model = small_model(**options)
+    decoder, why = fast_decode.graph_decoder_for(model, precision(), 1)
+    assert isinstance(decoder, fast_decode.GraphDecoder), why
+    idx = torch.tensor([[3, 1, 4, 1, 5, 9, 2]])
+    cache = decoder.new_cache()
+    model(idx[:, :-1], kv_cache=cache)
+    assert torch.allclose(decoder.step(idx[:, -1], cache), model(idx)[0][:, -1], atol=1e-5)
+    assert torch.equal(decoder.generate(idx, 40, temperature=0), model.generate(idx, 40, temperature=0))
+    assert len(eager_graphs) == 3  # the check's, the step above's and the generation's (new buffers)
+
+
+def test_graph_steps_of_two_generations_in_turn_capture_again(trained, corpus, eager_graphs):
+    """A graph reads one cache's buffers: two generations stepped in turn (a web demo's) each
+    get their own text, the graph recorded again whenever the other one steps."""
+    decoder = fast_decode.GraphDecoder(trained, precision())
+    a, b = prompt(corpus, length=5), prompt(corpus, length=12)[:, 4:]
+    gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    alone = [decoder.generate(p, 10, temperature=1.0, generator=gen(i))[0, p.size(1):].tolist()
+             for i, p in enumerate((a, b))]
+    streams = [decoder.generate_stream(p, 10, temperature=1.0, generator=gen(i)) for i, p in enumerate((a, b))]
+    together = [[], []]
+    for _ in range(10):
+        for i, stream in enumerate(streams):
+            together[i].append(next(stream).item())
+    assert together == alone and alone[0] != alone[1]
+    assert len(eager_graphs) > 2 * 9  # a step after the other's records again
+
+
+def test_the_graph_step_under_autocast_reads_matrices_cast_once(trained, eager_graphs):
+    """Under bf16 autocast the step runs on a copy whose block matrices and head are bf16 (the
+    values autocast casts to), everything else the model's own; the model is left as it was."""
+    decoder = fast_decode.GraphDecoder(trained, precision(dtype="bfloat16"))
+    low, block = decoder.stepping, decoder.stepping.transformer.h[0]
+    assert block.attn.c_attn.weight.dtype == torch.bfloat16 and low.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(block.mlp.c_fc.weight, trained.transformer.h[0].mlp.c_fc.weight.to(torch.bfloat16))
+    assert low.transformer.wte.weight is trained.transformer.wte.weight and block.ln_1.weight is trained.transformer.h[0].ln_1.weight
+    assert all(p.dtype == torch.float32 for p in trained.parameters())
+    assert decoder.matches_model(batch_size=2)
+
+
+def test_a_graph_that_cannot_be_recorded_falls_back_to_the_model_with_one_line(trained, monkeypatch):
+    def record(run, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(fast_decode, "record", record)
+    lines = []
+    decoder, how = fast_decode.graph_decoder_for(trained, precision(), 1, log=lines.append)
+    assert decoder is trained and "CUDA graph failed" in how
+    assert len(lines) == 1 and "could not capture" in lines[0] and "not permitted" in lines[0]
+    monkeypatch.setattr(fast_decode, "record", lambda run, device: (graph := EagerGraph(run), graph.output))
+    doubled = DoubledLogits(trained.config)
+    doubled.load_state_dict(trained.state_dict())
+    decoder, how = fast_decode.graph_decoder_for(doubled.eval(), precision(), 1, log=lines.append)
+    assert decoder is doubled and "differ" in how
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_graph_replays_what_the_step_computes(trained, corpus, dtype, monkeypatch):
+    """On a GPU: generation.choose_decoder picks the CUDA graph for --dtype=auto; its replays
+    give the text the same step gives run eagerly, and logits within autocast's rounding of the
+    model's own."""
+    import copy as copy_module
+
+    import generation
+    model = copy_module.deepcopy(trained).cuda()
+    idx = prompt(corpus, length=BLOCK + 7, batch=2).cuda()
+    graphed = fast_decode.GraphDecoder(model, precision("cuda", dtype))
+    assert graphed.matches_model(batch_size=2)
+    with graphed.autocast():
+        text = graphed.generate(idx, 3 * BLOCK, temperature=0)
+    monkeypatch.setattr(fast_decode, "record", lambda run, device: (graph := EagerGraph(run), graph.output))
+    eager = fast_decode.GraphDecoder(model, precision("cuda", dtype))
+    with eager.autocast():
+        assert torch.equal(eager.generate(idx, 3 * BLOCK, temperature=0), text)
+    monkeypatch.undo()
+    decoder, how = generation.choose_decoder(model, generation.GenerationConfig(), precision("cuda", dtype))
+    assert isinstance(decoder, fast_decode.GraphDecoder) and "CUDA graph" in how, how
+
+
 def test_choose_weights_says_what_it_measured(trained):
     weights, why = fast_decode.choose_weights(trained, batch_size=2)
     assert weights in ("float32", "int8")
