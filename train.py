@@ -688,6 +688,7 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
     stop = StopRequest(procs.ddp)
     skip_eval_at = iter_num if cfg.init_from == "resume" else None  # that eval is in the checkpoint
     stopped_by = None  # the signal that stopped the run early
+    saved, last_val = False, None  # whether this run wrote ckpt.pt; its last val loss
     t0, steps_timed = time.perf_counter(), 0
     try:
         while True:
@@ -700,7 +701,7 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
             if (iter_num % cfg.eval_interval == 0 or last or cfg.eval_only) and iter_num != skip_eval_at and not at_start:
                 losses = estimate_loss(model, data, cfg, precision, procs)
                 improved = losses["val"] < best_val_loss
-                best_val_loss = min(best_val_loss, losses["val"])
+                best_val_loss, last_val = min(best_val_loss, losses["val"]), losses["val"]
                 out_of_patience = patience.run_out(improved, iter_num) and not last
                 if master:
                     report_eval(iter_num, losses, lr, log, progress)
@@ -708,6 +709,7 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
                 if iter_num > 0 and (improved or keep_every) and not cfg.eval_only:
                     save_checkpoint(ckpt_path, raw_model, optimizer, scaler, iter_num, best_val_loss, run_info,
                                     data_gen, procs, budget.spent)
+                    saved = True
                     if master:
                         progress.write(f"saved checkpoint to {ckpt_path}")
                 if out_of_patience:
@@ -753,9 +755,17 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
     finally:
         stop.restore()
         progress.close()
+    done = f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}, checkpoint in {ckpt_path}"
+    if not saved and stopped_by is None and not cfg.eval_only and cfg.init_from != "resume":
+        # the val loss never beat the first evaluation's (the start, never saved): a run that ends
+        # without a checkpoint would leave nothing to sample or resume, so the last model is kept
+        save_checkpoint(ckpt_path, raw_model, optimizer, scaler, iter_num, best_val_loss, run_info,
+                        data_gen, procs, budget.spent)
+        done = (f"done: {iter_num} iterations; the val loss ({last_val:.4f} at the end) never went below the "
+                f"first evaluation's {best_val_loss:.4f}, so ckpt.pt holds the last model, in {ckpt_path} "
+                f"(a lower --learning_rate or a longer run may do better)")
     log.finish()
-    end_run(procs, stopped_by, master and not cfg.eval_only,
-            f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}, checkpoint in {ckpt_path}")
+    end_run(procs, stopped_by, master and not cfg.eval_only, done)
 
 
 def exit_rank():

@@ -326,6 +326,23 @@ def test_best_val_loss_is_the_minimum(tiny_data, tmp_path):
     assert checkpoint.load(tmp_path / "out" / "ckpt.pt")["best_val_loss"] == min(vals)
 
 
+def test_a_run_that_never_beats_its_first_evaluation_still_leaves_a_checkpoint(tiny_data, tmp_path, capsys):
+    """ckpt.pt is written when the val loss improves, and the start's model is never saved: a run
+    whose val loss only rose (a learning rate far too high) keeps its last model, and its last
+    line says so instead of naming a checkpoint that was never written."""
+    out = tmp_path / "out"
+    run_train(tiny_data, out, "--max_iters=4", "--eval_interval=4", "--learning_rate=3", "--optimizer=adamw",
+              "--always_save_checkpoint=False", "--warmup_iters=0", "--decay_lr=False")
+    vals = [r["val/loss"] for r in read_metrics(out) if "val/loss" in r]
+    assert len(vals) == 2 and vals[1] > vals[0]  # it got worse
+    saved = checkpoint.load(out / "ckpt.pt")
+    assert saved["iter_num"] == 4 and saved["best_val_loss"] == vals[0]
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "never went below" in last and "last model" in last and str(out / "ckpt.pt") in last
+    run_train(tiny_data, out, "--max_iters=6", "--init_from=resume")  # it resumes like any checkpoint
+    assert [r["iter"] for r in read_metrics(out) if "val/loss" in r] == [0, 4, 6]
+
+
 def test_eval_train_false_evaluates_only_the_val_split(tiny_data, tmp_path):
     run_train(tiny_data, tmp_path / "both", "--max_iters=4", "--eval_interval=2")
     run_train(tiny_data, tmp_path / "val", "--max_iters=4", "--eval_interval=2", "--eval_train=false")
