@@ -393,7 +393,7 @@ class GraphDecoder(FastDecoder):
         (a prompt, then a token at a time): the guard against a model or GPU this gets wrong.
         """
         model = self.model
-        T = max(3, min(tokens, model.config.block_size))
+        T = min(tokens, model.config.block_size)  # at least 2: graph_decoder_for
         idx = torch.arange(batch_size * T, device=model.lm_head.weight.device).remainder(
             model.config.vocab_size).view(batch_size, T)
         cache = self.new_cache()
@@ -425,10 +425,16 @@ def buffers(cache: KVCache) -> tuple[int, ...]:
     return tuple(t.data_ptr() for t in cache.k + cache.v)
 
 
+def one_token_block(model: GPT) -> str | None:
+    """Why a model of block_size 1 gains nothing here: every token refills its window (the
+    model's forward), so there is no one-token step to speed up; else None."""
+    return "a block of one token: every token refills the window" if model.config.block_size < 2 else None
+
+
 def graph_decoder_for(model: nn.Module, precision: hardware.Precision, batch_size: int, log=print):
     """A GraphDecoder where it applies and agrees with the model, else the model itself (with
     one line saying why, where something failed). Returns (decoder, how it decodes, in words)."""
-    why = supported(model, precision.device_type)
+    why = supported(model, precision.device_type) or one_token_block(model)
     if why is not None:
         return model, f"model.generate_stream ({why})"
     try:
@@ -565,7 +571,7 @@ def decoder_for(model: nn.Module, batch_size: int, weights: str = "auto", compil
     weights: auto (choose_weights), float32 or int8. compile: True (load or build the compiled
     step), False (eager), None (load it when kept; build it when a generation of new_tokens
     is long enough to pay: COMPILE_PAYS). Returns (decoder, why, in a few words)."""
-    why = supported(model)
+    why = supported(model) or one_token_block(model)
     if why is not None:
         return model, f"plain ({why})"
     if weights == "auto":
@@ -583,7 +589,7 @@ def decoder_for(model: nn.Module, batch_size: int, weights: str = "auto", compil
     if not matches_model(decoder):
         return model, "plain (the fast path's logits differ from this model's own)"
     how = f"fast CPU path, {reason}"
-    if compile is not False and model.config.block_size >= 2:
+    if compile is not False:
         build = compile is True or new_tokens * model.config.n_layer >= COMPILE_PAYS
         how += f"; {decoder.compile_step(batch_size, build, log)}"
     return decoder, how

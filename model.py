@@ -518,8 +518,8 @@ def slide_window(next_logits, block_size: int, cache: KVCache | None, idx: torch
     is None).
 
     Context past block_size slides: when the tokens since the window start no longer fit in
-    block_size, the window jumps forward to keep the last block_size // 2 tokens and the cache
-    is refilled from them. So the model always sees between block_size // 2 and block_size
+    block_size, the window jumps forward to keep the last block_size // 2 tokens (a block of
+    one keeps its one) and the cache is refilled from them. So the model always sees between block_size // 2 and block_size
     tokens of context, and each refill is paid once per block_size // 2 new tokens. A prompt
     longer than block_size starts from its last block_size tokens."""
     B, T = idx.shape
@@ -530,7 +530,7 @@ def slide_window(next_logits, block_size: int, cache: KVCache | None, idx: torch
     start = max(0, n - block_size)  # first token of the current window
     for _ in range(max_new_tokens):
         if n - start > block_size:
-            start = n - block_size // 2
+            start = n - max(1, block_size // 2)  # a block of one keeps its one token
             if cache is not None:
                 cache.reset()
         cached = cache.length if cache is not None else 0

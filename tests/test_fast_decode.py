@@ -274,6 +274,23 @@ def test_every_model_option_gives_the_models_own_results_through_the_graph_step(
     assert len(eager_graphs) == 3  # the check's, the step above's and the generation's (new buffers)
 
 
+@pytest.mark.parametrize("block_size", [1, 2])
+@pytest.mark.parametrize("path", ["cpu", "graph"])
+def test_the_fast_paths_at_the_smallest_blocks(block_size, path, eager_graphs):
+    """A block of one token (a bigram model) has no one-token step to speed up (each token
+    refills the window): the model's own path, which keeps one token when the window slides;
+    a block of two slides to one cached token and steps from there."""
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=11, n_layer=1, n_head=2, n_embd=16)).eval()
+    if path == "cpu":
+        decoder, why = decoder_for(model, 1, "float32", compile=False)
+    else:
+        decoder, why = fast_decode.graph_decoder_for(model, precision(), 1)
+    assert (decoder is model) == (block_size == 1), why
+    idx = torch.tensor([[1, 2, 3]])
+    expected = model.generate(idx, 9, temperature=0)
+    assert expected.shape == (1, 12) and torch.equal(decoder.generate(idx, 9, temperature=0), expected)
+
+
 def test_graph_steps_of_two_generations_in_turn_capture_again(trained, corpus, eager_graphs):
     """A graph reads one cache's buffers: two generations stepped in turn (a web demo's) each
     get their own text, the graph recorded again whenever the other one steps."""
