@@ -354,6 +354,7 @@ class GraphDecoder(FastDecoder):
         if self.dtype != torch.float32:
             self.stepping = cast_linears(model, self.dtype)
         self.graph = None  # torch.cuda.CUDAGraph, captured on the first step (capture())
+        self.captured: tuple[int, ...] = ()  # where the cache buffers it reads are (buffers())
         self.inputs: dict[str, torch.Tensor] = {}  # what a replay reads: idx, at, last_token
         self.logits: torch.Tensor | None = None  # what a replay writes
 
@@ -383,15 +384,14 @@ class GraphDecoder(FastDecoder):
             with self.autocast():
                 return self.eager_step(self.inputs["idx"], view, at=self.inputs["at"])
 
-        self.graph = None
+        self.graph = None  # the last capture's memory is freed before the next one takes its own
         self.graph, self.logits = record(run, idx.device)
         self.captured = buffers(cache)
 
     @torch.no_grad()
     def matches_model(self, batch_size: int, tokens: int = 8) -> bool:
         """Whether replays give the model's own logits (under the same autocast) on a few tokens
-        (a prompt, then a token at a time): the guard against a model or GPU this gets wrong.
-        """
+        (a prompt, then a token at a time): the guard against a model or GPU this gets wrong."""
         model = self.model
         T = min(tokens, model.config.block_size)  # at least 2: graph_decoder_for
         idx = torch.arange(batch_size * T, device=model.lm_head.weight.device).remainder(
