@@ -62,8 +62,13 @@ def coerce(key: str, value, tp):
             raise ValueError(f"--{key} must be an integer, got {value!r}")
         if isinstance(value, int):
             return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())  # exact at any length: a float would round a 19-digit seed
+            except ValueError:
+                pass  # "5e3": below
         try:
-            number = float(value)  # accepts "5000", "5e3", 5000.0
+            number = float(value)  # accepts "5e3", 5000.0
         except (TypeError, ValueError):
             number = math.nan
         if not math.isfinite(number) or number != int(number):

@@ -24,7 +24,10 @@ class Dataset:
     """The token bins of data/<name>/, read as memory maps.
 
     Each batch opens a fresh np.memmap: keeping one open lets its pages pile up in the
-    process (the leak nanoGPT works around the same way)."""
+    process (the leak nanoGPT works around the same way). The memmaps are made from files held
+    open since the dataset was opened, not from their names: a prepare.py that replaces the
+    dataset while a run trains on it (its new folder swapped in) leaves this run reading the
+    data it started with, never a mix of the two."""
 
     def __init__(self, data_dir: str, name: str):
         folder = Path(data_dir) / name
@@ -62,6 +65,8 @@ class Dataset:
                 if not path.is_file() or path.stat().st_size != self.sizes[split]:
                     raise UserError(f"{path} is missing or does not hold one flag per token of "
                                     f"{self.paths[split]}; run prepare.py for {name!r} again")
+        self.files = {split: open(path, "rb") for split, path in self.paths.items()}  # see the class docstring
+        self.mask_files = {split: open(path, "rb") for split, path in self.mask_paths.items()} if self.mask_paths else None
         # what sampling needs to wrap a prompt as the records were (see template.py)
         self.instruct = {"template": self.meta["template"], "chat": bool(self.meta.get("chat"))} \
             if "template" in self.meta else None
@@ -72,7 +77,7 @@ class Dataset:
         whole window (block_size + 1 tokens). Found once per split by one pass over it."""
         key = (split, block_size)
         if key not in self._row_starts:
-            data = np.memmap(self.paths[split], dtype=self.dtype, mode="r")
+            data = np.memmap(self.files[split], dtype=self.dtype, mode="r")
             bounds = np.flatnonzero(data == self.eot_id)  # each document's start; the last closes the split
             firsts, lengths = bounds[:-1], np.diff(bounds)  # lengths count the boundary token
             more = (lengths - 1) // block_size  # windows after the first one of each document
@@ -81,7 +86,7 @@ class Dataset:
             starts = np.sort(np.concatenate([firsts, firsts[doc] + k * block_size]))
             starts = starts[starts + block_size + 1 <= len(data)]
             if self.mask_paths:  # a window with no target in the loss teaches nothing (and its loss is 0/0)
-                in_loss = np.concatenate([[0], np.cumsum(np.memmap(self.mask_paths[split], dtype=np.uint8,
+                in_loss = np.concatenate([[0], np.cumsum(np.memmap(self.mask_files[split], dtype=np.uint8,
                                                                     mode="r"), dtype=np.int64)])
                 starts = starts[in_loss[starts + block_size + 1] > in_loss[starts + 1]]
                 if len(starts) == 0:
@@ -94,7 +99,7 @@ class Dataset:
         """Random windows: x (B, T) and the next-token targets y (B, T), int64 on device.
         Document mode: rows start at row_starts, and a third tensor gives each token's
         position in its document (B, T) for the model."""
-        data = np.memmap(self.paths[split], dtype=self.dtype, mode="r")
+        data = np.memmap(self.files[split], dtype=self.dtype, mode="r")
         if self.documents:
             row_starts = self.row_starts(split, block_size)
             starts = row_starts[torch.randint(len(row_starts), (batch_size,), generator=generator).numpy()]
@@ -104,7 +109,7 @@ class Dataset:
         xy = torch.from_numpy(windows)
         batch = [xy[:, :-1], xy[:, 1:]]
         if self.mask_paths:  # targets out of the loss become -1, which the cross-entropy ignores
-            flags = np.memmap(self.mask_paths[split], dtype=np.uint8, mode="r")
+            flags = np.memmap(self.mask_files[split], dtype=np.uint8, mode="r")
             out = torch.from_numpy(flags[starts[:, None] + np.arange(1, block_size + 1)] == 0)  # (B, T)
             batch[1] = batch[1].masked_fill(out, -1)
         if self.documents:

@@ -58,6 +58,7 @@ from documents import split_documents
 from errors import UserError, run_main
 from loading import load, load_hf
 from tokenizer import Tokenizer
+from tokenizer import mismatch as tokenizer_mismatch
 gc.freeze()  # what the imports made is never traversed again, not even at exit
 gc.enable()
 
@@ -314,9 +315,8 @@ def split_ids(cfg: EvalConfig, tokenizer: Tokenizer, trained_on: str | None, tra
     data = Dataset(cfg.data_dir or trained_dir, name)
     theirs = Tokenizer.from_description(data.meta).describe()
     ours = tokenizer.describe()
-    if (theirs["name"], theirs.get("chars"), theirs.get("eot_id")) != (ours["name"], ours.get("chars"), ours.get("eot_id")):
-        raise UserError(f"dataset {name!r} was prepared with another tokenizer ({theirs['name']}, "
-                        f"{theirs['vocab_size']} tokens) than the model's ({ours['name']}, {ours['vocab_size']}); "
+    if differ := tokenizer_mismatch(ours, theirs):
+        raise UserError(f"dataset {name!r} was prepared with another tokenizer than the model's: {differ}; "
                         f"score it with --input on its text, or prepare it with the model's tokenizer")
     ids = np.fromfile(data.paths[cfg.split], dtype=data.dtype).astype(np.int64)
     return ids, f"the {cfg.split} split of {name}"

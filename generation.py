@@ -62,6 +62,8 @@ class GenerationConfig:
             p.append(f"--repetition_penalty must be a finite number above 0 (1 = off), got {self.repetition_penalty}")
         if any(s == "" for s in self.stop):
             p.append("--stop needs a non-empty string, e.g. --stop=END")
+        if bad_seed := hardware.seed_problem(self.seed):
+            p.append(bad_seed)
         if self.fast_weights not in ("auto", "float32", "int8"):
             p.append(f"--fast_weights must be auto, float32 or int8, got {self.fast_weights!r}")
         return p
@@ -96,6 +98,9 @@ def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool, instruct:
     """Token ids of the prompt; at least one, since generation continues from something. A
     model trained on instruction records (instruct: the checkpoint's template) gets the prompt
     as a user turn followed by the assistant marker (template.prompt_ids)."""
+    if drop_unknown and tokenizer.chars is not None and (unknown := sorted(set(text) - set(tokenizer.chars))):
+        shown = ", ".join(repr(c) for c in unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+        print(f"note: --drop_unknown dropped {len(unknown)} character(s) the model never saw: {shown}", file=sys.stderr)
     if instruct:
         return template.prompt_ids(tokenizer, instruct["template"], text, drop_unknown)
     if tokenizer.documents:  # a new document: its boundary token, then the prompt's text
@@ -106,7 +111,9 @@ def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool, instruct:
     if tokenizer.eot_id is not None:
         return [tokenizer.eot_id]  # BPE: an empty prompt starts a new document
     what = "has no character the model knows" if text else "is empty"
-    raise UserError(f"the prompt {what}; give some text, e.g. --prompt='\\n'")
+    known = tokenizer.chars if tokenizer.chars is not None else ["\n"]
+    example = "\\n" if "\n" in known else known[0]  # a character this model knows
+    raise UserError(f"the prompt {what}; give some text, e.g. --prompt='{example}'")
 
 
 def shown_prompt(tokenizer: Tokenizer, prompt_ids: list[int]) -> list[int]:

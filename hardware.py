@@ -171,6 +171,16 @@ def resolve(device: str = "auto", dtype: str = "auto") -> Precision:
     return Precision(device, dtype, ", ".join(why))
 
 
+SEED_LIMIT = 2**63  # torch keeps seeds in 64 bits, but some of its paths read them signed
+
+
+def seed_problem(seed: int) -> str | None:
+    """The one line a --seed torch cannot take gets (it would overflow deep inside torch), else None."""
+    if not 0 <= seed < SEED_LIMIT:
+        return f"--seed must be between 0 and {SEED_LIMIT - 1}, got {seed}"
+    return None
+
+
 def set_determinism(on: bool, device_type: str) -> bool:
     """train.py --deterministic: torch's deterministic kernels on a GPU, where the backward
     passes of embeddings and attention otherwise add with atomics in whatever order the threads

@@ -445,7 +445,12 @@ def swap_into_place(tmp: Path, dest: Path) -> None:
     old = None
     if dest.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-{os.getpid()}-", dir=dest.parent))
-        os.rename(dest, old / dest.name)
+        try:
+            os.rename(dest, old / dest.name)
+        except PermissionError:  # Windows renames no folder with a file open in it (POSIX does)
+            old.rmdir()
+            raise UserError(f"cannot replace {dest}: a program has a file in it open (a train.py on this "
+                            f"dataset, say); let it finish, or prepare under another --name") from None
     try:
         os.rename(tmp, dest)
     except OSError:

@@ -212,3 +212,28 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
+
+
+def mismatch(model: dict, data: dict, boundary: bool = True) -> str | None:
+    """How the tokenizer a dataset was prepared with (data) differs from a model's, both as
+    describe() gives them, in a few words; None when the same ids mean the same text. boundary:
+    also compare the document-boundary token (off where a pretrained model's vocabulary may
+    hold more than the data's)."""
+    def kind(d: dict) -> str:
+        return {CHAR: "char-level", BPE: "a trained BPE vocabulary"}.get(d["name"], f"{d['name']} (tiktoken)")
+
+    if model["name"] != data["name"]:
+        return f"the model's tokenizer is {kind(model)}, the data's {kind(data)}"
+    if model.get("chars") != data.get("chars"):
+        ours, theirs = set(model.get("chars") or ()), set(data.get("chars") or ())
+        show = lambda chars: ", ".join(repr(c) for c in sorted(chars)[:5]) + (" ..." if len(chars) > 5 else "")  # noqa: E731
+        parts = ([f"has {show(theirs - ours)}, which the model never saw"] if theirs - ours else []) + \
+                ([f"lacks {show(ours - theirs)}"] if ours - theirs else [])
+        return ("both are char-level, but the data " + (", and ".join(parts) if parts else
+                "has the model's characters in another order") + ": its ids mean other characters")
+    if model.get("bpe") != data.get("bpe"):
+        return "both are trained BPE vocabularies, but different ones"
+    if boundary and model.get("eot_id") != data.get("eot_id"):
+        with_eot = "the data" if data.get("eot_id") is not None else "the model"
+        return f"only {with_eot} has a document-boundary token (prepare.py --documents)"
+    return None

@@ -49,6 +49,7 @@ from dataset import Dataset
 from errors import UserError, run_main
 from model import GPT, MODEL_KEYS, GPTConfig
 from tokenizer import Tokenizer
+from tokenizer import mismatch as tokenizer_mismatch
 from training import TimeBudget, TrainConfig, schedule_iter, set_schedule, train_step
 gc.freeze()  # what the imports made is never traversed again, not even at exit
 gc.enable()
@@ -57,17 +58,18 @@ gc.enable()
 # ---------------------------------------------------------------------------- logging
 
 class MetricsLog:
-    """Appends every log and eval record to <out_dir>/metrics.jsonl and, when a wandb run
-    is given, logs the same record there; the loop never branches on the logger."""
+    """Appends every log and eval record to <out_dir>/metrics.jsonl (out_dir None: no file) and,
+    when a wandb run is given, logs the same record there; the loop never branches on the logger."""
 
-    def __init__(self, out_dir: str, wandb_run=None):
-        self.path = Path(out_dir) / "metrics.jsonl"
+    def __init__(self, out_dir: str | None, wandb_run=None):
+        self.path = Path(out_dir) / "metrics.jsonl" if out_dir is not None else None  # None: no file
         self.wandb_run = wandb_run
 
     def log(self, record: dict):
         try:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            if self.path is not None:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
         except OSError as e:
             raise UserError(f"cannot write {self.path}: {e.strerror}; free some disk space or choose "
                             f"another --out_dir (the last checkpoint is kept)") from None
@@ -190,8 +192,9 @@ class Patience:
 
 def report_patience(patience: int, iter_num: int, ckpt_path: Path, best_val_loss: float, best_iter: int,
                     progress: Progress):
-    progress.write(f"no better val loss in {patience} evaluations: stopped at iteration {iter_num}; "
-                   f"{ckpt_path} holds the best, val loss {best_val_loss:.4f} at iteration {best_iter}")
+    where = (f"{ckpt_path} holds the best, val loss {best_val_loss:.4f} at iteration {best_iter}" if best_iter > 0
+             else f"the best was the first evaluation's, {best_val_loss:.4f}, before any training (never saved)")
+    progress.write(f"no better val loss in {patience} evaluations: stopped at iteration {iter_num}; {where}")
 
 
 def report_skipped_step(iter_num: int, scaler, out_dir: str, progress: Progress, master: bool):
@@ -279,11 +282,13 @@ def leave_process_group():
 
 # ---------------------------------------------------------------------------- one run per out_dir
 
-def lock_out_dir(lock: runlock.FolderLock, ddp: bool, master: bool, create: bool, keep: Path | None = None):
+def lock_out_dir(lock: runlock.FolderLock, ddp: bool, master: bool, create: bool, keep: Path | None = None,
+                 eval_only_from: str | None = None):
     """Rank 0 creates out_dir (when create) and takes its lock (runlock.py), then refuses a
     checkpoint keep that this run would replace (a new run started where another left its
-    model); under DDP every rank learns the outcome, so that all of them stop together when it
-    failed."""
+    model), or, for --eval_only of a model from eval_only_from (scratch, a GPT-2...), would
+    leave unevaluated while it evaluates another; under DDP every rank learns the outcome, so
+    that all of them stop together when it failed."""
     error = None
     if master:
         try:
@@ -295,6 +300,10 @@ def lock_out_dir(lock: runlock.FolderLock, ddp: bool, master: bool, create: bool
                                     f"choose another folder") from None
             if lock.path.parent.is_dir():
                 lock.acquire()
+            if keep is not None and keep.exists() and eval_only_from:
+                raise UserError(f"--eval_only evaluates the model this run starts from (--init_from={eval_only_from}), "
+                                f"not the one in {keep}: add --init_from=resume to evaluate that one (or run "
+                                f"python eval.py --out_dir={keep.parent}), or choose another --out_dir")
             if keep is not None and keep.exists():
                 raise UserError(f"--out_dir {keep.parent} already holds a model ({keep.name}) that this new run "
                                 f"would replace; continue it with --init_from=resume, or choose another "
@@ -407,11 +416,10 @@ def open_dataset(cfg: TrainConfig, pretrained: Pretrained | None) -> tuple[Datas
     if pretrained is None:
         return data, tokenizer
     theirs = (pretrained.ours[1] if pretrained.ours else hf_format.load_tokenizer(pretrained.folder)).describe()
-    if (theirs["name"], theirs.get("chars")) != (tokenizer["name"], tokenizer.get("chars")):
-        what = "a char-level" if theirs["name"] == "char" else f"the {theirs['name']}"
-        raise UserError(f"--init_from={cfg.init_from} uses {what} tokenizer, but dataset {cfg.dataset!r} was "
-                        f"prepared with {tokenizer['name']}; prepare the text with the model's tokenizer "
-                        f"(`python prepare.py --input FILE --name NAME --tokenizer {theirs['name']}`)")
+    if differ := tokenizer_mismatch(theirs, tokenizer, boundary=False):
+        raise UserError(f"--init_from={cfg.init_from} cannot read dataset {cfg.dataset!r}: {differ}; prepare the "
+                        f"text with the model's tokenizer (`python prepare.py --input FILE --name NAME "
+                        f"--tokenizer {theirs['name']}`; a char model's characters come from its own text)")
     if data.vocab_size > pretrained.config.vocab_size:
         raise UserError(f"dataset {cfg.dataset!r} has {data.vocab_size} tokens, more than the "
                         f"{pretrained.config.vocab_size} of --init_from={cfg.init_from}")
@@ -474,9 +482,13 @@ def build_model(cfg: TrainConfig, data: Dataset, ckpt: dict | None, ckpt_path: P
         model_args.update(vocab_size=pretrained.config.vocab_size)
     if ckpt is not None:
         model_args.update({k: ckpt["model_args"][k] for k in MODEL_KEYS + ("vocab_size",)})
-        if ckpt["model_args"]["vocab_size"] != data.vocab_size:
-            raise UserError(f"{ckpt_path} was trained with vocab_size {ckpt['model_args']['vocab_size']} but "
-                            f"dataset {cfg.dataset!r} has {data.vocab_size}; resume on the same dataset")
+        ours = Tokenizer.from_description(data.meta).describe()
+        differ = tokenizer_mismatch(ckpt["tokenizer"], ours) if "tokenizer" in ckpt else None
+        if ckpt["model_args"]["vocab_size"] != data.vocab_size or differ:
+            why = differ or (f"it was trained with vocab_size {ckpt['model_args']['vocab_size']}, dataset "
+                             f"{cfg.dataset!r} has {data.vocab_size}")
+            raise UserError(f"cannot resume {ckpt_path} on dataset {cfg.dataset!r}: {why}; resume on the dataset "
+                            f"it was trained on")
     problems = GPTConfig(**model_args).problems()  # what needs the dataset to check: the bigram table's size
     if problems:
         raise UserError(f"cannot build this model on {cfg.dataset!r}: " + "; ".join(problems))
@@ -658,7 +670,8 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
     data, tokenizer = open_dataset(cfg, pretrained)
     created = master and not Path(cfg.out_dir).exists()
     lock_out_dir(out_lock, procs.ddp, master, create=True,  # never over another run's model
-                 keep=ckpt_path if cfg.init_from != "resume" and not cfg.eval_only else None)
+                 keep=ckpt_path if cfg.init_from != "resume" else None,
+                 eval_only_from=cfg.init_from if cfg.eval_only else None)
     if created:  # a run that fails before writing anything leaves no empty folder behind
         held.callback(remove_if_empty, out_lock, Path(cfg.out_dir))
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
@@ -681,12 +694,14 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
     model = wrap_model(raw_model, cfg, procs, precision)
     run_info = run_description(cfg, model_args, tokenizer, data, precision)
 
-    log = MetricsLog(cfg.out_dir, start_wandb(cfg) if master else None)
+    # --eval_only reads a run, it does not add to its record (metrics.jsonl, loss.png)
+    log = MetricsLog(None if cfg.eval_only else cfg.out_dir, start_wandb(cfg) if master else None)
     progress = Progress(iter_num, None if cfg.time_budget else cfg.max_iters, enabled=master)
     curve = LossCurve(cfg.out_dir, progress)
     patience = Patience(cfg.patience, iter_num)
     stop = StopRequest(procs.ddp)
-    skip_eval_at = iter_num if cfg.init_from == "resume" else None  # that eval is in the checkpoint
+    first_iter = iter_num  # where this run starts: 0, or the checkpoint's iteration
+    skip_eval_at = iter_num if cfg.init_from == "resume" and not cfg.eval_only else None  # that eval is in the checkpoint
     stopped_by = None  # the signal that stopped the run early
     saved, last_val = False, None  # whether this run wrote ckpt.pt; its last val loss
     t0, steps_timed = time.perf_counter(), 0
@@ -716,8 +731,8 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
                     last = True
                     if master:
                         report_patience(cfg.patience, iter_num, ckpt_path, best_val_loss, patience.best_iter, progress)
-                if master:  # the curve after the checkpoint: a crash while drawing loses nothing
-                    curve.draw(now=last or cfg.eval_only)
+                if master and not cfg.eval_only:  # the curve after the checkpoint: a crash while drawing loses nothing
+                    curve.draw(now=last)
                 t0, steps_timed = time.perf_counter(), 0  # keep eval out of the throughput figures
             if last and budget.used_up and master:
                 progress.write(f"time budget spent: {iter_num:,} iterations in {budget.spent:.1f} s of training "
@@ -728,6 +743,7 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
                 if not cfg.patience:  # with patience ckpt.pt holds the best model: it stays
                     save_checkpoint(ckpt_path, raw_model, optimizer, scaler, iter_num, best_val_loss, run_info,
                                     data_gen, procs, budget.spent)
+                    saved = True
                 if master:
                     report_stop(stop.signum, iter_num, ckpt_path, progress, curve,
                                 patience.best_iter if cfg.patience else None)
@@ -756,7 +772,11 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
         stop.restore()
         progress.close()
     done = f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}, checkpoint in {ckpt_path}"
-    if not saved and stopped_by is None and not cfg.eval_only and cfg.init_from != "resume":
+    if iter_num == first_iter and not saved:  # nothing trained: nothing to save
+        done = (f"done: nothing to train, the checkpoint is already at iteration {iter_num} (raise --max_iters "
+                f"above it to go on)" if cfg.init_from == "resume" else
+                "done: --max_iters=0, nothing trained or saved (--eval_only=True evaluates a model)")
+    elif not saved and stopped_by is None and not cfg.eval_only and cfg.init_from != "resume":
         # the val loss never beat the first evaluation's (the start, never saved): a run that ends
         # without a checkpoint would leave nothing to sample or resume, so the last model is kept
         save_checkpoint(ckpt_path, raw_model, optimizer, scaler, iter_num, best_val_loss, run_info,

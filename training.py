@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+import hardware
 import hf_format
 import lora
 from model import ModelOptions
@@ -114,6 +115,10 @@ class TrainConfig(ModelOptions):
             p.append(f"--time_budget must be a number of seconds >= 0 (0 = off), got {self.time_budget}")
         if self.patience < 0:
             p.append(f"--patience must be >= 0 (0 = off), got {self.patience}")
+        if bad_seed := hardware.seed_problem(self.seed):
+            p.append(bad_seed)
+        if not self.out_dir.strip():
+            p.append("--out_dir is empty: give the folder the run writes to, e.g. --out_dir=out")
         if self.muon_momentum_warmup < 0:
             p.append(f"--muon_momentum_warmup must be >= 0, got {self.muon_momentum_warmup}")
         if self.lora_rank < 0:

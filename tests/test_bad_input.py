@@ -40,6 +40,8 @@ def world(tmp_path_factory, shakespeare_text):
     broken = data / "broken"
     write_char_dataset(data, shakespeare_text[:30_000], name="broken")
     (broken / "train.bin").write_bytes((broken / "train.bin").read_bytes()[:-10])
+    # the same number of characters, one of them another: a vocab_size check alone lets it through
+    write_char_dataset(data, shakespeare_text[:30_000].replace("e", "\u00a7"), name="swapped")
     write_char_dataset(data, shakespeare_text[:30_000], name="badmeta")
     (data / "badmeta" / "meta.json").write_text("{not json")
     return root
@@ -101,6 +103,12 @@ CASES = {
     "resume foreign checkpoint": (R("--out_dir={root}/foreign"), "not a checkpoint of this project"),
     "resume pickled code": (R("--out_dir={root}/evil"), "not plain data"),
     "resume bad setting": (R("--warmup_iters=-5"), "--warmup_iters must be >= 0"),
+    "resume on other characters": (R("--dataset=swapped", "--max_iters=4"), "has '\u00a7', which the model never saw, and lacks 'e'"),
+    "train seed beyond 64 bits": (T("--seed=18446744073709551615"), "--seed must be between 0 and"),
+    "train empty out_dir": (("train", ["--data_dir={data}", "--out_dir=", *TINY]), "--out_dir is empty"),
+    "train eval_only over a trained model": (("train", ["--data_dir={data}", "--out_dir={root}/out", *TINY,
+                                                        "--eval_only=True"]), "add --init_from=resume to evaluate"),
+    "sample negative seed": (S("--seed=-1"), "--seed must be between 0 and"),
     # sample.py
     "sample missing out_dir": (("sample", ["--out_dir={root}/nowhere"]), "no checkpoint at"),
     "sample foreign checkpoint": (S("--out_dir={root}/foreign"), "not a checkpoint of this project"),
@@ -277,7 +285,7 @@ MORE_CASES = {
                                  "--block_size=4"), "is in use by PID"),
     # checkpoints
     "resume block_size conflict": (R("--block_size=64"), "--block_size=64 (checkpoint has 32)"),
-    "resume on another vocabulary": (R("--dataset=other"), "resume on the same dataset"),
+    "resume on another vocabulary": (R("--dataset=other"), "resume on the dataset it was trained on"),
     "resume empty checkpoint": (R("--out_dir={root}/emptyckpt"), "truncated or corrupted"),
     "resume checkpoint from a newer version": (R("--out_dir={root}/future"), "newer than this code reads"),
     "resume checkpoint without weights": (R("--out_dir={root}/nomodel"), "is missing model"),

@@ -131,3 +131,13 @@ def test_a_yaml_file_or_a_config_flag_says_how_configs_are_passed(tmp_path):
     for argv in (["--config", "configs/x.py"], ["--config"], ["--config", "--batch_size=2"]):
         with pytest.raises(UserError, match=r"^a config file is passed without a flag[^;]*$"):
             parse_config(TrainConfig, argv, prog="train.py")
+
+
+def test_integers_from_the_command_line_are_exact_at_any_length():
+    """A float would round a 19-digit seed to another number; "5e3" still means 5000."""
+    from config import coerce
+    assert coerce("seed", "18446744073709551615", int) == 18446744073709551615
+    assert coerce("seed", "9007199254740993", int) == 9007199254740993  # 2**53 + 1: a float says ...992
+    assert coerce("max_iters", "5e3", int) == 5000 and coerce("max_iters", 5000.0, int) == 5000
+    with pytest.raises(ValueError, match="must be an integer"):
+        coerce("max_iters", "5.5", int)

@@ -249,3 +249,35 @@ def test_download_failure_in_process(monkeypatch, tmp_path):
     monkeypatch.setattr(prepare, "SHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
     with pytest.raises(UserError, match="--input PATH"):
         run_prepare(tmp_path / "data", "shakespeare")
+
+
+def test_a_run_keeps_reading_the_data_it_opened_while_prepare_replaces_it(tmp_path, monkeypatch):
+    """prepare.py swaps a new folder in while a train.py reads the old one: the run's batches
+    stay the old data's (never ids of another vocabulary), and the next run reads the new data.
+    On Windows, where a folder with an open file cannot be renamed, prepare.py says why in one line."""
+    import torch
+    from dataset import Dataset
+    (tmp_path / "a.txt").write_text("abcab" * 400, encoding="utf-8")
+    (tmp_path / "b.txt").write_text("xyz!?" * 400, encoding="utf-8")
+    data = tmp_path / "data"
+    run_prepare(data, "--input", str(tmp_path / "a.txt"), "--name", "d", "--tokenizer", "char", "--block_size", "8")
+    running = Dataset(str(data), "d")
+    draw = lambda ds: ds.get_batch("train", 4, 8, torch.Generator().manual_seed(0), "cpu")[0]  # noqa: E731
+    before = draw(running)
+    run_prepare(data, "--input", str(tmp_path / "b.txt"), "--name", "d", "--tokenizer", "char", "--block_size", "8")
+    assert torch.equal(draw(running), before)  # the old data, whole
+    assert Dataset(str(data), "d").meta["chars"] == list("!?xyz")  # a new run reads the new data
+
+    real_rename = os.rename
+
+    def windows_rename(src, dst):
+        if Path(src) == data / "d":
+            raise PermissionError(13, "The process cannot access the file because it is being used")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", windows_rename)
+    with pytest.raises(UserError, match="a program has a file in it open"):
+        prepare.main(["--data_dir", str(data), "--input", str(tmp_path / "a.txt"), "--name", "d",
+                      "--tokenizer", "char", "--block_size", "8"])
+    assert Dataset(str(data), "d").meta["chars"] == list("!?xyz")  # untouched
+    assert sorted(p.name for p in data.iterdir()) == ["d"]  # no temp or old folder left

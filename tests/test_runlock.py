@@ -105,7 +105,7 @@ def test_lock_is_released_when_the_run_fails(tiny_data, tmp_path):
     out = tmp_path / "out"
     run_train(tiny_data, out, "--max_iters=2", "--eval_interval=2")
     write_char_dataset(tiny_data, "abcd" * 1000, name="other")  # another vocabulary
-    with pytest.raises(UserError, match="resume on the same dataset"):  # found after the lock is taken
+    with pytest.raises(UserError, match="resume on the dataset it was trained on"):  # found after the lock is taken
         run_train(tiny_data, out, "--max_iters=4", "--init_from=resume", "--dataset=other")
     assert not (out / "train.lock").exists()
     run_train(tiny_data, out, "--max_iters=4", "--init_from=resume")  # the folder is free again

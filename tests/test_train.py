@@ -343,6 +343,41 @@ def test_a_run_that_never_beats_its_first_evaluation_still_leaves_a_checkpoint(t
     assert [r["iter"] for r in read_metrics(out) if "val/loss" in r] == [0, 4, 6]
 
 
+def test_runs_that_train_nothing_say_so(tiny_data, tmp_path, capsys):
+    """--max_iters=0 trains and saves nothing, and says so (the start's evaluation only); a
+    resume already past --max_iters says how far the checkpoint is; neither claims a checkpoint."""
+    run_train(tiny_data, tmp_path / "zero", "--max_iters=0", "--warmup_iters=0", "--eval_at_start=False")
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("done: --max_iters=0, nothing trained or saved")
+    assert not (tmp_path / "zero").exists()  # it wrote nothing, so the folder it made is gone
+    run_train(tiny_data, tmp_path / "out", "--max_iters=4", "--eval_interval=2")
+    capsys.readouterr()
+    run_train(tiny_data, tmp_path / "out", "--init_from=resume", "--max_iters=2")
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        "done: nothing to train, the checkpoint is already at iteration 4 (raise --max_iters above it to go on)")
+
+
+def test_eval_only_evaluates_the_checkpoint_and_leaves_the_run_as_it_was(tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_train(tiny_data, out, "--max_iters=4", "--eval_interval=2")
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "train.lock"}
+    capsys.readouterr()
+    run_train(tiny_data, out, "--init_from=resume", "--eval_only=True")
+    printed = capsys.readouterr().out
+    best = checkpoint.load(out / "ckpt.pt")["best_val_loss"]
+    assert f"step 4: train loss" in printed and f"val loss {best:.4f}" in printed  # the saved model, evaluated
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "train.lock"} == files
+
+
+def test_patience_says_when_the_best_was_the_untrained_model(tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_train(tiny_data, out, "--max_iters=40", "--eval_interval=2", "--patience=1", "--learning_rate=3",
+              "--optimizer=adamw", "--warmup_iters=0", "--decay_lr=False")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any("stopped at iteration 2; the best was the first evaluation's" in line for line in lines), lines
+    assert "never went below the first evaluation's" in lines[-1]
+    assert checkpoint.load(out / "ckpt.pt")["iter_num"] == 2
+
+
 def test_eval_train_false_evaluates_only_the_val_split(tiny_data, tmp_path):
     run_train(tiny_data, tmp_path / "both", "--max_iters=4", "--eval_interval=2")
     run_train(tiny_data, tmp_path / "val", "--max_iters=4", "--eval_interval=2", "--eval_train=false")
