@@ -3,7 +3,8 @@
     python train.py configs/shakespeare.py --batch_size=32 --compile false
 
 A config file is plain Python assignments, run on its own and read as a namespace (never
-exec'd into a script's globals). Flags `--key=value` or `--key value` override it, coerced
+exec'd into a script's globals). Flags `--key=value` or `--key value` override it, wherever
+they stand (nanoGPT's configurator let a file override the flags before it), coerced
 to the field's type; a bool flag alone (`--compile`) means true. A `list[str]` field takes
 a list in a config file, or the flag repeated (`--stop=A --stop=B`), which replaces the file's. Unknown keys, values of
 the wrong type and settings the script's `problems()` rejects are all reported at once, in
@@ -160,7 +161,8 @@ def parse_config(cls, argv: list[str] | None = None, prog: str | None = None, ch
         print(help_text(cls, prog))
         sys.exit(0)
 
-    raw: dict[str, object] = {}  # key -> value, file first, then flags
+    files: dict[str, object] = {}  # key -> value from config files, in their order
+    raw: dict[str, object] = {}  # key -> value from flags: they win over any file, wherever it stands
     repeated: dict[str, list] = {}  # list fields: the values of their flags so far
     errors: list[str] = []
     i = 0
@@ -168,7 +170,7 @@ def parse_config(cls, argv: list[str] | None = None, prog: str | None = None, ch
         arg = argv[i]
         if not arg.startswith("--"):
             if arg.endswith(".py"):
-                raw.update(read_config_file(arg))
+                files.update(read_config_file(arg))
             elif Path(arg).suffix.lower() in (".yaml", ".yml", ".json", ".toml", ".cfg", ".ini"):
                 errors.append(f"config files are Python files of `key = value` lines (configs/*.py), not "
                               f"{Path(arg).suffix[1:].upper()}: write {Path(arg).with_suffix('.py')} and pass that")
@@ -200,7 +202,7 @@ def parse_config(cls, argv: list[str] | None = None, prog: str | None = None, ch
         i += 1
 
     values = {}
-    for key, value in raw.items():
+    for key, value in {**files, **raw}.items():
         if key not in types_:
             moved = getattr(cls, "MOVED", {}).get(key)  # a setting a script had and no longer has
             errors.append(f"--{key} is gone: {moved}" if moved else

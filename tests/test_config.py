@@ -141,3 +141,14 @@ def test_integers_from_the_command_line_are_exact_at_any_length():
     assert coerce("max_iters", "5e3", int) == 5000 and coerce("max_iters", 5000.0, int) == 5000
     with pytest.raises(ValueError, match="must be an integer"):
         coerce("max_iters", "5.5", int)
+
+
+def test_flags_win_over_a_config_file_wherever_they_stand(tmp_path):
+    """`train.py --max_iters=7 configs/x.py` and `train.py configs/x.py --max_iters=7` mean the
+    same: a flag is the user's last word (the file used to override flags before it, silently)."""
+    config = tmp_path / "x.py"
+    config.write_text("max_iters = 120\nn_layer = 4\nbatch_size = 8\n", encoding="utf-8")
+    for argv in (["--max_iters=7", "--n_layer=1", str(config)], [str(config), "--max_iters=7", "--n_layer=1"]):
+        cfg, explicit = parse_config(TrainConfig, argv, check=False)
+        assert (cfg.max_iters, cfg.n_layer, cfg.batch_size) == (7, 1, 8), argv
+        assert {"max_iters", "n_layer", "batch_size"} <= explicit
