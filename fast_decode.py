@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+import durable
 import model as model_module
 import hardware
 from hardware import mark_used, prune_cache, user_cache
@@ -565,6 +566,35 @@ def matches_model(decoder: FastDecoder, tokens: int = 8, tolerance: float = 1e-3
 COMPILE_PAYS = 2000
 
 
+def auto_weights(model: GPT, batch_size: int, compile: bool | None) -> tuple[str, str]:
+    """float32 or int8 block matrices for --fast_weights=auto, and why: the same in every process
+    of this model shape on this CPU, since the two give slightly different numbers and a seed
+    must give the same text every time. A format whose compiled step is kept wins (that step
+    beats the eager gap between the formats); else the first process's timing (choose_weights),
+    kept in the cache beside the compiled steps for the processes after it."""
+    formats = ["int8", "float32"] if int8_available() else ["float32"]
+    compiled = [w for w in formats if compile is not False and step_path(step_key(model, w, batch_size)).exists()]
+    if len(compiled) == 1:
+        return compiled[0], f"{compiled[0]} weights (their compiled step is kept)"
+    path = cache_dir() / f"weights-{hashlib.sha256(step_key(model, 'auto', batch_size).encode()).hexdigest()[:20]}.json"
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))["weights"]
+        if kept in formats:
+            mark_used(path)
+            return kept, (f"{kept} weights (timed the first time on this CPU, kept in {path}, so that every run "
+                          f"decodes alike; --fast_weights chooses)")
+    except (OSError, ValueError, KeyError, TypeError):  # none kept yet, or unreadable: time them
+        pass
+    weights, reason = choose_weights(model, batch_size)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        durable.write_text(path, json.dumps({"weights": weights, "why": reason}) + "\n")
+        prune_cache(path, "weights-*.json")
+    except OSError:  # a read-only cache: this process's choice stands alone
+        pass
+    return weights, reason
+
+
 def decoder_for(model: nn.Module, batch_size: int, weights: str = "auto", compile: bool | None = None,
                 new_tokens: int = 0, log=print):
     """What to call generate_stream on: a FastDecoder where it applies, else the model itself.
@@ -575,14 +605,7 @@ def decoder_for(model: nn.Module, batch_size: int, weights: str = "auto", compil
     if why is not None:
         return model, f"plain ({why})"
     if weights == "auto":
-        # a format whose compiled step is kept wins without timing: the compiled step beats the
-        # eager gap between the formats, and later processes then agree (the timing is live)
-        formats = [] if compile is False else ["int8", "float32"] if int8_available() else ["float32"]
-        kept = [w for w in formats if step_path(step_key(model, w, batch_size)).exists()]
-        if len(kept) == 1:
-            weights, reason = kept[0], f"{kept[0]} weights (their compiled step is kept)"
-        else:
-            weights, reason = choose_weights(model, batch_size)
+        weights, reason = auto_weights(model, batch_size, compile)
     else:
         reason = f"{weights} weights (as requested)"
     decoder = FastDecoder(model, weights)

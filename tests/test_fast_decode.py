@@ -435,6 +435,26 @@ def test_a_kept_compiled_step_decides_the_weights_without_timing(trained, tmp_pa
     assert "measured on this CPU" in how or "not 10% faster" in how or "not available" in how
 
 
+def test_the_timed_choice_of_weights_is_kept_so_a_seed_gives_one_text(trained, corpus, tmp_path, monkeypatch):
+    """int8 and float32 give slightly different numbers, and their timing can come out either
+    way from one process to the next: the first process's choice is kept in the cache, and every
+    later one decodes alike, so the same seed gives the same text."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first, how = decoder_for(trained, 1, "auto", False)
+    assert "kept in" not in how
+    choices = iter(["int8", "float32"] * 3)  # a timing that would flip every time
+    monkeypatch.setattr(fast_decode, "choose_weights", lambda model, batch_size: (next(choices), "timed"))
+    idx = prompt(corpus)
+    texts = set()
+    for _ in range(3):
+        decoder, how = decoder_for(trained, 1, "auto", False)
+        assert decoder.weights == first.weights and "kept in" in how
+        texts.add(tuple(decoder.generate(idx, 20, temperature=1.0, generator=torch.Generator().manual_seed(7))[0].tolist()))
+    assert len(texts) == 1
+    decoder, how = decoder_for(trained, 2, "auto", False)  # another batch size is timed afresh
+    assert how == "fast CPU path, timed"
+
+
 def save(model, chars, out_dir):
     import checkpoint
     checkpoint.save({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
