@@ -16,8 +16,10 @@ What is scored:
   default, as train.py's val loss). A smaller --stride slides the window by that many
   tokens and scores only the last stride of each, so every token after the first window
   sees at least block_size - stride tokens of context (lower loss, block_size / stride
-  times the work). In documents mode, positions restart and attention stops at each
-  boundary, as in training.
+  times the work). In documents mode, windows start where documents start, positions restart
+  and attention stops at each boundary, as in training (document_windows): every token is
+  scored with its own document's context. train.py's val loss there is an estimate from random
+  rows that each start at a document and run on into the next ones, so the two differ a little.
 
 The figures (all from the summed negative log-likelihood of the scored tokens, in nats):
 - loss: nats per token, and perplexity exp(loss): they depend on the tokenizer.
@@ -210,6 +212,27 @@ def windows(n: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
     return out
 
 
+def document_windows(ids: np.ndarray, eot: int, block_size: int) -> list[tuple[int, int, int]]:
+    """windows() for a documents model: each window starts where a document does (its boundary
+    token), as train.py's rows do, so every token is scored with its own document's context,
+    positions counted from that document's start. The next window starts at the document the
+    last one cut, read again as context; a document longer than block_size goes on in windows
+    that start every block_size tokens into it, positions from 0 again (train.py's rows of a
+    long document). Windows that start mid-document would give its tokens no beginning and
+    positions from their window's start: on records shorter than a block that scored 2.57
+    where each record alone scored 2.37."""
+    starts = np.flatnonzero(ids == eot)
+    out, start, scored_to, n = [], 0, 0, len(ids)
+    while True:
+        end = min(start + block_size, n - 1)
+        out.append((start, end, scored_to))
+        scored_to = end
+        if end == n - 1:
+            return out
+        first = int(starts[np.searchsorted(starts, end, side="right") - 1]) if len(starts) else 0  # ids[end]'s document
+        start = first if first > start else end  # its start, or on into a long document
+
+
 class Scorer:
     """Negative log-likelihood (nats) of each predicted token, batch by batch."""
 
@@ -231,10 +254,16 @@ class Scorer:
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none")
         return loss.view(y.shape).double().cpu().numpy()
 
+    def plan(self, ids: np.ndarray, stride: int) -> list[tuple[int, int, int]]:
+        """The windows that score ids: by documents for a documents model, else by stride."""
+        if self.eot is not None:
+            return document_windows(ids, self.eot, self.block_size)
+        return windows(len(ids), self.block_size, stride)
+
     def sequence(self, ids: np.ndarray, stride: int, progress=None) -> np.ndarray:
         """nats of predicting ids[1:] (len(ids) - 1 values), by windows (see windows())."""
         out = np.zeros(max(len(ids) - 1, 0))
-        plan = windows(len(ids), self.block_size, stride)
+        plan = self.plan(ids, stride)
         full = [w for w in plan if w[1] - w[0] == self.block_size]
         rest = [w for w in plan if w[1] - w[0] != self.block_size]  # at most the last one
         T = self.block_size
@@ -374,6 +403,9 @@ def main(argv=None):
     if stride > block_size:
         raise UserError(f"--stride ({stride}) is longer than the model's block_size ({block_size}); "
                         f"lower it (0 = block_size)")
+    if tokenizer.documents and cfg.stride:
+        raise UserError("--stride is for plain text: a documents model is scored in windows that start "
+                        "at its documents (each token with its own document's context); drop --stride")
     if cfg.int8 and (why := fast_decode.supported(model)):
         raise UserError(f"--int8 cannot run this model: {why}")
     if text is not None:
@@ -388,7 +420,7 @@ def main(argv=None):
     scorer = Scorer(model, precision, cfg.batch_size, cfg.int8,
                     tokenizer.eot_id if tokenizer.documents else None)
     n_bytes, n_chars = token_sizes(tokenizer, model.config.vocab_size)
-    n_windows = len(windows(len(ids), block_size, stride))
+    n_windows = len(scorer.plan(ids, stride))
     progress = None
     if sys.stderr.isatty() and n_windows > 4 * scorer.batch_size:
         from tqdm import tqdm

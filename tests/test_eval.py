@@ -179,6 +179,38 @@ def test_documents_model(tmp_path, capsys):
     assert records[0]["logprob"] == pytest.approx(-F.cross_entropy(logits[0], ids[1:], reduction="sum").item(), rel=1e-5)
 
 
+def test_document_windows_start_at_documents_and_score_every_token_once():
+    eot = 9
+    ids = np.array([eot, 1, 2, 3, eot, 4, 5, eot, 6, 7, 8, 1, 2, 3, 4, 5, 6, 7, 8, 1, 2, eot])
+    starts = set(np.flatnonzero(ids == eot).tolist())
+    for block in (2, 3, 4, 6, 16, 40):
+        plan, scored = evaluate.document_windows(ids, eot, block), []
+        for start, end, scored_from in plan:
+            assert end - start <= block and start <= scored_from < end
+            # a window starts at a document, or block tokens on into a long one (train.py's rows)
+            doc = max(d for d in starts if d <= start)
+            assert start in starts or (start - doc) % block == 0, (block, start)
+            scored += range(scored_from, end)
+        assert scored == list(range(len(ids) - 1)), block
+
+
+def test_a_documents_split_scores_each_document_with_its_own_context(tmp_path, capsys):
+    """Records shorter than the block, in a row: the whole-text loss is the sum of each record
+    scored alone (per_line), not of windows that start mid-record, where a record's tokens had
+    no beginning and positions from the wrong place."""
+    docs = ["jab cross hook", "jab jab cross", "hook uppercut", "cross", "jab hook jab cross hook", "jab"] * 3
+    tok = Tokenizer.char_from_text("".join(docs), documents="line")
+    out = save_model(tmp_path / "out", tok, seed=3)
+    path = tmp_path / "combos.txt"
+    path.write_text("\n".join(docs) + "\n", encoding="utf-8")
+    per_line = tmp_path / "scores.jsonl"
+    r = run_json([f"--out_dir={out}", f"--input={path}", f"--per_line={per_line}"], capsys)
+    records = [json.loads(line) for line in per_line.read_text(encoding="utf-8").splitlines()]
+    assert r["logprob"] == pytest.approx(sum(rec["logprob"] for rec in records), rel=1e-5)
+    with pytest.raises(UserError, match="--stride is for plain text"):
+        evaluate.main([f"--out_dir={out}", f"--input={path}", "--stride=4", "--device=cpu"])
+
+
 def test_bad_inputs_one_clear_line(char_dir, tmp_path):
     cases = []
     latin1 = tmp_path / "latin1.txt"
