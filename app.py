@@ -27,6 +27,8 @@ before those), e.g. with gradio_client:
 - Every mistake in a request (a bad value, an empty prompt, a character the model never saw)
   is a message on the page (or the API's error); the server keeps serving.
 """
+import errors
+errors.starting(__name__)  # a missing requirement or a Ctrl-C while torch imports: one line, no traceback
 import gc
 gc.disable()  # no garbage collection while torch imports: start-up and exit ~0.3 s faster (docs/speed.md)
 import dataclasses

@@ -27,6 +27,8 @@ Prints, as medians over `repeats` timed runs after a warm-up:
     first run of each, then the median of the others, each with its speed-up over nanoGPT's
 Any train.py config file or flag works here; the few extra keys are listed by --help.
 """
+import errors
+errors.starting(__name__)  # a missing requirement or a Ctrl-C while torch imports: one line, no traceback
 import gc
 gc.disable()  # no garbage collection while torch imports: start-up and exit ~0.3 s faster (docs/speed.md)
 import contextlib

@@ -7,6 +7,8 @@ folder, runs `python prepare.py --input ... --tokenizer gpt2` on it in a subproc
 prints MB of input per second of wall time and the subprocess's peak RSS. The targets and
 measured figures are in docs/speed.md.
 """
+import errors
+errors.starting(__name__)  # a missing requirement: one line, no traceback
 import argparse
 import os
 import subprocess

@@ -5,8 +5,34 @@ get wrong, and wraps its main() in run_main(). Other exceptions are our bugs and
 their traceback.
 """
 import codecs
+import importlib.util
 import io
+import os
+import signal
 import sys
+
+# what every stage script imports as it starts (requirements.txt; the extras say so themselves)
+REQUIRED = ("torch", "numpy", "tiktoken", "tqdm", "filelock", "psutil", "matplotlib")
+
+
+def starting(name: str):
+    """The first line of a stage script, before its heavy imports: when it runs as a script
+    (name is __main__), a package of requirements.txt that is not installed is one line, not
+    an import traceback, and Ctrl-C while torch imports (a second or more) ends the process
+    quietly with 130; run_main hands Ctrl-C back to Python (KeyboardInterrupt) once main runs."""
+    if name != "__main__":
+        return
+    missing = [package for package in REQUIRED if importlib.util.find_spec(package) is None]
+    if missing:
+        print(f"error: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed in this Python "
+              f"({sys.executable}); install the requirements: pip install -r requirements.txt", file=sys.stderr)
+        sys.exit(2)
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+
+def _interrupted_while_starting(signum, frame):
+    print("interrupted", file=sys.stderr)
+    os._exit(130)  # in the middle of an import: nothing to save or flush but stderr
 
 
 def use_utf8_streams():
@@ -25,6 +51,8 @@ class UserError(Exception):
 
 def run_main(main, argv=None):
     """Run main(argv); turn a UserError into `error: ...` on stderr and exit code 2."""
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:  # imports done: Ctrl-C is KeyboardInterrupt again
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     use_utf8_streams()
     try:
         main(argv)

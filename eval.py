@@ -38,6 +38,8 @@ the text, so lines can be ranked by how likely the model finds them.
 float32 unless --dtype asks for another; --int8 runs the blocks' matrices as int8 weight-only
 linears (fast_decode.py) to measure what quantization costs.
 """
+import errors
+errors.starting(__name__)  # a missing requirement or a Ctrl-C while torch imports: one line, no traceback
 import gc
 gc.disable()  # no garbage collection while torch imports: start-up and exit ~0.3 s faster (docs/speed.md)
 import json

@@ -27,6 +27,8 @@ name and renamed into place when complete, so an interrupted export leaves no ha
 dest that exists is replaced only if it is an export of ours (or with --force).
 The weight mapping and the tokenizer.json builder live in hf_format.py.
 """
+import errors
+errors.starting(__name__)  # a missing requirement or a Ctrl-C while torch imports: one line, no traceback
 import gc
 gc.disable()  # no garbage collection while torch imports: start-up and exit ~0.3 s faster (docs/speed.md)
 import json

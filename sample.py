@@ -46,6 +46,8 @@ shape and the tokenizer, so nothing in data/ is needed. Standard output holds on
   of that lean step (fast_decode.GraphDecoder): no hundred kernel launches a token.
   --compile=false keeps the model's own step, --compile=true torch.compiles the model.
 """
+import errors
+errors.starting(__name__)  # a missing requirement or a Ctrl-C while torch imports: one line, no traceback
 import gc
 gc.disable()  # no garbage collection while torch imports: start-up and exit ~0.3 s faster (docs/speed.md)
 import os

@@ -23,6 +23,8 @@ then run(): the setup, one step after another, and the training loop. The settin
 (training.TrainConfig), the learning-rate schedule and the optimizer step live in training.py,
 which bench.py shares.
 """
+import errors
+errors.starting(__name__)  # a missing requirement or a Ctrl-C while torch imports: one line, no traceback
 import gc
 gc.disable()  # no garbage collection while torch imports: start-up and exit ~0.3 s faster (docs/speed.md)
 import contextlib

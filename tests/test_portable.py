@@ -298,3 +298,27 @@ def test_mps_precision_follows_the_macos_version():
 def test_memory_check_needs_no_posix():
     have = hardware.available_memory()
     assert 0 < have <= psutil.virtual_memory().total
+
+
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "eval.py", "export.py", "app.py", "bench.py",
+                                    "bench_prepare.py"])
+def test_a_python_without_the_requirements_gets_one_line(script):
+    """`python -S` leaves site-packages out, as a Python where `pip install -r requirements.txt`
+    never ran: one line naming what is missing and the command, exit 2, no import traceback."""
+    r = subprocess.run([sys.executable, "-S", script, "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.splitlines() == [r.stderr.strip()] and "torch" in r.stderr
+    assert r.stderr.strip().endswith("pip install -r requirements.txt")
+
+
+def test_ctrl_c_while_torch_imports_is_one_line(tiny_data, tmp_path):
+    """Ctrl-C a moment after start, while torch imports (or, on a fast machine, just after):
+    exit 130 and no traceback."""
+    process = subprocess.Popen([sys.executable, "train.py", f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'out'}",
+                                *TINY, "--max_iters=100000"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in err, err
