@@ -103,8 +103,10 @@ def check_export(out_dir, tmp, prompt: str, capsys):
     assert np.abs(logits - expected.numpy()).max() <= 1e-4
     assert onnx_loop(onnx_dir, prompt) == ours
 
-    readme_loop = onnx_loop_code().replace('"exports/shakespeare-onnx"', json.dumps(str(onnx_dir)))
-    assert readme_loop in (onnx_dir / "README.md").read_text()  # the model card shows the same loop
+    card_prompt, card_tokens = export.card_prompt(tokenizer, ckpt["model_args"]["block_size"])
+    readme_loop = onnx_loop_code().replace('"exports/shakespeare-onnx", "ROMEO:", 100',
+                                           f'{json.dumps(str(onnx_dir))}, "{card_prompt}", {card_tokens}')
+    assert readme_loop in (onnx_dir / "README.md").read_text()  # the model card shows the same loop, sized to fit
     fast = tokenizers.Tokenizer.from_file(str(onnx_dir / "tokenizer.json"))
     assert fast.encode(ours).ids == tokenizer.encode(ours)
     assert greedy_sample([f"--init_from={hf_dir}", f"--prompt={prompt}"], capsys) == ours
