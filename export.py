@@ -543,13 +543,48 @@ def is_our_export(dest: Path) -> bool:
         return False
 
 
+def real_destination(dest: Path) -> Path:
+    """dest with "." and ".." worked out (--dest=., --dest=DIR/sub/..): the export is written
+    beside dest, under a name made from dest's, then renamed into place, and such a path has no
+    name of its own. Other paths stay as typed, for the card and the messages (and a dest that
+    is a symbolic link stays the link, which the export replaces)."""
+    if dest.name not in ("", "..") and ".." not in dest.parts:
+        return dest
+    if dest.name in ("", ".."):
+        dest = Path(os.path.realpath(dest))
+    else:  # DIR/sub/../name: the folder above worked out, the name kept
+        dest = Path(os.path.realpath(dest.parent)) / dest.name
+    if not dest.name:
+        raise UserError(f"--dest={dest} is the root folder; name a folder to write, e.g. --dest=exports/model")
+    return dest
+
+
+def working_folder() -> Path | None:
+    try:
+        return Path.cwd().resolve()
+    except OSError:  # the folder the process started in is gone
+        return None
+
+
+def is_working_folder(dest: Path) -> bool:
+    """Whether dest is the folder export.py runs in (--dest=.): a shell there would be left in a
+    deleted folder if dest were replaced as a whole, so its files are replaced instead."""
+    return dest.resolve() == working_folder()
+
+
 def check_destination(dest: Path, force: bool):
     if blocker := durable.file_in_the_way(dest):
         raise UserError(f"--dest={dest} lies under {blocker}, which is a file, not a folder; choose another --dest")
+    if working_folder() is not None and dest.resolve() in working_folder().parents:
+        raise UserError(f"--dest={dest} holds the folder you are in ({working_folder()}), which replacing it "
+                        f"would delete; choose another --dest")
     if not dest.exists():
         return
     if dest.is_dir() and (is_our_export(dest) or not any(dest.iterdir())):
         return
+    if is_working_folder(dest):  # even with --force: the files of the folder one works in stay
+        raise UserError(f"--dest={dest} is the folder you are in, and it holds files export.py did not write; "
+                        f"refusing to replace them, --force or not. Choose a new or empty folder, e.g. --dest=export")
     if force:
         return
     what = "a file" if not dest.is_dir() else "a folder that export.py did not write"
@@ -563,13 +598,20 @@ def fsync(path: Path):
 
 
 def write_atomically(dest: Path, write):
-    """write(tmp) fills a temporary folder beside dest, which then takes dest's place."""
+    """write(tmp) fills a temporary folder beside dest, which then takes dest's place. In the
+    working folder (--dest=.) the files take the place of its files instead: the folder stays,
+    and a shell in it sees the export."""
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     old = dest.with_name(f".{dest.name}.old-{os.getpid()}")  # the previous dest, until the new one is in place
     created = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()]  # deepest first
+    in_place = is_working_folder(dest)
 
     def clean_up():
         shutil.rmtree(tmp, ignore_errors=True)
+        if in_place and old.is_dir():  # the previous files back (an export's files: no folders)
+            for path in old.iterdir():
+                os.replace(path, dest / path.name)
+            old.rmdir()
         if old.exists() and not dest.exists():
             os.replace(old, dest)
         for folder in created:  # the folders made for dest, if they are still empty
@@ -591,10 +633,18 @@ def write_atomically(dest: Path, write):
             if path.is_file():
                 path.chmod(0o644)  # some writers create files readable by their owner only
             fsync(path)
-        if dest.exists() or dest.is_symlink():
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        fsync(dest.parent)  # make the rename itself durable
+        if in_place:
+            old.mkdir()
+            for path in dest.iterdir():
+                os.replace(path, old / path.name)
+            for path in tmp.iterdir():
+                os.replace(path, dest / path.name)
+            tmp.rmdir()
+        else:
+            if dest.exists() or dest.is_symlink():
+                os.replace(dest, old)
+            os.replace(tmp, dest)
+        fsync(dest if in_place else dest.parent)  # make the renames themselves durable
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old)
         elif old.exists() or old.is_symlink():
@@ -612,7 +662,7 @@ def main(argv=None):
     cfg, _ = parse_config(ExportConfig, argv, prog="export.py")
     for module in EXTRAS[cfg.format]:  # a missing extra is one line, before any work
         require(module, f"--format={cfg.format}")
-    dest = Path(cfg.dest or f"exports/{Path(cfg.out_dir).resolve().name}-{cfg.format}")
+    dest = real_destination(Path(cfg.dest or f"exports/{Path(cfg.out_dir).resolve().name}-{cfg.format}"))
     if dest.resolve() in (Path(cfg.out_dir).resolve(), *Path(cfg.out_dir).resolve().parents):
         raise UserError(f"--dest={dest} holds the checkpoint folder --out_dir={cfg.out_dir}, which an export "
                         f"would replace; choose a --dest outside it")
