@@ -34,6 +34,7 @@ gc.disable()  # no garbage collection while torch imports: start-up and exit ~0.
 import dataclasses
 import math
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -175,6 +176,25 @@ class Models:
                 self.loaded[name] = Loaded(model, tokenizer, self.folders[name], info, decoder)
                 # the checkpoint (weights again, optimizer state) is dropped: one copy of each model
             return self.loaded[name]
+
+    def load_default(self, only_this: bool):
+        """Load the default model now: a broken one fails at start, not on the first request.
+        Unless it was named (only_this: --out_dir), a model found that does not load is left
+        out, with a line on stderr, and the next one found becomes the default; none loading is
+        the error. (The others load when picked: a broken one is then a message on the page.)"""
+        for name in list(self.folders):
+            try:
+                self.get(name)
+            except UserError as e:
+                if only_this:
+                    raise
+                print(f"skipped model {name}: {e}", file=sys.stderr, flush=True)
+                del self.folders[name]
+                continue
+            self.default = name
+            return
+        raise UserError("no model found loads (each is skipped above, with why); fix or replace their "
+                        "checkpoints, or pass --out_dir or --models_dir to point at others")
 
 
 def model_card(name: str, loaded: Loaded) -> str:
@@ -412,7 +432,7 @@ def main(argv=None):
         hardware.set_cpu_threads()
     precision = choose_precision(cfg.device, cfg.dtype)
     models = Models(folders, precision, cfg.dtype, cfg.compile)
-    models.get(models.default)  # a broken default checkpoint fails here, not on the first request
+    models.load_default(only_this=bool(cfg.out_dir))
     # a Hugging Face Space says where to listen in GRADIO_SERVER_NAME / _PORT; explicit flags win
     host = cfg.host if "host" in explicit else os.environ.get("GRADIO_SERVER_NAME", cfg.host)
     env_port = os.environ.get("GRADIO_SERVER_PORT")

@@ -82,12 +82,38 @@ class ExportConfig:
 
 # ---------------------------------------------------------------------------- the model card
 
+PROMPT, NEW_TOKENS = "ROMEO:", 100  # what the card's snippets ask of a model that can take it
+QUESTION = "What is 2+2?"  # what the card asks a model trained on instruction records
+
+
+def card_prompt(tokenizer: Tokenizer, block_size: int, instruct: dict | None = None) -> tuple[str, int]:
+    """The prompt and the number of new tokens the card's snippets use: PROMPT and NEW_TOKENS where
+    the model takes them. A char vocabulary without PROMPT's characters gets one character of its
+    own (an unknown one encodes to nothing, and an empty prompt fails), a short context a shorter
+    prompt; and no more new tokens than the context holds after the prompt: neither transformers'
+    generate() nor the ONNX loop crops the context, so one position past block_size is an
+    IndexError. (An instruction model's prompt is the chat template's, only its length counts.)"""
+    if instruct:  # the snippet asks QUESTION through the chat template
+        used = len(template.prompt_ids(tokenizer, instruct["template"], QUESTION, drop_unknown=True))
+        return PROMPT, max(1, min(NEW_TOKENS, block_size - used))
+    chars = tokenizer.chars  # None for a BPE, which encodes any text
+    own = PROMPT if chars is None or set(PROMPT) <= set(chars) else next(
+        (c for c in chars if c.isalnum()), next((c for c in chars if not c.isspace()), chars[0]))
+    candidates = [own, own[0]] + ([""] if tokenizer.documents else [])  # a document may start from nothing
+    for prompt in candidates:
+        used = len(tokenizer.encode(prompt)) + (1 if tokenizer.documents else 0)  # + <|endoftext|>
+        if used < block_size:
+            break
+    # the last new token is never fed back: one always fits, however long the prompt
+    return prompt, max(1, min(NEW_TOKENS, block_size - used))
+
+
 # Greedy generation with onnxruntime and the KV cache, for every model; docs/export.md shows the
 # same loop, and tests/test_export.py runs it. {start} and {stop} differ for a documents model.
 ONNX_LOOP = """# greedy generation with onnxruntime and the KV cache, no torch
 import numpy as np, onnxruntime as ort
 from tokenizers import Tokenizer
-folder, prompt, max_new_tokens = {folder}, "ROMEO:", 100
+folder, prompt, max_new_tokens = {folder}, {prompt}, {max_new_tokens}
 tokenizer = Tokenizer.from_file(f"{{folder}}/tokenizer.json")
 session = ort.InferenceSession(f"{{folder}}/model_with_past.onnx")
 # an empty cache: past_key_values.N.key/value (batch, heads, 0, head size), and for a model
@@ -110,36 +136,43 @@ ONNX_START_DOCUMENT = ("ids = np.array([[{eot}] + tokenizer.encode(prompt.lstrip
 ONNX_STOP_DOCUMENT = "    if ids[0, 0] == {eot}:  # <|endoftext|>: the document ended\n        break\n"
 
 
-def onnx_loop(folder: str, tokenizer: Tokenizer) -> str:
+def literal(text: str) -> str:
+    """text as a Python string literal in double quotes (json's escapes are Python's too)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def onnx_loop(folder: str, tokenizer: Tokenizer, prompt: str = PROMPT, max_new_tokens: int = NEW_TOKENS) -> str:
     """ONNX_LOOP for this model, reading the folder at the path folder."""
     documents = tokenizer.documents is not None
     start = ONNX_START_DOCUMENT.format(eot=tokenizer.eot_id) if documents else ONNX_START
     stop = ONNX_STOP_DOCUMENT.format(eot=tokenizer.eot_id) if documents else ""
-    return ONNX_LOOP.format(folder=json.dumps(folder), start=start, stop=stop)
+    return ONNX_LOOP.format(folder=json.dumps(folder), prompt=literal(prompt), max_new_tokens=max_new_tokens,
+                            start=start, stop=stop)
 
 
 def hf_usage(name: str, model: GPT, tokenizer: Tokenizer, instruct: dict | None = None) -> str:
     remote = bool(model.config.non_gpt2_options())
+    prompt, max_new_tokens = card_prompt(tokenizer, model.config.block_size, instruct)
     trust = ", trust_remote_code=True" if remote else ""
     more, shown = "", "out[0]"
     if instruct:  # trained on instruction records: the chat template wraps the prompt as training did
-        ids = ('ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}],\n'
+        ids = (f'ids = tokenizer.apply_chat_template([{{"role": "user", "content": {literal(QUESTION)}}}],\n'
                '                                    add_generation_prompt=True, return_tensors="pt", '
                'return_dict=True)["input_ids"]\n')
         more = f",\n                     stop_strings={json.dumps(template.stop_strings(instruct['template']))}, tokenizer=tokenizer"
         ends, shown = "the answer ends at <|endoftext|> or, in a chat, at the end marker", "out[0, ids.shape[1]:]"
     elif tokenizer.documents:
-        ids = ('ids = torch.tensor([[tokenizer.eos_token_id] + tokenizer("ROMEO:").input_ids])  '
+        ids = (f'ids = torch.tensor([[tokenizer.eos_token_id] + tokenizer({literal(prompt)}).input_ids])  '
                '# a new document: <|endoftext|>, the prompt\n')
         ends = "generation ends with the document (<|endoftext|>)"
     else:
-        ids = 'ids = tokenizer("ROMEO:", return_tensors="pt").input_ids\n'
+        ids = f'ids = tokenizer({literal(prompt)}, return_tensors="pt").input_ids\n'
         ends = "prompt + new tokens must fit in the context"
     code = ("import torch\n" if tokenizer.documents and not instruct else "") + (
             f"from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-            f"model = AutoModelForCausalLM.from_pretrained(\"{name}\"{trust})\n"
-            f"tokenizer = AutoTokenizer.from_pretrained(\"{name}\"{trust})\n{ids}"
-            f"out = model.generate(ids, max_new_tokens=100, do_sample=True, top_k=200, temperature=0.8{more})  # {ends}\n"
+            f"model = AutoModelForCausalLM.from_pretrained({literal(name)}{trust})\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({literal(name)}{trust})\n{ids}"
+            f"out = model.generate(ids, max_new_tokens={max_new_tokens}, do_sample=True, top_k=200, temperature=0.8{more})  # {ends}\n"
             f"print(tokenizer.decode({shown}, skip_special_tokens=True))\n")
     why = ("\n\nThe model uses options GPT-2's architecture lacks, so its code ships in this folder "
            "(`modeling_nanogpt.py`, `configuration_nanogpt.py`: plain PyTorch, read them before you trust "
@@ -168,17 +201,18 @@ def model_card(model: GPT, tokenizer: Tokenizer, ckpt: dict, fmt: str, name: str
     shape = (f"{c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, context {c.block_size} tokens, "
              f"{c.activation} MLP, {c.norm}, {'rotary' if c.rotary else 'learned'} positions, "
              f"biases {'yes' if c.bias else 'no' + zeros}")
+    prompt, max_new_tokens = card_prompt(tokenizer, c.block_size)
     if fmt == "hf":
         use = hf_usage(name, model, tokenizer, ckpt.get("instruct"))
     elif fmt == "gguf":
-        use = f"""With llama.cpp: `llama-cli -m {name}/model.gguf -p "ROMEO:" -n 100`, or from Python with xllamacpp:
+        use = f"""With llama.cpp: `llama-cli -m {name}/model.gguf -p {literal(prompt)} -n {max_new_tokens}`, or from Python with xllamacpp:
 
 ```python
 import xllamacpp as xlc
 params = xlc.CommonParams()
 params.model.path = "{name}/model.gguf"
 server = xlc.Server(params)
-print(server.handle_completions({{"prompt": "ROMEO:", "max_tokens": 100}})["choices"][0]["text"])
+print(server.handle_completions({{"prompt": {literal(prompt)}, "max_tokens": {max_new_tokens}}})["choices"][0]["text"])
 ```
 
 llama.cpp computes GPT-2's tanh GELU; a model trained with the exact GELU (activation gelu above)
@@ -188,7 +222,8 @@ gets slightly different logits there (greedy text matched ours in our tests)."""
                "`model_with_past.onnx` also takes and returns the KV cache (`past_key_values.N.key/value` "
                "-> `present.N.key/value`, each batch x heads x positions x head size; a bigram model also "
                "`past_input_ids` -> `present_input_ids`, the tokens so far) for fast generation "
-               "with onnxruntime and tokenizers alone:\n\n```python\n" + onnx_loop(name, tokenizer) + "```")
+               "with onnxruntime and tokenizers alone:\n\n```python\n" + onnx_loop(name, tokenizer, prompt, max_new_tokens)
+               + "```")
     return f"""---
 library_name: {dict(hf="transformers").get(fmt, fmt)}
 pipeline_tag: text-generation
@@ -365,18 +400,22 @@ def write_onnx(model: GPT, tokenizer: Tokenizer, folder: Path, instruct: dict | 
     """model.onnx and model_with_past.onnx, checked with onnx.checker."""
     c = model.config
     inline = sum(p.numel() for p in model.parameters()) * 4 <= ONNX_INLINE_BYTES
-    ids = torch.zeros(2, 3, dtype=torch.long)
-    past = [torch.zeros(2, c.n_head, 2, c.n_embd // c.n_head) for _ in range(2 * c.n_layer)]
+    # the traced examples: 3 tokens, and 3 after 2 cached ones, or fewer in a short context (a
+    # position past block_size indexes no table, learned or rotary); any length runs after it
+    cached = min(2, c.block_size // 2)
+    ids = torch.zeros(2, min(3, c.block_size), dtype=torch.long)
+    new_ids = torch.zeros(2, min(3, c.block_size - cached), dtype=torch.long)  # after the cached ones
+    past = [torch.zeros(2, c.n_head, cached, c.n_embd // c.n_head) for _ in range(2 * c.n_layer)]
     names = [f"past_key_values.{i}.{kv}" for i in range(c.n_layer) for kv in ("key", "value")]
     if c.bigram:
-        past.append(torch.zeros(2, 2, dtype=torch.long))
+        past.append(torch.zeros(2, cached, dtype=torch.long))
         names.append("past_input_ids")
     presents = [n.replace("past_key_values", "present").replace("past_input_ids", "present_input_ids") for n in names]
     tokens = {0: "batch", 1: "sequence"}
     export_onnx(Logits(model), (ids,), folder / "model.onnx", inline, input_names=["input_ids"],
                 output_names=["logits"], dynamic_axes={"input_ids": tokens, "logits": tokens})
     sequence_axis = {n: 1 if n.endswith("input_ids") else 2 for n in names + presents}
-    export_onnx(LogitsWithPast(model), (ids, *past), folder / "model_with_past.onnx", inline,
+    export_onnx(LogitsWithPast(model), (new_ids, *past), folder / "model_with_past.onnx", inline,
                 input_names=["input_ids", *names], output_names=["logits", *presents],
                 dynamic_axes={"input_ids": tokens, "logits": tokens,
                               **{n: {0: "batch", sequence_axis[n]: "past_sequence"} for n in names},
@@ -506,13 +545,48 @@ def is_our_export(dest: Path) -> bool:
         return False
 
 
+def real_destination(dest: Path) -> Path:
+    """dest with "." and ".." worked out (--dest=., --dest=DIR/sub/..): the export is written
+    beside dest, under a name made from dest's, then renamed into place, and such a path has no
+    name of its own. Other paths stay as typed, for the card and the messages (and a dest that
+    is a symbolic link stays the link, which the export replaces)."""
+    if dest.name not in ("", "..") and ".." not in dest.parts:
+        return dest
+    if dest.name in ("", ".."):
+        dest = Path(os.path.realpath(dest))
+    else:  # DIR/sub/../name: the folder above worked out, the name kept
+        dest = Path(os.path.realpath(dest.parent)) / dest.name
+    if not dest.name:
+        raise UserError(f"--dest={dest} is the root folder; name a folder to write, e.g. --dest=exports/model")
+    return dest
+
+
+def working_folder() -> Path | None:
+    try:
+        return Path.cwd().resolve()
+    except OSError:  # the folder the process started in is gone
+        return None
+
+
+def is_working_folder(dest: Path) -> bool:
+    """Whether dest is the folder export.py runs in (--dest=.): a shell there would be left in a
+    deleted folder if dest were replaced as a whole, so its files are replaced instead."""
+    return dest.resolve() == working_folder()
+
+
 def check_destination(dest: Path, force: bool):
     if blocker := durable.file_in_the_way(dest):
         raise UserError(f"--dest={dest} lies under {blocker}, which is a file, not a folder; choose another --dest")
+    if working_folder() is not None and dest.resolve() in working_folder().parents:
+        raise UserError(f"--dest={dest} holds the folder you are in ({working_folder()}), which replacing it "
+                        f"would delete; choose another --dest")
     if not dest.exists():
         return
     if dest.is_dir() and (is_our_export(dest) or not any(dest.iterdir())):
         return
+    if is_working_folder(dest):  # even with --force: the files of the folder one works in stay
+        raise UserError(f"--dest={dest} is the folder you are in, and it holds files export.py did not write; "
+                        f"refusing to replace them, --force or not. Choose a new or empty folder, e.g. --dest=export")
     if force:
         return
     what = "a file" if not dest.is_dir() else "a folder that export.py did not write"
@@ -526,13 +600,20 @@ def fsync(path: Path):
 
 
 def write_atomically(dest: Path, write):
-    """write(tmp) fills a temporary folder beside dest, which then takes dest's place."""
+    """write(tmp) fills a temporary folder beside dest, which then takes dest's place. In the
+    working folder (--dest=.) the files take the place of its files instead: the folder stays,
+    and a shell in it sees the export."""
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     old = dest.with_name(f".{dest.name}.old-{os.getpid()}")  # the previous dest, until the new one is in place
     created = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()]  # deepest first
+    in_place = is_working_folder(dest)
 
     def clean_up():
         shutil.rmtree(tmp, ignore_errors=True)
+        if in_place and old.is_dir():  # the previous files back (an export's files: no folders)
+            for path in old.iterdir():
+                os.replace(path, dest / path.name)
+            old.rmdir()
         if old.exists() and not dest.exists():
             os.replace(old, dest)
         for folder in created:  # the folders made for dest, if they are still empty
@@ -554,10 +635,18 @@ def write_atomically(dest: Path, write):
             if path.is_file():
                 path.chmod(0o644)  # some writers create files readable by their owner only
             fsync(path)
-        if dest.exists() or dest.is_symlink():
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        fsync(dest.parent)  # make the rename itself durable
+        if in_place:
+            old.mkdir()
+            for path in dest.iterdir():
+                os.replace(path, old / path.name)
+            for path in tmp.iterdir():
+                os.replace(path, dest / path.name)
+            tmp.rmdir()
+        else:
+            if dest.exists() or dest.is_symlink():
+                os.replace(dest, old)
+            os.replace(tmp, dest)
+        fsync(dest if in_place else dest.parent)  # make the renames themselves durable
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old)
         elif old.exists() or old.is_symlink():
@@ -575,7 +664,7 @@ def main(argv=None):
     cfg, _ = parse_config(ExportConfig, argv, prog="export.py")
     for module in EXTRAS[cfg.format]:  # a missing extra is one line, before any work
         require(module, f"--format={cfg.format}")
-    dest = Path(cfg.dest or f"exports/{Path(cfg.out_dir).resolve().name}-{cfg.format}")
+    dest = real_destination(Path(cfg.dest or f"exports/{Path(cfg.out_dir).resolve().name}-{cfg.format}"))
     if dest.resolve() in (Path(cfg.out_dir).resolve(), *Path(cfg.out_dir).resolve().parents):
         raise UserError(f"--dest={dest} holds the checkpoint folder --out_dir={cfg.out_dir}, which an export "
                         f"would replace; choose a --dest outside it")

@@ -16,6 +16,7 @@ matplotlib is imported inside the drawing function (Agg, no display needed), so 
 this module costs train.py nothing at startup; figures are built without pyplot, which keeps
 no global state and is safe from a web server's threads.
 """
+import dataclasses
 import json
 import math
 import sys
@@ -42,14 +43,27 @@ class Run:
     train: list[tuple[int, float]]  # (iter, mean train loss at an evaluation)
     val: list[tuple[int, float]]  # (iter, mean val loss at an evaluation)
     lr: list[tuple[int, float]]  # (iter, learning rate)
+    skipped: list[str] = dataclasses.field(default_factory=list)  # what was wrong with each record left out
+
+    def skipped_note(self, path) -> str | None:
+        """One line on the records left out, or None."""
+        if not self.skipped:
+            return None
+        n = len(self.skipped)
+        return f"note: {path}: skipped {n} malformed record{'s' if n > 1 else ''} ({self.skipped[0]}); drew the rest"
 
     def best_val(self) -> tuple[int, float] | None:
         """(iter, loss) of the lowest val loss; the first one on a tie."""
         return min(self.val, key=lambda p: p[1]) if self.val else None
 
 
+CURVES = ("train/loss", "val/loss", "lr")  # the values plotted
+
+
 def read_run(out_dir, name: str | None = None) -> Run:
-    """The curves in <out_dir>/metrics.jsonl; a torn last line (a run killed mid-write) is skipped."""
+    """The curves in <out_dir>/metrics.jsonl; a torn last line (a run killed mid-write) is skipped,
+    and so is a record whose loss or lr is not a number (Run.skipped says which): one bad value
+    (an edited file) costs its point, not the whole plot."""
     path = Path(out_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"no metrics.jsonl in {out_dir}; train.py writes it there, so point at a run's --out_dir")
@@ -58,6 +72,7 @@ def read_run(out_dir, name: str | None = None) -> Run:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
     steps, evals = {}, {}  # iter -> record; a later record of the same iter replaces an earlier one
+    skipped = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -68,6 +83,10 @@ def read_run(out_dir, name: str | None = None) -> Run:
             if n == len(lines):
                 continue  # the last line of a run killed while writing it
             raise UserError(f"{path} line {n} is not a metrics record; was the file edited?") from None
+        bad = [k for k in CURVES if k in record and not is_number(record[k])]
+        if bad:
+            skipped.append(f"first at line {n}: {json.dumps(bad[0])} is {json.dumps(record[bad[0]])[:40]}, not a number")
+            continue
         (evals if "val/loss" in record else steps)[it] = record
 
     def curve(records: dict, key: str) -> list[tuple[int, float]]:
@@ -76,7 +95,11 @@ def read_run(out_dir, name: str | None = None) -> Run:
 
     lr = {**evals, **steps}  # both kinds carry the lr of their iteration
     return Run(name=name or Path(out_dir).resolve().name, steps=curve(steps, "train/loss"),
-               train=curve(evals, "train/loss"), val=curve(evals, "val/loss"), lr=curve(lr, "lr"))
+               train=curve(evals, "train/loss"), val=curve(evals, "val/loss"), lr=curve(lr, "lr"), skipped=skipped)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # JSON true is no loss
 
 
 def draw(runs: list[Run], title: str = ""):
@@ -182,6 +205,9 @@ def main(argv=None):
     if not folders:
         raise UserError("name at least one run folder: python plot.py OUT_DIR [OUT_DIR ...] [--output=FILE]")
     runs = [read_run(folder) for folder in folders]
+    for folder, run in zip(folders, runs):
+        if note := run.skipped_note(Path(folder) / "metrics.jsonl"):
+            print(note, file=sys.stderr)
     names = [r.name for r in runs]
     for i, run in enumerate(runs):  # two runs named out/ in different places: tell them apart
         if names.count(run.name) > 1:

@@ -1,5 +1,6 @@
 """app.py, the web demo: a real server in a subprocess, driven by gradio_client and by a real
 browser (Debian's chromium, headless, through playwright). Two tiny checkpoints are trained here."""
+import contextlib
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import hardware
 import sample
 import train
 from conftest import ROOT, TINY, write_char_dataset
+from errors import UserError
 
 pytest.importorskip("gradio_client", reason="pip install -r requirements-extras.txt")
 from gradio_client import Client  # noqa: E402
@@ -48,12 +50,16 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(runs, tmp_path_factory):
     """app.py serving runs/a (the default) and everything under runs/, on a free port."""
-    port = free_port()
     log = tmp_path_factory.mktemp("server") / "app.log"
+    yield from serve([f"--out_dir={runs / 'a'}", f"--models_dir={runs}", f"--max_new_tokens_limit={LIMIT}"], log)
+
+
+def serve(flags, log):
+    """Start app.py with flags on a free port, yield its URL once it answers, stop it after."""
+    port = free_port()
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), f"--out_dir={runs / 'a'}",
-                                 f"--models_dir={runs}", f"--port={port}", f"--max_new_tokens_limit={LIMIT}",
-                                 "--device=cpu"], cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), *flags, f"--port={port}", "--device=cpu"],
+                                cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 120
@@ -174,6 +180,36 @@ def test_one_copy_of_each_model(runs):
     for t in threads:
         t.join(timeout=60)
     assert len(got) == 4 and all(g is got[0] for g in got) and list(models.loaded) == ["b"]
+
+
+def test_broken_checkpoints_are_skipped_or_a_message_when_picked(runs, tmp_path):
+    """--models_dir with damaged checkpoints among good ones: the first found that loads is the
+    default (one line on stderr for each skipped on the way); one found later fails only when
+    picked, as a message; the server goes on. With none that loads: one error line."""
+    models = tmp_path / "models"
+    for name in ("a", "b", "c"):
+        (models / name).mkdir(parents=True)
+        shutil.copy(runs / "b" / "ckpt.pt", models / name / "ckpt.pt")
+    for name in ("a", "c"):
+        (models / name / "ckpt.pt").write_bytes((runs / "b" / "ckpt.pt").read_bytes()[:1000])  # cut short
+    log = tmp_path / "app.log"
+    with contextlib.contextmanager(serve)([f"--models_dir={models}"], log) as url:
+        client = Client(url, verbose=False)
+        assert generate(client, temperature=0).startswith(PROMPT)  # b, the default
+        for request in (lambda: client.predict("c", api_name="/model_card"), lambda: generate(client, model="c")):
+            with pytest.raises(AppError, match="c/ckpt.pt is truncated or corrupted"):
+                request()
+        assert generate(client, temperature=0, model="b").startswith(PROMPT)
+        assert "Traceback" not in log.read_text()  # (gradio's own refusal below logs one)
+        with pytest.raises(AppError, match=r"a is not in the list of choices: \['b', 'c'\]"):  # left out of the picker
+            generate(client, model="a")
+    skipped = [line for line in log.read_text().splitlines() if line.startswith("skipped model")]
+    assert len(skipped) == 1 and skipped[0].startswith(f"skipped model a: {models / 'a' / 'ckpt.pt'} is truncated")
+
+    shutil.rmtree(models / "b")
+    folders = app.model_folders(app.AppConfig(models_dir=str(models)))
+    with pytest.raises(UserError, match="no model found loads"):
+        app.Models(folders, hardware.resolve("cpu", "float32")).load_default(only_this=False)
 
 
 # ---------------------------------------------------------------------------- a real browser

@@ -103,8 +103,10 @@ def check_export(out_dir, tmp, prompt: str, capsys):
     assert np.abs(logits - expected.numpy()).max() <= 1e-4
     assert onnx_loop(onnx_dir, prompt) == ours
 
-    readme_loop = onnx_loop_code().replace('"exports/shakespeare-onnx"', json.dumps(str(onnx_dir)))
-    assert readme_loop in (onnx_dir / "README.md").read_text()  # the model card shows the same loop
+    card_prompt, card_tokens = export.card_prompt(tokenizer, ckpt["model_args"]["block_size"])
+    readme_loop = onnx_loop_code().replace('"exports/shakespeare-onnx", "ROMEO:", 100',
+                                           f'{json.dumps(str(onnx_dir))}, "{card_prompt}", {card_tokens}')
+    assert readme_loop in (onnx_dir / "README.md").read_text()  # the model card shows the same loop, sized to fit
     fast = tokenizers.Tokenizer.from_file(str(onnx_dir / "tokenizer.json"))
     assert fast.encode(ours).ids == tokenizer.encode(ours)
     assert greedy_sample([f"--init_from={hf_dir}", f"--prompt={prompt}"], capsys) == ours
@@ -334,6 +336,37 @@ def test_export_replaces_only_its_own_folders(char_run, tmp_path):
     assert sorted(p.name for p in dest.iterdir()) == ["README.md", "config.json", "model.onnx",
                                                      "model_with_past.onnx", "tokenizer.json", "tokenizer_config.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["dest"]  # no temporary folder left behind
+
+
+def test_dot_and_dot_dot_destinations_are_the_real_folders(char_run, tmp_path, monkeypatch):
+    """--dest=. is the folder one is in: written into it (the folder stays, so a shell there
+    sees the files), its own files never replaced, --force or not. DIR/sub/.. is DIR."""
+    here = tmp_path / "e"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    inode = here.stat().st_ino
+    export.main([f"--out_dir={char_run / 'out'}", "--dest=."])
+    export.main([f"--out_dir={char_run / 'out'}", "--dest=.", "--format=onnx"])  # ours: its files replaced
+    assert here.stat().st_ino == inode and (here / "model.onnx").is_file() and not (here / "model.safetensors").exists()
+    assert f'"{here}"' in (here / "README.md").read_text()  # the card loads the folder by its real path
+    (here / "README.md").unlink()
+    for force in ([], ["--force"]):
+        with pytest.raises(UserError, match=r"--dest=.*/e is the folder you are in, and it holds files export.py did not write"):
+            export.main([f"--out_dir={char_run / 'out'}", "--dest=.", *force])
+        assert (here / "model.onnx").is_file()  # nothing deleted
+    (here / "sub").mkdir()
+    monkeypatch.chdir(here / "sub")
+    with pytest.raises(UserError, match="holds the folder you are in"):
+        export.main([f"--out_dir={char_run / 'out'}", "--dest=..", "--force"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"] and (here / "model.onnx").is_file()
+
+    other = tmp_path / "other"
+    (other / "sub").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"--dest=.*/other is a folder that export.py did not write"):
+        export.main([f"--out_dir={char_run / 'out'}", f"--dest={other / 'sub' / '..'}"])
+    (other / "sub").rmdir()
+    export.main([f"--out_dir={char_run / 'out'}", f"--dest={other / 'sub' / '..'}"])  # empty: written
+    assert (other / "model.safetensors").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["e", "other"]
 
 
 def test_an_unwritable_destination_is_one_line_and_leaves_nothing(char_run, tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ import inspect
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -64,21 +65,23 @@ def bpe_tokenizer(text: str) -> Tokenizer:
 @pytest.fixture(scope="module")
 def tokenizers(shakespeare_text):
     text = shakespeare_text[:5000]
-    return {"char": Tokenizer.char_from_text(text), "bpe": bpe_tokenizer(text)}
+    # "lower": a char vocabulary without the letters of PROMPT
+    return {"char": Tokenizer.char_from_text(text), "bpe": bpe_tokenizer(text),
+            "lower": Tokenizer.char_from_text("abcdefghijklmnopqrstuvwxyz ,.\n")}
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tokenizers):
-    """(case, tokenizer kind) -> folder holding out/ckpt.pt, hf/ and onnx/ exports of a 1-layer
-    model with random weights (large enough that every option changes the greedy text), built on
-    first use and shared by the tests of the module."""
+    """(case, tokenizer kind[, block_size]) -> folder holding out/ckpt.pt, hf/ and onnx/ exports
+    of a 1-layer model with random weights (large enough that every option changes the greedy
+    text), built on first use and shared by the tests of the module."""
     done = {}
 
-    def get(case: str, kind: str):
-        if (case, kind) not in done:
-            root = tmp_path_factory.mktemp(f"{case}-{kind}")
+    def get(case: str, kind: str, block_size: int = 32):
+        if (case, kind, block_size) not in done:
+            root = tmp_path_factory.mktemp(f"{case}-{kind}-{block_size}")
             tok = tokenizers[kind]
-            args = dict(block_size=32, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, dropout=0.0,
+            args = dict(block_size=block_size, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, dropout=0.0,
                         **{"bias": True, **CASES[case]})
             torch.manual_seed(0)
             model = GPT(GPTConfig(**args))
@@ -90,17 +93,17 @@ def exported(tmp_path_factory, tokenizers):
                             root / "out" / "ckpt.pt")
             for fmt in ("hf", "onnx"):
                 export.main([f"--out_dir={root / 'out'}", f"--format={fmt}", f"--dest={root / fmt}"])
-            done[case, kind] = root
-        return done[case, kind]
+            done[case, kind, block_size] = root
+        return done[case, kind, block_size]
 
     return get
 
 
-def greedy_sample(argv) -> str:
+def greedy_sample(argv, prompt: str = PROMPT, max_new_tokens: int = N_NEW) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        sample.main([*argv, f"--prompt={PROMPT}", "--temperature=0", "--dtype=float32", "--device=cpu",
-                     f"--max_new_tokens={N_NEW}"])
+        sample.main([*argv, f"--prompt={prompt}", "--temperature=0", "--dtype=float32", "--device=cpu",
+                     f"--max_new_tokens={max_new_tokens}"])
     return out.getvalue().removesuffix("\n")
 
 
@@ -116,12 +119,17 @@ def hf_greedy(folder, tokenizer: Tokenizer, use_cache=True) -> tuple[str, transf
 
 
 def onnx_greedy(folder, tokenizer: Tokenizer) -> str:
-    """The model card's onnxruntime loop, run as written (in this process)."""
-    code = export.onnx_loop(str(folder), tokenizer)
-    assert code in (folder / "README.md").read_text(encoding="utf-8")
+    """The model card's onnxruntime loop, run as written (in this process) for N_NEW tokens."""
+    card = export.onnx_loop(str(folder), tokenizer, *export.card_prompt(tokenizer, 32))
+    assert card in (folder / "README.md").read_text(encoding="utf-8")
+    return run_snippet(export.onnx_loop(str(folder), tokenizer, PROMPT, N_NEW))
+
+
+def run_snippet(code: str) -> str:
+    """What code prints, run in this process, without its final newline."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(code.replace(f'"{PROMPT}", 100', f'"{PROMPT}", {N_NEW}'), {})
+        exec(code, {})
     return out.getvalue().removesuffix("\n")
 
 
@@ -155,6 +163,23 @@ def test_every_runtime_gives_our_greedy_text(case, kind, exported, tokenizers):
     back, _ = hf_format.load(str(root / "hf"))
     # a GPT-2 folder has biases: a bias-free model comes back with zero ones
     assert back.config == (model.config if remote else GPTConfig(**{**vars(model.config), "bias": True}))
+
+
+@pytest.mark.parametrize("case, kind, block_size", [("no_bias", "lower", 8), ("all", "bpe", 4)])
+def test_the_cards_snippets_run_as_written_on_a_short_context(case, kind, block_size, exported, tokenizers):
+    """A context shorter than "ROMEO:" and 100 new tokens, a vocabulary without those letters
+    (a GPT-2 folder), a documents model with every option whose "ROMEO:" leaves no room: the
+    card's transformers and onnxruntime snippets run as written, the loop with our greedy text."""
+    tokenizer, root = tokenizers[kind], exported(case, kind, block_size)
+    snippets = {fmt: re.search(r"```python\n(.*?)```", (root / fmt / "README.md").read_text(encoding="utf-8"), re.S).group(1)
+                for fmt in ("hf", "onnx")}
+    torch.manual_seed(0)  # the transformers snippet samples
+    sampled, greedy = run_snippet(snippets["hf"]), run_snippet(snippets["onnx"])
+    prompt, max_new_tokens = export.card_prompt(tokenizer, block_size)
+    assert prompt in ("a", "R") and max_new_tokens == block_size - len(tokenizer.encode(prompt)) - bool(tokenizer.documents)
+    assert f"max_new_tokens={max_new_tokens}," in snippets["hf"] and sampled.startswith(prompt)
+    ours = greedy_sample([f"--out_dir={root / 'out'}"], prompt, max_new_tokens)
+    assert greedy == ours and len(ours) > len(prompt)
 
 
 def test_transformers_cache_and_cards_of_a_remote_code_model(exported, tokenizers):

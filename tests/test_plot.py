@@ -91,6 +91,18 @@ def test_torn_last_line_is_skipped_and_a_bad_middle_line_refused(tmp_path):
         plot.read_run(tmp_path)
 
 
+def test_records_with_a_value_that_is_no_number_are_skipped_with_one_note(tmp_path, capsys):
+    lines = ['{"iter": 0, "train/loss": 4.0, "val/loss": 4.1, "lr": 0.001}', '{"iter": 1, "train/loss": "x"}',
+             '{"iter": 2, "train/loss": 3.5, "lr": 0.001}', '{"iter": 3, "lr": null}', '{"iter": 4, "train/loss": 3.2}']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    plot.main([str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert err == (f'note: {tmp_path / "metrics.jsonl"}: skipped 2 malformed records (first at line 2: "train/loss" '
+                   f'is "x", not a number); drew the rest\n')
+    assert "4 iterations, best val 4.1000 at iter 0" in out and is_figure(tmp_path / "loss.png")
+    assert plot.read_run(tmp_path).steps == [(2, 3.5), (4, 3.2)]
+
+
 def test_an_empty_log_still_draws(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")
     plot.write_loss_png(tmp_path)
