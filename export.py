@@ -61,6 +61,7 @@ FORMATS = ("hf", "onnx", "gguf")
 EXTRAS = {"hf": ("transformers", "safetensors", "tokenizers"), "onnx": ("onnx", "onnxruntime", "tokenizers"),
           "gguf": ("gguf", "tokenizers")}
 MARKER = "exported_by: nanogpt-toolkit export.py"  # in the model card: how we know a folder is ours
+EXPORTED_FILES = "exported_files"  # the card's list of what the export wrote (users_files keeps the rest)
 
 
 @dataclass
@@ -545,6 +546,22 @@ def is_our_export(dest: Path) -> bool:
         return False
 
 
+def users_files(dest: Path) -> list[Path]:
+    """What a user added to an earlier export in dest (notes, a license, a picture): the entries
+    its card's `exported_files` does not list. A new export carries them over; the files the
+    earlier export wrote are replaced. An export from before cards listed their files: none."""
+    if not dest.is_dir() or not is_our_export(dest):
+        return []
+    for line in (dest / "README.md").read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith(f"{EXPORTED_FILES}: "):
+            try:
+                ours = set(json.loads(line.partition(": ")[2]))
+            except ValueError:
+                return []
+            return sorted(p for p in dest.iterdir() if p.name not in ours)
+    return []
+
+
 def real_destination(dest: Path) -> Path:
     """dest with "." and ".." worked out (--dest=., --dest=DIR/sub/..): the export is written
     beside dest, under a name made from dest's, then renamed into place, and such a path has no
@@ -674,14 +691,22 @@ def main(argv=None):
     if cfg.format == "gguf":  # before anything is written
         check_gguf(model, tokenizer)
     card = model_card(model, tokenizer, ckpt, cfg.format, str(dest))
+    kept = users_files(dest)
 
     def write(folder: Path):
         WRITERS[cfg.format](model, tokenizer, folder, ckpt.get("instruct"))
-        (folder / "README.md").write_text(card, encoding="utf-8")
+        written = sorted({p.name for p in folder.iterdir()} | {"README.md"})
+        (folder / "README.md").write_text(card.replace(MARKER, f"{MARKER}\n{EXPORTED_FILES}: {json.dumps(written)}"),
+                                          encoding="utf-8")
+        for path in kept:  # the user's own files, where the export writes none of that name
+            if path.name not in written:
+                (shutil.copytree if path.is_dir() else shutil.copy2)(path, folder / path.name)
 
     write_atomically(dest, write)
     files = ", ".join(sorted(p.name for p in dest.iterdir()))
     print(f"wrote {dest} ({files})", file=sys.stderr)
+    if kept:
+        print(f"kept what you had added there: {', '.join(p.name for p in kept)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ matplotlib is imported inside the drawing function (Agg, no display needed), so 
 this module costs train.py nothing at startup; figures are built without pyplot, which keeps
 no global state and is safe from a web server's threads.
 """
+import errors
+errors.starting(__name__)  # a missing requirement: one line, no traceback
 import dataclasses
 import json
 import math

@@ -338,6 +338,21 @@ def test_export_replaces_only_its_own_folders(char_run, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["dest"]  # no temporary folder left behind
 
 
+def test_a_new_export_keeps_what_the_user_added_to_the_last(char_run, tmp_path, capsys):
+    """An export folder a user added a file to (notes, a license) and exports into again: the
+    export's own files are replaced (another format's too), the user's stay, and it says so."""
+    dest = tmp_path / "dest"
+    export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}"])
+    (dest / "notes.txt").write_text("mine", encoding="utf-8")
+    (dest / "pictures").mkdir()
+    (dest / "pictures" / "curve.png").write_bytes(b"png")
+    capsys.readouterr()
+    export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}", "--format=onnx"])
+    assert (dest / "notes.txt").read_text(encoding="utf-8") == "mine" and (dest / "pictures" / "curve.png").exists()
+    assert not (dest / "model.safetensors").exists()  # the hf export's file: replaced by the onnx export
+    assert "kept what you had added there: notes.txt, pictures" in capsys.readouterr().err
+
+
 def test_dot_and_dot_dot_destinations_are_the_real_folders(char_run, tmp_path, monkeypatch):
     """--dest=. is the folder one is in: written into it (the folder stays, so a shell there
     sees the files), its own files never replaced, --force or not. DIR/sub/.. is DIR."""
