@@ -40,6 +40,7 @@ from typing import NamedTuple
 import torch
 
 import checkpoint
+import durable
 import hardware
 import hf_format
 import loading
@@ -52,7 +53,7 @@ from errors import UserError, run_main
 from model import GPT, MODEL_KEYS, GPTConfig
 from tokenizer import Tokenizer
 from tokenizer import mismatch as tokenizer_mismatch
-from training import TimeBudget, TrainConfig, schedule_iter, set_schedule, train_step
+from training import TimeBudget, TrainConfig, get_lr, schedule_iter, set_schedule, train_step
 gc.freeze()  # what the imports made is never traversed again, not even at exit
 gc.enable()
 
@@ -462,6 +463,33 @@ def announce(cfg: TrainConfig, precision: hardware.Precision, data: Dataset, tok
     if data.documents:
         print(f"document mode: {data.meta.get('train_documents', '?')} training documents; rows start at "
               f"document starts, attention stays inside each document")
+    last_lr = get_lr(cfg.max_iters, cfg)
+    if cfg.decay_lr and not cfg.time_budget and cfg.max_iters > 0 and last_lr > 1.01 * cfg.min_lr:  # cut short
+        print(f"note: the learning rate decays until --lr_decay_iters={cfg.lr_decay_iters}, but the run stops at "
+              f"--max_iters={cfg.max_iters}, at {last_lr:.2e} (--min_lr={cfg.min_lr:.2e}); pass "
+              f"--lr_decay_iters={cfg.max_iters} to decay over the whole run")
+
+
+def trim_metrics(out_dir: str, iter_num: int):
+    """On resume: the records of metrics.jsonl after the checkpoint's iteration (steps a crash or
+    kill -9 lost after its last save) go, so that the resumed run's records follow it without
+    a second copy of those iterations; the checkpoint's own evaluation stays."""
+    path = Path(out_dir) / "metrics.jsonl"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:  # none yet
+        return
+    def kept(line: str) -> bool:
+        try:
+            record = json.loads(line)
+            return record["iter"] < iter_num or (record["iter"] == iter_num and "val/loss" in record)
+        except (ValueError, KeyError, TypeError):
+            return True  # not ours to judge: left as it was
+    keep = [line for line in lines if kept(line)]
+    if len(keep) < len(lines):
+        durable.write_text(path, "".join(line + "\n" for line in keep))
+        print(f"metrics.jsonl: {len(lines) - len(keep)} records after iteration {iter_num} (not in the checkpoint) "
+              f"left out; the resumed run writes its own")
 
 
 def seed_rngs(cfg: TrainConfig, procs: Processes, device_type: str) -> torch.Generator:
@@ -691,6 +719,8 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
     if ckpt is not None:
         iter_num, best_val_loss = resume_state(ckpt, optimizer, scaler, data_gen, precision, cfg.seed, procs,
                                                ckpt_path)
+        if master and not cfg.eval_only:
+            trim_metrics(cfg.out_dir, iter_num)
     budget = TimeBudget(cfg, ckpt.get("train_seconds", 0.0) if ckpt else 0.0, precision, procs.ddp)
     ckpt = None  # free memory
     model = wrap_model(raw_model, cfg, procs, precision)

@@ -378,6 +378,30 @@ def test_patience_says_when_the_best_was_the_untrained_model(tiny_data, tmp_path
     assert checkpoint.load(out / "ckpt.pt")["iter_num"] == 2
 
 
+def test_a_resume_after_a_lost_stretch_does_not_repeat_its_iterations_in_metrics(tiny_data, tmp_path, capsys):
+    """kill -9 after the last save: metrics.jsonl holds records of steps the checkpoint does not
+    have; the resume leaves them out and writes its own, so every iteration appears once."""
+    out = tmp_path / "out"
+    run_train(tiny_data, out, "--max_iters=4", "--eval_interval=2")
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:  # what a killed continuation logged
+        for record in ({"iter": 4, "train/loss": 9.0}, {"iter": 5, "train/loss": 9.0}, {"iter": 6, "val/loss": 9.0}):
+            f.write(json.dumps(record) + "\n")
+    capsys.readouterr()
+    run_train(tiny_data, out, "--init_from=resume", "--max_iters=6")
+    assert "3 records after iteration 4 (not in the checkpoint) left out" in capsys.readouterr().out
+    records = read_metrics(out)
+    assert 9.0 not in [r.get("train/loss", r.get("val/loss")) for r in records]
+    train_iters = [r["iter"] for r in records if "train/loss" in r and "val/loss" not in r]
+    assert train_iters == sorted(set(train_iters)) == list(range(6))
+
+
+def test_a_decay_cut_short_by_max_iters_gets_a_note(tiny_data, tmp_path, capsys):
+    run_train(tiny_data, tmp_path / "a", "--max_iters=3", "--lr_decay_iters=100", "--warmup_iters=1")
+    assert "pass --lr_decay_iters=3 to decay over the whole run" in capsys.readouterr().out
+    run_train(tiny_data, tmp_path / "b", "--max_iters=3", "--lr_decay_iters=3", "--warmup_iters=1")
+    assert "note: the learning rate decays" not in capsys.readouterr().out
+
+
 def test_eval_train_false_evaluates_only_the_val_split(tiny_data, tmp_path):
     run_train(tiny_data, tmp_path / "both", "--max_iters=4", "--eval_interval=2")
     run_train(tiny_data, tmp_path / "val", "--max_iters=4", "--eval_interval=2", "--eval_train=false")
