@@ -71,7 +71,7 @@ def load(path, map_location="cpu") -> dict:
         raise UserError(f"{path} is truncated or corrupted (not a readable checkpoint); restore it or "
                         f"train again") from None
     except Exception as e:  # noqa: BLE001 (untrusted bytes: IndexError, KeyError, struct.error, ...)
-        first = str(e).splitlines()[0] if str(e) else ""
+        first = str(e).splitlines()[0].split(". ")[0] if str(e) else ""  # torch's first sentence, not its advice
         detail = (first if len(first) > 12 else  # a bare "101" (a KeyError's) says nothing: its kind too
                   f"{type(e).__name__}: {first}" if first else type(e).__name__)
         raise UserError(f"{path} is truncated or corrupted (not a readable checkpoint: {detail}); restore "
