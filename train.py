@@ -472,8 +472,9 @@ def announce(cfg: TrainConfig, precision: hardware.Precision, data: Dataset, tok
 
 def trim_metrics(out_dir: str, iter_num: int):
     """On resume: the records of metrics.jsonl after the checkpoint's iteration (steps a crash or
-    kill -9 lost after its last save) go, so that the resumed run's records follow it without
-    a second copy of those iterations; the checkpoint's own evaluation stays."""
+    kill -9 lost after the last save, or the rest of a run resumed from its best checkpoint) move
+    to metrics.before_resume.jsonl, so that the resumed run's records follow the checkpoint
+    without a second copy of those iterations in the curve; the checkpoint's own evaluation stays."""
     path = Path(out_dir) / "metrics.jsonl"
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -487,9 +488,12 @@ def trim_metrics(out_dir: str, iter_num: int):
             return True  # not ours to judge: left as it was
     keep = [line for line in lines if kept(line)]
     if len(keep) < len(lines):
+        aside = path.with_name("metrics.before_resume.jsonl")
+        with open(aside, "a", encoding="utf-8") as f:  # first, so that a crash in between loses nothing
+            f.write("".join(line + "\n" for line in lines if not kept(line)))
         durable.write_text(path, "".join(line + "\n" for line in keep))
         print(f"metrics.jsonl: {len(lines) - len(keep)} records after iteration {iter_num} (not in the checkpoint) "
-              f"left out; the resumed run writes its own")
+              f"moved to {aside.name}; the resumed run writes its own")
 
 
 def seed_rngs(cfg: TrainConfig, procs: Processes, device_type: str) -> torch.Generator:

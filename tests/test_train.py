@@ -388,7 +388,9 @@ def test_a_resume_after_a_lost_stretch_does_not_repeat_its_iterations_in_metrics
             f.write(json.dumps(record) + "\n")
     capsys.readouterr()
     run_train(tiny_data, out, "--init_from=resume", "--max_iters=6")
-    assert "3 records after iteration 4 (not in the checkpoint) left out" in capsys.readouterr().out
+    assert "3 records after iteration 4 (not in the checkpoint) moved to metrics.before_resume.jsonl" in \
+        capsys.readouterr().out
+    assert len((out / "metrics.before_resume.jsonl").read_text(encoding="utf-8").splitlines()) == 3  # kept aside
     records = read_metrics(out)
     assert 9.0 not in [r.get("train/loss", r.get("val/loss")) for r in records]
     train_iters = [r["iter"] for r in records if "train/loss" in r and "val/loss" not in r]
