@@ -158,7 +158,8 @@ def gpt_config(folder: Path) -> GPTConfig:
             raise UserError(f"{folder} holds a checkpoint of train.py (ckpt.pt), not a Hugging Face model: "
                             f"pass it as --out_dir={folder}")
         raise UserError(f"{folder} is not a Hugging Face model folder (no config.json); give a folder "
-                        f"written by export.py --format=hf or by transformers' save_pretrained")
+                        f"written by export.py --format=hf or by transformers' save_pretrained (train.py's "
+                        f"--init_from also takes a run's folder holding a ckpt.pt)")
     try:
         c = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):

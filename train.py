@@ -420,9 +420,11 @@ def open_dataset(cfg: TrainConfig, pretrained: Pretrained | None) -> tuple[Datas
         return data, tokenizer
     theirs = (pretrained.ours[1] if pretrained.ours else hf_format.load_tokenizer(pretrained.folder)).describe()
     if differ := tokenizer_mismatch(theirs, tokenizer, boundary=False):
-        raise UserError(f"--init_from={cfg.init_from} cannot read dataset {cfg.dataset!r}: {differ}; prepare the "
-                        f"text with the model's tokenizer (`python prepare.py --input FILE --name NAME "
-                        f"--tokenizer {theirs['name']}`; a char model's characters come from its own text)")
+        fix = (f"prepare the text with the model's tokenizer (`python prepare.py --input FILE --name NAME "
+               f"--tokenizer {theirs['name']}`)" if theirs["name"] not in ("char", "bpe") else
+               "its vocabulary came from the text it was trained on, so it reads only that: finetune it on "
+               "text prepared with it, or train a new model on this dataset (--init_from=scratch)")
+        raise UserError(f"--init_from={cfg.init_from} cannot read dataset {cfg.dataset!r}: {differ}; {fix}")
     if data.vocab_size > pretrained.config.vocab_size:
         raise UserError(f"dataset {cfg.dataset!r} has {data.vocab_size} tokens, more than the "
                         f"{pretrained.config.vocab_size} of --init_from={cfg.init_from}")
@@ -539,6 +541,12 @@ def build_model(cfg: TrainConfig, data: Dataset, ckpt: dict | None, ckpt_path: P
     else:
         model = GPT(GPTConfig(**model_args))
     if cfg.lora_rank:  # before a resumed state is loaded: it holds the adapters
+        width = min(min(m.in_features, m.out_features) for m in model.transformer.h.modules()
+                    if isinstance(m, torch.nn.Linear))
+        if cfg.lora_rank >= width:  # a full-rank update: more to train than the layers themselves
+            raise UserError(f"--lora_rank={cfg.lora_rank} is not below the model's narrowest layer ({width}): "
+                            f"LoRA adapts a layer through a few directions; try --lora_rank=8 (or finetune "
+                            f"the whole model without --lora_rank)")
         lora.apply(model, lora.from_settings(cfg))
     model.grad_checkpoint = cfg.grad_checkpoint
     if ckpt is not None:

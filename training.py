@@ -129,8 +129,9 @@ class TrainConfig(ModelOptions):
                 p.append("--lora_rank adapts a trained model, not random weights: give --init_from=gpt2 (or "
                          "another GPT-2), a Hugging Face folder, a folder holding a ckpt.pt, or resume")
         if self.init_from not in ("scratch", "resume", *hf_format.GPT2_NAMES) and not Path(self.init_from).is_dir():
-            p.append(f"--init_from must be scratch or resume, a GPT-2 ({', '.join(hf_format.GPT2_NAMES)}) or a "
-                     f"folder holding a Hugging Face GPT-2; got {self.init_from!r}, which is no folder")
+            p.append(f"--init_from must be scratch or resume, a GPT-2 ({', '.join(hf_format.GPT2_NAMES)}), a "
+                     f"folder holding a ckpt.pt or a folder holding a Hugging Face GPT-2; got {self.init_from!r}, "
+                     f"which is no folder")
         return p
 
 

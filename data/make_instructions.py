@@ -59,20 +59,30 @@ def make_records(n: int, chat_fraction: float = 0.25, seed: int = 0) -> list[dic
     return [make_record(rng, chat_fraction) for _ in range(n)]
 
 
+TASKS = {"Reverse": "reverse", "Write": "capitals", "How": "count letters", "What": "add"}  # first word -> task
+
+
 def task_name(prompt: str) -> str:
-    return prompt.split(" ")[0].lower() + " " + prompt.split(" ")[1].lower()
+    return TASKS[prompt.split(" ")[0]]
 
 
 def score(out_dir: str, n: int, seed: int) -> dict[str, float]:
     """% of n fresh prompts (seed) that the model in out_dir answers exactly, per task."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's modules
     import torch
 
     import loading
     import template
+    from errors import UserError
     from stopping import StopCondition
 
     model, tokenizer, ckpt = loading.load_model(out_dir, "cpu")
+    if not ckpt.get("instruct"):
+        raise UserError(f"{out_dir} holds a model trained on plain text, not on instruction records: score one "
+                        f"trained as this file's docstring says (configs/instruct.py)")
+    if tokenizer.chars is not None and (missing := sorted(set(LETTERS + LETTERS.upper() + "0123456789?:+") -
+                                                          set(tokenizer.chars))):
+        raise UserError(f"the model in {out_dir} never saw {', '.join(map(repr, missing[:8]))}, which these tasks "
+                        f"use: score a model trained on records this script wrote")
     tmpl = ckpt["instruct"]["template"]
     rng = random.Random(seed)
     right: dict[str, list[bool]] = {}
@@ -96,6 +106,10 @@ def main(argv=None):
     p.add_argument("--out", default="data/instructions.jsonl", help="output file")
     p.add_argument("--score", metavar="OUT_DIR", help="score the model in OUT_DIR on --n fresh prompts instead")
     args = p.parse_args(argv)
+    if args.n < 1:
+        p.error(f"--n must be at least 1, got {args.n}")
+    if not 0 <= args.chat_fraction <= 1:
+        p.error(f"--chat_fraction must be in [0, 1], got {args.chat_fraction}")
     if args.score:
         for task, pct in score(args.score, args.n, args.seed + 1).items():  # seed + 1: not the training prompts
             print(f"{task:>16}: {pct:5.1f}% right")
@@ -109,4 +123,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's modules (for --score)
+    from errors import run_main
+    run_main(main)

@@ -15,6 +15,8 @@ from errors import UserError
 from model import sample_next
 from tokenizer import Tokenizer
 
+ROOT = Path(__file__).resolve().parent.parent
+
 RECORDS = [
     {"prompt": "What is 2+2?", "response": "4"},
     {"text": "A plain document {with braces}."},
@@ -254,6 +256,28 @@ def test_lora_and_sampling_values_out_of_range_are_one_line(instruct_data):
         run_train(instruct_data, "x", "--lora_rank=4", "--lora_dropout=1.5")
     with pytest.raises(UserError, match="--lora_targets must be"):
         run_train(instruct_data, "x", "--lora_rank=4", "--lora_targets=q_proj")
+    with pytest.raises(UserError, match="--lora_rank=1000 is not below the model's narrowest layer"):
+        run_train(instruct_data, "x", "--lora_rank=1000")
+
+
+def test_make_instructions_mistakes_are_one_line(chat_run, tmp_path):
+    """data/make_instructions.py: its settings, and --score on a folder without a model, on a model
+    of plain text and on one that never saw the tasks' characters."""
+    import subprocess
+    import sys
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    import checkpoint
+    saved = checkpoint.load(chat_run)
+    checkpoint.save({**saved, "instruct": None}, plain / "ckpt.pt")
+    script = str(ROOT / "data" / "make_instructions.py")
+    for args, message in ((["--n", "-5"], "--n must be at least 1"),
+                          (["--chat_fraction", "2"], "--chat_fraction must be in [0, 1]"),
+                          (["--score", str(tmp_path / "nowhere")], "no checkpoint at"),
+                          (["--score", str(plain)], "a model trained on plain text"),
+                          (["--score", str(chat_run), "--n", "3"], "never saw")):
+        r = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and message in r.stderr, (args, r.stderr)
 
 
 # ---------------------------------------------------------------- sampling an instruction model
