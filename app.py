@@ -455,3 +455,9 @@ def main(argv=None):
 
 if __name__ == "__main__":
     run_main(main)
+    # the server has closed (Ctrl-C) and everything is written; a model may still be loading on
+    # one of gradio's worker threads, and Python's shutdown under it aborts the process (a C++
+    # "terminate called"): leave without that shutdown, as sample.py does
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
