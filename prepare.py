@@ -14,7 +14,9 @@ sources (see docs/design.md, contract 1).
 Several input files are separate documents. With BPE they are joined by the end-of-text
 token; char-level has no such token, so their texts are simply concatenated. Either way
 decoding train.bin followed by val.bin gives the documents back exactly: joined by
-"<|endoftext|>" (BPE) or by nothing (char).
+"<|endoftext|>" (BPE) or by nothing (char). "Exactly" is the text as read: every input, in
+every mode, is read as text mode reads it (documents.as_text): "\r\n" and a lone "\r" end
+a line as "\n", and a byte-order mark at the start of a file is dropped.
 
 Documents mode (--documents=line: every non-blank line is a document; --documents=blank:
 documents are separated by blank lines, i.e. lines of only whitespace; line ends are not
@@ -118,7 +120,15 @@ def list_files(inputs: list[str]) -> list[Path]:
 
 
 def read_text(path: Path, read_size: int, progress=None, sha=None):
-    """Yield the text of a UTF-8 file piece by piece (an incremental decoder keeps
+    """The text of a UTF-8 file piece by piece, read as every tool reads text
+    (documents.as_text: line ends as "\n", no leading byte-order mark), so a CRLF file
+    gives the same dataset as its LF copy. The bytes stream through in reads of read_size."""
+    from documents import as_text
+    return as_text(read_utf8(path, read_size, progress, sha))
+
+
+def read_utf8(path: Path, read_size: int, progress=None, sha=None):
+    """Yield the decoded UTF-8 of a file piece by piece (an incremental decoder keeps
     characters whole across reads); non-UTF-8 bytes raise UserError with their offset.
     Updates the tqdm bar `progress` and the hash `sha` with the bytes read."""
     decoder = codecs.getincrementaldecoder("utf-8")()
@@ -507,7 +517,7 @@ def read_template(path: str | None) -> dict:
     if path is None:
         return dict(template.TEMPLATE)
     try:
-        loaded = json.loads(Path(path).read_text(encoding="utf-8"))
+        loaded = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # as text: a byte-order mark dropped
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read --template {path}: {e}") from None
     keys = sorted(template.TEMPLATE)
@@ -523,27 +533,33 @@ def read_template(path: str | None) -> dict:
 def read_records(path: Path, sha=None):
     """(record, kind) for every non-blank line of a JSONL file; any problem is one UserError
     naming the file and line."""
+    lineno = 0
     try:
         with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
+            for raw in f:
                 if sha is not None:
                     sha.update(raw)
                 try:
-                    line = raw.decode("utf-8")
-                    if lineno == 1:
-                        line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise UserError(f"{path}:{lineno + 1}: not UTF-8 text") from None
+                if lineno == 0:
+                    text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
+                # Lines end as text mode ends them (documents.as_text): "\n", "\r\n" or a lone
+                # "\r". JSON holds no raw "\r" inside a string, so every other "\r" ends a line.
+                for line in text.removesuffix("\n").removesuffix("\r").split("\r"):
+                    lineno += 1
                     if not line.strip():
                         continue
-                    record = json.loads(line)
-                    kind = template.record_kind(record)
-                except UnicodeDecodeError:
-                    raise UserError(f"{path}:{lineno}: not UTF-8 text") from None
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
-                                    f"each line must be one JSON object") from None
-                except ValueError as e:
-                    raise UserError(f"{path}:{lineno}: {e}") from None
-                yield record, kind
+                    try:
+                        record = json.loads(line)
+                        kind = template.record_kind(record)
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                                        f"each line must be one JSON object") from None
+                    except ValueError as e:
+                        raise UserError(f"{path}:{lineno}: {e}") from None
+                    yield record, kind
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
 
@@ -667,7 +683,8 @@ def parse_args(argv):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("dataset", nargs="?", help=f"a named dataset: {', '.join(NAMED_DATASETS)}")
     p.add_argument("--input", nargs="+", metavar="PATH",
-                   help="UTF-8 text files or folders of them (each file is one document)")
+                   help="UTF-8 text files or folders of them (each file is one document; read as text: "
+                        "CRLF and CR line ends become LF, a leading byte-order mark is dropped)")
     p.add_argument("--name", help="dataset name: output goes to <data_dir>/<name>/ (default: the named dataset)")
     p.add_argument("--tokenizer", help="'char', a tiktoken encoding: gpt2 (default), r50k_base, "
                                        "cl100k_base, o200k_base, or bpe:N to train a byte-level BPE "

@@ -95,12 +95,14 @@ class SampleConfig(GenerationConfig):
 # ---------------------------------------------------------------------------- setup
 
 def read_prompt(prompt: str) -> str:
-    """The prompt text; FILE:path reads it from a file, as in nanoGPT."""
+    """The prompt text; FILE:path reads it from a file, as in nanoGPT, and as prepare.py reads
+    text (documents.as_text: line ends as "\n", no leading byte-order mark)."""
     if not prompt.startswith("FILE:"):
         return prompt
+    from documents import as_text
     path = Path(prompt[len("FILE:"):])
     try:
-        return path.read_text(encoding="utf-8")
+        return "".join(as_text([path.read_bytes().decode("utf-8")]))
     except FileNotFoundError:
         raise UserError(f"prompt file {path} not found (from --prompt=FILE:{path})") from None
     except (OSError, UnicodeDecodeError) as e:
