@@ -311,8 +311,39 @@ _worker_tokenizer = None  # each encoder process builds its own tokenizer once
 
 
 def _start_worker(description: dict) -> None:
+    import signal
+    # Ctrl-C in a terminal reaches every process of its group: the parent alone handles it
+    # (it stops the pool and removes its temporary folder); a worker would print a traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     global _worker_tokenizer
     _worker_tokenizer = Tokenizer.from_description(description)
+
+
+class EncoderPool(ProcessPoolExecutor):
+    """num_workers encoder processes, each with its own copy of tokenizer, started at once.
+    A Ctrl-C while they are being forked is held until they are, then raised here: in the
+    parent it could otherwise be lost in a fork hook ("Exception ignored in ..."), and a
+    child that has not yet reached _start_worker would print it as a traceback. (Held by a
+    Python handler, which forked children inherit; spawned ones, macOS's and Windows',
+    ignore Ctrl-C from _start_worker on.) Leaving the `with` block on an error or Ctrl-C
+    drops the chunks still queued instead of encoding them first."""
+
+    def __init__(self, tokenizer: Tokenizer, num_workers: int):
+        import signal
+        super().__init__(num_workers, initializer=_start_worker, initargs=(tokenizer.describe(),))
+        held = []
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+        try:
+            self.submit(int)  # starts the workers (all of them, under the fork start method)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if held:
+            self.shutdown(cancel_futures=True)
+            raise KeyboardInterrupt
+
+    def __exit__(self, exc_type, exc, tb):
+        self.shutdown(wait=True, cancel_futures=exc_type is not None)
+        return False
 
 
 def _encode_chunk(text: str) -> np.ndarray:
@@ -339,8 +370,7 @@ def encode_files(files, tokenizer: Tokenizer, out_path: Path, dtype, chunk_size:
     # threads: tiktoken's threads contend with each other, so two threads encode slower than
     # two processes.
     pending: deque = deque()
-    with open(out_path, "wb") as out, ProcessPoolExecutor(
-            num_workers, initializer=_start_worker, initargs=(tokenizer.describe(),)) as pool, \
+    with open(out_path, "wb") as out, EncoderPool(tokenizer, num_workers) as pool, \
             tqdm(total=total, unit="B", unit_scale=True, desc="encode", disable=None) as bar:
 
         def write_oldest():
@@ -373,8 +403,7 @@ def encode_documents(files, documents: str, is_val: np.ndarray, tokenizer: Token
     pending: deque = deque()  # (split, future): written in order, as in encode_files
     batch, batch_chars, batch_split = [], 0, "train"
     with open(folder / "train.bin", "wb") as train_out, open(folder / "val.bin", "wb") as val_out, \
-            ProcessPoolExecutor(num_workers, initializer=_start_worker,
-                                initargs=(tokenizer.describe(),)) as pool, \
+            EncoderPool(tokenizer, num_workers) as pool, \
             tqdm(total=total, unit="B", unit_scale=True, desc="encode", disable=None) as bar:
         outs = {"train": train_out, "val": val_out}
 

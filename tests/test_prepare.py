@@ -336,3 +336,39 @@ def test_crlf_cr_and_bom_jsonl_give_the_records_of_their_lf_copy(tmp_path):
         run_prepare(tmp_path / "data", "--input", str(tmp_path / "bad.jsonl"), "--name", "bad")
 
 
+def test_ctrl_c_stops_every_process_with_one_line_and_keeps_the_old_dataset(tmp_path):
+    """Ctrl-C reaches the whole process group, encoder workers included: they ignore it, the
+    parent says "interrupted" (no worker traceback, no hang on a worker that died holding the
+    pool's queue), and data/<name>/ stays the old dataset with no temporary folder left.
+    Char-level: the workers encode faster than the parent reads, so they wait for work."""
+    import signal
+    import time
+    data = tmp_path / "data"
+    (tmp_path / "old.txt").write_text("an old small dataset\n" * 100, encoding="utf-8")
+    run_prepare(data, "--input", str(tmp_path / "old.txt"), "--name", "d", "--tokenizer", "char", "--block_size", "8")
+    old = {p.name: p.read_bytes() for p in (data / "d").iterdir()}
+    big = tmp_path / "big.txt"
+    big.write_text(SHAKESPEARE.read_text(encoding="utf-8") * 12, encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "prepare.py"), "--input", str(big), "--name", "d",
+                             "--data_dir", str(data), "--tokenizer", "char", "--num_workers", "4",
+                             "--chunk_size", "65536"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    while not proc.stdout.readline().startswith("vocab size"):  # pass 2, with its workers, starts next
+        pass
+    time.sleep(0.3)
+    assert proc.poll() is None, "prepare.py finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    try:
+        stdout, stderr = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("prepare.py hung after Ctrl-C")
+    assert proc.returncode == 130 and "wrote" not in stdout
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted"
+    assert sorted(p.name for p in data.iterdir()) == ["d"]  # no temp folder, no lock left
+    assert {p.name: p.read_bytes() for p in (data / "d").iterdir()} == old
+
+
