@@ -706,10 +706,18 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message}; see python prepare.py --help")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default, except None: an option without one says in its own words
+    what happens when it is left out ("default: the named dataset")."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv):
     p = ArgumentParser(
         description="Prepare a text dataset: raw UTF-8 text -> data/<name>/{train.bin,val.bin,meta.json}.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("dataset", nargs="?", help=f"a named dataset: {', '.join(NAMED_DATASETS)}")
     p.add_argument("--input", nargs="+", metavar="PATH",
                    help="UTF-8 text files or folders of them (each file is one document; read as text: "

@@ -372,3 +372,9 @@ def test_ctrl_c_stops_every_process_with_one_line_and_keeps_the_old_dataset(tmp_
     assert {p.name: p.read_bytes() for p in (data / "d").iterdir()} == old
 
 
+def test_help_shows_no_none_defaults(capsys):
+    with pytest.raises(SystemExit):
+        prepare.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text
+    assert "(default: the named dataset)" in text and "(default: file)" in text
