@@ -3,6 +3,7 @@
     python sample.py --out_dir=out-shakespeare-char --prompt="ROMEO:"
     python sample.py --out_dir=out --prompt=FILE:prompt.txt --num_samples=3 --max_new_tokens=200
     python sample.py --out_dir=out --interactive          # a `>> ` prompt; quit, Ctrl-D or Ctrl-C leave
+    python sample.py --out_dir=out --interactive --prompt="ROMEO:"   # ... with ROMEO: as its first input
     python sample.py --out_dir=out --stats --use_cache=false   # tokens/s on stderr, without the KV cache
     python sample.py --init_from=gpt2-xl --prompt="Hello"    # OpenAI's GPT-2, or any Hugging Face GPT-2 folder
     python sample.py --out_dir=out-instruct --interactive # trained on JSONL chats: a conversation (docs/finetune.md)
@@ -75,7 +76,7 @@ class SampleConfig(GenerationConfig):
     (num_samples, max_new_tokens, temperature, ...) come from generation.GenerationConfig."""
     out_dir: str = "out"  # folder holding ckpt.pt, written by train.py (or a Hugging Face GPT-2 folder)
     init_from: str = "resume"  # resume (out_dir/ckpt.pt), a GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a Hugging Face GPT-2 folder
-    prompt: str = "\n"  # text to continue; FILE:path reads it from a file
+    prompt: str = "\n"  # text to continue; FILE:path reads it from a file; with --interactive, the first input
     interactive: bool = False  # read prompts line by line at a `>> ` prompt until quit or end of input
     drop_unknown: bool = False  # drop prompt characters a char-level model does not know instead of refusing
     stats: bool = False  # print generation speed (tokens/s) to stderr
@@ -164,10 +165,10 @@ def chat_turn(model, tokenizer, cfg, precision, generator, out, tmpl: dict, bloc
 
 
 def interactive(model, tokenizer, cfg, precision, generator, out, instruct: dict | None = None,
-                block_size: int = 0):
+                block_size: int = 0, first: str | None = None):
     """Complete each line typed at the `>> ` prompt until quit, end of input or Ctrl-C. A model
     trained on chats (instruct["chat"]) holds a conversation instead (chat_turn); /reset
-    forgets it."""
+    forgets it. first (--prompt): the session's first input, shown as if typed."""
     history = []  # a chat's turns so far: (role, text)
     if sys.stdin.isatty():
         try:
@@ -176,11 +177,15 @@ def interactive(model, tokenizer, cfg, precision, generator, out, instruct: dict
             pass
     try:
         while True:
-            try:
-                line = input(">> ")
-            except EOFError:
-                out.write("\n")
-                break
+            if first is not None:
+                line, first = first, None
+                out.write(f">> {line}\n")
+            else:
+                try:
+                    line = input(">> ")
+                except EOFError:
+                    out.write("\n")
+                    break
             if line.strip() in ("quit", "exit"):
                 break
             if not line:
@@ -207,8 +212,9 @@ def interactive(model, tokenizer, cfg, precision, generator, out, instruct: dict
 
 
 def main(argv=None):
-    cfg, _ = parse_config(SampleConfig, argv, prog="sample.py")
-    prompt_text = None if cfg.interactive else read_prompt(cfg.prompt)  # a bad file fails before loading
+    cfg, explicit = parse_config(SampleConfig, argv, prog="sample.py")
+    # a bad file fails before loading; --interactive with --prompt: its first input
+    prompt_text = read_prompt(cfg.prompt) if not cfg.interactive or "prompt" in explicit else None
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     else:
@@ -231,7 +237,8 @@ def main(argv=None):
     out = sys.stdout
 
     if cfg.interactive:
-        interactive(decoder, tokenizer, cfg, precision, generator, out, instruct, model.config.block_size)
+        interactive(decoder, tokenizer, cfg, precision, generator, out, instruct, model.config.block_size,
+                    first=prompt_text or None)
         return
     timing = complete(decoder, tokenizer, prompt_ids, cfg, precision, generator, echo_prompt=True, out=out)
     if cfg.stats:
