@@ -1,8 +1,34 @@
-"""What one document of a text file is in documents mode (prepare.py --documents=line|blank):
+"""How a text file is read, and what one document of it is in documents mode (prepare.py
+--documents=line|blank).
+
+Every tool reads a text file the same way (as_text): as Python's text mode does, line ends
+"\r\n" and a lone "\r" become "\n", and a UTF-8 byte-order mark at the very start of the
+file is dropped. prepare.py (every mode), eval.py --input and sample.py --prompt=FILE: all
+go through it, so a file saved on Windows trains, scores and prompts like the same text
+saved anywhere else, and no model learns "\r" or "\ufeff" as characters.
+
 prepare.py cuts its input into documents with split_documents, and eval.py cuts a text it
 scores the same way, so that a model trained on documents reads them as it trained.
 """
+import io
 import itertools
+
+BOM = "\ufeff"  # the UTF-8 byte-order mark some editors write at the start of a file
+
+
+def as_text(pieces):
+    """The pieces of a file's decoded UTF-8 text (in the order read; [text] for a whole
+    file) as text mode reads them: "\r\n" and "\r" become "\n", also where a read cuts a
+    "\r\n" in two (a trailing "\r" is held back until what follows is seen), and a leading
+    byte-order mark is dropped."""
+    newlines = io.IncrementalNewlineDecoder(None, translate=True)
+    at_start = True
+    for piece in itertools.chain(pieces, [None]):  # None: the end of the file
+        text = newlines.decode("", final=True) if piece is None else newlines.decode(piece)
+        if at_start and text:
+            text, at_start = text.removeprefix(BOM), False
+        if text:
+            yield text
 
 
 def split_documents(pieces, mode: str):

@@ -108,7 +108,10 @@ class EvalConfig:
 # ---------------------------------------------------------------------------- text and tokens
 
 def read_utf8(path: Path) -> str:
-    """The text of a UTF-8 file; a bad byte is named with its line and offset."""
+    """The text of a UTF-8 file, read as prepare.py reads its input (documents.as_text: line
+    ends as "\n", no leading byte-order mark), so bytes and characters count that text;
+    a bad byte is named with its line and offset."""
+    from documents import as_text
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -116,7 +119,7 @@ def read_utf8(path: Path) -> str:
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
     try:
-        return raw.decode("utf-8")
+        return "".join(as_text([raw.decode("utf-8")]))
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise UserError(f"{path} is not UTF-8 text: invalid byte at offset {e.start} (line {line}); "

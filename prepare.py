@@ -14,7 +14,9 @@ sources (see docs/design.md, contract 1).
 Several input files are separate documents. With BPE they are joined by the end-of-text
 token; char-level has no such token, so their texts are simply concatenated. Either way
 decoding train.bin followed by val.bin gives the documents back exactly: joined by
-"<|endoftext|>" (BPE) or by nothing (char).
+"<|endoftext|>" (BPE) or by nothing (char). "Exactly" is the text as read: every input, in
+every mode, is read as text mode reads it (documents.as_text): "\r\n" and a lone "\r" end
+a line as "\n", and a byte-order mark at the start of a file is dropped.
 
 Documents mode (--documents=line: every non-blank line is a document; --documents=blank:
 documents are separated by blank lines, i.e. lines of only whitespace; line ends are not
@@ -118,7 +120,15 @@ def list_files(inputs: list[str]) -> list[Path]:
 
 
 def read_text(path: Path, read_size: int, progress=None, sha=None):
-    """Yield the text of a UTF-8 file piece by piece (an incremental decoder keeps
+    """The text of a UTF-8 file piece by piece, read as every tool reads text
+    (documents.as_text: line ends as "\n", no leading byte-order mark), so a CRLF file
+    gives the same dataset as its LF copy. The bytes stream through in reads of read_size."""
+    from documents import as_text
+    return as_text(read_utf8(path, read_size, progress, sha))
+
+
+def read_utf8(path: Path, read_size: int, progress=None, sha=None):
+    """Yield the decoded UTF-8 of a file piece by piece (an incremental decoder keeps
     characters whole across reads); non-UTF-8 bytes raise UserError with their offset.
     Updates the tqdm bar `progress` and the hash `sha` with the bytes read."""
     decoder = codecs.getincrementaldecoder("utf-8")()
@@ -301,8 +311,39 @@ _worker_tokenizer = None  # each encoder process builds its own tokenizer once
 
 
 def _start_worker(description: dict) -> None:
+    import signal
+    # Ctrl-C in a terminal reaches every process of its group: the parent alone handles it
+    # (it stops the pool and removes its temporary folder); a worker would print a traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     global _worker_tokenizer
     _worker_tokenizer = Tokenizer.from_description(description)
+
+
+class EncoderPool(ProcessPoolExecutor):
+    """num_workers encoder processes, each with its own copy of tokenizer, started at once.
+    A Ctrl-C while they are being forked is held until they are, then raised here: in the
+    parent it could otherwise be lost in a fork hook ("Exception ignored in ..."), and a
+    child that has not yet reached _start_worker would print it as a traceback. (Held by a
+    Python handler, which forked children inherit; spawned ones, macOS's and Windows',
+    ignore Ctrl-C from _start_worker on.) Leaving the `with` block on an error or Ctrl-C
+    drops the chunks still queued instead of encoding them first."""
+
+    def __init__(self, tokenizer: Tokenizer, num_workers: int):
+        import signal
+        super().__init__(num_workers, initializer=_start_worker, initargs=(tokenizer.describe(),))
+        held = []
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+        try:
+            self.submit(int)  # starts the workers (all of them, under the fork start method)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if held:
+            self.shutdown(cancel_futures=True)
+            raise KeyboardInterrupt
+
+    def __exit__(self, exc_type, exc, tb):
+        self.shutdown(wait=True, cancel_futures=exc_type is not None)
+        return False
 
 
 def _encode_chunk(text: str) -> np.ndarray:
@@ -329,8 +370,7 @@ def encode_files(files, tokenizer: Tokenizer, out_path: Path, dtype, chunk_size:
     # threads: tiktoken's threads contend with each other, so two threads encode slower than
     # two processes.
     pending: deque = deque()
-    with open(out_path, "wb") as out, ProcessPoolExecutor(
-            num_workers, initializer=_start_worker, initargs=(tokenizer.describe(),)) as pool, \
+    with open(out_path, "wb") as out, EncoderPool(tokenizer, num_workers) as pool, \
             tqdm(total=total, unit="B", unit_scale=True, desc="encode", disable=None) as bar:
 
         def write_oldest():
@@ -363,8 +403,7 @@ def encode_documents(files, documents: str, is_val: np.ndarray, tokenizer: Token
     pending: deque = deque()  # (split, future): written in order, as in encode_files
     batch, batch_chars, batch_split = [], 0, "train"
     with open(folder / "train.bin", "wb") as train_out, open(folder / "val.bin", "wb") as val_out, \
-            ProcessPoolExecutor(num_workers, initializer=_start_worker,
-                                initargs=(tokenizer.describe(),)) as pool, \
+            EncoderPool(tokenizer, num_workers) as pool, \
             tqdm(total=total, unit="B", unit_scale=True, desc="encode", disable=None) as bar:
         outs = {"train": train_out, "val": val_out}
 
@@ -507,7 +546,7 @@ def read_template(path: str | None) -> dict:
     if path is None:
         return dict(template.TEMPLATE)
     try:
-        loaded = json.loads(Path(path).read_text(encoding="utf-8"))
+        loaded = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # as text: a byte-order mark dropped
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read --template {path}: {e}") from None
     keys = sorted(template.TEMPLATE)
@@ -523,27 +562,33 @@ def read_template(path: str | None) -> dict:
 def read_records(path: Path, sha=None):
     """(record, kind) for every non-blank line of a JSONL file; any problem is one UserError
     naming the file and line."""
+    lineno = 0
     try:
         with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
+            for raw in f:
                 if sha is not None:
                     sha.update(raw)
                 try:
-                    line = raw.decode("utf-8")
-                    if lineno == 1:
-                        line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise UserError(f"{path}:{lineno + 1}: not UTF-8 text") from None
+                if lineno == 0:
+                    text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
+                # Lines end as text mode ends them (documents.as_text): "\n", "\r\n" or a lone
+                # "\r". JSON holds no raw "\r" inside a string, so every other "\r" ends a line.
+                for line in text.removesuffix("\n").removesuffix("\r").split("\r"):
+                    lineno += 1
                     if not line.strip():
                         continue
-                    record = json.loads(line)
-                    kind = template.record_kind(record)
-                except UnicodeDecodeError:
-                    raise UserError(f"{path}:{lineno}: not UTF-8 text") from None
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
-                                    f"each line must be one JSON object") from None
-                except ValueError as e:
-                    raise UserError(f"{path}:{lineno}: {e}") from None
-                yield record, kind
+                    try:
+                        record = json.loads(line)
+                        kind = template.record_kind(record)
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                                        f"each line must be one JSON object") from None
+                    except ValueError as e:
+                        raise UserError(f"{path}:{lineno}: {e}") from None
+                    yield record, kind
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
 
@@ -661,13 +706,22 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message}; see python prepare.py --help")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default, except None: an option without one says in its own words
+    what happens when it is left out ("default: the named dataset")."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv):
     p = ArgumentParser(
         description="Prepare a text dataset: raw UTF-8 text -> data/<name>/{train.bin,val.bin,meta.json}.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("dataset", nargs="?", help=f"a named dataset: {', '.join(NAMED_DATASETS)}")
     p.add_argument("--input", nargs="+", metavar="PATH",
-                   help="UTF-8 text files or folders of them (each file is one document)")
+                   help="UTF-8 text files or folders of them (each file is one document; read as text: "
+                        "CRLF and CR line ends become LF, a leading byte-order mark is dropped)")
     p.add_argument("--name", help="dataset name: output goes to <data_dir>/<name>/ (default: the named dataset)")
     p.add_argument("--tokenizer", help="'char', a tiktoken encoding: gpt2 (default), r50k_base, "
                                        "cl100k_base, o200k_base, or bpe:N to train a byte-level BPE "

@@ -3,6 +3,7 @@
     python sample.py --out_dir=out-shakespeare-char --prompt="ROMEO:"
     python sample.py --out_dir=out --prompt=FILE:prompt.txt --num_samples=3 --max_new_tokens=200
     python sample.py --out_dir=out --interactive          # a `>> ` prompt; quit, Ctrl-D or Ctrl-C leave
+    python sample.py --out_dir=out --interactive --prompt="ROMEO:"   # ... with ROMEO: as its first input
     python sample.py --out_dir=out --stats --use_cache=false   # tokens/s on stderr, without the KV cache
     python sample.py --init_from=gpt2-xl --prompt="Hello"    # OpenAI's GPT-2, or any Hugging Face GPT-2 folder
     python sample.py --out_dir=out-instruct --interactive # trained on JSONL chats: a conversation (docs/finetune.md)
@@ -77,7 +78,7 @@ class SampleConfig(GenerationConfig):
     (num_samples, max_new_tokens, temperature, ...) come from generation.GenerationConfig."""
     out_dir: str = "out"  # folder holding ckpt.pt, written by train.py (or a Hugging Face GPT-2 folder)
     init_from: str = "resume"  # resume (out_dir/ckpt.pt), a GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a Hugging Face GPT-2 folder
-    prompt: str = "\n"  # text to continue; FILE:path reads it from a file
+    prompt: str = "\n"  # text to continue; FILE:path reads it from a file; with --interactive, the first input
     interactive: bool = False  # read prompts line by line at a `>> ` prompt until quit or end of input
     drop_unknown: bool = False  # drop prompt characters a char-level model does not know instead of refusing
     stats: bool = False  # print generation speed (tokens/s) to stderr
@@ -91,18 +92,49 @@ class SampleConfig(GenerationConfig):
             p.append(f"--cpu_threads must be >= 0 (0 = all cores), got {self.cpu_threads}")
         if not self.out_dir and self.init_from == "resume":
             p.append("--out_dir must name the folder holding ckpt.pt")
+        # ckpt.pt itself (or a Hugging Face folder's weights file) where its folder belongs
+        given = ("out_dir", self.out_dir) if self.init_from == "resume" else ("init_from", self.init_from)
+        if given[1] and Path(given[1]).is_file():
+            p.append(f"--{given[0]}={given[1]} is a file: sample.py loads the folder that holds ckpt.pt "
+                     f"(or a Hugging Face model), so pass --out_dir={Path(given[1]).parent}")
         return p
 
 
 # ---------------------------------------------------------------------------- setup
 
+def refuse_training_config(argv: list[str]):
+    """Called when the settings were refused: if a config file among them is train.py's
+    (configs/*.py), one line saying how to sample from the model it trains replaces an
+    unknown-setting error for each of its training keys."""
+    from dataclasses import fields
+    from config import read_config_file
+    from training import TrainConfig
+    ours, training = {f.name for f in fields(SampleConfig)}, {f.name for f in fields(TrainConfig)}
+    for arg in argv:
+        if arg.startswith("--") or not arg.endswith(".py") or not Path(arg).is_file():
+            continue
+        settings = read_config_file(arg)
+        unknown = set(settings) - ours
+        if unknown and unknown <= training:  # every key sample.py lacks is a training one
+            out_dir = settings.get("out_dir", TrainConfig.out_dir)
+            raise UserError(f"{arg} is a config for train.py; to sample from the model it trains: "
+                            f"python sample.py --out_dir={out_dir}")
+
+
 def read_prompt(prompt: str) -> str:
-    """The prompt text; FILE:path reads it from a file, as in nanoGPT."""
+    """The prompt text; FILE:path reads it from a file, as in nanoGPT, and as prepare.py reads
+    text (documents.as_text: line ends as "\n", no leading byte-order mark)."""
     if not prompt.startswith("FILE:"):
         return prompt
-    path = Path(prompt[len("FILE:"):])
+    from documents import as_text
+    name = prompt[len("FILE:"):]
+    if not name:
+        raise UserError("--prompt=FILE: needs a file name after FILE:, e.g. --prompt=FILE:prompt.txt")
+    path = Path(name)
+    if path.is_dir():
+        raise UserError(f"could not read prompt file {path}: it is a folder; name a text file in it")
     try:
-        return path.read_text(encoding="utf-8")
+        return "".join(as_text([path.read_bytes().decode("utf-8")]))
     except FileNotFoundError:
         raise UserError(f"prompt file {path} not found (from --prompt=FILE:{path})") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -164,10 +196,10 @@ def chat_turn(model, tokenizer, cfg, precision, generator, out, tmpl: dict, bloc
 
 
 def interactive(model, tokenizer, cfg, precision, generator, out, instruct: dict | None = None,
-                block_size: int = 0):
+                block_size: int = 0, first: str | None = None):
     """Complete each line typed at the `>> ` prompt until quit, end of input or Ctrl-C. A model
     trained on chats (instruct["chat"]) holds a conversation instead (chat_turn); /reset
-    forgets it."""
+    forgets it. first (--prompt): the session's first input, shown as if typed."""
     history = []  # a chat's turns so far: (role, text)
     if sys.stdin.isatty():
         try:
@@ -176,11 +208,15 @@ def interactive(model, tokenizer, cfg, precision, generator, out, instruct: dict
             pass
     try:
         while True:
-            try:
-                line = input(">> ")
-            except EOFError:
-                out.write("\n")
-                break
+            if first is not None:
+                line, first = first, None
+                out.write(f">> {line}\n")
+            else:
+                try:
+                    line = input(">> ")
+                except EOFError:
+                    out.write("\n")
+                    break
             if line.strip() in ("quit", "exit"):
                 break
             if not line:
@@ -207,8 +243,13 @@ def interactive(model, tokenizer, cfg, precision, generator, out, instruct: dict
 
 
 def main(argv=None):
-    cfg, _ = parse_config(SampleConfig, argv, prog="sample.py")
-    prompt_text = None if cfg.interactive else read_prompt(cfg.prompt)  # a bad file fails before loading
+    try:
+        cfg, explicit = parse_config(SampleConfig, argv, prog="sample.py")
+    except UserError:
+        refuse_training_config(sys.argv[1:] if argv is None else argv)  # the clearer line, when it is that
+        raise
+    # a bad file fails before loading; --interactive with --prompt: its first input
+    prompt_text = read_prompt(cfg.prompt) if not cfg.interactive or "prompt" in explicit else None
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     else:
@@ -231,7 +272,8 @@ def main(argv=None):
     out = sys.stdout
 
     if cfg.interactive:
-        interactive(decoder, tokenizer, cfg, precision, generator, out, instruct, model.config.block_size)
+        interactive(decoder, tokenizer, cfg, precision, generator, out, instruct, model.config.block_size,
+                    first=prompt_text or None)
         return
     timing = complete(decoder, tokenizer, prompt_ids, cfg, precision, generator, echo_prompt=True, out=out)
     if cfg.stats:

@@ -589,3 +589,33 @@ def test_other_runtime_errors_keep_their_traceback():
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
         run_main(main, [])
+
+
+# ---------------------------------------------------------------------------- sample.py's paths and config files
+
+SAMPLE_PATH_CASES = {
+    "sample ckpt.pt as --init_from": (S("--init_from={root}/out/ckpt.pt"),
+                                      "--init_from={root}/out/ckpt.pt is a file: sample.py loads the folder that "
+                                      "holds ckpt.pt (or a Hugging Face model), so pass --out_dir={root}/out"),
+    "sample ckpt.pt as --out_dir": (S("--out_dir={root}/out/ckpt.pt"), "so pass --out_dir={root}/out"),
+    "sample FILE: without a name": (S("--prompt=FILE:"), "--prompt=FILE: needs a file name after FILE:"),
+    "sample FILE: a folder": (S("--prompt=FILE:{root}"), "it is a folder; name a text file in it"),
+    "sample FILE: without a name, interactive": (S("--prompt=FILE:", "--interactive"), "needs a file name"),
+}
+
+
+@pytest.mark.parametrize("name", list(SAMPLE_PATH_CASES))
+def test_sample_paths_give_one_clear_line(name, world, capsys):
+    (script, args), message = SAMPLE_PATH_CASES[name]
+    args = [a.format(root=world) for a in args]
+    assert message.format(root=world) in error_line(MAINS[script], args, world, capsys, code=2)
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.py")), ids=lambda p: p.name)
+def test_a_training_config_given_to_sample_says_how_to_sample_its_model(config, world, capsys):
+    """Not an unknown-setting error for each training key: one short line with the command."""
+    import runpy
+    out_dir = runpy.run_path(str(config))["out_dir"]
+    line = error_line(sample.main, [str(config)], world, capsys, code=2)
+    assert line == (f"error: {config} is a config for train.py; to sample from the model it trains: "
+                    f"python sample.py --out_dir={out_dir}")

@@ -97,12 +97,13 @@ def test_blank_mode_and_order_without_shuffle(tmp_path):
 
 
 def test_bpe_file_mode_round_trip_is_exact(tmp_path):
-    """bpe:N without documents: the one file is one text, decoded back byte for byte."""
+    """bpe:N without documents: the one file is one text, decoded back byte for byte (as read:
+    its "\r\n" as "\n")."""
     text = MIXED * 30
     meta, splits = prepare_docs(tmp_path, text, "--tokenizer=bpe:320", "--block_size=8")
     tok = Tokenizer.from_description(meta)
     assert "documents" not in meta and tok.encoding is not None
-    assert tok.decode(np.concatenate([splits["train"], splits["val"]])) == text
+    assert tok.decode(np.concatenate([splits["train"], splits["val"]])) == text.replace("\r\n", "\n")
     # tiktoken is the runtime: the description holds ranks and pattern, nothing else needed
     assert set(meta["bpe"]) == {"pattern", "ranks", "special_tokens"} and len(meta["bpe"]["ranks"]) == 319
 
@@ -285,3 +286,19 @@ def test_combo_generator_is_valid_and_reproducible():
     combos = make_combos(200, seed=3)
     assert combos == make_combos(200, seed=3) and all(is_valid(c) for c in combos)
     assert not is_valid("Jab - Crosss") and not is_valid("Jab\nCross")
+
+
+def test_as_text_reads_any_pieces_as_text_mode_reads_the_file():
+    """as_text gives what open(path, encoding="utf-8-sig") reads (universal newlines, one
+    leading byte-order mark dropped), however the text is cut into pieces: a "\\r\\n" cut in
+    two is still one line end."""
+    import io
+    import random
+    rng = random.Random(0)
+    for _ in range(200):
+        text = "".join(rng.choice(["a", "é", " ", "\n", "\r", "\r\n", "\ufeff"]) for _ in range(rng.randint(0, 30)))
+        text = rng.choice(["", "\ufeff"]) + text
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 6))))
+        pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])]
+        expected = io.TextIOWrapper(io.BytesIO(text.encode("utf-8")), encoding="utf-8-sig", newline=None).read()
+        assert "".join(documents.as_text(pieces)) == expected, (pieces, expected)

@@ -283,3 +283,24 @@ def test_int8_weights_score_close_to_float32(char_tok, text_file, tmp_path, caps
     decided = abs(without["loss"] - exact["loss"])
     assert decided > 0.2, (decided, exact["loss"], without["loss"])  # the blocks' matrices decide much of the loss
     assert abs(int8["loss"] - exact["loss"]) < 0.02 * decided, (int8["loss"], exact["loss"], decided)
+
+
+@pytest.mark.parametrize("documents", [None, "blank"])
+def test_a_crlf_cr_or_bom_file_scores_as_its_lf_copy(tmp_path, capsys, documents):
+    """--input is read as prepare.py reads text: CRLF and CR line ends as "\\n", no leading
+    byte-order mark. The scores, and the bytes and characters they are per, are the LF text's."""
+    tokenizer = Tokenizer.char_from_text(TEXT, documents)
+    out_dir = save_model(tmp_path, tokenizer)
+    variants = {"lf": TEXT.encode(), "crlf": ("\ufeff" + TEXT.replace("\n", "\r\n")).encode(),
+                "cr": TEXT.replace("\n", "\r").encode()}
+    results = {}
+    for name, data in variants.items():
+        (tmp_path / f"{name}.txt").write_bytes(data)
+        results[name] = r = run_json([f"--out_dir={out_dir}", f"--input={tmp_path / name}.txt",
+                                      f"--per_line={tmp_path / name}.jsonl"], capsys)
+        del r["text"], r["per_line"]
+    if not documents:  # every character but the first is predicted: the LF text's bytes but one
+        assert results["lf"]["bytes"] == len(TEXT.encode("utf-8")) - 1
+    for name in ("crlf", "cr"):
+        assert results[name] == results["lf"], name
+        assert (tmp_path / f"{name}.jsonl").read_text(encoding="utf-8") == (tmp_path / "lf.jsonl").read_text(encoding="utf-8")

@@ -60,8 +60,9 @@ def test_char_round_trip_several_files_non_ascii(tmp_path):
     meta, train, val = load(tmp_path / "data", "c")
     tok = Tokenizer.from_description(meta)
     assert meta["dtype"] == "uint16" and meta["eot_id"] is None
-    assert tok.decode(np.concatenate([train, val])) == "".join(DOCS * 30)  # char: files concatenated
-    assert meta["chars"] == sorted(set("".join(DOCS)))
+    # char: files concatenated, read as text (the "\r\n" of DOCS[1] as "\n")
+    assert tok.decode(np.concatenate([train, val])) == "".join(DOCS * 30).replace("\r\n", "\n")
+    assert meta["chars"] == sorted(set("".join(DOCS)) - {"\r"})
 
 
 @pytest.mark.parametrize("name,dtype", [("gpt2", "uint16"), ("cl100k_base", "uint32"), ("o200k_base", "uint32")])
@@ -73,7 +74,7 @@ def test_bpe_round_trip_documents_joined_by_eot(tmp_path, name, dtype):
     ids = np.concatenate([train, val])
     tok = Tokenizer.from_description(meta)
     assert meta["dtype"] == dtype and meta["vocab_size"] == tok.vocab_size
-    assert tok.decode(ids) == EOT.join(DOCS * 20)
+    assert tok.decode(ids) == EOT.join(DOCS * 20).replace("\r\n", "\n")  # read as text
     assert (ids == tok.eot_id).sum() == len(paths) - 1  # only the joins, never the literal text
     assert ids.max() < tok.vocab_size
 
@@ -281,3 +282,99 @@ def test_a_run_keeps_reading_the_data_it_opened_while_prepare_replaces_it(tmp_pa
                       "--tokenizer", "char", "--block_size", "8"])
     assert Dataset(str(data), "d").meta["chars"] == list("!?xyz")  # untouched
     assert sorted(p.name for p in data.iterdir()) == ["d"]  # no temp or old folder left
+
+
+# ---------------------------------------------------------------- line ends, Ctrl-C, --help
+
+LF_LINES = ["First Citizen:", "Before we proceed any further, hear me speak.", "", "All:", "Speak, speak.",
+            "", "", "Première ligne, grüße 😀", "You are all resolved rather to die than to famish?"] * 12
+
+
+@pytest.mark.parametrize("flags", [["--tokenizer", "char"], ["--tokenizer", "gpt2"],
+                                   ["--tokenizer", "char", "--documents", "line"],
+                                   ["--tokenizer", "gpt2", "--documents", "blank"],
+                                   # the trainer's input is cut where 7-byte reads end, inside lines
+                                   # too: whole-file reads, so that LF and CRLF are cut alike
+                                   ["--tokenizer", "bpe:300", "--chunk_size", "4096"]])
+def test_crlf_cr_and_bom_files_give_the_dataset_of_their_lf_copy(tmp_path, flags):
+    """A file saved on Windows (CRLF, a byte-order mark) or an old Mac (CR) is read as text,
+    in every mode: the same ids and vocabulary as its LF copy, no '\\r' or '\\ufeff' learned.
+    Reads of 7 bytes cut many a "\\r\\n" in two."""
+    lf = "\n".join(LF_LINES) + "\n"
+    variants = {"lf": lf.encode(), "crlf": ("\ufeff" + lf.replace("\n", "\r\n")).encode(),
+                "cr": lf.replace("\n", "\r").encode()}
+    for name, data in variants.items():
+        (tmp_path / f"{name}.txt").write_bytes(data)
+        run_prepare(tmp_path / "data", "--input", str(tmp_path / f"{name}.txt"), "--name", name,
+                    "--chunk_size", "7", *flags, "--block_size", "8", "--num_workers", "1")
+    meta, train, val = load(tmp_path / "data", "lf")
+    for name in ("crlf", "cr"):
+        other_meta, other_train, other_val = load(tmp_path / "data", name)
+        assert np.array_equal(train, other_train) and np.array_equal(val, other_val), name
+        assert other_meta.get("chars") == meta.get("chars") and other_meta.get("bpe") == meta.get("bpe")
+    if "chars" in meta:
+        assert "\r" not in meta["chars"] and "\ufeff" not in meta["chars"]
+
+
+def test_crlf_cr_and_bom_jsonl_give_the_records_of_their_lf_copy(tmp_path):
+    records = [json.dumps({"prompt": f"question {i}?", "response": f"answer {i}."}) for i in range(40)]
+    lf = "\n".join(records) + "\n"
+    (tmp_path / "lf.jsonl").write_text(lf, encoding="utf-8", newline="")
+    (tmp_path / "crlf.jsonl").write_text("\ufeff" + lf.replace("\n", "\r\n"), encoding="utf-8", newline="")
+    (tmp_path / "cr.jsonl").write_text(lf.replace("\n", "\r"), encoding="utf-8", newline="")
+    for name in ("lf", "crlf", "cr"):
+        run_prepare(tmp_path / "data", "--input", str(tmp_path / f"{name}.jsonl"), "--name", name,
+                    "--tokenizer", "char", "--block_size", "8")
+    meta, train, val = load(tmp_path / "data", "lf")
+    for name in ("crlf", "cr"):
+        other_meta, other_train, other_val = load(tmp_path / "data", name)
+        assert np.array_equal(train, other_train) and np.array_equal(val, other_val), name
+        assert other_meta["chars"] == meta["chars"] and other_meta["train_documents"] == 36
+    (tmp_path / "bad.jsonl").write_text(lf.replace("\n", "\r").replace("answer 3.", 'answer 3.""'),
+                                        encoding="utf-8", newline="")
+    with pytest.raises(UserError, match=r"bad.jsonl:4: not valid JSON"):  # lines counted at each "\r"
+        run_prepare(tmp_path / "data", "--input", str(tmp_path / "bad.jsonl"), "--name", "bad")
+
+
+def test_ctrl_c_stops_every_process_with_one_line_and_keeps_the_old_dataset(tmp_path):
+    """Ctrl-C reaches the whole process group, encoder workers included: they ignore it, the
+    parent says "interrupted" (no worker traceback, no hang on a worker that died holding the
+    pool's queue), and data/<name>/ stays the old dataset with no temporary folder left.
+    Char-level: the workers encode faster than the parent reads, so they wait for work."""
+    import signal
+    import time
+    data = tmp_path / "data"
+    (tmp_path / "old.txt").write_text("an old small dataset\n" * 100, encoding="utf-8")
+    run_prepare(data, "--input", str(tmp_path / "old.txt"), "--name", "d", "--tokenizer", "char", "--block_size", "8")
+    old = {p.name: p.read_bytes() for p in (data / "d").iterdir()}
+    big = tmp_path / "big.txt"
+    big.write_text(SHAKESPEARE.read_text(encoding="utf-8") * 12, encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "prepare.py"), "--input", str(big), "--name", "d",
+                             "--data_dir", str(data), "--tokenizer", "char", "--num_workers", "4",
+                             "--chunk_size", "65536"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    while not proc.stdout.readline().startswith("vocab size"):  # pass 2, with its workers, starts next
+        pass
+    time.sleep(0.3)
+    assert proc.poll() is None, "prepare.py finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    try:
+        stdout, stderr = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("prepare.py hung after Ctrl-C")
+    assert proc.returncode == 130 and "wrote" not in stdout
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted"
+    assert sorted(p.name for p in data.iterdir()) == ["d"]  # no temp folder, no lock left
+    assert {p.name: p.read_bytes() for p in (data / "d").iterdir()} == old
+
+
+def test_help_shows_no_none_defaults(capsys):
+    with pytest.raises(SystemExit):
+        prepare.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text
+    assert "(default: the named dataset)" in text and "(default: file)" in text

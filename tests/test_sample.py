@@ -322,3 +322,27 @@ def _invalid_utf8(data: bytes) -> bool:
         return False
     except UnicodeDecodeError:
         return True
+
+
+def test_a_crlf_cr_or_bom_prompt_file_reads_as_its_lf_copy(char_dir, tmp_path, capsys):
+    """FILE: prompts are read as prepare.py reads text: CRLF and CR line ends as "\\n", no
+    leading byte-order mark (which a char-level model would refuse as unknown)."""
+    lf = "MEAR: so\nRO:\n"
+    outputs = []
+    for name, data in {"lf": lf, "crlf": "\ufeff" + lf.replace("\n", "\r\n"), "cr": lf.replace("\n", "\r")}.items():
+        (tmp_path / name).write_bytes(data.encode("utf-8"))
+        outputs.append(run([f"--out_dir={char_dir}", f"--prompt=FILE:{tmp_path / name}", "--max_new_tokens=8",
+                            "--temperature=0"], capsys))
+    assert outputs[0].startswith(lf) and outputs == [outputs[0]] * 3
+
+
+def test_interactive_prompt_is_the_first_input(char_dir, tmp_path):
+    """--interactive --prompt=TEXT (or FILE:path) starts the session with TEXT, shown as if typed."""
+    base = [f"--out_dir={char_dir}", "--interactive", "--max_new_tokens=10", "--temperature=0"]
+    typed = run_cli(base, input="ab\ncd\n")
+    prompted = run_cli([*base, "--prompt=ab"], input="cd\n")
+    assert typed.returncode == prompted.returncode == 0, prompted.stderr
+    assert prompted.stdout == typed.stdout.replace(">> ", ">> ab\n", 1)  # the same answers
+    (tmp_path / "p.txt").write_text("ab\r\n", encoding="utf-8", newline="")
+    from_file = run_cli([*base, f"--prompt=FILE:{tmp_path / 'p.txt'}"], input="cd\n")
+    assert from_file.stdout.startswith(">> ab\n\n")  # the file's text, its line end read as "\n"
