@@ -58,7 +58,7 @@ import fast_decode
 import hardware
 from config import parse_config
 from dataset import Dataset, document_positions
-from documents import split_documents
+from documents import as_text, split_documents
 from errors import UserError, run_main
 from loading import load, load_hf
 from tokenizer import Tokenizer
@@ -111,7 +111,6 @@ def read_utf8(path: Path) -> str:
     """The text of a UTF-8 file, read as prepare.py reads its input (documents.as_text: line
     ends as "\n", no leading byte-order mark), so bytes and characters count that text;
     a bad byte is named with its line and offset."""
-    from documents import as_text
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -130,7 +129,7 @@ def check_known_chars(tokenizer: Tokenizer, text: str, path: Path):
     """A char-level model can only score characters it saw: name the first unknown one and its line."""
     if tokenizer.chars is None:
         return
-    known = set(tokenizer.chars) | ({"\n", "\r"} if tokenizer.documents else set())  # line ends cut documents
+    known = set(tokenizer.chars) | ({"\n"} if tokenizer.documents else set())  # line ends cut documents
     unknown = sorted(set(text) - known, key=text.index)
     if unknown:
         where = text.index(unknown[0])
@@ -149,12 +148,12 @@ def text_units(text: str, documents: str | None) -> list[tuple[int, str]]:
         n = 0  # the line where the next document starts
         for doc in docs:
             first = doc.split("\n", 1)[0]
-            while lines[n].removesuffix("\r") != first:
+            while lines[n] != first:
                 n += 1
             units.append((n + 1, doc))
             n += doc.count("\n") + 1
         return units
-    return [(n + 1, line.removesuffix("\r")) for n, line in enumerate(text.split("\n")) if line.strip()]
+    return [(n + 1, line) for n, line in enumerate(text.split("\n")) if line.strip()]
 
 
 def encode_text(tokenizer: Tokenizer, text: str) -> np.ndarray:

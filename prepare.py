@@ -50,6 +50,8 @@ in worker processes and appends the ids to one stream, which is then split by
 moving its tail into val.bin. Everything is written into a hidden temporary folder that
 is swapped into place at the end, so an interrupted run leaves the previous dataset.
 """
+import errors
+errors.starting(__name__)  # a missing requirement or a Ctrl-C while numpy imports: one line, no traceback
 import argparse
 import codecs
 import hashlib
@@ -57,6 +59,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import urllib.request
@@ -69,7 +72,7 @@ from tqdm import tqdm
 
 import durable
 import runlock
-from documents import split_documents
+from documents import as_text, split_documents
 from errors import UserError, run_main
 import template
 from tokenizer import BPE, CHAR, LINE_PATTERN, Tokenizer, bytes_to_unicode
@@ -123,7 +126,6 @@ def read_text(path: Path, read_size: int, progress=None, sha=None):
     """The text of a UTF-8 file piece by piece, read as every tool reads text
     (documents.as_text: line ends as "\n", no leading byte-order mark), so a CRLF file
     gives the same dataset as its LF copy. The bytes stream through in reads of read_size."""
-    from documents import as_text
     return as_text(read_utf8(path, read_size, progress, sha))
 
 
@@ -311,7 +313,6 @@ _worker_tokenizer = None  # each encoder process builds its own tokenizer once
 
 
 def _start_worker(description: dict) -> None:
-    import signal
     # Ctrl-C in a terminal reaches every process of its group: the parent alone handles it
     # (it stops the pool and removes its temporary folder); a worker would print a traceback
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -329,7 +330,6 @@ class EncoderPool(ProcessPoolExecutor):
     drops the chunks still queued instead of encoding them first."""
 
     def __init__(self, tokenizer: Tokenizer, num_workers: int):
-        import signal
         super().__init__(num_workers, initializer=_start_worker, initargs=(tokenizer.describe(),))
         held = []
         previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))

@@ -54,13 +54,14 @@ gc.disable()  # no garbage collection while torch imports: start-up and exit ~0.
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
 import hardware
-from config import parse_config
+from config import parse_config, read_config_file
+from documents import as_text
 from errors import UserError, run_main
 from generation import GenerationConfig, choose_decoder, encode_prompt, generate_text, shown_prompt
 from loading import choose_precision, load, load_hf
@@ -106,9 +107,7 @@ def refuse_training_config(argv: list[str]):
     """Called when the settings were refused: if a config file among them is train.py's
     (configs/*.py), one line saying how to sample from the model it trains replaces an
     unknown-setting error for each of its training keys."""
-    from dataclasses import fields
-    from config import read_config_file
-    from training import TrainConfig
+    from training import TrainConfig  # here: only this mistake needs train.py's settings
     ours, training = {f.name for f in fields(SampleConfig)}, {f.name for f in fields(TrainConfig)}
     for arg in argv:
         if arg.startswith("--") or not arg.endswith(".py") or not Path(arg).is_file():
@@ -126,7 +125,6 @@ def read_prompt(prompt: str) -> str:
     text (documents.as_text: line ends as "\n", no leading byte-order mark)."""
     if not prompt.startswith("FILE:"):
         return prompt
-    from documents import as_text
     name = prompt[len("FILE:"):]
     if not name:
         raise UserError("--prompt=FILE: needs a file name after FILE:, e.g. --prompt=FILE:prompt.txt")

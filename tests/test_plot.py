@@ -51,16 +51,25 @@ def test_train_draws_loss_png(runs):
     assert not list((root / "plain").glob(".loss.png.tmp-*"))  # the atomic write left nothing behind
 
 
-def test_after_a_resume_the_last_record_of_an_iteration_wins(runs):
+def test_after_a_resume_each_iteration_is_logged_once_and_the_last_record_wins(runs, tmp_path):
     root, first_png = runs
     lines = (root / "resumed" / "metrics.jsonl").read_text().splitlines()
     logged = [json.loads(line)["iter"] for line in lines]
-    assert logged.count(5) == 2 and logged.count(8) == 2  # two step records of 5, two evaluations of 8
+    assert logged.count(5) == 1 and logged.count(8) == 1  # the lost continuation's records moved aside
+    aside = (root / "resumed" / "metrics.before_resume.jsonl").read_text().splitlines()
+    assert {json.loads(line)["iter"] for line in aside} == {4, 5, 6, 7, 8}
     run = plot.read_run(root / "resumed")
     assert [it for it, _ in run.steps] == list(range(8)) and [it for it, _ in run.val] == [0, 4, 8]
     lr = dict(run.lr)
     assert lr[3] == 6e-4 and lr[5] == 1e-3 and lr[8] == 1e-3  # the second resume's records
     assert (root / "resumed" / "loss.png").read_bytes() != first_png  # redrawn by the last run
+    # a log with both continuations in it (written before resumes moved the lost one aside):
+    # the last record of an iteration wins
+    before = [line for line in lines if json.loads(line)["iter"] < 4 or (json.loads(line)["iter"] == 4 and
+                                                                        "val/loss" in json.loads(line))]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(before + aside + lines[len(before):]) + "\n")
+    both = plot.read_run(tmp_path)
+    assert (both.steps, both.val, both.lr) == (run.steps, run.val, run.lr)
 
 
 def test_plot_cli_overlays_runs(runs, capsys):

@@ -300,7 +300,7 @@ def test_memory_check_needs_no_posix():
     assert 0 < have <= psutil.virtual_memory().total
 
 
-@pytest.mark.parametrize("script", ["train.py", "sample.py", "eval.py", "export.py", "app.py", "bench.py", "plot.py",
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "eval.py", "export.py", "app.py", "bench.py", "plot.py", "prepare.py",
                                     "bench_prepare.py"])
 def test_a_python_without_the_requirements_gets_one_line(script):
     """`python -S` leaves site-packages out, as a Python where `pip install -r requirements.txt`
