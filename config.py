@@ -170,7 +170,15 @@ def parse_config(cls, argv: list[str] | None = None, prog: str | None = None, ch
         arg = argv[i]
         if not arg.startswith("--"):
             if arg.endswith(".py"):
-                files.update(read_config_file(arg))
+                settings = read_config_file(arg)
+                foreign = [k for k in settings if k not in types_]
+                if len(foreign) >= 3 and len(foreign) * 2 >= len(settings):  # most of it: another script's
+                    hint = (f"; to use the model it trains, pass --out_dir={settings['out_dir']} instead of the file"
+                            if isinstance(settings.get("out_dir"), str) and "out_dir" in types_ else "")
+                    raise UserError(f"{arg} is a config for another script: {len(foreign)} of its settings "
+                                    f"({', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}) are not "
+                                    f"{prog}'s{hint}")
+                files.update(settings)
             elif Path(arg).suffix.lower() in (".yaml", ".yml", ".json", ".toml", ".cfg", ".ini"):
                 errors.append(f"config files are Python files of `key = value` lines (configs/*.py), not "
                               f"{Path(arg).suffix[1:].upper()}: write {Path(arg).with_suffix('.py')} and pass that")

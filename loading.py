@@ -27,8 +27,17 @@ def choose_precision(device: str, dtype: str) -> hardware.Precision:
     return precision
 
 
+def check_folder(path: str, flag: str = "--out_dir"):
+    """A file where a model's folder belongs (--out_dir=out/ckpt.pt, a Hugging Face folder's
+    weights file): one line naming the folder to pass instead."""
+    if Path(path).is_file():
+        raise UserError(f"{flag}={path} is a file: pass the folder that holds it (a run's ckpt.pt, or a "
+                        f"Hugging Face model), {flag}={Path(path).parent}")
+
+
 def load_model(out_dir: str, device: str) -> tuple[GPT, Tokenizer, dict]:
     """The model (eval mode, on device) and tokenizer of <out_dir>/ckpt.pt, and the checkpoint."""
+    check_folder(out_dir)
     path = Path(out_dir) / "ckpt.pt"
     ckpt = checkpoint.load(path)
     try:
@@ -78,6 +87,7 @@ def load(folder: str, device: str) -> tuple[GPT, Tokenizer, dict]:
 
 def load_hf(init_from: str, device: str) -> tuple[GPT, Tokenizer, dict]:
     """load()'s triple from a Hugging Face GPT-2 only: a folder or a GPT-2 name (--init_from)."""
+    check_folder(init_from, "--init_from")
     model, tokenizer = hf_format.load(init_from)
     info = {"model_args": dataclasses.asdict(model.config), "config": {"dataset": "(Hugging Face folder)"},
             "iter_num": None, "best_val_loss": None,

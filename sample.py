@@ -54,13 +54,13 @@ gc.disable()  # no garbage collection while torch imports: start-up and exit ~0.
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import hardware
-from config import parse_config, read_config_file
+from config import parse_config
 from documents import as_text
 from errors import UserError, run_main
 from generation import GenerationConfig, choose_decoder, encode_prompt, generate_text, shown_prompt
@@ -93,32 +93,10 @@ class SampleConfig(GenerationConfig):
             p.append(f"--cpu_threads must be >= 0 (0 = all cores), got {self.cpu_threads}")
         if not self.out_dir and self.init_from == "resume":
             p.append("--out_dir must name the folder holding ckpt.pt")
-        # ckpt.pt itself (or a Hugging Face folder's weights file) where its folder belongs
-        given = ("out_dir", self.out_dir) if self.init_from == "resume" else ("init_from", self.init_from)
-        if given[1] and Path(given[1]).is_file():
-            p.append(f"--{given[0]}={given[1]} is a file: sample.py loads the folder that holds ckpt.pt "
-                     f"(or a Hugging Face model), so pass --out_dir={Path(given[1]).parent}")
         return p
 
 
 # ---------------------------------------------------------------------------- setup
-
-def refuse_training_config(argv: list[str]):
-    """Called when the settings were refused: if a config file among them is train.py's
-    (configs/*.py), one line saying how to sample from the model it trains replaces an
-    unknown-setting error for each of its training keys."""
-    from training import TrainConfig  # here: only this mistake needs train.py's settings
-    ours, training = {f.name for f in fields(SampleConfig)}, {f.name for f in fields(TrainConfig)}
-    for arg in argv:
-        if arg.startswith("--") or not arg.endswith(".py") or not Path(arg).is_file():
-            continue
-        settings = read_config_file(arg)
-        unknown = set(settings) - ours
-        if unknown and unknown <= training:  # every key sample.py lacks is a training one
-            out_dir = settings.get("out_dir", TrainConfig.out_dir)
-            raise UserError(f"{arg} is a config for train.py; to sample from the model it trains: "
-                            f"python sample.py --out_dir={out_dir}")
-
 
 def read_prompt(prompt: str) -> str:
     """The prompt text; FILE:path reads it from a file, as in nanoGPT, and as prepare.py reads
@@ -241,11 +219,7 @@ def interactive(model, tokenizer, cfg, precision, generator, out, instruct: dict
 
 
 def main(argv=None):
-    try:
-        cfg, explicit = parse_config(SampleConfig, argv, prog="sample.py")
-    except UserError:
-        refuse_training_config(sys.argv[1:] if argv is None else argv)  # the clearer line, when it is that
-        raise
+    cfg, explicit = parse_config(SampleConfig, argv, prog="sample.py")
     # a bad file fails before loading; --interactive with --prompt: its first input
     prompt_text = read_prompt(cfg.prompt) if not cfg.interactive or "prompt" in explicit else None
     if cfg.cpu_threads:

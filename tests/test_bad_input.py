@@ -595,9 +595,11 @@ def test_other_runtime_errors_keep_their_traceback():
 
 SAMPLE_PATH_CASES = {
     "sample ckpt.pt as --init_from": (S("--init_from={root}/out/ckpt.pt"),
-                                      "--init_from={root}/out/ckpt.pt is a file: sample.py loads the folder that "
-                                      "holds ckpt.pt (or a Hugging Face model), so pass --out_dir={root}/out"),
-    "sample ckpt.pt as --out_dir": (S("--out_dir={root}/out/ckpt.pt"), "so pass --out_dir={root}/out"),
+                                      "--init_from={root}/out/ckpt.pt is a file: pass the folder that holds it"),
+    "eval ckpt.pt as --out_dir": (("eval", ["--out_dir={root}/out/ckpt.pt"]), "is a file: pass the folder that holds it"),
+    "export ckpt.pt as --out_dir": (("export", ["--out_dir={root}/out/ckpt.pt", "--dest={root}/x"]),
+                                    "is a file: pass the folder that holds it"),
+    "sample ckpt.pt as --out_dir": (S("--out_dir={root}/out/ckpt.pt"), "is a file: pass the folder that holds it (a run's ckpt.pt, or a Hugging Face model), --out_dir={root}/out"),
     "sample FILE: without a name": (S("--prompt=FILE:"), "--prompt=FILE: needs a file name after FILE:"),
     "sample FILE: a folder": (S("--prompt=FILE:{root}"), "it is a folder; name a text file in it"),
     "sample FILE: without a name, interactive": (S("--prompt=FILE:", "--interactive"), "needs a file name"),
@@ -606,16 +608,21 @@ SAMPLE_PATH_CASES = {
 
 @pytest.mark.parametrize("name", list(SAMPLE_PATH_CASES))
 def test_sample_paths_give_one_clear_line(name, world, capsys):
+    import eval as evaluate
+    import export
+    MAINS.update(eval=evaluate.main, export=export.main)
     (script, args), message = SAMPLE_PATH_CASES[name]
     args = [a.format(root=world) for a in args]
     assert message.format(root=world) in error_line(MAINS[script], args, world, capsys, code=2)
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.py")), ids=lambda p: p.name)
-def test_a_training_config_given_to_sample_says_how_to_sample_its_model(config, world, capsys):
-    """Not an unknown-setting error for each training key: one short line with the command."""
+def test_a_training_config_given_to_sample_or_eval_says_which_out_dir(config, world, capsys):
+    """Not an unknown-setting error for each training key: one short line naming the --out_dir."""
     import runpy
+    import eval as evaluate
     out_dir = runpy.run_path(str(config))["out_dir"]
-    line = error_line(sample.main, [str(config)], world, capsys, code=2)
-    assert line == (f"error: {config} is a config for train.py; to sample from the model it trains: "
-                    f"python sample.py --out_dir={out_dir}")
+    for main, prog in ((sample.main, "sample.py"), (evaluate.main, "eval.py")):
+        line = error_line(main, [str(config)], world, capsys, code=2)
+        assert line.startswith(f"error: {config} is a config for another script: ") and f"are not {prog}'s" in line
+        assert line.endswith(f"; to use the model it trains, pass --out_dir={out_dir} instead of the file")
