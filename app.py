@@ -278,7 +278,8 @@ def prompt_ids_of(tokenizer, prompt: str, instruct: dict | None = None) -> list[
 
 def generate(models: Models, limit: int, interval: float, prompt, max_new_tokens, temperature, top_k, top_p,
              seed, model=None, min_p=0.0, repetition_penalty=1.0):
-    """Yield the text (prompt included) as it grows: sample.py's generation, the prompt at once,
+    """Yield the text (prompt included; an instruction model's answer alone) as it grows:
+    sample.py's generation, the prompt at once,
     then at most one update every `interval` seconds, then the whole text. A small model makes
     many tokens a second: one update per token would swamp the browser (and its Stop).
     An instruction model's prompt is wrapped in its template, and the answer ends at its end."""
@@ -291,7 +292,7 @@ def generate(models: Models, limit: int, interval: float, prompt, max_new_tokens
     generator = torch.Generator(device=models.precision.device).manual_seed(cfg.seed)  # as sample.py seeds
     shown, last = None, -math.inf
     for text in generate_text(loaded.decoder, loaded.tokenizer, prompt_ids, cfg, models.precision,
-                                     generator, echo_prompt=True):
+                              generator, echo_prompt=not instruct):  # an instruction model: the answer alone
         if time.monotonic() - last >= interval:
             yield text
             shown, last = text, time.monotonic()

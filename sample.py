@@ -247,7 +247,8 @@ def main(argv=None):
         interactive(decoder, tokenizer, cfg, precision, generator, out, instruct, model.config.block_size,
                     first=prompt_text or None)
         return
-    timing = complete(decoder, tokenizer, prompt_ids, cfg, precision, generator, echo_prompt=True, out=out)
+    # the prompt, then its continuation; an instruction model's answer alone (its prompt went in a template)
+    timing = complete(decoder, tokenizer, prompt_ids, cfg, precision, generator, echo_prompt=not instruct, out=out)
     if cfg.stats:
         report_stats(cfg, *timing)
 

@@ -289,15 +289,28 @@ def chat_run(instruct_data):
     return instruct_data / "chat"
 
 
+def wrapped_answer(model, tokenizer, tmpl, prompt: str, n: int) -> str:
+    """The greedy answer to prompt wrapped in the template tmpl, up to its end: what sample.py
+    and app.py give for an instruction model (the answer alone; an unwrapped prompt answers otherwise)."""
+    from stopping import StopCondition
+    ids = torch.tensor([template.prompt_ids(tokenizer, tmpl, prompt)])
+    stop = StopCondition.for_model(tokenizer, 1, template.stop_strings(tmpl))
+    for next_id in model.generate_stream(ids, n, temperature=0):
+        if stop.update(next_id.tolist()):
+            break
+    stop.finish()
+    return stop.text(0)
+
+
 def test_sample_wraps_the_prompt_and_a_chat_keeps_what_fits(chat_run, capsys):
     import hardware
     import loading
     import sample
     sample.main([f"--out_dir={chat_run}", "--prompt=What is 2+2?", "--max_new_tokens=5", "--dtype=float32",
                  "--device=cpu", "--temperature=0"])
-    assert capsys.readouterr().out.startswith("<|user|>\nWhat is 2+2?\n<|assistant|>\n")
     model, tokenizer, info = loading.load(str(chat_run), "cpu")
     tmpl = info["instruct"]["template"]
+    assert capsys.readouterr().out == wrapped_answer(model, tokenizer, tmpl, "What is 2+2?", 5) + "\n"
     cfg = sample.SampleConfig(max_new_tokens=4, temperature=0, stop=template.stop_strings(tmpl))
     history, out = [], __import__("io").StringIO()
     for line in ("Hi", "What is 2+2?"):  # the second no longer fits beside the first in 32 tokens
@@ -322,8 +335,11 @@ def test_app_wraps_prompts_holds_a_chat_and_checks_the_new_settings(instruct_dat
     import app
     import hardware
     models = app.Models({"chat": chat_run, "base": instruct_data / "base"}, hardware.resolve("cpu", "float32"))
-    texts = list(app.generate(models, 100, 0.0, "What is 2+2?", 4, 0, 0, 1.0, 1, "chat", 0.1, 1.2))
-    assert texts[-1].startswith("<|user|>\nWhat is 2+2?\n<|assistant|>\n")
+    texts = list(app.generate(models, 100, 0.0, "What is 2+2?", 4, 0, 0, 1.0, 1, "chat"))
+    loaded = models.get("chat")
+    assert texts[-1] == wrapped_answer(loaded.model, loaded.tokenizer, loaded.info["instruct"]["template"],
+                                       "What is 2+2?", 4)  # the answer alone, as sample.py prints it
+    list(app.generate(models, 100, 0.0, "What is 2+2?", 4, 0, 0, 1.0, 1, "chat", 0.1, 1.2))  # the new settings run
     history = list(app.chat(models, 100, 0.0, "Hi", [], 4, 0, 0, 1.0, 1, "chat"))[-1]
     assert [m["role"] for m in history] == ["user", "assistant"] and history[0]["content"] == "Hi"
     history = list(app.chat(models, 100, 0.0, "Bye", history, 4, 0, 0, 1.0, 1, "chat"))[-1]
@@ -406,4 +422,7 @@ def test_an_exported_instruction_model_keeps_its_template(chat_run, tmp_path, ca
     capsys.readouterr()
     sample.main([f"--init_from={tmp_path / 'hf'}", "--prompt=What is 2+2?", "--max_new_tokens=5",
                  "--dtype=float32", "--device=cpu", "--temperature=0"])
-    assert capsys.readouterr().out.startswith("<|user|>\nWhat is 2+2?\n<|assistant|>\n")  # wrapped, as from ckpt.pt
+    import loading
+    model, tokenizer, info = loading.load_hf(str(tmp_path / "hf"), "cpu")
+    assert capsys.readouterr().out == wrapped_answer(model, tokenizer, info["instruct"]["template"],
+                                                     "What is 2+2?", 5) + "\n"  # wrapped, as from ckpt.pt
