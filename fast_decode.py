@@ -40,6 +40,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -354,6 +355,7 @@ class GraphDecoder(FastDecoder):
         self.device_type, self.dtype = precision.device_type, precision.torch_dtype
         if self.dtype != torch.float32:
             self.stepping = cast_linears(model, self.dtype)
+        self.lock = threading.Lock()  # app.py's endpoints may step two generations on two threads
         self.graph = None  # torch.cuda.CUDAGraph, captured on the first step (capture())
         self.captured: tuple[int, ...] = ()  # where the cache buffers it reads are (buffers())
         self.inputs: dict[str, torch.Tensor] = {}  # what a replay reads: idx, at, last_token
@@ -364,15 +366,19 @@ class GraphDecoder(FastDecoder):
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype, cache_enabled=False)  # nothing cached across replays
 
+    def new_cache(self) -> KVCache:
+        return KVCache(self.model.config.n_layer, self.model.config.block_size, zeros=True)  # read whole, masked
+
     def step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        if self.graph is None or self.inputs["idx"].shape != idx.shape or self.captured != buffers(cache):
-            self.capture(idx, cache)
-        self.inputs["idx"].copy_(idx)
-        self.inputs["at"].fill_(cache.length)
-        self.inputs["last_token"].copy_(cache.last_token if cache.last_token is not None else idx)
-        self.graph.replay()
-        cache.advance(idx[:, None])
-        return self.logits.clone()  # the next replay overwrites it
+        with self.lock:  # one graph, its inputs and output: one step at a time
+            if self.graph is None or self.inputs["idx"].shape != idx.shape or self.captured != buffers(cache):
+                self.capture(idx, cache)
+            self.inputs["idx"].copy_(idx)
+            self.inputs["at"].fill_(cache.length)
+            self.inputs["last_token"].copy_(cache.last_token if cache.last_token is not None else idx)
+            self.graph.replay()
+            cache.advance(idx[:, None])
+            return self.logits.clone()  # the next replay overwrites it
 
     def capture(self, idx: torch.Tensor, cache: KVCache):
         """Record eager_step at a tensor position over cache's buffers (record())."""
@@ -416,7 +422,7 @@ def record(run, device: torch.device):
         run()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads' CUDA calls go on
         output = run()
     return graph, output
 

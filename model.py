@@ -172,8 +172,13 @@ class KVCache:
     the whole history every step.
     """
 
-    def __init__(self, n_layer: int, max_length: int):
+    def __init__(self, n_layer: int, max_length: int, zeros: bool = False):
         self.max_length = max_length  # positions the buffers hold (the model's block_size)
+        # zeros: buffers start as zeros, not whatever memory held: a CUDA graph's step
+        # (fast_decode.GraphDecoder) reads the positions not yet written too (masked), and 0 * nan
+        # would be nan. Others leave them unwritten: a large model's pages are then touched only
+        # as the context grows
+        self.zeros = zeros
         self.k: list[torch.Tensor | None] = [None] * n_layer  # each (B, nh, max_length, hs)
         self.v: list[torch.Tensor | None] = [None] * n_layer
         self.length = 0  # positions filled; GPT.forward advances it after all layers ran
@@ -188,10 +193,9 @@ class KVCache:
         buf = self.k[layer]
         if buf is None or buf.shape[0] != B or buf.dtype != k.dtype or buf.device != k.device:
             assert self.length == 0, "KV cache reused with another batch size, dtype or device"
-            # zeros, not whatever memory held: a CUDA graph's step (fast_decode.GraphDecoder)
-            # reads the positions not yet written too (masked), and 0 * nan would be nan
-            self.k[layer] = k.new_zeros(B, nh, self.max_length, hs)
-            self.v[layer] = v.new_zeros(B, nh, self.max_length, hs)
+            new = k.new_zeros if self.zeros else k.new_empty
+            self.k[layer] = new(B, nh, self.max_length, hs)
+            self.v[layer] = new(B, nh, self.max_length, hs)
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]

@@ -466,7 +466,7 @@ def announce(cfg: TrainConfig, precision: hardware.Precision, data: Dataset, tok
         print(f"document mode: {data.meta.get('train_documents', '?')} training documents; rows start at "
               f"document starts, attention stays inside each document")
     last_lr = get_lr(cfg.max_iters, cfg)
-    if cfg.decay_lr and not cfg.time_budget and cfg.max_iters > 0 and last_lr > 1.01 * cfg.min_lr:  # cut short
+    if cfg.decay_lr and not (cfg.time_budget or cfg.eval_only) and cfg.max_iters > 0 and last_lr > 1.01 * cfg.min_lr:
         print(f"note: the learning rate decays until --lr_decay_iters={cfg.lr_decay_iters}, but the run stops at "
               f"--max_iters={cfg.max_iters}, at {last_lr:.2e} (--min_lr={cfg.min_lr:.2e}); pass "
               f"--lr_decay_iters={cfg.max_iters} to decay over the whole run")
@@ -479,15 +479,16 @@ def trim_metrics(out_dir: str, iter_num: int):
     without a second copy of those iterations in the curve; the checkpoint's own evaluation stays."""
     path = Path(out_dir) / "metrics.jsonl"
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:  # none yet
         return
+
     def kept(line: str) -> bool:
         try:
             record = json.loads(line)
             return record["iter"] < iter_num or (record["iter"] == iter_num and "val/loss" in record)
-        except (ValueError, KeyError, TypeError):
-            return True  # not ours to judge: left as it was
+        except (ValueError, KeyError, TypeError):  # a torn last line (kill -9 mid-write): aside too
+            return False
     keep = [line for line in lines if kept(line)]
     if len(keep) < len(lines):
         aside = path.with_name("metrics.before_resume.jsonl")
@@ -731,9 +732,9 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
     if ckpt is not None:
         iter_num, best_val_loss = resume_state(ckpt, optimizer, scaler, data_gen, precision, cfg.seed, procs,
                                                ckpt_path)
-        if master and not cfg.eval_only:
-            trim_metrics(cfg.out_dir, iter_num)
     budget = TimeBudget(cfg, ckpt.get("train_seconds", 0.0) if ckpt else 0.0, precision, procs.ddp)
+    if ckpt is not None and master and not cfg.eval_only and iter_num < cfg.max_iters and not budget.used_up:
+        trim_metrics(cfg.out_dir, iter_num)  # only a resume that trains on: the rest keeps the record
     ckpt = None  # free memory
     model = wrap_model(raw_model, cfg, procs, precision)
     run_info = run_description(cfg, model_args, tokenizer, data, precision)
@@ -784,13 +785,15 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
             if last or cfg.eval_only:
                 break
             if stop.requested(procs.ddp, device):  # Ctrl-C or SIGTERM: save, say how to resume, leave
-                if not cfg.patience:  # with patience ckpt.pt holds the best model: it stays
+                # with patience ckpt.pt holds the best model and stays, once there is one
+                keep_best = cfg.patience and (saved or cfg.init_from == "resume")
+                if not keep_best:
                     save_checkpoint(ckpt_path, raw_model, optimizer, scaler, iter_num, best_val_loss, run_info,
                                     data_gen, procs, budget.spent)
                     saved = True
                 if master:
                     report_stop(stop.signum, iter_num, ckpt_path, progress, curve,
-                                patience.best_iter if cfg.patience else None)
+                                patience.best_iter if keep_best else None)
                 stopped_by = stop.signum
                 break
 
@@ -817,8 +820,9 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
         progress.close()
     done = f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}, checkpoint in {ckpt_path}"
     if iter_num == first_iter and not saved:  # nothing trained: nothing to save
-        done = (f"done: nothing to train, the checkpoint is already at iteration {iter_num} (raise --max_iters "
-                f"above it to go on)" if cfg.init_from == "resume" else
+        done = (("done: nothing to train, the time budget is spent (raise --time_budget to go on)" if budget.used_up
+                 else f"done: nothing to train, the checkpoint is already at iteration {iter_num} (raise "
+                      f"--max_iters above it to go on)") if cfg.init_from == "resume" else
                 "done: --max_iters=0, nothing trained or saved (--eval_only=True evaluates a model)")
     elif not saved and stopped_by is None and not cfg.eval_only and cfg.init_from != "resume":
         # the val loss never beat the first evaluation's (the start, never saved): a run that ends

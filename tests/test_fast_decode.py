@@ -269,6 +269,7 @@ def test_every_model_option_gives_the_models_own_results_through_the_graph_step(
     idx = torch.tensor([[3, 1, 4, 1, 5, 9, 2]])
     cache = decoder.new_cache()
     model(idx[:, :-1], kv_cache=cache)
+    assert cache.zeros and not cache.k[0][:, :, idx.size(1) - 1:].any()  # what the masked step reads: zeros
     assert torch.allclose(decoder.step(idx[:, -1], cache), model(idx)[0][:, -1], atol=1e-5)
     assert torch.equal(decoder.generate(idx, 40, temperature=0), model.generate(idx, 40, temperature=0))
     assert len(eager_graphs) == 3  # the check's, the step above's and the generation's (new buffers)

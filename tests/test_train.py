@@ -368,6 +368,27 @@ def test_eval_only_evaluates_the_checkpoint_and_leaves_the_run_as_it_was(tiny_da
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "train.lock"} == files
 
 
+def test_a_stop_with_patience_before_any_best_was_saved_saves_the_run(tiny_data, tmp_path, capsys):
+    """--patience keeps ckpt.pt as the best model: a Ctrl-C before the first improving save has no
+    best to keep, so it saves the run, as without patience, and says so (not "kept ckpt.pt")."""
+    import signal
+    out = tmp_path / "out"
+    stop_at = iter(range(100))
+
+    def requested(self, ddp, device):  # Ctrl-C at the first check of the loop
+        if next(stop_at) == 0:
+            self.signum = signal.SIGINT
+            return True
+        return False
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train.StopRequest, "requested", requested)
+        with pytest.raises(SystemExit):
+            run_train(tiny_data, out, "--max_iters=10", "--eval_interval=5", "--patience=2")
+    assert checkpoint.load(out / "ckpt.pt")["iter_num"] == 0
+    assert "saved iteration 0 to" in capsys.readouterr().err
+
+
 def test_patience_says_when_the_best_was_the_untrained_model(tiny_data, tmp_path, capsys):
     out = tmp_path / "out"
     run_train(tiny_data, out, "--max_iters=40", "--eval_interval=2", "--patience=1", "--learning_rate=3",
@@ -386,11 +407,15 @@ def test_a_resume_after_a_lost_stretch_does_not_repeat_its_iterations_in_metrics
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:  # what a killed continuation logged
         for record in ({"iter": 4, "train/loss": 9.0}, {"iter": 5, "train/loss": 9.0}, {"iter": 6, "val/loss": 9.0}):
             f.write(json.dumps(record) + "\n")
+        f.write('{"iter": 7, "train/lo')  # killed mid-write
+    before = (out / "metrics.jsonl").read_bytes()
+    run_train(tiny_data, out, "--init_from=resume", "--max_iters=4")  # nothing to train: the record stays
+    assert (out / "metrics.jsonl").read_bytes() == before
     capsys.readouterr()
     run_train(tiny_data, out, "--init_from=resume", "--max_iters=6")
-    assert "3 records after iteration 4 (not in the checkpoint) moved to metrics.before_resume.jsonl" in \
+    assert "4 records after iteration 4 (not in the checkpoint) moved to metrics.before_resume.jsonl" in \
         capsys.readouterr().out
-    assert len((out / "metrics.before_resume.jsonl").read_text(encoding="utf-8").splitlines()) == 3  # kept aside
+    assert len((out / "metrics.before_resume.jsonl").read_text(encoding="utf-8").splitlines()) == 4  # kept aside
     records = read_metrics(out)
     assert 9.0 not in [r.get("train/loss", r.get("val/loss")) for r in records]
     train_iters = [r["iter"] for r in records if "train/loss" in r and "val/loss" not in r]
