@@ -624,10 +624,13 @@ def write_atomically(dest: Path, write):
     old = dest.with_name(f".{dest.name}.old-{os.getpid()}")  # the previous dest, until the new one is in place
     created = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()]  # deepest first
     in_place = is_working_folder(dest)
+    moved_in: list[Path] = []  # in place: the new export's files already in dest
 
     def clean_up():
         shutil.rmtree(tmp, ignore_errors=True)
-        if in_place and old.is_dir():  # the previous files back (an export's files: no folders)
+        if in_place and old.is_dir():  # the new files out, the previous ones back (an export's files: no folders)
+            for path in moved_in:
+                path.unlink(missing_ok=True)
             for path in old.iterdir():
                 os.replace(path, dest / path.name)
             old.rmdir()
@@ -658,6 +661,7 @@ def write_atomically(dest: Path, write):
                 os.replace(path, old / path.name)
             for path in tmp.iterdir():
                 os.replace(path, dest / path.name)
+                moved_in.append(dest / path.name)
             tmp.rmdir()
         else:
             if dest.exists() or dest.is_symlink():

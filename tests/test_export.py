@@ -353,6 +353,30 @@ def test_a_new_export_keeps_what_the_user_added_to_the_last(char_run, tmp_path, 
     assert "kept what you had added there: notes.txt, pictures" in capsys.readouterr().err
 
 
+def test_a_failed_export_into_the_working_folder_leaves_the_last_one_whole(char_run, tmp_path, monkeypatch):
+    """--dest=. swaps file by file: a failure partway (a full disk) takes the new files out and
+    puts the previous export's back, none of one beside the other."""
+    here = tmp_path / "e"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    export.main([f"--out_dir={char_run / 'out'}", "--dest=."])
+    before = {p.name: p.read_bytes() for p in here.iterdir()}
+    real_replace, moved = os.replace, []
+
+    def replace(src, dst):
+        if os.path.dirname(dst) == str(here) and ".tmp-" in str(src):  # the new export's files moving in
+            moved.append(dst)
+            if len(moved) == 3:
+                raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(UserError, match="nothing was replaced"):
+        export.main([f"--out_dir={char_run / 'out'}", "--dest=.", "--format=onnx"])
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in here.iterdir()} == before
+
+
 def test_dot_and_dot_dot_destinations_are_the_real_folders(char_run, tmp_path, monkeypatch):
     """--dest=. is the folder one is in: written into it (the folder stays, so a shell there
     sees the files), its own files never replaced, --force or not. DIR/sub/.. is DIR."""
