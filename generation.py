@@ -102,6 +102,9 @@ def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool, instruct:
         shown = ", ".join(repr(c) for c in unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
         print(f"note: --drop_unknown dropped {len(unknown)} character(s) the model never saw: {shown}", file=sys.stderr)
     if instruct:
+        if not text.strip():  # as app.py's chat refuses an empty message
+            raise UserError("the prompt is empty: an instruction model answers a question or a task; give one, "
+                            "e.g. What is 2 + 3?")
         return template.prompt_ids(tokenizer, instruct["template"], text, drop_unknown)
     if tokenizer.documents:  # a new document: its boundary token, then the prompt's text
         return [tokenizer.eot_id] + tokenizer.encode(text.lstrip("\n"), drop_unknown=drop_unknown)

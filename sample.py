@@ -195,7 +195,7 @@ def interactive(model, tokenizer, cfg, precision, generator, out, instruct: dict
                     break
             if line.strip() in ("quit", "exit"):
                 break
-            if not line:
+            if not line or (instruct and not line.strip()):  # nothing to answer: the next line
                 continue
             try:
                 if instruct and instruct["chat"]:

@@ -302,6 +302,22 @@ def wrapped_answer(model, tokenizer, tmpl, prompt: str, n: int) -> str:
     return stop.text(0)
 
 
+def test_an_empty_prompt_to_an_instruction_model_is_one_line(chat_run, capsys):
+    """Nothing to answer: refused by sample.py as by app.py's page and chat, not answered from an
+    empty user turn."""
+    import app
+    import hardware
+    import sample
+    from errors import run_main
+    with pytest.raises(SystemExit):
+        run_main(sample.main, [f"--out_dir={chat_run}", "--prompt= ", "--device=cpu"])
+    assert capsys.readouterr().err.strip().endswith("an instruction model answers a question or a task; give "
+                                                    "one, e.g. What is 2 + 3?")
+    models = app.Models({"chat": chat_run}, hardware.resolve("cpu", "float32"))
+    with pytest.raises(Exception, match="the prompt is empty"):
+        list(app.generate(models, 100, 0.0, "", 4, 0, 0, 1.0, 1, "chat"))
+
+
 def test_sample_wraps_the_prompt_and_a_chat_keeps_what_fits(chat_run, capsys):
     import hardware
     import loading
