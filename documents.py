@@ -31,6 +31,11 @@ def as_text(pieces):
             yield text
 
 
+def text_of(decoded: str) -> str:
+    """A whole file's decoded UTF-8, read as text (as_text)."""
+    return "".join(as_text([decoded]))
+
+
 def split_documents(pieces, mode: str):
     """The documents in one file's text pieces. line: every line holding more than
     whitespace; blank: runs of such lines, separated by lines of only whitespace (joined by

@@ -58,7 +58,7 @@ import fast_decode
 import hardware
 from config import parse_config
 from dataset import Dataset, document_positions
-from documents import as_text, split_documents
+from documents import split_documents, text_of
 from errors import UserError, run_main
 from loading import load, load_hf
 from tokenizer import Tokenizer
@@ -118,7 +118,7 @@ def read_utf8(path: Path) -> str:
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
     try:
-        return "".join(as_text([raw.decode("utf-8")]))
+        return text_of(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise UserError(f"{path} is not UTF-8 text: invalid byte at offset {e.start} (line {line}); "

@@ -72,7 +72,7 @@ from tqdm import tqdm
 
 import durable
 import runlock
-from documents import as_text, split_documents
+from documents import BOM, as_text, split_documents
 from errors import UserError, run_main
 import template
 from tokenizer import BPE, CHAR, LINE_PATTERN, Tokenizer, bytes_to_unicode
@@ -573,7 +573,7 @@ def read_records(path: Path, sha=None):
                 except UnicodeDecodeError:
                     raise UserError(f"{path}:{lineno + 1}: not UTF-8 text") from None
                 if lineno == 0:
-                    text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
+                    text = text.removeprefix(BOM)  # a byte-order mark some editors write
                 # Lines end as text mode ends them (documents.as_text): "\n", "\r\n" or a lone
                 # "\r". JSON holds no raw "\r" inside a string, so every other "\r" ends a line.
                 for line in text.removesuffix("\n").removesuffix("\r").split("\r"):

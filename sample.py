@@ -61,7 +61,7 @@ import torch
 
 import hardware
 from config import parse_config
-from documents import as_text
+from documents import text_of
 from errors import UserError, run_main
 from generation import GenerationConfig, choose_decoder, encode_prompt, generate_text, shown_prompt
 from loading import choose_precision, load, load_hf
@@ -110,7 +110,7 @@ def read_prompt(prompt: str) -> str:
     if path.is_dir():
         raise UserError(f"could not read prompt file {path}: it is a folder; name a text file in it")
     try:
-        return "".join(as_text([path.read_bytes().decode("utf-8")]))
+        return text_of(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise UserError(f"prompt file {path} not found (from --prompt=FILE:{path})") from None
     except (OSError, UnicodeDecodeError) as e:

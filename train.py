@@ -509,7 +509,7 @@ def seed_rngs(cfg: TrainConfig, procs: Processes, device_type: str) -> torch.Gen
     return torch.Generator().manual_seed(cfg.seed + procs.rank)
 
 
-def build_model(cfg: TrainConfig, data: Dataset, ckpt: dict | None, ckpt_path: Path,
+def build_model(cfg: TrainConfig, data: Dataset, tokenizer: dict, ckpt: dict | None, ckpt_path: Path,
                 pretrained: Pretrained | None) -> tuple[GPT, dict]:
     """The model and its model_args: new, with a pretrained GPT-2's weights, or with the
     checkpoint's (its shape and vocabulary are the checkpoint's)."""
@@ -519,8 +519,7 @@ def build_model(cfg: TrainConfig, data: Dataset, ckpt: dict | None, ckpt_path: P
         model_args.update(vocab_size=pretrained.config.vocab_size)
     if ckpt is not None:
         model_args.update({k: ckpt["model_args"][k] for k in MODEL_KEYS + ("vocab_size",)})
-        ours = Tokenizer.from_description(data.meta).describe()
-        differ = tokenizer_mismatch(ckpt["tokenizer"], ours) if "tokenizer" in ckpt else None
+        differ = tokenizer_mismatch(ckpt["tokenizer"], tokenizer) if "tokenizer" in ckpt else None  # open_dataset's
         if ckpt["model_args"]["vocab_size"] != data.vocab_size or differ:
             why = differ or (f"it was trained with vocab_size {ckpt['model_args']['vocab_size']}, dataset "
                              f"{cfg.dataset!r} has {data.vocab_size}")
@@ -723,7 +722,7 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
 
     # model and optimizer, new or as the checkpoint left them
     data_gen = seed_rngs(cfg, procs, precision.device_type)
-    raw_model, model_args = build_model(cfg, data, ckpt, ckpt_path, pretrained)
+    raw_model, model_args = build_model(cfg, data, tokenizer, ckpt, ckpt_path, pretrained)
     raw_model.to(device)  # saved weights always come from this uncompiled module
     if master:
         announce_model(raw_model, cfg)
