@@ -10,7 +10,8 @@ What is scored:
 - A split (--split, val by default) of the prepared dataset the checkpoint was trained on
   (--dataset and --data_dir choose another, prepared with the model's tokenizer), or the text
   of --input, tokenized as prepare.py would (documents mode when the model was trained on
-  documents: each document after its boundary token, the split closed by one).
+  documents: each document after its boundary token, the split closed by one; for a model
+  trained on JSONL records each line of --input is one document).
 - Every token but the first is predicted from the tokens before it, exactly once: the
   sequence is cut into windows of block_size tokens, all scored (--stride=block_size, the
   default, as train.py's val loss). A smaller --stride slides the window by that many
@@ -139,6 +140,12 @@ def check_known_chars(tokenizer: Tokenizer, text: str, path: Path):
                         f"saw{more}; remove it, or train on text that has it")
 
 
+def input_documents(tokenizer: Tokenizer) -> str | None:
+    """How --input is cut into documents for this model: as prepare.py cut its training text
+    (--documents=line or blank), and for a model trained on JSONL records one per line."""
+    return "line" if tokenizer.documents == "jsonl" else tokenizer.documents
+
+
 def text_units(text: str, documents: str | None) -> list[tuple[int, str]]:
     """(first line number, text) of what --per_line scores: each non-blank line, or each document
     of a documents model (as prepare.py cuts them)."""
@@ -162,7 +169,7 @@ def encode_text(tokenizer: Tokenizer, text: str) -> np.ndarray:
     if not tokenizer.documents:
         return tokenizer.encode_to_numpy(text).astype(np.int64)
     ids = [[tokenizer.eot_id]]
-    for doc in split_documents([text], tokenizer.documents):
+    for doc in split_documents([text], input_documents(tokenizer)):
         ids += [tokenizer.encode_to_numpy(doc).astype(np.int64), [tokenizer.eot_id]]
     return np.concatenate([np.asarray(i, dtype=np.int64) for i in ids])
 
@@ -413,6 +420,10 @@ def main(argv=None):
     if cfg.int8 and (why := fast_decode.supported(model)):
         raise UserError(f"--int8 cannot run this model: {why}")
     if text is not None:
+        if tokenizer.documents == "jsonl" and Path(cfg.input).suffix.lower() == ".jsonl":
+            raise UserError(f"--input={cfg.input}: eval.py scores plain text, one document per line for a model "
+                            f"trained on JSONL records; put each record's text on a line of a .txt file (or "
+                            f"prepare the records and score them with --dataset=NAME)")
         check_known_chars(tokenizer, text, Path(cfg.input))
         ids, what = encode_text(tokenizer, text), cfg.input
     else:
@@ -437,7 +448,7 @@ def main(argv=None):
     result.update(text=what, block_size=block_size, stride=stride, dtype=precision.dtype + (" int8" if cfg.int8 else ""))
 
     if cfg.per_line:
-        units = text_units(text, tokenizer.documents)
+        units = text_units(text, input_documents(tokenizer))
         encoded = [encode_unit(tokenizer, t) for _, t in units]
         records = []
         for (line, t), (uids, context), unats in zip(units, encoded, scorer.units(encoded, stride)):

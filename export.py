@@ -24,7 +24,8 @@ gguf: model.gguf (llama.cpp's gpt2 architecture, or gptneox for rotary positions
 
 Everything comes from <out_dir>/ckpt.pt. The folder is written beside dest under a temporary
 name and renamed into place when complete, so an interrupted export leaves no half folder. A
-dest that exists is replaced only if it is an export of ours (or with --force).
+dest that exists is replaced only if it is an export of ours (or with --force); files a user added
+to an export are carried over, and one the new export would overwrite is refused (or --force).
 The weight mapping and the tokenizer.json builder live in hf_format.py.
 """
 import errors
@@ -70,7 +71,7 @@ class ExportConfig:
     out_dir: str = "out"  # folder holding ckpt.pt, written by train.py
     format: str = "hf"  # hf (Hugging Face transformers folder), onnx (onnxruntime + tokenizers folder) or gguf (llama.cpp, GPT-2 BPE models)
     dest: str = ""  # folder to write; empty = exports/<out_dir's name>-<format>
-    force: bool = False  # replace dest even if it is not a folder export.py wrote
+    force: bool = False  # replace dest even if it is not a folder export.py wrote, or a file you added to one
 
     def problems(self) -> list[str]:
         p = []
@@ -93,10 +94,13 @@ def card_prompt(tokenizer: Tokenizer, block_size: int, instruct: dict | None = N
     own (an unknown one encodes to nothing, and an empty prompt fails), a short context a shorter
     prompt; and no more new tokens than the context holds after the prompt: neither transformers'
     generate() nor the ONNX loop crops the context, so one position past block_size is an
-    IndexError. (An instruction model's prompt is the chat template's, only its length counts.)"""
-    if instruct:  # the snippet asks QUESTION through the chat template
-        used = len(template.prompt_ids(tokenizer, instruct["template"], QUESTION, drop_unknown=True))
-        return PROMPT, max(1, min(NEW_TOKENS, block_size - used))
+    IndexError. (An instruction model's prompt is a question, wrapped in its template.)"""
+    if instruct:  # the snippets ask QUESTION (or a shorter one, for a short context) through the template
+        for question in (QUESTION, "2+2?", "?"):
+            used = len(template.prompt_ids(tokenizer, instruct["template"], question, drop_unknown=True))
+            if used < block_size:
+                break
+        return question, max(1, min(NEW_TOKENS, block_size - used))
     chars = tokenizer.chars  # None for a BPE, which encodes any text
     own = PROMPT if chars is None or set(PROMPT) <= set(chars) else next(
         (c for c in chars if c.isalnum()), next((c for c in chars if not c.isspace()), chars[0]))
@@ -129,12 +133,20 @@ for _ in range(max_new_tokens):  # prompt + new tokens must fit in block_size (c
     ids = logits[:, -1:].argmax(-1)  # greedy: (1, 1), int64; sample from softmax(logits) for variety
 {stop}    past = dict(zip(past, present))
     new.append(int(ids[0, 0]))
-print(prompt + tokenizer.decode(new))
-"""
+{show}"""
 ONNX_START = "ids = np.array([tokenizer.encode(prompt).ids], dtype=np.int64)  # the prompt, then one token a step"
 ONNX_START_DOCUMENT = ("ids = np.array([[{eot}] + tokenizer.encode(prompt.lstrip(\"\\n\")).ids], dtype=np.int64)  "
                        "# a new document: <|endoftext|>, the prompt")
 ONNX_STOP_DOCUMENT = "    if ids[0, 0] == {eot}:  # <|endoftext|>: the document ended\n        break\n"
+ONNX_SHOW = "print(prompt + tokenizer.decode(new))\n"
+# an instruction model: the prompt wrapped as training wrapped it (tokenizer_config.json's
+# chat_template, one user turn), the answer alone shown, cut where it ends
+ONNX_START_INSTRUCT = ("text = {user}.replace(\"{{content}}\", prompt) + {assistant}  # the template's user turn, "
+                       "the answer's marker\nids = np.array([[{eot}] + tokenizer.encode(text).ids], dtype=np.int64)")
+ONNX_STOP_INSTRUCT = ("    if ids[0, 0] == {eot}:  # <|endoftext|>: the answer ended\n        break\n"
+                      "    if any(s in tokenizer.decode(new) for s in {stops}):  # a chat turn's end marker\n"
+                      "        break\n")
+ONNX_SHOW_INSTRUCT = "answer = tokenizer.decode(new)\nfor s in {stops}:\n    answer = answer.split(s)[0]\nprint(answer)\n"
 
 
 def literal(text: str) -> str:
@@ -142,13 +154,21 @@ def literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def onnx_loop(folder: str, tokenizer: Tokenizer, prompt: str = PROMPT, max_new_tokens: int = NEW_TOKENS) -> str:
+def onnx_loop(folder: str, tokenizer: Tokenizer, prompt: str = PROMPT, max_new_tokens: int = NEW_TOKENS,
+              instruct: dict | None = None) -> str:
     """ONNX_LOOP for this model, reading the folder at the path folder."""
-    documents = tokenizer.documents is not None
-    start = ONNX_START_DOCUMENT.format(eot=tokenizer.eot_id) if documents else ONNX_START
-    stop = ONNX_STOP_DOCUMENT.format(eot=tokenizer.eot_id) if documents else ""
+    eot, show = tokenizer.eot_id, ONNX_SHOW
+    if instruct:
+        tmpl = instruct["template"]
+        stops = "[" + ", ".join(map(literal, template.stop_strings(tmpl))) + "]"
+        start = ONNX_START_INSTRUCT.format(user=literal(tmpl["user"]), assistant=literal(tmpl["assistant"]), eot=eot)
+        stop, show = ONNX_STOP_INSTRUCT.format(eot=eot, stops=stops), ONNX_SHOW_INSTRUCT.format(stops=stops)
+    elif tokenizer.documents is not None:
+        start, stop = ONNX_START_DOCUMENT.format(eot=eot), ONNX_STOP_DOCUMENT.format(eot=eot)
+    else:
+        start, stop = ONNX_START, ""
     return ONNX_LOOP.format(folder=json.dumps(folder), prompt=literal(prompt), max_new_tokens=max_new_tokens,
-                            start=start, stop=stop)
+                            start=start, stop=stop, show=show)
 
 
 def hf_usage(name: str, model: GPT, tokenizer: Tokenizer, instruct: dict | None = None) -> str:
@@ -157,7 +177,7 @@ def hf_usage(name: str, model: GPT, tokenizer: Tokenizer, instruct: dict | None 
     trust = ", trust_remote_code=True" if remote else ""
     more, shown = "", "out[0]"
     if instruct:  # trained on instruction records: the chat template wraps the prompt as training did
-        ids = (f'ids = tokenizer.apply_chat_template([{{"role": "user", "content": {literal(QUESTION)}}}],\n'
+        ids = (f'ids = tokenizer.apply_chat_template([{{"role": "user", "content": {literal(prompt)}}}],\n'
                '                                    add_generation_prompt=True, return_tensors="pt", '
                'return_dict=True)["input_ids"]\n')
         more = f",\n                     stop_strings={json.dumps(template.stop_strings(instruct['template']))}, tokenizer=tokenizer"
@@ -202,7 +222,8 @@ def model_card(model: GPT, tokenizer: Tokenizer, ckpt: dict, fmt: str, name: str
     shape = (f"{c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, context {c.block_size} tokens, "
              f"{c.activation} MLP, {c.norm}, {'rotary' if c.rotary else 'learned'} positions, "
              f"biases {'yes' if c.bias else 'no' + zeros}")
-    prompt, max_new_tokens = card_prompt(tokenizer, c.block_size)
+    instruct = ckpt.get("instruct") if fmt == "onnx" else None  # (hf_usage words the hf card's; llama.cpp, its chat mode)
+    prompt, max_new_tokens = card_prompt(tokenizer, c.block_size, instruct)
     if fmt == "hf":
         use = hf_usage(name, model, tokenizer, ckpt.get("instruct"))
     elif fmt == "gguf":
@@ -223,7 +244,7 @@ gets slightly different logits there (greedy text matched ours in our tests)."""
                "`model_with_past.onnx` also takes and returns the KV cache (`past_key_values.N.key/value` "
                "-> `present.N.key/value`, each batch x heads x positions x head size; a bigram model also "
                "`past_input_ids` -> `present_input_ids`, the tokens so far) for fast generation "
-               "with onnxruntime and tokenizers alone:\n\n```python\n" + onnx_loop(name, tokenizer, prompt, max_new_tokens)
+               "with onnxruntime and tokenizers alone:\n\n```python\n" + onnx_loop(name, tokenizer, prompt, max_new_tokens, instruct)
                + "```")
     return f"""---
 library_name: {dict(hf="transformers").get(fmt, fmt)}
@@ -695,22 +716,27 @@ def main(argv=None):
     if cfg.format == "gguf":  # before anything is written
         check_gguf(model, tokenizer)
     card = model_card(model, tokenizer, ckpt, cfg.format, str(dest))
-    kept = users_files(dest)
+    users = users_files(dest)
+    written: list[str] = []
 
     def write(folder: Path):
         WRITERS[cfg.format](model, tokenizer, folder, ckpt.get("instruct"))
-        written = sorted({p.name for p in folder.iterdir()} | {"README.md"})
+        written[:] = sorted({p.name for p in folder.iterdir()} | {"README.md"})
+        if (clash := [p.name for p in users if p.name in written]) and not cfg.force:
+            raise UserError(f"--dest={dest} holds {', '.join(clash)}, which you added there and this export "
+                            f"would replace; move it away, choose another --dest, or pass --force to replace it")
         (folder / "README.md").write_text(card.replace(MARKER, f"{MARKER}\n{EXPORTED_FILES}: {json.dumps(written)}"),
                                           encoding="utf-8")
-        for path in kept:  # the user's own files, where the export writes none of that name
+        for path in users:  # the user's own files, where the export writes none of that name
             if path.name not in written:
                 (shutil.copytree if path.is_dir() else shutil.copy2)(path, folder / path.name)
 
     write_atomically(dest, write)
-    files = ", ".join(sorted(p.name for p in dest.iterdir()))
-    print(f"wrote {dest} ({files})", file=sys.stderr)
-    if kept:
-        print(f"kept what you had added there: {', '.join(p.name for p in kept)}", file=sys.stderr)
+    print(f"wrote {dest} ({', '.join(written)})", file=sys.stderr)
+    if kept := [p.name for p in users if p.name not in written]:
+        print(f"kept what you had added there: {', '.join(kept)}", file=sys.stderr)
+    if replaced := [p.name for p in users if p.name in written]:
+        print(f"replaced what you had added there (--force): {', '.join(replaced)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

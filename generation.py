@@ -105,9 +105,12 @@ def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool, instruct:
         if not text.strip():  # as app.py's chat refuses an empty message
             raise UserError("the prompt is empty: an instruction model answers a question or a task; give one, "
                             "e.g. What is 2 + 3?")
-        return template.prompt_ids(tokenizer, instruct["template"], text, drop_unknown)
+        # (a prompt file's last line end is the file's, not the question's: the template ends the turn)
+        return template.prompt_ids(tokenizer, instruct["template"], text.rstrip("\n"), drop_unknown)
     if tokenizer.documents:  # a new document: its boundary token, then the prompt's text
-        return [tokenizer.eot_id] + tokenizer.encode(text.lstrip("\n"), drop_unknown=drop_unknown)
+        # (a document of --documents=line holds no line end: a prompt file's last one is the file's)
+        text = text.strip("\n") if tokenizer.documents == "line" else text.lstrip("\n")
+        return [tokenizer.eot_id] + tokenizer.encode(text, drop_unknown=drop_unknown)
     ids = tokenizer.encode(text, drop_unknown=drop_unknown)
     if ids:
         return ids

@@ -596,7 +596,7 @@ def read_records(path: Path, sha=None):
 def scan_jsonl(files: list[Path], tmpl: dict):
     """Pass 1: check every record; sources (size, sha256, record count), the count of each
     kind and the characters of the text the records become."""
-    sources, kinds, chars = [], dict.fromkeys(template.KINDS, 0), set(tmpl["end"] + tmpl["assistant"])
+    sources, kinds, chars = [], dict.fromkeys(template.KINDS, 0), set()
     for path in files:
         sha, n = hashlib.sha256(), 0
         for record, kind in read_records(path, sha):
@@ -605,6 +605,8 @@ def scan_jsonl(files: list[Path], tmpl: dict):
             for text, _ in template.record_parts(record, kind, tmpl):
                 chars.update(text)
         sources.append({"path": str(path), "bytes": path.stat().st_size, "documents": n, "sha256": sha.hexdigest()})
+    if kinds["prompt_response"] or kinds["messages"]:  # what sampling wraps a prompt in, and stops at
+        chars.update(tmpl["end"] + tmpl["assistant"])
     return sources, kinds, chars
 
 
@@ -679,11 +681,13 @@ def prepare_jsonl(args, files: list[Path], tokenizer: Tokenizer | None, bpe_size
                             f"{need} (one training window); add records, change --val_fraction, "
                             "or use a smaller --block_size")
     stats = document_stats(lengths, args.block_size)
+    instruct = kinds["prompt_response"] > 0 or kinds["messages"] > 0  # else documents of text, as --documents
     if stats["longer_than_block_size"] > LONG_DOCUMENTS_WARNING * n_records:
         print(f"warning: {stats['longer_than_block_size']:,} of {n_records:,} records are longer than "
-              f"--block_size={args.block_size} tokens; train.py cuts them into windows, so the end of an "
-              f"answer may be learned without its question: train with a larger --block_size if you can",
-              file=sys.stderr)
+              f"--block_size={args.block_size} tokens; train.py cuts them into windows, so "
+              + ("the end of an answer may be learned without its question" if instruct else
+                 "a window may start inside a record")
+              + ": train with a larger --block_size if you can", file=sys.stderr)
     return {"version": FORMAT_VERSION, "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
             "dtype": dtype.name, "train_tokens": n_tokens["train"], "val_tokens": n_tokens["val"],
             "eot_id": tokenizer.eot_id, **({"chars": tokenizer.chars} if tokenizer.chars is not None else {}),
@@ -692,7 +696,7 @@ def prepare_jsonl(args, files: list[Path], tokenizer: Tokenizer | None, bpe_size
             "document_tokens": stats,
             "loss_mask": {"train": MASK_OUTPUTS[0], "val": MASK_OUTPUTS[1], "dtype": "uint8",
                           "train_loss_tokens": n_loss["train"], "val_loss_tokens": n_loss["val"]},
-            "records": kinds, "template": tmpl, "chat": kinds["messages"] > 0,
+            "records": kinds, **({"template": tmpl, "chat": kinds["messages"] > 0} if instruct else {}),
             **({"bpe": tokenizer.describe()["bpe"]} if tokenizer.name == BPE else {}),
             "sources": sources}
 
@@ -719,7 +723,7 @@ def parse_args(argv):
         description="Prepare a text dataset: raw UTF-8 text -> data/<name>/{train.bin,val.bin,meta.json}.",
         formatter_class=HelpFormatter)
     p.add_argument("dataset", nargs="?", help=f"a named dataset: {', '.join(NAMED_DATASETS)}")
-    p.add_argument("--input", nargs="+", metavar="PATH",
+    p.add_argument("--input", nargs="+", action="extend", metavar="PATH",
                    help="UTF-8 text files or folders of them (each file is one document; read as text: "
                         "CRLF and CR line ends become LF, a leading byte-order mark is dropped)")
     p.add_argument("--name", help="dataset name: output goes to <data_dir>/<name>/ (default: the named dataset)")
@@ -775,6 +779,13 @@ def check_args(args) -> tuple[str, str | None]:
         raise UserError(f"unknown --documents mode {args.documents!r}; valid: {', '.join(DOCUMENT_MODES)}")
     if args.shuffle.lower() not in ("true", "false"):
         raise UserError(f"--shuffle must be true or false, got {args.shuffle!r}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be 0 or more, got {args.seed}")
+    default = NAMED_DATASETS.get(args.dataset)
+    if default and args.tokenizer and args.tokenizer != default and not args.name:
+        raise UserError(f"{args.dataset} is the {default} tokenization of its text (the recipes expect it); "
+                        f"for --tokenizer={args.tokenizer} give the dataset a name of its own, e.g. "
+                        f"--name {args.dataset}_{args.tokenizer.replace(':', '')}")
     return name, None if args.documents == "file" else args.documents
 
 

@@ -2,8 +2,13 @@
 import atexit
 import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -90,3 +95,38 @@ def rank_output(log_dir, tail: int = 3000) -> str:
 # A test process that dies of a signal (a rank's SIGABRT, say) prints every thread's Python
 # stack on its stderr, which rank_output() then shows.
 os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(flags, log):
+    """Start app.py with flags on a free port, yield its URL once it answers, stop it after."""
+    port = free_port()
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), *flags, f"--port={port}", "--device=cpu"],
+                                cwd=ROOT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONIOENCODING": "utf-8"},
+                                stdout=f, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"app.py exited with {proc.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"app.py did not start in 120 s:\n{log.read_text()}"
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)

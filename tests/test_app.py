@@ -1,15 +1,9 @@
 """app.py, the web demo: a real server in a subprocess, driven by gradio_client and by a real
 browser (Debian's chromium, headless, through playwright). Two tiny checkpoints are trained here."""
 import contextlib
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,14 +12,13 @@ import app
 import hardware
 import sample
 import train
-from conftest import ROOT, TINY, write_char_dataset
+from conftest import TINY, serve, write_char_dataset
 from errors import UserError
 
 pytest.importorskip("gradio_client", reason="pip install -r requirements-extras.txt")
 from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-ENV = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONIOENCODING": "utf-8"}
 PROMPT = "ROMEO:"
 LIMIT = 20_000  # high: the Stop test needs a generation that lasts longer than the browser lags behind
 
@@ -41,45 +34,11 @@ def runs(tmp_path_factory, shakespeare_text):
     return root / "runs"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(runs, tmp_path_factory):
     """app.py serving runs/a (the default) and everything under runs/, on a free port."""
     log = tmp_path_factory.mktemp("server") / "app.log"
     yield from serve([f"--out_dir={runs / 'a'}", f"--models_dir={runs}", f"--max_new_tokens_limit={LIMIT}"], log)
-
-
-def serve(flags, log):
-    """Start app.py with flags on a free port, yield its URL once it answers, stop it after."""
-    port = free_port()
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), *flags, f"--port={port}", "--device=cpu"],
-                                cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"app.py exited with {proc.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"app.py did not start in 120 s:\n{log.read_text()}"
-            try:
-                with urllib.request.urlopen(url, timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.3)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -417,6 +417,11 @@ DOCUMENT_CASES = {
                                             "--documents=line", "--block_size=4"), "too few to give train and val"),
     "prepare bad shuffle": (P("--input", "{root}/short.txt", "--name=x", "--documents=line", "--shuffle=maybe"),
                             "--shuffle must be true or false"),
+    "prepare negative seed": (P("--input", "{root}/lines.txt", "--name=x", "--documents=line", "--seed=-5"),
+                              "--seed must be 0 or more, got -5"),
+    "prepare a named dataset in another tokenizer": (
+        P("shakespeare_char", "--input", "{root}/short.txt", "--tokenizer=bpe:300"),
+        "give the dataset a name of its own, e.g. --name shakespeare_char_bpe300"),
     "sample empty stop string": (S("--stop="), "--stop needs a non-empty string"),
 }
 

@@ -237,6 +237,13 @@ def test_combos_train_then_sample_whole_documents(combos_data, tmp_path, capsys)
     assert all("\n" not in s and s for s in samples)  # each sample ended at its document's end
     moves = [m for s in samples for m in s.split(SEPARATOR)]
     assert sum(m in MOVES for m in moves) >= 0.7 * len(moves), samples
+    # a prompt file ends in a line end, which no document of line mode holds: it is the file's
+    (tmp_path / "p.txt").write_text(samples[0][:5] + "\n", encoding="utf-8")
+    greedy = [f"--out_dir={out}", "--max_new_tokens=20", "--temperature=0", "--device=cpu"]
+    sample.main([*greedy, f"--prompt=FILE:{tmp_path / 'p.txt'}"])
+    from_file = capsys.readouterr().out
+    sample.main([*greedy, f"--prompt={samples[0][:5]}"])
+    assert from_file == capsys.readouterr().out and from_file.startswith(samples[0][:5])
 
 
 # ---------------------------------------------------------------- stopping and --stop

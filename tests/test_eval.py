@@ -159,11 +159,12 @@ def test_per_line_scores_each_line_on_its_own(char_dir, char_tok, text_file, tmp
     assert len(rows) == len(lines) + 1 and rows[1].split("\t")[-1] == lines[0][1]
 
 
-def test_documents_model(tmp_path, capsys):
-    """A documents model: each line a document after its boundary, scored up to the closing one;
-    the boundary stands for no bytes."""
+@pytest.mark.parametrize("documents", ["line", "jsonl"])
+def test_documents_model(tmp_path, capsys, documents):
+    """A documents model (of --documents=line, or of JSONL records): each line a document after
+    its boundary, scored up to the closing one; the boundary stands for no bytes."""
     docs = ["jab cross hook", "jab jab cross", "hook uppercut"]
-    tok = Tokenizer.char_from_text("".join(docs), documents="line")
+    tok = Tokenizer.char_from_text("".join(docs), documents=documents)
     out = save_model(tmp_path / "out", tok)
     path = tmp_path / "combos.txt"
     path.write_text("\n".join(docs) + "\n\n", encoding="utf-8")
@@ -177,6 +178,10 @@ def test_documents_model(tmp_path, capsys):
     ids = torch.tensor([tok.eot_id, *tok.encode(docs[0]), tok.eot_id])
     logits, _ = model_of(out)(ids[None, :-1], ids[None, 1:])
     assert records[0]["logprob"] == pytest.approx(-F.cross_entropy(logits[0], ids[1:], reduction="sum").item(), rel=1e-5)
+    if documents == "jsonl":  # records in JSON: not plain text, one line that says what to do
+        (tmp_path / "records.jsonl").write_text('{"text": "jab"}\n', encoding="utf-8")
+        with pytest.raises(UserError, match="scores plain text, one document per line"):
+            evaluate.main([f"--out_dir={out}", f"--input={tmp_path / 'records.jsonl'}"])
 
 
 def test_document_windows_start_at_documents_and_score_every_token_once():

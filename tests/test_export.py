@@ -353,6 +353,24 @@ def test_a_new_export_keeps_what_the_user_added_to_the_last(char_run, tmp_path, 
     assert "kept what you had added there: notes.txt, pictures" in capsys.readouterr().err
 
 
+def test_a_new_export_refuses_to_replace_a_file_the_user_added(char_run, tmp_path, capsys):
+    """A file the user added under a name the new export writes (their own model.onnx beside an
+    hf export) is not replaced silently: refused, nothing changed; --force replaces it and says so."""
+    dest = tmp_path / "dest"
+    export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}"])
+    (dest / "model.onnx").write_text("my own", encoding="utf-8")
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    with pytest.raises(UserError, match="holds model.onnx, which you added there and this export would replace"):
+        export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}", "--format=onnx"])
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["dest"]
+    capsys.readouterr()
+    export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}", "--format=onnx", "--force"])
+    err = capsys.readouterr().err
+    assert "replaced what you had added there (--force): model.onnx" in err and "kept what" not in err
+    assert (dest / "model.onnx").read_bytes() != b"my own"
+
+
 def test_a_failed_export_into_the_working_folder_leaves_the_last_one_whole(char_run, tmp_path, monkeypatch):
     """--dest=. swaps file by file: a failure partway (a full disk) takes the new files out and
     puts the previous export's back, none of one beside the other."""

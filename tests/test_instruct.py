@@ -3,6 +3,8 @@ them (only answers are in the loss), refuses a bad line in one line naming file 
 and sampling wraps prompts and chats with the template stored in meta.json; the shared
 sampler's min-p and repetition penalty."""
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ import prepare
 import template
 from errors import UserError
 from model import sample_next
+from conftest import TINY
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +83,25 @@ def test_records_become_documents_with_the_answers_in_the_loss(tmp_path, tok):
         (user.replace("{content}", "Capital of France?") + assistant + "Paris", "Paris<EOT>"),
     ] * 5
     assert got == expected
+
+
+def test_records_of_text_only_are_documents_not_instructions(tmp_path, capsys):
+    """A JSONL file of {"text": ...} records only: documents, every token in the loss, no
+    template (and none of its characters in a char vocabulary); its model continues a prompt and
+    an empty prompt starts a new document, as a --documents=line model does."""
+    import sample
+    import train
+    texts = [{"text": f"jab cross hook {i % 7}"} for i in range(60)]
+    meta, splits = prepare_records(tmp_path, texts, "--tokenizer", "char", name="docs")
+    assert "template" not in meta and "chat" not in meta and meta["records"]["text"] == 60
+    assert set(meta["chars"]) == set("".join(t["text"] for t in texts))  # no '<', '|', '>', '\n'
+    assert all(mask[1:].all() for _, mask in splits.values())  # every target in the loss
+    train.main([f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", *TINY, "--dataset=docs",
+                "--block_size=16", "--max_iters=2", "--eval_interval=2"])
+    capsys.readouterr()
+    for prompt in ("", "jab"):
+        sample.main([f"--out_dir={tmp_path / 'out'}", f"--prompt={prompt}", "--max_new_tokens=5", "--device=cpu"])
+        assert capsys.readouterr().out.startswith(prompt)  # continued, not wrapped in a template
 
 
 def test_sampling_wraps_prompts_as_training_did(tmp_path):
@@ -366,6 +388,28 @@ def test_app_wraps_prompts_holds_a_chat_and_checks_the_new_settings(instruct_dat
         list(app.generate(models, 100, 0.0, "x", 4, 0, 0, 1.0, 1, "chat", 1.5, 0))
 
 
+def test_the_chat_api_continues_the_history_it_returned(chat_run, tmp_path):
+    """docs/app.md's /chat over HTTP, through gradio_client against a real app.py: the history
+    /chat returns, passed back, continues the chat; messages in the documented form (content as
+    a list of text parts) are read as the page's are."""
+    client_module = pytest.importorskip("gradio_client")
+    from conftest import serve
+    server = serve([f"--out_dir={chat_run}"], tmp_path / "app.log")
+    url = next(server)
+    try:
+        client = client_module.Client(url, verbose=False)
+        settings = (4, 0.0, 0, 1.0, 1)  # max_new_tokens, temperature, top_k, top_p, seed
+        first = client.predict("Hi", [], *settings, api_name="/chat")
+        assert [m["role"] for m in first] == ["user", "assistant"]
+        assert first[0]["content"] == [{"text": "Hi", "type": "text"}]
+        second = client.predict("Bye", first, *settings, api_name="/chat")
+        assert second[:2] == first and [m["role"] for m in second] == ["user", "assistant"] * 2
+        typed = [{"role": m["role"], "content": [{"type": "text", "text": m["content"][0]["text"]}]} for m in first]
+        assert client.predict("Bye", typed, *settings, api_name="/chat") == second
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize("flag, message", [("--min_p=2", "--min_p must be in [0, 1]"),
                                            ("--min_p=nan", "--min_p must be in [0, 1]"),
                                            ("--repetition_penalty=0", "--repetition_penalty must be a finite")])
@@ -420,6 +464,27 @@ def test_the_chat_template_gives_transformers_the_ids_sampling_uses(tmp_path, na
             assert hf.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"] == ours
         assert hf_format.instruct_of(tmp_path) == {"template": tmpl, "chat": True}
     assert template.prompt_ids(tok, tmpl, CHAT[1]["content"]) == ours  # one user turn: a prompt's wrapping
+
+
+def test_the_onnx_card_of_an_instruction_model_wraps_the_question_and_shows_the_answer(chat_run, tmp_path):
+    """The ONNX export's model card runs as written (onnxruntime and tokenizers, no torch) and
+    answers as sample.py does: the question wrapped in the model's template, the answer alone."""
+    pytest.importorskip("onnxruntime")
+    import re
+    import subprocess
+    import export
+    export.main([f"--out_dir={chat_run}", f"--dest={tmp_path / 'onnx'}", "--format=onnx"])
+    card = (tmp_path / "onnx" / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    question, n = re.search(r'folder, prompt, max_new_tokens = ".*", "(.*)", (\d+)\n', code).groups()
+    assert question == "2+2?" and int(n) == 3  # a shorter question where "What is 2+2?" does not fit block_size 32
+    code += "import sys\nassert 'torch' not in sys.modules\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert proc.returncode == 0, proc.stderr
+    import loading
+    model, tokenizer, info = loading.load(str(chat_run), "cpu")
+    assert proc.stdout == wrapped_answer(model, tokenizer, info["instruct"]["template"], question, int(n)) + "\n"
 
 
 def test_an_exported_instruction_model_keeps_its_template(chat_run, tmp_path, capsys):

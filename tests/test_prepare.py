@@ -65,6 +65,16 @@ def test_char_round_trip_several_files_non_ascii(tmp_path):
     assert meta["chars"] == sorted(set("".join(DOCS)) - {"\r"})
 
 
+def test_input_given_twice_reads_both(tmp_path):
+    """--input a --input b is both files, as --input a b (not the last one alone)."""
+    paths = write_docs(tmp_path / "texts", ["first file\n" * 40, "second file\n" * 40])
+    run_prepare(tmp_path / "data", "--input", str(paths[0]), "--input", str(paths[1]), "--name", "two",
+                "--tokenizer", "char", "--block_size", "8")
+    meta, train, val = load(tmp_path / "data", "two")
+    assert [s["path"] for s in meta["sources"]] == [str(p) for p in paths]
+    assert Tokenizer.from_description(meta).decode(np.concatenate([train, val])) == "first file\n" * 40 + "second file\n" * 40
+
+
 @pytest.mark.parametrize("name,dtype", [("gpt2", "uint16"), ("cl100k_base", "uint32"), ("o200k_base", "uint32")])
 def test_bpe_round_trip_documents_joined_by_eot(tmp_path, name, dtype):
     paths = write_docs(tmp_path / "texts", DOCS * 20)
@@ -81,9 +91,10 @@ def test_bpe_round_trip_documents_joined_by_eot(tmp_path, name, dtype):
 
 @pytest.mark.parametrize("name", ["gpt2", "cl100k_base"])
 def test_named_dataset_with_input_equals_one_shot_encode(tmp_path, shakespeare_text, name):
+    named = ["--name", f"shakespeare_{name}"] if name != "gpt2" else []  # the name is gpt2's tokens
     run_prepare(tmp_path / "data", "shakespeare", "--input", str(SHAKESPEARE), "--tokenizer", name,
-                "--chunk_size", "4096")
-    meta, train, val = load(tmp_path / "data", "shakespeare")
+                "--chunk_size", "4096", *named)
+    meta, train, val = load(tmp_path / "data", f"shakespeare_{name}" if named else "shakespeare")
     ids = np.concatenate([train, val])
     assert ids.tolist() == tiktoken.get_encoding(name).encode_ordinary(shakespeare_text)
 

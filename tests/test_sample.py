@@ -140,9 +140,11 @@ def test_a_prompt_becomes_the_ids_the_model_continues_from():
     char = Tokenizer.char_from_text("ab\n")
     assert encode_prompt(char, "ba", False) == char.encode("ba")
     docs = Tokenizer.char_from_text("ab\n", documents="line")
-    ids = encode_prompt(docs, "\n\nab\n", False)  # a new document: leading line ends dropped
-    assert ids == [docs.eot_id] + docs.encode("ab\n")
-    assert shown_prompt(docs, ids + [docs.vocab_size]) == docs.encode("ab\n")  # no boundary, no padding id
+    ids = encode_prompt(docs, "\n\nab\n", False)  # a new document: its line ends dropped (line mode has none)
+    assert ids == [docs.eot_id] + docs.encode("ab")
+    assert shown_prompt(docs, ids + [docs.vocab_size]) == docs.encode("ab")  # no boundary, no padding id
+    blank = Tokenizer.char_from_text("ab\n", documents="blank")  # a document of lines: only leading ones go
+    assert encode_prompt(blank, "\nab\n", False) == [blank.eot_id] + blank.encode("ab\n")
     assert encode_prompt(docs, "", False) == [docs.eot_id]
     bpe = Tokenizer.bpe_from_ranks([bytes([i]) for i in range(256)])
     assert encode_prompt(bpe, "", False) == [bpe.eot_id]  # an empty prompt starts a new document
@@ -161,6 +163,7 @@ def test_a_documents_or_instruct_prompt_keeps_its_text_and_drops_unknown_charact
                                     documents="jsonl")
     ids = encode_prompt(chat, "h€i", True, instruct={"template": template.TEMPLATE})  # a user turn, then the marker
     assert ids == [chat.eot_id] + chat.encode("<|user|>\nhi\n<|assistant|>\n")
+    assert encode_prompt(chat, "hi\n", False, instruct={"template": template.TEMPLATE}) == ids  # a file's line end
 
 
 def test_generate_text_streams_what_the_model_draws_with_these_settings():
