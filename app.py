@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 import hardware
+import hf_format
 import plot
 import template
 from config import coerce, parse_config
@@ -92,12 +93,19 @@ class AppConfig:
 
 def find_model_folders(root: Path) -> list[Path]:
     """Every model folder under root (root included), sorted; hidden folders, virtual
-    environments and datasets are skipped."""
+    environments and datasets are skipped, and so is a Hugging Face folder of a model this
+    project does not compute (a Llama, say), with a line on stderr."""
     found = []
     for folder, dirs, _ in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")) and d not in SKIP_DIRS
                          and not (Path(folder) / d / "pyvenv.cfg").exists())
         if is_model_folder(Path(folder)):
+            if not (Path(folder) / "ckpt.pt").is_file():
+                try:
+                    hf_format.gpt_config(Path(folder))  # its config.json only: cheap
+                except UserError as e:
+                    print(f"skipped model {folder}: {e}", file=sys.stderr, flush=True)
+                    continue
             found.append(Path(folder))
     return found
 

@@ -225,4 +225,13 @@ def parse_config(cls, argv: list[str] | None = None, prog: str | None = None, ch
         errors.extend(config.problems())
     if errors:
         raise UserError("; ".join(errors))
-    return config, set(values)
+    return config, Explicit(values, files=[k for k in files if k not in raw])
+
+
+class Explicit(set):
+    """The keys a config file or a flag set (parse_config); .from_file: those a config file set
+    and no flag changed, so a message can say where a refused value came from."""
+
+    def __init__(self, keys=(), files=()):
+        super().__init__(keys)
+        self.from_file = set(files) & self

@@ -32,9 +32,12 @@ class Dataset:
     def __init__(self, data_dir: str, name: str):
         folder = Path(data_dir) / name
         meta_path = folder / "meta.json"
+        if not name.strip():
+            raise UserError("--dataset is empty: name a prepared dataset (a folder of data/), e.g. --dataset=shakespeare_char")
         if not meta_path.exists():
+            where = "" if Path(data_dir) == Path("data") else f" --data_dir {data_dir}"
             raise UserError(f"dataset {name!r} not found ({meta_path} is missing); run "
-                            f"`python prepare.py {name}` or `python prepare.py --input FILE --name {name}` first")
+                            f"`python prepare.py {name}{where}` or `python prepare.py --input FILE --name {name}{where}` first")
         try:
             self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
             self.dtype = np.dtype(self.meta["dtype"])

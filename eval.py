@@ -395,6 +395,9 @@ def check_writable(path: Path):
 
 def main(argv=None):
     cfg, explicit = parse_config(EvalConfig, argv, prog="eval.py")
+    if cfg.init_from != "resume" and "out_dir" in explicit:
+        raise UserError(f"--out_dir and --init_from each choose the model: pass one of them (--out_dir for a "
+                        f"run's checkpoint or a folder export.py wrote, --init_from for a GPT-2 name or folder)")
     if cfg.input and "split" in explicit:
         raise UserError("--input and --split each choose the text to score: pass one of them")
     hardware.set_cpu_threads()
@@ -406,6 +409,8 @@ def main(argv=None):
     if cfg.int8 and not fast_decode.int8_available():
         raise UserError("--int8 needs torch's int8 weight-only kernel, which this torch build lacks")
     text = read_utf8(Path(cfg.input)) if cfg.input else None  # a bad file fails before loading
+    if text is not None and not text.strip():
+        raise UserError(f"--input={cfg.input} holds no text to score (it is empty or only whitespace)")
     if cfg.per_line:
         check_writable(Path(cfg.per_line))
     model, tokenizer, trained_on, trained_dir = load_for_eval(cfg, precision.device)

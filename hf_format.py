@@ -385,7 +385,17 @@ def resolve(init_from: str) -> Path:
     folder = Path(init_from)
     if not folder.is_dir():
         raise UserError(f"--init_from={init_from}: no such folder, and not one of {', '.join(GPT2_NAMES)}")
+    refuse_onnx_export(folder, "--init_from")
     return folder
+
+
+def refuse_onnx_export(folder: Path, flag: str):
+    """An ONNX export of ours (its graphs, no weights torch loads, no ckpt.pt) where a model to
+    load belongs: one line saying what it is and what to pass instead."""
+    if any(folder.glob("*.onnx")) and not (folder / "ckpt.pt").exists() and not any(
+            (folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
+        raise UserError(f"{flag}={folder} is an ONNX export (export.py --format=onnx): it runs in onnxruntime "
+                        f"and is not loaded back here; use its run's --out_dir, or an --format=hf export")
 
 
 def check_memory(folder: Path, config: GPTConfig):
@@ -393,9 +403,7 @@ def check_memory(folder: Path, config: GPTConfig):
     and ours at once, both float32."""
     weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file()]
     if not weights:
-        if any(folder.glob("*.onnx")):
-            raise UserError(f"{folder} is an ONNX export (export.py --format=onnx): it runs in onnxruntime "
-                            f"and is not loaded back here; use its run's --out_dir, or an --format=hf export")
+        refuse_onnx_export(folder, "--init_from")
         raise UserError(f"{folder} has no weights (model.safetensors or pytorch_model.bin)")
     C, L, V = config.n_embd, config.n_layer, config.vocab_size
     on_disk = sum(p.stat().st_size for p in weights)

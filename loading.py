@@ -35,9 +35,20 @@ def check_folder(path: str, flag: str = "--out_dir"):
                         f"Hugging Face model), {flag}={Path(path).parent}")
 
 
+def check_not_an_export(folder: Path, flag: str = "--out_dir"):
+    """A folder of export.py's where a run's checkpoint folder belongs: one line saying what it is."""
+    if (folder / "ckpt.pt").exists() or not folder.is_dir():
+        return
+    hf_format.refuse_onnx_export(folder, flag)
+    if is_hf_folder(folder) and flag == "--out_dir":
+        raise UserError(f"{flag}={folder} is a Hugging Face folder, not a run's checkpoint folder (ckpt.pt): pass "
+                        f"the --out_dir of the run it came from, or --init_from={folder} where the script takes one")
+
+
 def load_model(out_dir: str, device: str) -> tuple[GPT, Tokenizer, dict]:
     """The model (eval mode, on device) and tokenizer of <out_dir>/ckpt.pt, and the checkpoint."""
     check_folder(out_dir)
+    check_not_an_export(Path(out_dir))
     path = Path(out_dir) / "ckpt.pt"
     ckpt = checkpoint.load(path)
     try:
@@ -79,6 +90,7 @@ def load(folder: str, device: str) -> tuple[GPT, Tokenizer, dict]:
     folder with neither gets the checkpoint's error. info holds what a model card shows:
     model_args, config, iter_num, best_val_loss (None where the folder has no such thing)."""
     if (Path(folder) / "ckpt.pt").is_file() or not is_hf_folder(Path(folder)):
+        check_not_an_export(Path(folder))  # an ONNX export: what it is, not "no checkpoint"
         model, tokenizer, ckpt = load_model(folder, device)
         return model, tokenizer, {k: ckpt.get(k) for k in ("model_args", "config", "iter_num", "best_val_loss",
                                                            "instruct")}

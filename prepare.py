@@ -134,7 +134,7 @@ def read_utf8(path: Path, read_size: int, progress=None, sha=None):
     characters whole across reads); non-UTF-8 bytes raise UserError with their offset.
     Updates the tqdm bar `progress` and the hash `sha` with the bytes read."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0  # bytes handed to the decoder so far
+    offset, lines = 0, 0  # bytes handed to the decoder so far, and the line ends among them
     try:
         with open(path, "rb") as f:
             while True:
@@ -143,9 +143,11 @@ def read_utf8(path: Path, read_size: int, progress=None, sha=None):
                 try:
                     text = decoder.decode(data, final=not data)
                 except UnicodeDecodeError as e:
-                    raise UserError(f"{path} is not UTF-8 text: invalid byte at offset "
-                                    f"{offset - pending + e.start}") from None
+                    line = lines + data[:max(0, e.start - pending)].count(b"\n") + 1
+                    raise UserError(f"{path} is not UTF-8 text: invalid byte at offset {offset - pending + e.start} "
+                                    f"(line {line}); convert it, e.g. `iconv -f latin1 -t utf-8`") from None
                 offset += len(data)
+                lines += data.count(b"\n")
                 if sha is not None:
                     sha.update(data)
                 if progress is not None:
@@ -838,6 +840,7 @@ def main(argv=None):
 
     data_dir = Path(args.data_dir)
     dest = data_dir / name
+    replaced = " (replacing the dataset prepared there before)" if (dest / "meta.json").exists() else ""
     created = not data_dir.exists()  # a run that fails leaves no empty --data_dir of its own behind
     tmp = make_temp_folder(data_dir, name)
 
@@ -855,7 +858,7 @@ def main(argv=None):
         if is_jsonl(files, args.format):  # instruction data: its own path (the JSONL block above)
             meta = prepare_jsonl(args, files, tokenizer, bpe_size, tmp)
             write_dataset(tmp, dest, meta)
-            print(f"wrote {dest}/: train.bin, val.bin ({meta['dtype']}), their loss masks "
+            print(f"wrote {dest}/{replaced}: train.bin, val.bin ({meta['dtype']}), their loss masks "
                   f"({', '.join(MASK_OUTPUTS)}), meta.json")
             return
         if args.template:
@@ -933,7 +936,7 @@ def main(argv=None):
                 data_dir.rmdir()  # only if empty: a failed run's
             except OSError:
                 pass
-    print(f"wrote {dest}/: train.bin, val.bin ({dtype.name}), meta.json")
+    print(f"wrote {dest}/{replaced}: train.bin, val.bin ({dtype.name}), meta.json")
 
 
 if __name__ == "__main__":

@@ -110,11 +110,16 @@ def read_prompt(prompt: str) -> str:
     if path.is_dir():
         raise UserError(f"could not read prompt file {path}: it is a folder; name a text file in it")
     try:
-        return text_of(path.read_bytes().decode("utf-8"))
+        raw = path.read_bytes()
+        return text_of(raw.decode("utf-8"))
     except FileNotFoundError:
         raise UserError(f"prompt file {path} not found (from --prompt=FILE:{path})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"could not read prompt file {path}: {e}") from None
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"prompt file {path} is not UTF-8 text: invalid byte at offset {e.start} (line {line}); "
+                        f"convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+    except OSError as e:
+        raise UserError(f"could not read prompt file {path}: {e.strerror or e}") from None
 
 
 # ---------------------------------------------------------------------------- output
@@ -220,6 +225,9 @@ def interactive(model, tokenizer, cfg, precision, generator, out, instruct: dict
 
 def main(argv=None):
     cfg, explicit = parse_config(SampleConfig, argv, prog="sample.py")
+    if cfg.init_from != "resume" and "out_dir" in explicit:
+        raise UserError(f"--out_dir and --init_from each choose the model: pass one of them (--out_dir for a "
+                        f"run's checkpoint or a folder export.py wrote, --init_from for a GPT-2 name or folder)")
     # a bad file fails before loading; --interactive with --prompt: its first input
     prompt_text = read_prompt(cfg.prompt) if not cfg.interactive or "prompt" in explicit else None
     if cfg.cpu_threads:

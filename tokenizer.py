@@ -100,7 +100,8 @@ class Tokenizer:
         """A tiktoken encoding by name (gpt2, r50k_base, cl100k_base, o200k_base, ...)."""
         valid = tiktoken.list_encoding_names()
         if name not in valid:
-            raise UserError(f"unknown tokenizer {name!r}; valid: {', '.join([CHAR] + valid)}")
+            raise UserError(f"unknown tokenizer {name!r}; valid: {', '.join([CHAR] + valid)}, or bpe:N (a "
+                            f"vocabulary of N tokens trained on your text)")
         try:
             encoding = tiktoken.get_encoding(name)
         except Exception as e:  # network errors (requests, urllib, OSError), hash mismatch

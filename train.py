@@ -299,7 +299,8 @@ def lock_out_dir(lock: runlock.FolderLock, ddp: bool, master: bool, create: bool
                 try:
                     lock.path.parent.mkdir(parents=True, exist_ok=True)
                 except OSError as e:
-                    raise UserError(f"cannot create --out_dir {lock.path.parent}: {e.strerror}; "
+                    what = "it is a file, not a folder" if lock.path.parent.is_file() else e.strerror
+                    raise UserError(f"cannot create --out_dir {lock.path.parent}: {what}; "
                                     f"choose another folder") from None
             if lock.path.parent.is_dir():
                 lock.acquire()
@@ -351,9 +352,18 @@ def start_process_group(cfg: TrainConfig) -> Processes:
 
 
 def conflicts(cfg: TrainConfig, explicit: set, fixed: dict, source: str) -> list[str]:
-    """The flags set on this command line that contradict what an existing model fixes."""
-    return [f"--{k}={getattr(cfg, k)} ({source} has {v})"
+    """The settings of this command line (its flags, its config file) that contradict what an
+    existing model fixes."""
+    from_file = getattr(explicit, "from_file", set())
+    return [f"--{k}={getattr(cfg, k)}{' (set by the config file)' if k in from_file else ''} ({source} has {v})"
             for k, v in fixed.items() if k in explicit and getattr(cfg, k) != v]
+
+
+def drop_them(refused: list[str]) -> str:
+    """How to clear conflicts(): drop the flags, and a config file that sets a model's shape."""
+    if any("(set by the config file)" in r for r in refused):
+        return "drop these flags, and leave out the config file (it sets a model shape of its own)"
+    return "drop these flags"
 
 
 def resume_settings(cfg: TrainConfig, explicit: set, ckpt_path: Path) -> tuple[TrainConfig, dict]:
@@ -372,7 +382,7 @@ def resume_settings(cfg: TrainConfig, explicit: set, ckpt_path: Path) -> tuple[T
     refused = conflicts(cfg, explicit, fixed, "checkpoint")
     if refused:
         raise UserError(f"cannot resume {ckpt_path} with a different model shape or optimizer: "
-                        f"{', '.join(refused)}; drop these flags or start a new run with another --out_dir")
+                        f"{', '.join(refused)}; {drop_them(refused)}, or start a new run with another --out_dir")
     cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in explicit}, init_from="resume")
     return cfg, ckpt
 
@@ -401,7 +411,7 @@ def pretrained_settings(cfg: TrainConfig, explicit: set) -> tuple[TrainConfig, P
                        f"positions; a shorter block_size crops them)")
     if refused:
         raise UserError(f"cannot start from {cfg.init_from} with a different model shape: "
-                        f"{', '.join(refused)}; drop these flags")
+                        f"{', '.join(refused)}; {drop_them(refused)}")
     block_size = cfg.block_size if "block_size" in explicit else hf_config.block_size
     return dataclasses.replace(cfg, **fixed, block_size=block_size), Pretrained(hf_folder, hf_config, ours)
 
@@ -699,8 +709,12 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
     if cfg.init_from == "resume":
         lock_out_dir(out_lock, procs.ddp, master, create=False)  # before reading a checkpoint another run may write
         cfg, ckpt = resume_settings(cfg, explicit, ckpt_path)
-    if cfg.problems():  # every invalid setting at once, before any work
-        raise UserError("; ".join(cfg.problems()))
+    problems = cfg.problems()
+    if not cfg.lora_rank and (idle := [f"--{k}" for k in lora.SETTINGS[1:] if k in explicit]):
+        problems.append(f"{', '.join(idle)} set{'s' if len(idle) == 1 else ''} LoRA adapters, which --lora_rank=0 "
+                        f"leaves out: add --lora_rank=N (8, say) to train them, or drop {'it' if len(idle) == 1 else 'them'}")
+    if problems:  # every invalid setting at once, before any work
+        raise UserError("; ".join(problems))
     cfg, pretrained = pretrained_settings(cfg, explicit)
     accum = micro_steps(cfg, procs)
 

@@ -171,6 +171,16 @@ def test_broken_checkpoints_are_skipped_or_a_message_when_picked(runs, tmp_path)
         app.Models(folders, hardware.resolve("cpu", "float32")).load_default(only_this=False)
 
 
+def test_a_hugging_face_folder_of_another_architecture_is_left_out(runs, tmp_path, capsys):
+    """--models_dir with a Llama saved by transformers beside our runs: not in the picker, one line."""
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}', encoding="utf-8")
+    (tmp_path / "llama" / "model.safetensors").write_bytes(b"")
+    shutil.copytree(runs / "a", tmp_path / "a")
+    assert list(app.model_folders(app.AppConfig(models_dir=str(tmp_path)))) == ["a"]
+    assert f"skipped model {tmp_path / 'llama'}: {tmp_path / 'llama'} holds a 'llama' model" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------- a real browser
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

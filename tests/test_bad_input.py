@@ -59,6 +59,10 @@ def S(*flags):  # sample.py on the trained checkpoint
     return ("sample", ["--out_dir={root}/out", "--max_new_tokens=5", *flags])
 
 
+def SI(*flags):  # sample.py on a Hugging Face model (--init_from), not the checkpoint
+    return ("sample", ["--max_new_tokens=5", *flags])
+
+
 def P(*flags):  # prepare.py into a scratch data folder
     return ("prepare", ["--data_dir={root}/prepared", *flags])
 
@@ -83,11 +87,13 @@ CASES = {
     "train config unknown key": (("train", ["{root}/typo.py"]), "did you mean --n_layer"),
     "train stray argument": (T("batch_size=3"), "settings are passed as --key=value"),
     # train.py: data
-    "train missing dataset": (T("--dataset=nope"), "run `python prepare.py nope`"),
+    "train missing dataset": (T("--dataset=nope"), "run `python prepare.py nope --data_dir {root}/data`"),
     "train block larger than split": (T("--block_size=5000"), "too few for one window"),
     "train damaged bin": (T("--dataset=broken"), "damaged"),
     "train bad meta.json": (T("--dataset=badmeta"), "not a valid meta.json"),
     "train out_dir under a file": (T("--out_dir={root}/blocker/out"), "cannot create --out_dir"),
+    "train out_dir a file": (T("--out_dir={root}/short.txt"), "short.txt: it is a file, not a folder"),
+    "train empty dataset": (T("--dataset="), "--dataset is empty"),
     "train batch beyond memory": (T("--batch_size=100000000000", "--out_dir={root}/big_batch"), "out of memory"),
     # train.py: a new run where another left its model (the model is kept)
     "train new run over a model": (("train", ["--data_dir={data}", "--out_dir={root}/out", *TINY, "--max_iters=2"]),
@@ -126,7 +132,8 @@ CASES = {
     # prepare.py
     "prepare missing input": (P("--input", "{root}/nope.txt", "--name=x"), "nope.txt"),
     "prepare empty input": (P("--input", "{root}/empty.txt", "--name=x", "--tokenizer=char"), "empty"),
-    "prepare not utf-8": (P("--input", "{root}/latin1.txt", "--name=x", "--tokenizer=char"), "byte"),
+    "prepare not utf-8": (P("--input", "{root}/latin1.txt", "--name=x", "--tokenizer=char"),
+                          "invalid byte at offset 3 (line 1); convert it, e.g. `iconv -f latin1 -t utf-8`"),
     "prepare split too small": (P("--input", "{root}/short.txt", "--name=x", "--tokenizer=char"), "block_size"),
     "prepare unknown tokenizer": (P("--input", "{root}/short.txt", "--name=x", "--tokenizer=gpt9"), "gpt9"),
     "prepare nothing to do": (P(), "--input"),
@@ -295,7 +302,8 @@ MORE_CASES = {
     "sample pickled code": (S("--out_dir={root}/evil"), "not plain data"),
     # sample.py
     "sample empty prompt": (S("--prompt="), "the prompt is empty"),
-    "sample prompt file not utf-8": (S("--prompt=FILE:{root}/latin1.txt"), "could not read prompt file"),
+    "sample prompt file not utf-8": (S("--prompt=FILE:{root}/latin1.txt"),
+                                     "latin1.txt is not UTF-8 text: invalid byte at offset 3 (line 1); convert it"),
     "sample prompt file is a folder": (S("--prompt=FILE:{root}/emptydir"), "could not read prompt file"),
     "sample negative cpu_threads": (S("--cpu_threads=-1"), "--cpu_threads must be >= 0"),
     "sample unknown device": (S("--device=tpu"), "unknown device 'tpu'"),
@@ -378,17 +386,23 @@ HF_CASES = {
     "export unknown flag": (E("--formt=hf"), "did you mean --format"),
     "export over the checkpoint folder": (E("--dest={root}/out", "--force"), "holds the checkpoint folder"),
     "export over a parent of the checkpoint": (E("--dest={root}", "--force"), "holds the checkpoint folder"),
-    "sample init_from no such folder": (S("--init_from={root}/nope"), "no such folder"),
-    "sample init_from not a model folder": (S("--init_from={root}/data"), "no config.json"),
-    "sample init_from a run's folder": (S("--init_from={root}/out"), "pass it as --out_dir="),
-    "sample init_from an ONNX export": (S("--init_from={root}/onnx"), "is an ONNX export"),
-    "sample init_from not a GPT-2": (S("--init_from={root}/llama"), "not a GPT-2"),
-    "sample init_from damaged config": (S("--init_from={root}/notjson"), "not valid JSON"),
-    "sample init_from GPT-2 variant": (S("--init_from={root}/relu"), "activation_function 'relu'"),
-    "sample init_from too big": (S("--init_from={root}/huge"), "GiB is available"),
-    "sample init_from bad shape": (S("--init_from={root}/badshape"), "not divisible by n_head 3"),
+    "sample init_from no such folder": (SI("--init_from={root}/nope"), "no such folder"),
+    "sample init_from not a model folder": (SI("--init_from={root}/data"), "no config.json"),
+    "sample init_from a run's folder": (SI("--init_from={root}/out"), "pass it as --out_dir="),
+    "sample init_from an ONNX export": (SI("--init_from={root}/onnx"), "is an ONNX export"),
+    "sample out_dir and init_from both": (S("--init_from={root}/relu"), "--out_dir and --init_from each choose the model"),
+    "sample init_from not a GPT-2": (SI("--init_from={root}/llama"), "not a GPT-2"),
+    "sample init_from damaged config": (SI("--init_from={root}/notjson"), "not valid JSON"),
+    "sample init_from GPT-2 variant": (SI("--init_from={root}/relu"), "activation_function 'relu'"),
+    "sample init_from too big": (SI("--init_from={root}/huge"), "GiB is available"),
+    "sample init_from bad shape": (SI("--init_from={root}/badshape"), "not divisible by n_head 3"),
     "train init_from not a GPT-2": (T("--init_from={root}/llama"), "not a GPT-2"),
     "train init_from no such folder": (T("--init_from={root}/nope"), "--init_from must be scratch or resume"),
+    "train init_from an ONNX export, a shape flag too": (T("--init_from={root}/onnx", "--n_layer=1"),
+                                                        "is an ONNX export"),  # what it is, before the shape
+    "sample out_dir an ONNX export": (S("--out_dir={root}/onnx"), "--out_dir={root}/onnx is an ONNX export"),
+    "export out_dir an ONNX export": (E("--out_dir={root}/onnx"), "is an ONNX export"),
+    "export out_dir a Hugging Face folder": (E("--out_dir={root}/relu"), "is a Hugging Face folder, not a run's"),
 }
 
 
@@ -397,6 +411,7 @@ def test_export_and_init_from_bad_input(name, hf_world, capsys):
     import export
     (script, args), message = HF_CASES[name]
     args = [a.format(root=hf_world, data=hf_world / "data") for a in args]
+    message = message.format(root=hf_world)
     assert message in error_line({**MAINS, "export": export.main}[script], args, hf_world, capsys, code=2)
     assert not (hf_world / "new").exists() and not list(hf_world.glob(".*tmp*"))  # nothing written
 
@@ -599,7 +614,7 @@ def test_other_runtime_errors_keep_their_traceback():
 # ---------------------------------------------------------------------------- sample.py's paths and config files
 
 SAMPLE_PATH_CASES = {
-    "sample ckpt.pt as --init_from": (S("--init_from={root}/out/ckpt.pt"),
+    "sample ckpt.pt as --init_from": (SI("--init_from={root}/out/ckpt.pt"),
                                       "--init_from={root}/out/ckpt.pt is a file: pass the folder that holds it"),
     "eval ckpt.pt as --out_dir": (("eval", ["--out_dir={root}/out/ckpt.pt"]), "is a file: pass the folder that holds it"),
     "export ckpt.pt as --out_dir": (("export", ["--out_dir={root}/out/ckpt.pt", "--dest={root}/x"]),

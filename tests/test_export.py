@@ -305,6 +305,10 @@ def test_finetune_refuses_shape_flags_and_a_foreign_tokenizer(toy_gpt2, bpe_data
         train.main([f"--data_dir={bpe_data}", "--dataset=gpt2tiny", "--n_layer=3", *common])
     with pytest.raises(UserError, match="--block_size=128 .* has 64 positions"):
         train.main([f"--data_dir={bpe_data}", "--dataset=gpt2tiny", "--block_size=128", *common])
+    (tmp_path / "shaped.py").write_text("n_layer = 3\nn_head = 2\n", encoding="utf-8")  # a recipe's own shape
+    with pytest.raises(UserError, match=r"--n_layer=3 \(set by the config file\) \(.* has 2\); drop these flags, "
+                                        r"and leave out the config file"):
+        train.main([str(tmp_path / "shaped.py"), f"--data_dir={bpe_data}", "--dataset=gpt2tiny", *common])
     with pytest.raises(UserError, match="cannot read dataset 'tiny': the model's tokenizer is gpt2 \\(tiktoken\\), the data's char-level"):
         train.main([f"--data_dir={char_run / 'data'}", "--dataset=tiny", "--block_size=16", *common])
     assert not (tmp_path / "x" / "ckpt.pt").exists()

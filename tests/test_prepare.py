@@ -65,11 +65,15 @@ def test_char_round_trip_several_files_non_ascii(tmp_path):
     assert meta["chars"] == sorted(set("".join(DOCS)) - {"\r"})
 
 
-def test_input_given_twice_reads_both(tmp_path):
-    """--input a --input b is both files, as --input a b (not the last one alone)."""
+def test_input_given_twice_reads_both(tmp_path, capsys):
+    """--input a --input b is both files, as --input a b (not the last one alone); preparing a
+    name again says that it replaced the dataset there."""
     paths = write_docs(tmp_path / "texts", ["first file\n" * 40, "second file\n" * 40])
+    run_prepare(tmp_path / "data", "--input", str(paths[0]), "--name", "two", "--tokenizer", "char", "--block_size", "8")
+    assert "replacing" not in capsys.readouterr().out
     run_prepare(tmp_path / "data", "--input", str(paths[0]), "--input", str(paths[1]), "--name", "two",
                 "--tokenizer", "char", "--block_size", "8")
+    assert "(replacing the dataset prepared there before)" in capsys.readouterr().out
     meta, train, val = load(tmp_path / "data", "two")
     assert [s["path"] for s in meta["sources"]] == [str(p) for p in paths]
     assert Tokenizer.from_description(meta).decode(np.concatenate([train, val])) == "first file\n" * 40 + "second file\n" * 40
@@ -231,7 +235,7 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
         (["--input", "nope.txt", "--name", "x"], ["nope.txt", "not found"]),
         (["--input", "empty.txt", "--name", "x"], ["empty"]),
         (["--input", "emptydir", "--name", "x"], ["no files"]),
-        (["--input", "latin1.txt", "--name", "x", "--tokenizer", "char"], ["latin1.txt", "UTF-8", "offset 11"]),
+        (["--input", "latin1.txt", "--name", "x", "--tokenizer", "char"], ["latin1.txt", "UTF-8", "offset 11 (line 1)"]),
         (["--input", "short.txt", "--name", "x", "--tokenizer", "char"], ["val split", "--val_fraction", "--block_size"]),
         (["--input", "short.txt", "--name", "x", "--tokenizer", "char", "--block_size", "200",
           "--val_fraction", "0.9"], ["train split", "smaller --val_fraction"]),

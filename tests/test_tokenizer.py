@@ -82,7 +82,8 @@ def test_bad_descriptions():
 def test_unknown_tiktoken_name_lists_valid_names():
     with pytest.raises(UserError) as e:
         Tokenizer.tiktoken("gpt3")
-    assert str(e.value) == f"unknown tokenizer 'gpt3'; valid: {', '.join(['char'] + tiktoken.list_encoding_names())}"
+    assert str(e.value) == (f"unknown tokenizer 'gpt3'; valid: {', '.join(['char'] + tiktoken.list_encoding_names())}, "
+                            f"or bpe:N (a vocabulary of N tokens trained on your text)")
 
 
 def test_offline_without_cache_says_how_to_fix(monkeypatch, tmp_path):
