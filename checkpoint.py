@@ -18,9 +18,13 @@ A checkpoint is one dict of plain data (tensors, numbers, strings, lists, dicts)
 It is written to a temporary file in the same folder, flushed, fsync'd and renamed over
 the old one (durable.py: the folder is fsync'd too where the OS allows it), so a crash or a
 full disk at any moment leaves the previous checkpoint intact, on Linux, macOS and Windows.
+On load, every part of the file (torch.save writes a zip) is checked against the CRC-32 the
+zip recorded, so bytes changed on disk are refused rather than read as weights.
 """
 import pickle
 import warnings
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -59,10 +63,30 @@ def load(path, map_location="cpu") -> dict:
     if not path.exists():
         raise UserError(f"no checkpoint at {path}; train one with `python train.py ...` "
                         f"or point --out_dir at the folder that holds ckpt.pt")
+    with ThreadPoolExecutor(1) as pool:  # the checksums are read beside torch.load, on another core
+        damaged = pool.submit(first_damaged_part, path)
+        checkpoint = read(path, map_location)
+        if name := damaged.result():
+            raise UserError(f"{path} is corrupted: its part {name} fails its checksum (its bytes changed after "
+                            f"it was written); restore it or train again")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise UserError(f"{path} is not a checkpoint of this project (no '{FORMAT}' format tag); "
+                        f"it was written by another program")
+    if checkpoint.get("version", 0) > VERSION:
+        raise UserError(f"{path} has checkpoint version {checkpoint['version']}, newer than this "
+                        f"code reads ({VERSION}); update the code")
+    missing = [k for k in REQUIRED if k not in checkpoint]
+    if missing:
+        raise UserError(f"{path} is missing {', '.join(missing)}; it is incomplete or from another program")
+    return checkpoint
+
+
+def read(path: Path, map_location):
+    """torch.load of untrusted bytes, as plain data only: any failure is one line."""
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickle protocols; we refuse them below
             warnings.simplefilter("ignore")
-            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if "GLOBAL" in str(e) or "global" in str(e):  # a class or function the safe loader will not call
             raise UserError(f"{path} holds pickled objects that are not plain data; refusing to load "
@@ -76,13 +100,17 @@ def load(path, map_location="cpu") -> dict:
                   f"{type(e).__name__}: {first}" if first else type(e).__name__)
         raise UserError(f"{path} is truncated or corrupted (not a readable checkpoint: {detail}); restore "
                         f"it or train again") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        raise UserError(f"{path} is not a checkpoint of this project (no '{FORMAT}' format tag); "
-                        f"it was written by another program")
-    if checkpoint.get("version", 0) > VERSION:
-        raise UserError(f"{path} has checkpoint version {checkpoint['version']}, newer than this "
-                        f"code reads ({VERSION}); update the code")
-    missing = [k for k in REQUIRED if k not in checkpoint]
-    if missing:
-        raise UserError(f"{path} is missing {', '.join(missing)}; it is incomplete or from another program")
-    return checkpoint
+
+
+def first_damaged_part(path: Path) -> str | None:
+    """The first part of a checkpoint (torch.save writes a zip) whose bytes fail the CRC-32 the
+    zip recorded when it was written: a bit flipped on disk, or an edit, which torch.load itself
+    reads without a word (a NaN in the weights, say). None when every part passes, or for a file
+    that is no zip, which torch.load judges."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
+        return None
+    except Exception:  # noqa: BLE001 (zlib.error and kin from damaged compressed data)
+        return path.name

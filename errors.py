@@ -49,6 +49,18 @@ class UserError(Exception):
     """A mistake the user can fix. The message names the problem and how to fix it."""
 
 
+class Terminated(Exception):
+    """SIGTERM before a script's own handler (train.py's stop request) is in place: raised by
+    terminate_cleanly's handler, so that what the script holds is released on the way out."""
+
+
+def terminate_cleanly():
+    """SIGTERM ends the script as Ctrl-C would, through its finally blocks, not at once."""
+    def handler(signum, frame):
+        raise Terminated
+    signal.signal(signal.SIGTERM, handler)
+
+
 def run_main(main, argv=None):
     """Run main(argv); turn a UserError into `error: ...` on stderr and exit code 2."""
     if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:  # imports done: Ctrl-C is KeyboardInterrupt again
@@ -62,6 +74,9 @@ def run_main(main, argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        sys.exit(143)
     except BrokenPipeError:  # `python sample.py | head`: the reader left, nothing to report
         sys.stderr.close()
         sys.exit(0)

@@ -30,6 +30,7 @@ gc.disable()  # no garbage collection while torch imports: start-up and exit ~0.
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -171,13 +172,14 @@ def report_eval(iter_num: int, losses: dict, lr: float, log: MetricsLog, progres
 def report_stop(signum: int, iter_num: int, ckpt_path: Path, progress: Progress, curve: LossCurve,
                 kept_best: int | None = None):
     """After a stop by signal, once its checkpoint is saved (or, with --patience, the best one
-    kept, from iteration kept_best): the curve up to now, and how to resume."""
-    curve.draw(now=True)  # with the steps since the last evaluation
+    kept, from iteration kept_best): how to resume, then the curve up to now (said first: a
+    second Ctrl-C while it draws must not hide that the run is saved)."""
     progress.close()
     what = (f"kept {ckpt_path}, the best model (iteration {kept_best}; --patience keeps the best)"
             if kept_best is not None else f"saved iteration {iter_num} to {ckpt_path}")
     print(f"{signal.Signals(signum).name} received: {what}. Resume with the same command plus "
-          f"--init_from=resume", file=sys.stderr)
+          f"--init_from=resume", file=sys.stderr, flush=True)
+    curve.draw(now=True)  # with the steps since the last evaluation
 
 
 class Patience:
@@ -444,8 +446,10 @@ def open_dataset(cfg: TrainConfig, pretrained: Pretrained | None) -> tuple[Datas
 def micro_steps(cfg: TrainConfig, procs: Processes) -> int:
     """Micro-steps of this process: gradient_accumulation_steps counts them over all ranks."""
     if cfg.gradient_accumulation_steps % procs.world_size:
-        raise UserError(f"--gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be "
-                        f"a multiple of the number of processes ({procs.world_size})")
+        n = procs.world_size * -(-cfg.gradient_accumulation_steps // procs.world_size)  # the next multiple
+        raise UserError(f"--gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of "
+                        f"the number of processes ({procs.world_size}): it counts the micro-steps of all of "
+                        f"them together, as in nanoGPT; pass --gradient_accumulation_steps={n}")
     return cfg.gradient_accumulation_steps // procs.world_size
 
 
@@ -467,7 +471,8 @@ def run_description(cfg: TrainConfig, model_args: dict, tokenizer: dict, data: D
             "precision": {"device": precision.device, "dtype": precision.dtype}}
 
 
-def announce(cfg: TrainConfig, precision: hardware.Precision, data: Dataset, tokens_per_iter: int):
+def announce(cfg: TrainConfig, precision: hardware.Precision, data: Dataset, tokens_per_iter: int,
+             start_iter: int = 0):
     """What this run is, printed once by rank 0: the precision and why, the resolved config."""
     print(f"{precision.reason}")
     print("config: " + json.dumps(dataclasses.asdict(cfg)))
@@ -476,7 +481,8 @@ def announce(cfg: TrainConfig, precision: hardware.Precision, data: Dataset, tok
         print(f"document mode: {data.meta.get('train_documents', '?')} training documents; rows start at "
               f"document starts, attention stays inside each document")
     last_lr = get_lr(cfg.max_iters, cfg)
-    if cfg.decay_lr and not (cfg.time_budget or cfg.eval_only) and cfg.max_iters > 0 and last_lr > 1.01 * cfg.min_lr:
+    trains = cfg.max_iters > start_iter and not (cfg.time_budget or cfg.eval_only)  # by iterations, at all
+    if cfg.decay_lr and trains and last_lr > 1.01 * cfg.min_lr:
         print(f"note: the learning rate decays until --lr_decay_iters={cfg.lr_decay_iters}, but the run stops at "
               f"--max_iters={cfg.max_iters}, at {last_lr:.2e} (--min_lr={cfg.min_lr:.2e}); pass "
               f"--lr_decay_iters={cfg.max_iters} to decay over the whole run")
@@ -507,6 +513,18 @@ def trim_metrics(out_dir: str, iter_num: int):
         durable.write_text(path, "".join(line + "\n" for line in keep))
         print(f"metrics.jsonl: {len(lines) - len(keep)} records after iteration {iter_num} (not in the checkpoint) "
               f"moved to {aside.name}; the resumed run writes its own")
+
+
+def set_aside_metrics(out_dir: str):
+    """A new run in a folder whose metrics.jsonl was left by a run that saved no checkpoint (killed
+    before its first save): those records move to metrics.earlier.jsonl, not into this run's curve."""
+    path = Path(out_dir) / "metrics.jsonl"
+    if path.is_file():
+        aside = path.with_name("metrics.earlier.jsonl")
+        with open(aside, "a", encoding="utf-8") as f:
+            f.write(path.read_text(encoding="utf-8", errors="replace"))
+        path.unlink()
+        print(f"metrics.jsonl of an earlier run here, which saved no checkpoint, moved to {aside.name}")
 
 
 def seed_rngs(cfg: TrainConfig, procs: Processes, device_type: str) -> torch.Generator:
@@ -634,10 +652,12 @@ def estimate_loss(model, data: Dataset, cfg: TrainConfig, precision: hardware.Pr
 
 
 def save_checkpoint(path: Path, raw_model: GPT, optimizer, scaler, iter_num: int, best_val_loss: float,
-                    run: dict, data_gen: torch.Generator, procs: Processes, train_seconds: float):
+                    run: dict, data_gen: torch.Generator, procs: Processes, train_seconds: float,
+                    holds_best: bool = False):
     """Called on every rank (DDP gathers each rank's data-sampler state); rank 0 writes. run holds
     what stays the same all run long: model_args, config, tokenizer and precision; train_seconds
-    is the training time spent so far (TimeBudget)."""
+    is the training time spent so far (TimeBudget); holds_best: saved at an evaluation that
+    improved the val loss (not at a stop), so --patience may keep it as the best model."""
     if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
         raise UserError(f"the model holds NaN or inf at iteration {iter_num}; not saving it over "
                         f"{path}. Lower --learning_rate or use --dtype=float32")
@@ -655,6 +675,7 @@ def save_checkpoint(path: Path, raw_model: GPT, optimizer, scaler, iter_num: int
         "scaler": scaler.state_dict(),
         "iter_num": iter_num,
         "best_val_loss": best_val_loss,
+        "holds_best": holds_best,
         "train_seconds": train_seconds,
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if on_cuda else [],
@@ -668,6 +689,7 @@ def save_checkpoint(path: Path, raw_model: GPT, optimizer, scaler, iter_num: int
 def main(argv=None):
     # settings: a resumed run completes them from its checkpoint, so they are checked after that
     cfg, explicit = parse_config(TrainConfig, argv, prog="train.py", check=False)
+    errors.terminate_cleanly()  # SIGTERM while starting: the lock released, a new empty out_dir removed
     # the lock on out_dir (and anything else held) is released however the run ends
     with contextlib.ExitStack() as held:
         run(cfg, explicit, held)
@@ -709,6 +731,10 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
     if cfg.init_from == "resume":
         lock_out_dir(out_lock, procs.ddp, master, create=False)  # before reading a checkpoint another run may write
         cfg, ckpt = resume_settings(cfg, explicit, ckpt_path)
+        if master and "seed" in explicit and cfg.seed != ckpt["config"].get("seed", cfg.seed):
+            print(f"note: a resume continues the checkpoint's random streams (batches, dropout); --seed={cfg.seed} "
+                  f"(it was {ckpt['config']['seed']}) changes only the batches that evaluate the model, so val "
+                  f"losses from here compare less well with the earlier ones")
     problems = cfg.problems()
     if not cfg.lora_rank and (idle := [f"--{k}" for k in lora.SETTINGS[1:] if k in explicit]):
         problems.append(f"{', '.join(idle)} set{'s' if len(idle) == 1 else ''} LoRA adapters, which --lora_rank=0 "
@@ -732,7 +758,7 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
         held.callback(remove_if_empty, out_lock, Path(cfg.out_dir))
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     if master:
-        announce(cfg, precision, data, tokens_per_iter)
+        announce(cfg, precision, data, tokens_per_iter, ckpt["iter_num"] if ckpt is not None else 0)
 
     # model and optimizer, new or as the checkpoint left them
     data_gen = seed_rngs(cfg, procs, precision.device_type)
@@ -742,12 +768,21 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
         announce_model(raw_model, cfg)
     optimizer, scaler = make_optimizer(raw_model, cfg, precision)
     iter_num, best_val_loss = 0, float("inf")
+    resumed_best = False  # whether the checkpoint resumed holds its run's best model (see holds_best)
     if ckpt is not None:
         iter_num, best_val_loss = resume_state(ckpt, optimizer, scaler, data_gen, precision, cfg.seed, procs,
                                                ckpt_path)
+        resumed_best = ckpt.get("holds_best", math.isfinite(best_val_loss))  # (older checkpoints: evaluated)
     budget = TimeBudget(cfg, ckpt.get("train_seconds", 0.0) if ckpt else 0.0, precision, procs.ddp)
+    if ckpt is not None and master and not cfg.eval_only:
+        left = (f"; {budget.spent:.1f} s of --time_budget={cfg.time_budget:g} spent, "
+                f"{max(0.0, cfg.time_budget - budget.spent):.1f} s left") if cfg.time_budget else ""
+        best = f", best val loss {best_val_loss:.4f}" if math.isfinite(best_val_loss) else ""
+        print(f"resuming {ckpt_path} from iteration {iter_num:,}{best}{left}")
     if ckpt is not None and master and not cfg.eval_only and iter_num < cfg.max_iters and not budget.used_up:
         trim_metrics(cfg.out_dir, iter_num)  # only a resume that trains on: the rest keeps the record
+    elif ckpt is None and master and not cfg.eval_only:
+        set_aside_metrics(cfg.out_dir)
     ckpt = None  # free memory
     model = wrap_model(raw_model, cfg, procs, precision)
     run_info = run_description(cfg, model_args, tokenizer, data, precision)
@@ -762,6 +797,8 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
     skip_eval_at = iter_num if cfg.init_from == "resume" and not cfg.eval_only else None  # that eval is in the checkpoint
     stopped_by = None  # the signal that stopped the run early
     saved, last_val = False, None  # whether this run wrote ckpt.pt; its last val loss
+    # whether ckpt.pt holds the best model evaluated (saved at an improvement, not at a stop)
+    holds_best = resumed_best
     t0, steps_timed = time.perf_counter(), 0
     try:
         while True:
@@ -781,8 +818,8 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
                 keep_every = cfg.always_save_checkpoint and not cfg.patience  # patience: ckpt.pt is the best
                 if iter_num > 0 and (improved or keep_every) and not cfg.eval_only:
                     save_checkpoint(ckpt_path, raw_model, optimizer, scaler, iter_num, best_val_loss, run_info,
-                                    data_gen, procs, budget.spent)
-                    saved = True
+                                    data_gen, procs, budget.spent, holds_best=improved)
+                    saved, holds_best = True, improved
                     if master:
                         progress.write(f"saved checkpoint to {ckpt_path}")
                 if out_of_patience:
@@ -798,8 +835,9 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
             if last or cfg.eval_only:
                 break
             if stop.requested(procs.ddp, device):  # Ctrl-C or SIGTERM: save, say how to resume, leave
-                # with patience ckpt.pt holds the best model and stays, once there is one
-                keep_best = cfg.patience and (saved or cfg.init_from == "resume")
+                # with patience ckpt.pt holds the best model and stays, once there is one (a
+                # checkpoint of an earlier stop is no best: it is replaced, and the progress kept)
+                keep_best = cfg.patience and holds_best
                 if not keep_best:
                     save_checkpoint(ckpt_path, raw_model, optimizer, scaler, iter_num, best_val_loss, run_info,
                                     data_gen, procs, budget.spent)

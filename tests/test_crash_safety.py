@@ -248,6 +248,22 @@ def test_bad_checkpoints_are_refused_without_running_anything(tmp_path):
     assert checkpoint.load(good)["iter_num"] == 1
 
 
+def test_bytes_changed_inside_a_tensor_are_refused_by_their_checksum(tmp_path):
+    """A NaN written over weights (a bit flip on disk, an edit) leaves a file torch.load reads
+    without a word; the zip's CRC-32 of that part tells, and the load says which part."""
+    good = tmp_path / "good.pt"
+    checkpoint.save({"model": {"w": torch.ones(4096)}, "model_args": {}, "iter_num": 1, "config": {},
+                     "tokenizer": {}}, good)
+    data = bytearray(good.read_bytes())
+    at = bytes(data).index(torch.ones(4096).numpy().tobytes()) + 400  # inside the tensor's bytes
+    data[at:at + 4] = torch.tensor([float("nan")]).numpy().tobytes()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(bytes(data))
+    assert torch.isnan(torch.load(bad, weights_only=True)["model"]["w"]).any()  # torch alone takes it
+    with pytest.raises(UserError, match=r"bad.pt is corrupted: its part .*/data/0 fails its checksum"):
+        checkpoint.load(bad)
+
+
 def test_random_bytes_are_refused_in_one_line(tmp_path):
     """Random bytes reach many corners of the unpickler (IndexError, KeyError, struct.error
     once escaped as tracebacks); every one must end as a clear error."""
@@ -257,6 +273,29 @@ def test_random_bytes_are_refused_in_one_line(tmp_path):
         path.write_bytes(rng.randbytes(rng.choice([1, 2, 16, 100, 4096])))
         with pytest.raises(UserError, match="truncated or corrupted|not plain data"):
             checkpoint.load(path)
+
+
+def test_sigterm_while_starting_releases_the_lock_and_leaves_no_new_folder(tiny_data, tmp_path, monkeypatch, capsys):
+    """SIGTERM before the loop's stop request is in place (here: while the model is built) ends
+    the run as Ctrl-C does: one line, exit 143, the lock released and the new out_dir removed."""
+    from errors import run_main
+    out = tmp_path / "out"
+    build = train.build_model
+
+    def build_then_sigterm(*args, **kwargs):
+        model = build(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, in this thread
+        return model
+
+    monkeypatch.setattr(train, "build_model", build_then_sigterm)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as e:
+            run_main(train.main, [f"--data_dir={tiny_data}", f"--out_dir={out}", *TINY, "--max_iters=2"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert e.value.code == 143 and capsys.readouterr().err.strip().endswith("terminated")
+    assert not out.exists()  # created by this run, empty again: removed, lock and all
 
 
 def test_unwritable_out_dir_is_a_clear_error(tiny_data, tmp_path):

@@ -11,6 +11,7 @@ import hardware
 import train
 import training
 from conftest import TINY, rank_output, torchrun
+from errors import UserError
 from model import GPT, GPTConfig, KVCache, Rotary, apply_rotary, document_mask, slide_window
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -389,6 +390,32 @@ def test_a_stop_with_patience_before_any_best_was_saved_saves_the_run(tiny_data,
     assert "saved iteration 0 to" in capsys.readouterr().err
 
 
+def test_a_stop_with_patience_replaces_an_earlier_stops_checkpoint(tiny_data, tmp_path, capsys):
+    """A checkpoint saved at a Ctrl-C is no best model: a resumed run stopped again before any
+    evaluation saves its progress over it, rather than "keeping the best" and losing the steps."""
+    import signal
+    out = tmp_path / "out"
+
+    def stop_at_third_check():
+        checks = iter(range(100))
+
+        def requested(self, ddp, device):
+            if next(checks) == 2:
+                self.signum = signal.SIGINT
+                return True
+            return False
+        return requested
+
+    for expected in (2, 4):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(train.StopRequest, "requested", stop_at_third_check())
+            with pytest.raises(SystemExit):
+                run_train(tiny_data, out, "--max_iters=50", "--eval_interval=40", "--patience=2",
+                          *(["--init_from=resume"] if expected == 4 else []))
+        assert checkpoint.load(out / "ckpt.pt")["iter_num"] == expected
+        assert f"saved iteration {expected} to" in capsys.readouterr().err
+
+
 def test_patience_says_when_the_best_was_the_untrained_model(tiny_data, tmp_path, capsys):
     out = tmp_path / "out"
     run_train(tiny_data, out, "--max_iters=40", "--eval_interval=2", "--patience=1", "--learning_rate=3",
@@ -397,6 +424,20 @@ def test_patience_says_when_the_best_was_the_untrained_model(tiny_data, tmp_path
     assert any("stopped at iteration 2; the best was the first evaluation's" in line for line in lines), lines
     assert "never went below the first evaluation's" in lines[-1]
     assert checkpoint.load(out / "ckpt.pt")["iter_num"] == 2
+
+
+def test_a_new_run_sets_aside_the_metrics_of_one_that_saved_no_checkpoint(tiny_data, tmp_path, capsys):
+    """kill -9 before the first save leaves metrics.jsonl and no ckpt.pt: the next run in that
+    folder starts its own record, the old one kept beside it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = '{"iter": 0, "train/loss": 9.0}\n{"iter": 1, "train/loss": 9.0}\n'
+    (out / "metrics.jsonl").write_text(dead, encoding="utf-8")
+    run_train(tiny_data, out, "--max_iters=3", "--eval_interval=3")
+    assert "moved to metrics.earlier.jsonl" in capsys.readouterr().out
+    assert (out / "metrics.earlier.jsonl").read_text(encoding="utf-8") == dead
+    train_iters = [r["iter"] for r in read_metrics(out) if "train/loss" in r and "val/loss" not in r]
+    assert train_iters == list(range(3)) and 9.0 not in [r.get("train/loss") for r in read_metrics(out)]
 
 
 def test_a_resume_after_a_lost_stretch_does_not_repeat_its_iterations_in_metrics(tiny_data, tmp_path, capsys):
@@ -455,6 +496,17 @@ def test_wandb_offline_summary_holds_losses(tiny_data, tmp_path, monkeypatch):
     last_eval = [r for r in read_metrics(tmp_path / "out") if "val/loss" in r][-1]
     assert summary["val/loss"] == pytest.approx(last_eval["val/loss"])
     assert summary["train/loss"] == pytest.approx(last_eval["train/loss"])
+
+
+def test_gradient_accumulation_is_split_across_processes_or_the_fix_is_named():
+    TrainConfig = training.TrainConfig
+    procs = train.Processes(True, 0, 0, 4)
+    assert train.micro_steps(TrainConfig(gradient_accumulation_steps=8), procs) == 2
+    with pytest.raises(UserError, match=r"--gradient_accumulation_steps \(5\) must be a multiple of the number "
+                                        r"of processes \(4\).*; pass --gradient_accumulation_steps=8$"):
+        train.micro_steps(TrainConfig(gradient_accumulation_steps=5), procs)
+    with pytest.raises(UserError, match="pass --gradient_accumulation_steps=4$"):
+        train.micro_steps(TrainConfig(gradient_accumulation_steps=1), procs)
 
 
 def test_lr_schedule():
