@@ -55,10 +55,16 @@ class Terminated(Exception):
 
 
 def terminate_cleanly():
-    """SIGTERM ends the script as Ctrl-C would, through its finally blocks, not at once."""
+    """SIGTERM ends the script as Ctrl-C would, through its finally blocks, not at once. Returns
+    what puts the handler that was there back (unless the script has set another since)."""
     def handler(signum, frame):
         raise Terminated
-    signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, handler)
+
+    def restore():
+        if signal.getsignal(signal.SIGTERM) is handler:
+            signal.signal(signal.SIGTERM, previous)
+    return restore
 
 
 def run_main(main, argv=None):

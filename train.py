@@ -689,10 +689,23 @@ def save_checkpoint(path: Path, raw_model: GPT, optimizer, scaler, iter_num: int
 def main(argv=None):
     # settings: a resumed run completes them from its checkpoint, so they are checked after that
     cfg, explicit = parse_config(TrainConfig, argv, prog="train.py", check=False)
-    errors.terminate_cleanly()  # SIGTERM while starting: the lock released, a new empty out_dir removed
+    # SIGTERM while starting: the lock released, a new empty out_dir removed (the loop has its own)
+    held_signal = errors.terminate_cleanly()
     # the lock on out_dir (and anything else held) is released however the run ends
     with contextlib.ExitStack() as held:
-        run(cfg, explicit, held)
+        held.callback(held_signal)
+        try:
+            run(cfg, explicit, held)
+        except RuntimeError as e:
+            if "RANK" in os.environ and any(m in str(e) for m in PEER_LOST):  # (the lock goes with held)
+                raise UserError(f"another process of this torchrun job is gone ({str(e).splitlines()[0][:160]}); "
+                                f"what was saved in {cfg.out_dir} is intact: start the job again with "
+                                f"--init_from=resume") from None
+            raise
+
+
+# what gloo says when another rank of the job died (killed, out of memory) in the middle of a collective
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
 def out_dir_lock(cfg: TrainConfig, held: contextlib.ExitStack) -> runlock.FolderLock:

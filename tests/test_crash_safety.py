@@ -292,10 +292,12 @@ def test_sigterm_while_starting_releases_the_lock_and_leaves_no_new_folder(tiny_
     try:
         with pytest.raises(SystemExit) as e:
             run_main(train.main, [f"--data_dir={tiny_data}", f"--out_dir={out}", *TINY, "--max_iters=2"])
+        after = signal.getsignal(signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert e.value.code == 143 and capsys.readouterr().err.strip().endswith("terminated")
     assert not out.exists()  # created by this run, empty again: removed, lock and all
+    assert after is previous  # the caller's handler is back
 
 
 def test_unwritable_out_dir_is_a_clear_error(tiny_data, tmp_path):

@@ -509,6 +509,22 @@ def test_gradient_accumulation_is_split_across_processes_or_the_fix_is_named():
         train.micro_steps(TrainConfig(gradient_accumulation_steps=1), procs)
 
 
+def test_a_rank_that_died_under_torchrun_is_one_line(tiny_data, tmp_path, monkeypatch):
+    """kill -9 of one rank: gloo raises on the others mid-collective; that is one line saying the
+    checkpoint is intact and how to go on, not gloo's traceback."""
+    def peer_died(cfg, explicit, held):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                           "[127.0.0.1]:29500")
+    monkeypatch.setattr(train, "run", peer_died)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(UserError, match=r"^another process of this torchrun job is gone \(.*Connection closed by "
+                                        r"peer.*\); what was saved in .* is intact: start the job again with --init_from=resume$"):
+        train.main([f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'out'}", *TINY])
+    monkeypatch.delenv("RANK")
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):  # not under torchrun: not this case
+        train.main([f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'out'}", *TINY])
+
+
 def test_lr_schedule():
     cfg = training.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110, max_iters=200)
     assert training.get_lr(0, cfg) == pytest.approx(1 / 11)
