@@ -56,11 +56,14 @@ def run_measured(cmd: list[str]) -> tuple[str, int, float, float]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size_mb", type=float, default=100, help="input size in MB (10^6 bytes)")
+    p.add_argument("--size_mb", type=float, default=100,
+                   help="input size in MB (10^6 bytes): the source text repeated whole until it reaches this size")
     p.add_argument("--tokenizer", default="gpt2", help="tokenizer passed to prepare.py")
     p.add_argument("--source", default=str(SHAKESPEARE), help="text repeated to build the input")
     p.add_argument("prepare_args", nargs="*", help="extra prepare.py flags, after --")
     args = p.parse_args(argv)
+    if not args.size_mb > 0:
+        raise UserError(f"--size_mb must be above 0, got {args.size_mb:g}")
     source = Path(args.source)
     if not source.is_file():
         raise UserError(f"benchmark text not found: {source}; pass --source PATH")

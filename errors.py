@@ -75,7 +75,11 @@ def run_main(main, argv=None):
     try:
         main(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # one write, so that the ranks of a torchrun job, which all say it, do not cut into each
+        # other's lines; each but rank 0's is marked with its rank
+        rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") != "1" else "0"
+        sys.stderr.write(f"{f'rank {rank}: ' if rank != '0' else ''}error: {e}\n")
+        sys.stderr.flush()
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

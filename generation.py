@@ -85,6 +85,8 @@ def choose_decoder(model: GPT, cfg: GenerationConfig, precision: hardware.Precis
         decoder, how = model, f"model.generate_stream ({why})"
     elif cfg.dtype != "auto":
         decoder, how = model, "model.generate_stream (exact, as --dtype asked)"
+    elif not cfg.use_cache:  # the fast path is a cache: without one, nanoGPT's loop, nothing to compile
+        decoder, how = model, "model.generate_stream (without the KV cache: the whole context every token)"
     else:
         decoder, how = fast_decode.decoder_for(model, cfg.num_samples, cfg.fast_weights, cfg.compile,
                                                cfg.max_new_tokens, log=log)

@@ -77,8 +77,10 @@ class MetricsLog:
         except OSError as e:
             raise UserError(f"cannot write {self.path}: {e.strerror}; free some disk space or choose "
                             f"another --out_dir (the last checkpoint is kept)") from None
-        if self.wandb_run is not None:
-            self.wandb_run.log(record)  # "iter" inside the record is the x-axis, as in nanoGPT
+        if self.wandb_run is not None:  # "iter" inside the record is the x-axis, as in nanoGPT
+            if "val/loss" not in record and "train/loss" in record:  # one batch's loss, not an evaluation's
+                record = {("train/batch_loss" if k == "train/loss" else k): v for k, v in record.items()}
+            self.wandb_run.log(record)
 
     def finish(self):
         if self.wandb_run is not None:

@@ -125,6 +125,8 @@ class TrainConfig(ModelOptions):
             p.append(f"--lora_rank must be >= 0 (0 = off), got {self.lora_rank}")
         elif self.lora_rank:
             p += lora.from_settings(self).problems()
+            if self.optimizer == "muon":  # Muon orthogonalizes whole matrices; the adapters are rank-r factors
+                p.append("--lora_rank trains its adapters with AdamW: drop --optimizer=muon")
             if self.init_from == "scratch":
                 p.append("--lora_rank adapts a trained model, not random weights: give --init_from=gpt2 (or "
                          "another GPT-2), a Hugging Face folder, a folder holding a ckpt.pt, or resume")

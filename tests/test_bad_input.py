@@ -202,6 +202,7 @@ import json  # noqa: E402
 import select  # noqa: E402
 
 import bench  # noqa: E402
+import bench_prepare  # noqa: E402
 
 # holds a runlock lock until killed, as a running train.py or prepare.py would
 LOCK_HOLDER = """
@@ -334,9 +335,11 @@ MORE_CASES = {
     "bench unknown flag": (B("--repeat=3"), "did you mean --repeats"),
     "bench cuda missing": (B("--device=cuda"), "CUDA is not available"),
     "bench config with a typo": (("bench", ["{root}/typo.py"]), "did you mean --n_layer"),
+    "bench_prepare size 0": (("bench_prepare", ["--size_mb", "0"]), "--size_mb must be above 0, got 0"),
 }
 
 MAINS["bench"] = bench.main
+MAINS["bench_prepare"] = bench_prepare.main
 
 
 def test_there_are_at_least_80_cases():

@@ -279,6 +279,8 @@ def test_lora_and_sampling_values_out_of_range_are_one_line(instruct_data):
     with pytest.raises(UserError, match=r"^--lora_alpha, --lora_targets set LoRA adapters, which --lora_rank=0 "
                                         r"leaves out: add --lora_rank=N"):
         run_train(instruct_data, "x", "--lora_alpha=32", "--lora_targets=c_fc")
+    with pytest.raises(UserError, match=r"^--lora_rank trains its adapters with AdamW: drop --optimizer=muon$"):
+        run_train(instruct_data, "x", "--lora_rank=4", "--optimizer=muon")
     with pytest.raises(UserError, match="--lora_targets must be"):
         run_train(instruct_data, "x", "--lora_rank=4", "--lora_targets=q_proj")
     with pytest.raises(UserError, match="--lora_rank=1000 is not below the model's narrowest layer"):

@@ -203,6 +203,8 @@ def test_an_exact_dtype_decodes_with_the_model_itself_and_says_so():
     decoder, how = choose_decoder(model, GenerationConfig(dtype="float32", compile=True),
                                   Precision("cpu", "float32", "float32"))  # compiles on its first steps
     assert decoder is model and how.endswith("asked); the model compiled (torch.compile, on its first steps)")
+    decoder, how = choose_decoder(model, GenerationConfig(use_cache=False), Precision("cpu", "float32", "float32"))
+    assert decoder is model and how == "model.generate_stream (without the KV cache: the whole context every token)"
 
 
 # ---------------------------------------------------------------------------- sample.py

@@ -496,6 +496,8 @@ def test_wandb_offline_summary_holds_losses(tiny_data, tmp_path, monkeypatch):
     last_eval = [r for r in read_metrics(tmp_path / "out") if "val/loss" in r][-1]
     assert summary["val/loss"] == pytest.approx(last_eval["val/loss"])
     assert summary["train/loss"] == pytest.approx(last_eval["train/loss"])
+    last_step = [r for r in read_metrics(tmp_path / "out") if "val/loss" not in r][-1]
+    assert summary["train/batch_loss"] == pytest.approx(last_step["train/loss"])  # a batch's: its own name
 
 
 def test_gradient_accumulation_is_split_across_processes_or_the_fix_is_named():
@@ -523,6 +525,21 @@ def test_a_rank_that_died_under_torchrun_is_one_line(tiny_data, tmp_path, monkey
     monkeypatch.delenv("RANK")
     with pytest.raises(RuntimeError, match="Connection closed by peer"):  # not under torchrun: not this case
         train.main([f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'out'}", *TINY])
+
+
+def test_a_user_error_under_torchrun_is_one_whole_line_per_rank(monkeypatch, capsys):
+    """Every rank of a job says the same mistake: each in one write (no rank cuts into another's
+    line), the others' marked with their rank."""
+    from errors import run_main
+
+    def mistaken(argv):
+        raise UserError("--warmup_iters (100) is longer than the run")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, expected in (("0", "error: "), ("1", "rank 1: error: ")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit):
+            run_main(mistaken)
+        assert capsys.readouterr().err == expected + "--warmup_iters (100) is longer than the run\n"
 
 
 def test_lr_schedule():
