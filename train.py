@@ -447,12 +447,18 @@ def open_dataset(cfg: TrainConfig, pretrained: Pretrained | None) -> tuple[Datas
 
 def micro_steps(cfg: TrainConfig, procs: Processes) -> int:
     """Micro-steps of this process: gradient_accumulation_steps counts them over all ranks."""
-    if cfg.gradient_accumulation_steps % procs.world_size:
-        n = procs.world_size * -(-cfg.gradient_accumulation_steps // procs.world_size)  # the next multiple
-        raise UserError(f"--gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of "
-                        f"the number of processes ({procs.world_size}): it counts the micro-steps of all of "
-                        f"them together, as in nanoGPT; pass --gradient_accumulation_steps={n}")
+    if problem := accumulation_problem(cfg, procs):
+        raise UserError(problem)
     return cfg.gradient_accumulation_steps // procs.world_size
+
+
+def accumulation_problem(cfg: TrainConfig, procs: Processes) -> str | None:
+    if cfg.gradient_accumulation_steps >= 1 and cfg.gradient_accumulation_steps % procs.world_size:
+        n = procs.world_size * -(-cfg.gradient_accumulation_steps // procs.world_size)  # the next multiple
+        return (f"--gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of the "
+                f"number of processes ({procs.world_size}): it counts the micro-steps of all of them together, "
+                f"as in nanoGPT; pass --gradient_accumulation_steps={n}")
+    return None
 
 
 def announce_model(raw_model: GPT, cfg: TrainConfig):
@@ -507,14 +513,25 @@ def trim_metrics(out_dir: str, iter_num: int):
             return record["iter"] < iter_num or (record["iter"] == iter_num and "val/loss" in record)
         except (ValueError, KeyError, TypeError):  # a torn last line (kill -9 mid-write): aside too
             return False
+
+    def readable(line: str) -> bool:
+        try:
+            return isinstance(json.loads(line)["iter"], int)
+        except (ValueError, KeyError, TypeError):
+            return False
     keep = [line for line in lines if kept(line)]
     if len(keep) < len(lines):
         aside = path.with_name("metrics.before_resume.jsonl")
         with open(aside, "a", encoding="utf-8") as f:  # first, so that a crash in between loses nothing
             f.write("".join(line + "\n" for line in lines if not kept(line)))
         durable.write_text(path, "".join(line + "\n" for line in keep))
-        print(f"metrics.jsonl: {len(lines) - len(keep)} records after iteration {iter_num} (not in the checkpoint) "
-              f"moved to {aside.name}; the resumed run writes its own")
+        unreadable = sum(1 for line in lines if not readable(line))
+        later = len(lines) - len(keep) - unreadable
+        what = " and ".join(part for part in (
+            f"{later} records after iteration {iter_num} (not in the checkpoint)" if later else "",
+            f"{unreadable} unreadable line{'s' if unreadable > 1 else ''} (cut short or damaged)" if unreadable else "")
+            if part)
+        print(f"metrics.jsonl: {what} moved to {aside.name}; the resumed run writes its own")
 
 
 def set_aside_metrics(out_dir: str):
@@ -750,7 +767,7 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
             print(f"note: a resume continues the checkpoint's random streams (batches, dropout); --seed={cfg.seed} "
                   f"(it was {ckpt['config']['seed']}) changes only the batches that evaluate the model, so val "
                   f"losses from here compare less well with the earlier ones")
-    problems = cfg.problems()
+    problems = cfg.problems() + [p for p in [accumulation_problem(cfg, procs)] if p]
     if not cfg.lora_rank and (idle := [f"--{k}" for k in lora.SETTINGS[1:] if k in explicit]):
         problems.append(f"{', '.join(idle)} set{'s' if len(idle) == 1 else ''} LoRA adapters, which --lora_rank=0 "
                         f"leaves out: add --lora_rank=N (8, say) to train them, or drop {'it' if len(idle) == 1 else 'them'}")
