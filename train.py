@@ -729,7 +729,10 @@ PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pi
 
 def out_dir_lock(cfg: TrainConfig, held: contextlib.ExitStack) -> runlock.FolderLock:
     """One run per out_dir: rank 0 holds <out_dir>/train.lock until this run ends, however it ends."""
-    lock = runlock.FolderLock(Path(cfg.out_dir) / "train.lock", f"--out_dir {cfg.out_dir}", "choose another --out_dir")
+    other = "choose another --out_dir" + (f" (python eval.py --out_dir={cfg.out_dir} evaluates a model without "
+                                          f"writing anything, in a folder it cannot write to as well)"
+                                          if cfg.eval_only else "")
+    lock = runlock.FolderLock(Path(cfg.out_dir) / "train.lock", f"--out_dir {cfg.out_dir}", other)
     held.callback(lock.release)
     return lock
 
