@@ -241,7 +241,6 @@ def bench_sample_side_by_side(model, cfg: BenchConfig) -> dict[str, tuple[list[f
     and nanoGPT's loop, timed in turn within each repeat, so load from other processes falls
     on all of them alike. Returns {row name: (rates, note)}."""
     model.eval()
-    cpu = hardware.Precision("cpu", "float32", "")
     fast, why = {}, {}
     for batch in (1, cfg.sample_batch):  # the eager step: no compile of a second batch size here
         fast[batch], why[batch] = fast_decode.decoder_for(model, batch, compile=False)

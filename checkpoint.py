@@ -21,10 +21,11 @@ full disk at any moment leaves the previous checkpoint intact, on Linux, macOS a
 On load, every part of the file (torch.save writes a zip) is checked against the CRC-32 the
 zip recorded, so bytes changed on disk are refused rather than read as weights.
 """
+import os
 import pickle
+import threading
 import warnings
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -63,10 +64,15 @@ def load(path, map_location="cpu") -> dict:
     if not path.exists():
         raise UserError(f"no checkpoint at {path}; train one with `python train.py ...` "
                         f"or point --out_dir at the folder that holds ckpt.pt")
-    with ThreadPoolExecutor(1) as pool:  # the checksums are read beside torch.load, on another core
-        damaged = pool.submit(first_damaged_part, path)
-        checkpoint = read(path, map_location)
-        if name := damaged.result():
+    loaded, checked = open_twice(path)
+    with loaded, checked:
+        check = ChecksumCheck(checked)  # on another core, while torch reads the other handle
+        try:
+            checkpoint = read(loaded, path, map_location)
+        except BaseException:  # a refusal, Ctrl-C: the check stops at its next chunk, nobody waits for it
+            check.cancel()
+            raise
+        if name := check.result():
             raise UserError(f"{path} is corrupted: its part {name} fails its checksum (its bytes changed after "
                             f"it was written); restore it or train again")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
@@ -81,12 +87,26 @@ def load(path, map_location="cpu") -> dict:
     return checkpoint
 
 
-def read(path: Path, map_location):
+def open_twice(path: Path):
+    """Two handles on one file (a save may replace path between two opens: then again)."""
+    for _ in range(3):
+        try:
+            a, b = open(path, "rb"), open(path, "rb")
+        except OSError as e:
+            raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+        if os.path.samestat(os.fstat(a.fileno()), os.fstat(b.fileno())):
+            return a, b
+        a.close()
+        b.close()
+    raise UserError(f"{path} keeps being replaced as it is read (a run saving every step?); try again")
+
+
+def read(f, path: Path, map_location):
     """torch.load of untrusted bytes, as plain data only: any failure is one line."""
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickle protocols; we refuse them below
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if "GLOBAL" in str(e) or "global" in str(e):  # a class or function the safe loader will not call
             raise UserError(f"{path} holds pickled objects that are not plain data; refusing to load "
@@ -102,15 +122,40 @@ def read(path: Path, map_location):
                         f"it or train again") from None
 
 
-def first_damaged_part(path: Path) -> str | None:
+class ChecksumCheck:
     """The first part of a checkpoint (torch.save writes a zip) whose bytes fail the CRC-32 the
     zip recorded when it was written: a bit flipped on disk, or an edit, which torch.load itself
-    reads without a word (a NaN in the weights, say). None when every part passes, or for a file
-    that is no zip, which torch.load judges."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            return z.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
-        return None
-    except Exception:  # noqa: BLE001 (zlib.error and kin from damaged compressed data)
-        return path.name
+    reads without a word (a NaN in the weights, say). Runs in a daemon thread, 1 MiB at a time,
+    so that cancel() ends it at once and an exit never waits for it. result(): the part's name,
+    or None when every part passes, for a file that is no zip (torch.load judges it), and for
+    parts written without a CRC (torch's save option compute_crc32=False records 0)."""
+
+    def __init__(self, f):
+        self.stop, self.damaged = threading.Event(), None
+        self.thread = threading.Thread(target=self._run, args=(f,), daemon=True)
+        self.thread.start()
+
+    def _run(self, f):
+        try:
+            z = zipfile.ZipFile(f)
+        except Exception:  # noqa: BLE001 (no zip, or no readable directory: torch.load's to judge)
+            return
+        for info in z.infolist():
+            if info.CRC == 0 or info.is_dir():
+                continue
+            try:
+                with z.open(info) as part:
+                    while part.read(1 << 20):
+                        if self.stop.is_set():
+                            return
+            except Exception:  # noqa: BLE001 (a CRC mismatch, a damaged header, zlib's error)
+                if not self.stop.is_set():
+                    self.damaged = info.filename
+                return
+
+    def cancel(self):
+        self.stop.set()
+
+    def result(self) -> str | None:
+        self.thread.join()
+        return self.damaged

@@ -49,9 +49,10 @@ class UserError(Exception):
     """A mistake the user can fix. The message names the problem and how to fix it."""
 
 
-class Terminated(Exception):
+class Terminated(BaseException):
     """SIGTERM before a script's own handler (train.py's stop request) is in place: raised by
-    terminate_cleanly's handler, so that what the script holds is released on the way out."""
+    terminate_cleanly's handler, so that what the script holds is released on the way out. A
+    BaseException, as KeyboardInterrupt is: no `except Exception` on the way takes it for an error."""
 
 
 def terminate_cleanly():

@@ -61,7 +61,7 @@ from config import parse_config
 from dataset import Dataset, document_positions
 from documents import split_documents, text_of
 from errors import UserError, run_main
-from loading import load, load_hf
+from loading import check_one_model, load, load_hf
 from tokenizer import Tokenizer
 from tokenizer import mismatch as tokenizer_mismatch
 gc.freeze()  # what the imports made is never traversed again, not even at exit
@@ -395,9 +395,7 @@ def check_writable(path: Path):
 
 def main(argv=None):
     cfg, explicit = parse_config(EvalConfig, argv, prog="eval.py")
-    if cfg.init_from != "resume" and "out_dir" in explicit:
-        raise UserError(f"--out_dir and --init_from each choose the model: pass one of them (--out_dir for a "
-                        f"run's checkpoint or a folder export.py wrote, --init_from for a GPT-2 name or folder)")
+    check_one_model(cfg.init_from, explicit)
     if cfg.input and "split" in explicit:
         raise UserError("--input and --split each choose the text to score: pass one of them")
     hardware.set_cpu_threads()

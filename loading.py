@@ -35,6 +35,14 @@ def check_folder(path: str, flag: str = "--out_dir"):
                         f"Hugging Face model), {flag}={Path(path).parent}")
 
 
+def check_one_model(init_from: str, explicit: set):
+    """sample.py and eval.py: --out_dir (a run's checkpoint, or a Hugging Face folder there) and
+    --init_from (a GPT-2 name or folder) each choose the model; both given is a mistake."""
+    if init_from != "resume" and "out_dir" in explicit:
+        raise UserError("--out_dir and --init_from each choose the model: pass one of them (--out_dir for a "
+                        "run's checkpoint or a Hugging Face folder, --init_from for a GPT-2 name or folder)")
+
+
 def check_not_an_export(folder: Path, flag: str = "--out_dir"):
     """A folder of export.py's where a run's checkpoint folder belongs: one line saying what it is."""
     if (folder / "ckpt.pt").exists() or not folder.is_dir():
@@ -90,8 +98,7 @@ def load(folder: str, device: str) -> tuple[GPT, Tokenizer, dict]:
     folder with neither gets the checkpoint's error. info holds what a model card shows:
     model_args, config, iter_num, best_val_loss (None where the folder has no such thing)."""
     if (Path(folder) / "ckpt.pt").is_file() or not is_hf_folder(Path(folder)):
-        check_not_an_export(Path(folder))  # an ONNX export: what it is, not "no checkpoint"
-        model, tokenizer, ckpt = load_model(folder, device)
+        model, tokenizer, ckpt = load_model(folder, device)  # (an ONNX export: said as such there)
         return model, tokenizer, {k: ckpt.get(k) for k in ("model_args", "config", "iter_num", "best_val_loss",
                                                            "instruct")}
     return load_hf(folder, device)

@@ -64,7 +64,7 @@ from config import parse_config
 from documents import text_of
 from errors import UserError, run_main
 from generation import GenerationConfig, choose_decoder, encode_prompt, generate_text, shown_prompt
-from loading import choose_precision, load, load_hf
+from loading import check_one_model, choose_precision, load, load_hf
 from model import GPT
 import template
 from stopping import StopCondition
@@ -225,9 +225,7 @@ def interactive(model, tokenizer, cfg, precision, generator, out, instruct: dict
 
 def main(argv=None):
     cfg, explicit = parse_config(SampleConfig, argv, prog="sample.py")
-    if cfg.init_from != "resume" and "out_dir" in explicit:
-        raise UserError(f"--out_dir and --init_from each choose the model: pass one of them (--out_dir for a "
-                        f"run's checkpoint or a folder export.py wrote, --init_from for a GPT-2 name or folder)")
+    check_one_model(cfg.init_from, explicit)
     # a bad file fails before loading; --interactive with --prompt: its first input
     prompt_text = read_prompt(cfg.prompt) if not cfg.interactive or "prompt" in explicit else None
     if cfg.cpu_threads:

@@ -163,4 +163,5 @@ def chat_template(template: dict) -> str:
 def stop_strings(template: dict) -> list[str]:
     """Where an answer ends in text: the end marker (without its trailing line end), and the
     start of a next user turn, should the model write one instead."""
-    return [template["end"].rstrip(), template["user"].split("{content}")[0].rstrip()]
+    stops = [template["end"].rstrip(), template["user"].split("{content}")[0].rstrip()]
+    return [s for s in stops if s]  # a user turn with nothing before its content marks nothing

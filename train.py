@@ -357,15 +357,16 @@ def start_process_group(cfg: TrainConfig) -> Processes:
 
 def conflicts(cfg: TrainConfig, explicit: set, fixed: dict, source: str) -> list[str]:
     """The settings of this command line (its flags, its config file) that contradict what an
-    existing model fixes."""
+    existing model fixes, each said with its value and the model's."""
     from_file = getattr(explicit, "from_file", set())
     return [f"--{k}={getattr(cfg, k)}{' (set by the config file)' if k in from_file else ''} ({source} has {v})"
             for k, v in fixed.items() if k in explicit and getattr(cfg, k) != v]
 
 
-def drop_them(refused: list[str]) -> str:
+def drop_them(cfg: TrainConfig, explicit: set, fixed: dict) -> str:
     """How to clear conflicts(): drop the flags, and a config file that sets a model's shape."""
-    if any("(set by the config file)" in r for r in refused):
+    from_file = getattr(explicit, "from_file", set())
+    if any(k in from_file and getattr(cfg, k) != v for k, v in fixed.items()):
         return "drop these flags, and leave out the config file (it sets a model shape of its own)"
     return "drop these flags"
 
@@ -386,7 +387,8 @@ def resume_settings(cfg: TrainConfig, explicit: set, ckpt_path: Path) -> tuple[T
     refused = conflicts(cfg, explicit, fixed, "checkpoint")
     if refused:
         raise UserError(f"cannot resume {ckpt_path} with a different model shape or optimizer: "
-                        f"{', '.join(refused)}; {drop_them(refused)}, or start a new run with another --out_dir")
+                        f"{', '.join(refused)}; {drop_them(cfg, explicit, fixed)}, or start a new run with "
+                        f"another --out_dir")
     cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in explicit}, init_from="resume")
     return cfg, ckpt
 
@@ -415,7 +417,7 @@ def pretrained_settings(cfg: TrainConfig, explicit: set) -> tuple[TrainConfig, P
                        f"positions; a shorter block_size crops them)")
     if refused:
         raise UserError(f"cannot start from {cfg.init_from} with a different model shape: "
-                        f"{', '.join(refused)}; {drop_them(refused)}")
+                        f"{', '.join(refused)}; {drop_them(cfg, explicit, fixed)}")
     block_size = cfg.block_size if "block_size" in explicit else hf_config.block_size
     return dataclasses.replace(cfg, **fixed, block_size=block_size), Pretrained(hf_folder, hf_config, ours)
 
@@ -507,26 +509,22 @@ def trim_metrics(out_dir: str, iter_num: int):
     except OSError:  # none yet
         return
 
-    def kept(line: str) -> bool:
+    def kind(line: str) -> str:  # kept, later (than the checkpoint) or unreadable
         try:
             record = json.loads(line)
-            return record["iter"] < iter_num or (record["iter"] == iter_num and "val/loss" in record)
+            it = record["iter"]
+            if isinstance(it, bool) or not isinstance(it, (int, float)):
+                return "unreadable"
         except (ValueError, KeyError, TypeError):  # a torn last line (kill -9 mid-write): aside too
-            return False
-
-    def readable(line: str) -> bool:
-        try:
-            return isinstance(json.loads(line)["iter"], int)
-        except (ValueError, KeyError, TypeError):
-            return False
-    keep = [line for line in lines if kept(line)]
-    if len(keep) < len(lines):
+            return "unreadable"
+        return "kept" if it < iter_num or (it == iter_num and "val/loss" in record) else "later"
+    kinds = [kind(line) for line in lines]
+    if any(k != "kept" for k in kinds):
         aside = path.with_name("metrics.before_resume.jsonl")
         with open(aside, "a", encoding="utf-8") as f:  # first, so that a crash in between loses nothing
-            f.write("".join(line + "\n" for line in lines if not kept(line)))
-        durable.write_text(path, "".join(line + "\n" for line in keep))
-        unreadable = sum(1 for line in lines if not readable(line))
-        later = len(lines) - len(keep) - unreadable
+            f.write("".join(line + "\n" for line, k in zip(lines, kinds) if k != "kept"))
+        durable.write_text(path, "".join(line + "\n" for line, k in zip(lines, kinds) if k == "kept"))
+        later, unreadable = kinds.count("later"), kinds.count("unreadable")
         what = " and ".join(part for part in (
             f"{later} records after iteration {iter_num} (not in the checkpoint)" if later else "",
             f"{unreadable} unreadable line{'s' if unreadable > 1 else ''} (cut short or damaged)" if unreadable else "")
@@ -538,12 +536,20 @@ def set_aside_metrics(out_dir: str):
     """A new run in a folder whose metrics.jsonl was left by a run that saved no checkpoint (killed
     before its first save): those records move to metrics.earlier.jsonl, not into this run's curve."""
     path = Path(out_dir) / "metrics.jsonl"
-    if path.is_file():
-        aside = path.with_name("metrics.earlier.jsonl")
-        with open(aside, "a", encoding="utf-8") as f:
-            f.write(path.read_text(encoding="utf-8", errors="replace"))
-        path.unlink()
-        print(f"metrics.jsonl of an earlier run here, which saved no checkpoint, moved to {aside.name}")
+    if not path.is_file():
+        return
+    aside = path.with_name("metrics.earlier.jsonl")
+    try:
+        if aside.exists():  # one more earlier run: its records after those already there
+            durable.write_text(aside, aside.read_text(encoding="utf-8", errors="replace")
+                               + path.read_text(encoding="utf-8", errors="replace"))
+            path.unlink()
+        else:
+            durable.replace(path, aside)  # one rename: a crash leaves the file in one place or the other
+    except OSError as e:
+        raise UserError(f"cannot move {path} (an earlier run's, which saved no checkpoint) aside: "
+                        f"{e.strerror or e}; move or delete it, or choose another --out_dir") from None
+    print(f"metrics.jsonl of an earlier run here, which saved no checkpoint, moved to {aside.name}")
 
 
 def seed_rngs(cfg: TrainConfig, procs: Processes, device_type: str) -> torch.Generator:
@@ -672,11 +678,12 @@ def estimate_loss(model, data: Dataset, cfg: TrainConfig, precision: hardware.Pr
 
 def save_checkpoint(path: Path, raw_model: GPT, optimizer, scaler, iter_num: int, best_val_loss: float,
                     run: dict, data_gen: torch.Generator, procs: Processes, train_seconds: float,
-                    holds_best: bool = False):
+                    holds_best: bool = False, best_iter: int | None = None):
     """Called on every rank (DDP gathers each rank's data-sampler state); rank 0 writes. run holds
     what stays the same all run long: model_args, config, tokenizer and precision; train_seconds
     is the training time spent so far (TimeBudget); holds_best: saved at an evaluation that
-    improved the val loss (not at a stop), so --patience may keep it as the best model."""
+    improved the val loss (not at a stop), so --patience may keep it as the best model; best_iter:
+    where the best val loss was measured (--patience's count goes on from there on resume)."""
     if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
         raise UserError(f"the model holds NaN or inf at iteration {iter_num}; not saving it over "
                         f"{path}. Lower --learning_rate or use --dtype=float32")
@@ -695,6 +702,7 @@ def save_checkpoint(path: Path, raw_model: GPT, optimizer, scaler, iter_num: int
         "iter_num": iter_num,
         "best_val_loss": best_val_loss,
         "holds_best": holds_best,
+        "best_iter": iter_num if best_iter is None else best_iter,
         "train_seconds": train_seconds,
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if on_cuda else [],
@@ -766,7 +774,8 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
     if cfg.init_from == "resume":
         lock_out_dir(out_lock, procs.ddp, master, create=False)  # before reading a checkpoint another run may write
         cfg, ckpt = resume_settings(cfg, explicit, ckpt_path)
-        if master and "seed" in explicit and cfg.seed != ckpt["config"].get("seed", cfg.seed):
+        if (master and "seed" in explicit and cfg.seed != ckpt["config"].get("seed", cfg.seed)
+                and len(ckpt["rng"]["data"]) == procs.world_size):  # (else resume_rng draws afresh from --seed)
             print(f"note: a resume continues the checkpoint's random streams (batches, dropout); --seed={cfg.seed} "
                   f"(it was {ckpt['config']['seed']}) changes only the batches that evaluate the model, so val "
                   f"losses from here compare less well with the earlier ones")
@@ -803,11 +812,12 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
         announce_model(raw_model, cfg)
     optimizer, scaler = make_optimizer(raw_model, cfg, precision)
     iter_num, best_val_loss = 0, float("inf")
-    resumed_best = False  # whether the checkpoint resumed holds its run's best model (see holds_best)
+    resumed_best, resumed_best_iter = False, 0  # whether the checkpoint holds its run's best model, and where that was
     if ckpt is not None:
         iter_num, best_val_loss = resume_state(ckpt, optimizer, scaler, data_gen, precision, cfg.seed, procs,
                                                ckpt_path)
         resumed_best = ckpt.get("holds_best", math.isfinite(best_val_loss))  # (older checkpoints: evaluated)
+        resumed_best_iter = ckpt.get("best_iter", iter_num)
     budget = TimeBudget(cfg, ckpt.get("train_seconds", 0.0) if ckpt else 0.0, precision, procs.ddp)
     if ckpt is not None and master and not cfg.eval_only:
         left = (f"; {budget.spent:.1f} s of --time_budget={cfg.time_budget:g} spent, "
@@ -826,7 +836,7 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
     log = MetricsLog(None if cfg.eval_only else cfg.out_dir, start_wandb(cfg) if master else None)
     progress = Progress(iter_num, None if cfg.time_budget else cfg.max_iters, enabled=master)
     curve = LossCurve(cfg.out_dir, progress)
-    patience = Patience(cfg.patience, iter_num)
+    patience = Patience(cfg.patience, resumed_best_iter)
     stop = StopRequest(procs.ddp)
     first_iter = iter_num  # where this run starts: 0, or the checkpoint's iteration
     skip_eval_at = iter_num if cfg.init_from == "resume" and not cfg.eval_only else None  # that eval is in the checkpoint
@@ -853,7 +863,7 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
                 keep_every = cfg.always_save_checkpoint and not cfg.patience  # patience: ckpt.pt is the best
                 if iter_num > 0 and (improved or keep_every) and not cfg.eval_only:
                     save_checkpoint(ckpt_path, raw_model, optimizer, scaler, iter_num, best_val_loss, run_info,
-                                    data_gen, procs, budget.spent, holds_best=improved)
+                                    data_gen, procs, budget.spent, holds_best=improved, best_iter=patience.best_iter)
                     saved, holds_best = True, improved
                     if master:
                         progress.write(f"saved checkpoint to {ckpt_path}")
@@ -875,7 +885,7 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
                 keep_best = cfg.patience and holds_best
                 if not keep_best:
                     save_checkpoint(ckpt_path, raw_model, optimizer, scaler, iter_num, best_val_loss, run_info,
-                                    data_gen, procs, budget.spent)
+                                    data_gen, procs, budget.spent, best_iter=patience.best_iter)
                     saved = True
                 if master:
                     report_stop(stop.signum, iter_num, ckpt_path, progress, curve,
@@ -914,7 +924,7 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
         # the val loss never beat the first evaluation's (the start, never saved): a run that ends
         # without a checkpoint would leave nothing to sample or resume, so the last model is kept
         save_checkpoint(ckpt_path, raw_model, optimizer, scaler, iter_num, best_val_loss, run_info,
-                        data_gen, procs, budget.spent)
+                        data_gen, procs, budget.spent, best_iter=patience.best_iter)
         done = (f"done: {iter_num} iterations; the val loss ({last_val:.4f} at the end) never went below the "
                 f"first evaluation's {best_val_loss:.4f}, so ckpt.pt holds the last model, in {ckpt_path} "
                 f"(a lower --learning_rate or a longer run may do better)")

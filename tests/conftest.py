@@ -106,7 +106,7 @@ def free_port() -> int:
 def serve(flags, log):
     """Start app.py with flags on a free port, yield its URL once it answers, stop it after."""
     port = free_port()
-    with open(log, "w") as f:
+    with open(log, "w", encoding="utf-8") as f:
         proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), *flags, f"--port={port}", "--device=cpu"],
                                 cwd=ROOT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONIOENCODING": "utf-8"},
                                 stdout=f, stderr=subprocess.STDOUT)

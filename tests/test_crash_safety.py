@@ -300,6 +300,42 @@ def test_sigterm_while_starting_releases_the_lock_and_leaves_no_new_folder(tiny_
     assert after is previous  # the caller's handler is back
 
 
+def test_sigterm_while_a_checkpoint_loads_is_not_taken_for_damage(tiny_data, tmp_path, monkeypatch, capsys):
+    """SIGTERM while a resume reads its checkpoint ends the run as "terminated" (143): never as
+    "truncated or corrupted", which could make a user delete a good checkpoint."""
+    from errors import run_main
+    out = tmp_path / "out"
+    run_train(tiny_data, out, "--max_iters=2", "--eval_interval=2")
+    real_load = torch.load
+
+    def load_then_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # lands inside checkpoint.read's try
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "load", load_then_sigterm)
+    previous = signal.getsignal(signal.SIGTERM)
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as e:
+            run_main(train.main, [f"--data_dir={tiny_data}", f"--out_dir={out}", "--init_from=resume", "--max_iters=4"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert e.value.code == 143 and capsys.readouterr().err.strip().endswith("terminated")
+
+
+def test_a_checkpoint_saved_without_checksums_loads(tmp_path):
+    """torch.save can skip the CRC-32s (its compute_crc32 option records 0): nothing to check, not damage."""
+    from torch.utils.serialization import config
+    monkey = config.save.compute_crc32
+    config.save.compute_crc32 = False
+    try:
+        checkpoint.save({"model": {"w": torch.ones(4096)}, "model_args": {}, "iter_num": 3, "config": {},
+                         "tokenizer": {}}, tmp_path / "ckpt.pt")
+    finally:
+        config.save.compute_crc32 = monkey
+    assert checkpoint.load(tmp_path)["iter_num"] == 3
+
+
 def test_unwritable_out_dir_is_a_clear_error(tiny_data, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

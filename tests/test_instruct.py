@@ -113,6 +113,14 @@ def test_sampling_wraps_prompts_as_training_did(tmp_path):
     assert tokenizer.decode(record[len(ids):]) == "4<|endoftext|>"
 
 
+def test_stop_strings_never_hold_an_empty_string():
+    """A template whose user turn starts with its content marks no next turn: no empty stop string
+    (it would end every answer at once, and split nothing)."""
+    bare = {**template.TEMPLATE, "user": "{content}\n", "end": "<end>\n"}
+    assert template.stop_strings(bare) == ["<end>"]
+    assert template.stop_strings(template.TEMPLATE) == ["<|end|>", "<|user|>"]
+
+
 def test_chat_drops_the_oldest_turns_to_fit():
     tokenizer = Tokenizer.tiktoken("gpt2")
     turns = [("system", "Be brief."), ("user", "one " * 20), ("assistant", "uno " * 20),

@@ -365,7 +365,7 @@ def test_eval_only_evaluates_the_checkpoint_and_leaves_the_run_as_it_was(tiny_da
     run_train(tiny_data, out, "--init_from=resume", "--eval_only=True")
     printed = capsys.readouterr().out
     best = checkpoint.load(out / "ckpt.pt")["best_val_loss"]
-    assert f"step 4: train loss" in printed and f"val loss {best:.4f}" in printed  # the saved model, evaluated
+    assert "step 4: train loss" in printed and f"val loss {best:.4f}" in printed  # the saved model, evaluated
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "train.lock"} == files
 
 
@@ -412,7 +412,9 @@ def test_a_stop_with_patience_replaces_an_earlier_stops_checkpoint(tiny_data, tm
             with pytest.raises(SystemExit):
                 run_train(tiny_data, out, "--max_iters=50", "--eval_interval=40", "--patience=2",
                           *(["--init_from=resume"] if expected == 4 else []))
-        assert checkpoint.load(out / "ckpt.pt")["iter_num"] == expected
+        saved = checkpoint.load(out / "ckpt.pt")
+        assert saved["iter_num"] == expected and not saved["holds_best"]
+        assert saved["best_iter"] == 0  # the best val loss so far is the untrained model's, at iteration 0
         assert f"saved iteration {expected} to" in capsys.readouterr().err
 
 
