@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import os
 import re
 import runpy
 import sys
@@ -136,7 +137,11 @@ def read_config_file(path: str) -> dict:
     """Run a config file on its own and return its plain assignments (no modules, functions, _names)."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"config file {path} not found; the shipped ones are in configs/")
+        shipped = Path(__file__).resolve().parent / "configs"
+        there = shipped / p.name
+        hint = (f"; did you mean {there}?" if there.is_file() and there.resolve() != p.resolve()
+                else f"; the shipped ones are in {shipped}")
+        raise UserError(f"config file {path} not found{hint}")
     try:
         namespace = runpy.run_path(str(p))
     except Exception as e:  # a typo in the user's file: show where, not our traceback
@@ -144,6 +149,10 @@ def read_config_file(path: str) -> dict:
         raise UserError(f"config file {path}{where} could not be read: {type(e).__name__}: {e}") from None
     return {k: v for k, v in namespace.items()
             if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
+
+
+# settings that name a file or folder: a leading ~ is the home folder, as a shell would have it
+PATH_SETTINGS = {"out_dir", "data_dir", "init_from", "input", "per_line", "dest", "models_dir", "output"}
 
 
 def parse_config(cls, argv: list[str] | None = None, prog: str | None = None, check: bool = True):
@@ -220,6 +229,9 @@ def parse_config(cls, argv: list[str] | None = None, prog: str | None = None, ch
             values[key] = coerce(key, value, types_[key])
         except ValueError as e:
             errors.append(str(e))
+    for key in PATH_SETTINGS & values.keys():  # --out_dir=~/runs: no shell expands a ~ after "=" (or in a file)
+        if isinstance(values[key], str) and values[key].startswith("~"):
+            values[key] = os.path.expanduser(values[key])
     config = cls(**values)  # keys that failed keep their defaults, so problems() still runs
     if check and hasattr(config, "problems"):
         errors.extend(config.problems())

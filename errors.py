@@ -40,9 +40,65 @@ def use_utf8_streams():
     otherwise read and written in the ANSI code page (cp1252 in Western Europe and the
     Americas), which cannot hold most of what a model writes. (A Windows console already
     gets Unicode; macOS and Linux streams are UTF-8 anyway.)"""
+    for name in ("stdin", "stdout", "stderr"):  # a stream closed by the shell (<&-, >&-): the null device
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "r" if name == "stdin" else "w", encoding="utf-8"))
     for stream in (sys.stdin, sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper) and codecs.lookup(stream.encoding).name != "utf-8":
             stream.reconfigure(encoding="utf-8")
+    for stream in (sys.stdout, sys.stderr):  # a path the OS gave as undecodable bytes prints back as those bytes
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="surrogateescape")
+
+
+class _StdoutThatMayClose:
+    """sys.stdout for a long job: when its reader leaves (`python train.py | head`), the job goes
+    on; the rest of its lines go to the null device (file descriptor 1 is pointed there, so the
+    interpreter's own flush at exit finds nothing to fail on), with one note on stderr."""
+
+    def __init__(self, stream, what: str):
+        self.stream, self.what, self.gone = stream, what, False
+
+    def _closed(self):
+        self.gone = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, io.UnsupportedOperation):  # no descriptor: drop what is left
+            self.stream = open(os.devnull, "w", encoding="utf-8")
+        print(f"note: standard output was closed (its reader left, a `| head`?): {self.what}", file=sys.stderr)
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._closed()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._closed()
+            self.stream.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...: the stream's own
+        return getattr(self.stream, name)
+
+
+class stdout_may_close:
+    """`with stdout_may_close("training goes on ..."):` runs a long job with _StdoutThatMayClose."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        self.previous = sys.stdout
+        sys.stdout = _StdoutThatMayClose(sys.stdout, self.what)
+
+    def __exit__(self, *exc):
+        sys.stdout = self.previous
 
 
 class UserError(Exception):

@@ -47,7 +47,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -400,6 +400,9 @@ def main(argv=None):
         raise UserError("--input and --split each choose the text to score: pass one of them")
     hardware.set_cpu_threads()
     precision = hardware.resolve(cfg.device, cfg.dtype)
+    if "dtype" not in explicit:  # float32 is eval.py's own choice, not the user's
+        precision = replace(precision, reason=precision.reason.replace(
+            f"dtype {cfg.dtype} (as requested)", f"dtype {cfg.dtype} (eval.py's default; --dtype=auto or bfloat16 to change)"))
     if precision.device_type == "cpu":  # each batch's activations reuse the last one's memory
         hardware.keep_freed_memory()
     if cfg.int8 and precision.device_type != "cpu":

@@ -670,11 +670,13 @@ def write_atomically(dest: Path, write):
         tmp.mkdir()
     except OSError as e:
         raise UserError(f"cannot write --dest={dest}: {e.strerror or e}; choose a folder you can write to") from None
+    umask = os.umask(0)  # (read by setting it: the files get the modes the user's umask gives)
+    os.umask(umask)
     try:
         write(tmp)
         for path in [*tmp.rglob("*"), tmp]:  # every file on disk before the folder takes dest's place
             if path.is_file():
-                path.chmod(0o644)  # some writers create files readable by their owner only
+                path.chmod(0o666 & ~umask)  # some writers create files readable by their owner only
             fsync(path)
         if in_place:
             old.mkdir()

@@ -261,12 +261,19 @@ class FastDecoder:
             cache.advance(idx[:, None])
         return F.linear(tr.ln_f(x), model.lm_head.weight)
 
-    def compile_step(self, batch_size: int, build: bool = True, log=print) -> str:
+    def compile_step(self, batch_size: int, build: bool = True, log=print, retry: bool = True) -> str:
         """Load this shape's compiled step from the cache, or (build) compile it there first;
-        a stale or damaged package is built again. Returns how the step runs, in a few words;
-        log(line) tells the user what takes time or failed."""
+        a stale or damaged package is built again. A build that failed is remembered beside it
+        (step-KEY.failed) and not tried again unless retry (--compile=true). Returns how the
+        step runs, in a few words; log(line) tells the user what takes time or failed."""
         key = step_key(self.stepping, self.weights, batch_size)
         path = step_path(key)
+        failed = path.with_suffix(".failed")
+        if build and not retry and failed.is_file():
+            why = failed.read_text(encoding="utf-8", errors="replace").strip()
+            log(f"the decoding step failed to compile here before ({why}); decoding with the eager step "
+                f"(--compile=true tries again)")
+            return "eager step (its compile failed before)"
         if path.exists():
             try:
                 self.compiled = CompiledStep(path, key, self.stepping)
@@ -285,10 +292,18 @@ class FastDecoder:
             build_step(self.stepping, batch_size, key, path)
             self.compiled = CompiledStep(path, key, self.stepping)
             self.check_compiled(batch_size)
+            failed.unlink(missing_ok=True)
             prune_cache(path, "step-*.pt2")  # steps unused for a month: other shapes, older code
         except Exception as e:  # noqa: BLE001 (no compiler, an op it lacks...: decode eagerly)
             self.compiled = None
-            log(f"could not compile the decoding step ({one_line(e)}); decoding with the eager step")
+            why = one_line(e) + (f"; this Python's path ({sys.prefix}) holds a space, which torch's build does "
+                                 f"not quote" if " " in sys.prefix else "")
+            log(f"could not compile the decoding step ({why}); decoding with the eager step")
+            try:  # remembered, so that later runs do not spend the same minute failing again
+                failed.parent.mkdir(parents=True, exist_ok=True)
+                durable.write_text(failed, why + "\n")
+            except OSError:
+                pass
             return "eager step (its compile failed)"
         return f"step compiled in {time.perf_counter() - t0:.0f} s, kept in {path}"
 
@@ -620,7 +635,7 @@ def decoder_for(model: nn.Module, batch_size: int, weights: str = "auto", compil
     how = f"fast CPU path, {reason}"
     if compile is not False:
         build = compile is True or new_tokens * model.config.n_layer >= COMPILE_PAYS
-        how += f"; {decoder.compile_step(batch_size, build, log)}"
+        how += f"; {decoder.compile_step(batch_size, build, log, retry=compile is True)}"
     return decoder, how
 
 

@@ -725,7 +725,7 @@ def parse_args(argv):
         description="Prepare a text dataset: raw UTF-8 text -> data/<name>/{train.bin,val.bin,meta.json}.",
         formatter_class=HelpFormatter)
     p.add_argument("dataset", nargs="?", help=f"a named dataset: {', '.join(NAMED_DATASETS)}")
-    p.add_argument("--input", nargs="+", action="extend", metavar="PATH",
+    p.add_argument("--input", nargs="+", action="extend", metavar="PATH", type=os.path.expanduser,
                    help="UTF-8 text files or folders of them (each file is one document; read as text: "
                         "CRLF and CR line ends become LF, a leading byte-order mark is dropped)")
     p.add_argument("--name", help="dataset name: output goes to <data_dir>/<name>/ (default: the named dataset)")
@@ -752,7 +752,7 @@ def parse_args(argv):
     p.add_argument("--val_fraction", type=float, default=0.1, help="last fraction of the tokens used as val")
     p.add_argument("--block_size", type=int, default=256,
                    help="each split must hold at least block_size + 1 tokens (one training window)")
-    p.add_argument("--data_dir", default="data", help="root folder of prepared datasets")
+    p.add_argument("--data_dir", default="data", type=os.path.expanduser, help="root folder of prepared datasets")
     p.add_argument("--chunk_size", type=int, default=1 << 20,
                    help="characters per encode call (also bytes per read)")
     p.add_argument("--num_workers", type=int, default=os.cpu_count() or 1, help="encoder processes")
@@ -830,6 +830,11 @@ def encode_splits(args, files: list[Path], documents: str | None, is_val, n_docs
 
 
 def main(argv=None):
+    with errors.stdout_may_close("prepare.py goes on, its lines dropped"):
+        prepare(argv)
+
+
+def prepare(argv=None):
     args = parse_args(argv)
     name, documents = check_args(args)
     tokenizer_name = args.tokenizer or NAMED_DATASETS.get(args.dataset, "gpt2")

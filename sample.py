@@ -106,7 +106,7 @@ def read_prompt(prompt: str) -> str:
     name = prompt[len("FILE:"):]
     if not name:
         raise UserError("--prompt=FILE: needs a file name after FILE:, e.g. --prompt=FILE:prompt.txt")
-    path = Path(name)
+    path = Path(name).expanduser()
     if path.is_dir():
         raise UserError(f"could not read prompt file {path}: it is a folder; name a text file in it")
     try:

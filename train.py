@@ -721,6 +721,8 @@ def main(argv=None):
     # the lock on out_dir (and anything else held) is released however the run ends
     with contextlib.ExitStack() as held:
         held.callback(held_signal)
+        held.enter_context(errors.stdout_may_close(
+            f"training goes on, its lines dropped; {Path(cfg.out_dir) / 'metrics.jsonl'} holds them"))
         try:
             run(cfg, explicit, held)
         except RuntimeError as e:
@@ -728,7 +730,21 @@ def main(argv=None):
                 raise UserError(f"another process of this torchrun job is gone ({str(e).splitlines()[0][:160]}); "
                                 f"what was saved in {cfg.out_dir} is intact: start the job again with "
                                 f"--init_from=resume") from None
+            if cfg.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                raise UserError(compile_failed(e)) from None
             raise
+
+
+def compile_failed(e: Exception) -> str:
+    """--compile's kernels could not be built (no C++ compiler, a linker that trips on a space in
+    the Python environment's path): one line for what torch says in hundreds."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    cause = next((line for line in lines if "Error:" in line or "error:" in line or "not find" in line),
+                 lines[0] if lines else type(e).__name__)
+    space = (f"; torch's build does not quote paths, and this Python's ({sys.prefix}) holds a space: use a "
+             f"virtual environment in a folder without one") if " " in sys.prefix else ""
+    return (f"--compile could not build the model's kernels ({cause[:200]}); train without --compile (the "
+            f"same model, eager), or install a C++ compiler (g++ or clang){space}")
 
 
 # what gloo says when another rank of the job died (killed, out of memory) in the middle of a collective

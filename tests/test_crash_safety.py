@@ -157,6 +157,24 @@ def test_signal_saves_and_resume_is_exact(uninterrupted_signal_run, tmp_path, si
     assert weights_equal(full["model"], resumed["model"])
 
 
+def test_a_reader_that_leaves_stdout_does_not_end_the_training(tiny_data, tmp_path):
+    """`python train.py ... | head -1`: the pipe closes after one line; the run trains to the end
+    (its lines dropped, one note on stderr) instead of stopping at the next print."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(train_cmd(tiny_data, out, "--max_iters=30", "--eval_interval=15", "--log_interval=1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.readline()
+        proc.stdout.close()  # the reader leaves
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "standard output was closed" in err and "Traceback" not in err and "Exception ignored" not in err
+    assert checkpoint.load(out / "ckpt.pt")["iter_num"] == 30
+
+
 def poison_training_forward(monkeypatch, at_call):
     """Make the loss NaN on the at_call-th training forward pass (eval passes not counted)."""
     forward = train.GPT.forward

@@ -543,6 +543,25 @@ def test_the_compiled_step_gives_the_eager_text_and_serves_another_checkpoint(co
     assert not torch.equal(texts[0], texts[1])  # each computed with its own weights
 
 
+def test_a_compile_that_failed_is_remembered_and_tried_again_only_when_asked(tmp_path, monkeypatch):
+    """No working compiler: the failure is kept beside where the step would be, so later runs
+    decode eagerly at once (with one line) instead of failing for a minute again; --compile=true
+    (retry) tries again, and a success forgets the failure."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    builds = []
+
+    def no_compiler(*args):
+        builds.append(args)
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+    monkeypatch.setattr(fast_decode, "build_step", no_compiler)
+    decoder, lines = FastDecoder(tiny_model(2), "float32"), []
+    assert decoder.compile_step(1, log=lines.append, retry=False) == "eager step (its compile failed)"
+    assert decoder.compile_step(1, log=lines.append, retry=False) == "eager step (its compile failed before)"
+    assert len(builds) == 1 and "failed to compile here before (RuntimeError: InvalidCxxCompiler" in lines[-1]
+    decoder.compile_step(1, log=lines.append, retry=True)
+    assert len(builds) == 2
+
+
 @pytest.mark.slow
 def test_a_stale_package_is_not_used(compiled, monkeypatch):
     """A package at another key's path (here: batch 2's) is recognised by the key inside it."""

@@ -68,6 +68,24 @@ def run_cli(args, **kwargs) -> subprocess.CompletedProcess:
                           text=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": "utf-8"}, **kwargs)
 
 
+def test_a_c_locale_without_utf8_mode_still_says_the_error_and_its_path(tmp_path):
+    """LC_ALL=C with PYTHONUTF8=0: a non-ASCII path reaches Python as undecodable bytes; the one
+    error line still prints, with the path as given, instead of an encoding traceback."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONIOENCODING", "PYTHONUTF8", "LANG")}
+    missing = str(tmp_path / "nö such").encode("utf-8")
+    done = subprocess.run([sys.executable.encode(), b"sample.py", b"--out_dir=" + missing], cwd=ROOT,
+                          capture_output=True, timeout=120, env={**env, "LC_ALL": "C", "PYTHONUTF8": "0",
+                                                                 "PYTHONCOERCECLOCALE": "0"})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(b"error: no checkpoint at " + missing), done.stderr
+
+
+def test_interactive_with_stdin_closed_ends_quietly(char_dir):
+    done = subprocess.run(["bash", "-c", f'"{sys.executable}" sample.py --out_dir="{char_dir}" --interactive <&-'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+
+
 # ---------------------------------------------------------------------------- model.py
 
 def test_cache_and_no_cache_agree_greedily_past_three_block_sizes():

@@ -545,6 +545,22 @@ def test_a_user_error_under_torchrun_is_one_whole_line_per_rank(monkeypatch, cap
         assert capsys.readouterr().err == expected + "--warmup_iters (100) is longer than the run\n"
 
 
+def test_a_compile_that_cannot_build_is_one_line(tiny_data, tmp_path, monkeypatch):
+    """--compile without a working C++ compiler: torch's hundreds of lines become one that says
+    what failed and the way on (train without --compile)."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def no_compiler(cfg, explicit, held):
+        raise BackendCompilerFailed(lambda: None, RuntimeError(
+            "InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx: (None, 'g++')"), None)
+    monkeypatch.setattr(train, "run", no_compiler)
+    with pytest.raises(UserError, match=r"^--compile could not build the model's kernels \(.*No working C\+\+ "
+                                        r"compiler found.*\); train without --compile"):
+        train.main([f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'out'}", *TINY, "--compile"])
+    with pytest.raises(BackendCompilerFailed):  # without --compile it is no compile of ours: our bug, shown whole
+        train.main([f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'out'}", *TINY])
+
+
 def test_lr_schedule():
     cfg = training.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110, max_iters=200)
     assert training.get_lr(0, cfg) == pytest.approx(1 / 11)
