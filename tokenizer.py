@@ -16,6 +16,7 @@ vocabulary's <|endoftext|>, or for char-level one extra id, len(chars), that no 
 can take. `documents` records the mode ("line" or "blank"; None otherwise).
 """
 import base64
+import os
 
 import numpy as np
 import tiktoken
@@ -105,11 +106,14 @@ class Tokenizer:
         try:
             encoding = tiktoken.get_encoding(name)
         except Exception as e:  # network errors (requests, urllib, OSError), hash mismatch
-            reason = f"{type(e).__name__}: {str(e)[:150]}"
-            raise UserError(
-                f"could not load the tiktoken encoding {name!r} ({reason}); "
-                "tiktoken downloads its files on first use: without internet, set "
-                "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached files") from None
+            first = (str(e).splitlines() or [""])[0]
+            reason = f"{type(e).__name__}: {first if len(first) <= 150 else first[:150] + '...'}"
+            cache = os.environ.get("TIKTOKEN_CACHE_DIR")
+            fix = (f"TIKTOKEN_CACHE_DIR={cache} does not hold {name}'s files: copy them there from a machine "
+                   f"that has them (or use --tokenizer char)" if cache else
+                   "tiktoken downloads its files on first use: without internet, set TIKTOKEN_CACHE_DIR to a "
+                   "folder holding tiktoken's cached files (or use --tokenizer char)")
+            raise UserError(f"could not load the tiktoken encoding {name!r} ({reason}); {fix}") from None
         return cls(name, encoding.n_vocab, encoding.eot_token, encoding=encoding)
 
     @classmethod

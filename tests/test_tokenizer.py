@@ -100,9 +100,14 @@ def test_offline_without_cache_says_how_to_fix(monkeypatch, tmp_path):
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # forget encodings already loaded
     with pytest.raises(UserError) as e:
         Tokenizer.tiktoken("gpt2")
-    assert str(e.value) == (f"could not load the tiktoken encoding 'gpt2' (ConnectionError: {reason[:150]}); "
-                            "tiktoken downloads its files on first use: without internet, set "
-                            "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached files")
+    assert str(e.value) == (f"could not load the tiktoken encoding 'gpt2' (ConnectionError: {reason[:150]}...); "
+                            f"TIKTOKEN_CACHE_DIR={tmp_path} does not hold gpt2's files: copy them there from a "
+                            f"machine that has them (or use --tokenizer char)")
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR")  # no cache named: how to name one
+    monkeypatch.setenv("DATA_GYM_CACHE_DIR", str(tmp_path / "empty"))  # (tiktoken's other cache, empty too)
+    with pytest.raises(UserError, match="without internet, set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's "
+                                        r"cached files \(or use --tokenizer char\)$"):
+        Tokenizer.tiktoken("gpt2")
 
 
 def test_a_trained_vocabulary_round_trips_through_its_description():
