@@ -5,6 +5,7 @@ get wrong, and wraps its main() in run_main(). Other exceptions are our bugs and
 their traceback.
 """
 import codecs
+import errno
 import importlib.util
 import io
 import os
@@ -51,35 +52,60 @@ def use_utf8_streams():
             stream.reconfigure(errors="surrogateescape")
 
 
+def reader_left(e: OSError) -> bool:
+    """Whether a write failed because the reading end of a pipe closed: EPIPE, or on Windows
+    EINVAL, which it gives for the same (python/cpython#79935)."""
+    return isinstance(e, BrokenPipeError) or e.errno == errno.EPIPE or (os.name == "nt" and e.errno == errno.EINVAL)
+
+
+def _to_null_device(stream) -> bool:
+    """Point stream's file descriptor at the null device: what is buffered and written later
+    goes nowhere, without an error (the interpreter's flush at exit included)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+        return True
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+
+
 class _StdoutThatMayClose:
     """sys.stdout for a long job: when its reader leaves (`python train.py | head`), the job goes
     on; the rest of its lines go to the null device (file descriptor 1 is pointed there, so the
-    interpreter's own flush at exit finds nothing to fail on), with one note on stderr."""
+    interpreter's own flush at exit finds nothing to fail on), with one note on stderr (unless
+    stderr went with it: `2>&1 | head`)."""
 
     def __init__(self, stream, what: str):
         self.stream, self.what, self.gone = stream, what, False
 
     def _closed(self):
         self.gone = True
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self.stream.fileno())
-            os.close(devnull)
-        except (OSError, ValueError, io.UnsupportedOperation):  # no descriptor: drop what is left
+        if not _to_null_device(self.stream):  # no descriptor: what is left is dropped
             self.stream = open(os.devnull, "w", encoding="utf-8")
-        print(f"note: standard output was closed (its reader left, a `| head`?): {self.what}", file=sys.stderr)
+        try:
+            print(f"note: standard output was closed (its reader left, a `| head`?): {self.what}",
+                  file=sys.stderr, flush=True)
+        except OSError as e:
+            if not reader_left(e):
+                raise
+            _to_null_device(sys.stderr)
 
     def write(self, text):
         try:
             return self.stream.write(text)
-        except BrokenPipeError:
+        except OSError as e:
+            if not reader_left(e):
+                raise
             self._closed()
             return len(text)
 
     def flush(self):
         try:
             self.stream.flush()
-        except BrokenPipeError:
+        except OSError as e:
+            if not reader_left(e):
+                raise
             self._closed()
             self.stream.flush()
 
@@ -88,17 +114,24 @@ class _StdoutThatMayClose:
 
 
 class stdout_may_close:
-    """`with stdout_may_close("training goes on ..."):` runs a long job with _StdoutThatMayClose."""
+    """`with stdout_may_close("training goes on ..."):` runs a long job with _StdoutThatMayClose;
+    on the way out what is buffered is flushed through it, so a reader that left meanwhile is
+    met there too, not by the interpreter's flush at exit."""
 
     def __init__(self, what: str):
         self.what = what
 
     def __enter__(self):
         self.previous = sys.stdout
-        sys.stdout = _StdoutThatMayClose(sys.stdout, self.what)
+        self.wrapper = sys.stdout = _StdoutThatMayClose(sys.stdout, self.what)
 
     def __exit__(self, *exc):
-        sys.stdout = self.previous
+        try:
+            self.wrapper.flush()
+        except OSError:
+            pass
+        finally:
+            sys.stdout = self.previous
 
 
 class UserError(Exception):

@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import threading
@@ -269,11 +270,6 @@ class FastDecoder:
         key = step_key(self.stepping, self.weights, batch_size)
         path = step_path(key)
         failed = path.with_suffix(".failed")
-        if build and not retry and failed.is_file():
-            why = failed.read_text(encoding="utf-8", errors="replace").strip()
-            log(f"the decoding step failed to compile here before ({why}); decoding with the eager step "
-                f"(--compile=true tries again)")
-            return "eager step (its compile failed before)"
         if path.exists():
             try:
                 self.compiled = CompiledStep(path, key, self.stepping)
@@ -285,6 +281,10 @@ class FastDecoder:
                 log(f"the compiled decoding step {path} is stale or damaged ({one_line(e)}); building it again")
         if not build:
             return "eager step (--compile=true compiles it once for this model shape)"
+        if not retry and (why := failed_before(failed)):
+            log(f"the decoding step failed to compile here before ({why}); decoding with the eager step "
+                f"(--compile=true tries again)")
+            return "eager step (its compile failed before)"
         log(f"compiling the decoding step for this model shape, once: a minute or more on a small CPU "
             f"(later runs load it from {path})")
         t0 = time.perf_counter()
@@ -292,18 +292,21 @@ class FastDecoder:
             build_step(self.stepping, batch_size, key, path)
             self.compiled = CompiledStep(path, key, self.stepping)
             self.check_compiled(batch_size)
-            failed.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                failed.unlink(missing_ok=True)
             prune_cache(path, "step-*.pt2")  # steps unused for a month: other shapes, older code
         except Exception as e:  # noqa: BLE001 (no compiler, an op it lacks...: decode eagerly)
             self.compiled = None
-            why = one_line(e) + (f"; this Python's path ({sys.prefix}) holds a space, which torch's build does "
-                                 f"not quote" if " " in sys.prefix else "")
+            why = one_line(e)
+            build_failed = any(m in str(e) for m in ("CppCompileError", "C++ compile error", "InvalidCxxCompiler",
+                                                     "No working C++ compiler", "ld:", "collect2"))
+            if build_failed and " " in sys.prefix:
+                why += f"; this Python's path ({sys.prefix}) holds a space, which torch's build does not quote"
             log(f"could not compile the decoding step ({why}); decoding with the eager step")
-            try:  # remembered, so that later runs do not spend the same minute failing again
-                failed.parent.mkdir(parents=True, exist_ok=True)
-                durable.write_text(failed, why + "\n")
-            except OSError:
-                pass
+            if build_failed:  # the machine's, not the step's: remembered, so later runs skip the same minute
+                with contextlib.suppress(OSError):
+                    failed.parent.mkdir(parents=True, exist_ok=True)
+                    durable.write_text(failed, json.dumps({"why": why, **build_environment()}) + "\n")
             return "eager step (its compile failed)"
         return f"step compiled in {time.perf_counter() - t0:.0f} s, kept in {path}"
 
@@ -614,6 +617,27 @@ def auto_weights(model: GPT, batch_size: int, compile: bool | None) -> tuple[str
     except OSError:  # a read-only cache: this process's choice stands alone
         pass
     return weights, reason
+
+
+def build_environment() -> dict:
+    """What a failed build of the compiled step depended on besides the step: this Python and
+    the C++ compiler found. A marker of a failure counts only while both are the same."""
+    return {"python": sys.prefix, "compiler": shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")}
+
+
+def failed_before(marker: Path) -> str | None:
+    """Why the build failed before in this environment (its marker), else None: a marker of
+    another environment (a new virtual environment, a compiler installed since), an unreadable
+    one or one over a week old is no reason not to try."""
+    try:
+        if time.time() - marker.stat().st_mtime > 7 * 24 * 3600:
+            return None
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or {k: record.get(k) for k in ("python", "compiler")} != build_environment():
+        return None
+    return str(record.get("why", "unknown"))
 
 
 def decoder_for(model: nn.Module, batch_size: int, weights: str = "auto", compile: bool | None = None,

@@ -730,9 +730,19 @@ def main(argv=None):
                 raise UserError(f"another process of this torchrun job is gone ({str(e).splitlines()[0][:160]}); "
                                 f"what was saved in {cfg.out_dir} is intact: start the job again with "
                                 f"--init_from=resume") from None
-            if cfg.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            if compiler_missing(e):  # (only torch.compile raises these: a resumed --compile run too)
                 raise UserError(compile_failed(e)) from None
             raise
+
+
+# what torch's compile errors say when no C++ compiler works or the linker fails (not a model's bug)
+COMPILER_FAILED = ("InvalidCxxCompiler", "No working C++ compiler", "CppCompileError", "C++ compile error",
+                   "ld: cannot find", "collect2", "linker")
+
+
+def compiler_missing(e: Exception) -> bool:
+    return (type(e).__name__ in ("BackendCompilerFailed", "InductorError", "CppCompileError")
+            and any(marker in str(e) for marker in COMPILER_FAILED))
 
 
 def compile_failed(e: Exception) -> str:

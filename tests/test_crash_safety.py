@@ -175,6 +175,28 @@ def test_a_reader_that_leaves_stdout_does_not_end_the_training(tiny_data, tmp_pa
     assert checkpoint.load(out / "ckpt.pt")["iter_num"] == 30
 
 
+@pytest.mark.parametrize("pipe", ["| head -1", "2>&1 | head -1"])
+def test_train_and_prepare_go_on_when_the_reader_of_their_output_leaves(tiny_data, tmp_path, pipe):
+    """Through a real shell pipe, with Python's output buffered as it is by default: `| head -1`
+    (stdout) and `2>&1 | head -1` (stderr too) leave the run and the dataset whole, exit 0."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    out = tmp_path / "out"
+    runs = {
+        "train": " ".join(f'"{a}"' for a in train_cmd(tiny_data, out, "--max_iters=30", "--eval_interval=15",
+                                                     "--log_interval=1")),
+        "prepare": f'"{sys.executable}" "{ROOT / "prepare.py"}" --input "{tiny_data / "tiny" / "input.txt"}" '
+                   f'--name p --tokenizer char --data_dir "{tmp_path / "data"}" --block_size 8',
+    }
+    (tiny_data / "tiny" / "input.txt").write_text("to be or not to be\n" * 200, encoding="utf-8")
+    for name, cmd in runs.items():
+        done = subprocess.run(["bash", "-c", f'{cmd} {pipe} > /dev/null; exit "${{PIPESTATUS[0]}}"'],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (name, done.stderr)
+        assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, (name, done.stderr)
+    assert checkpoint.load(out / "ckpt.pt")["iter_num"] == 30
+    assert (tmp_path / "data" / "p" / "meta.json").is_file()
+
+
 def poison_training_forward(monkeypatch, at_call):
     """Make the loss NaN on the at_call-th training forward pass (eval passes not counted)."""
     forward = train.GPT.forward

@@ -560,6 +560,18 @@ def test_a_compile_that_failed_is_remembered_and_tried_again_only_when_asked(tmp
     assert len(builds) == 1 and "failed to compile here before (RuntimeError: InvalidCxxCompiler" in lines[-1]
     decoder.compile_step(1, log=lines.append, retry=True)
     assert len(builds) == 2
+    monkeypatch.setattr(fast_decode, "build_environment", lambda: {"python": "/new/venv", "compiler": "/usr/bin/g++"})
+    decoder.compile_step(1, log=lines.append, retry=False)  # another environment since: tried again
+    assert len(builds) == 3
+    marker = next(tmp_path.rglob("*.failed"))
+
+    def builds_then_mismatch(*args):  # the step builds, but its logits are off: the step's fault, not the machine's
+        builds.append(args)
+        raise AssertionError("the compiled step's logits differ")
+    marker.unlink()
+    monkeypatch.setattr(fast_decode, "build_step", builds_then_mismatch)
+    decoder.compile_step(1, log=lines.append, retry=False)
+    assert not list(tmp_path.rglob("*.failed"))  # nothing remembered: no reason to skip the next try
 
 
 @pytest.mark.slow
