@@ -138,6 +138,13 @@ class UserError(Exception):
     """A mistake the user can fix. The message names the problem and how to fix it."""
 
 
+def quoted(path) -> str:
+    """A path as a command in a message shows it: in double quotes where it holds a space, so
+    that it pastes whole into bash, zsh, PowerShell and cmd alike."""
+    text = str(path)
+    return f'"{text}"' if any(c.isspace() for c in text) else text
+
+
 class Terminated(BaseException):
     """SIGTERM before a script's own handler (train.py's stop request) is in place: raised by
     terminate_cleanly's handler, so that what the script holds is released on the way out. A

@@ -311,7 +311,7 @@ def lock_out_dir(lock: runlock.FolderLock, ddp: bool, master: bool, create: bool
             if keep is not None and keep.exists() and eval_only_from:
                 raise UserError(f"--eval_only evaluates the model this run starts from (--init_from={eval_only_from}), "
                                 f"not the one in {keep}: add --init_from=resume to evaluate that one (or run "
-                                f"python eval.py --out_dir={keep.parent}), or choose another --out_dir")
+                                f"python eval.py --out_dir={errors.quoted(keep.parent)}), or choose another --out_dir")
             if keep is not None and keep.exists():
                 raise UserError(f"--out_dir {keep.parent} already holds a model ({keep.name}) that this new run "
                                 f"would replace; continue it with --init_from=resume, or choose another "
@@ -763,8 +763,8 @@ PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pi
 
 def out_dir_lock(cfg: TrainConfig, held: contextlib.ExitStack) -> runlock.FolderLock:
     """One run per out_dir: rank 0 holds <out_dir>/train.lock until this run ends, however it ends."""
-    other = "choose another --out_dir" + (f" (python eval.py --out_dir={cfg.out_dir} evaluates a model without "
-                                          f"writing anything, in a folder it cannot write to as well)"
+    other = "choose another --out_dir" + (f" (python eval.py --out_dir={errors.quoted(cfg.out_dir)} evaluates a "
+                                          f"model without writing anything, in a folder it cannot write to as well)"
                                           if cfg.eval_only else "")
     lock = runlock.FolderLock(Path(cfg.out_dir) / "train.lock", f"--out_dir {cfg.out_dir}", other)
     held.callback(lock.release)

@@ -564,6 +564,11 @@ def test_a_compile_that_cannot_build_is_one_line(tiny_data, tmp_path, monkeypatc
         train.main([f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'out'}", *TINY, "--compile"])
 
 
+def test_a_path_in_a_suggested_command_is_quoted_where_it_holds_a_space():
+    from errors import quoted
+    assert quoted("out-a") == "out-a" and quoted("my runs/a") == '"my runs/a"'
+
+
 def test_lr_schedule():
     cfg = training.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110, max_iters=200)
     assert training.get_lr(0, cfg) == pytest.approx(1 / 11)
