@@ -98,11 +98,22 @@ class SampleConfig(GenerationConfig):
 
 # ---------------------------------------------------------------------------- setup
 
+def typed(text: str) -> str:
+    """A text from the command line as it was typed: where the locale is not UTF-8 (LC_ALL=C with
+    Python's UTF-8 mode off) non-ASCII bytes arrive as lone surrogates; they were UTF-8."""
+    if any("\udc80" <= c <= "\udcff" for c in text):
+        try:
+            return os.fsencode(text).decode("utf-8")
+        except (UnicodeError, ValueError):
+            return text
+    return text
+
+
 def read_prompt(prompt: str) -> str:
     """The prompt text; FILE:path reads it from a file, as in nanoGPT, and as prepare.py reads
     text (documents.as_text: line ends as "\n", no leading byte-order mark)."""
     if not prompt.startswith("FILE:"):
-        return prompt
+        return typed(prompt)
     name = prompt[len("FILE:"):]
     if not name:
         raise UserError("--prompt=FILE: needs a file name after FILE:, e.g. --prompt=FILE:prompt.txt")
@@ -227,6 +238,7 @@ def main(argv=None):
     cfg, explicit = parse_config(SampleConfig, argv, prog="sample.py")
     check_one_model(cfg.init_from, explicit)
     # a bad file fails before loading; --interactive with --prompt: its first input
+    cfg.stop = [typed(stop) for stop in cfg.stop]
     prompt_text = read_prompt(cfg.prompt) if not cfg.interactive or "prompt" in explicit else None
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)

@@ -41,6 +41,7 @@ from typing import NamedTuple
 import torch
 
 import checkpoint
+import cpu_kernels
 import durable
 import hardware
 import hf_format
@@ -829,6 +830,8 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     if master:
         announce(cfg, precision, data, tokens_per_iter, ckpt["iter_num"] if ckpt is not None else 0)
+        if precision.device_type == "cpu":  # built (once, into the user's cache) now, not inside step 0's time
+            print(f"CPU training kernels: {cpu_kernels.kernels_used()}")
 
     # model and optimizer, new or as the checkpoint left them
     data_gen = seed_rngs(cfg, procs, precision.device_type)

@@ -80,6 +80,13 @@ def test_a_c_locale_without_utf8_mode_still_says_the_error_and_its_path(tmp_path
     assert done.stderr.startswith(b"error: no checkpoint at " + missing), done.stderr
 
 
+def test_a_prompt_typed_under_a_c_locale_is_the_text_typed():
+    """LC_ALL=C without UTF-8 mode: Python hands "café" over as "caf" and two lone surrogates;
+    sample.py reads the UTF-8 they were (a prompt and a --stop string alike)."""
+    assert sample.typed("caf\udcc3\udca9") == "café" and sample.typed("plain") == "plain"
+    assert sample.read_prompt("caf\udcc3\udca9") == "café"
+
+
 def test_interactive_with_stdin_closed_ends_quietly(char_dir):
     done = subprocess.run(["bash", "-c", f'"{sys.executable}" sample.py --out_dir="{char_dir}" --interactive <&-'],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
