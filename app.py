@@ -22,8 +22,8 @@ before those), e.g. with gradio_client:
   makes a public gradio.live link. On a Hugging Face Space, which sets GRADIO_SERVER_NAME and
   GRADIO_SERVER_PORT, those are used unless --host or --port are given.
 - Each checkpoint is loaded once, on first use, and kept; a lock stops two tabs from loading
-  the same one twice. gradio's queue runs one generation at a time and the others wait their
-  turn; max_new_tokens is bounded by --max_new_tokens_limit.
+  the same one twice. gradio's queue runs one generation at a time per button (Generate, Chat)
+  and the others wait their turn; max_new_tokens is bounded by --max_new_tokens_limit.
 - Every mistake in a request (a bad value, an empty prompt, a character the model never saw)
   is a message on the page (or the API's error); the server keeps serving.
 """
@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +101,10 @@ def find_model_folders(root: Path) -> list[Path]:
         dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")) and d not in SKIP_DIRS
                          and not (Path(folder) / d / "pyvenv.cfg").exists())
         if is_model_folder(Path(folder)):
+            if (Path(folder) / "ckpt.pt").is_file() and not zipfile.is_zipfile(Path(folder) / "ckpt.pt"):
+                print(f"skipped model {folder}: {Path(folder) / 'ckpt.pt'} is not a readable checkpoint "
+                      f"(truncated or not one)", file=sys.stderr, flush=True)  # (its end alone is read)
+                continue
             if not (Path(folder) / "ckpt.pt").is_file():
                 try:
                     hf_format.gpt_config(Path(folder))  # its config.json only: cheap

@@ -142,28 +142,32 @@ def test_one_copy_of_each_model(runs):
 
 
 def test_broken_checkpoints_are_skipped_or_a_message_when_picked(runs, tmp_path):
-    """--models_dir with damaged checkpoints among good ones: the first found that loads is the
-    default (one line on stderr for each skipped on the way); one found later fails only when
+    """--models_dir with damaged checkpoints among good ones: one that is not even a readable zip
+    (cut short) is left out at once; of those damaged inside, the first found that loads is the
+    default (one line on stderr for each skipped on the way), and one found later fails only when
     picked, as a message; the server goes on. With none that loads: one error line."""
     models = tmp_path / "models"
-    for name in ("a", "b", "c"):
+    good = (runs / "b" / "ckpt.pt").read_bytes()
+    inside = bytearray(good)
+    inside[len(good) // 2] ^= 0xFF  # a byte of the weights changed: still a zip, its checksum fails
+    for name, data in (("a", bytes(inside)), ("b", good), ("c", bytes(inside)), ("d", good[:1000])):
         (models / name).mkdir(parents=True)
-        shutil.copy(runs / "b" / "ckpt.pt", models / name / "ckpt.pt")
-    for name in ("a", "c"):
-        (models / name / "ckpt.pt").write_bytes((runs / "b" / "ckpt.pt").read_bytes()[:1000])  # cut short
+        (models / name / "ckpt.pt").write_bytes(data)
     log = tmp_path / "app.log"
     with contextlib.contextmanager(serve)([f"--models_dir={models}"], log) as url:
         client = Client(url, verbose=False)
         assert generate(client, temperature=0).startswith(PROMPT)  # b, the default
         for request in (lambda: client.predict("c", api_name="/model_card"), lambda: generate(client, model="c")):
-            with pytest.raises(AppError, match="c/ckpt.pt is truncated or corrupted"):
+            with pytest.raises(AppError, match="c/ckpt.pt is (truncated or )?corrupted"):
                 request()
         assert generate(client, temperature=0, model="b").startswith(PROMPT)
         assert "Traceback" not in log.read_text()  # (gradio's own refusal below logs one)
         with pytest.raises(AppError, match=r"a is not in the list of choices: \['b', 'c'\]"):  # left out of the picker
             generate(client, model="a")
     skipped = [line for line in log.read_text().splitlines() if line.startswith("skipped model")]
-    assert len(skipped) == 1 and skipped[0].startswith(f"skipped model a: {models / 'a' / 'ckpt.pt'} is truncated")
+    assert len(skipped) == 2 and skipped[0].startswith(f"skipped model {models / 'd'}: {models / 'd' / 'ckpt.pt'} "
+                                                       f"is not a readable checkpoint")
+    assert skipped[1].startswith(f"skipped model a: {models / 'a' / 'ckpt.pt'} is") and "corrupted" in skipped[1]
 
     shutil.rmtree(models / "b")
     folders = app.model_folders(app.AppConfig(models_dir=str(models)))
