@@ -138,6 +138,23 @@ class UserError(Exception):
     """A mistake the user can fix. The message names the problem and how to fix it."""
 
 
+# what torch's compile says when no C++ compiler works or the link fails: the machine's problem,
+# not the model's (train.py --compile, the sampler's compiled step)
+BUILD_FAILED = ("InvalidCxxCompiler", "No working C++ compiler", "CppCompileError", "C++ compile error",
+                "ld:", "collect2", "linker")
+
+
+def build_failed(e: BaseException) -> bool:
+    return any(marker in str(e) for marker in BUILD_FAILED)
+
+
+def space_in_python_path() -> str:
+    """Why a build may fail here beyond a missing compiler: torch's build does not quote paths,
+    and this Python's holds a space. "" when it does not."""
+    return (f"this Python's path ({sys.prefix}) holds a space, which torch's build does not quote"
+            if " " in sys.prefix else "")
+
+
 def quoted(path) -> str:
     """A path as a command in a message shows it: in double quotes where it holds a space, so
     that it pastes whole into bash, zsh, PowerShell and cmd alike."""

@@ -51,6 +51,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import durable
+import errors
 import model as model_module
 import hardware
 from hardware import mark_used, prune_cache, user_cache
@@ -298,10 +299,9 @@ class FastDecoder:
         except Exception as e:  # noqa: BLE001 (no compiler, an op it lacks...: decode eagerly)
             self.compiled = None
             why = one_line(e)
-            build_failed = any(m in str(e) for m in ("CppCompileError", "C++ compile error", "InvalidCxxCompiler",
-                                                     "No working C++ compiler", "ld:", "collect2"))
-            if build_failed and " " in sys.prefix:
-                why += f"; this Python's path ({sys.prefix}) holds a space, which torch's build does not quote"
+            build_failed = errors.build_failed(e)
+            if build_failed and (space := errors.space_in_python_path()):
+                why += f"; {space}"
             log(f"could not compile the decoding step ({why}); decoding with the eager step")
             if build_failed:  # the machine's, not the step's: remembered, so later runs skip the same minute
                 with contextlib.suppress(OSError):

@@ -736,14 +736,9 @@ def main(argv=None):
             raise
 
 
-# what torch's compile errors say when no C++ compiler works or the linker fails (not a model's bug)
-COMPILER_FAILED = ("InvalidCxxCompiler", "No working C++ compiler", "CppCompileError", "C++ compile error",
-                   "ld: cannot find", "collect2", "linker")
-
-
 def compiler_missing(e: Exception) -> bool:
     return (type(e).__name__ in ("BackendCompilerFailed", "InductorError", "CppCompileError")
-            and any(marker in str(e) for marker in COMPILER_FAILED))
+            and errors.build_failed(e))
 
 
 def compile_failed(e: Exception) -> str:
@@ -752,8 +747,8 @@ def compile_failed(e: Exception) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     cause = next((line for line in lines if "Error:" in line or "error:" in line or "not find" in line),
                  lines[0] if lines else type(e).__name__)
-    space = (f"; torch's build does not quote paths, and this Python's ({sys.prefix}) holds a space: use a "
-             f"virtual environment in a folder without one") if " " in sys.prefix else ""
+    why = errors.space_in_python_path()
+    space = f"; {why}: use a virtual environment in a folder without one" if why else ""
     return (f"--compile could not build the model's kernels ({cause[:200]}); train without --compile (the "
             f"same model, eager), or install a C++ compiler (g++ or clang){space}")
 
