@@ -390,9 +390,10 @@ def build_demo(gr, models: Models, limit: int, interval: float, scratch: Path):
     def on_model(model):
         try:
             loaded = models.get(model)
-            return model_card(model, loaded), loss_curve(loaded, scratch)
-        except UserError as e:
-            raise gr.Error(str(e), print_exception=False) from None
+        except UserError as e:  # the card says so (not the model picked before), and a toast
+            gr.Warning(str(e))
+            return f"### {model}\n**could not be loaded**: {e}", None
+        return model_card(model, loaded), loss_curve(loaded, scratch)
 
     first = models.get(models.default)
     with gr.Blocks(title="nanoGPT demo") as demo:
@@ -428,7 +429,10 @@ def build_demo(gr, models: Models, limit: int, interval: float, scratch: Path):
                 curve = gr.Image(loss_curve(first, scratch), label="loss curve", show_label=False, type="filepath",
                                  interactive=False, format="png")
         settings = [max_new_tokens, temperature, top_k, top_p, seed, model, min_p, repetition_penalty]
-        event = go.click(on_generate, [prompt, *settings], output, api_name="generate")
+        # the page empties the Output first: a refused request must not leave the last text
+        # under its message as if it were the answer (the API's /generate is on_generate alone)
+        event = go.click(lambda: "", None, output, queue=False, api_name=False).then(
+            on_generate, [prompt, *settings], output, api_name="generate")
         chat_event = send.click(on_chat, [message, chatbot, *settings], chatbot, api_name="chat")
         chat_event.success(lambda: "", None, message, api_name=False)  # the message went into the chat
         clear.click(lambda: [], None, chatbot, api_name=False)

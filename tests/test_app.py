@@ -157,9 +157,10 @@ def test_broken_checkpoints_are_skipped_or_a_message_when_picked(runs, tmp_path)
     with contextlib.contextmanager(serve)([f"--models_dir={models}"], log) as url:
         client = Client(url, verbose=False)
         assert generate(client, temperature=0).startswith(PROMPT)  # b, the default
-        for request in (lambda: client.predict("c", api_name="/model_card"), lambda: generate(client, model="c")):
-            with pytest.raises(AppError, match="c/ckpt.pt is (truncated or )?corrupted"):
-                request()
+        card, curve = client.predict("c", api_name="/model_card")  # the card says why, not b's card
+        assert card.startswith("### c\n**could not be loaded**: ") and "c/ckpt.pt is" in card and curve is None
+        with pytest.raises(AppError, match="c/ckpt.pt is (truncated or )?corrupted"):
+            generate(client, model="c")
         assert generate(client, temperature=0, model="b").startswith(PROMPT)
         assert "Traceback" not in log.read_text()  # (gradio's own refusal below logs one)
         with pytest.raises(AppError, match=r"a is not in the list of choices: \['b', 'c'\]"):  # left out of the picker
@@ -260,6 +261,7 @@ def test_browser_generate_and_stop(page, client, tmp_path):
     page.get_by_label(f"max new tokens (up to {LIMIT})").fill(str(LIMIT + 1))
     page.get_by_role("button", name="Generate").click()
     page.get_by_text(f"above this server's limit of {LIMIT}").first.wait_for(state="visible")
+    assert output.input_value() == ""  # not the stopped text, as if it answered this request
     time.sleep(1)  # the message slides in
     page.screenshot(path=str(tmp_path / "refused.png"))
 
