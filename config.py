@@ -23,7 +23,7 @@ import types
 import typing
 from pathlib import Path
 
-from errors import UserError
+from errors import UserError, quoted
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -182,7 +182,7 @@ def parse_config(cls, argv: list[str] | None = None, prog: str | None = None, ch
                 settings = read_config_file(arg)
                 foreign = [k for k in settings if k not in types_]
                 if len(foreign) >= 3 and len(foreign) * 2 >= len(settings):  # most of it: another script's
-                    hint = (f"; to use the model it trains, pass --out_dir={settings['out_dir']} instead of the file"
+                    hint = (f"; to use the model it trains, pass --out_dir={quoted(settings['out_dir'])} instead of the file"
                             if isinstance(settings.get("out_dir"), str) and "out_dir" in types_ else "")
                     raise UserError(f"{arg} is a config for another script: {len(foreign)} of its settings "
                                     f"({', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}) are not "

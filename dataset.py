@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from errors import UserError
+from errors import UserError, quoted
 from tokenizer import DOCUMENT_MODES
 
 
@@ -35,7 +35,7 @@ class Dataset:
         if not name.strip():
             raise UserError("--dataset is empty: name a prepared dataset (a folder of data/), e.g. --dataset=shakespeare_char")
         if not meta_path.exists():
-            where = "" if Path(data_dir) == Path("data") else f" --data_dir {data_dir}"
+            where = "" if Path(data_dir) == Path("data") else f" --data_dir {quoted(data_dir)}"
             raise UserError(f"dataset {name!r} not found ({meta_path} is missing); run "
                             f"`python prepare.py {name}{where}` or `python prepare.py --input FILE --name {name}{where}` first")
         try:

@@ -31,7 +31,7 @@ import torch
 
 import hardware
 import template
-from errors import UserError
+from errors import UserError, quoted
 from model import GPT, GPTConfig
 from tokenizer import CHAR, Tokenizer, bytes_to_unicode
 
@@ -156,7 +156,7 @@ def gpt_config(folder: Path) -> GPTConfig:
     if not path.is_file():
         if (folder / "ckpt.pt").is_file():  # a run's folder: sample.py and eval.py read it with --out_dir
             raise UserError(f"{folder} holds a checkpoint of train.py (ckpt.pt), not a Hugging Face model: "
-                            f"pass it as --out_dir={folder}")
+                            f"pass it as --out_dir={quoted(folder)}")
         raise UserError(f"{folder} is not a Hugging Face model folder (no config.json); give a folder "
                         f"written by export.py --format=hf or by transformers' save_pretrained (train.py's "
                         f"--init_from also takes a run's folder holding a ckpt.pt)")

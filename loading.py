@@ -9,7 +9,7 @@ import checkpoint
 import hardware
 import hf_format
 import lora
-from errors import UserError
+from errors import UserError, quoted
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
@@ -50,7 +50,7 @@ def check_not_an_export(folder: Path, flag: str = "--out_dir"):
     hf_format.refuse_onnx_export(folder, flag)
     if is_hf_folder(folder) and flag == "--out_dir":
         raise UserError(f"{flag}={folder} is a Hugging Face folder, not a run's checkpoint folder (ckpt.pt): pass "
-                        f"the --out_dir of the run it came from, or --init_from={folder} where the script takes one")
+                        f"the --out_dir of the run it came from, or --init_from={quoted(folder)} where the script takes one")
 
 
 def load_model(out_dir: str, device: str) -> tuple[GPT, Tokenizer, dict]:

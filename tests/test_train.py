@@ -564,9 +564,32 @@ def test_a_compile_that_cannot_build_is_one_line(tiny_data, tmp_path, monkeypatc
         train.main([f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'out'}", *TINY, "--compile"])
 
 
-def test_a_path_in_a_suggested_command_is_quoted_where_it_holds_a_space():
+def test_a_path_in_a_suggested_command_is_quoted_where_it_holds_a_space(tmp_path):
+    """A path in a command a message suggests pastes whole into a shell: in quotes with a space."""
+    import dataset
+    import hf_format
+    import loading
+    import sample
+    from config import parse_config
     from errors import quoted
     assert quoted("out-a") == "out-a" and quoted("my runs/a") == '"my runs/a"'
+    spaced = tmp_path / "my runs"
+    (spaced / "run").mkdir(parents=True)
+    (spaced / "run" / "ckpt.pt").write_bytes(b"")
+    (spaced / "hf").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (spaced / "hf" / name).write_text("{}")
+    (spaced / "train_config.py").write_text(f"out_dir = {str(spaced / 'run')!r}\nn_layer = 2\nn_head = 2\n"
+                                            f"n_embd = 64\nlearning_rate = 1e-3\n", encoding="utf-8")
+    for call, command in (
+            (lambda: dataset.Dataset(str(spaced), "nope"), f'python prepare.py nope --data_dir "{spaced}"'),
+            (lambda: hf_format.gpt_config(spaced / "run"), f'pass it as --out_dir="{spaced / "run"}"'),
+            (lambda: loading.check_not_an_export(spaced / "hf"), f'--init_from="{spaced / "hf"}" where'),
+            (lambda: parse_config(sample.SampleConfig, [str(spaced / "train_config.py")]),
+             f'pass --out_dir="{spaced / "run"}" instead of the file')):
+        with pytest.raises(UserError) as e:
+            call()
+        assert command in str(e.value)
 
 
 def test_lr_schedule():
