@@ -220,12 +220,15 @@ def report_skipped_step(iter_num: int, scaler, out_dir: str, progress: Progress,
 
 class StopRequest:
     """Ctrl-C or SIGTERM asks the loop to stop at the next step boundary, where the state
-    is consistent; the loop then checkpoints and exits. A second Ctrl-C stops at once."""
+    is consistent; the loop then checkpoints and exits. A second Ctrl-C stops at once. The
+    request is said at once (a step or an evaluation of a large model can take minutes), and
+    an evaluation under way is dropped (one process; under torchrun the ranks finish it)."""
 
-    def __init__(self, ddp: bool = False):
+    def __init__(self, ddp: bool = False, master: bool = True):
         # under torchrun a Ctrl-C reaches each rank twice (from the terminal, and forwarded by
         # torchrun), so a repeat cannot mean "stop at once": every rank must reach the save
         self.repeat_stops_at_once = not ddp
+        self.master = master
         self.signum = None
         self.previous = {}
         windows = [signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else []  # Ctrl-Break in a Windows console
@@ -233,9 +236,16 @@ class StopRequest:
             self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        first = self.signum is None
         self.signum = signum
         if self.repeat_stops_at_once:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+        if first and self.master:  # os.write: a print here could land inside one the loop is making
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            again = "; Ctrl-C again stops at once, unsaved" if self.repeat_stops_at_once else ""
+            with contextlib.suppress(OSError, ValueError):
+                os.write(sys.stderr.fileno(), f"\n{name}: saving at the end of this step, then stopping"
+                                              f"{again}\n".encode())
 
     def requested(self, ddp: bool, device: str) -> bool:
         """Under DDP all ranks must stop at the same step, so they agree first: the answer is the
@@ -652,10 +662,12 @@ def wrap_model(model: GPT, cfg: TrainConfig, procs: Processes, precision: hardwa
 # ---------------------------------------------------------------------------- evaluation and checkpoints
 
 @torch.no_grad()
-def estimate_loss(model, data: Dataset, cfg: TrainConfig, precision: hardware.Precision, procs: Processes) -> dict:
+def estimate_loss(model, data: Dataset, cfg: TrainConfig, precision: hardware.Precision, procs: Processes,
+                  stop: StopRequest | None = None) -> dict | None:
     """Mean loss over eval_iters batches of each split (val only without eval_train). The
     batches come from their own generator, re-seeded every time: evaluations compare like
-    with like, and they never move the training RNG (so exact resume holds)."""
+    with like, and they never move the training RNG (so exact resume holds). None when a stop
+    was asked for meanwhile (one process: the ranks of torchrun must finish it together)."""
     out = {}
     model.eval()
     for i, split in enumerate(("train", "val")):
@@ -664,6 +676,9 @@ def estimate_loss(model, data: Dataset, cfg: TrainConfig, precision: hardware.Pr
         gen = torch.Generator().manual_seed(cfg.seed + 1000 + i)
         losses = torch.zeros(cfg.eval_iters)
         for k in range(cfg.eval_iters):
+            if stop is not None and stop.signum is not None and not procs.ddp:
+                model.train()
+                return None
             x, y, *positions = data.get_batch(split, cfg.batch_size, cfg.block_size, gen, precision.device)
             with precision.autocast():
                 _, loss = model(x, y, positions=positions[0] if positions else None)
@@ -861,7 +876,7 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
     progress = Progress(iter_num, None if cfg.time_budget else cfg.max_iters, enabled=master)
     curve = LossCurve(cfg.out_dir, progress)
     patience = Patience(cfg.patience, resumed_best_iter)
-    stop = StopRequest(procs.ddp)
+    stop = StopRequest(procs.ddp, master and not cfg.eval_only)  # (--eval_only saves nothing)
     first_iter = iter_num  # where this run starts: 0, or the checkpoint's iteration
     skip_eval_at = iter_num if cfg.init_from == "resume" and not cfg.eval_only else None  # that eval is in the checkpoint
     stopped_by = None  # the signal that stopped the run early
@@ -877,8 +892,12 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
             # evaluate and checkpoint, every eval_interval and after the last step
             last = iter_num >= cfg.max_iters or budget.used_up
             at_start = iter_num == 0 and not cfg.eval_at_start and not cfg.eval_only
-            if (iter_num % cfg.eval_interval == 0 or last or cfg.eval_only) and iter_num != skip_eval_at and not at_start:
-                losses = estimate_loss(model, data, cfg, precision, procs)
+            evaluate = (iter_num % cfg.eval_interval == 0 or last or cfg.eval_only) and iter_num != skip_eval_at \
+                and not at_start
+            losses = estimate_loss(model, data, cfg, precision, procs, None if cfg.eval_only else stop) \
+                if evaluate else None
+            dropped = evaluate and losses is None  # a stop cut the evaluation short: the stop below saves
+            if evaluate and not dropped:
                 improved = losses["val"] < best_val_loss
                 best_val_loss, last_val = min(best_val_loss, losses["val"]), losses["val"]
                 out_of_patience = patience.run_out(improved, iter_num) and not last
@@ -898,10 +917,10 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
                 if master and not cfg.eval_only:  # the curve after the checkpoint: a crash while drawing loses nothing
                     curve.draw(now=last)
                 t0, steps_timed = time.perf_counter(), 0  # keep eval out of the throughput figures
-            if last and budget.used_up and master:
+            if last and budget.used_up and master and not dropped:
                 progress.write(f"time budget spent: {iter_num:,} iterations in {budget.spent:.1f} s of training "
                                f"(--time_budget={cfg.time_budget:g})")
-            if last or cfg.eval_only:
+            if (last or cfg.eval_only) and not dropped:
                 break
             if stop.requested(procs.ddp, device):  # Ctrl-C or SIGTERM: save, say how to resume, leave
                 # with patience ckpt.pt holds the best model and stays, once there is one (a

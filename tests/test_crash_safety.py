@@ -157,6 +157,34 @@ def test_signal_saves_and_resume_is_exact(uninterrupted_signal_run, tmp_path, si
     assert weights_equal(full["model"], resumed["model"])
 
 
+def test_a_stop_during_a_long_evaluation_is_said_at_once_and_drops_it(tiny_data, tmp_path):
+    """Ctrl-C while a large model evaluates (minutes on a CPU): one line at once, the evaluation
+    is dropped, the step saved, and the run leaves (it used to finish the evaluation first, silent)."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(train_cmd(tiny_data, out, "--max_iters=40", "--eval_interval=20", "--log_interval=1",
+                                      "--eval_at_start=False", "--eval_iters=10000000"),  # the one at 20: hours
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = out / "metrics.jsonl"
+        t_end = time.monotonic() + 300
+        while time.monotonic() < t_end and proc.poll() is None:  # step 19 logged: evaluating 20 now
+            if metrics.exists() and '"iter": 19,' in metrics.read_text():
+                break
+            time.sleep(0.01)
+        time.sleep(0.5)
+        assert proc.poll() is None, "the run ended before its evaluation"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "Ctrl-C: saving at the end of this step, then stopping; Ctrl-C again stops at once, unsaved" in err
+    assert f"SIGINT received: saved iteration 20 to {out / 'ckpt.pt'}" in err and "Traceback" not in err, err
+    assert checkpoint.load(out / "ckpt.pt")["iter_num"] == 20
+
+
 def test_a_reader_that_leaves_stdout_does_not_end_the_training(tiny_data, tmp_path):
     """`python train.py ... | head -1`: the pipe closes after one line; the run trains to the end
     (its lines dropped, one note on stderr) instead of stopping at the next print."""
