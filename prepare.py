@@ -54,6 +54,7 @@ import errors
 errors.starting(__name__)  # a missing requirement or a Ctrl-C while numpy imports: one line, no traceback
 import argparse
 import codecs
+import contextlib
 import hashlib
 import json
 import os
@@ -62,12 +63,15 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
+import time
 import urllib.request
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import psutil
 from tqdm import tqdm
 
 import durable
@@ -318,8 +322,31 @@ def _start_worker(description: dict) -> None:
     # Ctrl-C in a terminal reaches every process of its group: the parent alone handles it
     # (it stops the pool and removes its temporary folder); a worker would print a traceback
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler, which a fork copies
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     global _worker_tokenizer
     _worker_tokenizer = Tokenizer.from_description(description)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose parent was killed (kill -9, the OOM killer) would wait for work forever:
+    it leaves within a second or two instead."""
+    while True:
+        time.sleep(1)
+        if os.getppid() != parent or not psutil.pid_exists(parent):  # (reparented on POSIX; gone on Windows)
+            os._exit(1)
+
+
+@contextlib.contextmanager
+def ctrl_c_held():
+    """Ctrl-C is held (the list yielded collects it) for the duration, where one would leave
+    things half done; the caller raises KeyboardInterrupt after."""
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield held
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class EncoderPool(ProcessPoolExecutor):
@@ -333,18 +360,19 @@ class EncoderPool(ProcessPoolExecutor):
 
     def __init__(self, tokenizer: Tokenizer, num_workers: int):
         super().__init__(num_workers, initializer=_start_worker, initargs=(tokenizer.describe(),))
-        held = []
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-        try:
+        with ctrl_c_held() as held:
             self.submit(int)  # starts the workers (all of them, under the fork start method)
-        finally:
-            signal.signal(signal.SIGINT, previous)
         if held:
             self.shutdown(cancel_futures=True)
             raise KeyboardInterrupt
 
     def __exit__(self, exc_type, exc, tb):
-        self.shutdown(wait=True, cancel_futures=exc_type is not None)
+        # a second Ctrl-C inside shutdown left the pool half shut down and the process hanging
+        # at exit: it is held until the workers have finished their chunk in hand and gone
+        with ctrl_c_held() as held:
+            self.shutdown(wait=True, cancel_futures=exc_type is not None)
+        if held and exc_type is None:
+            raise KeyboardInterrupt
         return False
 
 
@@ -830,8 +858,12 @@ def encode_splits(args, files: list[Path], documents: str | None, is_val, n_docs
 
 
 def main(argv=None):
-    with errors.stdout_may_close("prepare.py goes on, its lines dropped"):
-        prepare(argv)
+    restore_sigterm = errors.terminate_cleanly()  # SIGTERM: the temporary folder removed, `terminated`
+    try:
+        with errors.stdout_may_close("prepare.py goes on, its lines dropped"):
+            prepare(argv)
+    finally:
+        restore_sigterm()
 
 
 def prepare(argv=None):

@@ -25,6 +25,7 @@ which a killed run leaves behind. It is taken over when the note says its holder
 host and psutil finds that process gone. Whether a process is alive is always psutil's
 answer: os.kill(pid, 0) is no probe on Windows (signal 0 is CTRL_C_EVENT).
 """
+import contextlib
 import errno
 import json
 import os
@@ -49,6 +50,25 @@ from errors import UserError
 
 # errno of a filesystem without OS file locks (filelock raises ENOSYS where Python has no fcntl)
 NO_OS_LOCKS = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+_HELD: set = set()  # the FolderLocks this process holds by an OS lock
+
+
+def _let_go_in_child():
+    """A forked child (prepare.py's encoder workers, under Linux's fork) shares its parent's
+    open lock file, and flock's lock lasts while any process has it open: a child left behind
+    by a killed parent would hold the folder. The child closes its copy (closing unlocks
+    nothing for the parent) and holds nothing."""
+    for lock in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(lock.fd)
+        lock.fd, lock.held = None, False
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; Windows starts children afresh, without the descriptor
+    os.register_at_fork(after_in_child=_let_go_in_child)
 
 
 def _exit_on_sigterm(signum, frame):
@@ -135,6 +155,8 @@ class FolderLock:
             return self
         self.fd = self._take()
         self.held = True
+        if self.fd is not None:
+            _HELD.add(self)
         stale = read_note(self.path)
         if stale:
             self._notice_takeover(stale)
@@ -144,7 +166,7 @@ class FolderLock:
             durable.write_text(self.path, json.dumps(info) + "\n")
         except OSError as e:
             self.release()
-            raise UserError(f"cannot write the lock file {self.path}: {e.strerror or e}; {self.other_choice}") from None
+            raise UserError(f"cannot write the lock file {self.path}: {e.strerror or e}; {self._way_out(e)}") from None
         if threading.current_thread() is threading.main_thread() and \
                 signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -152,8 +174,9 @@ class FolderLock:
 
     def _take(self) -> int | None:
         """Open and lock the lock file and return its descriptor (None: a soft lock was taken),
-        or raise UserError naming the holder. Descriptors are not inherited by child processes
-        (Python's default), so a process a run starts never holds its lock."""
+        or raise UserError naming the holder. Descriptors are not inherited across exec
+        (Python's default), and a forked child closes its copy (_let_go_in_child), so a process
+        a run starts never holds its lock."""
         for _ in range(100):  # retried only when the file was released and deleted meanwhile
             try:
                 try:
@@ -167,7 +190,7 @@ class FolderLock:
                 continue
             except OSError as e:
                 raise UserError(f"cannot create the lock file {self.lock_path}: {e.strerror or e}; "
-                                f"{self.other_choice}") from None
+                                f"{self._way_out(e)}") from None
             try:
                 locked = filelock.lock_descriptor(fd, blocking=False)
             except OSError as e:
@@ -185,6 +208,10 @@ class FolderLock:
             os.close(fd)
         raise UserError(f"could not take {self.lock_path}: other runs keep taking and releasing it; "
                         f"{self.other_choice}")
+
+    def _way_out(self, e: OSError) -> str:
+        """What to do when the lock's files cannot be written: another name is no help on a full disk."""
+        return "free some space on that disk first" if e.errno == errno.ENOSPC else self.other_choice
 
     def _take_soft(self) -> None:
         """Where the filesystem has no OS locks, the lock file's existence is the lock, and it
@@ -244,6 +271,7 @@ class FolderLock:
                 self.lock_path.unlink(missing_ok=True)
             filelock.unlock_descriptor(self.fd)
             os.close(self.fd)
+        _HELD.discard(self)
         self.fd = None
         self.held = False
         if self._previous_sigterm is not None:

@@ -1,5 +1,6 @@
 """One run per folder: a second train.py or prepare.py on a busy folder stops with one line
 naming the holder; a lock its holder left behind (killed, or from another host) is taken over."""
+import contextlib
 import json
 import os
 import select
@@ -289,4 +290,93 @@ def test_a_lock_in_a_folder_that_does_not_exist_says_so(tmp_path):
         lock.acquire()
     assert str(e.value) == (f"cannot create the lock file {tmp_path / 'missing' / '.train.lock.flock'}: the folder "
                             f"{tmp_path / 'missing'} does not exist; choose another")
+    assert not lock.held
+
+
+# prepare.py's encoder workers, forked from a process that holds the dataset's lock
+FORKS = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import prepare, runlock
+from tokenizer import Tokenizer
+runlock.FolderLock(sys.argv[2], "the folder", "choose another").acquire()
+pool = prepare.EncoderPool(Tokenizer.char_from_text("ab"), 2)
+print(" ".join(str(p) for p in pool._processes), flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork start method: POSIX")
+def test_workers_of_a_killed_prepare_neither_hold_its_lock_nor_outlive_it(tmp_path):
+    """kill -9 (or the OOM killer) of prepare.py: its forked workers held the dataset's lock
+    (flock lasts while any process has the file open) and waited for work forever, so the next
+    prepare.py was refused, naming a PID that no longer existed."""
+    note = tmp_path / ".data.lock"
+    proc = subprocess.Popen([sys.executable, "-c", FORKS, str(ROOT), str(note)], stdout=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        assert ready, "the pool did not start"
+        workers = [psutil.Process(int(pid)) for pid in proc.stdout.readline().split()]
+        assert len(workers) == 2
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+    try:
+        lock = runlock.FolderLock(note, "the folder", "choose another").acquire()  # the workers still live
+        lock.release()
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, "a worker outlived its killed parent"
+    finally:
+        for w in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                w.kill()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a process group's signals: POSIX")
+@pytest.mark.parametrize("signals,code,last_line", [((signal.SIGINT, signal.SIGINT), 130, "interrupted"),
+                                                    ((signal.SIGTERM,), 143, "terminated")])
+def test_prepare_leaves_at_a_second_ctrl_c_while_its_workers_stop(tmp_path, shakespeare_text, signals, code,
+                                                                   last_line):
+    """Ctrl-C twice (an impatient user) while prepare.py encodes: the second landed inside the
+    pool's shutdown and the process hung at exit, forever. Now: `interrupted`, exit 130, nothing
+    written, no worker left. SIGTERM says `terminated` (it ended with 143 and no word)."""
+    big = tmp_path / "big.txt"
+    big.write_text(shakespeare_text * 40, encoding="utf-8")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "prepare.py"), f"--input={big}", "--name=big",
+                             f"--data_dir={tmp_path / 'data'}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    try:
+        for line in proc.stdout:  # the vocabulary is said just before the encoding starts
+            if line.startswith("vocab size"):
+                break
+        time.sleep(0.5)
+        workers = psutil.Process(proc.pid).children()
+        assert proc.poll() is None and workers, "the encoding ended before the test could stop it"
+        for sig in signals:  # as a terminal sends Ctrl-C: to every process of the group
+            os.killpg(proc.pid, sig)
+            time.sleep(0.1)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=30)
+    assert proc.returncode == code and out.rstrip().endswith(last_line) and "Traceback" not in out, out
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive
+    assert not (tmp_path / "data" / "big").exists() and not list((tmp_path / "data").glob(".*tmp*"))
+
+
+def test_a_full_disk_says_to_free_space_not_to_choose_another_name(tmp_path, monkeypatch):
+    """prepare.py on a full disk: another --name is no help (the OS's ENOSPC, raised here)."""
+    import errno
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(runlock.durable, "write_text", full)
+    lock = runlock.FolderLock(tmp_path / ".data.lock", "dataset folder data", "choose another --name")
+    with pytest.raises(UserError) as e:
+        lock.acquire()
+    assert str(e.value) == (f"cannot write the lock file {tmp_path / '.data.lock'}: No space left on device; "
+                            f"free some space on that disk first")
     assert not lock.held
