@@ -67,7 +67,16 @@ from tokenizer import mismatch as tokenizer_mismatch
 gc.freeze()  # what the imports made is never traversed again, not even at exit
 gc.enable()
 
-LOGITS_BUDGET = 2 ** 27  # float32 logits per forward pass (512 MB) when --batch_size is 0
+# --batch_size=0: windows per forward pass such that it holds about MEMORY_BUDGET bytes (the
+# logits, their log-softmax and the loss's float32 copies, and a layer's activations per token),
+# and at most TOKENS_PER_PASS tokens (more are no faster on a CPU: only larger)
+MEMORY_BUDGET = 2 ** 29
+TOKENS_PER_PASS = 2 ** 13
+
+
+def auto_batch_size(config) -> int:
+    per_token = 4 * (3 * config.vocab_size + 16 * config.n_embd)
+    return max(1, min(MEMORY_BUDGET // per_token, TOKENS_PER_PASS) // config.block_size)
 
 
 @dataclass
@@ -81,7 +90,7 @@ class EvalConfig:
     input: str = ""  # a UTF-8 text file to score instead of a split
     per_line: str = ""  # write each line's (document's) scores of --input to this .jsonl (or .tsv) file
     stride: int = 0  # tokens the window moves; 0 = block_size (non-overlapping windows, each token scored once)
-    batch_size: int = 0  # windows per forward pass; 0 = as many as keep the logits under 512 MB
+    batch_size: int = 0  # windows per forward pass; 0 = automatic (a pass holds about 512 MB, at most 8,192 tokens)
     json: bool = False  # print one JSON object (loss, ppl, bits_per_byte, bits_per_char, tokens, bytes, ...)
     int8: bool = False  # the blocks' matrices as int8 weight-only linears (cpu)
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
@@ -250,7 +259,7 @@ class Scorer:
     def __init__(self, model, precision: hardware.Precision, batch_size: int, int8: bool, documents_eot=None):
         self.model, self.precision = model, precision
         self.block_size = model.config.block_size
-        self.batch_size = batch_size or max(1, LOGITS_BUDGET // (self.block_size * model.config.vocab_size))
+        self.batch_size = batch_size or auto_batch_size(model.config)
         self.eot = documents_eot  # in documents mode: positions restart at this id
         self.forward_model = fast_decode.quantized(model) if int8 else model  # int8: the same GPT, block matrices int8
 

@@ -503,7 +503,11 @@ def announce(cfg: TrainConfig, precision: hardware.Precision, data: Dataset, tok
               f"document starts, attention stays inside each document")
     last_lr = get_lr(cfg.max_iters, cfg)
     trains = cfg.max_iters > start_iter and not (cfg.time_budget or cfg.eval_only)  # by iterations, at all
-    if cfg.decay_lr and trains and last_lr > 1.01 * cfg.min_lr:
+    if cfg.decay_lr and trains and cfg.warmup_iters > cfg.max_iters:  # a short try of a long recipe: it runs
+        print(f"note: --warmup_iters ({cfg.warmup_iters}) is longer than the run (--max_iters={cfg.max_iters}): "
+              f"the learning rate only climbs to {get_lr(cfg.max_iters - 1, cfg):.2e}, not --learning_rate="
+              f"{cfg.learning_rate:.2e}; pass --warmup_iters={cfg.max_iters // 10} to reach it")
+    elif cfg.decay_lr and trains and last_lr > 1.01 * cfg.min_lr:
         print(f"note: the learning rate decays until --lr_decay_iters={cfg.lr_decay_iters}, but the run stops at "
               f"--max_iters={cfg.max_iters}, at {last_lr:.2e} (--min_lr={cfg.min_lr:.2e}); pass "
               f"--lr_decay_iters={cfg.max_iters} to decay over the whole run")

@@ -94,9 +94,6 @@ class TrainConfig(ModelOptions):
         if self.decay_lr:
             if self.warmup_iters < 0:
                 p.append(f"--warmup_iters must be >= 0, got {self.warmup_iters}")
-            elif self.warmup_iters > self.max_iters >= 0:  # (a negative max_iters has its own line)
-                p.append(f"--warmup_iters ({self.warmup_iters}) is longer than the run "
-                         f"(--max_iters={self.max_iters}); lower it")
             if self.lr_decay_iters < self.warmup_iters:
                 p.append(f"--lr_decay_iters ({self.lr_decay_iters}) is shorter than --warmup_iters "
                          f"({self.warmup_iters}); set it to about --max_iters")
@@ -148,7 +145,7 @@ def get_lr(it: int, cfg: TrainConfig) -> float:
         return cfg.learning_rate
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it > cfg.lr_decay_iters:
+    if it >= cfg.lr_decay_iters:  # (where the decay would end anyway; also when it is the warmup's end)
         return cfg.min_lr
     if cfg.lr_schedule == "wsd":
         warmdown = cfg.warmdown_frac * cfg.lr_decay_iters

@@ -65,6 +65,25 @@ def write_char_dataset(data_dir: Path, text: str, name: str = "tiny", val_fracti
     return folder
 
 
+def write_token_dataset(data_dir: Path, name: str, train, val, **meta) -> Path:
+    """A dataset of the given token ids (train and val), in the prepared-data format; meta adds
+    to (or replaces) meta.json's keys, e.g. documents="line", eot_id=0 for document mode."""
+    import json
+
+    import numpy as np
+    folder = Path(data_dir) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = {"train": np.asarray(train, dtype=np.uint16), "val": np.asarray(val, dtype=np.uint16)}
+    for split, ids in splits.items():
+        ids.tofile(folder / f"{split}.bin")
+    vocab_size = int(max(ids.max() for ids in splits.values())) + 1
+    (folder / "meta.json").write_text(json.dumps({
+        "version": 1, "tokenizer": "char", "vocab_size": vocab_size, "dtype": "uint16",
+        "train_tokens": len(splits["train"]), "val_tokens": len(splits["val"]), "eot_id": None,
+        "chars": [chr(ord("a") + i) for i in range(vocab_size)], "sources": [], **meta}))
+    return folder
+
+
 @pytest.fixture
 def tiny_data(tmp_path, shakespeare_text):
     """data_dir holding dataset 'tiny': the first 60k characters of Shakespeare."""
@@ -130,3 +149,17 @@ def serve(flags, log):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def ctrl_c_at_check(n: int):
+    """A train.StopRequest.requested that answers as a Ctrl-C would at the loop's n-th check
+    (0: the first, before any step), for patching in: where a real signal lands is chance."""
+    import signal
+    checks = iter(range(10 ** 9))
+
+    def requested(self, ddp, device):
+        if next(checks) == n:
+            self.signum = signal.SIGINT
+            return True
+        return False
+    return requested

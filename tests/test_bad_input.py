@@ -73,7 +73,6 @@ CASES = {
     "train bad integer": (T("--batch_size=abc"), "--batch_size must be an integer"),
     "train batch_size 0": (T("--batch_size=0"), "--batch_size must be at least 1"),
     "train accumulation 0": (T("--gradient_accumulation_steps=0"), "--gradient_accumulation_steps must be at least 1"),
-    "train warmup longer than run": (T("--warmup_iters=50"), "longer than the run"),
     "train decay shorter than warmup": (T("--lr_decay_iters=1", "--warmup_iters=2"), "shorter than --warmup_iters"),
     "train negative learning rate": (T("--learning_rate=-1"), "--learning_rate must be a finite number"),
     "train dropout 1": (T("--dropout=1"), "--dropout must be in [0, 1)"),

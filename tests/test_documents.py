@@ -191,6 +191,32 @@ def test_rows_start_at_documents_and_cover_long_ones(combos_data):
     assert (positions[:, 0] == 0).all() and ((x == data.eot_id) == (positions == 0))[:, 1:].all()
 
 
+def test_rows_never_run_past_the_end_of_a_split(tmp_path):
+    """A row needs block_size + 1 tokens from its start: the last document of train (5 tokens with
+    its boundaries) fills one to the split's last token and is read; the last of val is one token
+    short, so that start is never drawn (neither are the windows of a too-short inner part)."""
+    from conftest import write_token_dataset
+    block_size = 4
+    # document starts (0 is the boundary token) and, inside the first document, a window at 4
+    train_ids = [0, 1, 2, 3, 4, 5, 6, 0, 7, 8, 9, 0]  # the start at 7 ends at the split's last token
+    val_ids = [0, 1, 2, 3, 4, 5, 6, 0, 7, 8, 0]  # the start at 7 would need a token after the end
+    write_token_dataset(tmp_path / "data", "docs", train=train_ids, val=val_ids, documents="line", eot_id=0)
+    data = dataset.Dataset(str(tmp_path / "data"), "docs")
+    assert data.documents
+    assert data.row_starts("train", block_size).tolist() == [0, 4, 7]
+    assert data.row_starts("val", block_size).tolist() == [0, 4]
+    gen = torch.Generator().manual_seed(0)
+    for split, ids in (("train", train_ids), ("val", val_ids)):
+        windows = {tuple(ids[s:s + block_size + 1]) for s in data.row_starts(split, block_size)}
+        seen = set()
+        for _ in range(10):
+            x, y, positions = data.get_batch(split, 16, block_size, gen, "cpu")
+            for row_x, row_y in zip(x.tolist(), y.tolist()):
+                assert row_x[1:] == row_y[:-1]
+                seen.add((*row_x, row_y[-1]))
+        assert seen == windows, split  # every start drawn, and only those
+
+
 @pytest.mark.parametrize("flags", [[], ["--dropout=0.1", "--dtype=bfloat16", "--gradient_accumulation_steps=2"],
                                    ["--rotary", "--norm=rmsnorm", "--activation=relu2", "--qk_norm", "--bigram",
                                     "--tie_head=false"]])  # the model options take per-document positions

@@ -112,7 +112,18 @@ def test_whole_split_is_the_mean_over_windows(tmp_path, capsys):
     # a shorter stride gives more context, never changes what is scored
     strided = run_json([f"--out_dir={out}", "--stride=4", "--batch_size=3"], capsys)
     assert strided["tokens"] == r["tokens"] and strided["bytes"] == r["bytes"]
-    assert strided["loss"] != r["loss"]
+    # by hand: windows of BLOCK inputs that move 4 tokens, each scoring the predictions after the
+    # last window's end, so every token after the first window has at least BLOCK - 4 of context
+    n, nats, scored_to = len(val), 0.0, 0
+    for start in range(0, n - 1, 4):
+        end = min(start + BLOCK, n - 1)
+        logits, _ = model(val[None, start:end], val[None, start + 1:end + 1])
+        nats += F.cross_entropy(logits[0, scored_to - start:], val[scored_to + 1:end + 1], reduction="sum").item()
+        scored_to = end
+        if end == n - 1:
+            break
+    assert strided["loss"] == pytest.approx(nats / (n - 1), rel=1e-5)
+    assert abs(strided["loss"] - r["loss"]) > 1e-4
 
 
 def test_bits_per_byte_compares_tokenizers(tmp_path, text_file, capsys):
@@ -309,3 +320,89 @@ def test_a_crlf_cr_or_bom_file_scores_as_its_lf_copy(tmp_path, capsys, documents
     for name in ("crlf", "cr"):
         assert results[name] == results["lf"], name
         assert (tmp_path / f"{name}.jsonl").read_text(encoding="utf-8") == (tmp_path / "lf.jsonl").read_text(encoding="utf-8")
+
+
+def write_dataset(data_dir, name: str, tokenizer: Tokenizer, train, val):
+    """A prepared dataset of these train and val ids, its meta.json as prepare.py writes it."""
+    folder = data_dir / name
+    folder.mkdir(parents=True)
+    np.asarray(train, dtype=np.uint16).tofile(folder / "train.bin")
+    np.asarray(val, dtype=np.uint16).tofile(folder / "val.bin")
+    d = tokenizer.describe()
+    meta = {"version": 1, "tokenizer": d["name"], "vocab_size": d["vocab_size"], "dtype": "uint16",
+            "train_tokens": len(train), "val_tokens": len(val), "eot_id": d["eot_id"], "sources": [],
+            **{k: d[k] for k in ("chars", "bpe", "documents") if k in d}}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return data_dir
+
+
+def test_split_train_scores_the_train_split(tmp_path, capsys):
+    """--split=train scores train.bin, not val.bin: the two splits differ in length here."""
+    text = TEXT * 3
+    data = write_char_dataset(tmp_path / "data", text, name="tiny", val_fraction=0.25)
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["train_tokens"] != meta["val_tokens"]
+    out = save_model(tmp_path / "out", Tokenizer.char_from_text(text), data_dir=str(data.parent))
+    train = run_json([f"--out_dir={out}", "--split=train"], capsys)
+    val = run_json([f"--out_dir={out}"], capsys)
+    assert train["tokens"] == meta["train_tokens"] - 1 and train["text"] == "the train split of tiny"
+    assert val["tokens"] == meta["val_tokens"] - 1 and val["text"] == "the val split of tiny"
+    ids = np.fromfile(data / "train.bin", dtype=np.uint16)
+    assert train["bytes"] == len(text[1:meta["train_tokens"]].encode("utf-8"))
+    assert len(ids) == meta["train_tokens"]
+
+
+def test_a_dataset_of_another_trained_vocabulary_or_boundary_is_refused(tmp_path):
+    """A bpe:N dataset whose vocabulary is another of the same size, and a documents dataset of
+    the same characters as a plain char model: the ids mean other text, refused by name."""
+    base = [bytes([b]) for b in range(256)]
+    ours, theirs = Tokenizer.bpe_from_ranks(base + [b"Sp", b"eak"]), Tokenizer.bpe_from_ranks(base + [b"Fi", b"rst"])
+    assert ours.vocab_size == theirs.vocab_size
+    ids = theirs.encode(TEXT)
+    data = write_dataset(tmp_path / "data", "other_bpe", theirs, ids, ids)
+    write_dataset(data, "same_bpe", ours, ours.encode(TEXT), ours.encode(TEXT))
+    out = save_model(tmp_path / "bpe", ours)
+    with pytest.raises(UserError, match="both are trained BPE vocabularies, but different ones"):
+        evaluate.main([f"--out_dir={out}", f"--data_dir={data}", "--dataset=other_bpe", "--device=cpu"])
+    evaluate.main([f"--out_dir={out}", f"--data_dir={data}", "--dataset=same_bpe", "--device=cpu"])  # the same: scored
+
+    plain, docs = Tokenizer.char_from_text(TEXT), Tokenizer.char_from_text(TEXT, documents="line")
+    ids = [docs.eot_id, *docs.encode("Speak, speak."), docs.eot_id]
+    write_dataset(data, "docs", docs, ids, ids)
+    (tmp_path / "char").mkdir()
+    with pytest.raises(UserError, match="only the data has a document-boundary token"):
+        evaluate.main([f"--out_dir={save_model(tmp_path / 'char', plain)}", f"--data_dir={data}", "--dataset=docs",
+                       "--device=cpu"])
+
+
+def test_bits_per_char_of_a_bpe_model_counts_characters_not_bytes(tmp_path, text_file, capsys):
+    """A BPE token holds bytes: bits per character divides by the characters they start, so
+    on non-ASCII text it is larger than bits per byte, and the characters are the text's."""
+    text = "Grüße aus Köln, 你好世界! Café crème.\n" * 4
+    text_file.write_text(text, encoding="utf-8")
+    base = [bytes([b]) for b in range(256)]
+    tok = Tokenizer.bpe_from_ranks(base + ["你".encode(), "好".encode(), "üß".encode(), b"Gr"])
+    out = save_model(tmp_path, tok, zero=True)
+    r = run_json([f"--out_dir={out}", f"--input={text_file}"], capsys)
+    ids = tok.encode(text)
+    first = tok.decode(ids[:1])
+    assert first == "Gr"  # the context, not scored
+    scored = text[len(first):]
+    assert r["bytes"] == len(scored.encode("utf-8"))
+    assert r["chars"] == len(scored) < r["bytes"]
+    assert r["bits_per_char"] == pytest.approx(r["bits_per_byte"] * r["bytes"] / r["chars"], rel=1e-9)
+    assert r["bits_per_char"] > r["bits_per_byte"] * 1.05
+
+
+def test_the_automatic_batch_keeps_a_pass_small_for_any_vocabulary():
+    """--batch_size=0 sized a pass by its logits alone: a char model's pass took 2M tokens and
+    several GB (4.2 GB for a 6x384 char model on the val split, 0.7 GB now, and 4x faster). Now a
+    pass holds at most 8,192 tokens and about 512 MB of what grows with it."""
+    for vocab, n_embd, block in ((65, 384, 256), (65, 64, 64), (50304, 768, 1024), (50257, 64, 64), (512, 128, 8)):
+        config = GPTConfig(vocab_size=vocab, n_embd=n_embd, block_size=block)
+        batch = evaluate.auto_batch_size(config)
+        tokens = batch * block
+        assert batch >= 1 and (tokens <= evaluate.TOKENS_PER_PASS or batch == 1)
+        assert tokens * 4 * (3 * vocab + 16 * n_embd) <= evaluate.MEMORY_BUDGET or batch == 1
+        assert tokens * 2 > min(evaluate.TOKENS_PER_PASS, evaluate.MEMORY_BUDGET // (4 * (3 * vocab + 16 * n_embd)))
+    assert evaluate.auto_batch_size(GPTConfig(vocab_size=65, n_embd=384, block_size=256)) == 32

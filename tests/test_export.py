@@ -490,3 +490,28 @@ def test_gguf_of_an_instruction_model_carries_its_chat_template(tmp_path):
     # (GGUF keys are stored as plain strings: a search of the bytes is the reader's answer in a
     # fraction of its seconds of parsing 50,257 tokens)
     assert b"tokenizer.chat_template" not in (tmp_path / "model.gguf").read_bytes()
+
+
+def test_char_documents_model_exports_its_boundary_and_block_size(tmp_path, capsys):
+    """A char-level documents model in the GPT-2 format: tokenizer.json holds <|endoftext|> at the
+    boundary id (so --init_from gets back the same tokenizer), config.json names it as bos and
+    eos, and tokenizer_config.json's model_max_length is the model's context (n_positions)."""
+    tok = Tokenizer.char_from_text("jab cross hook uppercut", documents="line")
+    args = dict(block_size=24, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16, dropout=0.0, bias=True)
+    torch.manual_seed(0)
+    checkpoint.save({"model": GPT(GPTConfig(**args)).state_dict(), "model_args": args, "optimizer": {}, "iter_num": 0,
+                     "best_val_loss": float("inf"), "config": {}, "tokenizer": tok.describe()},
+                    tmp_path / "out" / "ckpt.pt")
+    hf_dir = tmp_path / "hf"
+    export.main([f"--out_dir={tmp_path / 'out'}", "--format=hf", f"--dest={hf_dir}"])
+    capsys.readouterr()
+    back = hf_format.load_tokenizer(hf_dir)
+    assert back.describe() == tok.describe() and back.eot_id == tok.eot_id == len(tok.chars)
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["n_positions"] == 24
+    assert config["eos_token_id"] == config["bos_token_id"] == tok.eot_id
+    assert json.loads((hf_dir / "tokenizer_config.json").read_text())["model_max_length"] == 24
+    fast = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    assert fast.eos_token_id == tok.eot_id and fast.model_max_length == 24
+    assert fast("<|endoftext|>jab")["input_ids"] == [tok.eot_id, *tok.encode("jab")]
+    assert transformers.AutoConfig.from_pretrained(hf_dir).eos_token_id == tok.eot_id

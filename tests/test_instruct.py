@@ -136,6 +136,13 @@ def test_chat_drops_the_oldest_turns_to_fit():
     assert text.startswith("<|endoftext|><|system|>\nBe brief.\n<|user|>\ntwo\n") and "one" not in text
     newest, dropped = template.chat_ids(tokenizer, template.TEMPLATE, turns, budget=5)
     assert dropped == 4 and tokenizer.decode(newest).endswith("three\n<|assistant|>\n")  # the newest stays
+    # every budget the newest turn fits in is kept to, counting the leading boundary token; a
+    # budget the whole chat fits in keeps every turn
+    floor = len(newest)
+    for budget in [*range(floor, floor + 4), *range(len(short) - 3, len(short) + 4), *range(len(full) - 3, len(full) + 3)]:
+        ids, dropped = template.chat_ids(tokenizer, template.TEMPLATE, turns, budget=budget)
+        assert len(ids) <= budget and ids[0] == tokenizer.eot_id, (budget, len(ids), dropped)
+        assert (dropped == 0) == (budget >= len(full)), (budget, dropped)
 
 
 BAD_LINES = {
@@ -241,8 +248,12 @@ def test_targets_outside_the_answers_are_ignored_in_every_batch(instruct_data):
     x, y, positions = data.get_batch("val", 8, 32, torch.Generator().manual_seed(0), "cpu")
     expected = lambda s: np.where(flags[s + 1:s + 33] == 1, tokens[s + 1:s + 33], -1)  # noqa: E731
     for row_x, row_y in zip(x.numpy(), y.numpy()):
-        assert any((row_y == expected(s)).all() for s in starts if (tokens[s:s + 32] == row_x).all())
-    assert (y == -1).any() and (x >= 0).all()  # the inputs keep every token
+        at = [s for s in starts if (tokens[s:s + 32] == row_x).all()]
+        assert at, "a row's inputs are a window of the split at a row start, every token kept"
+        assert any((row_y == expected(s)).all() for s in at)
+    assert (y == -1).any() and (y != -1).any()
+    kept = y[:, :-1] != -1  # where a target is kept it is the next input
+    assert (y[:, :-1][kept] == x[:, 1:][kept]).all()
 
 
 def run_train(root, out, *flags):

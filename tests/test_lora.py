@@ -73,6 +73,38 @@ def test_targets_and_bad_settings():
     assert len(problems) == 4 and "--lora_targets" in problems[-1]
 
 
+def test_train_settings_make_the_lora_config():
+    """train.py's --lora_* flags become the LoRAConfig the adapters are built with and that the
+    checkpoint saves for merging: each one, --lora_alpha's scale too."""
+    from training import TrainConfig
+    cfg = TrainConfig(lora_rank=4, lora_alpha=32.0, lora_dropout=0.2, lora_targets="c_fc")
+    got = lora.from_settings(cfg)
+    assert got == lora.LoRAConfig(rank=4, alpha=32.0, dropout=0.2, targets="c_fc") and got.scale == 8.0
+    assert lora.from_settings(TrainConfig()) is None  # lora_rank 0: no LoRA
+    model = tiny_model()
+    lora.apply(model, got)
+    layer = model.transformer.h[0].mlp.c_fc
+    assert layer.scale == 8.0 and layer.lora_dropout.p == 0.2
+
+
+def test_dropout_falls_on_the_adapters_input_in_training_only():
+    """lora_dropout drops the adapters' input while training (so two training passes differ), never
+    the frozen layer's (with B zero, a training pass is the plain layer's exactly); in eval mode
+    the layer is x W^T + b + scale * x A^T B^T."""
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(torch.nn.Linear(32, 48), lora.LoRAConfig(rank=4, alpha=8.0, dropout=0.5))
+    x = torch.randn(4, 32)
+    plain = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    layer.train()
+    with torch.no_grad():
+        assert torch.equal(layer(x), plain)  # B starts at zero: dropout or not, the update is zero
+        layer.lora_B.normal_()
+        assert not torch.allclose(layer(x), layer(x))
+        layer.eval()
+        expected = plain + 2.0 * (x @ layer.lora_A.T @ layer.lora_B.T)
+        assert torch.allclose(layer(x), expected, atol=1e-5) and torch.equal(layer(x), layer(x))
+
+
 def assert_checkpointing_trains_the_same(plain, seed: int):
     """Train plain and a copy with grad_checkpoint from the same seed: the weights agree to 1e-5.
     Returns the checkpointed copy."""

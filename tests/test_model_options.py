@@ -89,6 +89,25 @@ def test_kv_cache_agrees_with_full_forward_past_block_size(options):
     assert torch.equal(with_cache, without)
 
 
+def test_the_context_grows_to_a_whole_block_before_the_window_slides():
+    """generate() lets the context reach block_size tokens, then keeps the last block_size // 2
+    and grows again (with and without the cache): the model reads between 4 and 8 of block 8."""
+    model = perturbed_model()
+    for use_cache in (False, True):
+        seen = []
+
+        def record(module, args, kwargs, seen=seen):  # the context the forward reads: cached + new tokens
+            cache = kwargs.get("kv_cache")
+            seen.append(args[0].shape[1] + (cache.length if cache is not None else 0))
+
+        hook = model.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            model.generate(torch.randint(0, 20, (2, 3)), 12, temperature=0, use_cache=use_cache)
+        finally:
+            hook.remove()
+        assert seen == [3, 4, 5, 6, 7, 8, 4, 5, 6, 7, 8, 4], use_cache
+
+
 def test_x0_lambdas_and_value_embeds_take_part_in_the_forward():
     """Each block mixes in the first input by its lambdas, and each block's value table reaches
     attention: changing either changes the logits (both start as no-ops: (1, 0) and zeros)."""

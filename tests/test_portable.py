@@ -287,6 +287,36 @@ def test_replace_waits_for_a_reader_to_let_go(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left
 
 
+def test_a_durable_write_syncs_the_file_then_renames_then_syncs_the_folder(tmp_path, monkeypatch):
+    """The order that makes a write survive a crash or a power cut: the new contents reach the disk
+    (fsync of the temporary file) before the rename puts them under the file's name, and the
+    rename reaches it (fsync of the folder, where the OS can open one) before the write returns."""
+    import stat
+    target = tmp_path / "metrics.jsonl"
+    target.write_text("old")
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        info = os.fstat(fd)
+        events.append(("fsync", "folder" if stat.S_ISDIR(info.st_mode) else "file", info.st_ino))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", Path(src).parent, Path(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    durable.write_text(target, "new ✓")
+    assert target.read_text(encoding="utf-8") == "new ✓"
+    expected = [("fsync", "file", target.stat().st_ino),  # the temporary file, now under the name
+                ("replace", tmp_path, target)]
+    if os.name != "nt":  # Windows cannot open a folder to fsync it (durable.fsync_folder)
+        expected.append(("fsync", "folder", tmp_path.stat().st_ino))
+    assert events == expected
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temporary file left
+
+
 def test_mps_precision_follows_the_macos_version():
     assert hardware.mps_dtype("14.5")[0] == "bfloat16"
     assert hardware.mps_dtype("15.0")[0] == "bfloat16"

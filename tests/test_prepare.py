@@ -393,3 +393,31 @@ def test_help_shows_no_none_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in text
     assert "(default: the named dataset)" in text and "(default: file)" in text
+
+
+@pytest.mark.parametrize("mode", ["text", "line", "jsonl"])
+def test_a_trained_vocabulary_learns_nothing_from_the_val_split(tmp_path, shakespeare_text, mode):
+    """--tokenizer=bpe:N is trained on the train split only: a string found nowhere but in val
+    ("qxzq", hundreds of times over) gets no token of two or more of its characters, in plain
+    text (val is the tail), in documents mode and for JSONL records (val: the last documents)."""
+    lines = [line for line in shakespeare_text[:20_000].split("\n") if line.strip()]
+    unseen = ["qxzq" * 12] * 15  # 15 lines: all in val (the last 10% of the documents, or of the text)
+    assert "qx" not in shakespeare_text[:20_000] and len(unseen) < 0.1 * len(lines)
+    if mode == "jsonl":
+        src = tmp_path / "records.jsonl"
+        src.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines + unseen), encoding="utf-8")
+        flags = ["--shuffle=false"]
+    else:
+        src = tmp_path / "input.txt"
+        src.write_text("\n".join(lines + unseen) + "\n", encoding="utf-8")
+        flags = ["--documents=line", "--shuffle=false"] if mode == "line" else []
+        assert len("\n".join(unseen)) < 0.1 * len(src.read_text())  # all of it in the val tail
+    run_prepare(tmp_path / "data", "--input", str(src), "--name", "d", "--tokenizer", "bpe:300",
+                "--block_size", "8", "--num_workers", "1", *flags)
+    meta, train, val = load(tmp_path / "data", "d")
+    tok = Tokenizer.from_description(meta)
+    assert tok.vocab_size == 300
+    assert "qxzq" in tok.decode(val) and "qxzq" not in tok.decode(train)
+    pieces = {"qxzqqxzq"[i:j] for i in range(8) for j in range(i + 2, 9)}
+    learned = [tok.encoding.decode_single_token_bytes(i).decode("utf-8", "replace") for i in range(256, tok.eot_id)]
+    assert not pieces & set(learned), sorted(pieces & set(learned))

@@ -311,15 +311,16 @@ def test_int8_weights_are_within_half_a_step_of_the_float_weights(shape):
 
 CHARS = sorted(set("\n !,.:;?abcdefghijklmnopqrstuvwxyzAEMOR"))
 SETTINGS = [  # two settings that differ in every field; top_k 0 means off, which the sampler sees as None
-    dict(temperature=0.5, top_k=7, top_p=0.9, seed=5),
-    dict(temperature=1.0, top_k=0, top_p=1.0, seed=6),
+    dict(temperature=0.5, top_k=7, top_p=0.9, seed=5, min_p=0.05, repetition_penalty=1.3),
+    dict(temperature=1.0, top_k=0, top_p=1.0, seed=6, min_p=0.0, repetition_penalty=1.0),
 ]
 
 
 def seen_by_sampler(settings: dict) -> dict:
     """What sample_next must receive for these settings."""
     return dict(temperature=settings["temperature"], top_k=settings["top_k"] or None,
-                top_p=settings["top_p"], seed=settings["seed"])
+                top_p=settings["top_p"], seed=settings["seed"], min_p=settings["min_p"],
+                repetition_penalty=settings["repetition_penalty"])
 
 
 @pytest.fixture(scope="module")
@@ -339,7 +340,7 @@ def char_dir(tmp_path_factory) -> Path:
 def sampler_calls(monkeypatch) -> list[dict]:
     """Every call of the real model.sample_next, which every decoder's loop (model.slide_window)
     calls: which path computed the logits (fast_decode's FastDecoder or the model's own forward),
-    and the settings the sampler received."""
+    whether the loop holds a KV cache, and the settings the sampler received."""
     calls = []
     real = model_module.sample_next
     signature = inspect.signature(real)
@@ -350,18 +351,20 @@ def sampler_calls(monkeypatch) -> list[dict]:
         given = dict(bound.arguments)
         generator = given.pop("generator")
         given.pop("logits")
-        next_logits = inspect.currentframe().f_back.f_locals.get("next_logits")
+        loop = inspect.currentframe().f_back.f_locals  # model.slide_window's
+        next_logits = loop.get("next_logits")
         path = "fast" if isinstance(getattr(next_logits, "__self__", None), fast_decode.FastDecoder) else "plain"
-        calls.append({"path": path, **given, "seed": None if generator is None else generator.initial_seed()})
+        calls.append({"path": path, "cached": loop.get("cache") is not None, **given,
+                      "seed": None if generator is None else generator.initial_seed()})
         return real(*args, **kwargs)
 
     monkeypatch.setattr(model_module, "sample_next", sample_next_spy)
     return calls
 
 
-def assert_every_call(calls: list[dict], path: str, settings: dict):
+def assert_every_call(calls: list[dict], path: str, settings: dict, cached: bool = True):
     assert calls, "the sampler was never called"
-    expected = {"path": path, **seen_by_sampler(settings)}
+    expected = {"path": path, "cached": cached, **seen_by_sampler(settings)}
     for call in calls:
         assert {k: call.get(k) for k in expected} == expected
 
@@ -382,7 +385,7 @@ def test_sample_py_one_shot_passes_every_setting_to_the_sampler(char_dir, sample
     for settings in SETTINGS:
         sampler_calls.clear()
         sample.main(sample_flags(char_dir, settings, "--prompt=ab", *flags))
-        assert_every_call(sampler_calls, path, settings)
+        assert_every_call(sampler_calls, path, settings, cached="--use_cache=false" not in flags)
         assert len(sampler_calls) == 3
     capsys.readouterr()
 
@@ -405,7 +408,9 @@ def test_app_generate_passes_every_setting_to_the_sampler(char_dir, sampler_call
     models = app.Models({"m": char_dir}, precision, dtype)
     for settings in SETTINGS:
         sampler_calls.clear()
-        texts = list(app.generate(models, 100, 0.0, "ab", 3, *settings.values()))
+        s = settings
+        texts = list(app.generate(models, 100, 0.0, "ab", 3, s["temperature"], s["top_k"], s["top_p"], s["seed"],
+                                  None, s["min_p"], s["repetition_penalty"]))
         assert len(texts[-1]) == 2 + 3
         assert_every_call(sampler_calls, path, settings)
 
@@ -427,7 +432,7 @@ def test_app_api_passes_every_setting_to_the_sampler(char_dir, sampler_calls, tm
             sampler_calls.clear()
             s = settings
             text = client.predict("ab", 3, s["temperature"], s["top_k"], s["top_p"], s["seed"], "m",
-                                  api_name="/generate")
+                                  s["min_p"], s["repetition_penalty"], api_name="/generate")
             assert len(text) == 2 + 3
             assert_every_call(sampler_calls, "fast", settings)
         # each parameter is fed by the page's box of that name, which starts at sample.py's default

@@ -1,6 +1,7 @@
 """train.py --time_budget (the run's length in training seconds) and --patience (early stopping)."""
 import json
 import subprocess
+import types
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import pytest
 import checkpoint
 import train
 import training
-from conftest import TINY, rank_output, torchrun
+from conftest import TINY, ctrl_c_at_check, rank_output, torchrun
 from training import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +72,53 @@ def test_resumed_budget_run_spends_only_what_is_left(tiny_data, tmp_path, capsys
     run_train(tiny_data, out, "--init_from=resume", "--max_iters=100", f"--time_budget={spent}")
     assert "time budget spent: 9 iterations in " in capsys.readouterr().out
     assert checkpoint.load(out / "ckpt.pt")["iter_num"] == 9
+
+
+def test_a_stopped_budget_run_saves_the_time_it_spent(tiny_data, tmp_path, capsys):
+    """A Ctrl-C of a --time_budget run saves the training time spent with the checkpoint, so that
+    the resumed run goes on where the schedule was (not from its start, with the whole budget)."""
+    out = tmp_path / "out"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train.StopRequest, "requested", ctrl_c_at_check(2))  # after two steps
+        with pytest.raises(SystemExit):
+            run_train(tiny_data, out, "--time_budget=1000", "--max_iters=50", "--eval_interval=40",
+                      "--lr_decay_iters=100")
+    assert "saved iteration 2 to" in capsys.readouterr().err
+    saved = checkpoint.load(out / "ckpt.pt")
+    logs = [r for r in read_metrics(out) if "step_ms" in r]
+    assert saved["iter_num"] == 2 and [r["iter"] for r in logs] == [0, 1]
+    assert saved["train_seconds"] > logs[-1]["progress"] * 1000 > 0  # both steps' time
+    run_train(tiny_data, out, "--init_from=resume", "--max_iters=3")
+    resumed = [r for r in read_metrics(out) if "step_ms" in r and r["iter"] == 2]
+    assert resumed[0]["progress"] == pytest.approx(saved["train_seconds"] / 1000)
+
+
+class Clock:
+    """A stand-in for time.perf_counter that the test moves by hand."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.mark.parametrize("compile", [True, False])
+def test_the_compiling_step_is_not_training_time(monkeypatch, compile):
+    """With --compile the first step of a process compiles the model: start-up, left out of the
+    budget (a resumed run compiles again, and its first step is left out too); every later step
+    counts. Without --compile every step counts, the first one too."""
+    clock = Clock()
+    monkeypatch.setattr(training.time, "perf_counter", clock)
+    precision = types.SimpleNamespace(device="cpu", synchronize=lambda: None)
+    for spent in (0.0, 5.0):  # a new run, and a resumed one that had spent 5 s
+        budget = training.TimeBudget(TrainConfig(time_budget=100.0, compile=compile), spent, precision, False)
+        for step_seconds in (30.0, 2.0, 3.0):
+            budget.start()
+            clock.now += step_seconds
+            budget.stop()
+        assert budget.spent == pytest.approx(spent + (5.0 if compile else 35.0))
+        assert budget.used_up is False
 
 
 def test_budget_problems_are_reported():

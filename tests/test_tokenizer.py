@@ -182,3 +182,24 @@ def test_a_trained_description_with_a_stray_character_in_a_rank_is_refused():
     d["bpe"]["ranks"][-1] += "!"  # base64 of b"ab" with a character outside the alphabet: not silently dropped
     with pytest.raises(UserError, match="has no valid 'bpe' ranks and pattern"):
         Tokenizer.from_description(d)
+
+
+def test_mismatch_tells_apart_two_trained_vocabularies_of_one_size():
+    """Two bpe:N vocabularies of the same size map the same ids to other bytes: refused."""
+    from tokenizer import mismatch
+    base = [bytes([b]) for b in range(256)]
+    a = Tokenizer.bpe_from_ranks(base + [b"ab", b"abc"])
+    b = Tokenizer.bpe_from_ranks(base + [b"xy", b"xyz"])
+    assert a.vocab_size == b.vocab_size
+    assert mismatch(a.describe(), b.describe()) == "both are trained BPE vocabularies, but different ones"
+    assert mismatch(a.describe(), Tokenizer.bpe_from_ranks(base + [b"ab", b"abc"]).describe()) is None
+
+
+def test_mismatch_tells_a_plain_model_from_a_documents_dataset_of_the_same_characters():
+    """A documents dataset's ids hold a boundary id the plain char model never had."""
+    from tokenizer import mismatch
+    plain, docs = Tokenizer.char_from_text("abc"), Tokenizer.char_from_text("abc", documents="line")
+    assert "document-boundary" in mismatch(plain.describe(), docs.describe())
+    assert "document-boundary" in mismatch(docs.describe(), plain.describe())
+    assert mismatch(plain.describe(), docs.describe(), boundary=False) is None  # a pretrained model's case
+    assert mismatch(docs.describe(), Tokenizer.char_from_text("abc", documents="line").describe()) is None

@@ -10,7 +10,7 @@ import checkpoint
 import hardware
 import train
 import training
-from conftest import TINY, rank_output, torchrun
+from conftest import TINY, ctrl_c_at_check, rank_output, torchrun
 from errors import UserError
 from model import GPT, GPTConfig, KVCache, Rotary, apply_rotary, document_mask, slide_window
 
@@ -251,7 +251,71 @@ def test_loss_falls_on_tiny_corpus(tiny_data, tmp_path):
     assert [r["iter"] for r in evals] == [0, 30, 60]
     assert evals[-1]["val/loss"] < evals[0]["val/loss"] - 0.8
     train_logs = [r for r in read_metrics(tmp_path / "out") if "tokens_per_sec" in r]
-    assert len(train_logs) == 60 and all(r["tokens_per_sec"] > 0 for r in train_logs)
+    assert [r["iter"] for r in train_logs] == list(range(60))
+    for r in train_logs:  # a step's tokens (batch_size 4 x block_size 32) in its time
+        assert r["tokens_per_sec"] > 0 and r["step_ms"] > 0
+        assert r["tokens_per_sec"] * r["step_ms"] / 1000 == pytest.approx(4 * 32)
+        assert r["lr"] == pytest.approx(training.get_lr(r["iter"], training.TrainConfig(
+            learning_rate=1e-2, lr_decay_iters=60, max_iters=60, warmup_iters=2)))
+        assert r["train/loss"] > 0
+
+
+def test_gradient_accumulation_steps_are_one_big_batch(tiny_data, tmp_path, capsys):
+    """--gradient_accumulation_steps=2 of batch_size 4 is one step over 8 rows: the same rows
+    (the generator draws the starts of two batches of 4 as those of one of 8) and the same
+    gradient (each micro-step's loss is divided by 2), so the same weights, to float32 rounding.
+    Its tokens per iteration count both micro-steps, in the start-up line and in tokens/s."""
+    common = ["--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--eval_at_start=False",
+              "--learning_rate=1e-2", "--lr_decay_iters=2"]
+    run_train(tiny_data, tmp_path / "accum", *common, "--batch_size=4", "--gradient_accumulation_steps=2")
+    assert "tokens per iteration: 256\n" in capsys.readouterr().out  # 2 x 4 x 32
+    for r in (r for r in read_metrics(tmp_path / "accum") if "tokens_per_sec" in r):
+        assert r["tokens_per_sec"] * r["step_ms"] / 1000 == pytest.approx(256)
+    run_train(tiny_data, tmp_path / "big", *common, "--batch_size=8")
+    assert "tokens per iteration: 256\n" in capsys.readouterr().out
+    accum, big = (checkpoint.load(tmp_path / d / "ckpt.pt") for d in ("accum", "big"))
+    assert accum["iter_num"] == big["iter_num"] == 2
+    for name, tensor in big["model"].items():
+        assert torch.allclose(tensor, accum["model"][name], atol=2e-5, rtol=0), name
+    run_train(tiny_data, tmp_path / "half", *common, "--batch_size=4")  # one micro-step of 4: other weights
+    half = checkpoint.load(tmp_path / "half" / "ckpt.pt")
+    assert not torch.allclose(half["model"]["transformer.wte.weight"], big["model"]["transformer.wte.weight"],
+                              atol=1e-4, rtol=0)
+
+
+def test_grad_clip_limits_the_steps(tiny_data, tmp_path):
+    """--grad_clip scales the gradients down to that global norm before the optimizer sees them:
+    clipped to 1e-14, far below AdamW's eps (1e-8), the steps all but vanish and (without weight
+    decay) the weights stay where they started; unclipped (0), the same run moves them by about
+    the learning rate per step."""
+    common = ["--max_iters=3", "--eval_interval=3", "--eval_iters=1", "--eval_at_start=False",
+              "--learning_rate=1e-2", "--lr_decay_iters=3", "--weight_decay=0"]
+    run_train(tiny_data, tmp_path / "clipped", *common, "--grad_clip=1e-14")
+    run_train(tiny_data, tmp_path / "free", *common, "--grad_clip=0")
+    clipped, free = (checkpoint.load(tmp_path / d / "ckpt.pt")["model"] for d in ("clipped", "free"))
+    torch.manual_seed(1337)  # the run's initial weights (train.seed_rngs: --seed + rank)
+    start = GPT(GPTConfig(**checkpoint.load(tmp_path / "free" / "ckpt.pt")["model_args"])).state_dict()
+    moved = {name: (free[name] - start[name]).abs().max().item() for name in start}
+    assert moved["transformer.wte.weight"] > 1e-3  # unclipped: steps of about the learning rate
+    for name, tensor in start.items():  # clipped: no weight moved by more than a rounding error
+        assert torch.allclose(clipped[name], tensor, atol=1e-6, rtol=0), name
+
+
+def test_a_batch_of_a_split_of_exactly_one_window_reads_that_window(tmp_path):
+    """A split of block_size + 1 tokens (the least a run accepts) holds a single window, at 0:
+    every row of every batch is that window, never one that runs past the split's end."""
+    import dataset
+    from conftest import write_token_dataset
+    block_size = 8
+    ids = list(range(block_size + 1))
+    write_token_dataset(tmp_path / "data", "one", train=ids, val=ids[::-1])
+    data = dataset.Dataset(str(tmp_path / "data"), "one")
+    gen = torch.Generator().manual_seed(0)
+    for split, tokens in (("train", torch.tensor(ids)), ("val", torch.tensor(ids[::-1]))):
+        for _ in range(20):
+            x, y = data.get_batch(split, 16, block_size, gen, "cpu")
+            assert x.shape == y.shape == (16, block_size)
+            assert (x == tokens[:-1]).all() and (y == tokens[1:]).all()
 
 
 def test_checkpoint_save_load_identical_logits(tiny_data, tmp_path):
@@ -320,6 +384,59 @@ def test_deterministic_is_for_gpus_and_a_resume_keeps_it(tiny_data, tmp_path, mo
         assert torch.equal(tensor, det["model"][name]), name
 
 
+def test_a_resume_on_another_number_of_processes_draws_fresh_batches_not_the_first_ones(capsys):
+    """A checkpoint of 1 process resumed by 2 cannot take back its RNG states: each rank draws its
+    batches (and dropout) from a seed of its own and of the iteration, never the --seed + rank that
+    the run's first steps drew from (which would train on those batches again)."""
+    saved = torch.get_rng_state()
+    try:
+        ckpt = {"rng": {"torch": torch.get_rng_state(), "data": [torch.Generator().manual_seed(7).get_state()],
+                        "cuda": []}}
+        drawn = {}
+        for iter_num in (40, 80):
+            for rank in (0, 1):
+                gen = torch.Generator().manual_seed(123)
+                train.resume_rng(ckpt, rank, 2, iter_num, 1337, gen, master=rank == 0)
+                batches, dropout = torch.randint(10**6, (8,), generator=gen), torch.rand(8)
+                first = torch.Generator().manual_seed(1337 + rank)  # what the run drew at iteration 0
+                assert not torch.equal(batches, torch.randint(10**6, (8,), generator=first)), (iter_num, rank)
+                torch.manual_seed(1337 + rank)
+                assert not torch.equal(dropout, torch.rand(8)), (iter_num, rank)
+                drawn[iter_num, rank] = batches
+        assert len({tuple(t.tolist()) for t in drawn.values()}) == 4  # per rank, per iteration
+        again = torch.Generator()
+        train.resume_rng(ckpt, 1, 2, 40, 1337, again, master=False)  # the same resume: the same batches
+        assert torch.equal(torch.randint(10**6, (8,), generator=again), drawn[40, 1])
+        assert capsys.readouterr().out.count("the batches are drawn afresh") == 2  # rank 0 only, once a call
+    finally:
+        torch.set_rng_state(saved)
+
+
+def test_a_resume_takes_back_the_float16_scaler_and_a_float32_one_starts_fresh():
+    """float16's GradScaler state (its scale, lowered at each overflow) is part of exact resume;
+    a checkpoint of another dtype saved an empty one, and the resumed scaler keeps its defaults."""
+    saved_rng = torch.get_rng_state()
+    try:
+        model = tiny_model()
+        optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
+        before = torch.amp.GradScaler("cpu", init_scale=2.0 ** 3, growth_interval=7)  # lowered by overflows
+        ckpt = {"optimizer": optimizer.state_dict(), "scaler": before.state_dict(), "iter_num": 12,
+                "best_val_loss": 2.5, "rng": {"torch": torch.get_rng_state(), "cuda": [],
+                                              "data": [torch.Generator().manual_seed(3).get_state()]}}
+        precision = hardware.Precision("cpu", "float16", "test")
+        scaler = torch.amp.GradScaler("cpu")
+        got = train.resume_state(ckpt, optimizer, scaler, torch.Generator(), precision, 1337, train.Processes(),
+                                 Path("ckpt.pt"))
+        assert got == (12, 2.5)
+        assert scaler.get_scale() == 2.0 ** 3 and scaler.get_growth_interval() == 7
+        fresh = torch.amp.GradScaler("cpu", enabled=False)
+        train.resume_state({**ckpt, "scaler": fresh.state_dict()}, optimizer, fresh, torch.Generator(),
+                           hardware.Precision("cpu", "float32", "test"), 1337, train.Processes(), Path("ckpt.pt"))
+        assert not fresh.is_enabled()
+    finally:
+        torch.set_rng_state(saved_rng)
+
+
 def test_best_val_loss_is_the_minimum(tiny_data, tmp_path):
     run_train(tiny_data, tmp_path / "out", "--max_iters=20", "--eval_interval=5", "--learning_rate=3e-2",
               "--lr_decay_iters=20")
@@ -372,18 +489,9 @@ def test_eval_only_evaluates_the_checkpoint_and_leaves_the_run_as_it_was(tiny_da
 def test_a_stop_with_patience_before_any_best_was_saved_saves_the_run(tiny_data, tmp_path, capsys):
     """--patience keeps ckpt.pt as the best model: a Ctrl-C before the first improving save has no
     best to keep, so it saves the run, as without patience, and says so (not "kept ckpt.pt")."""
-    import signal
     out = tmp_path / "out"
-    stop_at = iter(range(100))
-
-    def requested(self, ddp, device):  # Ctrl-C at the first check of the loop
-        if next(stop_at) == 0:
-            self.signum = signal.SIGINT
-            return True
-        return False
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train.StopRequest, "requested", requested)
+        patch.setattr(train.StopRequest, "requested", ctrl_c_at_check(0))  # before the first step
         with pytest.raises(SystemExit):
             run_train(tiny_data, out, "--max_iters=10", "--eval_interval=5", "--patience=2")
     assert checkpoint.load(out / "ckpt.pt")["iter_num"] == 0
@@ -393,22 +501,10 @@ def test_a_stop_with_patience_before_any_best_was_saved_saves_the_run(tiny_data,
 def test_a_stop_with_patience_replaces_an_earlier_stops_checkpoint(tiny_data, tmp_path, capsys):
     """A checkpoint saved at a Ctrl-C is no best model: a resumed run stopped again before any
     evaluation saves its progress over it, rather than "keeping the best" and losing the steps."""
-    import signal
     out = tmp_path / "out"
-
-    def stop_at_third_check():
-        checks = iter(range(100))
-
-        def requested(self, ddp, device):
-            if next(checks) == 2:
-                self.signum = signal.SIGINT
-                return True
-            return False
-        return requested
-
     for expected in (2, 4):
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(train.StopRequest, "requested", stop_at_third_check())
+            patch.setattr(train.StopRequest, "requested", ctrl_c_at_check(2))
             with pytest.raises(SystemExit):
                 run_train(tiny_data, out, "--max_iters=50", "--eval_interval=40", "--patience=2",
                           *(["--init_from=resume"] if expected == 4 else []))
@@ -599,6 +695,21 @@ def test_lr_schedule():
     assert training.get_lr(60, cfg) == pytest.approx(0.55)
     assert training.get_lr(110, cfg) == pytest.approx(0.1)
     assert training.get_lr(150, cfg) == pytest.approx(0.1)
+    # a warmup that ends where the decay does: min_lr from there (it gave learning_rate at that step)
+    cfg = training.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=100, lr_decay_iters=100, max_iters=100)
+    assert [training.get_lr(i, cfg) for i in (99, 100, 101)] == [pytest.approx(100 / 101), 0.1, 0.1]
+
+
+def test_a_short_try_of_a_long_warmup_runs_and_says_so(tiny_data, tmp_path, capsys):
+    """nanoGPT's habit `python train.py --max_iters=50` under a 2,000-step warmup: it runs (it
+    was refused), with a note on how far the learning rate gets and how to reach it."""
+    train.main([f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'out'}", *TINY, "--max_iters=20",
+                "--warmup_iters=2000", "--lr_decay_iters=5000", "--eval_interval=20"])
+    out = capsys.readouterr().out
+    assert ("note: --warmup_iters (2000) is longer than the run (--max_iters=20): the learning rate only climbs to "
+            "6.00e-06, not --learning_rate=6.00e-04; pass --warmup_iters=2 to reach it") in out
+    assert "decays until" not in out  # one note, the one that matters
+    assert checkpoint.load(tmp_path / "out" / "ckpt.pt")["iter_num"] == 20
 
 
 def test_runs_under_torchrun_with_ddp(tiny_data, tmp_path, capsys):
