@@ -463,12 +463,16 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="nanogpt-app-") as scratch:
         demo = build_demo(gr, models, cfg.max_new_tokens_limit, cfg.stream_interval, Path(scratch))
         demo.queue(max_size=64)  # one generation at a time (gradio's default); 64 more may wait
-        try:
-            demo.launch(server_name=host, server_port=port, share=cfg.share, show_error=True,
-                        allowed_paths=[str(f.resolve()) for f in folders.values()])
+        try:  # quiet: gradio's own lines speak of launch()'s arguments, which a user of app.py never sees
+            _, local_url, share_url = demo.launch(
+                server_name=host, server_port=port, share=cfg.share, show_error=True, quiet=True,
+                prevent_thread_lock=True, allowed_paths=[str(f.resolve()) for f in folders.values()])
         except OSError as e:
             reason = str(e).split(". ")[0]  # gradio's first sentence; the rest speaks of launch()
             raise UserError(f"cannot listen on {host}:{port} ({reason}); pass another --port or --host") from None
+        public = f", and at {share_url}" if share_url else "" if cfg.share else " (--share also makes a public link)"
+        print(f"running on {local_url}{public}; Ctrl-C stops it", flush=True)
+        demo.block_thread()
 
 
 if __name__ == "__main__":

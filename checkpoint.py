@@ -75,6 +75,10 @@ def load(path, map_location="cpu") -> dict:
         if name := check.result():
             raise UserError(f"{path} is corrupted: its part {name} fails its checksum (its bytes changed after "
                             f"it was written); restore it or train again")
+    if isinstance(checkpoint, dict) and "format" not in checkpoint and {"model", "model_args", "config"} <= checkpoint.keys():
+        raise UserError(f"{path} is a checkpoint of nanoGPT itself, which this project does not read; train the "
+                        f"model again here with the same settings (python train.py configs/shakespeare.py is "
+                        f"nanoGPT's train_shakespeare_char.py; docs/configs.md has the others)")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise UserError(f"{path} is not a checkpoint of this project (no '{FORMAT}' format tag); "
                         f"it was written by another program")

@@ -90,7 +90,14 @@ def coerce(key: str, value, tp):
     raise TypeError(f"unsupported config type {tp} for {key}")  # our bug, not the user's
 
 
+# nanoGPT's names that are spelled otherwise here, and its config files' counterparts
+NANOGPT_KEYS = {"start": "prompt"}
+NANOGPT_CONFIGS = {"train_shakespeare_char.py": "shakespeare.py"}
+
+
 def _closest(key: str, names) -> str:
+    if NANOGPT_KEYS.get(key) in names:
+        return f" (nanoGPT's --{key} is --{NANOGPT_KEYS[key]} here)"
     match = difflib.get_close_matches(key, list(names), n=1, cutoff=0.5)
     return f" (did you mean --{match[0]}?)" if match else ""
 
@@ -138,7 +145,7 @@ def read_config_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         shipped = Path(__file__).resolve().parent / "configs"
-        there = shipped / p.name
+        there = shipped / NANOGPT_CONFIGS.get(p.name, p.name)
         hint = (f"; did you mean {there}?" if there.is_file() and there.resolve() != p.resolve()
                 else f"; the shipped ones are in {shipped}")
         raise UserError(f"config file {path} not found{hint}")
@@ -171,6 +178,7 @@ def parse_config(cls, argv: list[str] | None = None, prog: str | None = None, ch
         sys.exit(0)
 
     files: dict[str, object] = {}  # key -> value from config files, in their order
+    file_of: dict[str, str] = {}  # key -> the config file that set it
     raw: dict[str, object] = {}  # key -> value from flags: they win over any file, wherever it stands
     repeated: dict[str, list] = {}  # list fields: the values of their flags so far
     errors: list[str] = []
@@ -188,6 +196,7 @@ def parse_config(cls, argv: list[str] | None = None, prog: str | None = None, ch
                                     f"({', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}) are not "
                                     f"{prog}'s{hint}")
                 files.update(settings)
+                file_of.update(dict.fromkeys(settings, arg))
             elif Path(arg).suffix.lower() in (".yaml", ".yml", ".json", ".toml", ".cfg", ".ini"):
                 errors.append(f"config files are Python files of `key = value` lines (configs/*.py), not "
                               f"{Path(arg).suffix[1:].upper()}: write {Path(arg).with_suffix('.py')} and pass that")
@@ -222,8 +231,9 @@ def parse_config(cls, argv: list[str] | None = None, prog: str | None = None, ch
     for key, value in {**files, **raw}.items():
         if key not in types_:
             moved = getattr(cls, "MOVED", {}).get(key)  # a setting a script had and no longer has
+            where = f" in {file_of[key]}" if key not in raw and key in file_of else ""
             errors.append(f"--{key} is gone: {moved}" if moved else
-                          f"unknown setting {key!r}{_closest(key, types_)}; see --help")
+                          f"unknown setting {key!r}{where}{_closest(key, types_)}; see --help")
             continue
         try:
             values[key] = coerce(key, value, types_[key])

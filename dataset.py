@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 from errors import UserError, quoted
-from tokenizer import DOCUMENT_MODES
+from tokenizer import DOCUMENT_MODES, NAMED_DATASETS
+
+HERE = Path(__file__).resolve().parent
 
 
 class Dataset:
@@ -35,9 +37,15 @@ class Dataset:
         if not name.strip():
             raise UserError("--dataset is empty: name a prepared dataset (a folder of data/), e.g. --dataset=shakespeare_char")
         if not meta_path.exists():
+            beside = HERE / data_dir / name / "meta.json"  # a run started from another folder
+            if not Path(data_dir).is_absolute() and beside.is_file() and beside.resolve() != meta_path.resolve():
+                raise UserError(f"dataset {name!r} not found in {meta_path.parent.resolve()} (--data_dir is read from "
+                                f"the current folder, {Path.cwd()}); it is in {beside.parent}: pass "
+                                f"--data_dir={quoted(HERE / data_dir)} or run from {quoted(HERE)}")
             where = "" if Path(data_dir) == Path("data") else f" --data_dir {quoted(data_dir)}"
+            named = f"`python prepare.py {name}{where}` or " if name in NAMED_DATASETS else ""
             raise UserError(f"dataset {name!r} not found ({meta_path} is missing); run "
-                            f"`python prepare.py {name}{where}` or `python prepare.py --input FILE --name {name}{where}` first")
+                            f"{named}`python prepare.py --input FILE --name {name}{where}` first")
         try:
             self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
             self.dtype = np.dtype(self.meta["dtype"])

@@ -79,12 +79,11 @@ import runlock
 from documents import BOM, as_text, split_documents
 from errors import UserError, run_main
 import template
-from tokenizer import BPE, CHAR, LINE_PATTERN, Tokenizer, bytes_to_unicode
+from tokenizer import BPE, CHAR, LINE_PATTERN, NAMED_DATASETS, Tokenizer, bytes_to_unicode
 
 FORMAT_VERSION = 1
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-NAMED_DATASETS = {"shakespeare_char": CHAR, "shakespeare": "gpt2"}  # name -> default tokenizer
 OUTPUTS = ("train.bin", "val.bin", "meta.json")  # what a run writes into data/<name>/
 MASK_OUTPUTS = ("train_mask.bin", "val_mask.bin")  # and beside them for JSONL records: the loss masks
 DOCUMENT_MODES = ("file", "line", "blank")  # --documents: what one document is

@@ -25,6 +25,7 @@ from errors import UserError
 
 CHAR = "char"
 BPE = "bpe"  # a byte-level BPE vocabulary trained by prepare.py --tokenizer=bpe:N
+NAMED_DATASETS = {"shakespeare_char": CHAR, "shakespeare": "gpt2"}  # `prepare.py NAME`: name -> its tokenizer
 EOT = "<|endoftext|>"  # the document-boundary token of tiktoken and of trained vocabularies
 # How a trained vocabulary splits text before BPE: by lines. Merges may cross spaces but never
 # a line end, so records made of a few recurring words (boxing combos, log lines) get tokens

@@ -163,6 +163,9 @@ def test_broken_checkpoints_are_skipped_or_a_message_when_picked(runs, tmp_path)
             generate(client, model="c")
         assert generate(client, temperature=0, model="b").startswith(PROMPT)
         assert "Traceback" not in log.read_text()  # (gradio's own refusal below logs one)
+        # app.py's own line: gradio's spoke of `share=True` in `launch()`, which a user never sees
+        assert f"running on {url} (--share also makes a public link); Ctrl-C stops it" in log.read_text()
+        assert "launch()" not in log.read_text()
         with pytest.raises(AppError, match=r"a is not in the list of choices: \['b', 'c'\]"):  # left out of the picker
             generate(client, model="a")
     skipped = [line for line in log.read_text().splitlines() if line.startswith("skipped model")]

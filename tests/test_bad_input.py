@@ -31,11 +31,14 @@ def world(tmp_path_factory, shakespeare_text):
     (root / "syntax.py").write_text("batch_size = = 3\n")
     (root / "typo.py").write_text("n_layers = 3\n")
     (root / "blocker").write_text("a file where a folder should be")
-    for name in ("truncated", "foreign", "evil"):
+    for name in ("truncated", "foreign", "evil", "nanogpt"):
         (root / name).mkdir()
     ckpt = (root / "out" / "ckpt.pt").read_bytes()
     (root / "truncated" / "ckpt.pt").write_bytes(ckpt[: len(ckpt) // 3])
     torch.save({"weights": torch.ones(2)}, root / "foreign" / "ckpt.pt")
+    torch.save({"model": {"transformer.wte.weight": torch.ones(2)}, "optimizer": {}, "iter_num": 5000,  # nanoGPT's
+                "model_args": {"n_layer": 6}, "best_val_loss": torch.tensor(1.47), "config": {"dataset": "x"}},
+               root / "nanogpt" / "ckpt.pt")
     torch.save({"format": "nanogpt-ckpt", "x": os.system}, root / "evil" / "ckpt.pt")  # would run code
     broken = data / "broken"
     write_char_dataset(data, shakespeare_text[:30_000], name="broken")
@@ -86,7 +89,8 @@ CASES = {
     "train config unknown key": (("train", ["{root}/typo.py"]), "did you mean --n_layer"),
     "train stray argument": (T("batch_size=3"), "settings are passed as --key=value"),
     # train.py: data
-    "train missing dataset": (T("--dataset=nope"), "run `python prepare.py nope --data_dir {root}/data`"),
+    "train missing dataset": (T("--dataset=nope"), "run `python prepare.py --input FILE --name nope --data_dir {root}/data`"),
+    "train missing named dataset": (T("--dataset=shakespeare"), "run `python prepare.py shakespeare --data_dir {root}/data` or"),
     "train block larger than split": (T("--block_size=5000"), "too few for one window"),
     "train damaged bin": (T("--dataset=broken"), "damaged"),
     "train bad meta.json": (T("--dataset=badmeta"), "not a valid meta.json"),
@@ -117,6 +121,8 @@ CASES = {
     # sample.py
     "sample missing out_dir": (("sample", ["--out_dir={root}/nowhere"]), "no checkpoint at"),
     "sample foreign checkpoint": (S("--out_dir={root}/foreign"), "not a checkpoint of this project"),
+    "sample nanoGPT's checkpoint": (S("--out_dir={root}/nanogpt"), "is a checkpoint of nanoGPT itself, which this "
+                                    "project does not read; train the model again here with the same settings"),
     "sample truncated checkpoint": (S("--out_dir={root}/truncated"), "truncated or corrupted"),
     "sample negative temperature": (S("--temperature=-1"), "--temperature must be"),
     "sample nan temperature": (S("--temperature=nan"), "--temperature must be"),

@@ -1,4 +1,5 @@
 """The configuration system shared by train.py, sample.py and bench.py."""
+import re
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,23 @@ def test_flags_override_file_in_both_spellings(tmp_path):
 def test_unknown_key_names_the_closest():
     with pytest.raises(UserError, match=r"unknown setting 'batchsize' \(did you mean --batch_size\?\)"):
         parse_config(TrainConfig, ["--batchsize=3"])
+
+
+def test_nanogpt_names_and_files_point_to_theirs_here(tmp_path):
+    """A nanoGPT habit gets this project's name for it: --start (difflib said --stats), its
+    config/train_shakespeare_char.py; a key misspelt in a config file names the file."""
+    import sample
+    with pytest.raises(UserError, match=r"^unknown setting 'start' \(nanoGPT's --start is --prompt here\); see --help$"):
+        parse_config(sample.SampleConfig, ["--start=ROMEO:"])
+    with pytest.raises(UserError, match=r"config file config/train_shakespeare_char.py not found; did you mean "
+                                        r".*configs[/\\]shakespeare.py\?$"):
+        parse_config(TrainConfig, ["config/train_shakespeare_char.py"])
+    mine = tmp_path / "mine.py"
+    mine.write_text("n_embed = 64\nn_layer = 2\n", encoding="utf-8")
+    with pytest.raises(UserError, match=rf"^unknown setting 'n_embed' in {re.escape(str(mine))} \(did you mean --n_embd\?\)"):
+        parse_config(TrainConfig, [str(mine), "--n_layer=3"])
+    with pytest.raises(UserError, match=r"^unknown setting 'n_embed' \(did you"):  # a flag: no file to name
+        parse_config(TrainConfig, ["--n_embed=64"])
 
 
 def test_a_setting_a_script_no_longer_has_says_where_its_job_went():

@@ -10,7 +10,7 @@ import checkpoint
 import hardware
 import train
 import training
-from conftest import TINY, ctrl_c_at_check, rank_output, torchrun
+from conftest import TINY, ctrl_c_at_check, rank_output, torchrun, write_char_dataset
 from errors import UserError
 from model import GPT, GPTConfig, KVCache, Rotary, apply_rotary, document_mask, slide_window
 
@@ -686,6 +686,33 @@ def test_a_path_in_a_suggested_command_is_quoted_where_it_holds_a_space(tmp_path
         with pytest.raises(UserError) as e:
             call()
         assert command in str(e.value)
+
+
+def test_a_dataset_beside_the_scripts_is_named_when_run_from_another_folder(tmp_path, monkeypatch):
+    """`cd /tmp && python ~/nanogpt/train.py ...`: data/ is read from the current folder; the
+    message says so and where the dataset is (it said to prepare it again)."""
+    import dataset
+    repo, elsewhere = tmp_path / "repo", tmp_path / "elsewhere"
+    write_char_dataset(repo / "data", "hello world " * 20, name="mine")
+    elsewhere.mkdir()
+    monkeypatch.setattr(dataset, "HERE", repo)
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(UserError) as e:
+        dataset.Dataset("data", "mine")
+    assert str(e.value) == (f"dataset 'mine' not found in {elsewhere / 'data' / 'mine'} (--data_dir is read from the "
+                            f"current folder, {elsewhere}); it is in {repo / 'data' / 'mine'}: pass "
+                            f"--data_dir={repo / 'data'} or run from {repo}")
+    assert dataset.Dataset(str(repo / "data"), "mine").meta["vocab_size"] > 0
+
+
+def test_a_half_precision_the_cpu_lacks_is_honoured_but_called_slower():
+    """--dtype=float16 on a CPU without float16 units (nanoGPT ignores it there): it runs, and
+    the precision line says it is emulated (it was 4x slower than float32, silently)."""
+    emulated = "(as requested; this CPU has no float16 units: emulated, slower than --dtype=auto)"
+    reason = hardware.resolve("cpu", "float16").reason
+    assert (emulated in reason) != hardware._cpu_supports("_is_amx_fp16_supported")
+    assert hardware.resolve("cpu", "float32").reason.endswith("dtype float32 (as requested)")
+    assert ("emulated" in hardware.resolve("cpu", "bfloat16").reason) != hardware.cpu_has_native_bf16()
 
 
 def test_lr_schedule():
