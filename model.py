@@ -1,7 +1,11 @@
 """The GPT: GPT-2's architecture, a KV cache, and generation.
 
 Module names follow GPT-2 (transformer.wte, wpe, h.N.ln_1, attn.c_attn, attn.c_proj, ln_2,
-mlp.c_fc, mlp.c_proj, ln_f, lm_head) so GPT-2 weights map by name. References:
+mlp.c_fc, mlp.c_proj, ln_f, lm_head) so GPT-2 weights map by name. The "build GPT from
+scratch" lecture's pieces are here under nanoGPT's names: its Head and MultiHeadAttention are
+CausalSelfAttention (all heads from one c_attn matrix), FeedForward is MLP, sa/ffwd are attn/mlp
+of a Block, and the tril mask is scaled_dot_product_attention's is_causal=True (in
+cpu_kernels.causal_attention, which also runs the CPU's faster C kernels). References:
 1) OpenAI's GPT-2 TensorFlow code: https://github.com/openai/gpt-2/blob/master/src/model.py
 2) nanoGPT's model.py, which this file follows closely.
 """
@@ -97,7 +101,8 @@ class GPTConfig(ModelOptions):
             p.append(f"vocab_size must be at least 1, got {self.vocab_size}")
         if self.bigram and self.vocab_size > BIGRAM_MAX_VOCAB:
             p.append(f"--bigram needs a vocabulary of at most {BIGRAM_MAX_VOCAB} tokens (its table has "
-                     f"vocab_size^2 rows), got {self.vocab_size}; use it with char-level data")
+                     f"vocab_size^2 rows), got {self.vocab_size}; use it with char-level data, or pass --bigram=False "
+                     f"(a CPU recipe turns it on)")
         return p
 
 
@@ -381,8 +386,9 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameters; position embeddings are left out by default, as in nanoGPT (the token
-        embeddings count, since they are tied to the output head)."""
+        """Parameters; position embeddings are left out by default, as in nanoGPT, and so are
+        the other lookup-only tables: the token embeddings count only when they are tied to the
+        output head (tie_head, GPT-2's way; the CPU recipes untie them)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:  # also leave out the lookup-only tables of the options
             n -= self.transformer.wpe.weight.numel() if "wpe" in self.transformer else 0

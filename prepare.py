@@ -125,6 +125,18 @@ def list_files(inputs: list[str]) -> list[Path]:
     return files
 
 
+BINARY_STARTS = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"PK\x03\x04", b"%PDF", b"\x1f\x8b", b"BZh", b"\xfd7zXZ",
+                 b"7z\xbc\xaf", b"\x7fELF", b"MZ", b"\xcf\xfa\xed\xfe", b"RIFF", b"OggS", b"ID3", b"\x00\x00\x01")
+
+
+def looks_binary(path: Path) -> bool:
+    """A file that failed as UTF-8 and starts as images, archives and programs do, or holds a NUL
+    early on (text with a stray NUL decodes, so it never gets here)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    return head.startswith(BINARY_STARTS) or b"\x00" in head
+
+
 def read_text(path: Path, read_size: int, progress=None, sha=None):
     """The text of a UTF-8 file piece by piece, read as every tool reads text
     (documents.as_text: line ends as "\n", no leading byte-order mark), so a CRLF file
@@ -146,9 +158,13 @@ def read_utf8(path: Path, read_size: int, progress=None, sha=None):
                 try:
                     text = decoder.decode(data, final=not data)
                 except UnicodeDecodeError as e:
+                    if looks_binary(path):
+                        raise UserError(f"{path} is not a text file (an image, an archive, a program?); leave it "
+                                        f"out of --input (move it out of the folder)") from None
                     line = lines + data[:max(0, e.start - pending)].count(b"\n") + 1
                     raise UserError(f"{path} is not UTF-8 text: invalid byte at offset {offset - pending + e.start} "
-                                    f"(line {line}); convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+                                    f"(line {line}); convert it, e.g. `iconv -f latin1 -t utf-8` for a Latin-1 "
+                                    f"file, or mend that byte") from None
                 offset += len(data)
                 lines += data.count(b"\n")
                 if sha is not None:
@@ -277,6 +293,13 @@ def bounded(texts, max_chars: int):
             return
         yield text[:left]
         left -= len(text)
+
+
+def say_bpe_training(vocab_size: int, chars: int) -> None:
+    """The one line before the silent part: tokenizers' trainer shows no progress, and a Ctrl-C
+    is answered only when it returns."""
+    print(f"training a BPE vocabulary of {vocab_size:,} tokens on up to {chars:,} characters (tens of "
+          f"seconds for 10M; a Ctrl-C waits for it)...", flush=True)
 
 
 def train_bpe(texts, vocab_size: int, documents: str | None) -> Tokenizer:
@@ -694,7 +717,7 @@ def prepare_jsonl(args, files: list[Path], tokenizer: Tokenizer | None, bpe_size
     if bpe_size:
         texts = ("".join(t for t, _ in template.record_parts(r, k, tmpl))
                  for (r, k), v in zip(iter_records(files), is_val) if not v)
-        print(f"training a BPE vocabulary of {bpe_size:,} tokens on up to {args.bpe_sample_chars:,} characters...")
+        say_bpe_training(bpe_size, args.bpe_sample_chars)
         tokenizer = train_bpe(bounded(texts, args.bpe_sample_chars), bpe_size, JSONL)
     elif tokenizer is None:
         tokenizer = Tokenizer.char_from_text(chars, JSONL)
@@ -923,7 +946,7 @@ def prepare(argv=None):
                 texts = (piece for path in files for piece in chunk_text(read_text(path, args.chunk_size), args.chunk_size))
                 texts = bounded(texts, int(n_chars * (1 - args.val_fraction)))
             sample = min(args.bpe_sample_chars, n_chars)
-            print(f"training a BPE vocabulary of {bpe_size:,} tokens on up to {sample:,} characters...")
+            say_bpe_training(bpe_size, sample)
             tokenizer = train_bpe(bounded(texts, args.bpe_sample_chars), bpe_size, documents)
         if tokenizer is None:
             tokenizer = Tokenizer.char_from_text(chars, documents)

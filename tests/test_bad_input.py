@@ -27,6 +27,9 @@ def world(tmp_path_factory, shakespeare_text):
     train.main([f"--data_dir={data}", f"--out_dir={root / 'out'}", *TINY, "--max_iters=2", "--eval_interval=2"])
     (root / "empty.txt").write_text("")
     (root / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    (root / "pictures").mkdir()
+    (root / "pictures" / "notes.txt").write_text("to be or not to be\n" * 50)
+    (root / "pictures" / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
     (root / "short.txt").write_text("to be or not to be\n")
     (root / "syntax.py").write_text("batch_size = = 3\n")
     (root / "typo.py").write_text("n_layers = 3\n")
@@ -138,7 +141,11 @@ CASES = {
     "prepare missing input": (P("--input", "{root}/nope.txt", "--name=x"), "nope.txt"),
     "prepare empty input": (P("--input", "{root}/empty.txt", "--name=x", "--tokenizer=char"), "empty"),
     "prepare not utf-8": (P("--input", "{root}/latin1.txt", "--name=x", "--tokenizer=char"),
-                          "invalid byte at offset 3 (line 1); convert it, e.g. `iconv -f latin1 -t utf-8`"),
+                          "invalid byte at offset 3 (line 1); convert it, e.g. `iconv -f latin1 -t utf-8` for a "
+                          "Latin-1 file, or mend that byte"),
+    "prepare a picture in the folder": (P("--input", "{root}/pictures", "--name=x", "--tokenizer=char"),
+                                        "photo.png is not a text file (an image, an archive, a program?); leave it "
+                                        "out of --input (move it out of the folder)"),
     "prepare split too small": (P("--input", "{root}/short.txt", "--name=x", "--tokenizer=char"), "block_size"),
     "prepare unknown tokenizer": (P("--input", "{root}/short.txt", "--name=x", "--tokenizer=gpt9"), "gpt9"),
     "prepare nothing to do": (P(), "--input"),

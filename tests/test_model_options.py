@@ -339,7 +339,8 @@ def test_model_options_are_checked_once_in_train_py_and_in_the_model():
     (dict(vocab_size=0), ["vocab_size must be at least 1, got 0"]), (dict(vocab_size=1), []),
     (dict(bigram=True, vocab_size=1024), []),
     (dict(bigram=True, vocab_size=1025), ["--bigram needs a vocabulary of at most 1024 tokens (its table has "
-                                          "vocab_size^2 rows), got 1025; use it with char-level data"]),
+                                          "vocab_size^2 rows), got 1025; use it with char-level data, or pass "
+                                          "--bigram=False (a CPU recipe turns it on)"]),
 ])
 def test_each_setting_a_model_cannot_have_is_named_with_its_value(settings, expected):
     assert GPTConfig(**settings).problems() == expected
