@@ -950,7 +950,9 @@ def prepare(argv=None):
             tokenizer = train_bpe(bounded(texts, args.bpe_sample_chars), bpe_size, documents)
         if tokenizer is None:
             tokenizer = Tokenizer.char_from_text(chars, documents)
-            shown = "".join(tokenizer.chars)
+            # as nanoGPT prints them (its newline too), other control characters escaped: a NUL
+            # or an escape sequence would reach the terminal itself
+            shown = "".join(c if c.isprintable() or c == "\n" else ascii(c)[1:-1] for c in tokenizer.chars)
             print("all the unique characters:", shown if len(shown) <= 500 else shown[:500] + "...")
         print(f"vocab size: {tokenizer.vocab_size:,} ({tokenizer.name})")
 

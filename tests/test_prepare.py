@@ -421,3 +421,15 @@ def test_a_trained_vocabulary_learns_nothing_from_the_val_split(tmp_path, shakes
     pieces = {"qxzqqxzq"[i:j] for i in range(8) for j in range(i + 2, 9)}
     learned = [tok.encoding.decode_single_token_bytes(i).decode("utf-8", "replace") for i in range(256, tok.eot_id)]
     assert not pieces & set(learned), sorted(pieces & set(learned))
+
+
+def test_control_characters_of_the_vocabulary_are_shown_escaped(tmp_path, capsys):
+    """The char vocabulary's line prints as nanoGPT's (its newline raw), but a NUL or an escape
+    character of the text reaches the terminal as \\x00, \\x1b (they went out raw)."""
+    src = tmp_path / "input.txt"
+    src.write_text("to be\x00or not\x1b[31m to be, é\n" * 200, encoding="utf-8")
+    run_prepare(tmp_path / "data", "--input", str(src), "--name", "c", "--tokenizer", "char", "--block_size", "8")
+    out = capsys.readouterr().out
+    line = out[out.index("all the unique characters:"):out.index("vocab size")]
+    assert "\x00" not in line and "\x1b" not in line
+    assert line == "all the unique characters: \\x00\n\\x1b ,13[bemnorté\n"
