@@ -9,6 +9,8 @@ A checkpoint is one dict of plain data (tensors, numbers, strings, lists, dicts)
     optimizer, scaler      optimizer and GradScaler state
     iter_num, best_val_loss
     train_seconds          training time spent so far (train.py --time_budget counts it)
+    holds_best, best_iter  saved at an improving evaluation; where the best val loss was measured
+    eval_owed              a stop dropped the evaluation due at iter_num: the resumed run makes it
     config                 the full resolved training config
     tokenizer              Tokenizer.describe(), so sample.py needs nothing from data/
     rng                    torch (and cuda) RNG states, and per rank the data sampler's

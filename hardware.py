@@ -166,8 +166,9 @@ def resolve(device: str = "auto", dtype: str = "auto") -> Precision:
         why.append(f"dtype {dtype} ({because})")
     elif dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
-    elif kind == "cpu" and (dtype == "float16" and not _cpu_supports("_is_amx_fp16_supported")
-                            or dtype == "bfloat16" and not cpu_has_native_bf16()):
+    elif kind == "cpu" and platform.machine().lower() in ("x86_64", "amd64") and (  # (what torch can tell)
+            dtype == "float16" and not _cpu_supports("_is_amx_fp16_supported")
+            or dtype == "bfloat16" and not cpu_has_native_bf16()):
         why.append(f"dtype {dtype} (as requested; this CPU has no {dtype} units: emulated, slower than "
                    f"--dtype=auto)")
     else:

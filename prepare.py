@@ -340,12 +340,12 @@ def train_bpe(texts, vocab_size: int, documents: str | None) -> Tokenizer:
 _worker_tokenizer = None  # each encoder process builds its own tokenizer once
 
 
-def _start_worker(description: dict) -> None:
+def _start_worker(description: dict, parent: int) -> None:
     # Ctrl-C in a terminal reaches every process of its group: the parent alone handles it
     # (it stops the pool and removes its temporary folder); a worker would print a traceback
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler, which a fork copies
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     global _worker_tokenizer
     _worker_tokenizer = Tokenizer.from_description(description)
 
@@ -359,42 +359,47 @@ def _exit_with_parent(parent: int) -> None:
             os._exit(1)
 
 
+STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])
+
+
 @contextlib.contextmanager
-def ctrl_c_held():
-    """Ctrl-C is held (the list yielded collects it) for the duration, where one would leave
-    things half done; the caller raises KeyboardInterrupt after."""
+def stops_held():
+    """Ctrl-C and SIGTERM are held for the duration, where one would leave things half done
+    (the list yielded collects them), then delivered to the handlers that were there before."""
     held = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in STOP_SIGNALS}
     try:
         yield held
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(held):
+            signal.raise_signal(sig)
 
 
 class EncoderPool(ProcessPoolExecutor):
     """num_workers encoder processes, each with its own copy of tokenizer, started at once.
-    A Ctrl-C while they are being forked is held until they are, then raised here: in the
-    parent it could otherwise be lost in a fork hook ("Exception ignored in ..."), and a
-    child that has not yet reached _start_worker would print it as a traceback. (Held by a
-    Python handler, which forked children inherit; spawned ones, macOS's and Windows',
+    A Ctrl-C (or SIGTERM) while they are being forked is held until they are, then raised
+    here: in the parent it could otherwise be lost in a fork hook ("Exception ignored in ..."),
+    and a child that has not yet reached _start_worker would print it as a traceback. (Held by
+    a Python handler, which forked children inherit; spawned ones, macOS's and Windows',
     ignore Ctrl-C from _start_worker on.) Leaving the `with` block on an error or Ctrl-C
     drops the chunks still queued instead of encoding them first."""
 
     def __init__(self, tokenizer: Tokenizer, num_workers: int):
-        super().__init__(num_workers, initializer=_start_worker, initargs=(tokenizer.describe(),))
-        with ctrl_c_held() as held:
-            self.submit(int)  # starts the workers (all of them, under the fork start method)
-        if held:
+        super().__init__(num_workers, initializer=_start_worker, initargs=(tokenizer.describe(), os.getpid()))
+        try:
+            with stops_held():
+                self.submit(int)  # starts the workers (all of them, under the fork start method)
+        except BaseException:
             self.shutdown(cancel_futures=True)
-            raise KeyboardInterrupt
+            raise
 
     def __exit__(self, exc_type, exc, tb):
-        # a second Ctrl-C inside shutdown left the pool half shut down and the process hanging
-        # at exit: it is held until the workers have finished their chunk in hand and gone
-        with ctrl_c_held() as held:
+        # a second Ctrl-C (or a SIGTERM) inside shutdown left the pool half shut down and the
+        # process hanging at exit: it is held until the workers have finished their chunk in hand
+        with stops_held():
             self.shutdown(wait=True, cancel_futures=exc_type is not None)
-        if held and exc_type is None:
-            raise KeyboardInterrupt
         return False
 
 

@@ -243,9 +243,9 @@ class StopRequest:
         if first and self.master:  # os.write: a print here could land inside one the loop is making
             name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             again = "; Ctrl-C again stops at once, unsaved" if self.repeat_stops_at_once else ""
-            with contextlib.suppress(OSError, ValueError):
-                os.write(sys.stderr.fileno(), f"\n{name}: saving at the end of this step, then stopping"
-                                              f"{again}\n".encode())
+            with contextlib.suppress(OSError, ValueError, AttributeError):  # (no usable stderr: nothing said)
+                os.write(sys.stderr.fileno(), f"\n{name}: stopping at the end of this step, with a checkpoint "
+                                              f"to resume from{again}\n".encode())
 
     def requested(self, ddp: bool, device: str) -> bool:
         """Under DDP all ranks must stop at the same step, so they agree first: the answer is the
@@ -698,12 +698,13 @@ def estimate_loss(model, data: Dataset, cfg: TrainConfig, precision: hardware.Pr
 
 def save_checkpoint(path: Path, raw_model: GPT, optimizer, scaler, iter_num: int, best_val_loss: float,
                     run: dict, data_gen: torch.Generator, procs: Processes, train_seconds: float,
-                    holds_best: bool = False, best_iter: int | None = None):
+                    holds_best: bool = False, best_iter: int | None = None, eval_owed: bool = False):
     """Called on every rank (DDP gathers each rank's data-sampler state); rank 0 writes. run holds
     what stays the same all run long: model_args, config, tokenizer and precision; train_seconds
     is the training time spent so far (TimeBudget); holds_best: saved at an evaluation that
     improved the val loss (not at a stop), so --patience may keep it as the best model; best_iter:
-    where the best val loss was measured (--patience's count goes on from there on resume)."""
+    where the best val loss was measured (--patience's count goes on from there on resume);
+    eval_owed: a stop dropped the evaluation due at iter_num, so the resumed run makes it."""
     if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
         raise UserError(f"the model holds NaN or inf at iteration {iter_num}; not saving it over "
                         f"{path}. Lower --learning_rate or use --dtype=float32")
@@ -724,6 +725,7 @@ def save_checkpoint(path: Path, raw_model: GPT, optimizer, scaler, iter_num: int
         "holds_best": holds_best,
         "best_iter": iter_num if best_iter is None else best_iter,
         "train_seconds": train_seconds,
+        "eval_owed": eval_owed,
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if on_cuda else [],
                 "data": [data for data, _ in states],
@@ -861,6 +863,7 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
                                                ckpt_path)
         resumed_best = ckpt.get("holds_best", math.isfinite(best_val_loss))  # (older checkpoints: evaluated)
         resumed_best_iter = ckpt.get("best_iter", iter_num)
+    eval_owed = ckpt is not None and ckpt.get("eval_owed", False)  # a stop dropped the evaluation at iter_num
     budget = TimeBudget(cfg, ckpt.get("train_seconds", 0.0) if ckpt else 0.0, precision, procs.ddp)
     if ckpt is not None and master and not cfg.eval_only:
         left = (f"; {budget.spent:.1f} s of --time_budget={cfg.time_budget:g} spent, "
@@ -882,7 +885,8 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
     patience = Patience(cfg.patience, resumed_best_iter)
     stop = StopRequest(procs.ddp, master and not cfg.eval_only)  # (--eval_only saves nothing)
     first_iter = iter_num  # where this run starts: 0, or the checkpoint's iteration
-    skip_eval_at = iter_num if cfg.init_from == "resume" and not cfg.eval_only else None  # that eval is in the checkpoint
+    # the evaluation at the checkpoint's iteration was made before it was saved (unless a stop dropped it)
+    skip_eval_at = iter_num if cfg.init_from == "resume" and not cfg.eval_only and not eval_owed else None
     stopped_by = None  # the signal that stopped the run early
     saved, last_val = False, None  # whether this run wrote ckpt.pt; its last val loss
     # whether ckpt.pt holds the best model evaluated (saved at an improvement, not at a stop)
@@ -932,7 +936,7 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
                 keep_best = cfg.patience and holds_best
                 if not keep_best:
                     save_checkpoint(ckpt_path, raw_model, optimizer, scaler, iter_num, best_val_loss, run_info,
-                                    data_gen, procs, budget.spent, best_iter=patience.best_iter)
+                                    data_gen, procs, budget.spent, best_iter=patience.best_iter, eval_owed=dropped)
                     saved = True
                 if master:
                     report_stop(stop.signum, iter_num, ckpt_path, progress, curve,

@@ -1,5 +1,6 @@
 """Nothing lost: kills, signals, NaNs, bad checkpoints and full disks never cost a user their run."""
 import errno
+import json
 import os
 import pickle
 import random
@@ -180,9 +181,16 @@ def test_a_stop_during_a_long_evaluation_is_said_at_once_and_drops_it(tiny_data,
             proc.kill()
             proc.communicate(timeout=30)
     assert proc.returncode == 130, err
-    assert "Ctrl-C: saving at the end of this step, then stopping; Ctrl-C again stops at once, unsaved" in err
+    assert ("Ctrl-C: stopping at the end of this step, with a checkpoint to resume from; Ctrl-C again stops at "
+            "once, unsaved") in err
     assert f"SIGINT received: saved iteration 20 to {out / 'ckpt.pt'}" in err and "Traceback" not in err, err
-    assert checkpoint.load(out / "ckpt.pt")["iter_num"] == 20
+    saved = checkpoint.load(out / "ckpt.pt")
+    assert saved["iter_num"] == 20 and saved["eval_owed"]
+    # the resumed run makes the evaluation the stop dropped (it took the checkpoint's word that it was made)
+    run_train(tiny_data, out, "--init_from=resume", "--eval_iters=2")
+    evals = [r["iter"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val/loss" in r]
+    assert evals == [20, 40]
+    assert checkpoint.load(out / "ckpt.pt")["iter_num"] == 40
 
 
 def test_a_reader_that_leaves_stdout_does_not_end_the_training(tiny_data, tmp_path):

@@ -313,33 +313,37 @@ def test_workers_of_a_killed_prepare_neither_hold_its_lock_nor_outlive_it(tmp_pa
     prepare.py was refused, naming a PID that no longer existed."""
     note = tmp_path / ".data.lock"
     proc = subprocess.Popen([sys.executable, "-c", FORKS, str(ROOT), str(note)], stdout=subprocess.PIPE, text=True)
+    workers = []
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 120)
         assert ready, "the pool did not start"
         workers = [psutil.Process(int(pid)) for pid in proc.stdout.readline().split()]
         assert len(workers) == 2
-    finally:
         proc.kill()
-        proc.communicate(timeout=30)
-    try:
+        proc.wait(timeout=30)  # (not communicate: the workers hold the other end of its stdout)
         lock = runlock.FolderLock(note, "the folder", "choose another").acquire()  # the workers still live
         lock.release()
         gone, alive = psutil.wait_procs(workers, timeout=30)
         assert not alive, "a worker outlived its killed parent"
     finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        proc.stdout.close()
         for w in workers:
             with contextlib.suppress(psutil.NoSuchProcess):
                 w.kill()
 
 
 @pytest.mark.skipif(os.name == "nt", reason="a process group's signals: POSIX")
-@pytest.mark.parametrize("signals,code,last_line", [((signal.SIGINT, signal.SIGINT), 130, "interrupted"),
-                                                    ((signal.SIGTERM,), 143, "terminated")])
-def test_prepare_leaves_at_a_second_ctrl_c_while_its_workers_stop(tmp_path, shakespeare_text, signals, code,
-                                                                   last_line):
+@pytest.mark.parametrize("signals,to_group,code,last_line", [
+    ((signal.SIGINT, signal.SIGINT), True, 130, "interrupted"), ((signal.SIGTERM,), True, 143, "terminated"),
+    ((signal.SIGINT, signal.SIGTERM), False, 143, "terminated")])
+def test_prepare_leaves_at_a_second_ctrl_c_while_its_workers_stop(tmp_path, shakespeare_text, signals, to_group,
+                                                                   code, last_line):
     """Ctrl-C twice (an impatient user) while prepare.py encodes: the second landed inside the
-    pool's shutdown and the process hung at exit, forever. Now: `interrupted`, exit 130, nothing
-    written, no worker left. SIGTERM says `terminated` (it ended with 143 and no word)."""
+    pool's shutdown and the process hung at exit, forever; so did a `kill` after a Ctrl-C. Now:
+    `interrupted` (130) or `terminated` (143, it used to end with no word), nothing written, no
+    worker left."""
     big = tmp_path / "big.txt"
     big.write_text(shakespeare_text * 40, encoding="utf-8")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -353,8 +357,8 @@ def test_prepare_leaves_at_a_second_ctrl_c_while_its_workers_stop(tmp_path, shak
         time.sleep(0.5)
         workers = psutil.Process(proc.pid).children()
         assert proc.poll() is None and workers, "the encoding ended before the test could stop it"
-        for sig in signals:  # as a terminal sends Ctrl-C: to every process of the group
-            os.killpg(proc.pid, sig)
+        for sig in signals:  # as a terminal sends Ctrl-C (to every process of the group), or `kill PID`
+            os.killpg(proc.pid, sig) if to_group else proc.send_signal(sig)
             time.sleep(0.1)
         out, _ = proc.communicate(timeout=60)
     finally:
