@@ -868,6 +868,10 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
     if ckpt is not None and master and not cfg.eval_only:
         left = (f"; {budget.spent:.1f} s of --time_budget={cfg.time_budget:g} spent, "
                 f"{max(0.0, cfg.time_budget - budget.spent):.1f} s left") if cfg.time_budget else ""
+        was = (ckpt.get("config") or {}).get("time_budget") or 0
+        if was and not cfg.time_budget:  # a budget run resumed without one: now by iterations
+            left = (f"; it was a --time_budget={was:g} run ({budget.spent:.1f} s spent): --time_budget=0 trains "
+                    f"on by iterations, to --max_iters={cfg.max_iters:,}")
         best = f", best val loss {best_val_loss:.4f}" if math.isfinite(best_val_loss) else ""
         print(f"resuming {ckpt_path} from iteration {iter_num:,}{best}{left}")
     if ckpt is not None and master and not cfg.eval_only and iter_num < cfg.max_iters and not budget.used_up:
@@ -925,9 +929,15 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
                 if master and not cfg.eval_only:  # the curve after the checkpoint: a crash while drawing loses nothing
                     curve.draw(now=last)
                 t0, steps_timed = time.perf_counter(), 0  # keep eval out of the throughput figures
-            if last and budget.used_up and master and not dropped:
+            if last and budget.used_up and master and not dropped and not cfg.eval_only:
                 progress.write(f"time budget spent: {iter_num:,} iterations in {budget.spent:.1f} s of training "
                                f"(--time_budget={cfg.time_budget:g})")
+            elif last and cfg.time_budget and iter_num >= cfg.max_iters and master and not dropped and not cfg.eval_only:
+                # the schedule follows the budget: a run that max_iters ends early never finished it
+                progress.write(f"note: --max_iters={cfg.max_iters} ended this run after {budget.spent:.1f} s of its "
+                               f"--time_budget={cfg.time_budget:g} ({budget.spent / cfg.time_budget:.0%}); the "
+                               f"learning rate follows the budget, so it stood at {lr:.2e}, its warmup and decay "
+                               f"unfinished: give the time the run takes, or a higher --max_iters")
             if (last or cfg.eval_only) and not dropped:
                 break
             if stop.requested(procs.ddp, device):  # Ctrl-C or SIGTERM: save, say how to resume, leave

@@ -62,6 +62,9 @@ def test_resumed_budget_run_spends_only_what_is_left(tiny_data, tmp_path, capsys
     run_train(tiny_data, out, "--time_budget=1000", "--max_iters=6", "--eval_interval=3", "--lr_decay_iters=100")
     spent = checkpoint.load(out / "ckpt.pt")["train_seconds"]
     assert spent > 0
+    # the schedule follows the budget, so max_iters left it unfinished: said (it ended at a 1% warmup, silently)
+    assert (f"note: --max_iters=6 ended this run after {spent:.1f} s of its --time_budget=1000 (0%); the learning "
+            f"rate follows the budget, so it stood at ") in capsys.readouterr().out
     run_train(tiny_data, out, "--init_from=resume", "--max_iters=9")
     resumed = [r for r in read_metrics(out) if "step_ms" in r and r["iter"] >= 6]
     assert resumed[0]["iter"] == 6 and resumed[0]["progress"] == pytest.approx(spent / 1000)
@@ -72,6 +75,13 @@ def test_resumed_budget_run_spends_only_what_is_left(tiny_data, tmp_path, capsys
     run_train(tiny_data, out, "--init_from=resume", "--max_iters=100", f"--time_budget={spent}")
     assert "time budget spent: 9 iterations in " in capsys.readouterr().out
     assert checkpoint.load(out / "ckpt.pt")["iter_num"] == 9
+    # --eval_only reads the run: no budget line (it paired the time spent with the flag's budget)
+    run_train(tiny_data, out, "--init_from=resume", "--eval_only", "--time_budget=1")
+    assert "time budget" not in capsys.readouterr().out
+    # --time_budget=0 on a budget run's resume: the run goes on by iterations, and says so
+    run_train(tiny_data, out, "--init_from=resume", "--max_iters=11", "--time_budget=0")
+    assert "; it was a --time_budget=1000 run (" in capsys.readouterr().out
+    assert checkpoint.load(out / "ckpt.pt")["iter_num"] == 11
 
 
 def test_a_stopped_budget_run_saves_the_time_it_spent(tiny_data, tmp_path, capsys):
