@@ -280,3 +280,52 @@ def test_loss_curve_drawn_from_metrics_when_the_run_has_no_png(runs, tmp_path):
     (folder / "metrics.jsonl").write_text("damaged\n{}\n")
     assert app.loss_curve(loaded, tmp_path / "x") is None  # no picture, but the model still serves
     assert "best val loss" in app.model_card("copied", loaded)
+
+
+# ---------------------------------------------------------------------------- the pure functions, without a server
+
+def test_read_settings_takes_the_limit_itself_and_refuses_one_more():
+    assert app.read_settings(7, 0.8, 200, 1.0, 1, limit=7).max_new_tokens == 7
+    with pytest.raises(UserError, match="max_new_tokens is 8, above this server's limit of 7"):
+        app.read_settings(8, 0.8, 200, 1.0, 1, limit=7)
+    with pytest.raises(UserError, match="temperature is empty"):
+        app.read_settings(7, "", 200, 1.0, 1, limit=7)
+
+
+def test_prompt_ids_of_takes_the_longest_prompt_and_an_empty_one_where_a_document_can_start():
+    from tokenizer import Tokenizer
+    plain = Tokenizer.char_from_text("ab")
+    assert len(app.prompt_ids_of(plain, "a" * app.MAX_PROMPT_CHARS)) == app.MAX_PROMPT_CHARS
+    with pytest.raises(UserError, match="the limit is 100,000"):
+        app.prompt_ids_of(plain, "a" * (app.MAX_PROMPT_CHARS + 1))
+    with pytest.raises(UserError, match="the prompt is empty"):
+        app.prompt_ids_of(plain, "")
+    documents = Tokenizer.char_from_text("ab", documents="line")
+    assert app.prompt_ids_of(documents, "") == [documents.eot_id]  # a new document
+    assert app.prompt_ids_of(documents, "ba") == [documents.eot_id, 1, 0]
+
+
+def test_model_card_shows_the_checkpoints_shape_and_no_infinite_loss(tmp_path):
+    from model import GPT, GPTConfig
+    from tokenizer import Tokenizer
+    args = dict(n_layer=1, n_head=2, n_embd=16, block_size=24, vocab_size=3)
+    model = GPT(GPTConfig(**args))
+
+    def card(best, iters):
+        info = {"model_args": args, "config": {"dataset": "tiny"}, "iter_num": iters, "best_val_loss": best}
+        return app.model_card("m", app.Loaded(model, Tokenizer.char_from_text("abc"), tmp_path, info, model))
+
+    text = card(1.23456, 1500)
+    assert "1 layers, 2 heads, 16 wide, context 24 tokens" in text
+    assert "**trained**: 1,500 iterations; **best val loss**: 1.2346" in text and "3 characters" in text
+    assert "**best val loss**: not evaluated" in card(float("inf"), 0)  # a run that never evaluated
+    assert "**trained**: unknown iterations" in card(None, None)
+
+
+def test_find_model_folders_sorted_and_leaves_out_hidden_folders_datasets_and_environments(tmp_path):
+    import torch
+    for name in ("b", "a", "a/inner", ".hidden", "data/x", "venv", "__pycache__"):
+        (tmp_path / name).mkdir(parents=True, exist_ok=True)
+        torch.save({}, tmp_path / name / "ckpt.pt")
+    (tmp_path / "venv" / "pyvenv.cfg").write_text("home = /usr\n")
+    assert app.find_model_folders(tmp_path) == [tmp_path / "a", tmp_path / "a" / "inner", tmp_path / "b"]

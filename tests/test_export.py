@@ -4,6 +4,7 @@ import gives the same text. Offline: tiny models built in the test, nothing down
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 
@@ -490,6 +491,11 @@ def test_gguf_of_an_instruction_model_carries_its_chat_template(tmp_path):
     # (GGUF keys are stored as plain strings: a search of the bytes is the reader's answer in a
     # fraction of its seconds of parsing 50,257 tokens)
     assert b"tokenizer.chat_template" not in (tmp_path / "model.gguf").read_bytes()
+    # llama.cpp reads the context from the file: a wrong one is no error there, only a model run
+    # past what it was trained on. GGUF's uint32 type, then the value, after the key
+    data = (tmp_path / "model.gguf").read_bytes()
+    at = data.index(b"gpt2.context_length") + len(b"gpt2.context_length")
+    assert struct.unpack_from("<II", data, at) == (4, 16)
 
 
 def test_char_documents_model_exports_its_boundary_and_block_size(tmp_path, capsys):
@@ -511,7 +517,21 @@ def test_char_documents_model_exports_its_boundary_and_block_size(tmp_path, caps
     assert config["model_type"] == "gpt2" and config["n_positions"] == 24
     assert config["eos_token_id"] == config["bos_token_id"] == tok.eot_id
     assert json.loads((hf_dir / "tokenizer_config.json").read_text())["model_max_length"] == 24
+    assert "context 24 tokens" in (hf_dir / "README.md").read_text()  # the card's shape line
     fast = transformers.AutoTokenizer.from_pretrained(hf_dir)
     assert fast.eos_token_id == tok.eot_id and fast.model_max_length == 24
     assert fast("<|endoftext|>jab")["input_ids"] == [tok.eot_id, *tok.encode("jab")]
     assert transformers.AutoConfig.from_pretrained(hf_dir).eos_token_id == tok.eot_id
+
+
+@pytest.mark.parametrize("documents", [None, "line"])
+@pytest.mark.parametrize("block_size", [2, 3, 5, 8, 64])
+def test_the_cards_prompt_and_new_tokens_fit_the_context(block_size, documents):
+    """Neither transformers' generate() nor the ONNX loop crops the context: the card's prompt
+    (with a documents model's boundary token) and its new tokens, less the last one, which is
+    never fed back, must fit in block_size."""
+    tok = Tokenizer.char_from_text("ROMEO: abcdefg\n", documents=documents)
+    prompt, new_tokens = export.card_prompt(tok, block_size)
+    used = len(tok.encode(prompt)) + (1 if documents else 0)
+    assert new_tokens >= 1 and used + new_tokens - 1 < block_size, (prompt, new_tokens)
+    assert new_tokens == min(export.NEW_TOKENS, block_size - used)  # as many as fit

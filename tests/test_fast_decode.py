@@ -603,3 +603,84 @@ def test_a_later_process_loads_the_package_without_compiling(compiled):
     after = compiled["path"].stat()
     assert (after.st_ino, after.st_size) == (before.st_ino, before.st_size)  # the same file, not rebuilt
     assert after.st_mtime_ns >= before.st_mtime_ns  # and marked used, so that pruning keeps it
+
+
+def test_int8_weights_are_within_half_a_step_of_each_row_and_use_the_whole_range():
+    """One scale per output row (the bf16 one the kernel reads): int8 * scale is within half a
+    step of every weight, and each row's largest |w| maps to +-127, the full int8 range."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    with torch.no_grad():
+        linear.weight.mul_(torch.logspace(-2, 1, 48)[:, None])  # rows of very different sizes
+    int8 = fast_decode.Int8Linear(linear)
+    w, scales = linear.weight.detach(), int8.scales.float()
+    assert int8.scales.shape == (48,) and int8.scales.dtype == torch.bfloat16
+    assert (int8.weight.abs().amax(dim=1) >= 126).all()
+    assert (w.abs() / scales[:, None] <= 127).all()  # the scale is rounded up: nothing is clipped
+    error = (w - int8.weight.float() * scales[:, None]).abs()
+    assert (error <= scales[:, None] * (0.5 + 1e-4)).all(), (error / scales[:, None]).max()
+
+
+@pytest.mark.parametrize("int8_costs, chosen", [
+    ([0.5] * 7, "int8"),  # twice as fast in every run
+    ([0.95] * 7, "float32"),  # not 10% faster
+    ([0.5] + [1.0] * 6, "float32"),  # faster in its best run only, not in the typical one
+    ([1.0] * 6 + [0.5], "float32"),
+    ([3.0] * 7, "float32"),  # slower
+])
+def test_choose_weights_takes_int8_only_when_it_is_10_percent_faster_in_median_and_best(monkeypatch, int8_costs,
+                                                                                        chosen):
+    """With a clock the products advance (float32: 1 s a run of all the blocks, int8: as given)."""
+    import types
+    model = small_model()
+    runs_of = len(model.transformer.h) * 4  # products per timed run
+    clock, calls = [0.0], {"int8": 0}
+
+    def int8_forward(self, x, dtype=torch.float32):
+        run = calls["int8"] // runs_of - 1  # the first run is the warm-up
+        calls["int8"] += 1
+        clock[0] += (int8_costs[run] if run >= 0 else 1.0) / runs_of
+        return x
+
+    def float_forward(self, x):
+        clock[0] += 1.0 / runs_of
+        return x
+
+    monkeypatch.setattr(fast_decode, "int8_available", lambda: True)
+    monkeypatch.setattr(fast_decode.Int8Linear, "forward", int8_forward)
+    monkeypatch.setattr(torch.nn.Linear, "forward", float_forward)
+    monkeypatch.setattr(fast_decode, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    weights, why = fast_decode.choose_weights(model, batch_size=1, repeats=7)
+    assert weights == chosen, why
+
+
+def test_a_generation_compiles_its_step_when_its_token_layers_pay(monkeypatch):
+    """compile=None builds the step once max_new_tokens x n_layer reaches COMPILE_PAYS."""
+    model = small_model()  # 2 layers
+    builds = []
+    monkeypatch.setattr(FastDecoder, "compile_step", lambda self, batch_size, build, log, retry: builds.append(build) or "")
+    for new_tokens in (fast_decode.COMPILE_PAYS // 2 - 1, fast_decode.COMPILE_PAYS // 2):
+        decoder_for(model, 1, "float32", None, new_tokens=new_tokens)
+    assert builds == [False, True]
+
+
+def test_a_model_not_in_float32_is_not_supported_and_decodes_on_the_plain_path():
+    model = small_model().to(torch.bfloat16)
+    assert supported(model) == "the model's weights are not float32"
+    decoder, how = decoder_for(model, 1, "float32", False)
+    assert decoder is model and "not float32" in how
+
+
+def test_with_both_formats_compiled_the_kept_timing_decides(tmp_path, monkeypatch):
+    """Two kept compiled steps do not decide between themselves: the timed choice does, as it
+    would without them, so a seed gives one text."""
+    if not fast_decode.int8_available():
+        pytest.skip("no int8 kernel in this torch build")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model = small_model()
+    for weights in ("float32", "int8"):
+        path = fast_decode.step_path(fast_decode.step_key(model, weights, 1))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"a package")
+    monkeypatch.setattr(fast_decode, "choose_weights", lambda model, batch_size: ("float32", "timed"))
+    assert fast_decode.auto_weights(model, 1, None) == ("float32", "timed")

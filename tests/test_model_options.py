@@ -360,3 +360,205 @@ def test_the_fast_path_computes_each_option_or_leaves_it_to_the_model(name):
         decoder.next_logits(idx[:, :-1], cache)  # the prompt: the model's own forward fills the cache
         stepped = decoder.eager_step(idx[:, -1], cache)  # the last token: the fast path's own step
         assert torch.allclose(stepped, model(idx)[0][:, -1], atol=1e-5)
+
+
+# ---------------------------------------------------------------- each option computes what it names
+# (mutation testing found these behaviours unchecked: a wrong value here still trains, resumes
+# exactly and decodes the same with and without the cache, so only a direct check catches it)
+
+def test_rotary_angles_are_roformers():
+    """Channel pair (i, i + hs/2) of a token at position p turns by p / 10000^(2i/hs): cos and sin
+    of that angle, with the first half rotated one way and the second the other."""
+    hs, positions = 8, torch.tensor([0, 1, 5, 7])
+    model = perturbed_model(rotary=True)
+    cos, sin = model.rotary(positions)
+    angles = positions[:, None].double() / 10000 ** (torch.arange(0, hs, 2).double() / hs)
+    assert torch.allclose(cos.double(), angles.cos(), atol=1e-6) and torch.allclose(sin.double(), angles.sin(), atol=1e-6)
+    x = torch.randn(1, 1, 4, hs)
+    x1, x2 = x[..., :hs // 2], x[..., hs // 2:]
+    c, s = angles.cos().float(), angles.sin().float()
+    expected = torch.cat([x1 * c + x2 * s, x2 * c - x1 * s], dim=-1)
+    assert torch.allclose(apply_rotary(x, cos, sin), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_rmsnorm_is_x_over_its_rms_with_float32_eps(grad):
+    """norm=rmsnorm is x / sqrt(mean(x^2) + eps), eps float32's machine epsilon (F.rms_norm's
+    default), in inference and in training (where the C kernels compute it): on small
+    activations a larger eps would shrink the output."""
+    from model import make_norm
+    norm = make_norm(GPTConfig(norm="rmsnorm", n_embd=64))
+    torch.manual_seed(0)
+    x = (torch.randn(4, 32, 64) * 1e-3).requires_grad_(grad)  # 8192 values: the C kernels' size
+    with torch.set_grad_enabled(grad):
+        y = norm(x)
+    xd = x.detach().double()
+    expected = xd / (xd.pow(2).mean(-1, keepdim=True) + torch.finfo(torch.float32).eps).sqrt()
+    assert torch.allclose(y.detach().double(), expected, rtol=1e-5, atol=0)
+
+
+def test_value_embeds_are_added_to_the_values():
+    """With one token, attention's output is its value whatever the query: a value_embeds table
+    then still changes the logits (it would not if it reached the queries or keys)."""
+    model = perturbed_model(value_embeds=True)
+    x = torch.tensor([[3], [7]])
+    before = model(x)[0]
+    with torch.no_grad():
+        for table in model.value_embeds:
+            table.weight.add_(1.0)
+    assert not torch.allclose(before, model(x)[0])
+
+
+def test_training_forward_with_qk_norm_rotary_and_value_embeds_is_the_inference_one():
+    """The training forward (on a CPU, the one-pass qk_heads kernel where it applies) gives the
+    same logits as inference for qk_norm + rotary + value_embeds: the value tables are not lost."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=1, n_head=2, n_embd=64, qk_norm=True,
+                          rotary=True, value_embeds=True, norm="rmsnorm"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    model.eval()  # no dropout; grad enabled below as in training
+    x = torch.randint(0, 20, (2, 16))
+    trained = model(x, x)[0]
+    with torch.no_grad():
+        inferred = model(x, x)[0]
+    assert torch.allclose(trained.detach(), inferred, atol=1e-4)
+
+
+def test_tie_head_and_the_zero_inits():
+    """tie_head (default) shares one matrix between wte and lm_head; untied, the head starts at
+    zero; zero_init_proj starts every c_proj at zero, and without it they are random."""
+    tied = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=2, n_head=2, n_embd=16))
+    assert tied.lm_head.weight is tied.transformer.wte.weight
+    assert all(p.any() for n, p in tied.named_parameters() if n.endswith("c_proj.weight"))
+    untied = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=2, n_head=2, n_embd=16, tie_head=False))
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    assert not untied.lm_head.weight.any() and untied.transformer.wte.weight.any()
+    zero = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=2, n_head=2, n_embd=16, zero_init_proj=True))
+    projections = [p for n, p in zero.named_parameters() if n.endswith("c_proj.weight")]
+    assert len(projections) == 4 and not any(p.any() for p in projections)
+
+
+@pytest.mark.parametrize("options", [{}, dict(rotary=True)], ids=["wpe", "rotary"])
+def test_a_prompt_cached_in_two_chunks_gives_the_full_forwards_logits(options):
+    """Several new tokens after cached ones (a prompt fed in chunks) see the cached keys and
+    the new ones up to their own position only."""
+    model = perturbed_model(**options)
+    from model import KVCache
+    idx = torch.randint(0, 20, (2, 7))
+    with torch.no_grad():
+        full = model(idx, idx)[0]  # every position's logits
+        for split in (1, 3, 5):
+            cache = KVCache(model.config.n_layer, model.config.block_size)
+            model(idx[:, :split], kv_cache=cache)
+            for end in range(split + 1, 8):  # the last position of each longer prefix, as one chunk
+                c = KVCache(model.config.n_layer, model.config.block_size)
+                model(idx[:, :split], kv_cache=c)
+                logits = model(idx[:, split:end], kv_cache=c)[0][:, -1]
+                assert torch.allclose(logits, full[:, end - 1], atol=1e-5), (split, end)
+
+
+def test_crop_block_size_keeps_the_first_positions_and_the_same_outputs():
+    model = perturbed_model()
+    idx = torch.randint(0, 20, (2, 5))
+    wpe = model.transformer.wpe.weight.detach().clone()
+    with torch.no_grad():
+        before = model(idx, idx)[0]
+    model.crop_block_size(5)
+    assert model.config.block_size == 5 and torch.equal(model.transformer.wpe.weight, wpe[:5])
+    with torch.no_grad():
+        assert torch.equal(model(idx, idx)[0], before)
+    with pytest.raises(ValueError, match="exceeds block_size 5"):
+        model(torch.randint(0, 20, (1, 6)))
+    assert model.generate(idx, 3, temperature=0).shape == (2, 8)  # the window slides within 5
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_weight_decay_and_muon_take_the_parameters_they_should(name):
+    """Weight decay on every 2-D weight (matrices, embedding tables, the head) and on nothing
+    1-D (biases, LayerNorm weights, x0 lambdas); Muon takes exactly the 2-D weights inside the
+    blocks, AdamW everything else, each parameter once."""
+    model = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=2, n_head=2, n_embd=16, tie_head=False,
+                          bigram=True, value_embeds=True, x0_lambdas=True))
+    for embed_lr_scale in (1.0, 3.0):
+        opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu", name=name, head_lr_scale=2.0,
+                                        embed_lr_scale=embed_lr_scale)
+        adamw = opt.adamw if name == "muon" else opt
+        names = {id(p): n for n, p in model.named_parameters()}
+        decay = {names[id(p)]: g["weight_decay"] for g in adamw.param_groups for p in g["params"]}
+        assert sum(len(g["params"]) for g in adamw.param_groups) == len(decay)
+        for n, wd in decay.items():
+            assert wd == (0.1 if model.get_parameter(n).dim() >= 2 else 0.0), (n, wd)
+        hidden = {n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
+        if name == "muon":
+            muon = {names[id(p)] for g in opt.muon.param_groups for p in g["params"]}
+            assert muon == hidden and not muon & set(decay)
+            assert opt.muon.param_groups[0]["weight_decay"] == 0.1
+            assert set(decay) | muon == set(names.values())
+        else:
+            assert set(decay) == set(names.values())
+
+
+def test_newton_schulz_dtype_follows_the_hardware(monkeypatch):
+    import hardware
+    import optim
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda native=native: native)
+        assert optim.newton_schulz_dtype("cpu") == expected
+        assert optim.newton_schulz_dtype("cuda") == torch.bfloat16
+        assert optim.newton_schulz_dtype("mps") == torch.float32
+
+
+def test_muon_adamw_zero_grad_clears_both_optimizers():
+    model = perturbed_model()
+    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu", name="muon")
+    x = torch.randint(0, 20, (2, 8))
+    model.train()
+    model(x, x)[1].backward()
+    assert all(p.grad is not None for p in model.parameters())
+    opt.step()
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_relu2_is_relu_squared(grad):
+    """activation=relu2 is relu(x)^2, with the gradient 2 relu(x), by torch's ops and (on a CPU,
+    for larger tensors) by the C kernels."""
+    model = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=64, activation="relu2"))
+    torch.manual_seed(0)
+    for shape in ((2, 8, 64), (4, 16, 256)):  # torch's ops below 4096 values, the C kernels above
+        x = (torch.randn(*shape) * 3).requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            y = model.transformer.h[0].mlp.act(x)
+        check_relu_squared(x, y, grad)
+
+
+def check_relu_squared(x, y, grad):
+    expected = x.detach().clamp(min=0) ** 2
+    assert torch.allclose(y.detach(), expected, rtol=1e-6)
+    if grad:
+        y.sum().backward()
+        assert torch.allclose(x.grad, 2 * x.detach().clamp(min=0), rtol=1e-6)
+
+
+def test_our_muon_with_the_original_lr_adjustment_is_torchs():
+    """adjust_lr_fn=None / "original" (Keller Jordan's sqrt(max(1, rows / cols))) gives
+    torch.optim.Muon's update bit for bit in bf16, on tall and wide matrices."""
+    import optim
+    torch.manual_seed(0)
+    shapes = [(48, 16), (16, 64), (16, 16)]
+    for adjust in (None, "original"):
+        ours = [torch.nn.Parameter(torch.randn(*s) * 0.02) for s in shapes]
+        theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+        kw = dict(lr=0.01, weight_decay=0.1, adjust_lr_fn=adjust)
+        opts = [optim.Muon(ours, ns_dtype=torch.bfloat16, **kw), torch.optim.Muon(theirs, **kw)]
+        for _ in range(2):
+            grads = [torch.randn(*s) for s in shapes]
+            for params, opt in zip((ours, theirs), opts):
+                for p, g in zip(params, grads):
+                    p.grad = g.clone()
+                opt.step()
+        for p, q in zip(ours, theirs):
+            assert torch.equal(p, q), (adjust, p.shape)

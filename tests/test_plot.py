@@ -139,3 +139,55 @@ def test_frequent_evaluations_draw_at_most_a_twentieth_of_the_time(monkeypatch, 
     assert 0.5 * len(drawn) <= 0.05 * clock[0] + 0.5  # 5% of the run, and the first drawing
     curve.draw(now=True)
     assert len(drawn) == 4 and drawn[-1] == clock[0] - 0.5
+
+
+def write_metrics(folder, records):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+EVALS_AND_STEPS = [{"iter": 0, "train/loss": 4.0, "val/loss": 4.2, "lr": 1e-3},
+                   {"iter": 0, "train/loss": 4.3, "lr": 1e-3, "tokens_per_sec": 1.0, "step_ms": 1.0},
+                   {"iter": 1, "train/loss": 3.9, "lr": 1e-3, "tokens_per_sec": 1.0, "step_ms": 1.0},
+                   {"iter": 2, "train/loss": 3.0, "val/loss": 3.1, "lr": 8e-4},
+                   {"iter": 3, "train/loss": 2.9, "lr": 6e-4, "tokens_per_sec": 1.0, "step_ms": 1.0},
+                   {"iter": 4, "train/loss": 2.5, "val/loss": 3.1, "lr": 5e-4}]  # the best val tied at 2 and 4
+
+
+def lines_of(ax) -> dict:
+    return {line.get_label(): line for line in ax.get_lines()}
+
+
+def test_one_runs_figure_draws_each_curve_whole_and_apart_and_marks_the_first_best_val(tmp_path):
+    write_metrics(tmp_path / "run", EVALS_AND_STEPS)
+    run = plot.read_run(tmp_path / "run")
+    assert run.best_val() == (2, 3.1)  # the first of a tie
+    fig = plot.draw([run])
+    lines = lines_of(fig.axes[0])
+    points = {label: (list(line.get_xdata()), list(line.get_ydata())) for label, line in lines.items()}
+    assert points["train loss (one batch)"] == ([0, 1, 3], [4.3, 3.9, 2.9])
+    assert points["train loss (eval)"] == ([0, 2, 4], [4.0, 3.0, 2.5])
+    assert points["val loss"] == ([0, 2, 4], [4.2, 3.1, 3.1])
+    assert points["best val 3.1000 at iter 2"] == ([2], [3.1])
+    val_colour = lines["val loss"].get_color()
+    assert lines["best val 3.1000 at iter 2"].get_color() == val_colour
+    assert val_colour != lines["train loss (eval)"].get_color()  # train and val are told apart
+    lr, = fig.axes[1].get_lines()
+    assert (list(lr.get_xdata()), list(lr.get_ydata())) == ([0, 1, 2, 3, 4], [1e-3, 1e-3, 8e-4, 6e-4, 5e-4])
+
+
+def test_several_runs_get_a_colour_each_and_two_runs_of_one_name_are_told_apart(tmp_path, capsys):
+    write_metrics(tmp_path / "a" / "out", EVALS_AND_STEPS)
+    write_metrics(tmp_path / "b" / "out", EVALS_AND_STEPS[:3])
+    runs = [plot.read_run(tmp_path / "a" / "out", "a"), plot.read_run(tmp_path / "b" / "out", "b")]
+    lines = lines_of(plot.draw(runs).axes[0])
+    assert set(lines) == {"a: train loss (one batch)", "a: val loss", "a: best val 3.1000 at iter 2",
+                          "b: train loss (one batch)", "b: val loss", "b: best val 4.2000 at iter 0"}
+    assert lines["a: val loss"].get_color() != lines["b: val loss"].get_color()
+    assert list(lines["b: val loss"].get_xdata()) == [0]
+    out = tmp_path / "both.png"
+    plot.main([str(tmp_path / "a" / "out"), str(tmp_path / "b" / "out"), f"--output={out}"])
+    printed = capsys.readouterr().out
+    assert f"{tmp_path / 'a' / 'out'}: 4 iterations, best val 3.1000 at iter 2" in printed
+    assert f"{tmp_path / 'b' / 'out'}: 1 iterations, best val 4.2000 at iter 0" in printed
+    assert is_figure(out)

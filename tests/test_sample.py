@@ -376,3 +376,25 @@ def test_interactive_prompt_is_the_first_input(char_dir, tmp_path):
     (tmp_path / "p.txt").write_text("ab\r\n", encoding="utf-8", newline="")
     from_file = run_cli([*base, f"--prompt=FILE:{tmp_path / 'p.txt'}"], input="cd\n")
     assert from_file.stdout.startswith(">> ab\n\n")  # the file's text, its line end read as "\n"
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens():
+    """CTRL's penalty, as Hugging Face's: a seen token's positive logit is divided by it and its
+    negative logit multiplied, so a seen token always becomes less likely."""
+    logits = torch.tensor([[3.0, -1.0, 2.0, -3.0]])
+    assert sample_next(logits, 0, repetition_penalty=4.0, seen=torch.tensor([[0, 1]])).item() == 2  # 3 -> 0.75
+    logits = torch.tensor([[-1.0, -2.0]])
+    assert sample_next(logits, 0, repetition_penalty=4.0, seen=torch.tensor([[0]])).item() == 1  # -1 -> -4
+    assert sample_next(logits, 0, repetition_penalty=1.0, seen=torch.tensor([[0]])).item() == 0  # off
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_p():
+    """Probabilities 0.5, 0.25, 0.25 and top_p=0.5: the first token alone reaches p, so it is the
+    only one ever drawn; at 0.51 the second one joins it (never the third with the first two)."""
+    logits = torch.tensor([[2.0, 1.0, 1.0]]).log()
+    probs = logits.softmax(-1)[0]
+    assert probs[0].item() == 0.5 and probs[1].item() == 0.25  # exact in float32: the boundary is exact
+    drawn = {sample_next(logits, 1.0, top_p=0.5, generator=torch.Generator().manual_seed(s)).item() for s in range(40)}
+    assert drawn == {0}
+    drawn = {sample_next(logits, 1.0, top_p=0.51, generator=torch.Generator().manual_seed(s)).item() for s in range(40)}
+    assert 0 in drawn and len(drawn) == 2

@@ -1041,3 +1041,74 @@ def test_the_kernels_are_built_for_the_cpu_torch_reports(monkeypatch, tmp_path):
     monkeypatch.setitem(cpu_kernels._ISA_FLAGS, "AVX512", ["-mno-such-flag"])
     assert cpu_kernels._build(cpu_kernels._compiler(), tmp_path / "plain.so") is None
     assert (tmp_path / "plain.so").exists()
+
+
+def tiny_bench(**flags):
+    import bench
+    cfg = bench.BenchConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=2, vocab_size=50,
+                            peak_size=64, warmup=0, repeats=3, train_steps=2, sample_tokens=4, sample_batch=3,
+                            dropout=0.0, sample_compile=False, **flags)
+    return bench, cfg, GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50, dropout=0.0))
+
+
+def test_bench_flops_per_token_is_nanogpts_estimate():
+    """6N for the weights' forward and backward plus attention's 12 * L * C * T (nanoGPT's estimate_mfu)."""
+    bench, cfg, model = tiny_bench()
+    assert bench.flops_per_token(model, cfg) == 6 * model.num_params() + 12 * 1 * 32 * 16
+
+
+def test_bench_train_rates_are_tokens_and_flop_per_second(monkeypatch):
+    """With every timed call taking one second: train is the tokens of a timed run (train_steps
+    optimizer steps of gradient_accumulation_steps x batch_size x block_size), the peak 2 n^3."""
+    bench, cfg, model = tiny_bench(gradient_accumulation_steps=2)
+    monkeypatch.setattr(bench, "timed", lambda fn, precision, warmup, repeats: [1.0] * repeats)
+    rates = bench.bench_train(model, cfg, hardware.resolve("cpu", "float32"))
+    assert rates["train"] == [2 * 2 * 2 * 16] * 3
+    assert rates["matmul peak"] == [2 * 64 ** 3] * 3
+    assert rates["train, nanoGPT's step"] == [2 * 2 * 2 * 16] * 3
+
+
+def test_bench_prints_the_median_and_mfu_against_the_peak(monkeypatch, capsys):
+    bench, _, _ = tiny_bench()
+    train, nanogpt = [1000.0, 1000.0, 4000.0], [500.0, 500.0, 500.0]  # medians 1000 and 500 (means 2000, 500)
+    monkeypatch.setattr(bench, "flops_per_token", lambda model, cfg: 2_000_000)
+    monkeypatch.setattr(bench, "bench_train", lambda model, cfg, precision: {
+        "train": train, "matmul peak": [1e9] * 3, "train, nanoGPT's step": nanogpt})
+    flags = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2", "--vocab_size=50",
+             "--repeats=3", "--skip_sample=true", "--device=cpu", "--dropout=0"]
+    bench.main(flags)
+    out = capsys.readouterr().out
+    rows = {line[:38].strip(): line[38:].split() for line in out.splitlines() if len(line) > 38}
+    assert float(rows["train"][0].replace(",", "")) == 1000.0  # the median, then min and max
+    assert rows["train"][1:3] == ["1,000.0", "4,000.0"]
+    assert rows["train MFU"][0] == "200.0"  # 1000 tokens/s x 2 MFLOP per token / 1 GFLOP/s, in %
+    assert float(rows["train step"][0].replace(",", "")) == pytest.approx(2 * 16 / 1000 * 1000, abs=0.05)
+    assert "ours is 2.0x" in out
+    assert rows["train MFU, nanoGPT's step"][0] == "100.0"
+
+
+def test_bench_sample_rows_time_what_they_name(monkeypatch):
+    """Each row times its own generation: nanoGPT's loop is nanogpt_generate, and a batch row
+    counts the tokens of all its sequences."""
+    import types
+    bench, cfg, model = tiny_bench()
+    clock = [0.0]
+    real = bench.nanogpt_generate
+
+    def slow_nanogpt(*args, **kwargs):
+        clock[0] += 9.0  # nanoGPT's loop: 10 s a run, every other 1 s
+        return real(*args, **kwargs)
+
+    def perf_counter():  # one second between a row's two readings
+        clock[0] += 1.0
+        return clock[0]
+
+    monkeypatch.setattr(bench, "nanogpt_generate", slow_nanogpt)
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    monkeypatch.setattr(bench.fast_decode, "auto_weights", lambda model, batch, compile: ("float32", "float32"))
+    results = bench.bench_sample_side_by_side(model, cfg)
+    assert results["sample, nanoGPT loop"][0] == [4 / 10] * 3
+    assert results["sample, kv cache"][0] == [4 / 1] * 3
+    assert results["sample, kv cache, batch 3"][0] == [3 * 4 / 1] * 3
+    assert results["sample, fast path, batch 3"][0] == [3 * 4 / 1] * 3
+    assert "batch 3, 4 new tokens" in results["sample, fast path, batch 3"][1]
