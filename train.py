@@ -976,6 +976,9 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
         stop.restore()
         progress.close()
     done = f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}, checkpoint in {ckpt_path}"
+    if saved and not holds_best and last_val is not None and last_val > best_val_loss:  # --always_save_checkpoint
+        done += (f" (the last model, val loss {last_val:.4f}: every evaluation saves; "
+                 f"--always_save_checkpoint=false keeps the best)")
     if iter_num == first_iter and not saved:  # nothing trained: nothing to save
         done = (("done: nothing to train, the time budget is spent (raise --time_budget to go on)" if budget.used_up
                  else f"done: nothing to train, the checkpoint is already at iteration {iter_num} (raise "

@@ -718,6 +718,23 @@ def test_a_half_precision_the_cpu_lacks_is_honoured_but_called_slower():
     assert ("emulated" in hardware.resolve("cpu", "bfloat16").reason) != hardware.cpu_has_native_bf16()
 
 
+def test_the_done_line_says_when_the_checkpoint_is_not_the_best(tiny_data, tmp_path, capsys, monkeypatch):
+    """--always_save_checkpoint (the default, as nanoGPT's) saves at every evaluation: when the
+    last is worse than the best, the done line says that ckpt.pt holds the last model (it read as
+    if it held the best); keeping only the best, it holds the best and says nothing more."""
+    for always, expected in ((True, "done: 6 iterations, best val loss 2.0000, checkpoint in {} (the last model, "
+                                    "val loss 2.5000: every evaluation saves; --always_save_checkpoint=false keeps "
+                                    "the best)"),
+                             (False, "done: 6 iterations, best val loss 2.0000, checkpoint in {}")):
+        losses = iter([3.0, 2.0, 2.5, 2.5])
+        monkeypatch.setattr(train, "estimate_loss", lambda *args: {"val": next(losses)})
+        out = tmp_path / f"out-{always}"
+        train.main([f"--data_dir={tiny_data}", f"--out_dir={out}", *TINY, "--max_iters=6", "--eval_interval=2",
+                    "--eval_at_start=false", f"--always_save_checkpoint={always}"])
+        assert capsys.readouterr().out.strip().splitlines()[-1] == expected.format(out / "ckpt.pt")
+        assert checkpoint.load(out / "ckpt.pt")["iter_num"] == (6 if always else 4)
+
+
 def test_lr_schedule():
     cfg = training.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110, max_iters=200)
     assert training.get_lr(0, cfg) == pytest.approx(1 / 11)
