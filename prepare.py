@@ -939,6 +939,10 @@ def prepare(argv=None):
             raise UserError(f"the input is empty: {', '.join(str(p) for p in files)}")
         if files == [tmp / "input.txt"]:
             sources[0]["path"] = str(dest / "input.txt")
+        elif files == [dest / "input.txt"] and args.dataset and sources[0]["sha256"] != SHAKESPEARE_SHA256:
+            # a file put there, or left by an earlier --input: what this run reads, not the corpus
+            print(f"note: {dest / 'input.txt'} is not tiny Shakespeare as downloaded (another sha256); the "
+                  f"dataset is built from it: delete it to download the corpus, or pass --input PATH")
         print(f"length of dataset in characters: {n_chars:,}")
         is_val = None
         if documents:

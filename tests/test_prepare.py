@@ -177,6 +177,23 @@ def test_named_dataset_uses_and_keeps_local_input_txt(tmp_path, shakespeare_text
         assert len(val) == len(shakespeare_text) - int(len(shakespeare_text) * 0.8)
 
 
+def test_a_local_input_txt_that_is_not_the_corpus_is_said(tmp_path, shakespeare_text, capsys):
+    """A student's own input.txt in data/shakespeare_char/ (or a stale one): `prepare.py
+    shakespeare_char` builds from it, as before, and now says it is not the corpus (it was silent)."""
+    data = tmp_path / "data"
+    (data / "shakespeare_char").mkdir(parents=True)
+    (data / "shakespeare_char" / "input.txt").write_text(shakespeare_text[:5000], encoding="utf-8")
+    run_prepare(data, "shakespeare_char", "--block_size", "8")
+    out = capsys.readouterr().out
+    assert (f"note: {data / 'shakespeare_char' / 'input.txt'} is not tiny Shakespeare as downloaded (another "
+            f"sha256); the dataset is built from it: delete it to download the corpus, or pass --input PATH") in out
+    meta, train, val = load(data, "shakespeare_char")
+    assert len(train) + len(val) == 5000
+    shutil.copy(SHAKESPEARE, data / "shakespeare_char" / "input.txt")  # the real one: nothing to say
+    run_prepare(data, "shakespeare_char")
+    assert "note:" not in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- atomic writes
 
 def test_failure_mid_write_keeps_the_old_dataset(tmp_path, monkeypatch):
