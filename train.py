@@ -929,15 +929,15 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
                 if master and not cfg.eval_only:  # the curve after the checkpoint: a crash while drawing loses nothing
                     curve.draw(now=last)
                 t0, steps_timed = time.perf_counter(), 0  # keep eval out of the throughput figures
-            if last and budget.used_up and master and not dropped and not cfg.eval_only:
-                progress.write(f"time budget spent: {iter_num:,} iterations in {budget.spent:.1f} s of training "
-                               f"(--time_budget={cfg.time_budget:g})")
-            elif last and cfg.time_budget and iter_num >= cfg.max_iters and master and not dropped and not cfg.eval_only:
-                # the schedule follows the budget: a run that max_iters ends early never finished it
-                progress.write(f"note: --max_iters={cfg.max_iters} ended this run after {budget.spent:.1f} s of its "
-                               f"--time_budget={cfg.time_budget:g} ({budget.spent / cfg.time_budget:.0%}); the "
-                               f"learning rate follows the budget, so it stood at {lr:.2e}, its warmup and decay "
-                               f"unfinished: give the time the run takes, or a higher --max_iters")
+            if last and master and not dropped and not cfg.eval_only:  # how the run ended, by its budget
+                if budget.used_up:
+                    progress.write(f"time budget spent: {iter_num:,} iterations in {budget.spent:.1f} s of "
+                                   f"training (--time_budget={cfg.time_budget:g})")
+                elif cfg.time_budget and iter_num >= cfg.max_iters:  # the schedule follows the budget: unfinished
+                    progress.write(f"note: --max_iters={cfg.max_iters} ended this run after {budget.spent:.1f} s of "
+                                   f"its --time_budget={cfg.time_budget:g} ({budget.spent / cfg.time_budget:.0%}); "
+                                   f"the learning rate follows the budget, so it stood at {lr:.2e}, its warmup and "
+                                   f"decay unfinished: give the time the run takes, or a higher --max_iters")
             if (last or cfg.eval_only) and not dropped:
                 break
             if stop.requested(procs.ddp, device):  # Ctrl-C or SIGTERM: save, say how to resume, leave
