@@ -31,6 +31,7 @@ The weight mapping and the tokenizer.json builder live in hf_format.py.
 import errors
 errors.starting(__name__)  # a missing requirement or a Ctrl-C while torch imports: one line, no traceback
 import gc
+import hashlib
 gc.disable()  # no garbage collection while torch imports: start-up and exit ~0.3 s faster (docs/speed.md)
 import json
 import os
@@ -567,19 +568,55 @@ def is_our_export(dest: Path) -> bool:
         return False
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def card_sha256(text: str) -> str:
+    """The card's sha256 without its own `exported_files` line (which holds it)."""
+    lines = text.splitlines(keepends=True)
+    return hashlib.sha256("".join(x for x in lines if not x.startswith(f"{EXPORTED_FILES}: ")).encode()).hexdigest()
+
+
+def written_files(folder: Path, card: str) -> dict[str, str | None]:
+    """Each entry an export wrote in folder -> its sha256 (None for a folder), README.md's that
+    of the card: the card's `exported_files`, by which the next export tells an edited file."""
+    files = {p.name: None if p.is_dir() else file_sha256(p) for p in folder.iterdir()}
+    return dict(sorted({**files, "README.md": card_sha256(card)}.items()))
+
+
 def users_files(dest: Path) -> list[Path]:
-    """What a user added to an earlier export in dest (notes, a license, a picture): the entries
-    its card's `exported_files` does not list. A new export carries them over; the files the
-    earlier export wrote are replaced. An export from before cards listed their files: none."""
-    if not dest.is_dir() or not is_our_export(dest):
+    """What a user added to an earlier export in dest (notes, a license, a picture), or changed
+    there since (an edited card): the entries its card's `exported_files` does not list or lists
+    with another sha256. A new export carries them over where it writes no file of that name;
+    the files the earlier export wrote are replaced. A folder export.py did not write: all of
+    it (written into only with --force). An export from before cards listed files: none."""
+    if not dest.is_dir() or dest.is_symlink():
         return []
-    for line in (dest / "README.md").read_text(encoding="utf-8", errors="replace").splitlines():
+    if not is_our_export(dest):
+        return sorted(dest.iterdir())
+    card = (dest / "README.md").read_text(encoding="utf-8", errors="replace")
+    for line in card.splitlines():
         if line.startswith(f"{EXPORTED_FILES}: "):
             try:
-                ours = set(json.loads(line.partition(": ")[2]))
+                ours = json.loads(line.partition(": ")[2])
             except ValueError:
                 return []
-            return sorted(p for p in dest.iterdir() if p.name not in ours)
+            if isinstance(ours, list):  # an export from before the card held each file's sha256
+                return sorted(p for p in dest.iterdir() if p.name not in ours)
+
+            def changed(p: Path) -> bool:
+                if p.name not in ours:
+                    return True
+                if ours[p.name] is None or p.is_dir():
+                    return False
+                now = card_sha256(card) if p.name == "README.md" else file_sha256(p)
+                return now != ours[p.name]
+            return sorted(p for p in dest.iterdir() if changed(p))
     return []
 
 
@@ -627,9 +664,14 @@ def check_destination(dest: Path, force: bool):
                         f"refusing to replace them, --force or not. Choose a new or empty folder, e.g. --dest=export")
     if force:
         return
-    what = "a file" if not dest.is_dir() else "a folder that export.py did not write"
-    raise UserError(f"--dest={dest} is {what}; refusing to replace it. Choose another --dest, or pass "
-                    f"--force to replace it")
+    if not dest.is_dir():
+        raise UserError(f"--dest={dest} is a file; refusing to replace it. Choose another --dest, or pass "
+                        f"--force to replace it")
+    names = sorted(p.name for p in dest.iterdir())
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise UserError(f"--dest={dest} holds files export.py did not write ({shown}; a card of ours without its "
+                    f"'{MARKER}' line counts as yours); choose another --dest, or pass --force to write the "
+                    f"export among them (files of the same name replaced, the others kept)")
 
 
 def fsync(path: Path):
@@ -725,10 +767,11 @@ def main(argv=None):
         WRITERS[cfg.format](model, tokenizer, folder, ckpt.get("instruct"))
         written[:] = sorted({p.name for p in folder.iterdir()} | {"README.md"})
         if (clash := [p.name for p in users if p.name in written]) and not cfg.force:
-            raise UserError(f"--dest={dest} holds {', '.join(clash)}, which you added there and this export "
-                            f"would replace; move it away, choose another --dest, or pass --force to replace it")
-        (folder / "README.md").write_text(card.replace(MARKER, f"{MARKER}\n{EXPORTED_FILES}: {json.dumps(written)}"),
-                                          encoding="utf-8")
+            raise UserError(f"--dest={dest} holds {', '.join(clash)}, which you added or changed there since "
+                            f"export.py wrote it, and this export would replace; move it away, choose another "
+                            f"--dest, or pass --force to replace it")
+        files = json.dumps(written_files(folder, card))
+        (folder / "README.md").write_text(card.replace(MARKER, f"{MARKER}\n{EXPORTED_FILES}: {files}"), encoding="utf-8")
         for path in users:  # the user's own files, where the export writes none of that name
             if path.name not in written:
                 (shutil.copytree if path.is_dir() else shutil.copy2)(path, folder / path.name)
@@ -736,9 +779,9 @@ def main(argv=None):
     write_atomically(dest, write)
     print(f"wrote {dest} ({', '.join(written)})", file=sys.stderr)
     if kept := [p.name for p in users if p.name not in written]:
-        print(f"kept what you had added there: {', '.join(kept)}", file=sys.stderr)
+        print(f"kept what you had added or changed there: {', '.join(kept)}", file=sys.stderr)
     if replaced := [p.name for p in users if p.name in written]:
-        print(f"replaced what you had added there (--force): {', '.join(replaced)}", file=sys.stderr)
+        print(f"replaced what you had added or changed there (--force): {', '.join(replaced)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

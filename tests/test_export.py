@@ -329,18 +329,53 @@ def test_gpt2_names_come_from_the_local_cache_only(toy_gpt2, tmp_path, monkeypat
     assert greedy_sample(["--init_from=gpt2", f"--prompt={BPE_PROMPT}"], capsys) == hf_greedy(toy_gpt2, BPE_PROMPT)
 
 
-def test_export_replaces_only_its_own_folders(char_run, tmp_path):
+def test_export_replaces_only_its_own_folders(char_run, tmp_path, capsys):
+    """A folder export.py did not write is refused, naming what it holds; --force writes the
+    export among its files, replacing those of the same name only (a mistyped --dest that is a
+    run folder keeps its ckpt.pt)."""
     dest = tmp_path / "dest"
     dest.mkdir()
     (dest / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="did not write; refusing to replace it"):
+    (dest / "ckpt.pt").write_bytes(b"a training run's checkpoint")
+    (dest / "README.md").write_text("# my own card\n")
+    with pytest.raises(UserError, match=r"holds files export.py did not write \(README.md, ckpt.pt, notes.txt;"):
         export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}"])
     assert (dest / "notes.txt").read_text() == "mine"
+    capsys.readouterr()
     export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}", "--force"])
+    err = capsys.readouterr().err
+    assert "kept what you had added or changed there: ckpt.pt, notes.txt" in err
+    assert "replaced what you had added or changed there (--force): README.md" in err
+    assert (dest / "ckpt.pt").read_bytes() == b"a training run's checkpoint" and (dest / "notes.txt").read_text() == "mine"
+    (dest / "ckpt.pt").unlink()
+    (dest / "notes.txt").unlink()
     export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}", "--format=onnx"])  # ours: replaced
     assert sorted(p.name for p in dest.iterdir()) == ["README.md", "config.json", "model.onnx",
                                                      "model_with_past.onnx", "tokenizer.json", "tokenizer_config.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["dest"]  # no temporary folder left behind
+
+
+def test_a_file_edited_after_the_export_is_not_replaced_silently(char_run, tmp_path, capsys):
+    """The card records each exported file's sha256: a card (or config) the user edited since is
+    theirs. Exporting again refuses to replace it, changing nothing; --force replaces it and says
+    so. A file the next export does not write is kept."""
+    dest = tmp_path / "dest"
+    export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}"])
+    export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}"])  # unchanged: replaced without a word
+    with open(dest / "README.md", "a", encoding="utf-8") as f:
+        f.write("\n## Intended use\nmy notes\n")
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    with pytest.raises(UserError, match="holds README.md, which you added or changed there since export.py wrote it"):
+        export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}"])
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+    (dest / "generation_config.json").write_text('{"max_length": 8}', encoding="utf-8")  # tuned by hand
+    capsys.readouterr()
+    export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}", "--format=onnx", "--force"])
+    err = capsys.readouterr().err
+    assert "replaced what you had added or changed there (--force): README.md" in err
+    assert "kept what you had added or changed there: generation_config.json" in err  # onnx writes none
+    assert "Intended use" not in (dest / "README.md").read_text(encoding="utf-8")
+    assert (dest / "generation_config.json").read_text(encoding="utf-8") == '{"max_length": 8}'
 
 
 def test_a_new_export_keeps_what_the_user_added_to_the_last(char_run, tmp_path, capsys):
@@ -355,7 +390,7 @@ def test_a_new_export_keeps_what_the_user_added_to_the_last(char_run, tmp_path, 
     export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}", "--format=onnx"])
     assert (dest / "notes.txt").read_text(encoding="utf-8") == "mine" and (dest / "pictures" / "curve.png").exists()
     assert not (dest / "model.safetensors").exists()  # the hf export's file: replaced by the onnx export
-    assert "kept what you had added there: notes.txt, pictures" in capsys.readouterr().err
+    assert "kept what you had added or changed there: notes.txt, pictures" in capsys.readouterr().err
 
 
 def test_a_new_export_refuses_to_replace_a_file_the_user_added(char_run, tmp_path, capsys):
@@ -365,14 +400,14 @@ def test_a_new_export_refuses_to_replace_a_file_the_user_added(char_run, tmp_pat
     export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}"])
     (dest / "model.onnx").write_text("my own", encoding="utf-8")
     before = {p.name: p.read_bytes() for p in dest.iterdir()}
-    with pytest.raises(UserError, match="holds model.onnx, which you added there and this export would replace"):
+    with pytest.raises(UserError, match="holds model.onnx, which you added or changed there since export.py wrote it"):
         export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}", "--format=onnx"])
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["dest"]
     capsys.readouterr()
     export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}", "--format=onnx", "--force"])
     err = capsys.readouterr().err
-    assert "replaced what you had added there (--force): model.onnx" in err and "kept what" not in err
+    assert "replaced what you had added or changed there (--force): model.onnx" in err and "kept what" not in err
     assert (dest / "model.onnx").read_bytes() != b"my own"
 
 
@@ -424,7 +459,7 @@ def test_dot_and_dot_dot_destinations_are_the_real_folders(char_run, tmp_path, m
 
     other = tmp_path / "other"
     (other / "sub").mkdir(parents=True)
-    with pytest.raises(UserError, match=r"--dest=.*/other is a folder that export.py did not write"):
+    with pytest.raises(UserError, match=r"--dest=.*/other holds files export.py did not write \(sub;"):
         export.main([f"--out_dir={char_run / 'out'}", f"--dest={other / 'sub' / '..'}"])
     (other / "sub").rmdir()
     export.main([f"--out_dir={char_run / 'out'}", f"--dest={other / 'sub' / '..'}"])  # empty: written
