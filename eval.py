@@ -8,7 +8,8 @@
 
 What is scored:
 - A split (--split, val by default) of the prepared dataset the checkpoint was trained on
-  (--dataset and --data_dir choose another, prepared with the model's tokenizer), or the text
+  (--dataset and --data_dir choose another, prepared with the model's tokenizer; for
+  instruction records, the answers and their ends only, as in training), or the text
   of --input, tokenized as prepare.py would (documents mode when the model was trained on
   documents: each document after its boundary token, the split closed by one; for a model
   trained on JSONL records each line of --input is one document).
@@ -368,7 +369,10 @@ def split_ids(cfg: EvalConfig, tokenizer: Tokenizer, trained_on: str | None, tra
         raise UserError(f"dataset {name!r} was prepared with another tokenizer than the model's: {differ}; "
                         f"score it with --input on its text, or prepare it with the model's tokenizer")
     ids = np.fromfile(data.paths[cfg.split], dtype=data.dtype).astype(np.int64)
-    return ids, f"the {cfg.split} split of {name}"
+    in_loss = None  # instruction records: the answers only, as in training (the loss mask prepare.py wrote)
+    if data.mask_paths:
+        in_loss = np.fromfile(data.mask_paths[cfg.split], dtype=np.uint8).astype(bool)
+    return ids, f"the {cfg.split} split of {name}", in_loss
 
 
 def write_per_line(path: Path, records: list[dict]):
@@ -440,9 +444,9 @@ def main(argv=None):
                             f"trained on JSONL records; put each record's text on a line of a .txt file (or "
                             f"prepare the records and score them with --dataset=NAME)")
         check_known_chars(tokenizer, text, Path(cfg.input))
-        ids, what = encode_text(tokenizer, text), cfg.input
+        ids, what, in_loss = encode_text(tokenizer, text), cfg.input, None
     else:
-        ids, what = split_ids(cfg, tokenizer, trained_on, trained_dir)
+        ids, what, in_loss = split_ids(cfg, tokenizer, trained_on, trained_dir)
     if len(ids) < 2:
         raise UserError(f"{what} holds {len(ids)} token(s); there is nothing to predict")
     print(f"precision: {precision.reason}", file=sys.stderr)
@@ -459,8 +463,11 @@ def main(argv=None):
     if progress is not None:
         progress.close()
     targets = ids[1:]
+    if in_loss is not None:  # the answers (and their end) of instruction records only
+        nats, targets = nats[in_loss[1:]], targets[in_loss[1:]]
     result = summary(float(nats.sum()), len(targets), int(n_bytes[targets].sum()), int(n_chars[targets].sum()))
-    result.update(text=what, block_size=block_size, stride=stride, dtype=precision.dtype + (" int8" if cfg.int8 else ""))
+    result.update(text=what, block_size=block_size, stride=stride, dtype=precision.dtype + (" int8" if cfg.int8 else ""),
+                  scored="answers" if in_loss is not None else "all")
 
     if cfg.per_line:
         units = text_units(text, input_documents(tokenizer))
@@ -478,6 +485,9 @@ def main(argv=None):
         return
     print(f"{what}: {result['tokens']:,} tokens scored, {result['bytes']:,} bytes, {result['chars']:,} characters "
           f"(windows of {block_size} tokens, stride {stride}, {result['dtype']})")
+    if in_loss is not None:
+        print(f"scored: the answers only ({result['tokens']:,} of {len(ids) - 1:,} tokens), as train.py's val loss: "
+              f"the loss mask prepare.py wrote for instruction records")
     print(f"loss {result['loss']:.4f} nats per token, perplexity {result['ppl']:.3f}")
     print(f"bits per byte {result['bits_per_byte']:.4f}, bits per character {result['bits_per_char']:.4f}")
     if cfg.per_line:

@@ -531,3 +531,36 @@ def test_an_exported_instruction_model_keeps_its_template(chat_run, tmp_path, ca
     model, tokenizer, info = loading.load_hf(str(tmp_path / "hf"), "cpu")
     assert capsys.readouterr().out == wrapped_answer(model, tokenizer, info["instruct"]["template"],
                                                      "What is 2+2?", 5) + "\n"  # wrapped, as from ckpt.pt
+
+
+def test_eval_scores_the_answers_only_as_training_does(chat_run, instruct_data, capsys):
+    """eval.py on an instruction dataset scores what train.py's val loss does: the answers and
+    their ends (the loss mask), each record from its own start; checked against a forward pass
+    over each record by hand."""
+    import eval as eval_script
+    from loading import load_model
+    from torch.nn import functional as F
+    eval_script.main([f"--out_dir={chat_run}", "--json"])
+    out = capsys.readouterr().out
+    result = json.loads(out)
+    folder = instruct_data / "data" / "inst"
+    ids = np.fromfile(folder / "val.bin", dtype=np.uint16).astype(np.int64)
+    mask = np.fromfile(folder / "val_mask.bin", dtype=np.uint8).astype(bool)
+    model, tokenizer, _ = load_model(str(chat_run), "cpu")
+    model.float().eval()
+    bounds = np.flatnonzero(ids == tokenizer.eot_id)
+    nats, tokens = 0.0, 0
+    with torch.no_grad():
+        T = model.config.block_size
+        for a, b in zip(bounds[:-1], bounds[1:]):  # each record: its boundary, its tokens, the next boundary
+            for s in range(a, b, T):  # a record longer than a block goes on in blocks, positions from 0 again
+                e = min(s + T, b)
+                x, y = torch.from_numpy(ids[s:e])[None], torch.from_numpy(ids[s + 1:e + 1])
+                logits, _ = model(x, x)
+                keep = torch.from_numpy(mask[s + 1:e + 1])
+                nats += F.cross_entropy(logits[0].float(), y, reduction="none")[keep].double().sum().item()
+                tokens += int(keep.sum())
+    assert result["scored"] == "answers" and result["tokens"] == tokens == int(mask[1:].sum()) < len(ids) - 1
+    assert result["loss"] == pytest.approx(nats / tokens, rel=1e-5)
+    eval_script.main([f"--out_dir={chat_run}"])
+    assert f"scored: the answers only ({tokens:,} of {len(ids) - 1:,} tokens)" in capsys.readouterr().out
