@@ -10,6 +10,7 @@ inside it, their positions counted from 0 as in generation's sliding window
 (model.GPT.generate_stream), so no part of it is left out. Rows whose window would run past
 the split's end are never drawn.
 """
+import hashlib
 import json
 from pathlib import Path
 
@@ -81,6 +82,21 @@ class Dataset:
         # what sampling needs to wrap a prompt as the records were (see template.py)
         self.instruct = {"template": self.meta["template"], "chat": bool(self.meta.get("chat"))} \
             if "template" in self.meta else None
+
+    def fingerprint(self) -> str:
+        """A short hash of what the dataset is (its sources' sha256s, token counts, tokenizer,
+        template, the first and last 64 KB of each split), not of where it lies: a resumed run
+        tells by it that its data changed."""
+        meta = {k: v for k, v in self.meta.items() if k not in ("sources", "version")}
+        meta["sources"] = sorted(str(s.get("sha256")) for s in self.meta.get("sources", []) if isinstance(s, dict))
+        digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+        for split in ("train", "val"):
+            f = self.files[split]
+            size = f.seek(0, 2)
+            for at in (0, max(0, size - 65536)):
+                f.seek(at)
+                digest.update(f.read(65536))
+        return digest.hexdigest()[:16]
 
     def row_starts(self, split: str, block_size: int) -> np.ndarray:
         """Document mode: every document start (its boundary token) and, inside a document

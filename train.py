@@ -489,7 +489,22 @@ def run_description(cfg: TrainConfig, model_args: dict, tokenizer: dict, data: D
     return {"model_args": model_args, "config": dataclasses.asdict(cfg), "tokenizer": tokenizer,
             "lora": lora.from_settings(cfg).to_dict() if cfg.lora_rank else None,  # readers merge it (lora.py)
             "instruct": data.instruct,  # the template of instruction data, for sample.py and app.py
+            "data_fingerprint": data.fingerprint(),  # a resume tells by it that its data changed
             "precision": {"device": precision.device, "dtype": precision.dtype}}
+
+
+def data_changed(ckpt: dict, cfg: TrainConfig, data: Dataset) -> str | None:
+    """How the data a resumed run trains on differs from its checkpoint's (None: the same), by
+    the dataset's fingerprint (a checkpoint from before fingerprints: by its name)."""
+    was = ckpt.get("data_fingerprint")
+    name = (ckpt.get("config") or {}).get("dataset")
+    if was is None:
+        return None if name in (None, cfg.dataset) else f"the dataset is {cfg.dataset!r}, the checkpoint's was {name!r}"
+    if was == data.fingerprint():
+        return None
+    if name != cfg.dataset:
+        return f"the dataset is {cfg.dataset!r}, the checkpoint's was {name!r}"
+    return f"dataset {cfg.dataset!r} was prepared again since the checkpoint, from other text or with other settings"
 
 
 def announce(cfg: TrainConfig, precision: hardware.Precision, data: Dataset, tokens_per_iter: int,
@@ -863,6 +878,11 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
                                                ckpt_path)
         resumed_best = ckpt.get("holds_best", math.isfinite(best_val_loss))  # (older checkpoints: evaluated)
         resumed_best_iter = ckpt.get("best_iter", iter_num)
+        if (changed := data_changed(ckpt, cfg, data)) and not cfg.eval_only and math.isfinite(best_val_loss):
+            if master:  # a val loss of other text would keep every new model unsaved
+                print(f"note: {changed}; its best val loss {best_val_loss:.4f} was measured on other text, so "
+                      f"this run's best starts afresh: its first evaluation saves")
+            best_val_loss, resumed_best = float("inf"), False
     eval_owed = ckpt is not None and ckpt.get("eval_owed", False)  # a stop dropped the evaluation at iter_num
     budget = TimeBudget(cfg, ckpt.get("train_seconds", 0.0) if ckpt else 0.0, precision, procs.ddp)
     if ckpt is not None and master and not cfg.eval_only:
@@ -984,6 +1004,12 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
                  else f"done: nothing to train, the checkpoint is already at iteration {iter_num} (raise "
                       f"--max_iters above it to go on)") if cfg.init_from == "resume" else
                 "done: --max_iters=0, nothing trained or saved (--eval_only=True evaluates a model)")
+    elif not saved and stopped_by is None and not cfg.eval_only and cfg.init_from == "resume":
+        # always_save_checkpoint=false: ckpt.pt keeps the checkpoint's best model, not this run's work
+        done = (f"done: {iter_num} iterations; the val loss ({last_val:.4f} at the end) never went below the "
+                f"checkpoint's best {best_val_loss:.4f}, so {ckpt_path} still holds iteration {first_iter}'s "
+                f"model and iterations {first_iter + 1}-{iter_num} were not saved (--always_save_checkpoint=true "
+                f"keeps the last model)") if last_val is not None else done
     elif not saved and stopped_by is None and not cfg.eval_only and cfg.init_from != "resume":
         # the val loss never beat the first evaluation's (the start, never saved): a run that ends
         # without a checkpoint would leave nothing to sample or resume, so the last model is kept

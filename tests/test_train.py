@@ -779,3 +779,44 @@ def test_runs_under_torchrun_with_ddp(tiny_data, tmp_path, capsys):
     train.main([f"--out_dir={tmp_path / 'out'}", f"--data_dir={tiny_data}", "--init_from=resume", "--max_iters=8"])
     assert "written by 2 process(es), this run has 1" in capsys.readouterr().out
     assert checkpoint.load(tmp_path / "out" / "ckpt.pt")["iter_num"] == 8
+
+
+def test_a_resume_on_changed_data_starts_its_best_afresh_and_saves(tiny_data, tmp_path, shakespeare_text, capsys):
+    """A resume on another dataset (task A, then task B), or on a dataset prepared again under
+    its name, does not compare its val losses with the checkpoint's best, measured on other
+    text (a low one would keep every new model unsaved): a note says so and the first
+    evaluation saves. The same data: no note, the best kept."""
+    out = tmp_path / "out"
+    run_train(tiny_data, out, "--max_iters=4", "--eval_interval=2", "--always_save_checkpoint=false")
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    ckpt["best_val_loss"] = 0.01  # task A was learnt to a tiny loss
+    torch.save(ckpt, out / "ckpt.pt")
+    write_char_dataset(tiny_data, shakespeare_text[:60_000][::-1], name="other")  # the same characters
+    capsys.readouterr()
+    run_train(tiny_data, out, "--init_from=resume", "--dataset=other", "--max_iters=6")
+    text = capsys.readouterr().out
+    assert "note: the dataset is 'other', the checkpoint's was 'tiny'; its best val loss 0.0100 was measured " \
+           "on other text" in text
+    saved = torch.load(out / "ckpt.pt", weights_only=False)
+    assert saved["iter_num"] == 6 and saved["config"]["dataset"] == "other" and saved["best_val_loss"] > 0.01
+
+    lines = shakespeare_text[:60_000].split("\n")
+    write_char_dataset(tiny_data, "\n".join(lines[::-1]), name="other")  # prepared again, from other text
+    run_train(tiny_data, out, "--init_from=resume", "--dataset=other", "--max_iters=8")
+    assert "dataset 'other' was prepared again since the checkpoint" in capsys.readouterr().out
+    assert torch.load(out / "ckpt.pt", weights_only=False)["iter_num"] == 8
+    run_train(tiny_data, out, "--init_from=resume", "--dataset=other", "--max_iters=10")
+    assert "was measured on other text" not in capsys.readouterr().out  # the same data: nothing to say
+
+
+def test_a_resume_that_never_beats_the_best_says_its_work_was_not_saved(tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_train(tiny_data, out, "--max_iters=4", "--eval_interval=2", "--always_save_checkpoint=false")
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    ckpt["best_val_loss"] = 0.01  # a best no later model beats
+    torch.save(ckpt, out / "ckpt.pt")
+    capsys.readouterr()
+    run_train(tiny_data, out, "--init_from=resume", "--max_iters=6")
+    assert (f"never went below the checkpoint's best 0.0100, so {out / 'ckpt.pt'} still holds iteration 4's model "
+            f"and iterations 5-6 were not saved") in capsys.readouterr().out
+    assert torch.load(out / "ckpt.pt", weights_only=False)["iter_num"] == 4
