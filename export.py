@@ -50,7 +50,7 @@ from torch.onnx import symbolic_helper
 import durable
 import hf_format
 from config import parse_config
-from errors import UserError, run_main
+from errors import UserError, quoted, run_main
 from hf_format import require
 from loading import load_model
 from model import GPT, apply_rotary
@@ -201,8 +201,8 @@ def hf_usage(name: str, model: GPT, tokenizer: Tokenizer, instruct: dict | None 
            "them); `trust_remote_code=True` lets transformers run it (AutoTokenizer reads config.json too, "
            "so it asks for the same). generate() and its KV cache work as for any transformers model, "
            "batches of prompts too, left-padded with an attention_mask.") if remote else ""
-    return (f"```python\n{code}```{why}\n\nOr continue training it: `python train.py --init_from={name} ...` "
-            f"in nanogpt-toolkit (or sample it: `python sample.py --init_from={name}`).")
+    return (f"```python\n{code}```{why}\n\nOr continue training it: `python train.py --init_from={quoted(name)} ...` "
+            f"in nanogpt-toolkit (or sample it: `python sample.py --init_from={quoted(name)}`).")
 
 
 def model_card(model: GPT, tokenizer: Tokenizer, ckpt: dict, fmt: str, name: str) -> str:
@@ -228,12 +228,12 @@ def model_card(model: GPT, tokenizer: Tokenizer, ckpt: dict, fmt: str, name: str
     if fmt == "hf":
         use = hf_usage(name, model, tokenizer, ckpt.get("instruct"))
     elif fmt == "gguf":
-        use = f"""With llama.cpp: `llama-cli -m {name}/model.gguf -p {literal(prompt)} -n {max_new_tokens}`, or from Python with xllamacpp:
+        use = f"""With llama.cpp: `llama-cli -m {quoted(name + '/model.gguf')} -p {literal(prompt)} -n {max_new_tokens}`, or from Python with xllamacpp:
 
 ```python
 import xllamacpp as xlc
 params = xlc.CommonParams()
-params.model.path = "{name}/model.gguf"
+params.model.path = {literal(name + '/model.gguf')}
 server = xlc.Server(params)
 print(server.handle_completions({{"prompt": {literal(prompt)}, "max_tokens": {max_new_tokens}}})["choices"][0]["text"])
 ```
@@ -260,7 +260,7 @@ exported by its `export.py` ({fmt} format).
 
 | | |
 |---|---|
-| parameters | {model.num_params(non_embedding=False):,} ({model.num_params() / 1e6:.2f}M without embedding tables) |
+| parameters | {model.num_params(non_embedding=False):,} ({model.num_params() / 1e6:.2f}M as nanoGPT counts them: without lookup-only tables such as positions) |
 | shape | {shape} |
 | tokenizer | {tok} |
 | dataset | {cfg.get("dataset", "unknown")} |
@@ -300,7 +300,8 @@ def write_hf_remote(model: GPT, tokenizer: Tokenizer, folder: Path):
     write_json(folder / "config.json", hf_format.nanogpt_config_dict(model.config, tokenizer))
     save_file(hf_format.nanogpt_state_dict(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
     eot = tokenizer.eot_id
-    write_json(folder / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot})
+    write_json(folder / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot,
+                                                   "max_length": model.config.block_size})
 
 
 def write_hf(model: GPT, tokenizer: Tokenizer, folder: Path, instruct: dict | None = None):
@@ -315,6 +316,8 @@ def write_hf(model: GPT, tokenizer: Tokenizer, folder: Path, instruct: dict | No
         hf = transformers.GPT2LMHeadModel(config)
         hf.load_state_dict(hf_format.to_hf_state_dict(model))
         hf.save_pretrained(folder, safe_serialization=True)
+        generation = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
+        write_json(folder / "generation_config.json", {**generation, "max_length": model.config.block_size})
     write_tokenizer(tokenizer, model.config.block_size, folder, instruct)
 
 

@@ -570,3 +570,16 @@ def test_the_cards_prompt_and_new_tokens_fit_the_context(block_size, documents):
     used = len(tok.encode(prompt)) + (1 if documents else 0)
     assert new_tokens >= 1 and used + new_tokens - 1 < block_size, (prompt, new_tokens)
     assert new_tokens == min(export.NEW_TOKENS, block_size - used)  # as many as fit
+
+
+def test_the_cards_commands_run_as_written_from_a_path_with_a_space(char_run, tmp_path, capsys):
+    """The card's shell commands quote a path holding a space, so they paste whole."""
+    import shlex
+    dest = tmp_path / "my exports" / "char hf"
+    export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}"])
+    command = re.search(r"`(python sample.py [^`]*)`", (dest / "README.md").read_text(encoding="utf-8")).group(1)
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "sample.py"] and argv[2:] == [f"--init_from={dest}"]
+    capsys.readouterr()
+    sample.main([*argv[2:], "--max_new_tokens=5", f"--prompt={CHAR_PROMPT}"])
+    assert capsys.readouterr().out.startswith(CHAR_PROMPT)

@@ -274,3 +274,16 @@ def test_left_padded_prompts_generate_as_each_prompt_alone(case, exported, token
             assert (padded[row, width - len(p):] - model(torch.tensor([p])).logits[0]).abs().max() < 1e-4
     with pytest.raises(ValueError, match="attention_mask has shape"):
         model(ids, attention_mask=mask[:, 1:])
+
+
+@pytest.mark.parametrize("case", ["no_bias", "all"])
+def test_a_pipeline_with_its_defaults_stops_at_the_context(case, exported):
+    """transformers' text-generation pipeline asks for 256 new tokens by default, past a small
+    model's context (an IndexError in GPT-2's position table, a ValueError in our code): the
+    export's generation_config.json holds max_length = block_size, and generation stops there."""
+    root = exported(case, "char")
+    generation = json.loads((root / "hf" / "generation_config.json").read_text())
+    assert generation["max_length"] == 32
+    pipe = transformers.pipeline("text-generation", model=str(root / "hf"), trust_remote_code=case == "all")
+    text = pipe(PROMPT, do_sample=False)[0]["generated_text"]
+    assert text.startswith(PROMPT) and len(text) == 32  # a char model: one token a character
