@@ -42,6 +42,7 @@ linears (fast_decode.py) to measure what quantization costs.
 """
 import errors
 errors.starting(__name__)  # a missing requirement or a Ctrl-C while torch imports: one line, no traceback
+import csv
 import gc
 gc.disable()  # no garbage collection while torch imports: start-up and exit ~0.3 s faster (docs/speed.md)
 import json
@@ -93,6 +94,7 @@ class EvalConfig:
     stride: int = 0  # tokens the window moves; 0 = block_size (non-overlapping windows, each token scored once)
     batch_size: int = 0  # windows per forward pass; 0 = automatic (a pass holds about 512 MB, at most 8,192 tokens)
     json: bool = False  # print one JSON object (loss, ppl, bits_per_byte, bits_per_char, tokens, bytes, ...)
+    drop_unknown: bool = False  # char models: score --input without the characters the model never saw (per line: counted)
     int8: bool = False  # the blocks' matrices as int8 weight-only linears (cpu)
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
     dtype: str = "float32"  # float32, bfloat16 or float16 (autocast), or auto (the fastest safe one)
@@ -108,6 +110,11 @@ class EvalConfig:
             p.append(f"--batch_size must be >= 0 (0 = automatic), got {self.batch_size}")
         if self.per_line and not self.input:
             p.append("--per_line scores the lines of a text file: give it with --input=FILE")
+        if self.drop_unknown and not self.input:
+            p.append("--drop_unknown drops characters of an --input file: give it with --input=FILE")
+        if self.per_line and self.input and Path(self.per_line).resolve() == Path(self.input).resolve():
+            p.append(f"--per_line={self.per_line} is the --input file itself, which the scores would replace: "
+                     f"name another file, e.g. --per_line=scores.jsonl")
         if self.per_line and Path(self.per_line).suffix.lower() not in (".jsonl", ".tsv"):
             p.append(f"--per_line writes JSON lines or a table: name the file OUT.jsonl or OUT.tsv, "
                      f"got {self.per_line}")
@@ -136,18 +143,21 @@ def read_utf8(path: Path) -> str:
                         f"convert it, e.g. `iconv -f latin1 -t utf-8`") from None
 
 
-def check_known_chars(tokenizer: Tokenizer, text: str, path: Path):
-    """A char-level model can only score characters it saw: name the first unknown one and its line."""
+def unknown_chars(tokenizer: Tokenizer, text: str, path: Path, drop: bool) -> str:
+    """The characters of text a char-level model never saw ("" for other models), in the order
+    they first appear. Unless drop (--drop_unknown), they are refused: all named, the first one
+    with its line."""
     if tokenizer.chars is None:
-        return
+        return ""
     known = set(tokenizer.chars) | ({"\n"} if tokenizer.documents else set())  # line ends cut documents
-    unknown = sorted(set(text) - known, key=text.index)
-    if unknown:
-        where = text.index(unknown[0])
-        line = text.count("\n", 0, where) + 1
-        more = f" ({len(unknown)} unknown characters in all)" if len(unknown) > 1 else ""
-        raise UserError(f"{path} line {line} holds {unknown[0]!r}, a character the char-level model never "
-                        f"saw{more}; remove it, or train on text that has it")
+    unknown = "".join(sorted(set(text) - known, key=text.index))
+    if unknown and not drop:
+        line = text.count("\n", 0, text.index(unknown[0])) + 1
+        shown = " ".join(repr(c) for c in unknown[:20]) + (f" and {len(unknown) - 20} more" if len(unknown) > 20 else "")
+        raise UserError(f"{path} holds {len(unknown)} character(s) the char-level model never saw: {shown} (the "
+                        f"first on line {line}); --drop_unknown scores the text without them (each --per_line "
+                        f"record then counts its dropped characters), or train on text that has them")
+    return unknown
 
 
 def input_documents(tokenizer: Tokenizer) -> str | None:
@@ -377,14 +387,16 @@ def split_ids(cfg: EvalConfig, tokenizer: Tokenizer, trained_on: str | None, tra
 
 def write_per_line(path: Path, records: list[dict]):
     """JSONL (one object per line), or TSV with a header when the name ends in .tsv."""
-    keys = ["line", "tokens", "bytes", "loss", "bits_per_byte", "logprob", "text"]
+    keys = ["line", "tokens", "bytes", "loss", "bits_per_byte", "logprob", *(["unknown"] if records and "unknown" in records[0] else []), "text"]
     try:
         with open(path, "w", encoding="utf-8", newline="\n") as f:
-            if path.suffix.lower() == ".tsv":
-                f.write("\t".join(keys) + "\n")
+            if path.suffix.lower() == ".tsv":  # tabs, line ends and backslashes in the text escaped with a
+                # backslash, and a text holding a quote quoted (csv's rule: pandas.read_csv and csv.reader read it whole)
+                rows = csv.writer(f, delimiter="\t", lineterminator="\n")
+                rows.writerow(keys)
                 for r in records:
                     text = r["text"].replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-                    f.write("\t".join([*(f"{r[k]:.6g}" if isinstance(r[k], float) else str(r[k]) for k in keys[:-1]), text]) + "\n")
+                    rows.writerow([*(f"{r[k]:.6g}" if isinstance(r[k], float) else str(r[k]) for k in keys[:-1]), text])
             else:
                 for r in records:
                     f.write(json.dumps({k: r[k] for k in keys}, ensure_ascii=False) + "\n")
@@ -443,8 +455,13 @@ def main(argv=None):
             raise UserError(f"--input={cfg.input}: eval.py scores plain text, one document per line for a model "
                             f"trained on JSONL records; put each record's text on a line of a .txt file (or "
                             f"prepare the records and score them with --dataset=NAME)")
-        check_known_chars(tokenizer, text, Path(cfg.input))
-        ids, what, in_loss = encode_text(tokenizer, text), cfg.input, None
+        unknown = unknown_chars(tokenizer, text, Path(cfg.input), cfg.drop_unknown)
+        drop = {ord(c): None for c in unknown}
+        if unknown:
+            shown = " ".join(repr(c) for c in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
+            print(f"note: --drop_unknown dropped {sum(map(text.count, unknown)):,} occurrence(s) of {len(unknown)} "
+                  f"character(s) the model never saw: {shown}", file=sys.stderr)
+        ids, what, in_loss = encode_text(tokenizer, text.translate(drop)), cfg.input, None
     else:
         ids, what, in_loss = split_ids(cfg, tokenizer, trained_on, trained_dir)
     if len(ids) < 2:
@@ -471,12 +488,13 @@ def main(argv=None):
 
     if cfg.per_line:
         units = text_units(text, input_documents(tokenizer))
-        encoded = [encode_unit(tokenizer, t) for _, t in units]
+        encoded = [encode_unit(tokenizer, t.translate(drop)) for _, t in units]
         records = []
         for (line, t), (uids, context), unats in zip(units, encoded, scorer.units(encoded, stride)):
             scored = uids[context:]
             records.append({"line": line, "text": t, **summary(float(unats.sum()), len(scored),
-                                                                 int(n_bytes[scored].sum()), int(n_chars[scored].sum()))})
+                                                                 int(n_bytes[scored].sum()), int(n_chars[scored].sum())),
+                            **({"unknown": len(t) - len(t.translate(drop))} if cfg.drop_unknown else {})})
         write_per_line(Path(cfg.per_line), records)
         result["per_line"] = {"file": cfg.per_line, "lines": len(records)}
 

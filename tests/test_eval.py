@@ -233,8 +233,12 @@ def test_bad_inputs_one_clear_line(char_dir, tmp_path):
     latin1.write_bytes("ok\nCaf\xe9\n".encode("latin-1"))
     cases.append(([f"--out_dir={char_dir}", f"--input={latin1}"], "not UTF-8 text: invalid byte at offset 6 (line 2)"))
     unknown = tmp_path / "unknown.txt"
-    unknown.write_text("Speak.\nSpeak Zed\n", encoding="utf-8")
-    cases.append(([f"--out_dir={char_dir}", f"--input={unknown}"], "line 2 holds 'Z'"))
+    unknown.write_text("Speak.\nSpeak Zed 9\n", encoding="utf-8")
+    cases.append(([f"--out_dir={char_dir}", f"--input={unknown}"],
+                  "holds 2 character(s) the char-level model never saw: 'Z' '9' (the first on line 2); --drop_unknown"))
+    cases.append(([f"--out_dir={char_dir}", f"--input={unknown}", f"--per_line={unknown}"],
+                  "is the --input file itself, which the scores would replace"))
+    cases.append(([f"--out_dir={char_dir}", "--drop_unknown"], "--drop_unknown drops characters of an --input file"))
     cases.append(([f"--out_dir={tmp_path / 'nothing'}"], "no checkpoint at"))
     cases.append(([f"--out_dir={char_dir}", f"--input={tmp_path / 'missing.txt'}"], "not found"))
     cases.append(([f"--out_dir={char_dir}", "--per_line=x.jsonl"], "--per_line scores the lines of a text file"))
@@ -406,3 +410,39 @@ def test_the_automatic_batch_keeps_a_pass_small_for_any_vocabulary():
         assert tokens * 4 * (3 * vocab + 16 * n_embd) <= evaluate.MEMORY_BUDGET or batch == 1
         assert tokens * 2 > min(evaluate.TOKENS_PER_PASS, evaluate.MEMORY_BUDGET // (4 * (3 * vocab + 16 * n_embd)))
     assert evaluate.auto_batch_size(GPTConfig(vocab_size=65, n_embd=384, block_size=256)) == 32
+
+
+def test_drop_unknown_scores_the_text_without_them_and_counts_them_per_line(char_dir, char_tok, tmp_path, capsys):
+    """A char model meets characters it never saw (next month's logs): --drop_unknown scores the
+    text as if they were not there, and each --per_line record counts what its line lost, so the
+    unusual lines can still be ranked."""
+    path, clean = tmp_path / "new.txt", tmp_path / "clean.txt"
+    path.write_text("Speak.\nSpeak Zed, 9#!\nhear me\n", encoding="utf-8")
+    clean.write_text("Speak.\nSpeak ed, !\nhear me\n", encoding="utf-8")
+    scores = tmp_path / "scores.jsonl"
+    dropped = run_json([f"--out_dir={char_dir}", f"--input={path}", "--drop_unknown", f"--per_line={scores}"], capsys)
+    assert run_json([f"--out_dir={char_dir}", f"--input={clean}"], capsys)["loss"] == dropped["loss"]
+    records = [json.loads(line) for line in scores.read_text(encoding="utf-8").splitlines()]
+    assert [(r["line"], r["text"], r["unknown"]) for r in records] == [
+        (1, "Speak.", 0), (2, "Speak Zed, 9#!", 3), (3, "hear me", 0)]
+    assert records[1]["tokens"] == len("Speak ed, !") + 1
+    evaluate.main([f"--out_dir={char_dir}", f"--input={path}", "--drop_unknown", "--device=cpu"])
+    assert "--drop_unknown dropped 3 occurrence(s) of 3 character(s) the model never saw: 'Z' '9' '#'" in \
+        capsys.readouterr().err
+    tsv = tmp_path / "scores.tsv"
+    run_json([f"--out_dir={char_dir}", f"--input={path}", "--drop_unknown", f"--per_line={tsv}"], capsys)
+    assert tsv.read_text(encoding="utf-8").splitlines()[0].split("\t")[-2:] == ["unknown", "text"]
+
+
+def test_a_tsv_of_lines_with_quotes_reads_back_whole_with_csv_and_pandas_rules(char_dir, tmp_path, capsys):
+    """A log line that starts with a quote ("GET / HTTP/1.1" 200) comes back as written from
+    csv.DictReader with tabs as delimiter (pandas.read_csv's rules too)."""
+    import csv
+    path = tmp_path / "access.txt"
+    lines = ['"Speak" he', 'All: "hear me, speak"', "Before we proceed"]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tsv = tmp_path / "scores.tsv"
+    run_json([f"--out_dir={char_dir}", f"--input={path}", f"--per_line={tsv}", "--drop_unknown"], capsys)
+    with open(tsv, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert [r["text"] for r in rows] == lines and [int(r["line"]) for r in rows] == [1, 2, 3]
