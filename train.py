@@ -475,8 +475,17 @@ def accumulation_problem(cfg: TrainConfig, procs: Processes) -> str | None:
 
 
 def announce_model(raw_model: GPT, cfg: TrainConfig):
-    """The model's size, and with LoRA the share of it that trains."""
-    print(f"number of parameters: {raw_model.num_params() / 1e6:.2f}M")
+    """The model's size (nanoGPT's count), the lookup tables it leaves out when they outweigh the
+    rest, and with LoRA the share of it that trains."""
+    counted, total = raw_model.num_params(), sum(p.numel() for p in raw_model.parameters())
+    tables = f" (and {(total - counted) / 1e6:.2f}M in lookup tables)" if total - counted > counted else ""
+    print(f"number of parameters: {counted / 1e6:.2f}M{tables}")
+    if raw_model.config.bigram and (n := raw_model.bigram.weight.numel()) > counted:
+        V, C, size = raw_model.config.vocab_size, raw_model.config.n_embd, 16 * n  # float32: weights, grads, AdamW's 2
+        size = f"{size / 2 ** 30:.1f} GB" if size >= 2 ** 30 else f"{size / 2 ** 20:.0f} MB"
+        print(f"note: the bigram table alone holds {n / 1e6:.2f}M parameters ({V + 1:,} x {V:,} rows of {C}), "
+              f"{n / counted:.0f}x the rest of the model; with its gradients and optimizer state it takes "
+              f"~{size}: --bigram=False drops it (it pays on small char vocabularies)")
     if cfg.lora_rank:
         n = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         print(f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {n:,} parameters train "

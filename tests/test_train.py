@@ -820,3 +820,21 @@ def test_a_resume_that_never_beats_the_best_says_its_work_was_not_saved(tiny_dat
     assert (f"never went below the checkpoint's best 0.0100, so {out / 'ckpt.pt'} still holds iteration 4's model "
             f"and iterations 5-6 were not saved") in capsys.readouterr().out
     assert torch.load(out / "ckpt.pt", weights_only=False)["iter_num"] == 4
+
+
+def test_a_bigram_table_larger_than_the_model_is_said(tmp_path, capsys):
+    """A CPU recipe (bigram on) on a 1,000-token BPE vocabulary built a table 100x its model,
+    GBs of memory, while the parameter line said 1.96M: the line adds the lookup tables when
+    they outweigh the rest, and a note names the table and --bigram=False."""
+    import numpy as np
+    from conftest import write_token_dataset
+    rng = np.random.default_rng(0)
+    write_token_dataset(tmp_path / "data", "wide", rng.integers(0, 300, 4000), rng.integers(0, 300, 400))
+    run_train(tmp_path / "data", tmp_path / "out", "--dataset=wide", "--bigram=True", "--max_iters=1")
+    out = capsys.readouterr().out
+    assert "number of parameters: 0.03M (and 2.89M in lookup tables)" in out
+    assert "note: the bigram table alone holds 2.89M parameters (301 x 300 rows of 32)" in out
+    assert "x the rest of the model; with its gradients and optimizer state it takes ~44 MB: --bigram=False drops it" in out
+    run_train(tmp_path / "data", tmp_path / "out2", "--dataset=wide", "--bigram=False", "--max_iters=1")
+    out = capsys.readouterr().out
+    assert "bigram table" not in out and "lookup tables" not in out
