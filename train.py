@@ -449,12 +449,16 @@ def open_dataset(cfg: TrainConfig, pretrained: Pretrained | None) -> tuple[Datas
     if differ := tokenizer_mismatch(theirs, tokenizer, boundary=False):
         fix = (f"prepare the text with the model's tokenizer (`python prepare.py --input FILE --name NAME "
                f"--tokenizer {theirs['name']}`)" if theirs["name"] not in ("char", "bpe") else
-               "its vocabulary came from the text it was trained on, so it reads only that: finetune it on "
-               "text prepared with it, or train a new model on this dataset (--init_from=scratch)")
+               "its vocabulary came from the text it was trained on, so it reads only text prepared to the same "
+               "vocabulary; for a task, start from GPT-2 (--init_from=gpt2, data prepared with --tokenizer gpt2) or "
+               "train a new model on this dataset (--init_from=scratch)")
         raise UserError(f"--init_from={cfg.init_from} cannot read dataset {cfg.dataset!r}: {differ}; {fix}")
     if data.vocab_size > pretrained.config.vocab_size:
+        why = (": its documents' boundary token, which a model trained on plain text has no id for; start from "
+               "GPT-2 or train a new model on it (--init_from=scratch)" if data.eot_id is not None
+               and data.eot_id >= pretrained.config.vocab_size else "")
         raise UserError(f"dataset {cfg.dataset!r} has {data.vocab_size} tokens, more than the "
-                        f"{pretrained.config.vocab_size} of --init_from={cfg.init_from}")
+                        f"{pretrained.config.vocab_size} of --init_from={cfg.init_from}{why}")
     return data, {**theirs, **{k: v for k, v in tokenizer.items() if k == "documents"}}  # the data's mode
 
 

@@ -838,3 +838,19 @@ def test_a_bigram_table_larger_than_the_model_is_said(tmp_path, capsys):
     run_train(tmp_path / "data", tmp_path / "out2", "--dataset=wide", "--bigram=False", "--max_iters=1")
     out = capsys.readouterr().out
     assert "bigram table" not in out and "lookup tables" not in out
+
+
+def test_a_char_model_refuses_records_naming_their_boundary_token(tiny_data, tmp_path):
+    """A char model of plain text finetuned on documents of its own characters: their boundary
+    token has no id in the model, and the message says so (not only "66 tokens, more than 65")."""
+    import numpy as np
+    from conftest import write_token_dataset
+    run_train(tiny_data, tmp_path / "base", "--max_iters=2")
+    meta = json.loads((tiny_data / "tiny" / "meta.json").read_text())
+    n = len(meta["chars"])
+    ids = np.fromfile(tiny_data / "tiny" / "val.bin", dtype=np.uint16)[:600]
+    ids[::50] = n  # documents, each after its boundary token
+    write_token_dataset(tiny_data, "docs", ids, ids, chars=meta["chars"], vocab_size=n + 1, eot_id=n, documents="line")
+    with pytest.raises(UserError, match=f"has {n + 1} tokens, more than the {n} of --init_from=.*: its documents' "
+                                        "boundary token, which a model trained on plain text has no id for"):
+        run_train(tiny_data, tmp_path / "ft", f"--init_from={tmp_path / 'base'}", "--dataset=docs", "--max_iters=1")
