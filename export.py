@@ -207,7 +207,8 @@ def hf_usage(name: str, model: GPT, tokenizer: Tokenizer, instruct: dict | None 
 
 def model_card(model: GPT, tokenizer: Tokenizer, ckpt: dict, fmt: str, name: str) -> str:
     c, cfg = model.config, ckpt.get("config", {})
-    tok = (f"char-level, {len(tokenizer.chars)} characters" if tokenizer.name == "char"
+    tok = (f"char-level, {len(tokenizer.chars)} characters (the tokenizer drops any other character without a "
+           f"word: check your text against tokenizer.json's vocabulary)" if tokenizer.name == "char"
            else f"tiktoken {tokenizer.name} BPE, {tokenizer.vocab_size:,} tokens" if tokenizer.name != "bpe"
            else f"byte-level BPE trained on the dataset, {tokenizer.vocab_size:,} tokens")
     if tokenizer.documents:

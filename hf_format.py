@@ -275,7 +275,7 @@ def tokenizer_config(tokenizer: Tokenizer, block_size: int, instruct: dict | Non
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
               "clean_up_tokenization_spaces": False, "add_prefix_space": False}
     if tokenizer.eot_id is not None:
-        config.update(bos_token=EOT, eos_token=EOT, unk_token=EOT)
+        config.update(bos_token=EOT, eos_token=EOT, unk_token=EOT, pad_token=EOT)  # pad: for padding=True batches
     # our own description, ignored by transformers: --init_from=PATH gets back exactly the
     # tokenizer the model was trained with (a trained bpe vocabulary, documents mode)
     config[OUR_TOKENIZER_KEY] = tokenizer.describe()

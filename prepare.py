@@ -77,7 +77,7 @@ from tqdm import tqdm
 import durable
 import runlock
 from documents import BOM, as_text, split_documents
-from errors import UserError, run_main
+from errors import UserError, quoted, run_main
 import template
 from tokenizer import BPE, CHAR, LINE_PATTERN, NAMED_DATASETS, Tokenizer, bytes_to_unicode
 
@@ -332,7 +332,8 @@ def train_bpe(texts, vocab_size: int, documents: str | None) -> Tokenizer:
     if len(ranks) + 1 < vocab_size:
         raise UserError(f"--tokenizer=bpe:{vocab_size} asks for more tokens than the training text can "
                         f"make: it supports {len(ranks) + 1} (every pair of adjacent tokens already merged); "
-                        f"use --tokenizer=bpe:{len(ranks) + 1} or less, or more text")
+                        f"use --tokenizer=bpe:{len(ranks) + 1} or less, or more text (it learns from the first "
+                        f"--bpe_sample_chars characters of the training text)")
     return Tokenizer.bpe_from_ranks(ranks[:vocab_size - 1], documents=documents)
 
 
@@ -599,6 +600,17 @@ def is_jsonl(files: list[Path], fmt: str) -> bool:
     return all(jsonl)
 
 
+def json_read_as_text(files: list[Path], fmt: str) -> Path | None:
+    """A .json file read as plain text by default (an Alpaca-style array of records, say), whose
+    JSON syntax and keys would become the text: the first such file, for a note."""
+    for path in files:
+        if fmt == "auto" and path.suffix.lower() == ".json":
+            with open(path, "rb") as f:
+                if f.read(4096).lstrip()[:1] in (b"[", b"{"):
+                    return path
+    return None
+
+
 def read_template(path: str | None) -> dict:
     """The default template, or one from a JSON file with the same four keys."""
     if path is None:
@@ -711,7 +723,8 @@ def prepare_jsonl(args, files: list[Path], tokenizer: Tokenizer | None, bpe_size
     """Instruction data into folder: train/val bins, their masks; returns meta.json's dict.
     tokenizer: the tiktoken encoding asked for, or None for char and a trained vocabulary."""
     if args.documents != "file":
-        raise UserError("JSONL input: every record is one document already; drop --documents")
+        raise UserError("JSONL input: every record is one document already; drop --documents (or pass "
+                        "--format=text to read the file as plain text, a JSON log, say)")
     tmpl = read_template(args.template)
     sources, kinds, chars = scan_jsonl(files, tmpl)
     n_records = sum(kinds.values())
@@ -926,6 +939,11 @@ def prepare(argv=None):
             print(f"wrote {dest}/{replaced}: train.bin, val.bin ({meta['dtype']}), their loss masks "
                   f"({', '.join(MASK_OUTPUTS)}), meta.json")
             return
+        if path := json_read_as_text(files, args.format):
+            print(f"note: {path} is read as plain text, its JSON syntax and keys included (--format=text says so "
+                  f"and drops this note); instruction records are JSONL, one object per line with prompt and "
+                  f"response (or text, or messages): e.g. `jq -c '.[]' {quoted(path)} > records.jsonl`, then "
+                  f"rename the keys")
         if args.template:
             raise UserError(f"--template joins the records of JSONL instruction data; {files[0]} is plain "
                             f"text: drop --template, or pass a .jsonl file (--format=jsonl)")

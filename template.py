@@ -42,7 +42,9 @@ def record_kind(record) -> str:
         raise ValueError(f"a record must be a JSON object, got a {_type_name(record)}")
     keys = [k for k in ("text", "prompt", "response", "messages") if k in record]
     if not keys:
-        raise ValueError('the record has none of "text", "prompt" and "response", or "messages"')
+        raise ValueError(f'the record has none of "text", "prompt" and "response", or "messages" (its keys: '
+                         f'{", ".join(map(repr, list(record)[:8])) or "none"}); a .jsonl file that is no instruction '
+                         f'data (a JSON log, say) is read as plain text with --format=text')
     kind = "messages" if "messages" in record else "text" if "text" in record else "prompt_response"
     wanted = {"text": ("text",), "prompt_response": ("prompt", "response"), "messages": ("messages",)}[kind]
     extra = [k for k in keys if k not in wanted]
@@ -69,7 +71,9 @@ def _check_messages(messages) -> None:
         if not isinstance(m, dict):
             raise ValueError(f"messages[{i}] must be an object with role and content, got a {_type_name(m)}")
         if m.get("role") not in ROLES:
-            raise ValueError(f"messages[{i}].role must be system, user or assistant, got {m.get('role')!r}")
+            got = (f"no role but {', '.join(map(repr, list(m)[:4]))} (ShareGPT's from/value: rename them role/content, "
+                   f"human/gpt to user/assistant)" if "role" not in m else repr(m.get("role")))
+            raise ValueError(f"messages[{i}].role must be system, user or assistant, got {got}")
         if not isinstance(m.get("content"), str):
             raise ValueError(f"messages[{i}].content must be a string, got "
                              f"{'nothing' if 'content' not in m else 'a ' + _type_name(m['content'])}")

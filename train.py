@@ -112,8 +112,8 @@ class LossCurve:
 
     def draw(self, now: bool = False):
         start = time.perf_counter()
-        if not now and start < self.next_at:
-            return
+        if not now and start < self.next_at or not (Path(self.out_dir) / "metrics.jsonl").is_file():
+            return  # (nothing logged yet: a Ctrl-C before the first step)
         try:
             plot.write_loss_png(self.out_dir)
         except Exception as e:  # noqa: BLE001
@@ -199,10 +199,11 @@ class Patience:
 
 
 def report_patience(patience: int, iter_num: int, ckpt_path: Path, best_val_loss: float, best_iter: int,
-                    progress: Progress):
+                    progress: Progress, budget_note: str = ""):
     where = (f"{ckpt_path} holds the best, val loss {best_val_loss:.4f} at iteration {best_iter}" if best_iter > 0
              else f"the best was the first evaluation's, {best_val_loss:.4f}, before any training (never saved)")
-    progress.write(f"no better val loss in {patience} evaluations: stopped at iteration {iter_num}; {where}")
+    progress.write(f"no better val loss in {patience} evaluation{'s' if patience != 1 else ''}: stopped at "
+                   f"iteration {iter_num}{budget_note}; {where}")
 
 
 def report_skipped_step(iter_num: int, scaler, out_dir: str, progress: Progress, master: bool):
@@ -958,7 +959,10 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
                 if out_of_patience:
                     last = True
                     if master:
-                        report_patience(cfg.patience, iter_num, ckpt_path, best_val_loss, patience.best_iter, progress)
+                        spent = (f", {budget.spent:.1f} s of its --time_budget={cfg.time_budget:g} spent"
+                                 if cfg.time_budget else "")
+                        report_patience(cfg.patience, iter_num, ckpt_path, best_val_loss, patience.best_iter, progress,
+                                        spent)
                 if master and not cfg.eval_only:  # the curve after the checkpoint: a crash while drawing loses nothing
                     curve.draw(now=last)
                 t0, steps_timed = time.perf_counter(), 0  # keep eval out of the throughput figures

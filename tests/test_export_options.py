@@ -287,3 +287,21 @@ def test_a_pipeline_with_its_defaults_stops_at_the_context(case, exported):
     pipe = transformers.pipeline("text-generation", model=str(root / "hf"), trust_remote_code=case == "all")
     text = pipe(PROMPT, do_sample=False)[0]["generated_text"]
     assert text.startswith(PROMPT) and len(text) == 32  # a char model: one token a character
+
+
+def test_the_tokenizer_pads_a_batch_of_prompts_for_generate(exported, tokenizers):
+    """The recipe for batches (left padding, padding=True) works as written with the exported
+    tokenizer of a model with a boundary token: its pad token is <|endoftext|>, and each row's
+    greedy text is the one its prompt gets alone."""
+    root = exported("all", "bpe")
+    tok = transformers.AutoTokenizer.from_pretrained(root / "hf", trust_remote_code=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(root / "hf", trust_remote_code=True).eval()
+    assert tok.pad_token == "<|endoftext|>" == tok.eos_token
+    tok.padding_side = "left"
+    prompts = ["ROMEO:", "the"]
+    batch = tok(prompts, padding=True, return_tensors="pt")
+    out = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    width = batch.input_ids.shape[1]
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(tok(prompt, return_tensors="pt").input_ids, max_new_tokens=6, do_sample=False)
+        assert torch.equal(out[row, width:], alone[0, alone.shape[1] - 6:])

@@ -148,7 +148,11 @@ def test_chat_drops_the_oldest_turns_to_fit():
 BAD_LINES = {
     "broken JSON": ('{"prompt": "a", "response": }', "records.jsonl:3: not valid JSON"),
     "not an object": ('["a", "b"]', "records.jsonl:3: a record must be a JSON object, got a list"),
-    "no known field": ('{"question": "a"}', 'records.jsonl:3: the record has none of "text"'),
+    "no known field": ('{"question": "a"}', 'records.jsonl:3: the record has none of "text", "prompt" and '
+                       '"response", or "messages" (its keys: \'question\'); a .jsonl file that is no instruction '
+                       'data (a JSON log, say) is read as plain text with --format=text'),
+    "ShareGPT": ('{"messages": [{"from": "human", "value": "hi"}]}', "records.jsonl:3: messages[0].role must be "
+                 "system, user or assistant, got no role but 'from', 'value' (ShareGPT's from/value: rename them"),
     "missing response": ('{"prompt": "a"}', 'records.jsonl:3: the record has "prompt" but no "response"'),
     "wrong type": ('{"prompt": "a", "response": 4}', 'records.jsonl:3: "response" must be a string, got a number'),
     "mixed kinds": ('{"text": "a", "prompt": "b"}', "records.jsonl:3: the record mixes"),
@@ -564,3 +568,17 @@ def test_eval_scores_the_answers_only_as_training_does(chat_run, instruct_data, 
     assert result["loss"] == pytest.approx(nats / tokens, rel=1e-5)
     eval_script.main([f"--out_dir={chat_run}"])
     assert f"scored: the answers only ({tokens:,} of {len(ids) - 1:,} tokens)" in capsys.readouterr().out
+
+
+def test_a_json_array_of_records_is_read_as_text_with_a_note(tmp_path, capsys):
+    """An Alpaca-style data.json (a JSON array) is plain text to prepare.py, its syntax and keys
+    included: a note says so and how to make JSONL; --format=text takes it as meant."""
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps([{"instruction": f"Say {i}", "output": str(i)} for i in range(400)], indent=1),
+                   encoding="utf-8")
+    argv = ["--input", str(src), "--name", "j", "--data_dir", str(tmp_path / "data"), "--tokenizer", "char",
+            "--block_size", "8", "--num_workers", "1"]
+    prepare.main(argv)
+    assert f"note: {src} is read as plain text, its JSON syntax and keys included" in capsys.readouterr().out
+    prepare.main([*argv, "--format", "text"])
+    assert "note:" not in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """train.py --time_budget (the run's length in training seconds) and --patience (early stopping)."""
 import json
+import re
 import subprocess
 import types
 from pathlib import Path
@@ -160,3 +161,11 @@ def test_budget_run_under_torchrun_stops_together(tiny_data, tmp_path):
     ckpt = checkpoint.load(tmp_path / "out" / "ckpt.pt")
     assert ckpt["train_seconds"] >= 2 and ckpt["iter_num"] > 0
     assert f"time budget spent: {ckpt['iter_num']:,} iterations" in rank_output(tmp_path / "logs")
+
+
+def test_patience_in_a_budget_run_says_how_much_of_the_budget_it_spent(tiny_data, tmp_path, capsys):
+    run_train(tiny_data, tmp_path / "out", "--learning_rate=1e-30", "--min_lr=0", "--max_iters=500",
+              "--eval_interval=2", "--eval_at_start=false", "--patience=1", "--time_budget=600")
+    out = capsys.readouterr().out
+    assert re.search(r"no better val loss in 1 evaluation: stopped at iteration 4, [0-9.]+ s of its "
+                     r"--time_budget=600 spent; ", out), out[-600:]

@@ -854,3 +854,14 @@ def test_a_char_model_refuses_records_naming_their_boundary_token(tiny_data, tmp
     with pytest.raises(UserError, match=f"has {n + 1} tokens, more than the {n} of --init_from=.*: its documents' "
                                         "boundary token, which a model trained on plain text has no id for"):
         run_train(tiny_data, tmp_path / "ft", f"--init_from={tmp_path / 'base'}", "--dataset=docs", "--max_iters=1")
+
+
+def test_a_stop_before_anything_was_logged_draws_no_curve_and_warns_of_nothing(tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train.StopRequest, "requested", ctrl_c_at_check(0))
+        with pytest.raises(SystemExit):
+            run_train(tiny_data, out, "--max_iters=10", "--eval_at_start=false")
+    captured = capsys.readouterr()
+    assert "saved iteration 0 to" in captured.err
+    assert "warning" not in captured.out + captured.err and not (out / "loss.png").exists()
