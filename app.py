@@ -215,7 +215,8 @@ def model_card(name: str, loaded: Loaded) -> str:
     args, cfg, tok = loaded.info["model_args"] or {}, loaded.info["config"] or {}, loaded.tokenizer
     total = sum(p.numel() for p in loaded.model.parameters())
     best, iters = loaded.info.get("best_val_loss"), loaded.info.get("iter_num")
-    best_text = f"{best:.4f}" if isinstance(best, (int, float)) and math.isfinite(best) else "not evaluated"
+    best_text = (f"{best:.4f}" if isinstance(best, (int, float)) and math.isfinite(best) else
+                 "not evaluated" if isinstance(iters, int) else "not recorded")  # (a folder not exported by us)
     iters_text = f"{iters:,}" if isinstance(iters, int) else "unknown"
     vocab = f"{tok.vocab_size:,} characters" if tok.name == "char" else f"{tok.vocab_size:,} tokens"
     lines = [

@@ -34,7 +34,9 @@ import gc
 import hashlib
 gc.disable()  # no garbage collection while torch imports: start-up and exit ~0.3 s faster (docs/speed.md)
 import json
+import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -73,6 +75,7 @@ class ExportConfig:
     format: str = "hf"  # hf (Hugging Face transformers folder), onnx (onnxruntime + tokenizers folder) or gguf (llama.cpp, GPT-2 BPE models)
     dest: str = ""  # folder to write; empty = exports/<out_dir's name>-<format>
     force: bool = False  # replace dest even if it is not a folder export.py wrote, or a file you added to one
+    repo_id: str = ""  # --format=hf: the Hub repository (USER/NAME) you will upload dest to; the card loads it from there
 
     def problems(self) -> list[str]:
         p = []
@@ -80,6 +83,11 @@ class ExportConfig:
             p.append(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if not self.out_dir:
             p.append("--out_dir must name the folder holding ckpt.pt")
+        if self.repo_id and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.repo_id):
+            p.append(f"--repo_id must be a Hub repository's USER/NAME, got {self.repo_id!r}")
+        if self.repo_id and self.format != "hf":
+            p.append(f"--repo_id is for --format=hf (transformers loads a model by its Hub id); a {self.format} "
+                     f"folder is read from disk: upload it as it is, and download it with `hf download REPO --local-dir DIR`")
         return p
 
 
@@ -172,7 +180,9 @@ def onnx_loop(folder: str, tokenizer: Tokenizer, prompt: str = PROMPT, max_new_t
                             start=start, stop=stop, show=show)
 
 
-def hf_usage(name: str, model: GPT, tokenizer: Tokenizer, instruct: dict | None = None) -> str:
+def hf_usage(name: str, model: GPT, tokenizer: Tokenizer, instruct: dict | None = None, repo_id: str = "") -> str:
+    """The card's usage: transformers code loading name (the folder, or repo_id on the Hub), and
+    our scripts' commands, which read a folder on disk."""
     remote = bool(model.config.non_gpt2_options())
     prompt, max_new_tokens = card_prompt(tokenizer, model.config.block_size, instruct)
     trust = ", trust_remote_code=True" if remote else ""
@@ -192,8 +202,8 @@ def hf_usage(name: str, model: GPT, tokenizer: Tokenizer, instruct: dict | None 
         ends = "prompt + new tokens must fit in the context"
     code = ("import torch\n" if tokenizer.documents and not instruct else "") + (
             f"from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-            f"model = AutoModelForCausalLM.from_pretrained({literal(name)}{trust})\n"
-            f"tokenizer = AutoTokenizer.from_pretrained({literal(name)}{trust})\n{ids}"
+            f"model = AutoModelForCausalLM.from_pretrained({literal(repo_id or name)}{trust})\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({literal(repo_id or name)}{trust})\n{ids}"
             f"out = model.generate(ids, max_new_tokens={max_new_tokens}, do_sample=True, top_k=200, temperature=0.8{more})  # {ends}\n"
             f"print(tokenizer.decode({shown}, skip_special_tokens=True))\n")
     why = ("\n\nThe model uses options GPT-2's architecture lacks, so its code ships in this folder "
@@ -201,11 +211,13 @@ def hf_usage(name: str, model: GPT, tokenizer: Tokenizer, instruct: dict | None 
            "them); `trust_remote_code=True` lets transformers run it (AutoTokenizer reads config.json too, "
            "so it asks for the same). generate() and its KV cache work as for any transformers model, "
            "batches of prompts too, left-padded with an attention_mask.") if remote else ""
-    return (f"```python\n{code}```{why}\n\nOr continue training it: `python train.py --init_from={quoted(name)} ...` "
-            f"in nanogpt-toolkit (or sample it: `python sample.py --init_from={quoted(name)}`).")
+    local = quoted(repo_id.split("/")[1] if repo_id else name)
+    fetch = f"`hf download {repo_id} --local-dir {local}`, then " if repo_id else ""
+    return (f"```python\n{code}```{why}\n\nOr continue training it: {fetch}`python train.py --init_from={local} ...` "
+            f"in nanogpt-toolkit (or sample it: `python sample.py --init_from={local}`).")
 
 
-def model_card(model: GPT, tokenizer: Tokenizer, ckpt: dict, fmt: str, name: str) -> str:
+def model_card(model: GPT, tokenizer: Tokenizer, ckpt: dict, fmt: str, name: str, repo_id: str = "") -> str:
     c, cfg = model.config, ckpt.get("config", {})
     tok = (f"char-level, {len(tokenizer.chars)} characters (the tokenizer drops any other character without a "
            f"word: check your text against tokenizer.json's vocabulary)" if tokenizer.name == "char"
@@ -227,7 +239,7 @@ def model_card(model: GPT, tokenizer: Tokenizer, ckpt: dict, fmt: str, name: str
     instruct = ckpt.get("instruct") if fmt == "onnx" else None  # (hf_usage words the hf card's; llama.cpp, its chat mode)
     prompt, max_new_tokens = card_prompt(tokenizer, c.block_size, instruct)
     if fmt == "hf":
-        use = hf_usage(name, model, tokenizer, ckpt.get("instruct"))
+        use = hf_usage(name, model, tokenizer, ckpt.get("instruct"), repo_id)
     elif fmt == "gguf":
         use = f"""With llama.cpp: `llama-cli -m {quoted(name + '/model.gguf')} -p {literal(prompt)} -n {max_new_tokens}`, or from Python with xllamacpp:
 
@@ -254,7 +266,7 @@ pipeline_tag: text-generation
 tags: [{"gpt2" if not options else "nanogpt"}, nanogpt-toolkit]
 {MARKER}
 ---
-# {name}
+# {repo_id or name}
 
 A language model ({arch}) {origin} with nanogpt-toolkit, a nanoGPT-style trainer, and
 exported by its `export.py` ({fmt} format).
@@ -763,12 +775,19 @@ def main(argv=None):
     model.float()
     if cfg.format == "gguf":  # before anything is written
         check_gguf(model, tokenizer)
-    card = model_card(model, tokenizer, ckpt, cfg.format, str(dest))
+    card = model_card(model, tokenizer, ckpt, cfg.format, str(dest), cfg.repo_id)
     users = users_files(dest)
     written: list[str] = []
 
     def write(folder: Path):
         WRITERS[cfg.format](model, tokenizer, folder, ckpt.get("instruct"))
+        if (folder / "tokenizer_config.json").is_file():  # the run's figures, for app.py's card of the folder
+            config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+            best = ckpt.get("best_val_loss")
+            config[hf_format.OUR_RUN_KEY] = {"dataset": (ckpt.get("config") or {}).get("dataset"),
+                                             "iter_num": ckpt.get("iter_num"),
+                                             "best_val_loss": best if isinstance(best, float) and math.isfinite(best) else None}
+            write_json(folder / "tokenizer_config.json", config)
         written[:] = sorted({p.name for p in folder.iterdir()} | {"README.md"})
         if (clash := [p.name for p in users if p.name in written]) and not cfg.force:
             raise UserError(f"--dest={dest} holds {', '.join(clash)}, which you added or changed there since "

@@ -266,6 +266,7 @@ def hf_tokenizer(tokenizer: Tokenizer):
 
 OUR_TOKENIZER_KEY = "nanogpt_tokenizer"  # in tokenizer_config.json: tokenizer.Tokenizer.describe()
 OUR_INSTRUCT_KEY = "nanogpt_instruct"  # in tokenizer_config.json: the checkpoint's instruct (template, chat)
+OUR_RUN_KEY = "nanogpt_run"  # in tokenizer_config.json: the run's dataset, iterations and best val loss
 
 
 def tokenizer_config(tokenizer: Tokenizer, block_size: int, instruct: dict | None = None) -> dict:
@@ -292,6 +293,15 @@ def instruct_of(folder: Path) -> dict | None:
     ok = (instruct is not None and isinstance(instruct.get("template"), dict)
           and all(isinstance(instruct["template"].get(k), str) for k in template.TEMPLATE))
     return {"template": instruct["template"], "chat": bool(instruct.get("chat"))} if ok else None
+
+
+def run_of(folder: Path) -> dict:
+    """What an export of ours recorded of its run (dataset, iter_num, best_val_loss: the model
+    card's figures), each None where the folder says nothing of it."""
+    run = _ours_in_tokenizer_config(folder, OUR_RUN_KEY) or {}
+    kinds = {"dataset": str, "iter_num": int, "best_val_loss": (int, float)}
+    return {k: run.get(k) if isinstance(run.get(k), kind) and not isinstance(run.get(k), bool) else None
+            for k, kind in kinds.items()}
 
 
 def _vocab_of(folder: Path) -> tuple[dict[str, int], dict[str, int], bool]:

@@ -108,7 +108,9 @@ def load_hf(init_from: str, device: str) -> tuple[GPT, Tokenizer, dict]:
     """load()'s triple from a Hugging Face GPT-2 only: a folder or a GPT-2 name (--init_from)."""
     check_folder(init_from, "--init_from")
     model, tokenizer = hf_format.load(init_from)
-    info = {"model_args": dataclasses.asdict(model.config), "config": {"dataset": "(Hugging Face folder)"},
-            "iter_num": None, "best_val_loss": None,
+    run = hf_format.run_of(hf_format.resolve(init_from))  # an export of ours: its run's figures
+    info = {"model_args": dataclasses.asdict(model.config),
+            "config": {"dataset": run["dataset"] or "(Hugging Face folder)"},
+            "iter_num": run["iter_num"], "best_val_loss": run["best_val_loss"],
             "instruct": hf_format.instruct_of(hf_format.resolve(init_from))}  # an instruction model's template
     return model.to(device), tokenizer, info

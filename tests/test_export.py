@@ -165,6 +165,10 @@ def test_char_model_exports_to_transformers_and_onnxruntime(char_run, tmp_path, 
     models = app.Models({"ckpt": char_run / "out", "hf": hf_dir}, hardware.resolve("cpu", "float32"))
     texts = [list(app.generate(models, 100, 0.0, CHAR_PROMPT, 40, 0.0, 0, 1.0, 1, model=name))[-1] for name in models.folders]
     assert texts[0] == texts[1] and len(texts[0]) > len(CHAR_PROMPT)
+    # its card shows the run's figures, which the export recorded, as the checkpoint's does
+    ckpt = checkpoint.load(char_run / "out" / "ckpt.pt")
+    card = app.model_card("hf", models.get("hf"))
+    assert "- **dataset**: tiny;" in card and f"**trained**: 10 iterations; **best val loss**: {ckpt['best_val_loss']:.4f}" in card
 
 
 # ---------------------------------------------------------------------------- GPT-2 from transformers
@@ -583,3 +587,19 @@ def test_the_cards_commands_run_as_written_from_a_path_with_a_space(char_run, tm
     capsys.readouterr()
     sample.main([*argv[2:], "--max_new_tokens=5", f"--prompt={CHAR_PROMPT}"])
     assert capsys.readouterr().out.startswith(CHAR_PROMPT)
+
+
+def test_an_export_for_the_hub_loads_by_its_repository_id(char_run, tmp_path, capsys):
+    """--repo_id: the card's title and transformers code name the Hub repository (the card ships
+    with the folder, so no local path of the exporter's shows there), and our scripts' lines say
+    how to download it first. ONNX and GGUF folders are read from disk: refused."""
+    dest = tmp_path / "hub"
+    export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}", "--repo_id=someone/tiny-char"])
+    card = (dest / "README.md").read_text(encoding="utf-8")
+    assert "# someone/tiny-char\n" in card and 'from_pretrained("someone/tiny-char")' in card
+    assert "`hf download someone/tiny-char --local-dir tiny-char`, then `python train.py --init_from=tiny-char ...`" in card
+    assert str(tmp_path) not in card.split("## Training config")[0]
+    for argv, message in ((["--repo_id=no-slash"], "--repo_id must be a Hub repository's USER/NAME"),
+                          (["--repo_id=a/b", "--format=onnx"], "--repo_id is for --format=hf")):
+        with pytest.raises(UserError, match=message):
+            export.main([f"--out_dir={char_run / 'out'}", f"--dest={tmp_path / 'x'}", *argv])
