@@ -129,6 +129,9 @@ def read_utf8(path: Path) -> str:
     """The text of a UTF-8 file, read as prepare.py reads its input (documents.as_text: line
     ends as "\n", no leading byte-order mark), so bytes and characters count that text;
     a bad byte is named with its line and offset."""
+    if path.is_dir():
+        raise UserError(f"--input={path} is a folder; eval.py scores one file: join its files into one "
+                        f"(e.g. `cat {path}/*.txt > all.txt`) or name one of them")
     try:
         raw = path.read_bytes()
     except FileNotFoundError:

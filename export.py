@@ -51,6 +51,7 @@ from torch.onnx import symbolic_helper
 
 import durable
 import hf_format
+import runlock
 from config import parse_config
 from errors import UserError, quoted, run_main
 from hf_format import require
@@ -773,6 +774,11 @@ def main(argv=None):
     check_destination(dest, cfg.force)
     model, tokenizer, ckpt = load_model(cfg.out_dir, "cpu")
     model.float()
+    holder = runlock.read_note(Path(cfg.out_dir) / "train.lock")  # train.py's: a run still going there
+    if holder and not runlock.holder_is_gone(holder):
+        print(f"note: a run still trains in {cfg.out_dir} ({runlock.describe(holder)}): this export is of its "
+              f"checkpoint at iteration {ckpt.get('iter_num')}; export again when it ends for the final model",
+              file=sys.stderr)
     if cfg.format == "gguf":  # before anything is written
         check_gguf(model, tokenizer)
     card = model_card(model, tokenizer, ckpt, cfg.format, str(dest), cfg.repo_id)

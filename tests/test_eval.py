@@ -239,6 +239,7 @@ def test_bad_inputs_one_clear_line(char_dir, tmp_path):
     cases.append(([f"--out_dir={char_dir}", f"--input={unknown}", f"--per_line={unknown}"],
                   "is the --input file itself, which the scores would replace"))
     cases.append(([f"--out_dir={char_dir}", "--drop_unknown"], "--drop_unknown drops characters of an --input file"))
+    cases.append(([f"--out_dir={char_dir}", f"--input={tmp_path}"], "is a folder; eval.py scores one file"))
     cases.append(([f"--out_dir={tmp_path / 'nothing'}"], "no checkpoint at"))
     cases.append(([f"--out_dir={char_dir}", f"--input={tmp_path / 'missing.txt'}"], "not found"))
     cases.append(([f"--out_dir={char_dir}", "--per_line=x.jsonl"], "--per_line scores the lines of a text file"))

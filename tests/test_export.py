@@ -603,3 +603,18 @@ def test_an_export_for_the_hub_loads_by_its_repository_id(char_run, tmp_path, ca
                           (["--repo_id=a/b", "--format=onnx"], "--repo_id is for --format=hf")):
         with pytest.raises(UserError, match=message):
             export.main([f"--out_dir={char_run / 'out'}", f"--dest={tmp_path / 'x'}", *argv])
+
+
+def test_exporting_a_run_that_still_trains_says_so(char_run, tmp_path, capsys):
+    import shutil
+    import socket
+    import time
+    run = tmp_path / "run"
+    shutil.copytree(char_run / "out", run)
+    note = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "command": "python train.py"}
+    (run / "train.lock").write_text(json.dumps(note), encoding="utf-8")  # what a training run holds
+    export.main([f"--out_dir={run}", f"--dest={tmp_path / 'e'}"])
+    assert f"note: a run still trains in {run} (PID {os.getpid()}" in capsys.readouterr().err
+    (run / "train.lock").write_text(json.dumps({**note, "pid": 2 ** 22 + 17}), encoding="utf-8")  # a dead run's
+    export.main([f"--out_dir={run}", f"--dest={tmp_path / 'e'}"])
+    assert "still trains" not in capsys.readouterr().err
