@@ -105,8 +105,8 @@ def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool, instruct:
         print(f"note: --drop_unknown dropped {len(unknown)} character(s) the model never saw: {shown}", file=sys.stderr)
     if instruct:
         if not text.strip():  # as app.py's chat refuses an empty message
-            raise UserError("the prompt is empty: an instruction model answers a question or a task; give one, "
-                            "e.g. What is 2 + 3?")
+            raise UserError("the prompt is empty: an instruction model answers a question or a task; give one "
+                            "like those it was trained on")
         # (a prompt file's last line end is the file's, not the question's: the template ends the turn)
         return template.prompt_ids(tokenizer, instruct["template"], text.rstrip("\n"), drop_unknown)
     if tokenizer.documents:  # a new document: its boundary token, then the prompt's text

@@ -217,6 +217,7 @@ def interactive(model, tokenizer, cfg, precision, generator, out, instruct: dict
                 if instruct and instruct["chat"]:
                     if line.strip() == "/reset":
                         history.clear()
+                        print("(a new chat: the turns so far are forgotten)", file=sys.stderr, flush=True)
                     else:
                         chat_turn(model, tokenizer, cfg, precision, generator, out, instruct["template"],
                                   block_size, history, line)

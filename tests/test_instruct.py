@@ -362,7 +362,7 @@ def test_an_empty_prompt_to_an_instruction_model_is_one_line(chat_run, capsys):
     with pytest.raises(SystemExit):
         run_main(sample.main, [f"--out_dir={chat_run}", "--prompt= ", "--device=cpu"])
     assert capsys.readouterr().err.strip().endswith("an instruction model answers a question or a task; give "
-                                                    "one, e.g. What is 2 + 3?")
+                                                    "one like those it was trained on")
     models = app.Models({"chat": chat_run}, hardware.resolve("cpu", "float32"))
     with pytest.raises(Exception, match="the prompt is empty"):
         list(app.generate(models, 100, 0.0, "", 4, 0, 0, 1.0, 1, "chat"))
@@ -582,3 +582,11 @@ def test_a_json_array_of_records_is_read_as_text_with_a_note(tmp_path, capsys):
     assert f"note: {src} is read as plain text, its JSON syntax and keys included" in capsys.readouterr().out
     prepare.main([*argv, "--format", "text"])
     assert "note:" not in capsys.readouterr().out
+
+
+def test_reset_in_an_interactive_chat_says_the_chat_starts_again(chat_run, capsys, monkeypatch):
+    import io
+    import sample
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n/reset\nquit\n"))
+    sample.main([f"--out_dir={chat_run}", "--interactive", "--max_new_tokens=3", "--device=cpu", "--dtype=float32"])
+    assert "(a new chat: the turns so far are forgotten)" in capsys.readouterr().err
