@@ -212,6 +212,9 @@ def hf_usage(name: str, model: GPT, tokenizer: Tokenizer, instruct: dict | None 
            "them); `trust_remote_code=True` lets transformers run it (AutoTokenizer reads config.json too, "
            "so it asks for the same). generate() and its KV cache work as for any transformers model, "
            "batches of prompts too, left-padded with an attention_mask.") if remote else ""
+    if tokenizer.documents and not instruct:  # the Hub's widget and pipeline() start no new document
+        why += ("\n\nA document starts with <|endoftext|>, as above: transformers' text-generation pipeline "
+                "does not put it before a prompt, so its text differs from the model's documents.")
     local = quoted(repo_id.split("/")[1] if repo_id else name)
     fetch = f"`hf download {repo_id} --local-dir {local}`, then " if repo_id else ""
     return (f"```python\n{code}```{why}\n\nOr continue training it: {fetch}`python train.py --init_from={local} ...` "
