@@ -274,6 +274,7 @@ def tokenizer_config(tokenizer: Tokenizer, block_size: int, instruct: dict | Non
     instruction records (instruct: the checkpoint's template) also gets its chat_template, for
     apply_chat_template, and the template itself, for our --init_from."""
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
+              "model_input_names": ["input_ids", "attention_mask"],  # as GPT-2's: no token_type_ids for generate()
               "clean_up_tokenization_spaces": False, "add_prefix_space": False}
     if tokenizer.eot_id is not None:
         config.update(bos_token=EOT, eos_token=EOT, unk_token=EOT, pad_token=EOT)  # pad: for padding=True batches

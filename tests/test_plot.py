@@ -131,6 +131,7 @@ def test_frequent_evaluations_draw_at_most_a_twentieth_of_the_time(monkeypatch, 
 
     monkeypatch.setattr(train.plot, "write_loss_png", draw)
     monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    (tmp_path / "metrics.jsonl").write_text('{"iter": 0, "train/loss": 4.0}\n')  # (none: nothing to draw)
     curve = train.LossCurve(str(tmp_path), progress=None)
     for _ in range(200):
         curve.draw()
