@@ -35,6 +35,8 @@ class PlotConfig:
     """Settings of plot.py; the run folders (OUT_DIR ...) come first, without a --key."""
     output: str = ""  # PNG to write; default: OUT_DIR/loss.png for one run, loss_curves.png here for several
     title: str = ""  # figure title; default: the run folder's name, or "N runs"
+    ymax: float = 0.0  # top of the loss axis, to see the end of a run the first steps' loss dwarfs; 0 = all of it
+    log_y: bool = False  # a logarithmic loss axis
 
 
 @dataclass
@@ -104,7 +106,7 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)  # JSON true is no loss
 
 
-def draw(runs: list[Run], title: str = ""):
+def draw(runs: list[Run], title: str = "", ymax: float = 0.0, log_y: bool = False):
     """A matplotlib Figure of the runs' loss curves. One run: its batch losses (faint), the
     evaluated train and val losses, the best val marked, and the learning rate on a second
     axis. Several runs: one colour each, val solid and batch losses faint, no lr (too busy)."""
@@ -141,6 +143,10 @@ def draw(runs: list[Run], title: str = ""):
         if best is not None:
             ax.plot(*best, marker="*", markersize=14, color=c_val, markeredgecolor="black",
                     linestyle="none", label=f"{prefix}best val {best[1]:.4f} at iter {best[0]:,}")
+    if log_y:
+        ax.set_yscale("log")
+    if ymax > 0:
+        ax.set_ylim(top=ymax)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # iterations are whole numbers
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss (cross-entropy, nats/token)")
@@ -219,7 +225,9 @@ def main(argv=None):
         raise UserError(f"--output must end in .png, got {output!r}")
     if not Path(output).resolve().parent.is_dir():
         raise UserError(f"the folder of --output={output} does not exist; create it first")
-    save_png(draw(runs, cfg.title), output)
+    if cfg.ymax < 0:
+        raise UserError(f"--ymax must be positive (0 = the whole range), got {cfg.ymax}")
+    save_png(draw(runs, cfg.title, cfg.ymax, cfg.log_y), output)
     for run in runs:
         best = run.best_val()
         best_text = f"best val {best[1]:.4f} at iter {best[0]}" if best else "no evaluation yet"

@@ -300,7 +300,7 @@ def say_bpe_training(vocab_size: int, chars: int) -> None:
     """The one line before the silent part: tokenizers' trainer shows no progress, and a Ctrl-C
     is answered only when it returns."""
     print(f"training a BPE vocabulary of {vocab_size:,} tokens on up to {chars:,} characters (tens of "
-          f"seconds for 10M; a Ctrl-C waits for it)...", flush=True)
+          f"seconds for 10M, minutes where lines run to thousands of characters; a Ctrl-C waits for it)...", flush=True)
 
 
 def train_bpe(texts, vocab_size: int, documents: str | None) -> Tokenizer:

@@ -192,3 +192,17 @@ def test_several_runs_get_a_colour_each_and_two_runs_of_one_name_are_told_apart(
     assert f"{tmp_path / 'a' / 'out'}: 4 iterations, best val 3.1000 at iter 2" in printed
     assert f"{tmp_path / 'b' / 'out'}: 1 iterations, best val 4.2000 at iter 0" in printed
     assert is_figure(out)
+
+
+def test_ymax_and_log_y_zoom_the_loss_axis(tmp_path, capsys):
+    """A run whose first loss (4.2) dwarfs its end (0.4-0.6): --ymax cuts the axis there, --log_y
+    makes it logarithmic; the default shows every point; a negative --ymax is refused."""
+    write_metrics(tmp_path / "run", EVALS_AND_STEPS)
+    run = plot.read_run(tmp_path / "run")
+    assert plot.draw([run]).axes[0].get_ylim()[1] > 4.3
+    assert plot.draw([run], ymax=3.2).axes[0].get_ylim()[1] == 3.2
+    assert plot.draw([run], log_y=True).axes[0].get_yscale() == "log"
+    plot.main([str(tmp_path / "run"), "--ymax=3.5", f"--output={tmp_path / 'z.png'}"])
+    assert (tmp_path / "z.png").stat().st_size > 1000
+    with pytest.raises(UserError, match="--ymax must be positive"):
+        plot.main([str(tmp_path / "run"), "--ymax=-1"])
