@@ -400,16 +400,21 @@ def write_per_line(path: Path, records: list[dict]):
                 for r in records:
                     text = r["text"].replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
                     rows.writerow([*(f"{r[k]:.6g}" if isinstance(r[k], float) else str(r[k]) for k in keys[:-1]), text])
-            else:
+            else:  # (a line with no bytes left, its characters dropped, has no bits per byte: null, not NaN)
                 for r in records:
-                    f.write(json.dumps({k: r[k] for k in keys}, ensure_ascii=False) + "\n")
+                    f.write(json.dumps({k: None if isinstance(r[k], float) and math.isnan(r[k]) else r[k] for k in keys},
+                                       ensure_ascii=False) + "\n")
     except OSError as e:
         raise UserError(f"cannot write --per_line file {path}: {e.strerror or e}") from None
 
 
-def check_writable(path: Path):
-    """Refuse a --per_line file that could not be written, before the model loads and scores."""
+def check_writable(path: Path, input_path: Path):
+    """Refuse a --per_line file that could not be written, or that is the --input file under
+    another name (a link), before the model loads and scores."""
     where = path.parent
+    if path.exists() and input_path.exists() and os.path.samefile(path, input_path):
+        raise UserError(f"--per_line={path} is the --input file itself, which the scores would replace: "
+                        f"name another file, e.g. --per_line=scores.jsonl")
     if path.is_dir():
         raise UserError(f"--per_line {path} is a folder; name a file in it, such as {path / 'scores.jsonl'}")
     if blocker := durable.file_in_the_way(path):
@@ -441,7 +446,7 @@ def main(argv=None):
     if text is not None and not text.strip():
         raise UserError(f"--input={cfg.input} holds no text to score (it is empty or only whitespace)")
     if cfg.per_line:
-        check_writable(Path(cfg.per_line))
+        check_writable(Path(cfg.per_line), Path(cfg.input))
     model, tokenizer, trained_on, trained_dir = load_for_eval(cfg, precision.device)
     block_size = model.config.block_size
     stride = cfg.stride or block_size
@@ -462,7 +467,7 @@ def main(argv=None):
         drop = {ord(c): None for c in unknown}
         if unknown:
             shown = " ".join(repr(c) for c in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
-            print(f"note: --drop_unknown dropped {sum(map(text.count, unknown)):,} occurrence(s) of {len(unknown)} "
+            print(f"note: --drop_unknown dropped {len(text) - len(text.translate(drop)):,} occurrence(s) of {len(unknown)} "
                   f"character(s) the model never saw: {shown}", file=sys.stderr)
         ids, what, in_loss = encode_text(tokenizer, text.translate(drop)), cfg.input, None
     else:

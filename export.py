@@ -38,6 +38,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import warnings
@@ -84,7 +85,8 @@ class ExportConfig:
             p.append(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if not self.out_dir:
             p.append("--out_dir must name the folder holding ckpt.pt")
-        if self.repo_id and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.repo_id):
+        part = r"(?![.-])(?!.*(?:--|\.\.))[\w.-]+(?<![.-])"  # the Hub's rule for a user's and a repository's name
+        if self.repo_id and not re.fullmatch(f"{part}/{part}", self.repo_id):
             p.append(f"--repo_id must be a Hub repository's USER/NAME, got {self.repo_id!r}")
         if self.repo_id and self.format != "hf":
             p.append(f"--repo_id is for --format=hf (transformers loads a model by its Hub id); a {self.format} "
@@ -588,7 +590,12 @@ def is_our_export(dest: Path) -> bool:
         return False
 
 
+TEXT_SUFFIXES = (".json", ".md", ".py", ".txt")  # hashed with CRLF as LF: a git checkout on Windows changes no file
+
+
 def file_sha256(path: Path) -> str:
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        return hashlib.sha256(path.read_bytes().replace(b"\r\n", b"\n")).hexdigest()
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -609,35 +616,54 @@ def written_files(folder: Path, card: str) -> dict[str, str | None]:
     return dict(sorted({**files, "README.md": card_sha256(card)}.items()))
 
 
+def exported_manifest(card: str):
+    """The card's `exported_files` (a dict name -> sha256; a list of names from before the
+    hashes), or None: no such entry, or one that cannot be read. Our one-line JSON, or the YAML
+    that huggingface_hub's card tools rewrite the front matter to."""
+    for line in card.splitlines():
+        if line.startswith(f"{EXPORTED_FILES}: "):
+            try:
+                found = json.loads(line.partition(": ")[2])
+            except ValueError:
+                found = None
+            return found if isinstance(found, (list, dict)) else None
+    parts = card.split("---", 2)
+    if len(parts) == 3:
+        try:
+            import yaml  # (huggingface_hub's, with transformers)
+            front = yaml.safe_load(parts[1])
+        except Exception:  # noqa: BLE001 (no yaml, or a front matter that is no YAML)
+            return None
+        found = front.get(EXPORTED_FILES) if isinstance(front, dict) else None
+        return found if isinstance(found, (list, dict)) else None
+    return None
+
+
 def users_files(dest: Path) -> list[Path]:
     """What a user added to an earlier export in dest (notes, a license, a picture), or changed
     there since (an edited card): the entries its card's `exported_files` does not list or lists
     with another sha256. A new export carries them over where it writes no file of that name;
-    the files the earlier export wrote are replaced. A folder export.py did not write: all of
-    it (written into only with --force). An export from before cards listed files: none."""
+    the files the earlier export wrote are replaced. A folder export.py did not write, or a card
+    whose list is gone or unreadable: all of it (so nothing is replaced without --force)."""
     if not dest.is_dir() or dest.is_symlink():
         return []
     if not is_our_export(dest):
         return sorted(dest.iterdir())
     card = (dest / "README.md").read_text(encoding="utf-8", errors="replace")
-    for line in card.splitlines():
-        if line.startswith(f"{EXPORTED_FILES}: "):
-            try:
-                ours = json.loads(line.partition(": ")[2])
-            except ValueError:
-                return []
-            if isinstance(ours, list):  # an export from before the card held each file's sha256
-                return sorted(p for p in dest.iterdir() if p.name not in ours)
+    ours = exported_manifest(card)
+    if ours is None:
+        return sorted(dest.iterdir())
+    if isinstance(ours, list):  # an export from before the card held each file's sha256
+        return sorted(p for p in dest.iterdir() if p.name not in ours)
 
-            def changed(p: Path) -> bool:
-                if p.name not in ours:
-                    return True
-                if ours[p.name] is None or p.is_dir():
-                    return False
-                now = card_sha256(card) if p.name == "README.md" else file_sha256(p)
-                return now != ours[p.name]
-            return sorted(p for p in dest.iterdir() if changed(p))
-    return []
+    def changed(p: Path) -> bool:
+        if p.name not in ours:
+            return True
+        if not isinstance(ours[p.name], str) or p.is_dir():
+            return False
+        now = card_sha256(card) if p.name == "README.md" else file_sha256(p)
+        return now != ours[p.name]
+    return sorted(p for p in dest.iterdir() if changed(p))
 
 
 def real_destination(dest: Path) -> Path:
@@ -778,10 +804,11 @@ def main(argv=None):
     model, tokenizer, ckpt = load_model(cfg.out_dir, "cpu")
     model.float()
     holder = runlock.read_note(Path(cfg.out_dir) / "train.lock")  # train.py's: a run still going there
-    if holder and not runlock.holder_is_gone(holder):
-        print(f"note: a run still trains in {cfg.out_dir} ({runlock.describe(holder)}): this export is of its "
-              f"checkpoint at iteration {ckpt.get('iter_num')}; export again when it ends for the final model",
-              file=sys.stderr)
+    if holder and not runlock.holder_is_gone(holder):  # (another host's run: cannot be checked from here)
+        here = holder.get("host") == socket.gethostname()
+        print(f"note: a run {'still trains' if here else 'may still train'} in {cfg.out_dir} "
+              f"({runlock.describe(holder)}): this export is of its checkpoint at iteration {ckpt.get('iter_num')}; "
+              f"export again when it ends for the final model", file=sys.stderr)
     if cfg.format == "gguf":  # before anything is written
         check_gguf(model, tokenizer)
     card = model_card(model, tokenizer, ckpt, cfg.format, str(dest), cfg.repo_id)
@@ -799,9 +826,11 @@ def main(argv=None):
             write_json(folder / "tokenizer_config.json", config)
         written[:] = sorted({p.name for p in folder.iterdir()} | {"README.md"})
         if (clash := [p.name for p in users if p.name in written]) and not cfg.force:
+            hint = ("; for your card: copy your edits, pass --force, and put them into the new README.md"
+                    if "README.md" in clash else "")
             raise UserError(f"--dest={dest} holds {', '.join(clash)}, which you added or changed there since "
                             f"export.py wrote it, and this export would replace; move it away, choose another "
-                            f"--dest, or pass --force to replace it")
+                            f"--dest, or pass --force to replace it{hint}")
         files = json.dumps(written_files(folder, card))
         (folder / "README.md").write_text(card.replace(MARKER, f"{MARKER}\n{EXPORTED_FILES}: {files}"), encoding="utf-8")
         for path in users:  # the user's own files, where the export writes none of that name

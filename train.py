@@ -1025,8 +1025,9 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
         # always_save_checkpoint=false: ckpt.pt keeps the checkpoint's best model, not this run's work
         done = (f"done: {iter_num} iterations; the val loss ({last_val:.4f} at the end) never went below the "
                 f"checkpoint's best {best_val_loss:.4f}, so {ckpt_path} still holds iteration {first_iter}'s "
-                f"model and iterations {first_iter + 1}-{iter_num} were not saved (--always_save_checkpoint=true "
-                f"keeps the last model)") if last_val is not None else done
+                f"model and iterations {first_iter + 1}-{iter_num} were not saved" +
+                (" (with --patience ckpt.pt keeps the best model)" if cfg.patience else
+                 " (--always_save_checkpoint=true keeps the last model)")) if last_val is not None else done
     elif not saved and stopped_by is None and not cfg.eval_only and cfg.init_from != "resume":
         # the val loss never beat the first evaluation's (the start, never saved): a run that ends
         # without a checkpoint would leave nothing to sample or resume, so the last model is kept

@@ -447,3 +447,22 @@ def test_a_tsv_of_lines_with_quotes_reads_back_whole_with_csv_and_pandas_rules(c
     with open(tsv, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     assert [r["text"] for r in rows] == lines and [int(r["line"]) for r in rows] == [1, 2, 3]
+
+
+def test_a_line_of_unknown_characters_only_scores_null_not_nan_and_a_link_to_the_input_is_refused(tmp_path, capsys):
+    """A documents model, --drop_unknown: a line made of unknown characters only has no bytes
+    left, so no bits per byte: JSON null (NaN is no JSON). A --per_line name that is a hard link
+    to --input is the input itself: refused, the input kept."""
+    tok = Tokenizer.char_from_text(TEXT, documents="line")
+    out = save_model(tmp_path / "out", tok, seed=3)
+    path = tmp_path / "u.txt"
+    path.write_text("Speak.\n€€€\nhear me\n", encoding="utf-8")
+    scores = tmp_path / "s.jsonl"
+    run_json([f"--out_dir={out}", f"--input={path}", "--drop_unknown", f"--per_line={scores}"], capsys)
+    records = [json.loads(line) for line in scores.read_text(encoding="utf-8").splitlines()]  # strict JSON
+    assert "NaN" not in scores.read_text(encoding="utf-8")
+    assert records[1]["unknown"] == 3 and records[1]["bytes"] == 0 and records[1]["bits_per_byte"] is None
+    os.link(path, tmp_path / "same.tsv")
+    with pytest.raises(UserError, match="is the --input file itself"):
+        evaluate.main([f"--out_dir={out}", f"--input={path}", f"--per_line={tmp_path / 'same.tsv'}"])
+    assert path.read_text(encoding="utf-8") == "Speak.\n€€€\nhear me\n"

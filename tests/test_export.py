@@ -600,6 +600,7 @@ def test_an_export_for_the_hub_loads_by_its_repository_id(char_run, tmp_path, ca
     assert "`hf download someone/tiny-char --local-dir tiny-char`, then `python train.py --init_from=tiny-char ...`" in card
     assert str(tmp_path) not in card.split("## Training config")[0]
     for argv, message in ((["--repo_id=no-slash"], "--repo_id must be a Hub repository's USER/NAME"),
+                          (["--repo_id=a/.."], "--repo_id must be a Hub repository's USER/NAME"),
                           (["--repo_id=a/b", "--format=onnx"], "--repo_id is for --format=hf")):
         with pytest.raises(UserError, match=message):
             export.main([f"--out_dir={char_run / 'out'}", f"--dest={tmp_path / 'x'}", *argv])
@@ -618,3 +619,38 @@ def test_exporting_a_run_that_still_trains_says_so(char_run, tmp_path, capsys):
     (run / "train.lock").write_text(json.dumps({**note, "pid": 2 ** 22 + 17}), encoding="utf-8")  # a dead run's
     export.main([f"--out_dir={run}", f"--dest={tmp_path / 'e'}"])
     assert "still trains" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("card_change", ["hub tools", "line deleted", "null", "crlf"])
+def test_a_card_whose_file_list_changed_loses_nothing(char_run, tmp_path, card_change):
+    """huggingface_hub's card tools rewrite the front matter as YAML; a user may delete or break
+    the `exported_files` line; a Windows checkout turns every line end into CRLF. None of these
+    lets a new export delete the user's files: a list still read (YAML) or no list at all keeps
+    everything unless --force; CRLF alone is no change."""
+    dest = tmp_path / "dest"
+    export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}"])
+    (dest / "LICENSE").write_text("MIT\n", encoding="utf-8")
+    card = dest / "README.md"
+    if card_change == "hub tools":
+        from huggingface_hub import ModelCard
+        hub_card = ModelCard.load(card)
+        hub_card.data.license = "mit"
+        hub_card.save(card)
+        assert "exported_files:\n" in card.read_text(encoding="utf-8")  # YAML's block mapping now
+    elif card_change in ("line deleted", "null"):
+        text = re.sub(r"^exported_files: .*$", "exported_files: null" if card_change == "null" else "",
+                      card.read_text(encoding="utf-8"), flags=re.M)
+        card.write_text(text, encoding="utf-8")
+    else:
+        for path in dest.iterdir():
+            if path.suffix in (".json", ".md"):
+                path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
+        export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}"])  # nothing changed: replaced
+        assert (dest / "LICENSE").read_text(encoding="utf-8") == "MIT\n"
+        return
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    with pytest.raises(UserError, match="which you added or changed there since export.py wrote it"):
+        export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}"])
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+    export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}", "--force"])
+    assert (dest / "LICENSE").read_text(encoding="utf-8") == "MIT\n"  # kept, --force or not

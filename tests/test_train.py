@@ -818,8 +818,10 @@ def test_a_resume_that_never_beats_the_best_says_its_work_was_not_saved(tiny_dat
     capsys.readouterr()
     run_train(tiny_data, out, "--init_from=resume", "--max_iters=6")
     assert (f"never went below the checkpoint's best 0.0100, so {out / 'ckpt.pt'} still holds iteration 4's model "
-            f"and iterations 5-6 were not saved") in capsys.readouterr().out
+            f"and iterations 5-6 were not saved (--always_save_checkpoint=true keeps") in capsys.readouterr().out
     assert torch.load(out / "ckpt.pt", weights_only=False)["iter_num"] == 4
+    run_train(tiny_data, out, "--init_from=resume", "--max_iters=8", "--patience=5")
+    assert "iterations 5-8 were not saved (with --patience ckpt.pt keeps the best model)" in capsys.readouterr().out
 
 
 def test_a_bigram_table_larger_than_the_model_is_said(tmp_path, capsys):
