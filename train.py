@@ -356,12 +356,14 @@ class Processes(NamedTuple):
 
 def start_process_group(cfg: TrainConfig) -> Processes:
     """Under torchrun (it sets RANK), join the process group: NCCL on GPUs (--backend), gloo on
-    CPUs; on GPUs each rank takes the device of its local rank. Otherwise one process."""
+    CPUs; on GPUs each rank takes the device of its local rank. --device=cpu (or mps) keeps the
+    ranks on the CPU, GPUs or not. Otherwise one process."""
     if int(os.environ.get("RANK", -1)) == -1:
         return Processes()
     procs = Processes(True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
-    torch.distributed.init_process_group(backend=cfg.backend if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
+    on_gpus = torch.cuda.is_available() and not cfg.device.startswith(("cpu", "mps"))
+    torch.distributed.init_process_group(backend=cfg.backend if on_gpus else "gloo")
+    if on_gpus:
         cfg.device = f"cuda:{procs.local_rank}"
         torch.cuda.set_device(cfg.device)
     return procs
@@ -603,6 +605,9 @@ def seed_rngs(cfg: TrainConfig, procs: Processes, device_type: str) -> torch.Gen
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     hardware.set_determinism(cfg.deterministic, device_type)  # --deterministic: GPUs only
+    if cfg.deterministic and device_type == "cpu" and procs.master:
+        print("note: --deterministic changes nothing on a CPU: an eager run is bit-reproducible already, and a "
+              "compiled one (--compile) is with OMP_NUM_THREADS=1 (its kernels' threads add in varying order)")
     return torch.Generator().manual_seed(cfg.seed + procs.rank)
 
 

@@ -66,7 +66,7 @@ class TrainConfig(ModelOptions):
     dtype: str = "auto"  # auto, float32, bfloat16 or float16 (autocast dtype)
     compile: bool = False  # torch.compile the model (a gain on GPUs; on a CPU, bench.py --compile tells)
     seed: int = 1337  # seed for weights, dropout and batch sampling
-    deterministic: bool = False  # GPU: deterministic kernels, so a run and its resume are bit-reproducible; slower (a CPU run is already)
+    deterministic: bool = False  # GPU: deterministic kernels, so a run and its resume are bit-reproducible; slower (an eager CPU run is already; a compiled one with OMP_NUM_THREADS=1)
     backend: str = "nccl"  # torch.distributed backend under torchrun on GPUs (gloo on CPUs)
     # finetuning (docs/finetune.md)
     lora_rank: int = 0  # LoRA: train rank-r adapters on the targeted layers, everything else frozen; 0 = off

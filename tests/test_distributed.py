@@ -107,3 +107,25 @@ def test_a_signal_that_lands_during_the_agreement_is_kept_for_the_next_step(tmp_
     finally:
         stop.restore()
         torch.distributed.destroy_process_group()
+
+
+def test_device_cpu_keeps_torchrun_ranks_off_the_gpus(monkeypatch):
+    """On a machine with GPUs, `torchrun ... --device=cpu` trains on the CPU with gloo (each
+    rank was moved to cuda:<local rank>, one that may not exist); without --device=cpu, GPUs."""
+    import torch
+    import train
+    from training import TrainConfig
+    calls = []
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as torchrun would see it
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: calls.append(("backend", backend)))
+    cfg = TrainConfig(device="cpu")
+    train.start_process_group(cfg)
+    assert calls == [("backend", "gloo")] and cfg.device == "cpu"
+    calls.clear()
+    cfg = TrainConfig(device="auto")
+    train.start_process_group(cfg)
+    assert calls == [("backend", "nccl"), ("set_device", "cuda:1")] and cfg.device == "cuda:1"

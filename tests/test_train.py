@@ -355,7 +355,7 @@ def test_exact_resume(tiny_data, tmp_path, flags):
         assert str(part["config"][key]) == value, key
 
 
-def test_deterministic_is_for_gpus_and_a_resume_keeps_it(tiny_data, tmp_path, monkeypatch):
+def test_deterministic_is_for_gpus_and_a_resume_keeps_it(tiny_data, tmp_path, monkeypatch, capsys):
     """--deterministic turns torch's deterministic kernels on for a GPU (whose backward passes
     add with atomics) and leaves a CPU run as it is: reproducible already, the same weights with
     and without the flag, at full speed. A resume keeps the saved setting."""
@@ -369,6 +369,7 @@ def test_deterministic_is_for_gpus_and_a_resume_keeps_it(tiny_data, tmp_path, mo
         run_train(tiny_data, tmp_path / "det", "--max_iters=4", "--deterministic=true", *flags)
         run_train(tiny_data, tmp_path / "det", "--max_iters=8", "--init_from=resume")
         assert asked == [False, True, True]  # the resume took it from the checkpoint
+        assert capsys.readouterr().out.count("note: --deterministic changes nothing on a CPU") == 2
         assert not torch.are_deterministic_algorithms_enabled()  # on a CPU: off
         assert hardware.set_determinism(True, "cuda") and torch.are_deterministic_algorithms_enabled()
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
