@@ -466,3 +466,31 @@ def test_a_line_of_unknown_characters_only_scores_null_not_nan_and_a_link_to_the
     with pytest.raises(UserError, match="is the --input file itself"):
         evaluate.main([f"--out_dir={out}", f"--input={path}", f"--per_line={tmp_path / 'same.tsv'}"])
     assert path.read_text(encoding="utf-8") == "Speak.\n€€€\nhear me\n"
+
+
+def test_many_unknown_characters_are_named_up_to_twenty_and_counted(char_dir, tmp_path, capsys):
+    """A text full of characters the model never saw (another alphabet) names the first twenty
+    and counts the rest, refused or dropped, so the message stays one readable line."""
+    greek = "αβγδεζηθικλμνξοπρστυφχψω"  # 24 characters no Shakespeare model saw
+    path = tmp_path / "greek.txt"
+    path.write_text(f"Speak {greek}\n", encoding="utf-8")
+    shown = " ".join(repr(c) for c in greek[:20])
+    with pytest.raises(UserError, match=f"holds 24 character\\(s\\) the char-level model never saw: {shown} and 4 more "):
+        evaluate.main([f"--out_dir={char_dir}", f"--input={path}", "--device=cpu"])
+    run_json([f"--out_dir={char_dir}", f"--input={path}", "--drop_unknown"], capsys)
+    evaluate.main([f"--out_dir={char_dir}", f"--input={path}", "--drop_unknown", "--device=cpu"])
+    assert f"dropped 24 occurrence(s) of 24 character(s) the model never saw: {shown} ...\n" in capsys.readouterr().err
+
+
+def test_a_tsv_escapes_tabs_and_backslashes_so_every_row_has_its_columns(char_dir, tmp_path, capsys):
+    """A line holding a tab or a backslash (a log's fields) is written to the TSV escaped (\\t,
+    \\\\), as the header of --per_line promises: each row splits on tabs into the header's
+    columns (cut, awk, a spreadsheet), and the text column reads back as the line, unescaped."""
+    path = tmp_path / "log.txt"
+    lines = ["Speak\tme", "hear \\ me", "Before"]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tsv = tmp_path / "scores.tsv"
+    run_json([f"--out_dir={char_dir}", f"--input={path}", f"--per_line={tsv}", "--drop_unknown"], capsys)
+    rows = [row.split("\t") for row in tsv.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 4 and all(len(row) == len(rows[0]) for row in rows)
+    assert [row[-1] for row in rows[1:]] == ["Speak\\tme", "hear \\\\ me", "Before"]

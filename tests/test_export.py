@@ -654,3 +654,60 @@ def test_a_card_whose_file_list_changed_loses_nothing(char_run, tmp_path, card_c
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
     export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}", "--force"])
     assert (dest / "LICENSE").read_text(encoding="utf-8") == "MIT\n"  # kept, --force or not
+
+
+def test_a_foreign_folder_is_refused_naming_five_of_its_files_and_counting_the_rest(char_run, tmp_path):
+    """A --dest full of someone's files (a mistyped path): the message names the first five,
+    sorted, and counts the others, so the user sees what the folder is without a screenful."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    for name in "abcdefg":
+        (dest / f"{name}.txt").write_text(name)
+    with pytest.raises(UserError, match=r"holds files export.py did not write \(a.txt, b.txt, c.txt, d.txt, e.txt "
+                                        r"and 2 more;"):
+        export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}"])
+    assert sorted(p.name for p in dest.iterdir()) == [f"{name}.txt" for name in "abcdefg"]
+    for name in "fg":
+        (dest / f"{name}.txt").unlink()
+    with pytest.raises(UserError, match=r"did not write \(a.txt, b.txt, c.txt, d.txt, e.txt;"):  # five: all named
+        export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}"])
+
+
+@pytest.mark.parametrize("repo_id", ["someone/tiny-char/tree/main", "someone/tiny char", "https://huggingface.co/someone/x"])
+def test_a_repo_id_that_is_not_user_slash_name_is_refused_whole(char_run, tmp_path, repo_id):
+    """--repo_id pasted from a browser (a URL, a page of the repository) or with a space: refused
+    in one line before anything is written, not a card whose code loads a repository that does
+    not exist."""
+    with pytest.raises(UserError, match="--repo_id must be a Hub repository's USER/NAME"):
+        export.main([f"--out_dir={char_run / 'out'}", f"--dest={tmp_path / 'x'}", f"--repo_id={repo_id}"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_run_record_of_the_wrong_kinds_reads_as_unknown(tmp_path):
+    """An export's tokenizer_config.json edited by hand (a best val loss as text, a count as a
+    boolean): what the folder says of its run is each figure of its kind or None, never a value
+    the card then cannot format."""
+    config = {hf_format.OUR_RUN_KEY: {"dataset": 7, "iter_num": True, "best_val_loss": "1.23"}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    assert hf_format.run_of(tmp_path) == {"dataset": None, "iter_num": None, "best_val_loss": None}
+    config[hf_format.OUR_RUN_KEY] = {"dataset": "tiny", "iter_num": 10, "best_val_loss": 2}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    assert hf_format.run_of(tmp_path) == {"dataset": "tiny", "iter_num": 10, "best_val_loss": 2}
+
+
+def test_an_export_from_before_cards_held_sha256s_is_replaced_and_the_users_files_kept(char_run, tmp_path, capsys):
+    """An export written by an earlier version (its card's exported_files a list of names, no
+    sha256s): exporting again replaces the files it lists without a word and keeps what the
+    user added beside them."""
+    dest = tmp_path / "dest"
+    export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}"])
+    card = (dest / "README.md").read_text(encoding="utf-8")
+    line = next(x for x in card.splitlines() if x.startswith(f"{export.EXPORTED_FILES}: "))
+    names = sorted(json.loads(line.partition(": ")[2]))
+    (dest / "README.md").write_text(card.replace(line, f"{export.EXPORTED_FILES}: {json.dumps(names)}"), encoding="utf-8")
+    (dest / "notes.txt").write_text("mine", encoding="utf-8")
+    capsys.readouterr()
+    export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}"])
+    err = capsys.readouterr().err
+    assert "kept what you had added or changed there: notes.txt" in err and "replaced what" not in err
+    assert (dest / "notes.txt").read_text(encoding="utf-8") == "mine"

@@ -590,3 +590,18 @@ def test_reset_in_an_interactive_chat_says_the_chat_starts_again(chat_run, capsy
     monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n/reset\nquit\n"))
     sample.main([f"--out_dir={chat_run}", "--interactive", "--max_new_tokens=3", "--device=cpu", "--dtype=float32"])
     assert "(a new chat: the turns so far are forgotten)" in capsys.readouterr().err
+
+
+def test_the_json_note_is_for_json_files_only_whatever_their_first_bracket(tmp_path, capsys):
+    """The note about a .json read as text comes for a JSON object too ({"data": [...]}), and
+    after leading blank lines; a .txt that opens with a bracket (a stage direction) gets none."""
+    records = [{"instruction": f"Say {i}", "output": str(i)} for i in range(400)]
+    cases = {"object.json": "\n\n  " + json.dumps({"data": records}), "array.json": "\n" + json.dumps(records),
+             "play.txt": "[Enter ROMEO]\n" + "ROMEO: Say it.\n" * 400}
+    for name, text in cases.items():
+        src = tmp_path / name
+        src.write_text(text, encoding="utf-8")
+        prepare.main(["--input", str(src), "--name", src.stem, "--data_dir", str(tmp_path / "data"),
+                      "--tokenizer", "char", "--block_size", "8", "--num_workers", "1"])
+        note = f"note: {src} is read as plain text, its JSON syntax and keys included" in capsys.readouterr().out
+        assert note == name.endswith(".json"), name

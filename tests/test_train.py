@@ -1,6 +1,7 @@
 """model.py and train.py: the behaviour a user relies on when training."""
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -868,3 +869,101 @@ def test_a_stop_before_anything_was_logged_draws_no_curve_and_warns_of_nothing(t
     captured = capsys.readouterr()
     assert "saved iteration 0 to" in captured.err
     assert "warning" not in captured.out + captured.err and not (out / "loss.png").exists()
+
+
+def test_a_checkpoint_from_before_fingerprints_resumed_on_another_dataset_starts_its_best_afresh(
+        tiny_data, tmp_path, shakespeare_text, capsys):
+    """A checkpoint written before checkpoints held the data's fingerprint, resumed on another
+    dataset: told by the dataset's name, its best val loss (of other text) is set aside and the
+    first evaluation saves; resumed on its own dataset, the best is kept."""
+    out = tmp_path / "out"
+    run_train(tiny_data, out, "--max_iters=4", "--eval_interval=2", "--always_save_checkpoint=false")
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    del ckpt["data_fingerprint"]  # as written before fingerprints
+    ckpt["best_val_loss"] = 0.01
+    torch.save(ckpt, out / "ckpt.pt")
+    write_char_dataset(tiny_data, shakespeare_text[:60_000][::-1], name="other")
+    capsys.readouterr()
+    run_train(tiny_data, out, "--init_from=resume", "--dataset=tiny", "--max_iters=6")
+    assert "measured on other text" not in capsys.readouterr().out
+    assert torch.load(out / "ckpt.pt", weights_only=False)["iter_num"] == 4  # the best kept: nothing beat it
+    run_train(tiny_data, out, "--init_from=resume", "--dataset=other", "--max_iters=8")
+    assert "note: the dataset is 'other', the checkpoint's was 'tiny'; its best val loss 0.0100 was measured " \
+           "on other text" in capsys.readouterr().out
+    assert torch.load(out / "ckpt.pt", weights_only=False)["iter_num"] == 8
+    run_train(tiny_data, out, "--init_from=resume", "--dataset=tiny", "--eval_only=True")  # reads, saves nothing
+    assert "measured on other text" not in capsys.readouterr().out
+
+
+def test_a_bigram_table_smaller_than_the_model_is_not_noted(tiny_data, tmp_path, capsys):
+    """A char model with the bigram table (where it pays: V x V x n_embd smaller than the blocks):
+    the parameter line is nanoGPT's count alone and no note about the table's size."""
+    run_train(tiny_data, tmp_path / "out", "--bigram=True", "--n_layer=4", "--n_head=4", "--n_embd=128",
+              "--max_iters=1")
+    out = capsys.readouterr().out
+    assert re.search(r"number of parameters: [0-9.]+M\n", out)
+    assert "bigram table" not in out and "lookup tables" not in out
+
+
+def test_the_data_fingerprint_tells_what_the_data_is_not_where_it_lies(tmp_path, shakespeare_text):
+    """Dataset.fingerprint, by which a resume tells its data changed: the same data prepared
+    under another name or folder has the same one; a change at the end of the train split, in
+    the val split, or in a source's sha256 gives another."""
+    import dataset
+
+    def fingerprint(text: str, name: str, sha: str = "abc") -> str:
+        folder = write_char_dataset(tmp_path / name, text, name=name)
+        meta = json.loads((folder / "meta.json").read_text())
+        meta["sources"] = [{"path": str(folder / "input.txt"), "bytes": len(text), "sha256": sha}]
+        (folder / "meta.json").write_text(json.dumps(meta))
+        data = dataset.Dataset(str(tmp_path / name), name)
+        try:
+            return data.fingerprint()
+        finally:
+            for f in data.files.values():
+                f.close()
+
+    text = shakespeare_text[:200_000]  # train.bin 360 KB: its middle is not read, its ends are
+    n = int(len(text) * 0.9)
+    swap = {"e": "a", "a": "e"}
+
+    def changed(at: int) -> str:
+        return text[:at] + swap.get(text[at], "e") + text[at + 1:]
+    base = fingerprint(text, "a")
+    assert fingerprint(text, "b") == base  # another folder, another name: the same data
+    assert fingerprint(changed(n - 10), "c") != base  # the end of the train split
+    assert fingerprint(changed(len(text) - 10), "d") != base  # the val split
+    assert fingerprint(text, "e", sha="def") != base  # another source text
+
+
+def test_a_stop_of_a_patience_run_on_changed_data_saves_its_progress(tiny_data, tmp_path, shakespeare_text, capsys):
+    """With --patience a stop keeps ckpt.pt when it holds the run's best; a resume on another
+    dataset has no best yet (the checkpoint's was of other text), so a Ctrl-C before its first
+    evaluation saves the progress on the new data instead of keeping the old task's model."""
+    out = tmp_path / "out"
+    run_train(tiny_data, out, "--max_iters=4", "--eval_interval=2", "--always_save_checkpoint=false")
+    assert torch.load(out / "ckpt.pt", weights_only=False)["holds_best"]
+    write_char_dataset(tiny_data, shakespeare_text[:60_000][::-1], name="other")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train.StopRequest, "requested", ctrl_c_at_check(2))
+        with pytest.raises(SystemExit):
+            run_train(tiny_data, out, "--init_from=resume", "--dataset=other", "--max_iters=20", "--eval_interval=10",
+                      "--patience=3")
+    saved = torch.load(out / "ckpt.pt", weights_only=False)
+    assert saved["iter_num"] > 4 and saved["config"]["dataset"] == "other"
+
+
+def test_a_resume_on_changed_data_of_a_never_evaluated_checkpoint_says_nothing_of_its_best(
+        tiny_data, tmp_path, shakespeare_text, capsys):
+    """A checkpoint that never evaluated (stopped before it) has no best val loss to set aside: a resume on other
+    data prints no note about one (not 'its best val loss inf was measured on other text')."""
+    out = tmp_path / "out"
+    with pytest.MonkeyPatch.context() as patch:  # a Ctrl-C before its first evaluation
+        patch.setattr(train.StopRequest, "requested", ctrl_c_at_check(2))
+        with pytest.raises(SystemExit):
+            run_train(tiny_data, out, "--max_iters=20", "--eval_interval=10", "--eval_at_start=false")
+    assert torch.load(out / "ckpt.pt", weights_only=False)["best_val_loss"] == float("inf")
+    write_char_dataset(tiny_data, shakespeare_text[:60_000][::-1], name="other")
+    capsys.readouterr()
+    run_train(tiny_data, out, "--init_from=resume", "--dataset=other", "--max_iters=4", "--eval_interval=100")
+    assert "measured on other text" not in capsys.readouterr().out
