@@ -231,7 +231,7 @@ def model_card(model: GPT, tokenizer: Tokenizer, ckpt: dict, fmt: str, name: str
            else f"byte-level BPE trained on the dataset, {tokenizer.vocab_size:,} tokens")
     if tokenizer.documents:
         tok += f"; documents mode ({tokenizer.documents}): <|endoftext|> (id {tokenizer.eot_id}) starts and ends each document"
-    start = cfg.get("init_from", "scratch")
+    start = ckpt.get("started_from") or cfg.get("init_from", "scratch")  # (kept through resumes)
     origin = "trained" if start in ("scratch", "resume") else f"finetuned from {start}"
     best = ckpt.get("best_val_loss")
     best = f"{best:.4f}" if isinstance(best, float) and best != float("inf") else "not measured"
@@ -811,6 +811,10 @@ def main(argv=None):
               f"export again when it ends for the final model", file=sys.stderr)
     if cfg.format == "gguf":  # before anything is written
         check_gguf(model, tokenizer)
+    if cfg.format == "hf" and (unknown := hf_format.remote_code_options(model.config)):
+        raise UserError(f"--format=hf cannot export this model yet: the modeling code it ships "
+                        f"(hf_remote/) does not know {', '.join(unknown)}, so transformers would compute another "
+                        f"model; --format=onnx exports it (adding an option to hf_remote/: docs/options.md)")
     card = model_card(model, tokenizer, ckpt, cfg.format, str(dest), cfg.repo_id)
     users = users_files(dest)
     written: list[str] = []

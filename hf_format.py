@@ -115,6 +115,18 @@ REMOTE_FILES = ("configuration_nanogpt.py", "modeling_nanogpt.py")
 NANOGPT_FIELDS = {f.name: f.type for f in dataclasses.fields(GPTConfig) if f.name not in ("dropout", "zero_init_proj")}
 
 
+def remote_code_options(config: GPTConfig) -> list[str]:
+    """The options of config set away from their defaults that configuration_nanogpt.py does not
+    take (an option added to model.py, not yet to the shipped code): an export of it would load
+    and compute another model. Read from the file itself, without importing transformers."""
+    import ast
+    tree = ast.parse((REMOTE_CODE / "configuration_nanogpt.py").read_text(encoding="utf-8"))
+    init = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+    taken = {a.arg for a in init.args.args}
+    return [f"{k}={getattr(config, k)!r}" for k in NANOGPT_FIELDS
+            if k not in taken and getattr(config, k) != getattr(GPTConfig(), k)]
+
+
 def nanogpt_config_dict(config: GPTConfig, tokenizer: Tokenizer) -> dict:
     """config.json of a model GPT-2 cannot express: our fields, and where transformers finds the
     code (auto_map, the convention for models outside the library)."""

@@ -93,8 +93,11 @@ def start_wandb(cfg: TrainConfig):
         return None
     import wandb
     try:
-        return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name,
-                          config=dataclasses.asdict(cfg), dir=cfg.out_dir)
+        run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name,
+                         config=dataclasses.asdict(cfg), dir=cfg.out_dir)
+        run.define_metric("iter")
+        run.define_metric("*", step_metric="iter")  # charts by iteration, not by log call: runs line up
+        return run
     except Exception as e:  # not logged in, no network in online mode, ...
         raise UserError(f"wandb could not start ({type(e).__name__}: {e}); run `wandb login`, "
                         f"set WANDB_MODE=offline, or pass --wandb_log=false") from None
@@ -506,7 +509,8 @@ def run_description(cfg: TrainConfig, model_args: dict, tokenizer: dict, data: D
             "lora": lora.from_settings(cfg).to_dict() if cfg.lora_rank else None,  # readers merge it (lora.py)
             "instruct": data.instruct,  # the template of instruction data, for sample.py and app.py
             "data_fingerprint": data.fingerprint(),  # a resume tells by it that its data changed
-            "precision": {"device": precision.device, "dtype": precision.dtype}}
+            "precision": {"device": precision.device, "dtype": precision.dtype,
+                          "threads": torch.get_num_threads()}}  # a CPU's sums depend on its thread count
 
 
 def data_changed(ckpt: dict, cfg: TrainConfig, data: Dataset) -> str | None:
@@ -682,6 +686,11 @@ def resume_state(ckpt: dict, optimizer, scaler, data_gen: torch.Generator, preci
         print(f"note: {ckpt_path} was trained on {was['device']} in {was['dtype']}, this run continues on "
               f"{precision.device} in {precision.dtype}: the same state, but the numbers from here on "
               f"will not match an uninterrupted run bit for bit")
+    elif (procs.master and was and precision.device_type == "cpu" and was.get("threads") is not None
+          and was["threads"] != torch.get_num_threads()):
+        print(f"note: {ckpt_path} was trained with {was['threads']} CPU threads, this run uses "
+              f"{torch.get_num_threads()}: sums add in another order, so the numbers from here on will not match an "
+              f"uninterrupted run bit for bit (OMP_NUM_THREADS={was['threads']} matches it)")
     return ckpt["iter_num"], ckpt["best_val_loss"]
 
 
@@ -917,9 +926,12 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
         trim_metrics(cfg.out_dir, iter_num)  # only a resume that trains on: the rest keeps the record
     elif ckpt is None and master and not cfg.eval_only:
         set_aside_metrics(cfg.out_dir)
+    # where the weights first came from (scratch, gpt2, a folder), kept through resumes for export's card
+    started_from = cfg.init_from if ckpt is None else ckpt.get("started_from", (ckpt.get("config") or {}).get("init_from"))
     ckpt = None  # free memory
     model = wrap_model(raw_model, cfg, procs, precision)
-    run_info = run_description(cfg, model_args, tokenizer, data, precision)
+    run_info = {**run_description(cfg, model_args, tokenizer, data, precision),
+                "started_from": None if started_from == "resume" else started_from}
 
     # --eval_only reads a run, it does not add to its record (metrics.jsonl, loss.png)
     log = MetricsLog(None if cfg.eval_only else cfg.out_dir, start_wandb(cfg) if master else None)

@@ -711,3 +711,16 @@ def test_an_export_from_before_cards_held_sha256s_is_replaced_and_the_users_file
     err = capsys.readouterr().err
     assert "kept what you had added or changed there: notes.txt" in err and "replaced what" not in err
     assert (dest / "notes.txt").read_text(encoding="utf-8") == "mine"
+
+
+def test_a_finetune_keeps_where_it_started_through_a_resume(char_run, tmp_path):
+    """The card of a finetuned model says what it was finetuned from, also after the run was
+    stopped and resumed (the resumed config says init_from=resume)."""
+    base = char_run / "out"
+    flags = [f"--data_dir={char_run / 'data'}", f"--out_dir={tmp_path / 'ft'}", "--dataset=tiny", "--batch_size=4",
+             "--eval_iters=2", "--eval_interval=2", "--dtype=float32", "--device=cpu", "--warmup_iters=0"]
+    train.main([*flags, f"--init_from={base}", "--max_iters=2"])
+    train.main([*flags, "--init_from=resume", "--max_iters=4"])
+    assert checkpoint.load(tmp_path / "ft" / "ckpt.pt")["config"]["init_from"] == "resume"
+    export.main([f"--out_dir={tmp_path / 'ft'}", f"--dest={tmp_path / 'e'}"])
+    assert f"finetuned from {base}" in (tmp_path / "e" / "README.md").read_text(encoding="utf-8")

@@ -305,3 +305,24 @@ def test_the_tokenizer_pads_a_batch_of_prompts_for_generate(exported, tokenizers
     for row, prompt in enumerate(prompts):
         alone = model.generate(tok(prompt, return_tensors="pt").input_ids, max_new_tokens=6, do_sample=False)
         assert torch.equal(out[row, width:], alone[0, alone.shape[1] - 6:])
+
+
+def test_an_option_the_shipped_modeling_code_lacks_is_refused_not_exported_wrong(tmp_path, tokenizers, monkeypatch):
+    """An option added to model.py but not yet to hf_remote/ (here: value_embeds, taken out of a
+    copy of configuration_nanogpt.py) would export a folder transformers loads and computes
+    without it: refused by name, nothing written."""
+    import shutil
+    remote = tmp_path / "hf_remote"
+    shutil.copytree(hf_format.REMOTE_CODE, remote)
+    code = (remote / "configuration_nanogpt.py").read_text(encoding="utf-8")
+    (remote / "configuration_nanogpt.py").write_text(code.replace(" value_embeds=False,", ""), encoding="utf-8")
+    monkeypatch.setattr(hf_format, "REMOTE_CODE", remote)
+    tok = tokenizers["char"]
+    args = dict(block_size=32, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, dropout=0.0, value_embeds=True)
+    model = GPT(GPTConfig(**args))
+    checkpoint.save({"model": model.state_dict(), "model_args": args, "optimizer": {}, "iter_num": 0,
+                     "best_val_loss": float("inf"), "config": {}, "tokenizer": tok.describe()}, tmp_path / "out" / "ckpt.pt")
+    with pytest.raises(UserError, match="the modeling code it ships .* does not know value_embeds=True"):
+        export.main([f"--out_dir={tmp_path / 'out'}", f"--dest={tmp_path / 'hf'}"])
+    assert not (tmp_path / "hf").exists()
+    assert hf_format.remote_code_options(GPTConfig(**{**args, "value_embeds": False})) == []

@@ -590,8 +590,17 @@ def test_wandb_offline_summary_holds_losses(tiny_data, tmp_path, monkeypatch):
         finish(self)
 
     monkeypatch.setattr(train.MetricsLog, "finish", finish_and_keep_summary)
+    import wandb
+    defined, define = [], wandb.Run.define_metric  # a spy on the real run's method: charts by iteration
+
+    def define_and_note(self, name, *args, **kwargs):
+        defined.append((name, kwargs.get("step_metric")))
+        return define(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(wandb.Run, "define_metric", define_and_note)
     run_train(tiny_data, tmp_path / "out", "--max_iters=4", "--eval_interval=2", "--wandb_log=true",
               "--wandb_project=test")
+    assert ("*", "iter") in defined  # every metric's x-axis is the record's iteration, not the log call
     assert list((tmp_path / "out" / "wandb").glob("offline-run-*/run-*.wandb"))  # the offline run's file
     summary = summaries[0]
     last_eval = [r for r in read_metrics(tmp_path / "out") if "val/loss" in r][-1]
@@ -967,3 +976,21 @@ def test_a_resume_on_changed_data_of_a_never_evaluated_checkpoint_says_nothing_o
     capsys.readouterr()
     run_train(tiny_data, out, "--init_from=resume", "--dataset=other", "--max_iters=4", "--eval_interval=100")
     assert "measured on other text" not in capsys.readouterr().out
+
+
+def test_a_resume_on_another_number_of_cpu_threads_says_it_will_not_match_bit_for_bit(tiny_data, tmp_path, capsys):
+    n = torch.get_num_threads()
+    run_train(tiny_data, tmp_path / "out", "--max_iters=2")
+    capsys.readouterr()
+    torch.set_num_threads(n + 1)
+    try:
+        run_train(tiny_data, tmp_path / "out", "--init_from=resume", "--max_iters=3")
+    finally:
+        torch.set_num_threads(n)
+    assert (f"was trained with {n} CPU threads, this run uses {n + 1}: sums add in another order, so the numbers "
+            f"from here on will not match an uninterrupted run bit for bit (OMP_NUM_THREADS={n} matches it)") in \
+        capsys.readouterr().out
+    run_train(tiny_data, tmp_path / "out", "--init_from=resume", "--max_iters=4")  # saved by n + 1 threads
+    assert f"was trained with {n + 1} CPU threads, this run uses {n}" in capsys.readouterr().out
+    run_train(tiny_data, tmp_path / "out", "--init_from=resume", "--max_iters=5")
+    assert "CPU threads" not in capsys.readouterr().out
