@@ -360,7 +360,8 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
           f"load average {load}")
     if precision.device_type == "cpu":
-        print(f"dropout: {cpu_kernels.kernels_used()}")
+        print(f"CPU training kernels: {cpu_kernels.kernels_used()}" + (" (dropout 0: the model's other options use them)"
+                                                                       if not cfg.dropout else ""))
 
     model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS}, vocab_size=cfg.vocab_size, dropout=cfg.dropout))
     model.to(precision.device)
@@ -368,7 +369,8 @@ def main(argv=None):
     tokens_per_step = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {per_token / 1e6:.1f} MFLOP per token, "
           f"{tokens_per_step:,} tokens per step, dropout {cfg.dropout}, compile {cfg.compile}, "
-          f"options beyond GPT-2: {', '.join(model.config.non_gpt2_options()) or 'none'}")
+          f"options beyond GPT-2: {', '.join(model.config.non_gpt2_options()) or 'none'}"
+          + (" (so no nanoGPT rows: its model is GPT-2's)" if model.config.non_gpt2_options() else ""))
 
     print(f"\n{'':<38} {'median':>12} {'min':>12} {'max':>12}  unit         (repeats={cfg.repeats})")
     if not cfg.skip_train:

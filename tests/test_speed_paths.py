@@ -225,6 +225,16 @@ def test_bench_runs_end_to_end():
                  "sample.py --dtype=float32, first run", *(["train, glibc's malloc"] * hardware.keep_freed_memory(False)),
                  "Self CPU time total"]:  # the last: --profile's table
         assert name in out.stdout
+    assert "no nanoGPT rows" not in out.stdout
+
+
+def test_bench_says_why_a_model_beyond_gpt2_has_no_nanogpt_rows():
+    flags = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2", "--vocab_size=50",
+             "--peak_size=64", "--warmup=0", "--repeats=1", "--train_steps=1", "--skip_sample", "--rotary=True"]
+    out = subprocess.run([sys.executable, "bench.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "options beyond GPT-2: rotary=True (so no nanoGPT rows: its model is GPT-2's)" in out.stdout
+    assert "nanoGPT's step" not in out.stdout
 
 
 def test_torch_kernels_switches_dropout_and_attention_back_to_torchs():
