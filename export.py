@@ -232,7 +232,8 @@ def model_card(model: GPT, tokenizer: Tokenizer, ckpt: dict, fmt: str, name: str
     if tokenizer.documents:
         tok += f"; documents mode ({tokenizer.documents}): <|endoftext|> (id {tokenizer.eot_id}) starts and ends each document"
     start = ckpt.get("started_from") or cfg.get("init_from", "scratch")  # (kept through resumes)
-    origin = "trained" if start in ("scratch", "resume") else f"finetuned from {start}"
+    origin = ("trained" if start == "scratch" else f"finetuned from {start}" if start != "resume" else
+              "trained (its checkpoint does not record whether it started from a pretrained model)")
     best = ckpt.get("best_val_loss")
     best = f"{best:.4f}" if isinstance(best, float) and best != float("inf") else "not measured"
     options = c.non_gpt2_options()
@@ -659,7 +660,7 @@ def users_files(dest: Path) -> list[Path]:
     def changed(p: Path) -> bool:
         if p.name not in ours:
             return True
-        if not isinstance(ours[p.name], str) or p.is_dir():
+        if ours[p.name] is None or p.is_dir():  # (a folder: not hashed)
             return False
         now = card_sha256(card) if p.name == "README.md" else file_sha256(p)
         return now != ours[p.name]
@@ -817,6 +818,8 @@ def main(argv=None):
                         f"model; --format=onnx exports it (adding an option to hf_remote/: docs/options.md)")
     card = model_card(model, tokenizer, ckpt, cfg.format, str(dest), cfg.repo_id)
     users = users_files(dest)
+    unlisted = is_our_export(dest) and exported_manifest(
+        (dest / "README.md").read_text(encoding="utf-8", errors="replace")) is None  # (an older export, or edited)
     written: list[str] = []
 
     def write(folder: Path):
@@ -829,7 +832,11 @@ def main(argv=None):
                                              "best_val_loss": best if isinstance(best, float) and math.isfinite(best) else None}
             write_json(folder / "tokenizer_config.json", config)
         written[:] = sorted({p.name for p in folder.iterdir()} | {"README.md"})
-        if (clash := [p.name for p in users if p.name in written]) and not cfg.force:
+        if (clash := [p.name for p in users if p.name in written]) and not cfg.force and unlisted:
+            raise UserError(f"--dest={dest} is an export whose card no longer lists the files export.py wrote (an "
+                            f"older export, or its exported_files line was edited), so they cannot be told from "
+                            f"yours: --force replaces those this export writes ({', '.join(clash)}) and keeps the rest")
+        if clash and not cfg.force:
             hint = ("; for your card: copy your edits, pass --force, and put them into the new README.md"
                     if "README.md" in clash else "")
             raise UserError(f"--dest={dest} holds {', '.join(clash)}, which you added or changed there since "

@@ -121,8 +121,12 @@ def remote_code_options(config: GPTConfig) -> list[str]:
     and compute another model. Read from the file itself, without importing transformers."""
     import ast
     tree = ast.parse((REMOTE_CODE / "configuration_nanogpt.py").read_text(encoding="utf-8"))
-    init = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "__init__")
-    taken = {a.arg for a in init.args.args}
+    inits = [f for c in tree.body if isinstance(c, ast.ClassDef) and c.name == "NanoGPTConfig"
+             for f in c.body if isinstance(f, ast.FunctionDef) and f.name == "__init__"]
+    if not inits:
+        raise UserError(f"{REMOTE_CODE / 'configuration_nanogpt.py'} has no NanoGPTConfig.__init__; restore it "
+                        f"from the repository")
+    taken = {a.arg for a in inits[0].args.args + inits[0].args.kwonlyargs}
     return [f"{k}={getattr(config, k)!r}" for k in NANOGPT_FIELDS
             if k not in taken and getattr(config, k) != getattr(GPTConfig(), k)]
 

@@ -225,8 +225,12 @@ def main(argv=None):
         raise UserError(f"--output must end in .png, got {output!r}")
     if not Path(output).resolve().parent.is_dir():
         raise UserError(f"the folder of --output={output} does not exist; create it first")
-    if cfg.ymax < 0:
-        raise UserError(f"--ymax must be positive (0 = the whole range), got {cfg.ymax}")
+    if not math.isfinite(cfg.ymax) or cfg.ymax < 0:
+        raise UserError(f"--ymax must be a positive number (0 = the whole range), got {cfg.ymax}")
+    lowest = min((y for r in runs for _, y in r.steps + r.val + r.train), default=None)
+    if cfg.ymax and lowest is not None and cfg.ymax < lowest:
+        print(f"note: --ymax={cfg.ymax:g} is below every loss drawn (the lowest is {lowest:.4f}): the figure is empty",
+              file=sys.stderr)
     save_png(draw(runs, cfg.title, cfg.ymax, cfg.log_y), output)
     for run in runs:
         best = run.best_val()

@@ -357,19 +357,35 @@ class Processes(NamedTuple):
         return self.rank == 0
 
 
-def start_process_group(cfg: TrainConfig) -> Processes:
+def start_process_group(cfg: TrainConfig, explicit: set = frozenset()) -> Processes:
     """Under torchrun (it sets RANK), join the process group: NCCL on GPUs (--backend), gloo on
-    CPUs; on GPUs each rank takes the device of its local rank. --device=cpu (or mps) keeps the
-    ranks on the CPU, GPUs or not. Otherwise one process."""
+    CPUs; on GPUs each rank takes the device of its local rank. --device=cpu keeps the ranks on
+    the CPU, GPUs or not, and so does the checkpoint's device for a resume that passes none (read
+    before the group is joined: the backend depends on it). Otherwise one process."""
     if int(os.environ.get("RANK", -1)) == -1:
         return Processes()
     procs = Processes(True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
-    on_gpus = torch.cuda.is_available() and not cfg.device.startswith(("cpu", "mps"))
+    if cfg.init_from == "resume" and "device" not in explicit:
+        try:  # (a damaged or missing checkpoint is said by resume_settings, after the lock)
+            saved = torch.load(Path(cfg.out_dir) / "ckpt.pt", map_location="cpu", mmap=True, weights_only=False)
+            cfg.device = (saved.get("config") or {}).get("device", cfg.device)
+        except Exception:  # noqa: BLE001
+            pass
+    if cfg.device.startswith("mps"):
+        raise UserError("torchrun runs its processes on CUDA GPUs (NCCL) or on CPUs (gloo), not on MPS: run "
+                        "train.py without torchrun to train on the Mac's GPU, or pass --device=cpu")
+    on_gpus = torch.cuda.is_available() and not cfg.device.startswith("cpu")
+    cfg.device = ddp_device(cfg.device, procs.local_rank, on_gpus)
     torch.distributed.init_process_group(backend=cfg.backend if on_gpus else "gloo")
     if on_gpus:
-        cfg.device = f"cuda:{procs.local_rank}"
         torch.cuda.set_device(cfg.device)
     return procs
+
+
+def ddp_device(device: str, local_rank: int, on_gpus: bool) -> str:
+    """A torchrun rank's device: its own GPU (cuda:<local rank>) on GPUs, else the CPU (auto on
+    a machine without CUDA would pick a Mac's MPS, which gloo cannot reduce)."""
+    return f"cuda:{local_rank}" if on_gpus else "cpu" if device == "auto" else device
 
 
 def conflicts(cfg: TrainConfig, explicit: set, fixed: dict, source: str) -> list[str]:
@@ -671,7 +687,7 @@ def make_optimizer(model: GPT, cfg: TrainConfig, precision: hardware.Precision):
 
 
 def resume_state(ckpt: dict, optimizer, scaler, data_gen: torch.Generator, precision: hardware.Precision,
-                 seed: int, procs: Processes, ckpt_path: Path) -> tuple[int, float]:
+                 seed: int, procs: Processes, ckpt_path: Path, trains: bool = True) -> tuple[int, float]:
     """Take back what exact resume needs beyond the weights: the optimizer's and the scaler's
     state and the RNG states (resume_rng). Returns the iteration and best val loss reached."""
     optimizer.load_state_dict(ckpt["optimizer"])  # its state moves to the parameters' device
@@ -686,11 +702,12 @@ def resume_state(ckpt: dict, optimizer, scaler, data_gen: torch.Generator, preci
         print(f"note: {ckpt_path} was trained on {was['device']} in {was['dtype']}, this run continues on "
               f"{precision.device} in {precision.dtype}: the same state, but the numbers from here on "
               f"will not match an uninterrupted run bit for bit")
-    elif (procs.master and was and precision.device_type == "cpu" and was.get("threads") is not None
-          and was["threads"] != torch.get_num_threads()):
-        print(f"note: {ckpt_path} was trained with {was['threads']} CPU threads, this run uses "
+    elif (procs.master and trains and was and precision.device_type == "cpu" and was.get("threads") is not None
+          and was["threads"] != torch.get_num_threads() and len(ckpt["rng"]["data"]) == procs.world_size):
+        n = was["threads"]  # (another number of processes draws other batches anyway: said by resume_rng)
+        print(f"note: {ckpt_path} was trained with {n} CPU thread{'s' if n != 1 else ''}, this run uses "
               f"{torch.get_num_threads()}: sums add in another order, so the numbers from here on will not match an "
-              f"uninterrupted run bit for bit (OMP_NUM_THREADS={was['threads']} matches it)")
+              f"uninterrupted run bit for bit (set the environment variable OMP_NUM_THREADS to {n} to match it)")
     return ckpt["iter_num"], ckpt["best_val_loss"]
 
 
@@ -853,13 +870,15 @@ def end_run(procs, stopped_by: int | None, say_done: bool, done: str):
 
 
 def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
-    procs = start_process_group(cfg)
+    procs = start_process_group(cfg, explicit)
     master = procs.master
     out_lock = out_dir_lock(cfg, held)
     ckpt_path, ckpt = Path(cfg.out_dir) / "ckpt.pt", None
     if cfg.init_from == "resume":
         lock_out_dir(out_lock, procs.ddp, master, create=False)  # before reading a checkpoint another run may write
         cfg, ckpt = resume_settings(cfg, explicit, ckpt_path)
+        if procs.ddp:  # the saved device is rank 0's (cuda:0): each rank takes its own
+            cfg.device = ddp_device(cfg.device, procs.local_rank, cfg.device.startswith("cuda"))
         if (master and "seed" in explicit and cfg.seed != ckpt["config"].get("seed", cfg.seed)
                 and len(ckpt["rng"]["data"]) == procs.world_size):  # (else resume_rng draws afresh from --seed)
             print(f"note: a resume continues the checkpoint's random streams (batches, dropout); --seed={cfg.seed} "
@@ -903,7 +922,7 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
     resumed_best, resumed_best_iter = False, 0  # whether the checkpoint holds its run's best model, and where that was
     if ckpt is not None:
         iter_num, best_val_loss = resume_state(ckpt, optimizer, scaler, data_gen, precision, cfg.seed, procs,
-                                               ckpt_path)
+                                               ckpt_path, trains=not cfg.eval_only)
         resumed_best = ckpt.get("holds_best", math.isfinite(best_val_loss))  # (older checkpoints: evaluated)
         resumed_best_iter = ckpt.get("best_iter", iter_num)
         if (changed := data_changed(ckpt, cfg, data)) and not cfg.eval_only and math.isfinite(best_val_loss):

@@ -109,7 +109,7 @@ def test_a_signal_that_lands_during_the_agreement_is_kept_for_the_next_step(tmp_
         torch.distributed.destroy_process_group()
 
 
-def test_device_cpu_keeps_torchrun_ranks_off_the_gpus(monkeypatch):
+def test_device_cpu_keeps_torchrun_ranks_off_the_gpus(monkeypatch, tmp_path):
     """On a machine with GPUs, `torchrun ... --device=cpu` trains on the CPU with gloo (each
     rank was moved to cuda:<local rank>, one that may not exist); without --device=cpu, GPUs."""
     import torch
@@ -129,3 +129,14 @@ def test_device_cpu_keeps_torchrun_ranks_off_the_gpus(monkeypatch):
     cfg = TrainConfig(device="auto")
     train.start_process_group(cfg)
     assert calls == [("backend", "nccl"), ("set_device", "cuda:1")] and cfg.device == "cuda:1"
+    # a resume that passes no --device takes the checkpoint's, before choosing the backend
+    out = tmp_path / "out"
+    out.mkdir()
+    torch.save({"config": {"device": "cpu"}}, out / "ckpt.pt")
+    calls.clear()
+    cfg = TrainConfig(out_dir=str(out), init_from="resume")
+    train.start_process_group(cfg, {"out_dir", "init_from"})
+    assert calls == [("backend", "gloo")] and cfg.device == "cpu"
+    assert train.ddp_device("cuda:0", 1, True) == "cuda:1"  # rank 0's saved device, read by rank 1
+    with pytest.raises(UserError, match="not on MPS"):
+        train.start_process_group(TrainConfig(device="mps"))

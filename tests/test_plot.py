@@ -204,5 +204,9 @@ def test_ymax_and_log_y_zoom_the_loss_axis(tmp_path, capsys):
     assert plot.draw([run], log_y=True).axes[0].get_yscale() == "log"
     plot.main([str(tmp_path / "run"), "--ymax=3.5", f"--output={tmp_path / 'z.png'}"])
     assert (tmp_path / "z.png").stat().st_size > 1000
-    with pytest.raises(UserError, match="--ymax must be positive"):
-        plot.main([str(tmp_path / "run"), "--ymax=-1"])
+    for bad in ("-1", "inf", "nan"):
+        with pytest.raises(UserError, match="--ymax must be a positive number"):
+            plot.main([str(tmp_path / "run"), f"--ymax={bad}"])
+    capsys.readouterr()
+    plot.main([str(tmp_path / "run"), "--ymax=1", f"--output={tmp_path / 'z.png'}"])
+    assert "note: --ymax=1 is below every loss drawn (the lowest is 2.5000)" in capsys.readouterr().err

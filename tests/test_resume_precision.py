@@ -43,7 +43,7 @@ def test_bfloat16_resume_is_exact(data, tmp_path, uninterrupted):
     train.main([f"--data_dir={data}", f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=8"])
     resumed, full = checkpoint.load(tmp_path / "ckpt.pt"), uninterrupted("bfloat16")
     assert all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
-    assert resumed["precision"] == {"device": "cpu", "dtype": "bfloat16"}
+    assert resumed["precision"] == {"device": "cpu", "dtype": "bfloat16", "threads": torch.get_num_threads()}
 
 
 @pytest.mark.parametrize("first, then", [("bfloat16", "float32"), ("float32", "bfloat16"),
@@ -58,7 +58,7 @@ def test_resume_in_another_dtype(data, tmp_path, uninterrupted, capsys, first, t
     assert f"was trained on cpu in {first}, this run continues on cpu in {then}" in out
     resumed, full = checkpoint.load(tmp_path / "ckpt.pt"), uninterrupted(first)
     assert resumed["iter_num"] == 8 and resumed["config"]["dtype"] == then
-    assert resumed["precision"] == {"device": "cpu", "dtype": then}
+    assert resumed["precision"] == {"device": "cpu", "dtype": then, "threads": torch.get_num_threads()}
     assert bool(resumed["scaler"]) == (then == "float16")
     assert all(torch.isfinite(t).all() for t in resumed["model"].values())
     assert 0 < largest_difference(resumed["model"], full["model"]) < CLOSE
