@@ -369,6 +369,7 @@ def start_process_group(cfg: TrainConfig, explicit: set = frozenset()) -> Proces
         try:  # (a damaged or missing checkpoint is said by resume_settings, after the lock)
             saved = torch.load(Path(cfg.out_dir) / "ckpt.pt", map_location="cpu", mmap=True, weights_only=False)
             cfg.device = (saved.get("config") or {}).get("device", cfg.device)
+            del saved  # (its memory map closed: the run replaces that file)
         except Exception:  # noqa: BLE001
             pass
     if cfg.device.startswith("mps"):
@@ -876,9 +877,10 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
     ckpt_path, ckpt = Path(cfg.out_dir) / "ckpt.pt", None
     if cfg.init_from == "resume":
         lock_out_dir(out_lock, procs.ddp, master, create=False)  # before reading a checkpoint another run may write
+        decided = cfg.device  # under torchrun: this rank's, from the checkpoint's (start_process_group)
         cfg, ckpt = resume_settings(cfg, explicit, ckpt_path)
-        if procs.ddp:  # the saved device is rank 0's (cuda:0): each rank takes its own
-            cfg.device = ddp_device(cfg.device, procs.local_rank, cfg.device.startswith("cuda"))
+        if procs.ddp:  # the saved device is rank 0's (cuda:0), or a one-process run's (auto)
+            cfg.device = decided
         if (master and "seed" in explicit and cfg.seed != ckpt["config"].get("seed", cfg.seed)
                 and len(ckpt["rng"]["data"]) == procs.world_size):  # (else resume_rng draws afresh from --seed)
             print(f"note: a resume continues the checkpoint's random streams (batches, dropout); --seed={cfg.seed} "
