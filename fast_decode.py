@@ -655,7 +655,9 @@ def decoder_for(model: nn.Module, batch_size: int, weights: str = "auto", compil
         reason = f"{weights} weights (as requested)"
     decoder = FastDecoder(model, weights)
     if not matches_model(decoder):
-        return model, "plain (the fast path's logits differ from this model's own)"
+        options = ", ".join(model.config.non_gpt2_options()) or "none beyond GPT-2"
+        return model, (f"plain (the fast path's logits differ from this model's own: an option it does not "
+                       f"compute? this model's options: {options}; list a new one in fast_decode.NOT_IMPLEMENTED)")
     how = f"fast CPU path, {reason}"
     if compile is not False:
         build = compile is True or new_tokens * model.config.n_layer >= COMPILE_PAYS

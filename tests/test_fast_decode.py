@@ -684,3 +684,14 @@ def test_with_both_formats_compiled_the_kept_timing_decides(tmp_path, monkeypatc
         path.write_bytes(b"a package")
     monkeypatch.setattr(fast_decode, "choose_weights", lambda model, batch_size: ("float32", "timed"))
     assert fast_decode.auto_weights(model, 1, None) == ("float32", "timed")
+
+
+def test_a_model_the_fast_path_does_not_compute_decodes_on_the_plain_path_and_says_where_to_look():
+    """A model whose own forward differs from what the fast step computes (here its logits
+    doubled, as an option added to model.py but not to the fast path would): the plain path,
+    with a reason that names the model's options and where a new one is declared."""
+    doubled = DoubledLogits(GPTConfig(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=16, rotary=True)).eval()
+    decoder, why = fast_decode.decoder_for(doubled, 1, "float32", compile=False)
+    assert decoder is doubled
+    assert "an option it does not compute? this model's options: rotary" in why
+    assert "fast_decode.NOT_IMPLEMENTED" in why
