@@ -707,8 +707,11 @@ def check_destination(dest: Path, force: bool):
     if dest.is_dir() and (is_our_export(dest) or not any(dest.iterdir())):
         return
     if is_working_folder(dest):  # even with --force: the files of the folder one works in stay
-        raise UserError(f"--dest={dest} is the folder you are in, and it holds files export.py did not write; "
-                        f"refusing to replace them, --force or not. Choose a new or empty folder, e.g. --dest=export")
+        names = sorted(p.name for p in dest.iterdir())
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise UserError(f"--dest={dest} is the folder you are in, and it holds files export.py did not write "
+                        f"({shown}); refusing to write among them, --force or not. Choose a new or empty folder, "
+                        f"e.g. --dest=export")
     if force:
         return
     if not dest.is_dir():
