@@ -376,7 +376,13 @@ def start_process_group(cfg: TrainConfig, explicit: set = frozenset()) -> Proces
         raise UserError("torchrun runs its processes on CUDA GPUs (NCCL) or on CPUs (gloo), not on MPS: run "
                         "train.py without torchrun to train on the Mac's GPU, or pass --device=cpu")
     on_gpus = torch.cuda.is_available() and not cfg.device.startswith("cpu")
+    asked = cfg.device
     cfg.device = ddp_device(cfg.device, procs.local_rank, on_gpus)
+    if procs.rank == 0 and "device" in explicit and asked.startswith("cuda:") and asked != cfg.device:
+        print(f"note: under torchrun each process takes the GPU of its local rank ({cfg.device} for rank 0), "
+              f"not --device={asked}; CUDA_VISIBLE_DEVICES chooses which GPUs torchrun uses")
+    if procs.rank == 0 and "backend" in explicit and not on_gpus and cfg.backend != "gloo":
+        print(f"note: --backend={cfg.backend} is for GPUs; these processes run on the CPU, so with gloo")
     torch.distributed.init_process_group(backend=cfg.backend if on_gpus else "gloo")
     if on_gpus:
         torch.cuda.set_device(cfg.device)

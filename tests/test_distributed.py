@@ -109,7 +109,7 @@ def test_a_signal_that_lands_during_the_agreement_is_kept_for_the_next_step(tmp_
         torch.distributed.destroy_process_group()
 
 
-def test_device_cpu_keeps_torchrun_ranks_off_the_gpus(monkeypatch, tmp_path):
+def test_device_cpu_keeps_torchrun_ranks_off_the_gpus(monkeypatch, tmp_path, capsys):
     """On a machine with GPUs, `torchrun ... --device=cpu` trains on the CPU with gloo (each
     rank was moved to cuda:<local rank>, one that may not exist); without --device=cpu, GPUs."""
     import torch
@@ -138,5 +138,12 @@ def test_device_cpu_keeps_torchrun_ranks_off_the_gpus(monkeypatch, tmp_path):
     train.start_process_group(cfg, {"out_dir", "init_from"})
     assert calls == [("backend", "gloo")] and cfg.device == "cpu"
     assert train.ddp_device("cuda:0", 1, True) == "cuda:1"  # rank 0's saved device, read by rank 1
+    monkeypatch.setenv("RANK", "0")  # rank 0 says what it overrides
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    train.start_process_group(TrainConfig(device="cuda:1"), {"device"})
+    train.start_process_group(TrainConfig(device="cpu", backend="nccl"), {"device", "backend"})
+    out = capsys.readouterr().out
+    assert "each process takes the GPU of its local rank (cuda:0 for rank 0), not --device=cuda:1" in out
+    assert "note: --backend=nccl is for GPUs; these processes run on the CPU, so with gloo" in out
     with pytest.raises(UserError, match="not on MPS"):
         train.start_process_group(TrainConfig(device="mps"))
