@@ -69,6 +69,7 @@ class Dataset:
         self.eot_id = self.meta.get("eot_id")
         self.documents = self.meta.get("documents") in DOCUMENT_MODES and self.eot_id is not None
         self._row_starts = {}  # (split, block_size) -> where document-mode rows may start
+        self._fingerprint = None  # fingerprint(), once read
         # instruction data (JSONL): a uint8 flag per token, 1 where it is a target in the loss
         self.mask_paths = None
         if "loss_mask" in self.meta:
@@ -86,7 +87,9 @@ class Dataset:
     def fingerprint(self) -> str:
         """A short hash of what the dataset is (its sources' sha256s, token counts, tokenizer,
         template, the first and last 64 KB of each split), not of where it lies: a resumed run
-        tells by it that its data changed."""
+        tells by it that its data changed. Read once: the files are held open, so it cannot change."""
+        if self._fingerprint is not None:
+            return self._fingerprint
         meta = {k: v for k, v in self.meta.items() if k not in ("sources", "version")}
         meta["sources"] = sorted(str(s.get("sha256")) for s in self.meta.get("sources", []) if isinstance(s, dict))
         digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
@@ -96,7 +99,8 @@ class Dataset:
             for at in (0, max(0, size - 65536)):
                 f.seek(at)
                 digest.update(f.read(65536))
-        return digest.hexdigest()[:16]
+        self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
 
     def row_starts(self, split: str, block_size: int) -> np.ndarray:
         """Document mode: every document start (its boundary token) and, inside a document

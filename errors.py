@@ -155,6 +155,13 @@ def space_in_python_path() -> str:
             if " " in sys.prefix else "")
 
 
+def listed(items, limit: int, sep: str = ", ") -> str:
+    """The first `limit` of items joined by sep, and how many more there are: a message names a
+    few of many (files, characters) and counts the rest."""
+    items = list(items)
+    return sep.join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def quoted(path) -> str:
     """A path as a command in a message shows it: in double quotes where it holds a space, so
     that it pastes whole into bash, zsh, PowerShell and cmd alike."""

@@ -156,7 +156,7 @@ def unknown_chars(tokenizer: Tokenizer, text: str, path: Path, drop: bool) -> st
     unknown = "".join(sorted(set(text) - known, key=text.index))
     if unknown and not drop:
         line = text.count("\n", 0, text.index(unknown[0])) + 1
-        shown = " ".join(repr(c) for c in unknown[:20]) + (f" and {len(unknown) - 20} more" if len(unknown) > 20 else "")
+        shown = errors.listed(map(repr, unknown), 20, " ")
         raise UserError(f"{path} holds {len(unknown)} character(s) the char-level model never saw: {shown} (the "
                         f"first on line {line}); --drop_unknown scores the text without them (each --per_line "
                         f"record then counts its dropped characters), or train on text that has them")

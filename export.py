@@ -54,7 +54,7 @@ import durable
 import hf_format
 import runlock
 from config import parse_config
-from errors import UserError, quoted, run_main
+from errors import UserError, listed, quoted, run_main
 from hf_format import require
 from loading import load_model
 from model import GPT, apply_rotary
@@ -640,22 +640,23 @@ def exported_manifest(card: str):
     return None
 
 
-def users_files(dest: Path) -> list[Path]:
+def users_files(dest: Path) -> tuple[list[Path], bool]:
     """What a user added to an earlier export in dest (notes, a license, a picture), or changed
     there since (an edited card): the entries its card's `exported_files` does not list or lists
     with another sha256. A new export carries them over where it writes no file of that name;
     the files the earlier export wrote are replaced. A folder export.py did not write, or a card
-    whose list is gone or unreadable: all of it (so nothing is replaced without --force)."""
+    whose list is gone or unreadable: all of it (so nothing is replaced without --force). With
+    them, whether dest is such a card of ours that lost its list (an older export, or edited)."""
     if not dest.is_dir() or dest.is_symlink():
-        return []
+        return [], False
     if not is_our_export(dest):
-        return sorted(dest.iterdir())
+        return sorted(dest.iterdir()), False
     card = (dest / "README.md").read_text(encoding="utf-8", errors="replace")
     ours = exported_manifest(card)
     if ours is None:
-        return sorted(dest.iterdir())
+        return sorted(dest.iterdir()), True
     if isinstance(ours, list):  # an export from before the card held each file's sha256
-        return sorted(p for p in dest.iterdir() if p.name not in ours)
+        return sorted(p for p in dest.iterdir() if p.name not in ours), False
 
     def changed(p: Path) -> bool:
         if p.name not in ours:
@@ -664,7 +665,7 @@ def users_files(dest: Path) -> list[Path]:
             return False
         now = card_sha256(card) if p.name == "README.md" else file_sha256(p)
         return now != ours[p.name]
-    return sorted(p for p in dest.iterdir() if changed(p))
+    return sorted(p for p in dest.iterdir() if changed(p)), False
 
 
 def real_destination(dest: Path) -> Path:
@@ -707,8 +708,7 @@ def check_destination(dest: Path, force: bool):
     if dest.is_dir() and (is_our_export(dest) or not any(dest.iterdir())):
         return
     if is_working_folder(dest):  # even with --force: the files of the folder one works in stay
-        names = sorted(p.name for p in dest.iterdir())
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        shown = listed(sorted(p.name for p in dest.iterdir()), 5)
         raise UserError(f"--dest={dest} is the folder you are in, and it holds files export.py did not write "
                         f"({shown}); refusing to write among them, --force or not. Choose a new or empty folder, "
                         f"e.g. --dest=export")
@@ -717,8 +717,7 @@ def check_destination(dest: Path, force: bool):
     if not dest.is_dir():
         raise UserError(f"--dest={dest} is a file; refusing to replace it. Choose another --dest, or pass "
                         f"--force to replace it")
-    names = sorted(p.name for p in dest.iterdir())
-    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    shown = listed(sorted(p.name for p in dest.iterdir()), 5)
     raise UserError(f"--dest={dest} holds files export.py did not write ({shown}; a card of ours without its "
                     f"'{MARKER}' line counts as yours); choose another --dest, or pass --force to write the "
                     f"export among them (files of the same name replaced, the others kept)")
@@ -820,9 +819,7 @@ def main(argv=None):
                         f"(hf_remote/) does not know {', '.join(unknown)}, so transformers would compute another "
                         f"model; --format=onnx exports it (adding an option to hf_remote/: docs/options.md)")
     card = model_card(model, tokenizer, ckpt, cfg.format, str(dest), cfg.repo_id)
-    users = users_files(dest)
-    unlisted = is_our_export(dest) and exported_manifest(
-        (dest / "README.md").read_text(encoding="utf-8", errors="replace")) is None  # (an older export, or edited)
+    users, unlisted = users_files(dest)
     written: list[str] = []
 
     def write(folder: Path):

@@ -20,7 +20,7 @@ import torch
 import fast_decode
 import hardware
 import template
-from errors import UserError
+from errors import UserError, listed
 from model import GPT
 from stopping import StopCondition
 from tokenizer import Tokenizer
@@ -101,7 +101,7 @@ def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool, instruct:
     model trained on instruction records (instruct: the checkpoint's template) gets the prompt
     as a user turn followed by the assistant marker (template.prompt_ids)."""
     if drop_unknown and tokenizer.chars is not None and (unknown := sorted(set(text) - set(tokenizer.chars))):
-        shown = ", ".join(repr(c) for c in unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+        shown = listed(map(repr, unknown), 10)
         print(f"note: --drop_unknown dropped {len(unknown)} character(s) the model never saw: {shown}", file=sys.stderr)
     if instruct:
         if not text.strip():  # as app.py's chat refuses an empty message

@@ -21,7 +21,7 @@ import os
 import numpy as np
 import tiktoken
 
-from errors import UserError
+from errors import UserError, listed
 
 CHAR = "char"
 BPE = "bpe"  # a byte-level BPE vocabulary trained by prepare.py --tokenizer=bpe:N
@@ -191,10 +191,8 @@ class Tokenizer:
         if not known.all():
             if not drop_unknown:
                 unknown = sorted({chr(c) for c in codepoints[~known].tolist()})
-                shown = ", ".join(repr(c) for c in unknown[:10])
-                more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
                 raise UserError(f"{len(unknown)} character(s) not in the char vocabulary: "
-                                f"{shown}{more}; pass --drop_unknown to drop them")
+                                f"{listed(map(repr, unknown), 10)}; pass --drop_unknown to drop them")
             pos = pos[known]
         return self._order[pos]
 
