@@ -153,7 +153,10 @@ def read_config_file(path: str) -> dict:
         namespace = runpy.run_path(str(p))
     except Exception as e:  # a typo in the user's file: show where, not our traceback
         where = f" line {e.lineno}" if isinstance(e, SyntaxError) else ""
-        raise UserError(f"config file {path}{where} could not be read: {type(e).__name__}: {e}") from None
+        hint = ("; a Windows path in a Python string reads \\U, \\N, \\x... as escapes: write it with "
+                "forward slashes ('C:/Users/me/runs') or as a raw string (r'C:\\Users\\me\\runs')"
+                if isinstance(e, SyntaxError) and "unicode error" in str(e) else "")
+        raise UserError(f"config file {path}{where} could not be read: {type(e).__name__}: {e}{hint}") from None
     return {k: v for k, v in namespace.items()
             if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
 
@@ -242,6 +245,10 @@ def parse_config(cls, argv: list[str] | None = None, prog: str | None = None, ch
     for key in PATH_SETTINGS & values.keys():  # --out_dir=~/runs: no shell expands a ~ after "=" (or in a file)
         if isinstance(values[key], str) and values[key].startswith("~"):
             values[key] = os.path.expanduser(values[key])
+        if isinstance(values[key], str) and any(c < " " for c in values[key]):  # 'runs\new' in a config file
+            errors.append(f"--{key}={values[key]!r} holds a control character (in a Python string, a "
+                          f"Windows path's \\n, \\t or \\r is one): write the path with forward slashes or as a "
+                          f"raw string, r'...'")
     config = cls(**values)  # keys that failed keep their defaults, so problems() still runs
     if check and hasattr(config, "problems"):
         errors.extend(config.problems())

@@ -30,6 +30,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +131,8 @@ def _build(compiler: str, path: Path) -> str | None:
         partial = path.with_name(f"{path.stem}.{os.getpid()}.{i}.partial{path.suffix}")
         try:
             done = subprocess.run([compiler, *flags, "-o", str(partial), str(_SOURCE), "-lm"],
-                                  capture_output=True, text=True, timeout=300)
+                                  capture_output=True, text=True, encoding="utf-8",
+                                  errors="replace", timeout=300)
         except (OSError, subprocess.TimeoutExpired) as e:
             partial.unlink(missing_ok=True)
             return f"{compiler} failed ({type(e).__name__})"
@@ -192,10 +194,14 @@ def _load():
                          f"{platform.machine()}".encode()).hexdigest()[:20]
     kind = torch.backends.cpu.get_cpu_capability().lower() if isa else "default"
     path = user_cache("kernels") / f"cpu_kernels-{kind}-{key}{'.dylib' if sys.platform == 'darwin' else '.so'}"
+    failed = path.with_suffix(".failed")  # a build that failed with this compiler, this source, this CPU kind
     try:
         if path.exists():
             mark_used(path)
-        elif why := _build(compiler, path):
+        elif why := remembered_failure(failed):  # not the same minute of failing again in every run
+            return None, f"numpy kernels ({why}; that build failed here before: delete {failed} to try again)"
+        elif why := no_apple_compiler(compiler) or _build(compiler, path):
+            remember_failure(failed, why)
             return None, f"numpy kernels ({why})"
         else:
             prune_cache(path, f"cpu_kernels-*{path.suffix}")  # builds unused for a month
@@ -209,6 +215,41 @@ def _load():
     lib.kernels_openmp.restype = ctypes.c_int
     lib.openmp = bool(lib.kernels_openmp())
     return lib, f"C kernels ({path}{', OpenMP' if lib.openmp else ''})"
+
+
+FAILURE_KEPT_DAYS = 7  # a failed build is tried again after this long (a compiler mended meanwhile)
+
+
+def remembered_failure(marker: Path) -> str | None:
+    """Why the build that marker remembers failed, if it failed less than a week ago; else None."""
+    try:
+        if time.time() - marker.stat().st_mtime > FAILURE_KEPT_DAYS * 86400:
+            return None
+        return marker.read_text(encoding="utf-8").strip() or "unknown"
+    except OSError:
+        return None
+
+
+def remember_failure(marker: Path, why: str):
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(why + "\n", encoding="utf-8")
+    except OSError:  # a read-only cache: the next run tries again
+        pass
+
+
+def no_apple_compiler(compiler: str) -> str | None:
+    """On macOS, /usr/bin/cc is there even without Xcode's command line tools: a stub that
+    fails, and asks the user to install them in a dialog. Why not to run it, or None."""
+    import subprocess
+
+    if sys.platform != "darwin" or not compiler.startswith("/usr/bin/"):
+        return None
+    try:
+        installed = subprocess.run(["xcode-select", "-p"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        installed = False
+    return None if installed else "no C compiler: Xcode's command line tools are not installed (xcode-select --install)"
 
 
 def _c():

@@ -46,7 +46,7 @@ class Dataset:
             where = "" if Path(data_dir) == Path("data") else f" --data_dir {quoted(data_dir)}"
             named = f"`python prepare.py {name}{where}` or " if name in NAMED_DATASETS else ""
             raise UserError(f"dataset {name!r} not found ({meta_path} is missing); run "
-                            f"{named}`python prepare.py --input FILE --name {name}{where}` first")
+                            f"{named}`python prepare.py --input FILE --name {quoted(name)}{where}` first")
         try:
             self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
             self.dtype = np.dtype(self.meta["dtype"])

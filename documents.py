@@ -10,6 +10,7 @@ saved anywhere else, and no model learns "\r" or "\ufeff" as characters.
 prepare.py cuts its input into documents with split_documents, and eval.py cuts a text it
 scores the same way, so that a model trained on documents reads them as it trained.
 """
+import codecs
 import io
 import itertools
 
@@ -29,6 +30,18 @@ def as_text(pieces):
             text, at_start = text.removeprefix(BOM), False
         if text:
             yield text
+
+
+def not_utf8(what: str, head: bytes, offset: int, line: int) -> str:
+    """What to say of a file (named by what) that failed as UTF-8 at byte offset, on line;
+    head: its first bytes. UTF-16, what Windows Notepad calls "Unicode" and Windows
+    PowerShell's `>` writes, is named as such (its first byte is what fails)."""
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return (f"{what} is UTF-16 text (Windows Notepad's \"Unicode\", what Windows PowerShell's `>` writes), "
+                f"not UTF-8: save it as UTF-8 (Notepad: Save as, Encoding: UTF-8; PowerShell: "
+                f"`Get-Content FILE | Set-Content -Encoding utf8 NEWFILE`; elsewhere `iconv -f utf-16 -t utf-8`)")
+    return (f"{what} is not UTF-8 text: invalid byte at offset {offset} (line {line}); convert it (a Latin-1 "
+            f"file: `iconv -f latin1 -t utf-8`, or Notepad's Save as, Encoding: UTF-8), or mend that byte")
 
 
 def text_of(decoded: str) -> str:

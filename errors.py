@@ -20,7 +20,13 @@ def starting(name: str):
     """The first line of a stage script, before its heavy imports: when it runs as a script
     (name is __main__), a package of requirements.txt that is not installed is one line, not
     an import traceback, and Ctrl-C while torch imports (a second or more) ends the process
-    quietly with 130; run_main hands Ctrl-C back to Python (KeyboardInterrupt) once main runs."""
+    quietly with 130; run_main hands Ctrl-C back to Python (KeyboardInterrupt) once main runs.
+    In a worker process the script started by spawning (macOS's and Windows' way; the script
+    is imported again as __mp_main__), Ctrl-C is ignored from here on: the parent handles it,
+    and a worker still importing would otherwise print it as a traceback."""
+    if name == "__mp_main__":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return
     if name != "__main__":
         return
     missing = [package for package in REQUIRED if importlib.util.find_spec(package) is None]
@@ -208,9 +214,17 @@ def run_main(main, argv=None):
     except Terminated:
         print("terminated", file=sys.stderr)
         sys.exit(143)
-    except BrokenPipeError:  # `python sample.py | head`: the reader left, nothing to report
-        sys.stderr.close()
-        sys.exit(0)
+    except OSError as e:
+        if reader_left(e):  # `python sample.py | head`: the reader left, nothing to report
+            _to_null_device(sys.stdout)  # what is still buffered goes nowhere at exit, quietly
+            sys.stderr.close()
+            sys.exit(0)
+        fix = machine_problem(e)
+        if fix is None:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}; {fix}", file=sys.stderr)
+        sys.exit(2)
     except (MemoryError, RuntimeError) as e:  # settings larger than the machine (torch's and numpy's own errors)
         if not out_of_memory(e):
             raise
@@ -218,6 +232,25 @@ def run_main(main, argv=None):
         print(f"error: out of memory ({first}); lower what sizes the work: --batch_size, --block_size, "
               f"the model's size, --num_samples", file=sys.stderr)
         sys.exit(2)
+
+
+# what a failed file operation says that is the machine's or the path's, not ours: the fix
+MACHINE_PROBLEMS = {
+    errno.ENAMETOOLONG: "choose a shorter path (a shorter --out_dir, --name or file name)",
+    errno.ENOSPC: "free some space on that disk, or write to another one",
+    errno.EROFS: "that disk is read-only: choose a folder you can write to",
+    errno.EACCES: "you may not use that path: choose another, or change its permissions",
+}
+if hasattr(errno, "EDQUOT"):  # a disk quota (not every OS names it)
+    MACHINE_PROBLEMS[errno.EDQUOT] = "free some of your disk quota, or write to another disk"
+
+
+def machine_problem(e: OSError) -> str | None:
+    """How to fix a file operation that failed for the machine's or the path's reasons (a name
+    too long, a full or read-only disk, a path without permission); None for anything else."""
+    if getattr(e, "winerror", None) == 206:  # Windows: ERROR_FILENAME_EXCED_RANGE
+        return MACHINE_PROBLEMS[errno.ENAMETOOLONG]
+    return MACHINE_PROBLEMS.get(e.errno)
 
 
 def out_of_memory(e: BaseException) -> bool:

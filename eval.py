@@ -61,7 +61,7 @@ import fast_decode
 import hardware
 from config import parse_config
 from dataset import Dataset, document_positions
-from documents import split_documents, text_of
+from documents import not_utf8, split_documents, text_of
 from errors import UserError, run_main
 from loading import check_one_model, load, load_hf
 from tokenizer import Tokenizer
@@ -141,9 +141,7 @@ def read_utf8(path: Path) -> str:
     try:
         return text_of(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{path} is not UTF-8 text: invalid byte at offset {e.start} (line {line}); "
-                        f"convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+        raise UserError(not_utf8(str(path), raw[:4], e.start, raw.count(b"\n", 0, e.start) + 1)) from None
 
 
 def unknown_chars(tokenizer: Tokenizer, text: str, path: Path, drop: bool) -> str:

@@ -119,9 +119,10 @@ def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool, instruct:
     if tokenizer.eot_id is not None:
         return [tokenizer.eot_id]  # BPE: an empty prompt starts a new document
     what = "has no character the model knows" if text else "is empty"
-    known = tokenizer.chars if tokenizer.chars is not None else ["\n"]
-    example = "\\n" if "\n" in known else known[0]  # a character this model knows
-    raise UserError(f"the prompt {what}; give some text, e.g. --prompt='{example}'")
+    known = tokenizer.chars if tokenizer.chars is not None else ["A"]
+    example = next((c for c in known if c.isalnum()), None)  # a character this model knows, typed alike in any shell
+    raise UserError(f"the prompt {what}; give some text" + (f", e.g. --prompt={example}" if example else
+                                                            " it knows, or --prompt=FILE:PATH"))
 
 
 def shown_prompt(tokenizer: Tokenizer, prompt_ids: list[int]) -> list[int]:

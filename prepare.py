@@ -76,7 +76,7 @@ from tqdm import tqdm
 
 import durable
 import runlock
-from documents import BOM, as_text, split_documents
+from documents import BOM, as_text, not_utf8, split_documents
 from errors import UserError, quoted, run_main
 import template
 from tokenizer import BPE, CHAR, LINE_PATTERN, NAMED_DATASETS, Tokenizer, bytes_to_unicode
@@ -89,6 +89,7 @@ MASK_OUTPUTS = ("train_mask.bin", "val_mask.bin")  # and beside them for JSONL r
 DOCUMENT_MODES = ("file", "line", "blank")  # --documents: what one document is
 BPE_MIN_VOCAB = 257  # a trained vocabulary holds the 256 bytes and <|endoftext|> at least
 LONG_DOCUMENTS_WARNING = 0.1  # warn when more than this share of documents exceed --block_size
+MAX_WORKERS = 61 if sys.platform == "win32" else 1 << 20  # the most processes a pool takes on Windows
 
 
 # ---------------------------------------------------------------- finding the text
@@ -108,13 +109,16 @@ def download_shakespeare(dest: Path, final: Path) -> None:
 
 
 def list_files(inputs: list[str]) -> list[Path]:
-    """The files named, and the files under the folders named (recursively, sorted, no hidden)."""
+    """The files named, and the files under the folders named (recursively, no hidden), sorted
+    by name as Linux sorts paths, capitals first, on every OS (Windows' paths sort without
+    case): a folder gives the same dataset, the same val split, wherever it is prepared."""
     files = []
     for name in inputs:
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file()
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            found = sorted((p for p in path.rglob("*") if p.is_file()
+                            and not any(part.startswith(".") for part in p.relative_to(path).parts)),
+                           key=lambda p: p.relative_to(path).parts)
             if not found:
                 raise UserError(f"no files found in folder {path}")
             files.extend(found)
@@ -130,11 +134,18 @@ BINARY_STARTS = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"PK\x03\x04", b"%PDF-", 
                  b"7z\xbc\xaf")
 
 
-def looks_binary(path: Path) -> bool:
-    """A file that failed as UTF-8 and starts as images and archives do, or holds a NUL early on
-    (a binary file's headers do; text with a stray NUL decodes, so it never gets here)."""
+UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)  # UTF-16 text: NULs everywhere, but text
+
+
+def file_head(path: Path) -> bytes:
     with open(path, "rb") as f:
-        head = f.read(4096)
+        return f.read(4096)
+
+
+def looks_binary(head: bytes) -> bool:
+    """Whether a file that failed as UTF-8 (head: its first bytes) starts as images and archives
+    do, or holds a NUL early on (a binary file's headers do; text with a stray NUL decodes, so
+    it never gets here)."""
     return head.startswith(BINARY_STARTS) or b"\x00" in head
 
 
@@ -159,13 +170,12 @@ def read_utf8(path: Path, read_size: int, progress=None, sha=None):
                 try:
                     text = decoder.decode(data, final=not data)
                 except UnicodeDecodeError as e:
-                    if looks_binary(path):
+                    head = file_head(path)
+                    if looks_binary(head) and not head.startswith(UTF16_BOMS):
                         raise UserError(f"{path} is not a text file (an image, an archive, a program?); leave it "
                                         f"out of --input (move it out of the folder)") from None
                     line = lines + data[:max(0, e.start - pending)].count(b"\n") + 1
-                    raise UserError(f"{path} is not UTF-8 text: invalid byte at offset {offset - pending + e.start} "
-                                    f"(line {line}); convert it, e.g. `iconv -f latin1 -t utf-8` for a Latin-1 "
-                                    f"file, or mend that byte") from None
+                    raise UserError(not_utf8(str(path), head, offset - pending + e.start, line)) from None
                 offset += len(data)
                 lines += data.count(b"\n")
                 if sha is not None:
@@ -385,7 +395,7 @@ class EncoderPool(ProcessPoolExecutor):
     here: in the parent it could otherwise be lost in a fork hook ("Exception ignored in ..."),
     and a child that has not yet reached _start_worker would print it as a traceback. (Held by
     a Python handler, which forked children inherit; spawned ones, macOS's and Windows',
-    ignore Ctrl-C from _start_worker on.) Leaving the `with` block on an error or Ctrl-C
+    ignore Ctrl-C from the first line of this script on: errors.starting.) Leaving the `with` block on an error or Ctrl-C
     drops the chunks still queued instead of encoding them first."""
 
     def __init__(self, tokenizer: Tokenizer, num_workers: int):
@@ -824,7 +834,9 @@ def parse_args(argv):
     p.add_argument("--data_dir", default="data", type=os.path.expanduser, help="root folder of prepared datasets")
     p.add_argument("--chunk_size", type=int, default=1 << 20,
                    help="characters per encode call (also bytes per read)")
-    p.add_argument("--num_workers", type=int, default=os.cpu_count() or 1, help="encoder processes")
+    p.add_argument("--num_workers", type=int, default=min(os.cpu_count() or 1, MAX_WORKERS),
+                   help=f"encoder processes (at most {MAX_WORKERS} on Windows)" if sys.platform == "win32"
+                   else "encoder processes")
     return p.parse_args(argv)
 
 
@@ -846,6 +858,9 @@ def check_args(args) -> tuple[str, str | None]:
         raise UserError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
     if args.chunk_size < 1 or args.num_workers < 1 or args.block_size < 1 or args.bpe_sample_chars < 1:
         raise UserError("--chunk_size, --num_workers, --block_size and --bpe_sample_chars must be positive")
+    if args.num_workers > MAX_WORKERS:
+        raise UserError(f"--num_workers={args.num_workers}: Python's process pools take at most {MAX_WORKERS} "
+                        f"workers on Windows; pass --num_workers={MAX_WORKERS} or fewer")
     if args.documents not in DOCUMENT_MODES:
         raise UserError(f"unknown --documents mode {args.documents!r}; valid: {', '.join(DOCUMENT_MODES)}")
     if args.shuffle.lower() not in ("true", "false"):

@@ -52,6 +52,7 @@ errors.starting(__name__)  # a missing requirement or a Ctrl-C while torch impor
 import gc
 gc.disable()  # no garbage collection while torch imports: start-up and exit ~0.3 s faster (docs/speed.md)
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ import torch
 
 import hardware
 from config import parse_config
-from documents import text_of
+from documents import not_utf8, text_of
 from errors import UserError, run_main
 from generation import GenerationConfig, choose_decoder, encode_prompt, generate_text, shown_prompt
 from loading import check_one_model, choose_precision, load, load_hf
@@ -109,6 +110,22 @@ def typed(text: str) -> str:
     return text
 
 
+def unescaped(stop: str) -> str:
+    """A --stop string with \\n, \\t and \\\\ read as a line end, a tab and a backslash: typed
+    as --stop="\\n\\n", a blank line ends a sample in every shell (cmd.exe types no line end)."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], stop)
+
+
+def stops_never_written(tokenizer: Tokenizer, stops: list[str]) -> list[str]:
+    """Notes for the --stop strings a char-level model cannot write (a character it never saw):
+    such a string never ends a sample."""
+    if tokenizer.chars is None:  # a byte-level vocabulary writes any text
+        return []
+    known = set(tokenizer.chars)
+    return [f"note: --stop={stop!r} holds {', '.join(map(repr, sorted(set(stop) - known)))}, which this model "
+            f"never writes: no sample ends there" for stop in stops if not set(stop) <= known]
+
+
 def read_prompt(prompt: str) -> str:
     """The prompt text; FILE:path reads it from a file, as in nanoGPT, and as prepare.py reads
     text (documents.as_text: line ends as "\n", no leading byte-order mark)."""
@@ -126,9 +143,7 @@ def read_prompt(prompt: str) -> str:
     except FileNotFoundError:
         raise UserError(f"prompt file {path} not found (from --prompt=FILE:{path})") from None
     except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise UserError(f"prompt file {path} is not UTF-8 text: invalid byte at offset {e.start} (line {line}); "
-                        f"convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+        raise UserError(not_utf8(f"prompt file {path}", raw[:4], e.start, raw.count(b"\n", 0, e.start) + 1)) from None
     except OSError as e:
         raise UserError(f"could not read prompt file {path}: {e.strerror or e}") from None
 
@@ -239,7 +254,7 @@ def main(argv=None):
     cfg, explicit = parse_config(SampleConfig, argv, prog="sample.py")
     check_one_model(cfg.init_from, explicit)
     # a bad file fails before loading; --interactive with --prompt: its first input
-    cfg.stop = [typed(stop) for stop in cfg.stop]
+    cfg.stop = [unescaped(typed(stop)) for stop in cfg.stop]
     prompt_text = read_prompt(cfg.prompt) if not cfg.interactive or "prompt" in explicit else None
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
@@ -250,6 +265,8 @@ def main(argv=None):
         model, tokenizer, info = load(cfg.out_dir, precision.device)
     else:  # a Hugging Face GPT-2: ours after export.py, or OpenAI's
         model, tokenizer, info = load_hf(cfg.init_from, precision.device)
+    for note in stops_never_written(tokenizer, cfg.stop):
+        print(note, file=sys.stderr)
     instruct = info.get("instruct")  # trained on instruction records: the template that wraps a prompt
     if instruct:  # an answer ends at the template's end marker (or the boundary token)
         cfg.stop = [*cfg.stop, *template.stop_strings(instruct["template"])]
@@ -280,7 +297,8 @@ if __name__ == "__main__":
     try:
         sys.stdout.flush()
         sys.stderr.flush()
-    except BrokenPipeError:  # the reader left: nothing more to say
-        pass
+    except OSError as e:  # the reader left: nothing more to say
+        if not errors.reader_left(e):
+            raise
     if sys.getprofile() is None and sys.gettrace() is None:
         os._exit(0)

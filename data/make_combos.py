@@ -13,6 +13,11 @@ moves: what the measurements in docs/documents.md ("Measured on the combos") cou
 """
 import argparse
 import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's modules, run as a script too
+from errors import UserError, run_main  # noqa: E402
 
 PUNCHES = ["Jab", "Cross", "Lead Hook", "Rear Hook", "Lead Uppercut", "Rear Uppercut", "Overhand",
            "Double Jab"]
@@ -53,19 +58,40 @@ def score(samples: list[str], training: set[str]) -> tuple[float, float]:
     return 100 * len(valid) / len(samples), 100 * len(new) / len(samples)
 
 
+def read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise UserError(f"{path} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def read_samples(path: str) -> list[str]:
+    """The samples in sample.py's output: one, or several, each followed by a line of dashes."""
+    pieces = read_text(path).split("\n---------------\n")
+    if pieces[-1].strip():  # one sample: no line of dashes after it
+        pieces[-1] = pieces[-1].removesuffix("\n")
+    else:
+        pieces.pop()
+    return pieces
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Write synthetic boxing combos, one per line, or score samples.")
     p.add_argument("--n", type=int, default=12000, help="number of combos")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="data/combos.txt", help="output file (with --score: the training file)")
-    p.add_argument("--score", metavar="SAMPLES", help="sample.py's output (samples between lines of dashes): "
-                                                      "print the % of valid combos and of new ones")
+    p.add_argument("--score", metavar="SAMPLES", help="sample.py's output (one sample, or several each followed "
+                                                      "by a line of dashes): print the %% of valid combos and of new "
+                                                      "ones")
     args = p.parse_args(argv)
     if args.score:
-        with open(args.score, encoding="utf-8") as f:
-            samples = f.read().split("\n---------------\n")[:-1]
-        with open(args.out, encoding="utf-8") as f:
-            training = set(f.read().splitlines())
+        samples, training = read_samples(args.score), set(read_text(args.out).splitlines())
+        if not samples:
+            raise UserError(f"{args.score} holds no sample: write one with `python sample.py --out_dir=out-combos "
+                            f"--prompt=\"\" --num_samples=60 > {args.score}`")
         valid, new = score(samples, training)
         print(f"{len(samples)} samples: {valid:.1f}% valid combos (known moves, one line), "
               f"{new:.1f}% valid and not in {args.out}")
@@ -76,4 +102,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

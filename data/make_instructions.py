@@ -75,7 +75,10 @@ def score(out_dir: str, n: int, seed: int) -> dict[str, float]:
     from errors import UserError
     from stopping import StopCondition
 
-    model, tokenizer, ckpt = loading.load_model(out_dir, "cpu")
+    try:
+        model, tokenizer, ckpt = loading.load_model(out_dir, "cpu")
+    except UserError as e:  # said of sample.py's --out_dir: this script's flag is --score
+        raise UserError(str(e).replace("--out_dir", "--score")) from None
     if not ckpt.get("instruct"):
         raise UserError(f"{out_dir} holds a model trained on plain text, not on instruction records: score one "
                         f"trained as this file's docstring says (configs/instruct.py)")

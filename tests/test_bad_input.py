@@ -1,5 +1,6 @@
 """Bad input across prepare, train and sample: a non-zero exit, one line that names the
 problem (and how to fix it), no traceback, and nothing lost."""
+import codecs
 import hashlib
 import os
 import subprocess
@@ -31,6 +32,9 @@ def world(tmp_path_factory, shakespeare_text):
     (root / "pictures" / "notes.txt").write_text("to be or not to be\n" * 50)
     (root / "pictures" / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
     (root / "short.txt").write_text("to be or not to be\n")
+    (root / "utf16.txt").write_text("Caf\u00e9 cr\u00e8me\n" * 100, encoding="utf-16")  # Notepad's "Unicode"
+    (root / "notepad").mkdir()
+    (root / "notepad" / "a.txt").write_bytes(codecs.BOM_UTF16_BE + ("to be or not to be\n" * 50).encode("utf-16-be"))
     (root / "syntax.py").write_text("batch_size = = 3\n")
     (root / "typo.py").write_text("n_layers = 3\n")
     (root / "blocker").write_text("a file where a folder should be")
@@ -93,6 +97,7 @@ CASES = {
     "train stray argument": (T("batch_size=3"), "settings are passed as --key=value"),
     # train.py: data
     "train missing dataset": (T("--dataset=nope"), "run `python prepare.py --input FILE --name nope --data_dir {root}/data`"),
+    "train missing dataset with a space": (T("--dataset=my data"), "`python prepare.py --input FILE --name \"my data\" "),
     "train missing named dataset": (T("--dataset=shakespeare"), "run `python prepare.py shakespeare --data_dir {root}/data` or"),
     "train block larger than split": (T("--block_size=5000"), "too few for one window"),
     "train damaged bin": (T("--dataset=broken"), "damaged"),
@@ -141,8 +146,13 @@ CASES = {
     "prepare missing input": (P("--input", "{root}/nope.txt", "--name=x"), "nope.txt"),
     "prepare empty input": (P("--input", "{root}/empty.txt", "--name=x", "--tokenizer=char"), "empty"),
     "prepare not utf-8": (P("--input", "{root}/latin1.txt", "--name=x", "--tokenizer=char"),
-                          "invalid byte at offset 3 (line 1); convert it, e.g. `iconv -f latin1 -t utf-8` for a "
-                          "Latin-1 file, or mend that byte"),
+                          "invalid byte at offset 3 (line 1); convert it (a Latin-1 file: `iconv -f latin1 -t "
+                          "utf-8`, or Notepad's Save as, Encoding: UTF-8), or mend that byte"),
+    "prepare utf-16": (P("--input", "{root}/utf16.txt", "--name=x", "--tokenizer=char"),
+                       "utf16.txt is UTF-16 text (Windows Notepad's \"Unicode\""),
+    "prepare utf-16 in a folder": (P("--input", "{root}/notepad", "--name=x", "--tokenizer=char"),
+                                   "is UTF-16 text (Windows Notepad's \"Unicode\", what Windows PowerShell's `>` "
+                                   "writes), not UTF-8: save it as UTF-8"),
     "prepare a picture in the folder": (P("--input", "{root}/pictures", "--name=x", "--tokenizer=char"),
                                         "photo.png is not a text file (an image, an archive, a program?); leave it "
                                         "out of --input (move it out of the folder)"),
@@ -317,6 +327,7 @@ MORE_CASES = {
     "sample empty prompt": (S("--prompt="), "the prompt is empty"),
     "sample prompt file not utf-8": (S("--prompt=FILE:{root}/latin1.txt"),
                                      "latin1.txt is not UTF-8 text: invalid byte at offset 3 (line 1); convert it"),
+    "sample prompt file utf-16": (S("--prompt=FILE:{root}/utf16.txt"), "prompt file {root}/utf16.txt is UTF-16 text"),
     "sample prompt file is a folder": (S("--prompt=FILE:{root}/emptydir"), "could not read prompt file"),
     "sample negative cpu_threads": (S("--cpu_threads=-1"), "--cpu_threads must be >= 0"),
     "sample unknown device": (S("--device=tpu"), "unknown device 'tpu'"),
@@ -626,12 +637,69 @@ def test_other_runtime_errors_keep_their_traceback():
         run_main(main, [])
 
 
+def test_a_path_too_long_for_the_system_is_one_line(world, capsys):
+    """A run folder whose name the file system refuses (over 255 bytes a name on Linux and macOS,
+    260 characters a path on Windows) is one line naming the path and the fix, in every stage."""
+    long = "x" * 300
+    for name, args in {"train": [f"--data_dir={world / 'data'}", f"--out_dir={world / long}", *TINY],
+                       "sample": [f"--out_dir={world / long}"]}.items():
+        main = {"train": train.main, "sample": sample.main}[name]
+        with pytest.raises(SystemExit) as e:
+            run_main(main, args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1, (name, err)
+        assert err[0].startswith("error: ") and long in err[0] and "choose a shorter path" in err[0], (name, err)
+
+
+@pytest.mark.parametrize("errno_name, fix", [("ENOSPC", "free some space"), ("EROFS", "read-only"),
+                                              ("EACCES", "you may not use that path")])
+def test_a_full_or_forbidden_disk_is_one_line(errno_name, fix, capsys):
+    import errno
+
+    def main(argv):
+        raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)), "out/ckpt.pt")
+
+    with pytest.raises(SystemExit) as e:
+        run_main(main, [])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "out/ckpt.pt" in err[0] and fix in err[0], err
+
+
+def test_other_os_errors_keep_their_traceback():
+    import errno
+
+    def main(argv):
+        raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.raises(OSError, match="Input/output"):
+        run_main(main, [])
+
+
+def test_a_reader_that_left_on_windows_ends_quietly(monkeypatch, capsys):
+    """Windows says EINVAL, not EPIPE, when the reader of a pipe has left (`python sample.py |
+    more`, quit early): the stage ends as on Linux, exit 0 and nothing printed, in every script."""
+    import errno
+
+    import errors
+
+    def main(argv):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(errors.os, "name", "nt")
+    monkeypatch.setattr(errors, "_to_null_device", lambda stream: True)  # pytest's captured stdout has no descriptor
+    monkeypatch.setattr(sys.stderr, "close", lambda: None)
+    with pytest.raises(SystemExit) as e:
+        run_main(main, [])
+    assert e.value.code == 0 and capsys.readouterr().err == ""
+
+
 # ---------------------------------------------------------------------------- sample.py's paths and config files
 
 SAMPLE_PATH_CASES = {
     "sample ckpt.pt as --init_from": (SI("--init_from={root}/out/ckpt.pt"),
                                       "--init_from={root}/out/ckpt.pt is a file: pass the folder that holds it"),
     "eval ckpt.pt as --out_dir": (("eval", ["--out_dir={root}/out/ckpt.pt"]), "is a file: pass the folder that holds it"),
+    "eval utf-16": (("eval", ["--out_dir={root}/out", "--input={root}/utf16.txt"]), "utf16.txt is UTF-16 text"),
     "export ckpt.pt as --out_dir": (("export", ["--out_dir={root}/out/ckpt.pt", "--dest={root}/x"]),
                                     "is a file: pass the folder that holds it"),
     "sample ckpt.pt as --out_dir": (S("--out_dir={root}/out/ckpt.pt"), "is a file: pass the folder that holds it (a run's ckpt.pt, or a Hugging Face model), --out_dir={root}/out"),

@@ -200,3 +200,17 @@ def test_a_bare_bool_flag_before_a_config_file_is_true_and_the_file_still_counts
     assert {"compile", "out_dir", "n_embd"} <= explicit
     cfg, _ = parse_config(TrainConfig, ["--eval_train", path, "--compile", "false"], check=False)
     assert (cfg.eval_train, cfg.compile, cfg.out_dir) == (True, False, "out-shakespeare-cpu")  # a flag wins over the file
+
+
+def test_windows_paths_in_a_config_file_say_how_to_write_them(tmp_path):
+    """A Windows path pasted into a config file: 'C:\\Users\\...' does not even parse (\\U is an
+    escape), 'runs\\new' parses into a line end. Both are one line saying how to write it."""
+    (tmp_path / "a.py").write_text("out_dir = 'C:\\Users\\me\\runs'\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"line 1 could not be read: SyntaxError: .*unicode error.*write it with "
+                                        r"forward slashes \('C:/Users/me/runs'\) or as a raw string"):
+        parse_config(TrainConfig, [str(tmp_path / "a.py")])
+    (tmp_path / "b.py").write_text("out_dir = 'runs\\new'\ndata_dir = 'D:\\data'\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"^--out_dir='runs\\new' holds a control character .* forward slashes"):
+        parse_config(TrainConfig, [str(tmp_path / "b.py")])
+    (tmp_path / "c.py").write_text("out_dir = r'runs\\new'\ndata_dir = 'D:/data'\n", encoding="utf-8")
+    assert parse_config(TrainConfig, [str(tmp_path / "c.py")])[0].out_dir == "runs\\new"

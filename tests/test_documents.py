@@ -20,6 +20,7 @@ import sample
 import train
 from conftest import TINY
 from data.make_combos import MOVES, SEPARATOR, is_valid, make_combos
+from errors import UserError
 from model import GPT, GPTConfig, document_mask
 from stopping import StopCondition
 from tokenizer import Tokenizer
@@ -307,12 +308,54 @@ def test_stop_flag_ends_samples_of_any_model(tiny_data, tmp_path, capsys):
     assert capsys.readouterr().out == "ROMEO:" + generated[:generated.index(stop)] + "\n"
 
 
+def test_stop_strings_typed_with_escapes_in_any_shell(tiny_data, tmp_path, capsys):
+    """cmd.exe cannot type a line end: --stop="\\n" (backslash, n) ends a sample at a line end as
+    bash's $'\\n' does, \\\\ is a backslash; a stop string a char model can never write (a
+    character it never saw) is said in a note instead of silently never stopping."""
+    assert sample.unescaped("\\n\\n") == "\n\n" and sample.unescaped("a\\tb") == "a\tb"
+    assert sample.unescaped("C:\\\\x") == "C:\\x" and sample.unescaped("\\x") == "\\x"  # other escapes stay
+    out = tmp_path / "out"
+    train.main([f"--data_dir={tiny_data}", f"--out_dir={out}", *TINY, "--max_iters=2", "--eval_interval=2",
+                "--lr_decay_iters=2"])
+    args = [f"--out_dir={out}", "--prompt=ROMEO:", "--max_new_tokens=300", "--temperature=1", "--seed=3",
+            "--device=cpu"]
+    capsys.readouterr()
+    sample.main(args)
+    generated = capsys.readouterr().out.removeprefix("ROMEO:").removesuffix("\n")
+    assert "\n" in generated[1:], generated  # ends at its first line end (not the prompt's)
+    sample.main([*args, "--stop=\\n"])
+    assert capsys.readouterr().out == "ROMEO:" + generated[:generated.index("\n")] + "\n"
+    sample.main([*args, "--stop=END\u00a7", "--stop=never"])
+    err = capsys.readouterr().err
+    assert "note: --stop='END\u00a7' holds '\u00a7', which this model never writes: no sample ends there" in err
+    assert "--stop='never'" not in err
+
+
 def test_list_settings_repeat_and_replace_the_config_file(tmp_path):
     (tmp_path / "c.py").write_text("stop = ['A', 'B']\n")
     assert config.parse_config(sample.SampleConfig, [str(tmp_path / "c.py")])[0].stop == ["A", "B"]
     cfg, _ = config.parse_config(sample.SampleConfig, [str(tmp_path / "c.py"), "--stop=C", "--stop", "D E"])
     assert cfg.stop == ["C", "D E"]
     assert config.parse_config(sample.SampleConfig, [])[0].stop == []
+
+
+def test_combo_scores_read_one_sample_or_many(tmp_path, capsys):
+    """sample.py prints one sample without a line of dashes, several each followed by one:
+    --score reads both, says so when there is none, and --help prints (its text holds a %)."""
+    from data import make_combos as combos
+    (tmp_path / "train.txt").write_text("Jab - Cross\n", encoding="utf-8")
+    (tmp_path / "one.txt").write_text("Jab - Cross\n", encoding="utf-8")
+    (tmp_path / "two.txt").write_text("Jab - Cross\n---------------\nJab - Hop\n---------------\n", encoding="utf-8")
+    (tmp_path / "none.txt").write_text("", encoding="utf-8")
+    assert combos.read_samples(str(tmp_path / "one.txt")) == ["Jab - Cross"]
+    assert combos.read_samples(str(tmp_path / "two.txt")) == ["Jab - Cross", "Jab - Hop"]
+    combos.main(["--score", str(tmp_path / "two.txt"), "--out", str(tmp_path / "train.txt")])
+    assert capsys.readouterr().out.startswith("2 samples: 50.0% valid combos")
+    with pytest.raises(UserError, match="holds no sample: write one with `python sample.py"):
+        combos.main(["--score", str(tmp_path / "none.txt"), "--out", str(tmp_path / "train.txt")])
+    with pytest.raises(SystemExit) as e:
+        combos.main(["--help"])
+    assert e.value.code == 0 and "the % of valid combos" in capsys.readouterr().out
 
 
 def test_combo_generator_is_valid_and_reproducible():

@@ -450,3 +450,51 @@ def test_control_characters_of_the_vocabulary_are_shown_escaped(tmp_path, capsys
     line = out[out.index("all the unique characters:"):out.index("vocab size")]
     assert "\x00" not in line and "\x1b" not in line
     assert line == "all the unique characters: \\x00\n\\x1b ,13[bemnorté\n"
+
+
+def test_windows_many_core_machines_get_at_most_61_workers(tmp_path, monkeypatch):
+    """Python's process pools refuse more than 61 workers on Windows: a 64-thread PC takes 61 by
+    default, and an explicit larger --num_workers is one line, not the pool's traceback."""
+    monkeypatch.setattr(prepare, "MAX_WORKERS", 61)
+    monkeypatch.setattr(prepare.os, "cpu_count", lambda: 64)
+    args = prepare.parse_args(["--input", "x.txt", "--name", "x"])
+    assert args.num_workers == 61
+    prepare.check_args(args)
+    with pytest.raises(UserError, match="--num_workers=64: .* at most 61 workers on Windows; pass --num_workers=61"):
+        prepare.check_args(prepare.parse_args(["--input", "x.txt", "--name", "x", "--num_workers=64"]))
+
+
+def test_a_spawned_worker_ignores_ctrl_c_from_its_first_import():
+    """macOS and Windows start workers by spawning, which imports prepare.py again as __mp_main__:
+    Ctrl-C (the parent handles it) is ignored from its first line, before numpy's import, so a
+    worker still importing prints no traceback."""
+    import signal
+
+    import errors
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        errors.starting("__mp_main__")
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    lines = (ROOT / "prepare.py").read_text(encoding="utf-8").split('"""', 2)[2].lstrip().splitlines()
+    assert lines[0] == "import errors" and lines[1].startswith("errors.starting(__name__)")
+
+
+def test_a_folder_is_read_in_the_same_order_on_every_os(tmp_path, monkeypatch):
+    """Windows' paths compare without case, Linux's with it: files are ordered by their names'
+    parts as Linux orders them (capitals first) on every OS, so the dataset and its val split are
+    the same wherever the folder is prepared."""
+    folder = tmp_path / "books"
+    for name in ("Zebra.txt", "apple.txt", "Chapter 10.txt", "chapter 2.txt", "b/a.txt", "b-c.txt"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(name, encoding="utf-8")
+    linux = ["Chapter 10.txt", "Zebra.txt", "apple.txt", "b/a.txt", "b-c.txt", "chapter 2.txt"]
+    assert [p.relative_to(folder).as_posix() for p in prepare.list_files([str(folder)])] == linux
+
+    class CaselessPath(type(folder)):  # paths that sort as WindowsPath does
+        def __lt__(self, other):
+            return str(self).lower() < str(other).lower()
+
+    monkeypatch.setattr(prepare, "Path", CaselessPath)
+    assert [p.relative_to(folder).as_posix() for p in prepare.list_files([str(folder)])] == linux

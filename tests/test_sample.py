@@ -173,7 +173,7 @@ def test_a_prompt_becomes_the_ids_the_model_continues_from():
     assert encode_prompt(docs, "", False) == [docs.eot_id]
     bpe = Tokenizer.bpe_from_ranks([bytes([i]) for i in range(256)])
     assert encode_prompt(bpe, "", False) == [bpe.eot_id]  # an empty prompt starts a new document
-    with pytest.raises(UserError, match=r"^the prompt is empty; give some text, e.g. --prompt='\\n'$"):
+    with pytest.raises(UserError, match=r"^the prompt is empty; give some text, e.g. --prompt=a$"):
         encode_prompt(char, "", False)
     with pytest.raises(UserError, match="^the prompt has no character the model knows; give some text"):
         encode_prompt(char, "xyz", True)

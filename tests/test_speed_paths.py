@@ -380,6 +380,37 @@ def test_a_failed_build_falls_back_to_numpy_with_the_reason(monkeypatch, tmp_pat
     y = Dropout(0.5).train()(torch.ones(1000))  # still drops, on the numpy path
     assert 400 < (y == 0).sum() < 600
     assert not list(tmp_path.rglob("*.partial*"))  # nothing half-built left behind
+    # the next process does not spend the same minute failing again: the failure is remembered
+    # (for a week, for this compiler and source), and said with how to try again
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "_build", lambda *args: calls.append(args) or "built")
+    monkeypatch.setattr(cpu_kernels, "_c_state", {})
+    assert cpu_kernels._c() is None and calls == []
+    marker, = tmp_path.rglob("*.failed")
+    assert cpu_kernels.kernels_used().endswith(f"false could not build cpu_kernels.c: no message; that build "
+                                               f"failed here before: delete {marker} to try again)")
+    week_ago = __import__("time").time() - 8 * 86400
+    os.utime(marker, (week_ago, week_ago))
+    monkeypatch.setattr(cpu_kernels, "_c_state", {})
+    assert cpu_kernels._c() is None and len(calls) == 1  # a week on: tried again
+
+
+def test_macos_without_xcode_tools_does_not_run_the_compiler_stub(monkeypatch, tmp_path):
+    """macOS has /usr/bin/cc without Xcode's command line tools: a stub that fails and pops up
+    an install dialog. Without the tools (xcode-select -p fails) it is not run at all."""
+    import subprocess
+    monkeypatch.setattr(cpu_kernels.sys, "platform", "darwin")
+    runs = []
+
+    def run(cmd, **kwargs):
+        runs.append(cmd)
+        return subprocess.CompletedProcess(cmd, 2)
+    monkeypatch.setattr(subprocess, "run", run)
+    assert "xcode-select --install" in cpu_kernels.no_apple_compiler("/usr/bin/cc")
+    assert runs == [["xcode-select", "-p"]]
+    assert cpu_kernels.no_apple_compiler("/opt/homebrew/bin/gcc-14") is None
+    monkeypatch.setattr(cpu_kernels.sys, "platform", "linux")
+    assert cpu_kernels.no_apple_compiler("/usr/bin/cc") is None and len(runs) == 1
 
 
 def test_a_cache_that_cannot_be_written_falls_back_to_numpy(monkeypatch, tmp_path):
