@@ -147,7 +147,10 @@ class UserError(Exception):
 # what torch's compile says when no C++ compiler works or the link fails: the machine's problem,
 # not the model's (train.py --compile, the sampler's compiled step)
 BUILD_FAILED = ("InvalidCxxCompiler", "No working C++ compiler", "CppCompileError", "C++ compile error",
-                "ld:", "collect2", "linker")
+                "ld:", "collect2", "linker", "only support MSVC")  # (the last: MSVC without its English pack)
+# what torch's compile builds with, for a message that says what to install
+CXX_HINT = ("Visual Studio's C++ build tools with their English language pack, run from its Developer prompt"
+            if sys.platform == "win32" else "g++ or clang")
 
 
 def build_failed(e: BaseException) -> bool:

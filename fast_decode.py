@@ -622,7 +622,8 @@ def auto_weights(model: GPT, batch_size: int, compile: bool | None) -> tuple[str
 def build_environment() -> dict:
     """What a failed build of the compiled step depended on besides the step: this Python and
     the C++ compiler found. A marker of a failure counts only while both are the same."""
-    return {"python": sys.prefix, "compiler": shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")}
+    return {"python": sys.prefix, "compiler": shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+            or shutil.which("cl")}  # (cl: MSVC, Windows' compiler, found from its Developer prompt)
 
 
 def failed_before(marker: Path) -> str | None:

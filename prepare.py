@@ -72,12 +72,13 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import tiktoken
 from tqdm import tqdm
 
 import durable
 import runlock
 from documents import BOM, as_text, not_utf8, split_documents
-from errors import UserError, quoted, run_main
+from errors import UserError, listed, quoted, run_main
 import template
 from tokenizer import BPE, CHAR, LINE_PATTERN, NAMED_DATASETS, Tokenizer, bytes_to_unicode
 
@@ -294,6 +295,55 @@ def parse_bpe_size(name: str) -> int | None:
         raise UserError(f"--tokenizer={name}: a trained vocabulary is bpe:N with N an integer of at "
                         f"least {BPE_MIN_VOCAB} (the 256 bytes and the boundary token), e.g. bpe:400")
     return int(size)
+
+
+def names_a_vocabulary(name: str) -> bool:
+    """Whether --tokenizer names a prepared dataset or a run (a path: data/NAME, out-run/) whose
+    vocabulary to use, rather than a tokenizer (char, bpe:N, a tiktoken encoding)."""
+    if name == CHAR or name.startswith(BPE + ":") or name in tiktoken.list_encoding_names():
+        return False
+    return "/" in name or "\\" in name or Path(name).expanduser().is_dir()
+
+
+def vocabulary_of(name: str) -> Tokenizer:
+    """--tokenizer=PATH: the vocabulary of a prepared dataset (its folder or meta.json) or of a
+    trained model (a run's folder, its ckpt.pt): text prepared with it trains, finetunes and is
+    scored by that model, whose own vocabulary (char-level, bpe:N) came from other text."""
+    path = Path(name).expanduser()
+    meta = path / "meta.json" if path.is_dir() else path
+    try:
+        if meta.is_file() and meta.suffix == ".json":
+            description = json.loads(meta.read_text(encoding="utf-8"))
+        elif path.is_dir() and (path / "ckpt.pt").is_file() or path.name == "ckpt.pt" and path.is_file():
+            import checkpoint  # torch, only for a run's vocabulary
+            description = checkpoint.load(path)["tokenizer"]
+        else:
+            raise UserError(f"--tokenizer={name}: no prepared dataset (meta.json) or run (ckpt.pt) there; name a "
+                            f"dataset's folder (data/NAME) or a run's --out_dir to use its vocabulary, or a "
+                            f"tokenizer: char, gpt2, r50k_base, cl100k_base, o200k_base or bpe:N")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--tokenizer={name}: cannot read its vocabulary ({type(e).__name__}: {e})") from None
+    return Tokenizer.from_description(description)
+
+
+def check_vocabulary(tokenizer: Tokenizer, source: str, chars, documents: str | None):
+    """The text (its characters, for a char-level vocabulary; documents: its mode) fits the
+    vocabulary of --tokenizer=source, so that its model reads the ids as it was trained to."""
+    if tokenizer.chars is not None:
+        if documents and tokenizer.eot_id is None:
+            fix = ("records need one: a model of plain text cannot learn them (docs/finetune.md)"
+                   if documents == JSONL else "prepare this text as plain text too (without --documents)")
+            raise UserError(f"this text's documents start with a boundary token, but the vocabulary of {source} "
+                            f"has none (it was prepared as plain text); {fix}")
+        if not documents and tokenizer.eot_id is not None:
+            raise UserError(f"the vocabulary of {source} has a document-boundary token (it was prepared as "
+                            f"documents or JSONL records): prepare this text the same way (--documents=line or "
+                            f"blank, or records)")
+        if unknown := sorted(set(chars) - set(tokenizer.chars)):
+            raise UserError(f"the text has {len(unknown)} character(s) the vocabulary of {source} lacks: "
+                            f"{listed(map(repr, unknown), 12)}; a model of that vocabulary cannot read them: "
+                            f"remove them from the text, or prepare it with a vocabulary of its own")
+    tokenizer.documents = documents
 
 
 def bounded(texts, max_chars: int):
@@ -729,9 +779,10 @@ def encode_jsonl(files, tmpl: dict, is_val: np.ndarray, tokenizer: Tokenizer, fo
 
 
 def prepare_jsonl(args, files: list[Path], tokenizer: Tokenizer | None, bpe_size: int | None,
-                  folder: Path) -> dict:
+                  folder: Path, source: str | None = None) -> dict:
     """Instruction data into folder: train/val bins, their masks; returns meta.json's dict.
-    tokenizer: the tiktoken encoding asked for, or None for char and a trained vocabulary."""
+    tokenizer: the tiktoken encoding asked for, or the vocabulary of --tokenizer=source, or None
+    for char and a trained vocabulary."""
     if args.documents != "file":
         raise UserError("JSONL input: every record is one document already; drop --documents (or pass "
                         "--format=text to read the file as plain text, a JSON log, say)")
@@ -750,8 +801,10 @@ def prepare_jsonl(args, files: list[Path], tokenizer: Tokenizer | None, bpe_size
         tokenizer = train_bpe(bounded(texts, args.bpe_sample_chars), bpe_size, JSONL)
     elif tokenizer is None:
         tokenizer = Tokenizer.char_from_text(chars, JSONL)
+    elif source:
+        check_vocabulary(tokenizer, source, chars, JSONL)
     tokenizer.documents = JSONL
-    print(f"vocab size: {tokenizer.vocab_size:,} ({tokenizer.name})")
+    print(f"vocab size: {tokenizer.vocab_size:,} ({tokenizer.name}{f', the vocabulary of {source}' if source else ''})")
     dtype = np.dtype("<u2") if tokenizer.vocab_size <= 1 << 16 else np.dtype("<u4")
     n_tokens, n_loss, lengths = encode_jsonl(files, tmpl, is_val, tokenizer, folder, dtype)
     need = args.block_size + 1
@@ -809,8 +862,10 @@ def parse_args(argv):
                         "CRLF and CR line ends become LF, a leading byte-order mark is dropped)")
     p.add_argument("--name", help="dataset name: output goes to <data_dir>/<name>/ (default: the named dataset)")
     p.add_argument("--tokenizer", help="'char', a tiktoken encoding: gpt2 (default), r50k_base, "
-                                       "cl100k_base, o200k_base, or bpe:N to train a byte-level BPE "
-                                       "vocabulary of N tokens on the training text")
+                                       "cl100k_base, o200k_base, bpe:N to train a byte-level BPE "
+                                       "vocabulary of N tokens on the training text, or the folder of a "
+                                       "prepared dataset (data/NAME) or of a run (its --out_dir) to use "
+                                       "its vocabulary: more text for a char-level or bpe:N model")
     p.add_argument("--documents", default="file",
                    help="what one document is: file (each input file), line (every non-blank line) or "
                         "blank (text between blank lines); line and blank start every document with a "
@@ -926,9 +981,11 @@ def prepare(argv=None):
     args = parse_args(argv)
     name, documents = check_args(args)
     tokenizer_name = args.tokenizer or NAMED_DATASETS.get(args.dataset, "gpt2")
-    bpe_size = parse_bpe_size(tokenizer_name)
-    tokenizer = None if tokenizer_name == CHAR or bpe_size else Tokenizer.tiktoken(tokenizer_name)
-    if tokenizer is not None:
+    source = tokenizer_name if names_a_vocabulary(tokenizer_name) else None  # another dataset's or run's
+    bpe_size = None if source else parse_bpe_size(tokenizer_name)
+    tokenizer = (vocabulary_of(source) if source else
+                 None if tokenizer_name == CHAR or bpe_size else Tokenizer.tiktoken(tokenizer_name))
+    if tokenizer is not None and not source:
         tokenizer.documents = documents
 
     data_dir = Path(args.data_dir)
@@ -949,7 +1006,7 @@ def prepare(argv=None):
             download_shakespeare(tmp / "input.txt", dest / "input.txt")  # kept in data/<name>/ after the swap
             files = [tmp / "input.txt"]
         if is_jsonl(files, args.format):  # instruction data: its own path (the JSONL block above)
-            meta = prepare_jsonl(args, files, tokenizer, bpe_size, tmp)
+            meta = prepare_jsonl(args, files, tokenizer, bpe_size, tmp, source)
             write_dataset(tmp, dest, meta)
             print(f"wrote {dest}/{replaced}: train.bin, val.bin ({meta['dtype']}), their loss masks "
                   f"({', '.join(MASK_OUTPUTS)}), meta.json")
@@ -962,8 +1019,10 @@ def prepare(argv=None):
         if args.template:
             raise UserError(f"--template joins the records of JSONL instruction data; {files[0]} is plain "
                             f"text: drop --template, or pass a .jsonl file (--format=jsonl)")
-        sources, n_chars, chars = scan(files, args.chunk_size, want_chars=tokenizer_name == CHAR,
-                                       documents=args.documents)
+        char_vocabulary = tokenizer_name == CHAR or (tokenizer is not None and tokenizer.chars is not None)
+        sources, n_chars, chars = scan(files, args.chunk_size, want_chars=char_vocabulary, documents=args.documents)
+        if source:
+            check_vocabulary(tokenizer, source, chars, documents)
         n_docs = sum(s.get("documents", 0) for s in sources)
         if documents and n_docs == 0:
             what = "non-empty line" if documents == "line" else "document (text between blank lines)"
@@ -997,7 +1056,7 @@ def prepare(argv=None):
             # or an escape sequence would reach the terminal itself
             shown = "".join(c if c.isprintable() or c == "\n" else ascii(c)[1:-1] for c in tokenizer.chars)
             print("all the unique characters:", shown if len(shown) <= 500 else shown[:500] + "...")
-        print(f"vocab size: {tokenizer.vocab_size:,} ({tokenizer.name})")
+        print(f"vocab size: {tokenizer.vocab_size:,} ({tokenizer.name}{f', the vocabulary of {source}' if source else ''})")
 
         dtype = np.dtype("<u2") if tokenizer.vocab_size <= 1 << 16 else np.dtype("<u4")
         n_train, n_val, doc_meta = encode_splits(args, files, documents, is_val, n_docs, tokenizer, tmp, dtype)

@@ -183,6 +183,16 @@ def report_stats(cfg: SampleConfig, n_tokens: int, seconds: float, cpu_seconds: 
           f"tokens/s per sample ({'with' if cfg.use_cache else 'without'} KV cache)", file=sys.stderr)
 
 
+def too_long(n_ids: int, block_size: int, instruct: bool) -> str | None:
+    """A note for a prompt longer than the model's context, whose start the model never reads
+    (an instruction model's template with it), else None."""
+    if n_ids <= block_size:
+        return None
+    return (f"note: the prompt is {n_ids} tokens, more than the model's context of {block_size}: it reads only "
+            f"the last {block_size}" + (", without the start of the template it was trained with, so the answer "
+                                        "will be poor: shorten the question" if instruct else ""))
+
+
 def chat_turn(model, tokenizer, cfg, precision, generator, out, tmpl: dict, block_size: int,
               history: list[tuple[str, str]], line: str):
     """One exchange of a chat: the history and the new user turn wrapped as the training chats
@@ -193,6 +203,8 @@ def chat_turn(model, tokenizer, cfg, precision, generator, out, tmpl: dict, bloc
     if dropped:
         print(f"(the {dropped} oldest turns no longer fit in the model's context and are left out)", file=sys.stderr)
         del history[:dropped]
+    if note := too_long(len(ids), block_size, instruct=True):
+        print(note, file=sys.stderr)
     answer = ""
     for text in generate_text(model, tokenizer, ids, cfg, precision, generator, echo_prompt=False):
         out.write(text[len(answer):])
@@ -271,6 +283,8 @@ def main(argv=None):
     if instruct:  # an answer ends at the template's end marker (or the boundary token)
         cfg.stop = [*cfg.stop, *template.stop_strings(instruct["template"])]
     prompt_ids = None if cfg.interactive else encode_prompt(tokenizer, prompt_text, cfg.drop_unknown, instruct)
+    if prompt_ids and (note := too_long(len(prompt_ids), model.config.block_size, instruct is not None)):
+        print(note, file=sys.stderr)
     # only now that the checkpoint and the prompt are good: a mistake gets one line on stderr
     print(f"precision: {precision.reason}", file=sys.stderr)
     decoder, how = choose_decoder(model, cfg, precision)

@@ -42,9 +42,13 @@ def record_kind(record) -> str:
         raise ValueError(f"a record must be a JSON object, got a {_type_name(record)}")
     keys = [k for k in ("text", "prompt", "response", "messages") if k in record]
     if not keys:
+        known = ('; ShareGPT\'s "conversations": rename it "messages", from/value role/content, human/gpt '
+                 'user/assistant' if "conversations" in record else
+                 '; Alpaca\'s instruction/input/output: "prompt" is the instruction (and the input after it), '
+                 '"response" the output' if "instruction" in record and "output" in record else "")
         raise ValueError(f'the record has none of "text", "prompt" and "response", or "messages" (its keys: '
-                         f'{", ".join(map(repr, list(record)[:8])) or "none"}); a .jsonl file that is no instruction '
-                         f'data (a JSON log, say) is read as plain text with --format=text')
+                         f'{", ".join(map(repr, list(record)[:8])) or "none"}){known}; a .jsonl file that is no '
+                         f'instruction data (a JSON log, say) is read as plain text with --format=text')
     kind = "messages" if "messages" in record else "text" if "text" in record else "prompt_response"
     wanted = {"text": ("text",), "prompt_response": ("prompt", "response"), "messages": ("messages",)}[kind]
     extra = [k for k in keys if k not in wanted]
@@ -87,7 +91,13 @@ def fill(template: dict, role: str, content: str) -> str:
 
 
 def record_parts(record: dict, kind: str, template: dict) -> list[tuple[str, bool]]:
-    """The record as [(text, in the loss)], in order; see the module docstring."""
+    """The record as [(text, in the loss)], in order; see the module docstring. Line ends inside
+    its strings ("\\r\\n", "\\r": data written on Windows) are "\\n", as in every text a tool reads."""
+    return [(text.replace("\r\n", "\n").replace("\r", "\n"), trained)
+            for text, trained in _parts(record, kind, template)]
+
+
+def _parts(record: dict, kind: str, template: dict) -> list[tuple[str, bool]]:
     if kind == "text":
         return [(record["text"], True)]
     if kind == "prompt_response":

@@ -218,6 +218,10 @@ class Tokenizer:
         return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
 
 
+# tiktoken encodings under two names with the same ranks, pattern and special tokens: the same ids
+SAME_IDS = {"r50k_base": "gpt2"}
+
+
 def mismatch(model: dict, data: dict, boundary: bool = True) -> str | None:
     """How the tokenizer a dataset was prepared with (data) differs from a model's, both as
     describe() gives them, in a few words; None when the same ids mean the same text. boundary:
@@ -226,7 +230,7 @@ def mismatch(model: dict, data: dict, boundary: bool = True) -> str | None:
     def kind(d: dict) -> str:
         return {CHAR: "char-level", BPE: "a trained BPE vocabulary"}.get(d["name"], f"{d['name']} (tiktoken)")
 
-    if model["name"] != data["name"]:
+    if SAME_IDS.get(model["name"], model["name"]) != SAME_IDS.get(data["name"], data["name"]):
         return f"the model's tokenizer is {kind(model)}, the data's {kind(data)}"
     if model.get("chars") != data.get("chars"):
         ours, theirs = set(model.get("chars") or ()), set(data.get("chars") or ())

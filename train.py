@@ -478,9 +478,10 @@ def open_dataset(cfg: TrainConfig, pretrained: Pretrained | None) -> tuple[Datas
     if differ := tokenizer_mismatch(theirs, tokenizer, boundary=False):
         fix = (f"prepare the text with the model's tokenizer (`python prepare.py --input FILE --name NAME "
                f"--tokenizer {theirs['name']}`)" if theirs["name"] not in ("char", "bpe") else
-               "its vocabulary came from the text it was trained on, so it reads only text prepared to the same "
-               "vocabulary; for a task, start from GPT-2 (--init_from=gpt2, data prepared with --tokenizer gpt2) or "
-               "train a new model on this dataset (--init_from=scratch)")
+               f"its vocabulary came from the text it was trained on, so it reads only text prepared with that "
+               f"vocabulary (`python prepare.py --input FILE --name NAME --tokenizer={errors.quoted(cfg.init_from)}`); for a "
+               f"task in another alphabet or in records, start from GPT-2 (--init_from=gpt2, data prepared with "
+               f"--tokenizer gpt2) or train a new model on this dataset (--init_from=scratch)")
         raise UserError(f"--init_from={cfg.init_from} cannot read dataset {cfg.dataset!r}: {differ}; {fix}")
     if data.vocab_size > pretrained.config.vocab_size:
         why = (": its documents' boundary token, which a model trained on plain text has no id for; start from "
@@ -838,7 +839,7 @@ def compile_failed(e: Exception) -> str:
     why = errors.space_in_python_path()
     space = f"; {why}: use a virtual environment in a folder without one" if why else ""
     return (f"--compile could not build the model's kernels ({cause[:200]}); train without --compile (the "
-            f"same model, eager), or install a C++ compiler (g++ or clang){space}")
+            f"same model, eager), or install a C++ compiler ({errors.CXX_HINT}){space}")
 
 
 # what gloo says when another rank of the job died (killed, out of memory) in the middle of a collective

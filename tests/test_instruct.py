@@ -153,6 +153,13 @@ BAD_LINES = {
                        'data (a JSON log, say) is read as plain text with --format=text'),
     "ShareGPT": ('{"messages": [{"from": "human", "value": "hi"}]}', "records.jsonl:3: messages[0].role must be "
                  "system, user or assistant, got no role but 'from', 'value' (ShareGPT's from/value: rename them"),
+    "ShareGPT file": ('{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}',
+                      "records.jsonl:3: the record has none of \"text\", \"prompt\" and \"response\", or \"messages\" "
+                      "(its keys: 'conversations'); ShareGPT's \"conversations\": rename it \"messages\", from/value "
+                      "role/content, human/gpt user/assistant"),
+    "Alpaca": ('{"instruction": "add", "input": "1 2", "output": "3"}', "records.jsonl:3: the record has none of "
+               "\"text\", \"prompt\" and \"response\", or \"messages\" (its keys: 'instruction', 'input', 'output'); "
+               "Alpaca's instruction/input/output: \"prompt\" is the instruction"),
     "missing response": ('{"prompt": "a"}', 'records.jsonl:3: the record has "prompt" but no "response"'),
     "wrong type": ('{"prompt": "a", "response": 4}', 'records.jsonl:3: "response" must be a string, got a number'),
     "mixed kinds": ('{"text": "a", "prompt": "b"}', "records.jsonl:3: the record mixes"),
@@ -172,6 +179,22 @@ def test_a_bad_line_is_one_error_naming_file_and_line_and_nothing_is_written(tmp
         prepare.main(["--input", str(src), "--name", "bad", "--data_dir", str(tmp_path / "data")])
     assert str(e.value).startswith(f"{tmp_path / message}") and "\n" not in str(e.value)
     assert not (tmp_path / "data").exists()  # the folder it created is gone again, lock and all
+
+
+def test_line_ends_inside_a_records_strings_are_line_ends(tmp_path):
+    """A JSON string written on Windows holds "\\r\\n": no model learns "\\r" from it (as from the
+    file's own line ends); the ids and masks are those of the same records with "\\n"."""
+    windows = [{"prompt": "line one\r\nline two\rthree", "response": "ok\r\n"},
+               {"messages": [{"role": "user", "content": "hi\r\n"}, {"role": "assistant", "content": "a\r\nb"}]}]
+    plain = json.loads(json.dumps(windows).replace("\\r\\n", "\\n").replace("\\r", "\\n"))
+    for name, records in (("windows", windows), ("plain", plain)):
+        write_jsonl(tmp_path / f"{name}.jsonl", records * 20)
+        prepare.main(["--input", str(tmp_path / f"{name}.jsonl"), "--name", name, "--tokenizer", "char",
+                      "--block_size", "8", "--data_dir", str(tmp_path / "data")])
+    meta = json.loads((tmp_path / "data" / "windows" / "meta.json").read_text(encoding="utf-8"))
+    assert "\r" not in meta["chars"]
+    for f in ("train.bin", "val.bin", "train_mask.bin", "val_mask.bin"):
+        assert (tmp_path / "data" / "windows" / f).read_bytes() == (tmp_path / "data" / "plain" / f).read_bytes(), f
 
 
 def test_format_flags_and_a_custom_template(tmp_path):
@@ -385,6 +408,16 @@ def test_sample_wraps_the_prompt_and_a_chat_keeps_what_fits(chat_run, capsys):
     assert [turn for turn, _ in history] == ["user", "assistant"] and history[0][1] == "What is 2+2?"
     assert "oldest turns no longer fit" in capsys.readouterr().err
     assert out.getvalue().count("\n") == 2  # one answer line per turn
+    # a question longer than the whole context: the model would read it without its template's start
+    block = model.config.block_size
+    sample.chat_turn(model, tokenizer, cfg, hardware.resolve("cpu", "float32"), torch.Generator(), out, tmpl, 32,
+                     [], "What is 2+2? " * 4)
+    assert "more than the model's context of 32: it reads only the last 32, without the start of the template" in \
+        capsys.readouterr().err
+    sample.main([f"--out_dir={chat_run}", "--prompt=" + "What is 2+2? " * block, "--max_new_tokens=2",
+                 "--device=cpu"])
+    assert f"more than the model's context of {block}: it reads only the last {block}, without" in \
+        capsys.readouterr().err
 
 
 def test_an_answer_stops_at_the_end_marker():

@@ -498,3 +498,43 @@ def test_a_folder_is_read_in_the_same_order_on_every_os(tmp_path, monkeypatch):
 
     monkeypatch.setattr(prepare, "Path", CaselessPath)
     assert [p.relative_to(folder).as_posix() for p in prepare.list_files([str(folder)])] == linux
+
+
+def test_more_text_prepared_with_a_runs_vocabulary_finetunes_that_run(tmp_path, shakespeare_text):
+    """A bpe:N (or char) model's vocabulary came from its own text: --tokenizer=a dataset's or a
+    run's folder prepares more text with it, which --init_from that run then trains on (another
+    bpe:N of the same size would be other ids). A character the vocabulary lacks, or a documents
+    mode its boundary token does not fit, is one line."""
+    import train
+    from conftest import TINY
+    data = tmp_path / "data"
+    (tmp_path / "a.txt").write_text(shakespeare_text[:40_000], encoding="utf-8")
+    (tmp_path / "b.txt").write_text(shakespeare_text[40_000:70_000], encoding="utf-8")
+    common = ["--block_size", "32", "--num_workers", "1", "--data_dir", str(data)]
+    prepare.main(["--input", str(tmp_path / "a.txt"), "--name", "a", "--tokenizer", "bpe:300", *common])
+    train.main([f"--data_dir={data}", f"--out_dir={tmp_path / 'run'}", *TINY, "--dataset=a", "--max_iters=2"])
+    for source in (str(tmp_path / "run"), str(data / "a"), str(data / "a" / "meta.json")):
+        prepare.main(["--input", str(tmp_path / "b.txt"), "--name", "b", "--tokenizer", source, *common])
+        a, b = (json.loads((data / n / "meta.json").read_text(encoding="utf-8")) for n in ("a", "b"))
+        assert b["bpe"] == a["bpe"] and b["vocab_size"] == a["vocab_size"] == 300, source
+    ids = np.fromfile(data / "b" / "train.bin", dtype=np.uint16)
+    decoded = Tokenizer.from_description(a).decode(ids)  # train.bin: the text but its last tenth (val)
+    assert len(decoded) > 20_000 and shakespeare_text[40_000:70_000].startswith(decoded)
+    train.main([f"--data_dir={data}", f"--out_dir={tmp_path / 'more'}", *TINY, "--dataset=b",
+                f"--init_from={tmp_path / 'run'}", "--max_iters=2"])
+    prepare.main(["--input", str(tmp_path / "b.txt"), "--name", "other", "--tokenizer", "bpe:300", *common])
+    with pytest.raises(UserError, match=r"both are trained BPE vocabularies, but different ones; .*--tokenizer="):
+        train.main([f"--data_dir={data}", f"--out_dir={tmp_path / 'x'}", *TINY, "--dataset=other",
+                    f"--init_from={tmp_path / 'run'}", "--max_iters=2"])
+    # char-level: the characters, and the boundary token, must be the vocabulary's
+    (tmp_path / "all.txt").write_text(shakespeare_text, encoding="utf-8")
+    prepare.main(["--input", str(tmp_path / "all.txt"), "--name", "c", "--tokenizer", "char", *common])
+    (tmp_path / "new.txt").write_text(shakespeare_text[40_000:70_000] + "caf\u00e9 \u00e0 la carte\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"the text has 2 character\(s\) the vocabulary of .*c lacks: 'à', 'é'"):
+        prepare.main(["--input", str(tmp_path / "new.txt"), "--name", "d", "--tokenizer", str(data / "c"), *common])
+    with pytest.raises(UserError, match="this text's documents start with a boundary token, but the vocabulary of"):
+        prepare.main(["--input", str(tmp_path / "b.txt"), "--name", "d", "--tokenizer", str(data / "c"),
+                      "--documents", "line", *common])
+    with pytest.raises(UserError, match="no prepared dataset \\(meta.json\\) or run \\(ckpt.pt\\) there"):
+        prepare.main(["--input", str(tmp_path / "b.txt"), "--name", "d", "--tokenizer", str(tmp_path / "none"), *common])
+    assert not (data / "d").exists()

@@ -7,7 +7,7 @@ import pytest
 import tiktoken
 
 from errors import UserError
-from tokenizer import LINE_PATTERN, Tokenizer, bytes_to_unicode
+from tokenizer import LINE_PATTERN, Tokenizer, bytes_to_unicode, mismatch
 
 TEXT = "Hello, wörld! 你好 😀\n\tcafé"
 
@@ -186,7 +186,6 @@ def test_a_trained_description_with_a_stray_character_in_a_rank_is_refused():
 
 def test_mismatch_tells_apart_two_trained_vocabularies_of_one_size():
     """Two bpe:N vocabularies of the same size map the same ids to other bytes: refused."""
-    from tokenizer import mismatch
     base = [bytes([b]) for b in range(256)]
     a = Tokenizer.bpe_from_ranks(base + [b"ab", b"abc"])
     b = Tokenizer.bpe_from_ranks(base + [b"xy", b"xyz"])
@@ -195,9 +194,19 @@ def test_mismatch_tells_apart_two_trained_vocabularies_of_one_size():
     assert mismatch(a.describe(), Tokenizer.bpe_from_ranks(base + [b"ab", b"abc"]).describe()) is None
 
 
+def test_gpt2_and_r50k_base_are_one_vocabulary_under_two_names():
+    """tiktoken's r50k_base is GPT-2's encoding (the same ranks, pattern and special tokens): data
+    prepared with either is read by a model of the other; cl100k_base is not."""
+    gpt2, r50k = Tokenizer.tiktoken("gpt2"), Tokenizer.tiktoken("r50k_base")
+    text = "Hello, world: 12345 caf\u00e9 \U0001f94a<|endoftext|>"
+    assert gpt2.encoding.encode(text, allowed_special="all") == r50k.encoding.encode(text, allowed_special="all")
+    assert gpt2.eot_id == r50k.eot_id and gpt2.vocab_size == r50k.vocab_size
+    assert mismatch(gpt2.describe(), r50k.describe()) is None and mismatch(r50k.describe(), gpt2.describe()) is None
+    assert "cl100k_base" in mismatch(gpt2.describe(), {"name": "cl100k_base"})
+
+
 def test_mismatch_tells_a_plain_model_from_a_documents_dataset_of_the_same_characters():
     """A documents dataset's ids hold a boundary id the plain char model never had."""
-    from tokenizer import mismatch
     plain, docs = Tokenizer.char_from_text("abc"), Tokenizer.char_from_text("abc", documents="line")
     assert "document-boundary" in mismatch(plain.describe(), docs.describe())
     assert "document-boundary" in mismatch(docs.describe(), plain.describe())

@@ -664,6 +664,14 @@ def test_a_compile_that_cannot_build_is_one_line(tiny_data, tmp_path, monkeypatc
     with pytest.raises(UserError, match=r"^--compile could not build the model's kernels \(.*No working C\+\+ "
                                         r"compiler found.*\); train without --compile"):
         train.main([f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'out'}", *TINY, "--compile"])
+    def msvc_without_english(cfg, explicit, held):  # torch on Windows refuses MSVC without its English pack
+        raise BackendCompilerFailed(lambda: None, RuntimeError(
+            "Torch.compile() is only support MSVC with English language pack,Please re-install its language pack."),
+            None)
+    monkeypatch.setattr(train, "run", msvc_without_english)
+    with pytest.raises(UserError, match=r"^--compile could not build the model's kernels \(.*English language pack"):
+        train.main([f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'out'}", *TINY, "--compile"])
+
     def model_bug(cfg, explicit, held):  # a failure under compile that is no missing compiler: shown whole
         raise BackendCompilerFailed(lambda: None, RuntimeError("TorchRuntimeError: shapes do not match"), None)
     monkeypatch.setattr(train, "run", model_bug)
