@@ -11,6 +11,7 @@ No torch here: prepare.py's worker processes import this module's importers.
 """
 import contextlib
 import errno
+import glob
 import os
 import time
 from pathlib import Path
@@ -71,7 +72,7 @@ def replacing(path):
     is untouched."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-write
+    for stale in path.parent.glob(f"{glob.escape('.' + path.name)}.tmp-*"):  # left by a process killed mid-write
         stale.unlink(missing_ok=True)
     try:
         with open(tmp, "wb") as f:

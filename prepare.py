@@ -360,7 +360,31 @@ def say_bpe_training(vocab_size: int, chars: int) -> None:
     """The one line before the silent part: tokenizers' trainer shows no progress, and a Ctrl-C
     is answered only when it returns."""
     print(f"training a BPE vocabulary of {vocab_size:,} tokens on up to {chars:,} characters (tens of "
-          f"seconds for 10M, minutes where lines run to thousands of characters; a Ctrl-C waits for it)...", flush=True)
+          f"seconds for 10M; a Ctrl-C waits for it)...", flush=True)
+
+
+BPE_PIECE_CHARS = 1000  # a longer line reaches the BPE trainer cut into pieces of about this many characters
+
+
+def cut_long_lines(texts, limit: int = BPE_PIECE_CHARS):
+    """The texts for the BPE trainer, with every line longer than limit cut into pieces (at a
+    space where there is one in the second half, else at limit) that the trainer sees apart:
+    its time grows with the square of a line's length (one line of 340,000 characters took
+    minutes, with Ctrl-C unanswered), and no merge of a vocabulary spans a thousand characters.
+    The vocabulary still encodes every line whole."""
+    for text in texts:
+        if len(text) <= limit or max(map(len, text.split("\n"))) <= limit:
+            yield text
+            continue
+        pieces = []
+        for line in text.split("\n"):
+            while len(line) > limit:
+                cut = line.rfind(" ", limit // 2, limit)
+                cut = limit if cut <= 0 else cut
+                pieces.append(line[:cut])
+                line = line[cut:]
+            pieces.append(line)
+        yield "\n".join(pieces)
 
 
 def train_bpe(texts, vocab_size: int, documents: str | None) -> Tokenizer:
@@ -378,7 +402,7 @@ def train_bpe(texts, vocab_size: int, documents: str | None) -> Tokenizer:
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    hf.train_from_iterator(texts, trainer)
+    hf.train_from_iterator(cut_long_lines(texts), trainer)
     merges = json.loads(hf.to_str())["model"]["merges"]
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
     ranks = [bytes([b]) for b in range(256)]
@@ -1074,6 +1098,10 @@ def prepare(argv=None):
             split_tail(tmp / "train.bin", n_train, tmp / "val.bin", dtype.itemsize)
         print(f"train has {n_train:,} tokens")
         print(f"val has {n_val:,} tokens")
+        if bpe_size and tokenizer.vocab_size > n_train // 10:
+            print(f"note: a vocabulary of {tokenizer.vocab_size:,} tokens for {n_train:,} training tokens: most "
+                  f"tokens occur a few times or never, too few for a model to learn them; a smaller bpe:N (a "
+                  f"tenth of the training tokens or less) learns more from this text", file=sys.stderr)
 
         meta = {
             "version": FORMAT_VERSION,

@@ -108,6 +108,8 @@ def pid_alive(pid, since: float | None = None) -> bool:
     its note), a process that started later is another one that reused the number."""
     if not isinstance(pid, int) or pid <= 0:
         return False
+    if not isinstance(since, (int, float)) or isinstance(since, bool):  # a note from elsewhere, or damaged: unknown
+        since = None
     try:
         process = psutil.Process(pid)
         if process.status() == psutil.STATUS_ZOMBIE:  # ended, not yet reaped by its parent

@@ -508,6 +508,27 @@ def accumulation_problem(cfg: TrainConfig, procs: Processes) -> str | None:
     return None
 
 
+BIGRAM_RECIPE_LIMIT = 10  # a config file's --bigram is refused where its table outweighs the rest this many times
+
+
+def recipe_bigram_too_large(cfg: TrainConfig, explicit: set, vocab_size: int) -> str | None:
+    """A recipe's bigram table (a config file set --bigram, for char vocabularies) on a dataset
+    whose vocabulary makes it many times the model: a bpe:1000 dataset under a CPU recipe builds
+    GBs for a 2M model. Why to refuse it, or None; --bigram=True on the command line keeps it."""
+    if not cfg.bigram or "bigram" not in getattr(explicit, "from_file", set()):
+        return None
+    table = (vocab_size + 1) * vocab_size * cfg.n_embd
+    rest = 12 * cfg.n_layer * cfg.n_embd ** 2 + vocab_size * cfg.n_embd * (1 if cfg.tie_head else 2)  # about
+    if table <= BIGRAM_RECIPE_LIMIT * rest:
+        return None
+    size = 16 * table  # float32: weights, gradients, AdamW's two moments
+    size = f"{size / 2 ** 30:.1f} GB" if size >= 2 ** 30 else f"{size / 2 ** 20:.0f} MB"
+    return (f"the config file's bigram = True adds a table of {table / 1e6:.0f}M parameters on dataset "
+            f"{cfg.dataset!r} (a vocabulary of {vocab_size:,} tokens), about {table / rest:.0f}x the rest of the model (~{size} with its "
+            f"gradients and optimizer state; it pays on small char vocabularies): pass --bigram=False, or "
+            f"--bigram=True to keep it")
+
+
 def announce_model(raw_model: GPT, cfg: TrainConfig):
     """The model's size (nanoGPT's count), the lookup tables it leaves out when they outweigh the
     rest, and with LoRA the share of it that trains."""
@@ -921,6 +942,8 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
             print(f"CPU training kernels: {cpu_kernels.kernels_used()}")
 
     # model and optimizer, new or as the checkpoint left them
+    if ckpt is None and pretrained is None and (why := recipe_bigram_too_large(cfg, explicit, data.vocab_size)):
+        raise UserError(why)
     data_gen = seed_rngs(cfg, procs, precision.device_type)
     raw_model, model_args = build_model(cfg, data, tokenizer, ckpt, ckpt_path, pretrained)
     raw_model.to(device)  # saved weights always come from this uncompiled module

@@ -433,3 +433,19 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(tiny_data, tmp_path
         run_train(tiny_data, tmp_path / "out", "--max_iters=10", "--eval_interval=5", "--init_from=resume")
     assert path.read_bytes() == before
     assert not list(path.parent.glob(".ckpt.pt.tmp-*"))
+
+
+def test_bytes_changed_past_the_first_mebibyte_are_refused_too(tmp_path):
+    """The checksum covers every byte of a part, not just the start: a NaN written near the end
+    of a 4 MB tensor is found."""
+    good = tmp_path / "good.pt"
+    checkpoint.save({"model": {"w": torch.ones(1 << 20)}, "model_args": {}, "iter_num": 1, "config": {},
+                     "tokenizer": {}}, good)
+    data = bytearray(good.read_bytes())
+    at = bytes(data).index(torch.ones(1024).numpy().tobytes()) + (4 << 20) - 400  # near the tensor's end
+    data[at:at + 4] = torch.tensor([float("nan")]).numpy().tobytes()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(bytes(data))
+    assert torch.isnan(torch.load(bad, weights_only=True)["model"]["w"][-200:]).any()
+    with pytest.raises(UserError, match=r"bad.pt is corrupted: its part .*/data/0 fails its checksum"):
+        checkpoint.load(bad)

@@ -192,6 +192,15 @@ def toy_gpt2(tmp_path_factory):
     return folder
 
 
+def test_a_gpt2_of_transformers_loads_with_what_its_card_can_say(toy_gpt2):
+    """No run of ours behind it: the card's dataset says what it is, and the run's figures are unknown."""
+    model, tokenizer, info = loading.load(str(toy_gpt2), "cpu")
+    assert not model.training and tokenizer.vocab_size == 50257
+    assert {k: v for k, v in info.items() if k != "model_args"} == {
+        "config": {"dataset": "(Hugging Face folder)"}, "iter_num": None, "best_val_loss": None, "instruct": None}
+    assert info["model_args"]["n_layer"] == 2
+
+
 @pytest.fixture(scope="module")
 def bpe_data(tmp_path_factory, shakespeare_text):
     """A small GPT-2-tokenized dataset in the prepared-data format."""

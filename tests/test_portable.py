@@ -317,6 +317,96 @@ def test_a_durable_write_syncs_the_file_then_renames_then_syncs_the_folder(tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temporary file left
 
 
+
+def test_a_target_that_stays_busy_fails_after_every_try_and_keeps_the_old_file(tmp_path, monkeypatch):
+    """A reader that never lets go: REPLACE_TRIES attempts with a wait between each, then the
+    PermissionError; the old file is whole and no temporary file is left."""
+    target = tmp_path / "ckpt.pt"
+    target.write_bytes(b"old")
+    tries, waits = [], []
+
+    def always_busy(src, dst):
+        tries.append(dst)
+        raise PermissionError(13, "The process cannot access the file because it is being used")
+
+    monkeypatch.setattr(os, "replace", always_busy)
+    monkeypatch.setattr(durable.time, "sleep", waits.append)
+    with pytest.raises(PermissionError), durable.replacing(target) as f:
+        f.write(b"new")
+    assert len(tries) == durable.REPLACE_TRIES and waits == [durable.REPLACE_WAIT] * (durable.REPLACE_TRIES - 1)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+@pytest.mark.parametrize("refusal", [PermissionError, IsADirectoryError])
+def test_a_folder_the_os_will_not_open_is_not_synced_and_the_write_succeeds(tmp_path, monkeypatch, refusal):
+    real_open = os.open
+
+    def no_folders(path, flags, *args, **kwargs):
+        if os.path.isdir(path):
+            raise refusal(13, "a folder is not something this OS opens", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_folders)
+    durable.write_text(tmp_path / "notes.txt", "kept")
+    assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "kept"
+
+
+def test_a_filesystem_that_cannot_sync_folders_still_writes_and_a_real_error_is_raised(tmp_path, monkeypatch):
+    """Some filesystems answer a folder's fsync with EINVAL (or EBADF, EACCES, ENOTSUP): that is
+    no failure; an I/O error is. Either way the folder's descriptor is closed."""
+    import errno
+    import stat
+    real_fsync, real_close, failure = os.fsync, os.close, [errno.EINVAL]
+    opened, closed = [], []
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            opened.append(fd)
+            raise OSError(failure[0], os.strerror(failure[0]))
+        real_fsync(fd)
+
+    def close(fd):
+        closed.append(fd)
+        real_close(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "close", close)
+    durable.write_text(tmp_path / "notes.txt", "kept")
+    assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "kept"
+    failure[0] = errno.EIO
+    with pytest.raises(OSError) as e:
+        durable.fsync_folder(tmp_path)
+    assert e.value.errno == errno.EIO
+    assert len(opened) == 2 and all(fd in closed for fd in opened)
+
+
+def test_stale_temporary_files_of_the_same_target_go_and_others_stay(tmp_path):
+    """A process killed mid-write leaves .<name>.tmp-<pid>: the next write of that name removes
+    it; another file's temporary file (a write of it may be under way) is not touched."""
+    (tmp_path / ".ckpt.pt.tmp-999999").write_bytes(b"half")
+    (tmp_path / ".metrics.jsonl.tmp-999999").write_bytes(b"someone else's")
+    durable.write_text(tmp_path / "ckpt.pt", "whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".metrics.jsonl.tmp-999999", "ckpt.pt"]
+
+
+def test_ctrl_c_inside_a_durable_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    target = tmp_path / "ckpt.pt"
+    target.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt), durable.replacing(target) as f:
+        f.write(b"part of the new")
+        raise KeyboardInterrupt
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_file_in_the_way_names_the_file_where_a_folder_should_be(tmp_path):
+    (tmp_path / "blocker").write_text("a file")
+    assert durable.file_in_the_way(tmp_path / "blocker" / "sub" / "out.json") == tmp_path / "blocker"
+    assert durable.file_in_the_way(tmp_path / "new" / "sub" / "out.json") is None  # folders can be made
+    assert durable.file_in_the_way(tmp_path / "out.json") is None
+
+
 def test_mps_precision_follows_the_macos_version():
     assert hardware.mps_dtype("14.5")[0] == "bfloat16"
     assert hardware.mps_dtype("15.0")[0] == "bfloat16"
@@ -352,3 +442,14 @@ def test_ctrl_c_while_torch_imports_is_one_line(tiny_data, tmp_path):
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in err, err
+
+
+def test_stale_temporary_files_are_found_for_names_with_glob_characters(tmp_path):
+    """`plot.py --output='loss[1].png'`: a temporary file a killed write left is removed by the
+    next write of that name, and a name holding `*` removes no other file's temporary file."""
+    import durable
+    (tmp_path / ".loss[1].png.tmp-4242").write_text("half", encoding="utf-8")
+    (tmp_path / ".other.png.tmp-4242").write_text("another write's", encoding="utf-8")
+    durable.write_text(tmp_path / "loss[1].png", "x")
+    durable.write_text(tmp_path / "*", "y")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["*", ".other.png.tmp-4242", "loss[1].png"]

@@ -538,3 +538,28 @@ def test_more_text_prepared_with_a_runs_vocabulary_finetunes_that_run(tmp_path, 
     with pytest.raises(UserError, match="no prepared dataset \\(meta.json\\) or run \\(ckpt.pt\\) there"):
         prepare.main(["--input", str(tmp_path / "b.txt"), "--name", "d", "--tokenizer", str(tmp_path / "none"), *common])
     assert not (data / "d").exists()
+
+
+def test_long_lines_reach_the_bpe_trainer_in_pieces():
+    """The trainer's time grows with the square of a line's length (a 340,000-character line:
+    half a minute to half an hour, Ctrl-C unanswered): lines over 1,000 characters are cut, at a
+    space in their second half where there is one; shorter texts pass as they are."""
+    short = "to be or not to be\nthat is the question\n"
+    assert list(prepare.cut_long_lines([short])) == [short]
+    words = " ".join(f"w{i:03d}" for i in range(600))  # 2,999 characters
+    cut, = prepare.cut_long_lines([f"a\n{words}\nb"], limit=1000)
+    lines = cut.split("\n")
+    assert lines[0] == "a" and lines[-1] == "b" and all(len(line) <= 1000 for line in lines)
+    assert "".join(lines[1:-1]) == words and all(line.startswith(" ") for line in lines[2:-1])  # cut before a space
+    assert list(prepare.cut_long_lines(["x" * 2500], limit=1000)) == ["\n".join(["x" * 1000, "x" * 1000, "x" * 500])]
+
+
+def test_a_vocabulary_too_large_for_its_text_is_said(tmp_path, capsys):
+    """bpe:N with N near the text's token count: most tokens occur a few times or never."""
+    (tmp_path / "a.txt").write_text("".join(f"line {i} of a tiny text\n" for i in range(300)), encoding="utf-8")
+    run_prepare(tmp_path, "--input", str(tmp_path / "a.txt"), "--name", "big", "--tokenizer", "bpe:500",
+                "--block_size", "8", "--num_workers", "1")
+    assert "note: a vocabulary of 500 tokens for " in capsys.readouterr().err
+    run_prepare(tmp_path, "--input", str(tmp_path / "a.txt"), "--name", "small", "--tokenizer", "bpe:260",
+                "--block_size", "8", "--num_workers", "1")
+    assert "note: a vocabulary" not in capsys.readouterr().err

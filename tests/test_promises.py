@@ -524,6 +524,71 @@ def test_a_sample_ends_at_the_first_stop_string_even_at_its_start_or_twice_in_on
     assert run_rows(StopCondition.for_model(gpt2, 1, ["--"]), [ids]) == ["a"]
 
 
+
+def streamed_and_final(stop, ids) -> tuple[str, str]:
+    """Row 0's text as new_text() streamed it (after each id and after finish), and its final text."""
+    shown = ""
+    for i in ids:
+        stop.update([i])
+        shown += stop.new_text(0)
+    stop.finish()
+    return shown + stop.new_text(0), stop.text(0)
+
+
+@pytest.mark.parametrize("stops, text, final", [(["aab"], "xaab", "x"), (["aab"], "xaac", "xaac"),
+                                                 (["abcdef"], "abcdef", ""), (["abcdef"], "abcx", "abcx"),
+                                                 (["END", "xx"], "abxENxD", "abxENxD")])
+def test_streamed_text_is_exactly_the_final_text(stops, text, final):
+    """What streaming hands out is never taken back: it is always the final text, however long
+    the stop string is and however many of its prefixes end the text so far."""
+    from stopping import StopCondition
+    from tokenizer import Tokenizer
+    tok = Tokenizer.char_from_text("abcdefxEND")
+    assert streamed_and_final(StopCondition.for_model(tok, 1, stops), tok.encode(text)) == (final, final)
+
+
+def test_empty_stop_strings_are_ignored_and_one_token_holding_two_stops_ends_at_the_first():
+    from stopping import StopCondition
+    from tokenizer import Tokenizer
+    tok = Tokenizer.char_from_text("ab")
+    assert run_rows(StopCondition.for_model(tok, 1, ["", "zz"]), [tok.encode("abba")]) == ["abba"]
+    pairs = Tokenizer.bpe_from_ranks([bytes([i]) for i in range(256)] + [b"xy"])  # "xy" is one token
+    assert pairs.encode("xy") == [256]
+    assert run_rows(StopCondition.for_model(pairs, 1, ["y", "x"]), [[256]]) == [""]
+
+
+
+def test_a_stop_string_completed_by_the_last_partial_character_still_ends_the_sample():
+    """The decoder's final flush (a cut character becomes U+FFFD) can complete a stop string too."""
+    from stopping import StopCondition
+    from tokenizer import Tokenizer
+    tok = Tokenizer.bpe_from_ranks([bytes([i]) for i in range(256)])  # one token per byte
+    assert run_rows(StopCondition.for_model(tok, 1, ["A\ufffd"]), [[0x41, 0xC3]]) == [""]
+
+def test_all_done_only_once_every_row_has_ended():
+    from stopping import StopCondition
+    from tokenizer import Tokenizer
+    docs = Tokenizer.char_from_text("ab", documents="line")
+    a, eot = docs.encode("a")[0], docs.eot_id
+    stop = StopCondition.for_model(docs, 2)
+    assert stop.update([eot, a]) is False and not stop.all_done
+    assert stop.update([a, eot]) is True and stop.all_done
+    assert [stop.text(0), stop.text(1)] == ["", "a"]
+
+
+def test_a_gpt2_documents_models_boundary_token_is_never_text():
+    from stopping import StopCondition
+    from tokenizer import Tokenizer
+    try:
+        gpt2 = Tokenizer.tiktoken("gpt2")
+    except UserError as e:  # no tiktoken cache offline
+        pytest.skip(str(e))
+    gpt2.documents = "line"
+    ids = gpt2.encode("Hi") + [gpt2.eot_id] + gpt2.encode(" there")
+    stop = StopCondition.for_model(gpt2, 1)
+    assert streamed_and_final(stop, ids) == ("Hi", "Hi")
+
+
 # ---------------------------------------------------------------------------- checkpoint files
 
 def plain_checkpoint(**more) -> dict:
@@ -602,4 +667,61 @@ def test_an_unreadable_checkpoint_says_what_the_loader_found(tmp_path):
         checkpoint.load(path)
     path.write_bytes(b"hello, not a checkpoint\n")  # torch's own message is a bare number: the kind too
     with pytest.raises(UserError, match=r"\(not a readable checkpoint: KeyError: 101\); restore it"):
+        checkpoint.load(path)
+
+
+def test_a_save_that_fails_without_an_os_reason_still_says_why(tmp_path, monkeypatch):
+    """An OSError with no strerror (a filesystem library's own words) is quoted, never 'None'."""
+    def refuse(obj, f):
+        raise OSError("quota exceeded on the share")
+
+    monkeypatch.setattr(checkpoint.torch, "save", refuse)
+    with pytest.raises(UserError) as e:
+        checkpoint.save(plain_checkpoint(), tmp_path / "ckpt.pt")
+    assert "None" not in str(e.value)
+    assert str(e.value).startswith(f"could not write checkpoint {tmp_path / 'ckpt.pt'}: the write stopped short "
+                                   f"(quota exceeded on the share).")
+
+
+def test_a_checkpoint_that_is_not_a_dict_or_lacks_model_args_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save([1, 2, 3], path)  # torch.save of something else entirely
+    with pytest.raises(UserError, match="is not a checkpoint of this project"):
+        checkpoint.load(path)
+    torch.save({k: v for k, v in {"format": checkpoint.FORMAT, **plain_checkpoint()}.items() if k != "model_args"},
+               path)
+    with pytest.raises(UserError, match="is missing model_args; it is incomplete"):
+        checkpoint.load(path)
+
+
+def test_a_checkpoint_in_torchs_older_non_zip_format_loads(tmp_path):
+    """No zip, so no CRC-32s to check: torch.load judges it, and a good one loads."""
+    path = tmp_path / "ckpt.pt"
+    torch.save({"format": checkpoint.FORMAT, "version": checkpoint.VERSION, **plain_checkpoint()}, path,
+               _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(path)
+    assert checkpoint.load(path)["iter_num"] == 7
+
+
+def test_a_checkpoint_replaced_while_it_is_opened_is_read_whole_from_one_file(tmp_path, monkeypatch):
+    """A save may rename a new file over ckpt.pt between load's two opens: both handles must be
+    on one file (the checksums checked are those of the bytes read), so it opens again; a file
+    replaced at every attempt is refused in one line rather than read from two files."""
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save(plain_checkpoint(iter_num=1), path)
+    real_open, opens = open, []
+
+    def open_then_replace(file, *args, replace_times, **kwargs):
+        handle = real_open(file, *args, **kwargs)
+        opens.append(file)
+        if len(opens) % 2 == 1 and len(opens) // 2 < replace_times:  # a save lands between the pair's opens
+            checkpoint.save(plain_checkpoint(iter_num=len(opens) + 1), path)
+        return handle
+
+    monkeypatch.setattr(checkpoint, "open", lambda *a, **k: open_then_replace(*a, replace_times=1, **k), raising=False)
+    assert checkpoint.load(path)["iter_num"] == 2  # the second pair: both on the file saved by then
+    assert len(opens) == 4
+    opens.clear()
+    monkeypatch.setattr(checkpoint, "open", lambda *a, **k: open_then_replace(*a, replace_times=99, **k), raising=False)
+    with pytest.raises(UserError, match="keeps being replaced as it is read"):
         checkpoint.load(path)

@@ -384,3 +384,105 @@ def test_a_full_disk_says_to_free_space_not_to_choose_another_name(tmp_path, mon
     assert str(e.value) == (f"cannot write the lock file {tmp_path / '.data.lock'}: No space left on device; "
                             f"free some space on that disk first")
     assert not lock.held
+
+
+def test_a_process_of_another_user_is_alive_and_pid_0_is_nobodys(monkeypatch):
+    """psutil's AccessDenied means the process exists (someone else's): its lock is not taken
+    over. PID 0 (the kernel's, on macOS and Windows) is never a note's holder, whatever psutil says."""
+    probed = []
+
+    class Someone:
+        def __init__(self, pid):
+            probed.append(pid)
+
+        def status(self):
+            raise psutil.AccessDenied(4242)
+
+    monkeypatch.setattr(runlock.psutil, "Process", Someone)
+    assert runlock.pid_alive(4242) and runlock.pid_alive(4242, since=time.time())
+    assert not runlock.holder_is_gone({"host": socket.gethostname(), "pid": 4242, "started": time.time()})
+
+    class Running:
+        def __init__(self, pid):
+            probed.append(pid)
+
+        def status(self):
+            return psutil.STATUS_RUNNING
+
+        def create_time(self):
+            return 0.0
+
+    monkeypatch.setattr(runlock.psutil, "Process", Running)
+    probed.clear()
+    assert not runlock.pid_alive(0) and probed == []
+
+
+def test_a_lock_file_deleted_as_it_is_locked_is_opened_again(tmp_path, monkeypatch):
+    """A holder that lets go deletes its lock file: a lock taken on that deleted file holds
+    nothing, so the lock file is opened (created) again and that one is locked."""
+    path = tmp_path / "train.lock"
+    lock = runlock.FolderLock(path, "the folder", "choose another")
+    real_lock, calls = runlock.filelock.lock_descriptor, []
+
+    def deleted_first(fd, blocking):
+        calls.append(fd)
+        if len(calls) == 1:
+            lock.lock_path.unlink()  # the previous holder let go meanwhile
+        return real_lock(fd, blocking=blocking)
+
+    monkeypatch.setattr(runlock.filelock, "lock_descriptor", deleted_first)
+    with lock:
+        assert len(calls) == 2 and same_inode(lock.lock_path, lock.fd)
+        monkeypatch.undo()
+        with pytest.raises(UserError, match="in use by"):
+            runlock.FolderLock(path, "the folder", "choose another").acquire()
+    assert not path.exists() and not lock.lock_path.exists()
+
+
+def test_releasing_twice_leaves_the_next_holder_alone(tmp_path):
+    path = tmp_path / "train.lock"
+    first = runlock.FolderLock(path, "the folder", "choose another").acquire()
+    first.release()
+    with runlock.FolderLock(path, "the folder", "choose another") as second:
+        note = path.read_text()
+        first.release()  # a stray second release (a finally block and an atexit, say)
+        assert path.read_text() == note and same_inode(second.lock_path, second.fd)
+        with pytest.raises(UserError, match="in use by"):
+            runlock.FolderLock(path, "the folder", "choose another").acquire()
+
+
+def test_a_stale_note_without_a_host_is_taken_as_this_hosts(tmp_path, capsys):
+    """A note that names no host (hand-written, or cut short) is not said to come from another host."""
+    path = tmp_path / "train.lock"
+    path.write_text(json.dumps({"pid": 1 << 30}))
+    with runlock.FolderLock(path, "the folder", "choose another"):
+        pass
+    assert capsys.readouterr().err.strip().endswith("that process is no longer running")
+
+
+def test_a_soft_lock_in_one_process_is_taken_refused_for_a_live_holder_and_released(tmp_path, monkeypatch):
+    """Where the filesystem has no OS locks (ENOSYS), creating the lock file takes the lock; a
+    second taker is refused naming the live holder of this host, without the advice to delete
+    the file that only a run that cannot be checked gets."""
+    import errno
+
+    def no_os_locks(fd, blocking):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(runlock.filelock, "lock_descriptor", no_os_locks)
+    path = tmp_path / "train.lock"
+    with runlock.FolderLock(path, "the folder", "choose another") as lock:
+        assert lock.soft and lock.fd is None and lock.lock_path.exists()
+        with pytest.raises(UserError) as e:
+            runlock.FolderLock(path, "the folder", "choose another").acquire()
+        assert str(e.value).startswith(f"the folder is in use by PID {os.getpid()} on host {socket.gethostname()}")
+        assert "if that run has ended" not in str(e.value)
+    assert not path.exists() and not lock.lock_path.exists()
+
+
+def test_a_note_whose_start_time_is_not_a_number_is_read_as_unknown():
+    """A lock note is another process's file, perhaps damaged or written by another tool: a
+    `started` that is not a number is no crash (a live process is still alive)."""
+    assert runlock.pid_alive(os.getpid(), "2026-11-29T08:50:01") is True
+    assert runlock.pid_alive(os.getpid(), True) is True
+    assert runlock.holder_is_gone({"pid": os.getpid(), "host": socket.gethostname(), "started": "yesterday"}) is False

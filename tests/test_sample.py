@@ -3,6 +3,7 @@ settings, streaming, the interactive prompt and the errors a user can run into."
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import checkpoint
 import sample
 from conftest import ROOT
 from errors import UserError, run_main
+import hardware
 import template
 from generation import GenerationConfig, choose_decoder, encode_prompt, generate_text, shown_prompt
 from hardware import Precision
@@ -221,6 +223,68 @@ def test_generate_text_streams_what_the_model_draws_with_these_settings():
                               torch.Generator(), True)) == ["\N{REPLACEMENT CHARACTER}"]
 
 
+
+class RecordingDecoder:
+    """A decoder that yields the same id for every row and records what generate_text asked of it."""
+
+    def __init__(self, next_id: int):
+        self.next_id, self.asked, self.drawn = next_id, [], 0
+
+    def generate_stream(self, idx, max_new_tokens, **settings):
+        self.asked.append((tuple(idx.shape), max_new_tokens, settings))
+        for _ in range(max_new_tokens):
+            self.drawn += 1
+            yield torch.full((idx.shape[0],), self.next_id)
+
+
+def test_generate_text_asks_for_a_batch_with_every_setting_and_stops_once_all_samples_ended():
+    docs = Tokenizer.char_from_text("ab", documents="line")
+    cpu = Precision("cpu", "float32", "float32")
+    ending = RecordingDecoder(docs.eot_id)  # every sample ends at its first token
+    cfg = GenerationConfig(num_samples=3, max_new_tokens=50, temperature=0.3, top_k=7, top_p=0.9, min_p=0.1,
+                           repetition_penalty=1.3, use_cache=False)
+    generator = torch.Generator()
+    prompt = encode_prompt(docs, "ab", False)
+    assert list(generate_text(ending, docs, prompt, cfg, cpu, generator, True)) == ["ab"]
+    assert ending.drawn == 1  # nothing more is drawn once every sample has ended
+    assert ending.asked == [((3, 3), 50, dict(temperature=0.3, top_k=7, top_p=0.9, generator=generator,
+                                               use_cache=False, min_p=0.1, repetition_penalty=1.3))]
+    going = RecordingDecoder(docs.encode("b")[0])
+    stop = StopCondition.for_model(docs, 2)
+    cfg = GenerationConfig(num_samples=2, max_new_tokens=4)
+    assert list(generate_text(going, docs, prompt, cfg, cpu, generator, False, stop))[-1] == "bbbb"
+    assert going.drawn == 4 and stop.steps == 4 and [stop.text(b) for b in range(2)] == ["bbbb"] * 2
+
+
+def test_the_seed_and_an_empty_or_blank_prompt_are_checked_before_any_work():
+    assert GenerationConfig(seed=-1).problems() == [hardware.seed_problem(-1)] and hardware.seed_problem(-1)
+    no_line_ends = Tokenizer.char_from_text("ab")
+    with pytest.raises(UserError, match=r"^the prompt is empty; give some text, e.g. --prompt=a$"):
+        encode_prompt(no_line_ends, "", False)  # the example is a character this model knows
+    chat = Tokenizer.char_from_text(template.fill(template.TEMPLATE, "user", "hi") + template.TEMPLATE["assistant"],
+                                    documents="jsonl")
+    with pytest.raises(UserError, match="^the prompt is empty: an instruction model answers"):
+        encode_prompt(chat, " \n\n", False, instruct={"template": template.TEMPLATE})
+
+
+def test_drop_unknown_says_which_characters_it_dropped(capsys):
+    char = Tokenizer.char_from_text("ab")
+    assert encode_prompt(char, "azb€", True) == char.encode("ab")
+    assert capsys.readouterr().err == "note: --drop_unknown dropped 2 character(s) the model never saw: 'z', '€'\n"
+
+
+def test_on_a_cuda_gpu_decoding_without_the_kv_cache_uses_the_model(monkeypatch):
+    """The CUDA graph replays the one-token step of a cache: without a cache, the model decodes."""
+    import fast_decode
+
+    def no_graph(*args, **kwargs):
+        raise AssertionError("the CUDA graph was built")
+
+    monkeypatch.setattr(fast_decode, "graph_decoder_for", no_graph)
+    model, _ = tiny_model(len(CHARS))
+    decoder, how = choose_decoder(model, GenerationConfig(use_cache=False), Precision("cuda", "bfloat16", "bf16"))
+    assert decoder is model and how == "model.generate_stream (without the KV cache)"
+
 def test_an_exact_dtype_decodes_with_the_model_itself_and_says_so():
     model, _ = tiny_model(len(CHARS))
     decoder, how = choose_decoder(model, GenerationConfig(dtype="float32"), Precision("cpu", "float32", "float32"))
@@ -230,6 +294,83 @@ def test_an_exact_dtype_decodes_with_the_model_itself_and_says_so():
     assert decoder is model and how.endswith("asked); the model compiled (torch.compile, on its first steps)")
     decoder, how = choose_decoder(model, GenerationConfig(use_cache=False), Precision("cpu", "float32", "float32"))
     assert decoder is model and how == "model.generate_stream (without the KV cache: the whole context every token)"
+
+
+
+# ---------------------------------------------------------------------------- loading.py
+
+def test_auto_on_a_cpu_with_bf16_units_decodes_in_float32_but_an_asked_dtype_stays(monkeypatch):
+    """Token-by-token decoding on a CPU is faster without autocast: dtype auto means float32
+    there even where hardware.resolve would pick bf16; an explicit --dtype and GPUs keep theirs."""
+    import hardware
+    import loading
+
+    def resolve(device, dtype):
+        chosen = "bfloat16" if dtype == "auto" else dtype
+        return hardware.Precision(device, chosen, f"device {device} (as requested), dtype {chosen} (native)")
+
+    monkeypatch.setattr(loading.hardware, "resolve", resolve)
+    auto = loading.choose_precision("cpu", "auto")
+    assert (auto.device, auto.dtype) == ("cpu", "float32")
+    assert auto.reason.startswith("device cpu (as requested), dtype float32 (token-by-token decoding on cpu")
+    assert loading.choose_precision("cpu", "bfloat16").dtype == "bfloat16"
+    assert loading.choose_precision("cuda", "auto").dtype == "bfloat16"
+
+
+def test_a_loaded_checkpoint_is_in_eval_mode_with_its_info(tmp_path):
+    import loading
+    desc = {"name": "char", "vocab_size": len(CHARS), "eot_id": None, "chars": CHARS}
+    folder = save_ckpt(tmp_path, desc, len(CHARS))
+    model, tokenizer, info = loading.load(folder, "cpu")
+    assert not model.training and not any(m.training for m in model.modules())
+    assert tokenizer.chars == CHARS
+    assert info == {"model_args": tiny_model(len(CHARS))[1], "config": {}, "iter_num": 0, "best_val_loss": 9.9,
+                    "instruct": None}
+    (Path(folder) / "config.json").write_text("{}")  # an export written into the run's folder too
+    (Path(folder) / "model.safetensors").write_bytes(b"")
+    assert loading.load(folder, "cpu")[2] == info  # the run's checkpoint is what loads
+
+
+def test_weights_or_a_tokenizer_that_do_not_fit_the_model_are_refused_in_one_line(tmp_path):
+    import loading
+    desc = {"name": "char", "vocab_size": len(CHARS), "eot_id": None, "chars": CHARS}
+    folder = Path(save_ckpt(tmp_path, desc, len(CHARS)))
+    ckpt = checkpoint.load(folder)
+    checkpoint.save({**ckpt, "model_args": {**ckpt["model_args"], "n_embd": 32}}, folder / "ckpt.pt")
+    with pytest.raises(UserError, match=r"ckpt.pt: the weights do not match its model_args \(.*\); the file is "
+                                        r"damaged or was edited$"):
+        loading.load_model(str(folder), "cpu")
+    bigger = {**desc, "chars": CHARS + ["~"], "vocab_size": len(CHARS) + 1}
+    checkpoint.save({**ckpt, "tokenizer": bigger}, folder / "ckpt.pt")
+    with pytest.raises(UserError, match=rf"the tokenizer has {len(CHARS) + 1} tokens but the model only "
+                                        rf"{len(CHARS)}; the checkpoint is inconsistent"):
+        loading.load_model(str(folder), "cpu")
+
+
+def test_a_file_given_for_a_models_folder_names_the_folder_to_pass(tmp_path):
+    import loading
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    with pytest.raises(UserError) as e:
+        loading.check_folder(str(tmp_path / "ckpt.pt"), "--init_from")
+    assert str(e.value) == (f"--init_from={tmp_path / 'ckpt.pt'} is a file: pass the folder that holds it (a run's "
+                            f"ckpt.pt, or a Hugging Face model), --init_from={tmp_path}")
+
+
+def test_what_counts_as_a_hugging_face_or_model_folder(tmp_path):
+    import loading
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "pytorch_model.bin").write_bytes(b"weights")  # no config.json yet
+    assert not loading.is_hf_folder(hf) and not loading.is_model_folder(hf)
+    (hf / "config.json").write_text("{}")
+    assert loading.is_hf_folder(hf) and loading.is_model_folder(hf)  # the older weights file counts too
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ckpt.pt").write_bytes(b"")
+    assert loading.is_model_folder(run) and not loading.is_hf_folder(run)
+    (run / "config.json").write_text("{}")
+    (run / "model.safetensors").write_bytes(b"")
+    loading.check_not_an_export(run)  # a run's folder that also holds an export: its ckpt.pt is what counts
 
 
 # ---------------------------------------------------------------------------- sample.py

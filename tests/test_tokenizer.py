@@ -212,3 +212,31 @@ def test_mismatch_tells_a_plain_model_from_a_documents_dataset_of_the_same_chara
     assert "document-boundary" in mismatch(docs.describe(), plain.describe())
     assert mismatch(plain.describe(), docs.describe(), boundary=False) is None  # a pretrained model's case
     assert mismatch(docs.describe(), Tokenizer.char_from_text("abc", documents="line").describe()) is None
+
+
+def test_mismatch_says_which_side_differs_and_how():
+    """The words a user reads when a model meets data of another tokenizer: the two kinds, the
+    characters on each side, the side that has the boundary token."""
+    from tokenizer import mismatch
+    char, docs = Tokenizer.char_from_text("abc"), Tokenizer.char_from_text("abc", documents="line")
+    bpe = Tokenizer.bpe_from_ranks([bytes([b]) for b in range(256)])
+    assert mismatch(char.describe(), bpe.describe()) == ("the model's tokenizer is char-level, the data's a trained "
+                                                         "BPE vocabulary")
+    assert mismatch(char.describe(), docs.describe()) == ("only the data has a document-boundary token "
+                                                          "(prepare.py --documents)")
+    assert mismatch(docs.describe(), char.describe()) == ("only the model has a document-boundary token "
+                                                          "(prepare.py --documents)")
+    assert mismatch(char.describe(), Tokenizer.char_from_text("abd").describe()) == (
+        "both are char-level, but the data has 'd', which the model never saw, and lacks 'c': its ids mean "
+        "other characters")
+    assert mismatch(char.describe(), {**char.describe(), "chars": ["c", "b", "a"]}) == (
+        "both are char-level, but the data has the model's characters in another order: its ids mean other "
+        "characters")
+
+
+def test_a_char_vocabulary_in_any_order_encodes_each_character_to_its_own_index():
+    """A description's chars are the ids' order, sorted or not (the sorted copy is only for lookup)."""
+    tok = Tokenizer.from_description({"name": "char", "chars": ["b", "c", "a"]})
+    assert tok.encode("abc") == [2, 0, 1]
+    assert tok.decode(tok.encode("cab")) == "cab"
+    assert tok.encode("axb", drop_unknown=True) == [2, 0]

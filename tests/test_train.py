@@ -859,6 +859,17 @@ def test_a_bigram_table_larger_than_the_model_is_said(tmp_path, capsys):
     run_train(tmp_path / "data", tmp_path / "out2", "--dataset=wide", "--bigram=False", "--max_iters=1")
     out = capsys.readouterr().out
     assert "bigram table" not in out and "lookup tables" not in out
+    # a recipe's bigram (its config file sets it, for char data) is refused where the table dwarfs the
+    # model, before the table is built; --bigram=True on the command line keeps it
+    (tmp_path / "recipe.py").write_text("bigram = True\nn_layer = 2\nn_embd = 32\nn_head = 2\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"^the config file's bigram = True adds a table of 3M parameters on dataset "
+                                        r"'wide' \(a vocabulary of 300 tokens\), about 85x the rest of the model "
+                                        r"\(~44 MB .*\): pass --bigram=False, or --bigram=True to keep it$"):
+        run_train(tmp_path / "data", tmp_path / "out3", str(tmp_path / "recipe.py"), "--dataset=wide", "--max_iters=1")
+    assert not (tmp_path / "out3").exists()
+    run_train(tmp_path / "data", tmp_path / "out3", str(tmp_path / "recipe.py"), "--dataset=wide", "--max_iters=1",
+              "--bigram=True")
+    assert "note: the bigram table alone holds 2.89M parameters" in capsys.readouterr().out
 
 
 def test_a_char_model_refuses_records_naming_their_boundary_token(tiny_data, tmp_path):
