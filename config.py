@@ -241,7 +241,7 @@ def parse_config(cls, argv: list[str] | None = None, prog: str | None = None, ch
         try:
             values[key] = coerce(key, value, types_[key])
         except ValueError as e:
-            errors.append(str(e))
+            errors.append(f"{e} (set in {file_of[key]})" if key not in raw and key in file_of else str(e))
     for key in PATH_SETTINGS & values.keys():  # --out_dir=~/runs: no shell expands a ~ after "=" (or in a file)
         if isinstance(values[key], str) and values[key].startswith("~"):
             values[key] = os.path.expanduser(values[key])

@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -88,13 +89,15 @@ class MetricsLog:
             self.wandb_run.finish()
 
 
-def start_wandb(cfg: TrainConfig):
+def start_wandb(cfg: TrainConfig, run_id: str | None = None):
+    """The wandb run (--wandb_log): a new one, or with run_id (the checkpoint's) the run this
+    training started, continued, so a resumed run is one run in wandb as it is in metrics.jsonl."""
     if not cfg.wandb_log:
         return None
     import wandb
     try:
-        run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name,
-                         config=dataclasses.asdict(cfg), dir=cfg.out_dir)
+        run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg),
+                         dir=cfg.out_dir, **({"id": run_id, "resume": "allow"} if run_id else {}))
         run.define_metric("iter")
         run.define_metric("*", step_metric="iter")  # charts by iteration, not by log call: runs line up
         return run
@@ -838,7 +841,7 @@ def main(argv=None):
             run(cfg, explicit, held)
         except RuntimeError as e:
             if "RANK" in os.environ and any(m in str(e) for m in PEER_LOST):  # (the lock goes with held)
-                raise UserError(f"another process of this torchrun job is gone ({str(e).splitlines()[0][:160]}); "
+                raise UserError(f"another process of this torchrun job is gone ({peer_lost_reason(e)}); "
                                 f"what was saved in {cfg.out_dir} is intact: start the job again with "
                                 f"--init_from=resume") from None
             if compiler_missing(e):  # (only torch.compile raises these: a resumed --compile run too)
@@ -865,6 +868,15 @@ def compile_failed(e: Exception) -> str:
 
 # what gloo says when another rank of the job died (killed, out of memory) in the middle of a collective
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def peer_lost_reason(e: Exception) -> str:
+    """gloo's words for a lost peer, in short: its first sentence, without its source file's
+    "[.../pair.cc:537]" in front."""
+    first = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).splitlines() or [""])[0].strip())
+    sentence = next((m.group(0) for m in re.finditer(r".*?(?:by peer|Broken pipe)\.?", first)), first)
+    cut = sentence.rfind(" ", 0, 157)
+    return sentence if len(sentence) <= 160 else sentence[:cut if cut > 0 else 157] + " ..."
 
 
 def out_dir_lock(cfg: TrainConfig, held: contextlib.ExitStack) -> runlock.FolderLock:
@@ -979,13 +991,16 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
         set_aside_metrics(cfg.out_dir)
     # where the weights first came from (scratch, gpt2, a folder), kept through resumes for export's card
     started_from = cfg.init_from if ckpt is None else ckpt.get("started_from", (ckpt.get("config") or {}).get("init_from"))
+    wandb_id = ckpt.get("wandb_id") if ckpt is not None else None  # the wandb run a resume continues
     ckpt = None  # free memory
     model = wrap_model(raw_model, cfg, procs, precision)
     run_info = {**run_description(cfg, model_args, tokenizer, data, precision),
                 "started_from": None if started_from == "resume" else started_from}
 
     # --eval_only reads a run, it does not add to its record (metrics.jsonl, loss.png)
-    log = MetricsLog(None if cfg.eval_only else cfg.out_dir, start_wandb(cfg) if master else None)
+    wandb_run = start_wandb(cfg, wandb_id) if master else None
+    log = MetricsLog(None if cfg.eval_only else cfg.out_dir, wandb_run)
+    run_info["wandb_id"] = wandb_run.id if wandb_run is not None else wandb_id  # kept through resumes without it
     progress = Progress(iter_num, None if cfg.time_budget else cfg.max_iters, enabled=master)
     curve = LossCurve(cfg.out_dir, progress)
     patience = Patience(cfg.patience, resumed_best_iter)
@@ -1085,6 +1100,8 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
         done += (f" (the last model, val loss {last_val:.4f}: every evaluation saves; "
                  f"--always_save_checkpoint=false keeps the best)")
     if iter_num == first_iter and not saved:  # nothing trained: nothing to save
+        if master and not cfg.eval_only and cfg.init_from == "resume":
+            curve.draw(now=True)  # the curve of the run as it stands (a run killed after a save left an older one)
         done = (("done: nothing to train, the time budget is spent (raise --time_budget to go on)" if budget.used_up
                  else f"done: nothing to train, the checkpoint is already at iteration {iter_num} (raise "
                       f"--max_iters above it to go on)") if cfg.init_from == "resume" else

@@ -214,3 +214,11 @@ def test_windows_paths_in_a_config_file_say_how_to_write_them(tmp_path):
         parse_config(TrainConfig, [str(tmp_path / "b.py")])
     (tmp_path / "c.py").write_text("out_dir = r'runs\\new'\ndata_dir = 'D:/data'\n", encoding="utf-8")
     assert parse_config(TrainConfig, [str(tmp_path / "c.py")])[0].out_dir == "runs\\new"
+
+
+def test_a_wrong_type_in_a_config_file_names_the_file(tmp_path):
+    (tmp_path / "c.py").write_text('batch_size = "eight"\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"^--batch_size must be an integer, got 'eight' \(set in .*c\.py\)$"):
+        parse_config(TrainConfig, [str(tmp_path / "c.py")])
+    with pytest.raises(UserError, match=r"^--batch_size must be an integer, got 'nine'$"):  # the flag's own
+        parse_config(TrainConfig, [str(tmp_path / "c.py"), "--batch_size=nine"])

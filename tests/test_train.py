@@ -471,9 +471,11 @@ def test_runs_that_train_nothing_say_so(tiny_data, tmp_path, capsys):
     assert not (tmp_path / "zero").exists()  # it wrote nothing, so the folder it made is gone
     run_train(tiny_data, tmp_path / "out", "--max_iters=4", "--eval_interval=2")
     capsys.readouterr()
+    (tmp_path / "out" / "loss.png").unlink()  # a run killed between its save and its drawing: the curve is behind
     run_train(tiny_data, tmp_path / "out", "--init_from=resume", "--max_iters=2")
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
         "done: nothing to train, the checkpoint is already at iteration 4 (raise --max_iters above it to go on)")
+    assert (tmp_path / "out" / "loss.png").stat().st_size > 0  # drawn again from metrics.jsonl
 
 
 def test_eval_only_evaluates_the_checkpoint_and_leaves_the_run_as_it_was(tiny_data, tmp_path, capsys):
@@ -608,6 +610,14 @@ def test_wandb_offline_summary_holds_losses(tiny_data, tmp_path, monkeypatch):
     assert summary["train/loss"] == pytest.approx(last_eval["train/loss"])
     last_step = [r for r in read_metrics(tmp_path / "out") if "val/loss" not in r][-1]
     assert summary["train/batch_loss"] == pytest.approx(last_step["train/loss"])  # a batch's: its own name
+    # a resume continues the same wandb run (its id kept in the checkpoint), as metrics.jsonl continues
+    run_id = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["wandb_id"]
+    assert run_id and list((tmp_path / "out" / "wandb").glob(f"offline-run-*-{run_id}"))
+    run_train(tiny_data, tmp_path / "out", "--init_from=resume", "--max_iters=6", "--eval_interval=2",
+              "--wandb_log=true", "--wandb_project=test")
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["wandb_id"] == run_id
+    runs = [p.name.rsplit("-", 1)[1] for p in (tmp_path / "out" / "wandb").glob("offline-run-*")]
+    assert runs == [run_id, run_id]  # (offline: a folder for each process, one run id to sync them into)
 
 
 def test_gradient_accumulation_is_split_across_processes_or_the_fix_is_named():
@@ -632,6 +642,11 @@ def test_a_rank_that_died_under_torchrun_is_one_line(tiny_data, tmp_path, monkey
     with pytest.raises(UserError, match=r"^another process of this torchrun job is gone \(.*Connection closed by "
                                         r"peer.*\); what was saved in .* is intact: start the job again with --init_from=resume$"):
         train.main([f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'out'}", *TINY])
+    assert train.peer_lost_reason(RuntimeError(  # gloo's own words, in short: no source path, its first sentence
+        "[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:60079: Connection reset by "
+        "peer. This is typically caused by a remote peer that crashed")) == (
+        "Read error [127.0.0.1]:60079: Connection reset by peer.")
+    assert train.peer_lost_reason(RuntimeError("x" * 300 + " Broken pipe")) == "x" * 157 + " ..."
     monkeypatch.delenv("RANK")
     with pytest.raises(RuntimeError, match="Connection closed by peer"):  # not under torchrun: not this case
         train.main([f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'out'}", *TINY])
