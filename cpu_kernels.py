@@ -25,6 +25,7 @@ dropout and SDPA) side by side with ours.
 import contextlib
 import ctypes
 import hashlib
+import json
 import math
 import os
 import platform
@@ -198,10 +199,13 @@ def _load():
     try:
         if path.exists():
             mark_used(path)
-        elif why := remembered_failure(failed):  # not the same minute of failing again in every run
-            return None, f"numpy kernels ({why}; that build failed here before: delete {failed} to try again)"
-        elif why := no_apple_compiler(compiler) or _build(compiler, path):
-            remember_failure(failed, why)
+        elif why := remembered_failure(failed, compiler):  # not the same half minute of failing in every run
+            return None, f"numpy kernels ({why}; that build failed here today: delete {failed} to try again)"
+        elif why := no_apple_compiler(compiler):
+            return None, f"numpy kernels ({why})"
+        elif why := _build(compiler, path):
+            if why.startswith(f"{compiler} could not build"):  # the compiler's answer, not a timeout
+                remember_failure(failed, why, compiler)
             return None, f"numpy kernels ({why})"
         else:
             prune_cache(path, f"cpu_kernels-*{path.suffix}")  # builds unused for a month
@@ -217,23 +221,36 @@ def _load():
     return lib, f"C kernels ({path}{', OpenMP' if lib.openmp else ''})"
 
 
-FAILURE_KEPT_DAYS = 7  # a failed build is tried again after this long (a compiler mended meanwhile)
+FAILURE_KEPT_HOURS = 24  # a failed build is tried again after this long, or at once when the compiler changes
 
 
-def remembered_failure(marker: Path) -> str | None:
-    """Why the build that marker remembers failed, if it failed less than a week ago; else None."""
+def compiler_stamp(compiler: str) -> list:
+    """What changes when the compiler is installed again or updated: its file's size and time."""
     try:
-        if time.time() - marker.stat().st_mtime > FAILURE_KEPT_DAYS * 86400:
-            return None
-        return marker.read_text(encoding="utf-8").strip() or "unknown"
+        st = os.stat(compiler)
+        return [st.st_size, int(st.st_mtime)]
     except OSError:
+        return []
+
+
+def remembered_failure(marker: Path, compiler: str) -> str | None:
+    """Why the build that marker remembers failed, if it failed in the last day with this very
+    compiler; else None."""
+    try:
+        if time.time() - marker.stat().st_mtime > FAILURE_KEPT_HOURS * 3600:
+            return None
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
+    if not isinstance(record, dict) or record.get("compiler") != compiler_stamp(compiler):
+        return None
+    return str(record.get("why", "unknown"))
 
 
-def remember_failure(marker: Path, why: str):
+def remember_failure(marker: Path, why: str, compiler: str):
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(why + "\n", encoding="utf-8")
+        marker.write_text(json.dumps({"why": why, "compiler": compiler_stamp(compiler)}) + "\n", encoding="utf-8")
     except OSError:  # a read-only cache: the next run tries again
         pass
 

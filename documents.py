@@ -32,11 +32,14 @@ def as_text(pieces):
             yield text
 
 
+UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)  # how a UTF-16 text file starts
+
+
 def not_utf8(what: str, head: bytes, offset: int, line: int) -> str:
     """What to say of a file (named by what) that failed as UTF-8 at byte offset, on line;
     head: its first bytes. UTF-16, what Windows Notepad calls "Unicode" and Windows
     PowerShell's `>` writes, is named as such (its first byte is what fails)."""
-    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+    if head.startswith(UTF16_BOMS):
         return (f"{what} is UTF-16 text (Windows Notepad's \"Unicode\", what Windows PowerShell's `>` writes), "
                 f"not UTF-8: save it as UTF-8 (Notepad: Save as, Encoding: UTF-8; PowerShell: "
                 f"`Get-Content FILE | Set-Content -Encoding utf8 NEWFILE`; elsewhere `iconv -f utf-16 -t utf-8`)")

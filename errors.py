@@ -60,8 +60,10 @@ def use_utf8_streams():
 
 def reader_left(e: OSError) -> bool:
     """Whether a write failed because the reading end of a pipe closed: EPIPE, or on Windows
-    EINVAL, which it gives for the same (python/cpython#79935)."""
-    return isinstance(e, BrokenPipeError) or e.errno == errno.EPIPE or (os.name == "nt" and e.errno == errno.EINVAL)
+    EINVAL, which it gives for the same (python/cpython#79935), without a file name (a name
+    Windows refuses, `runs/lr:3e-4`, is EINVAL too, with its name)."""
+    return isinstance(e, BrokenPipeError) or e.errno == errno.EPIPE or (
+        os.name == "nt" and e.errno == errno.EINVAL and e.filename is None)
 
 
 def _to_null_device(stream) -> bool:
@@ -225,8 +227,8 @@ def run_main(main, argv=None):
         fix = machine_problem(e)
         if fix is None:
             raise
-        where = f": {e.filename}" if e.filename else ""
-        print(f"error: {e.strerror or e}{where}; {fix}", file=sys.stderr)
+        path = e.filename2 or e.filename  # os.replace(temporary, target): the target
+        print(f"error: {e.strerror or e}{f': {path}' if path else ''}; {fix}", file=sys.stderr)
         sys.exit(2)
     except (MemoryError, RuntimeError) as e:  # settings larger than the machine (torch's and numpy's own errors)
         if not out_of_memory(e):
@@ -253,6 +255,10 @@ def machine_problem(e: OSError) -> str | None:
     too long, a full or read-only disk, a path without permission); None for anything else."""
     if getattr(e, "winerror", None) == 206:  # Windows: ERROR_FILENAME_EXCED_RANGE
         return MACHINE_PROBLEMS[errno.ENAMETOOLONG]
+    if os.name == "nt" and e.errno == errno.EINVAL and e.filename:  # ERROR_INVALID_NAME, and its kin
+        return 'Windows refuses that name: no < > : " | ? * in a file or folder name'
+    if os.name == "nt" and e.errno == errno.EACCES:
+        return MACHINE_PROBLEMS[errno.EACCES] + " (or another program has it open: close it)"
     return MACHINE_PROBLEMS.get(e.errno)
 
 

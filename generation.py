@@ -38,7 +38,7 @@ class GenerationConfig:
     repetition_penalty: float = 1.0  # above 1: tokens already in the prompt or sample become less likely; 1.0 = off
     seed: int = 1337  # random seed: the same seed gives the same samples
     use_cache: bool = True  # KV cache: each new token costs one position, not the whole context
-    stop: list[str] = field(default_factory=list)  # end a sample at this string, not printed; repeat for several
+    stop: list[str] = field(default_factory=list)  # end a sample at this string, not printed; repeat for several; \n, \r, \t, \\ are a line end, a return, a tab, a backslash
     dtype: str = "auto"  # auto (float32 on cpu: faster for decoding; bf16 or fp16 on gpus), float32, bfloat16 or float16
     compile: bool | None = None  # on a CPU the fast path's decoding step, compiled once per model shape and kept in ~/.cache/nanogpt-toolkit (unset: where it pays, i.e. a kept one, or max_new_tokens x n_layer >= 2000); on a CUDA GPU unset replays the one-token step as a CUDA graph, false runs the model eagerly, true torch.compiles it
     fast_weights: str = "auto"  # block matrices of the fast CPU path (dtype auto): auto (faster here), float32 or int8

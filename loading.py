@@ -48,15 +48,16 @@ def check_not_an_export(folder: Path, flag: str = "--out_dir"):
     if (folder / "ckpt.pt").exists() or not folder.is_dir():
         return
     hf_format.refuse_onnx_export(folder, flag)
-    if is_hf_folder(folder) and flag == "--out_dir":
+    if is_hf_folder(folder):
         raise UserError(f"{flag}={folder} is a Hugging Face folder, not a run's checkpoint folder (ckpt.pt): pass "
-                        f"the --out_dir of the run it came from, or --init_from={quoted(folder)} where the script takes one")
+                        f"the {flag} of the run it came from, or --init_from={quoted(folder)} where the script takes one")
 
 
-def load_model(out_dir: str, device: str) -> tuple[GPT, Tokenizer, dict]:
-    """The model (eval mode, on device) and tokenizer of <out_dir>/ckpt.pt, and the checkpoint."""
-    check_folder(out_dir)
-    check_not_an_export(Path(out_dir))
+def load_model(out_dir: str, device: str, flag: str = "--out_dir") -> tuple[GPT, Tokenizer, dict]:
+    """The model (eval mode, on device) and tokenizer of <out_dir>/ckpt.pt, and the checkpoint;
+    flag: the setting that named out_dir, for the messages."""
+    check_folder(out_dir, flag)
+    check_not_an_export(Path(out_dir), flag)
     path = Path(out_dir) / "ckpt.pt"
     ckpt = checkpoint.load(path)
     try:

@@ -36,7 +36,8 @@ per file, val is the token tail.
 --tokenizer=bpe:N trains a byte-level BPE vocabulary of N ids (256 bytes, N - 257 merges
 and <|endoftext|>) with Hugging Face tokenizers' BpeTrainer on the training text. Text is
 split into lines before BPE (tokenizer.LINE_PATTERN): merges may cross spaces, so a
-record's recurring words ("Lead Hook", " - ") become single tokens. The trainer sees only
+record's recurring words ("Lead Hook", " - ") become single tokens; a line over 1,000
+characters reaches the trainer in pieces (cut_long_lines). The trainer sees only
 the first --bpe_sample_chars characters (10M by default) of the training documents (in
 file mode: of the text without its last --val_fraction), so its memory stays bounded on
 any corpus. The vocabulary goes into meta.json as tiktoken ranks (base64 bytes of each
@@ -77,7 +78,7 @@ from tqdm import tqdm
 
 import durable
 import runlock
-from documents import BOM, as_text, not_utf8, split_documents
+from documents import BOM, UTF16_BOMS, as_text, not_utf8, split_documents
 from errors import UserError, listed, quoted, run_main
 import template
 from tokenizer import BPE, CHAR, LINE_PATTERN, NAMED_DATASETS, Tokenizer, bytes_to_unicode
@@ -90,7 +91,7 @@ MASK_OUTPUTS = ("train_mask.bin", "val_mask.bin")  # and beside them for JSONL r
 DOCUMENT_MODES = ("file", "line", "blank")  # --documents: what one document is
 BPE_MIN_VOCAB = 257  # a trained vocabulary holds the 256 bytes and <|endoftext|> at least
 LONG_DOCUMENTS_WARNING = 0.1  # warn when more than this share of documents exceed --block_size
-MAX_WORKERS = 61 if sys.platform == "win32" else 1 << 20  # the most processes a pool takes on Windows
+MAX_WORKERS = 61 if sys.platform == "win32" else None  # the most processes a pool takes on Windows
 
 
 # ---------------------------------------------------------------- finding the text
@@ -133,9 +134,6 @@ def list_files(inputs: list[str]) -> list[Path]:
 # how images and archives start that may hold no NUL early on (programs, audio, ... do)
 BINARY_STARTS = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"PK\x03\x04", b"%PDF-", b"\x1f\x8b", b"\xfd7zXZ",
                  b"7z\xbc\xaf")
-
-
-UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)  # UTF-16 text: NULs everywhere, but text
 
 
 def file_head(path: Path) -> bytes:
@@ -302,7 +300,7 @@ def names_a_vocabulary(name: str) -> bool:
     vocabulary to use, rather than a tokenizer (char, bpe:N, a tiktoken encoding)."""
     if name == CHAR or name.startswith(BPE + ":") or name in tiktoken.list_encoding_names():
         return False
-    return "/" in name or "\\" in name or Path(name).expanduser().is_dir()
+    return "/" in name or "\\" in name or name.endswith((".json", ".pt")) or Path(name).expanduser().is_dir()
 
 
 def vocabulary_of(name: str) -> Tokenizer:
@@ -311,19 +309,30 @@ def vocabulary_of(name: str) -> Tokenizer:
     scored by that model, whose own vocabulary (char-level, bpe:N) came from other text."""
     path = Path(name).expanduser()
     meta = path / "meta.json" if path.is_dir() else path
+    folder = path if path.is_dir() else path.parent
     try:
-        if meta.is_file() and meta.suffix == ".json":
+        if meta.name == "meta.json" and meta.is_file():
             description = json.loads(meta.read_text(encoding="utf-8"))
         elif path.is_dir() and (path / "ckpt.pt").is_file() or path.name == "ckpt.pt" and path.is_file():
             import checkpoint  # torch, only for a run's vocabulary
             description = checkpoint.load(path)["tokenizer"]
+        elif (folder / "config.json").is_file() or (folder / "tokenizer.json").is_file():
+            raise UserError(f"--tokenizer={name} is a Hugging Face model's folder: for a GPT-2 (ours after "
+                            f"export.py too) prepare with --tokenizer gpt2, or with the folder of the run it "
+                            f"was exported from")
         else:
             raise UserError(f"--tokenizer={name}: no prepared dataset (meta.json) or run (ckpt.pt) there; name a "
                             f"dataset's folder (data/NAME) or a run's --out_dir to use its vocabulary, or a "
                             f"tokenizer: char, gpt2, r50k_base, cl100k_base, o200k_base or bpe:N")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        return Tokenizer.from_description(description)
+    except UserError as e:
+        raise UserError(str(e) if str(e).startswith("--tokenizer=") else f"--tokenizer={name}: {e}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"--tokenizer={name}: cannot read its vocabulary ({type(e).__name__}: {e})") from None
-    return Tokenizer.from_description(description)
+
+
+def say_vocab_size(tokenizer: Tokenizer, source: str | None):
+    print(f"vocab size: {tokenizer.vocab_size:,} ({tokenizer.name}{f', the vocabulary of {source}' if source else ''})")
 
 
 def check_vocabulary(tokenizer: Tokenizer, source: str, chars, documents: str | None):
@@ -469,8 +478,8 @@ class EncoderPool(ProcessPoolExecutor):
     here: in the parent it could otherwise be lost in a fork hook ("Exception ignored in ..."),
     and a child that has not yet reached _start_worker would print it as a traceback. (Held by
     a Python handler, which forked children inherit; spawned ones, macOS's and Windows',
-    ignore Ctrl-C from the first line of this script on: errors.starting.) Leaving the `with` block on an error or Ctrl-C
-    drops the chunks still queued instead of encoding them first."""
+    ignore Ctrl-C from the first line of this script on: errors.starting.) Leaving the `with`
+    block on an error or Ctrl-C drops the chunks still queued instead of encoding them first."""
 
     def __init__(self, tokenizer: Tokenizer, num_workers: int):
         super().__init__(num_workers, initializer=_start_worker, initargs=(tokenizer.describe(), os.getpid()))
@@ -828,7 +837,7 @@ def prepare_jsonl(args, files: list[Path], tokenizer: Tokenizer | None, bpe_size
     elif source:
         check_vocabulary(tokenizer, source, chars, JSONL)
     tokenizer.documents = JSONL
-    print(f"vocab size: {tokenizer.vocab_size:,} ({tokenizer.name}{f', the vocabulary of {source}' if source else ''})")
+    say_vocab_size(tokenizer, source)
     dtype = np.dtype("<u2") if tokenizer.vocab_size <= 1 << 16 else np.dtype("<u4")
     n_tokens, n_loss, lengths = encode_jsonl(files, tmpl, is_val, tokenizer, folder, dtype)
     need = args.block_size + 1
@@ -913,7 +922,7 @@ def parse_args(argv):
     p.add_argument("--data_dir", default="data", type=os.path.expanduser, help="root folder of prepared datasets")
     p.add_argument("--chunk_size", type=int, default=1 << 20,
                    help="characters per encode call (also bytes per read)")
-    p.add_argument("--num_workers", type=int, default=min(os.cpu_count() or 1, MAX_WORKERS),
+    p.add_argument("--num_workers", type=int, default=min(os.cpu_count() or 1, MAX_WORKERS or 1 << 20),
                    help=f"encoder processes (at most {MAX_WORKERS} on Windows)" if sys.platform == "win32"
                    else "encoder processes")
     return p.parse_args(argv)
@@ -937,7 +946,7 @@ def check_args(args) -> tuple[str, str | None]:
         raise UserError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
     if args.chunk_size < 1 or args.num_workers < 1 or args.block_size < 1 or args.bpe_sample_chars < 1:
         raise UserError("--chunk_size, --num_workers, --block_size and --bpe_sample_chars must be positive")
-    if args.num_workers > MAX_WORKERS:
+    if MAX_WORKERS and args.num_workers > MAX_WORKERS:
         raise UserError(f"--num_workers={args.num_workers}: Python's process pools take at most {MAX_WORKERS} "
                         f"workers on Windows; pass --num_workers={MAX_WORKERS} or fewer")
     if args.documents not in DOCUMENT_MODES:
@@ -1007,6 +1016,10 @@ def prepare(argv=None):
     tokenizer_name = args.tokenizer or NAMED_DATASETS.get(args.dataset, "gpt2")
     source = tokenizer_name if names_a_vocabulary(tokenizer_name) else None  # another dataset's or run's
     bpe_size = None if source else parse_bpe_size(tokenizer_name)
+    if not source and not bpe_size and tokenizer_name not in (CHAR, *tiktoken.list_encoding_names()) and \
+            (Path(args.data_dir) / tokenizer_name / "meta.json").is_file():  # a dataset's name: its vocabulary?
+        raise UserError(f"unknown tokenizer {tokenizer_name!r}; for the vocabulary of the dataset of that name, "
+                        f"pass its folder: --tokenizer={quoted(Path(args.data_dir) / tokenizer_name)}")
     tokenizer = (vocabulary_of(source) if source else
                  None if tokenizer_name == CHAR or bpe_size else Tokenizer.tiktoken(tokenizer_name))
     if tokenizer is not None and not source:
@@ -1080,7 +1093,7 @@ def prepare(argv=None):
             # or an escape sequence would reach the terminal itself
             shown = "".join(c if c.isprintable() or c == "\n" else ascii(c)[1:-1] for c in tokenizer.chars)
             print("all the unique characters:", shown if len(shown) <= 500 else shown[:500] + "...")
-        print(f"vocab size: {tokenizer.vocab_size:,} ({tokenizer.name}{f', the vocabulary of {source}' if source else ''})")
+        say_vocab_size(tokenizer, source)
 
         dtype = np.dtype("<u2") if tokenizer.vocab_size <= 1 << 16 else np.dtype("<u4")
         n_train, n_val, doc_meta = encode_splits(args, files, documents, is_val, n_docs, tokenizer, tmp, dtype)

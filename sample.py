@@ -32,7 +32,8 @@ shape and the tokenizer, so nothing in data/ is needed. Standard output holds on
   default "\n" and --prompt="" both mean "a new document"), and each sample ends where its
   document ends: --num_samples=20 prints 20 whole documents. --stop=STRING (repeatable)
   ends a sample at a string, for any model; the boundary and the stop string are not
-  printed (see stopping.py, which any consumer of generate_stream can use).
+  printed (see stopping.py, which any consumer of generate_stream can use). In it \\n, \\r,
+  \\t and \\\\ stand for a line end, a return, a tab and a backslash (--stop="\\n\\n" in any shell).
 - Precision: --dtype=auto picks float32 on CPUs even where training uses bf16 autocast:
   decoding one token at a time is a chain of small matrix-vector products, where autocast's
   casts cost more than they save (loading.choose_precision). GPUs keep hardware.resolve's choice.
@@ -111,9 +112,10 @@ def typed(text: str) -> str:
 
 
 def unescaped(stop: str) -> str:
-    """A --stop string with \\n, \\t and \\\\ read as a line end, a tab and a backslash: typed
-    as --stop="\\n\\n", a blank line ends a sample in every shell (cmd.exe types no line end)."""
-    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], stop)
+    """A --stop string with \\n, \\r, \\t and \\\\ read as a line end, a return, a tab and a
+    backslash: typed as --stop="\\n\\n", a blank line ends a sample in every shell (cmd.exe types
+    no line end)."""
+    return re.sub(r"\\([nrt\\])", lambda m: {"n": "\n", "r": "\r", "t": "\t", "\\": "\\"}[m.group(1)], stop)
 
 
 def stops_never_written(tokenizer: Tokenizer, stops: list[str]) -> list[str]:

@@ -42,13 +42,13 @@ def record_kind(record) -> str:
         raise ValueError(f"a record must be a JSON object, got a {_type_name(record)}")
     keys = [k for k in ("text", "prompt", "response", "messages") if k in record]
     if not keys:
-        known = ('; ShareGPT\'s "conversations": rename it "messages", from/value role/content, human/gpt '
-                 'user/assistant' if "conversations" in record else
-                 '; Alpaca\'s instruction/input/output: "prompt" is the instruction (and the input after it), '
-                 '"response" the output' if "instruction" in record and "output" in record else "")
+        known = ('ShareGPT\'s "conversations": rename it "messages", each turn\'s "from" and "value" "role" and '
+                 '"content", and "human" and "gpt" "user" and "assistant"' if "conversations" in record else
+                 'Alpaca\'s instruction, input and output: "prompt" is the instruction (and the input after it), '
+                 '"response" the output' if "instruction" in record and "output" in record else
+                 'a .jsonl file that is no instruction data (a JSON log, say) is read as plain text with --format=text')
         raise ValueError(f'the record has none of "text", "prompt" and "response", or "messages" (its keys: '
-                         f'{", ".join(map(repr, list(record)[:8])) or "none"}){known}; a .jsonl file that is no '
-                         f'instruction data (a JSON log, say) is read as plain text with --format=text')
+                         f'{", ".join(map(repr, list(record)[:8])) or "none"}); {known}')
     kind = "messages" if "messages" in record else "text" if "text" in record else "prompt_response"
     wanted = {"text": ("text",), "prompt_response": ("prompt", "response"), "messages": ("messages",)}[kind]
     extra = [k for k in keys if k not in wanted]

@@ -482,9 +482,10 @@ def open_dataset(cfg: TrainConfig, pretrained: Pretrained | None) -> tuple[Datas
         fix = (f"prepare the text with the model's tokenizer (`python prepare.py --input FILE --name NAME "
                f"--tokenizer {theirs['name']}`)" if theirs["name"] not in ("char", "bpe") else
                f"its vocabulary came from the text it was trained on, so it reads only text prepared with that "
-               f"vocabulary (`python prepare.py --input FILE --name NAME --tokenizer={errors.quoted(cfg.init_from)}`); for a "
-               f"task in another alphabet or in records, start from GPT-2 (--init_from=gpt2, data prepared with "
-               f"--tokenizer gpt2) or train a new model on this dataset (--init_from=scratch)")
+               f"vocabulary (`python prepare.py --input FILE --name NAME "
+               f"--tokenizer={errors.quoted(cfg.init_from)}`); for a task in another alphabet or in records, "
+               f"start from GPT-2 (--init_from=gpt2, data prepared with --tokenizer gpt2) or train a new model "
+               f"on this dataset (--init_from=scratch)")
         raise UserError(f"--init_from={cfg.init_from} cannot read dataset {cfg.dataset!r}: {differ}; {fix}")
     if data.vocab_size > pretrained.config.vocab_size:
         why = (": its documents' boundary token, which a model trained on plain text has no id for; start from "
@@ -527,9 +528,9 @@ def recipe_bigram_too_large(cfg: TrainConfig, explicit: set, vocab_size: int) ->
     size = 16 * table  # float32: weights, gradients, AdamW's two moments
     size = f"{size / 2 ** 30:.1f} GB" if size >= 2 ** 30 else f"{size / 2 ** 20:.0f} MB"
     return (f"the config file's bigram = True adds a table of {table / 1e6:.0f}M parameters on dataset "
-            f"{cfg.dataset!r} (a vocabulary of {vocab_size:,} tokens), about {table / rest:.0f}x the rest of the model (~{size} with its "
-            f"gradients and optimizer state; it pays on small char vocabularies): pass --bigram=False, or "
-            f"--bigram=True to keep it")
+            f"{cfg.dataset!r} (a vocabulary of {vocab_size:,} tokens), about {table / rest:.0f}x the rest of the "
+            f"model (~{size} with its gradients and optimizer state; it pays on small char vocabularies): pass "
+            f"--bigram=False, or --bigram=True to keep it")
 
 
 def announce_model(raw_model: GPT, cfg: TrainConfig):
@@ -991,16 +992,19 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
         set_aside_metrics(cfg.out_dir)
     # where the weights first came from (scratch, gpt2, a folder), kept through resumes for export's card
     started_from = cfg.init_from if ckpt is None else ckpt.get("started_from", (ckpt.get("config") or {}).get("init_from"))
-    wandb_id = ckpt.get("wandb_id") if ckpt is not None else None  # the wandb run a resume continues
+    # the wandb run a resume continues: its own, in its own folder (not a copy's, nor an --eval_only's)
+    wandb_run = (ckpt or {}).get("wandb_run") or {}
+    wandb_id = wandb_run.get("id") if wandb_run.get("out_dir") == str(Path(cfg.out_dir).resolve()) else None
     ckpt = None  # free memory
     model = wrap_model(raw_model, cfg, procs, precision)
     run_info = {**run_description(cfg, model_args, tokenizer, data, precision),
                 "started_from": None if started_from == "resume" else started_from}
 
     # --eval_only reads a run, it does not add to its record (metrics.jsonl, loss.png)
-    wandb_run = start_wandb(cfg, wandb_id) if master else None
+    wandb_run = start_wandb(cfg, None if cfg.eval_only else wandb_id) if master else None
     log = MetricsLog(None if cfg.eval_only else cfg.out_dir, wandb_run)
-    run_info["wandb_id"] = wandb_run.id if wandb_run is not None else wandb_id  # kept through resumes without it
+    run_info["wandb_run"] = {"id": wandb_run.id if wandb_run is not None else wandb_id,  # kept through resumes
+                             "out_dir": str(Path(cfg.out_dir).resolve())}
     progress = Progress(iter_num, None if cfg.time_budget else cfg.max_iters, enabled=master)
     curve = LossCurve(cfg.out_dir, progress)
     patience = Patience(cfg.patience, resumed_best_iter)

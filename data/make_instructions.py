@@ -76,9 +76,9 @@ def score(out_dir: str, n: int, seed: int) -> dict[str, float]:
     from stopping import StopCondition
 
     try:
-        model, tokenizer, ckpt = loading.load_model(out_dir, "cpu")
-    except UserError as e:  # said of sample.py's --out_dir: this script's flag is --score
-        raise UserError(str(e).replace("--out_dir", "--score")) from None
+        model, tokenizer, ckpt = loading.load_model(out_dir, "cpu", flag="--score")
+    except UserError as e:  # checkpoint.load's words name sample.py's flag: this script's is --score
+        raise UserError(str(e).replace("point --out_dir at", "point --score at")) from None
     if not ckpt.get("instruct"):
         raise UserError(f"{out_dir} holds a model trained on plain text, not on instruction records: score one "
                         f"trained as this file's docstring says (configs/instruct.py)")

@@ -656,13 +656,14 @@ def test_a_path_too_long_for_the_system_is_one_line(world, capsys):
 def test_a_full_or_forbidden_disk_is_one_line(errno_name, fix, capsys):
     import errno
 
-    def main(argv):
-        raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)), "out/ckpt.pt")
+    def main(argv):  # (a failed rename names its target second: that is the path said)
+        raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)), "out/.ckpt.pt.tmp-1",
+                      None, "out/ckpt.pt")
 
     with pytest.raises(SystemExit) as e:
         run_main(main, [])
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and "out/ckpt.pt" in err[0] and fix in err[0], err
+    assert e.value.code == 2 and len(err) == 1 and "out/ckpt.pt;" in err[0] and fix in err[0], err
 
 
 def test_other_os_errors_keep_their_traceback():
@@ -691,6 +692,14 @@ def test_a_reader_that_left_on_windows_ends_quietly(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         run_main(main, [])
     assert e.value.code == 0 and capsys.readouterr().err == ""
+
+    def bad_name(argv):  # Windows' EINVAL for a name it refuses carries the name: a mistake, not a reader gone
+        raise OSError(errno.EINVAL, "Invalid argument", "runs/lr:3e-4")
+
+    with pytest.raises(SystemExit) as e:
+        run_main(bad_name, [])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        'error: Invalid argument: runs/lr:3e-4; Windows refuses that name: no < > : " | ? * in a file or folder name\n')
 
 
 # ---------------------------------------------------------------------------- sample.py's paths and config files

@@ -155,11 +155,12 @@ BAD_LINES = {
                  "system, user or assistant, got no role but 'from', 'value' (ShareGPT's from/value: rename them"),
     "ShareGPT file": ('{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}',
                       "records.jsonl:3: the record has none of \"text\", \"prompt\" and \"response\", or \"messages\" "
-                      "(its keys: 'conversations'); ShareGPT's \"conversations\": rename it \"messages\", from/value "
-                      "role/content, human/gpt user/assistant"),
+                      "(its keys: 'conversations'); ShareGPT's \"conversations\": rename it \"messages\", each turn's "
+                      "\"from\" and \"value\" \"role\" and \"content\", and \"human\" and \"gpt\" \"user\" and "
+                      "\"assistant\""),
     "Alpaca": ('{"instruction": "add", "input": "1 2", "output": "3"}', "records.jsonl:3: the record has none of "
                "\"text\", \"prompt\" and \"response\", or \"messages\" (its keys: 'instruction', 'input', 'output'); "
-               "Alpaca's instruction/input/output: \"prompt\" is the instruction"),
+               "Alpaca's instruction, input and output: \"prompt\" is the instruction"),
     "missing response": ('{"prompt": "a"}', 'records.jsonl:3: the record has "prompt" but no "response"'),
     "wrong type": ('{"prompt": "a", "response": 4}', 'records.jsonl:3: "response" must be a string, got a number'),
     "mixed kinds": ('{"text": "a", "prompt": "b"}', "records.jsonl:3: the record mixes"),
@@ -343,10 +344,17 @@ def test_make_instructions_mistakes_are_one_line(chat_run, tmp_path):
     import checkpoint
     saved = checkpoint.load(chat_run)
     checkpoint.save({**saved, "instruct": None}, plain / "ckpt.pt")
+    hf = tmp_path / "hf"  # an export's folder (a GPT-2 config, no ckpt.pt)
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "gpt2"}', encoding="utf-8")
+    (hf / "model.safetensors").write_bytes(b"")
     script = str(ROOT / "data" / "make_instructions.py")
     for args, message in ((["--n", "-5"], "--n must be at least 1"),
                           (["--chat_fraction", "2"], "--chat_fraction must be in [0, 1]"),
                           (["--score", str(tmp_path / "nowhere")], "no checkpoint at"),
+                          (["--score", str(tmp_path / "nowhere")], "point --score at the folder"),
+                          (["--score", str(hf)], "is a Hugging Face folder, not a run's checkpoint folder (ckpt.pt): "
+                                                 "pass the --score of the run it came from"),
                           (["--score", str(plain)], "a model trained on plain text"),
                           (["--score", str(chat_run), "--n", "3"], "never saw")):
         r = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=tmp_path, timeout=120)

@@ -537,6 +537,21 @@ def test_more_text_prepared_with_a_runs_vocabulary_finetunes_that_run(tmp_path, 
                       "--documents", "line", *common])
     with pytest.raises(UserError, match="no prepared dataset \\(meta.json\\) or run \\(ckpt.pt\\) there"):
         prepare.main(["--input", str(tmp_path / "b.txt"), "--name", "d", "--tokenizer", str(tmp_path / "none"), *common])
+    (tmp_path / "list.json").write_text("[1, 2]", encoding="utf-8")  # a .json that is no meta.json
+    with pytest.raises(UserError, match=r"^--tokenizer=.*list.json: no prepared dataset"):
+        prepare.main(["--input", str(tmp_path / "b.txt"), "--name", "d", "--tokenizer", str(tmp_path / "list.json"),
+                      *common])
+    (tmp_path / "meta.json").write_text('{"tokenizer": "char"}', encoding="utf-8")  # a damaged one: which flag
+    with pytest.raises(UserError, match=r"^--tokenizer=.*meta.json: char tokenizer description has no 'chars'"):
+        prepare.main(["--input", str(tmp_path / "b.txt"), "--name", "d", "--tokenizer", str(tmp_path / "meta.json"),
+                      *common])
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(UserError, match=r"is a Hugging Face model's folder: for a GPT-2 .* --tokenizer gpt2"):
+        prepare.main(["--input", str(tmp_path / "b.txt"), "--name", "d", "--tokenizer", str(tmp_path / "hf"), *common])
+    with pytest.raises(UserError, match=r"^unknown tokenizer 'a'; for the vocabulary of the dataset of that name, "
+                                        r"pass its folder: --tokenizer=.*a$"):
+        prepare.main(["--input", str(tmp_path / "b.txt"), "--name", "d", "--tokenizer", "a", *common])
     assert not (data / "d").exists()
 
 

@@ -380,19 +380,23 @@ def test_a_failed_build_falls_back_to_numpy_with_the_reason(monkeypatch, tmp_pat
     y = Dropout(0.5).train()(torch.ones(1000))  # still drops, on the numpy path
     assert 400 < (y == 0).sum() < 600
     assert not list(tmp_path.rglob("*.partial*"))  # nothing half-built left behind
-    # the next process does not spend the same minute failing again: the failure is remembered
-    # (for a week, for this compiler and source), and said with how to try again
+    # the next process does not spend the same half minute failing again: the failure is remembered
+    # (for a day, for this compiler file and source), and said with how to try again
     calls = []
     monkeypatch.setattr(cpu_kernels, "_build", lambda *args: calls.append(args) or "built")
     monkeypatch.setattr(cpu_kernels, "_c_state", {})
     assert cpu_kernels._c() is None and calls == []
     marker, = tmp_path.rglob("*.failed")
     assert cpu_kernels.kernels_used().endswith(f"false could not build cpu_kernels.c: no message; that build "
-                                               f"failed here before: delete {marker} to try again)")
-    week_ago = __import__("time").time() - 8 * 86400
-    os.utime(marker, (week_ago, week_ago))
+                                               f"failed here today: delete {marker} to try again)")
+    day_ago = __import__("time").time() - 25 * 3600
+    os.utime(marker, (day_ago, day_ago))
     monkeypatch.setattr(cpu_kernels, "_c_state", {})
-    assert cpu_kernels._c() is None and len(calls) == 1  # a week on: tried again
+    assert cpu_kernels._c() is None and len(calls) == 1  # a day on: tried again
+    cpu_kernels.remember_failure(marker, "it failed", cpu_kernels._compiler())
+    assert cpu_kernels.remembered_failure(marker, cpu_kernels._compiler()) == "it failed"
+    (tmp_path / "cc").write_text("#!/bin/sh\n", encoding="utf-8")  # another compiler file (reinstalled, mended)
+    assert cpu_kernels.remembered_failure(marker, str(tmp_path / "cc")) is None
 
 
 def test_macos_without_xcode_tools_does_not_run_the_compiler_stub(monkeypatch, tmp_path):

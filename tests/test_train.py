@@ -1,5 +1,6 @@
 """model.py and train.py: the behaviour a user relies on when training."""
 import json
+import shutil
 import os
 import re
 from pathlib import Path
@@ -611,13 +612,23 @@ def test_wandb_offline_summary_holds_losses(tiny_data, tmp_path, monkeypatch):
     last_step = [r for r in read_metrics(tmp_path / "out") if "val/loss" not in r][-1]
     assert summary["train/batch_loss"] == pytest.approx(last_step["train/loss"])  # a batch's: its own name
     # a resume continues the same wandb run (its id kept in the checkpoint), as metrics.jsonl continues
-    run_id = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["wandb_id"]
+    run_id = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["wandb_run"]["id"]
     assert run_id and list((tmp_path / "out" / "wandb").glob(f"offline-run-*-{run_id}"))
     run_train(tiny_data, tmp_path / "out", "--init_from=resume", "--max_iters=6", "--eval_interval=2",
               "--wandb_log=true", "--wandb_project=test")
-    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["wandb_id"] == run_id
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["wandb_run"]["id"] == run_id
     runs = [p.name.rsplit("-", 1)[1] for p in (tmp_path / "out" / "wandb").glob("offline-run-*")]
     assert runs == [run_id, run_id]  # (offline: a folder for each process, one run id to sync them into)
+    # an --eval_only reads the run, it does not log into it; a copy of the folder is another run
+    run_train(tiny_data, tmp_path / "out", "--init_from=resume", "--eval_only=True", "--wandb_log=true",
+              "--wandb_project=test")
+    shutil.copytree(tmp_path / "out", tmp_path / "copy")
+    run_train(tiny_data, tmp_path / "copy", "--init_from=resume", "--max_iters=8", "--eval_interval=2",
+              "--wandb_log=true", "--wandb_project=test")
+    ids = [p.name.rsplit("-", 1)[1] for p in (tmp_path / "out" / "wandb").glob("offline-run-*")]
+    assert ids.count(run_id) == 2 and len(ids) == 3
+    copy_id = torch.load(tmp_path / "copy" / "ckpt.pt", weights_only=False)["wandb_run"]["id"]
+    assert copy_id != run_id
 
 
 def test_gradient_accumulation_is_split_across_processes_or_the_fix_is_named():
