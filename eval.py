@@ -195,15 +195,16 @@ def encode_text(tokenizer: Tokenizer, text: str) -> np.ndarray:
     return np.concatenate([np.asarray(i, dtype=np.int64) for i in ids])
 
 
-def encode_unit(tokenizer: Tokenizer, text: str) -> tuple[np.ndarray, int]:
+def encode_unit(tokenizer: Tokenizer, text: str, ends: bool = True) -> tuple[np.ndarray, int]:
     """The ids that score one line (or document) on its own, and how many of them are context
     only: after the boundary up to the closing one (documents), or after a line end up to the
-    line's own end; without either in the vocabulary, the first token is the context."""
+    line's own end (ends: False for a file's last line without one); without either in the
+    vocabulary, the first token is the context."""
     body = tokenizer.encode(text)
     if tokenizer.documents:
         return np.array([tokenizer.eot_id, *body, tokenizer.eot_id], dtype=np.int64), 1
     newline = tokenizer.encode("\n", drop_unknown=True)
-    return np.array([*newline, *body, *newline], dtype=np.int64), max(1, len(newline))
+    return np.array([*newline, *body, *(newline if ends else [])], dtype=np.int64), max(1, len(newline))
 
 
 def token_sizes(tokenizer: Tokenizer, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -494,7 +495,8 @@ def main(argv=None):
 
     if cfg.per_line:
         units = text_units(text, input_documents(tokenizer))
-        encoded = [encode_unit(tokenizer, t.translate(drop)) for _, t in units]
+        unended = None if text.endswith("\n") else text.count("\n") + 1  # the last line, if it has no line end
+        encoded = [encode_unit(tokenizer, t.translate(drop), ends=line != unended) for line, t in units]
         records = []
         for (line, t), (uids, context), unats in zip(units, encoded, scorer.units(encoded, stride)):
             scored = uids[context:]

@@ -120,7 +120,8 @@ def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool, instruct:
         return [tokenizer.eot_id]  # BPE: an empty prompt starts a new document
     what = "has no character the model knows" if text else "is empty"
     known = tokenizer.chars if tokenizer.chars is not None else ["A"]
-    example = next((c for c in known if c.isalnum()), None)  # a character this model knows, typed alike in any shell
+    # a character this model knows, typed alike in any shell: a letter, else a digit
+    example = next((c for c in known if c.isalpha()), None) or next((c for c in known if c.isalnum()), None)
     raise UserError(f"the prompt {what}; give some text" + (f", e.g. --prompt={example}" if example else
                                                             " it knows, or --prompt=FILE:PATH"))
 

@@ -1058,10 +1058,13 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
                     progress.write(f"time budget spent: {iter_num:,} iterations in {budget.spent:.1f} s of "
                                    f"training (--time_budget={cfg.time_budget:g})")
                 elif cfg.time_budget and iter_num >= cfg.max_iters:  # the schedule follows the budget: unfinished
+                    share = budget.spent / cfg.time_budget
+                    unfinished = ("warmup and decay" if share * cfg.lr_decay_iters < cfg.warmup_iters else "decay")
+                    schedule = (f"the learning rate follows the budget, so it stood at {lr:.2e}, its {unfinished} "
+                                f"unfinished: " if cfg.decay_lr else "")
                     progress.write(f"note: --max_iters={cfg.max_iters} ended this run after {budget.spent:.1f} s of "
-                                   f"its --time_budget={cfg.time_budget:g} ({budget.spent / cfg.time_budget:.0%}); "
-                                   f"the learning rate follows the budget, so it stood at {lr:.2e}, its warmup and "
-                                   f"decay unfinished: give the time the run takes, or a higher --max_iters")
+                                   f"its --time_budget={cfg.time_budget:g} ({share:.0%}); {schedule}give the time "
+                                   f"the run takes, or a higher --max_iters")
             if (last or cfg.eval_only) and not dropped:
                 break
             if stop.requested(procs.ddp, device):  # Ctrl-C or SIGTERM: save, say how to resume, leave

@@ -168,6 +168,13 @@ def test_per_line_scores_each_line_on_its_own(char_dir, char_tok, text_file, tmp
     rows = tsv.read_text(encoding="utf-8").splitlines()
     assert rows[0].split("\t") == ["line", "tokens", "bytes", "loss", "bits_per_byte", "logprob", "text"]
     assert len(rows) == len(lines) + 1 and rows[1].split("\t")[-1] == lines[0][1]
+    # a file whose last line has no line end: that line is scored up to its last character, so the
+    # lines' bytes add up to the file's (no line end predicted that is not there)
+    unended = tmp_path / "unended.txt"
+    unended.write_text("All: hi\nFirst: ho", encoding="utf-8")
+    run_json([f"--out_dir={char_dir}", f"--input={unended}", f"--per_line={out}"], capsys)
+    first, last = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert (first["tokens"], first["bytes"]) == (8, 8) and (last["tokens"], last["bytes"]) == (9, 9)
 
 
 @pytest.mark.parametrize("documents", ["line", "jsonl"])
