@@ -44,13 +44,14 @@ from pathlib import Path
 
 import torch
 
+import checkpoint
 import hardware
 import hf_format
 import plot
 import template
 from config import coerce, parse_config
 from errors import UserError, run_main
-from generation import GenerationConfig, choose_decoder, encode_prompt, generate_text
+from generation import GenerationConfig, choose_decoder, encode_prompt, example_prompt, generate_text, too_long
 from loading import choose_precision, is_model_folder, load
 gc.freeze()  # what the imports made is never traversed again, not even at exit
 gc.enable()
@@ -73,6 +74,7 @@ class AppConfig:
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto (float32 on cpu: faster for decoding; bf16 or fp16 on gpus), float32, bfloat16 or float16
     cpu_threads: int = 0  # torch threads on cpu; 0 = all cores
+    fast_weights: str = "auto"  # block matrices of the fast CPU path (dtype auto): auto (timed once, kept), float32 or int8
     compile: bool | None = None  # on a CPU the fast path's compiled decoding step: unset loads one kept in ~/.cache/nanogpt-toolkit (sample.py keeps it), true also builds a missing one as the model loads (a minute or more), false never; on a CUDA GPU unset replays the one-token step as a CUDA graph, false runs the model eagerly
 
     def problems(self) -> list[str]:
@@ -87,6 +89,8 @@ class AppConfig:
             p.append(f"--cpu_threads must be >= 0 (0 = all cores), got {self.cpu_threads}")
         if not (math.isfinite(self.stream_interval) and 0 <= self.stream_interval <= 10):
             p.append(f"--stream_interval must be between 0 and 10 seconds, got {self.stream_interval}")
+        if self.fast_weights not in ("auto", "float32", "int8"):
+            p.append(f"--fast_weights must be auto, float32 or int8, got {self.fast_weights!r}")
         return p
 
 
@@ -167,12 +171,12 @@ class Models:
     """The models to serve by name, each loaded once, on first use, then kept in memory."""
 
     def __init__(self, folders: dict[str, Path], precision: hardware.Precision, dtype: str = "float32",
-                 compile: bool | None = None):
+                 compile: bool | None = None, fast_weights: str = "auto"):
         self.folders = folders
         self.precision = precision
         # what choose_decoder reads; max_new_tokens=1: with compile unset, a kept compiled step
         # is loaded but none is built while a visitor waits for the first answer
-        self.settings = GenerationConfig(dtype=dtype, compile=compile, max_new_tokens=1)
+        self.settings = GenerationConfig(dtype=dtype, compile=compile, max_new_tokens=1, fast_weights=fast_weights)
         self.loaded: dict[str, Loaded] = {}
         self.lock = threading.Lock()  # two tabs asking for a new model load it once
         self.default = next(iter(folders))
@@ -214,9 +218,9 @@ def model_card(name: str, loaded: Loaded) -> str:
     """Markdown: parameters, shape, dataset and tokenizer, iterations, best val loss."""
     args, cfg, tok = loaded.info["model_args"] or {}, loaded.info["config"] or {}, loaded.tokenizer
     total = sum(p.numel() for p in loaded.model.parameters())
-    best, iters = loaded.info.get("best_val_loss"), loaded.info.get("iter_num")
-    best_text = (f"{best:.4f}" if isinstance(best, (int, float)) and math.isfinite(best) else
-                 "not evaluated" if isinstance(iters, int) else "not recorded")  # (a folder not exported by us)
+    iters = loaded.info.get("iter_num")
+    best_text = checkpoint.val_loss_text({k: v for k, v in loaded.info.items() if v is not None}) or (
+        "not evaluated" if isinstance(iters, int) else "not recorded")  # (a folder not exported by us)
     iters_text = f"{iters:,}" if isinstance(iters, int) else "unknown"
     vocab = f"{tok.vocab_size:,} characters" if tok.name == "char" else f"{tok.vocab_size:,} tokens"
     lines = [
@@ -226,7 +230,7 @@ def model_card(name: str, loaded: Loaded) -> str:
         f"- **shape**: {args.get('n_layer')} layers, {args.get('n_head')} heads, {args.get('n_embd')} wide, "
         f"context {args.get('block_size')} tokens",
         f"- **dataset**: {cfg.get('dataset', 'unknown')}; **tokenizer**: {tok.name} ({vocab})",
-        f"- **trained**: {iters_text} iterations; **best val loss**: {best_text}",
+        f"- **trained**: {iters_text} iterations; **val loss**: {best_text}",
         f"- **folder**: `{loaded.folder}`",
     ]
     return "\n".join(lines)
@@ -283,7 +287,8 @@ def prompt_ids_of(tokenizer, prompt: str, instruct: dict | None = None) -> list[
     if not prompt and tokenizer.eot_id is None:
         # a model with a boundary token (documents mode, BPE) starts a new document from an
         # empty prompt (generation.encode_prompt); a plain char model has nothing to start from
-        raise UserError("the prompt is empty; type some text for the model to continue, e.g. ROMEO:")
+        raise UserError(f"the prompt is empty; type some text for the model to continue, e.g. "
+                        f"{example_prompt(tokenizer, instruct)}")
     try:
         return encode_prompt(tokenizer, prompt, drop_unknown=False, instruct=instruct)
     except UserError as e:
@@ -291,18 +296,21 @@ def prompt_ids_of(tokenizer, prompt: str, instruct: dict | None = None) -> list[
 
 
 def generate(models: Models, limit: int, interval: float, prompt, max_new_tokens, temperature, top_k, top_p,
-             seed, model=None, min_p=0.0, repetition_penalty=1.0):
+             seed, model=None, min_p=0.0, repetition_penalty=1.0, warn=None):
     """Yield the text (prompt included; an instruction model's answer alone) as it grows:
     sample.py's generation, the prompt at once,
     then at most one update every `interval` seconds, then the whole text. A small model makes
     many tokens a second: one update per token would swamp the browser (and its Stop).
-    An instruction model's prompt is wrapped in its template, and the answer ends at its end."""
+    An instruction model's prompt is wrapped in its template, and the answer ends at its end.
+    warn(text): where a note for the visitor goes (a prompt longer than the model's context)."""
     cfg = read_settings(max_new_tokens, temperature, top_k, top_p, seed, limit, min_p, repetition_penalty)
     loaded = models.get(model)
     instruct = loaded.info.get("instruct")
     if instruct:
         cfg.stop = template.stop_strings(instruct["template"])
     prompt_ids = prompt_ids_of(loaded.tokenizer, "" if prompt is None else str(prompt), instruct)
+    if warn and (note := too_long(len(prompt_ids), loaded.model.config.block_size, instruct is not None)):
+        warn(note.removeprefix("note: "))
     generator = torch.Generator(device=models.precision.device).manual_seed(cfg.seed)  # as sample.py seeds
     shown, last = None, -math.inf
     for text in generate_text(loaded.decoder, loaded.tokenizer, prompt_ids, cfg, models.precision,
@@ -323,7 +331,7 @@ def message_text(content) -> str:
 
 
 def chat(models: Models, limit: int, interval: float, message, history, max_new_tokens, temperature, top_k,
-         top_p, seed, model=None, min_p=0.0, repetition_penalty=1.0):
+         top_p, seed, model=None, min_p=0.0, repetition_penalty=1.0, warn=None):
     """Yield the chat (gradio's messages, [{"role", "content"}, ...]) with the model's answer as it
     grows, for a model trained on chats (JSONL "messages"). The history and the new message are
     wrapped as the training chats were, the oldest exchanges left out when they no longer fit
@@ -345,6 +353,8 @@ def chat(models: Models, limit: int, interval: float, message, history, max_new_
                                    block_size - min(cfg.max_new_tokens, block_size // 2))
     except UserError as e:
         raise UserError(str(e).replace("pass --drop_unknown to drop them", "remove them from the message")) from None
+    if warn and (note := too_long(len(ids), block_size, instruct=True)):
+        warn(note.removeprefix("note: "))
     cfg.stop = template.stop_strings(instruct["template"])
     history.append({"role": "user", "content": message})
     generator = torch.Generator(device=models.precision.device).manual_seed(cfg.seed)
@@ -376,7 +386,7 @@ def build_demo(gr, models: Models, limit: int, interval: float, scratch: Path):
     def on_generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, model, min_p, repetition_penalty):
         try:
             yield from generate(models, limit, interval, prompt, max_new_tokens, temperature, top_k, top_p, seed,
-                                model, min_p, repetition_penalty)
+                                model, min_p, repetition_penalty, warn=gr.Warning)
         except UserError as e:  # shown on the page (and to API clients); the server goes on
             raise gr.Error(str(e), print_exception=False) from None
 
@@ -384,7 +394,7 @@ def build_demo(gr, models: Models, limit: int, interval: float, scratch: Path):
                 repetition_penalty):
         try:
             yield from chat(models, limit, interval, message, history, max_new_tokens, temperature, top_k, top_p,
-                            seed, model, min_p, repetition_penalty)
+                            seed, model, min_p, repetition_penalty, warn=gr.Warning)
         except UserError as e:
             raise gr.Error(str(e), print_exception=False) from None
 
@@ -396,12 +406,17 @@ def build_demo(gr, models: Models, limit: int, interval: float, scratch: Path):
             return f"### {model}\n**could not be loaded**: {e}", None
         return model_card(model, loaded), loss_curve(loaded, scratch)
 
+    def on_placeholder(model):  # an example prompt the model picked can take
+        loaded = models.loaded.get(model)
+        return gr.update(placeholder=example_prompt(loaded.tokenizer, loaded.info.get("instruct")) if loaded else "")
+
     first = models.get(models.default)
     with gr.Blocks(title="nanoGPT demo") as demo:
         gr.Markdown("## Try the model\nType the beginning of a text; the model continues it.")
         with gr.Row():
             with gr.Column(scale=3):
-                prompt = gr.Textbox(label="Prompt", lines=3, placeholder="ROMEO:")
+                prompt = gr.Textbox(label="Prompt", lines=3,
+                                    placeholder=example_prompt(first.tokenizer, first.info.get("instruct")))
                 with gr.Row():
                     go = gr.Button("Generate", variant="primary")
                     stop = gr.Button("Stop", variant="stop")
@@ -438,7 +453,8 @@ def build_demo(gr, models: Models, limit: int, interval: float, scratch: Path):
         chat_event.success(lambda: "", None, message, api_name=False)  # the message went into the chat
         clear.click(lambda: [], None, chatbot, api_name=False)
         stop.click(None, None, None, cancels=[event, chat_event])
-        model.change(on_model, model, [card, curve], api_name="model_card")
+        model.change(on_model, model, [card, curve], api_name="model_card").then(
+            on_placeholder, model, prompt, api_name=False)
     return demo
 
 
@@ -450,7 +466,7 @@ def main(argv=None):
     else:
         hardware.set_cpu_threads()
     precision = choose_precision(cfg.device, cfg.dtype)
-    models = Models(folders, precision, cfg.dtype, cfg.compile)
+    models = Models(folders, precision, cfg.dtype, cfg.compile, cfg.fast_weights)
     models.load_default(only_this=bool(cfg.out_dir))
     # a Hugging Face Space says where to listen in GRADIO_SERVER_NAME / _PORT; explicit flags win
     host = cfg.host if "host" in explicit else os.environ.get("GRADIO_SERVER_NAME", cfg.host)

@@ -23,6 +23,7 @@ full disk at any moment leaves the previous checkpoint intact, on Linux, macOS a
 On load, every part of the file (torch.save writes a zip) is checked against the CRC-32 the
 zip recorded, so bytes changed on disk are refused rather than read as weights.
 """
+import math
 import os
 import pickle
 import threading
@@ -165,3 +166,19 @@ class ChecksumCheck:
     def result(self) -> str | None:
         self.thread.join()
         return self.damaged
+
+
+def val_loss_text(record: dict) -> str | None:
+    """What a model card says of the val loss of the model a checkpoint holds (record: the
+    checkpoint, or an export's record of its run): the run's best where this is the best model;
+    else its own, where it was evaluated, and the run's best beside it (always_save_checkpoint
+    keeps the last model, a finetune can get worse). None where nothing was measured."""
+    best, own, at = record.get("best_val_loss"), record.get("val_loss"), record.get("best_iter")
+    if not isinstance(best, (int, float)) or not math.isfinite(best):
+        return None
+    if record.get("holds_best", True) or own == best:  # (older checkpoints: the best, as they said)
+        return f"{best:.4f}"
+    run_best = f"the run's best was {best:.4f}" + (f", at iteration {at:,}" if isinstance(at, int) else "")
+    return (f"{own:.4f} (this model's; {run_best})" if isinstance(own, (int, float)) and math.isfinite(own)
+            else f"not measured for this model ({run_best})")
+

@@ -50,11 +50,13 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.onnx import symbolic_helper
 
+import checkpoint
 import durable
 import hf_format
 import runlock
 from config import parse_config
 from errors import UserError, listed, quoted, run_main
+from generation import example_prompt
 from hf_format import require
 from loading import load_model
 from model import GPT, apply_rotary
@@ -96,26 +98,23 @@ class ExportConfig:
 
 # ---------------------------------------------------------------------------- the model card
 
-PROMPT, NEW_TOKENS = "ROMEO:", 100  # what the card's snippets ask of a model that can take it
-QUESTION = "What is 2+2?"  # what the card asks a model trained on instruction records
+NEW_TOKENS = 100  # what the card's snippets ask for, where the context holds them
 
 
 def card_prompt(tokenizer: Tokenizer, block_size: int, instruct: dict | None = None) -> tuple[str, int]:
-    """The prompt and the number of new tokens the card's snippets use: PROMPT and NEW_TOKENS where
-    the model takes them. A char vocabulary without PROMPT's characters gets one character of its
-    own (an unknown one encodes to nothing, and an empty prompt fails), a short context a shorter
+    """The prompt and the number of new tokens the card's snippets use: generation.example_prompt
+    and NEW_TOKENS where the model takes them (a char vocabulary without ROMEO:'s characters gets
+    one character of its own: an unknown one encodes to nothing), a short context a shorter
     prompt; and no more new tokens than the context holds after the prompt: neither transformers'
     generate() nor the ONNX loop crops the context, so one position past block_size is an
     IndexError. (An instruction model's prompt is a question, wrapped in its template.)"""
-    if instruct:  # the snippets ask QUESTION (or a shorter one, for a short context) through the template
-        for question in (QUESTION, "2+2?", "?"):
+    if instruct:  # the snippets ask a question (a shorter one, for a short context) through the template
+        for question in (example_prompt(tokenizer, instruct), "2+2?", "?"):
             used = len(template.prompt_ids(tokenizer, instruct["template"], question, drop_unknown=True))
             if used < block_size:
                 break
         return question, max(1, min(NEW_TOKENS, block_size - used))
-    chars = tokenizer.chars  # None for a BPE, which encodes any text
-    own = PROMPT if chars is None or set(PROMPT) <= set(chars) else next(
-        (c for c in chars if c.isalnum()), next((c for c in chars if not c.isspace()), chars[0]))
+    own = example_prompt(tokenizer)
     candidates = [own, own[0]] + ([""] if tokenizer.documents else [])  # a document may start from nothing
     for prompt in candidates:
         used = len(tokenizer.encode(prompt)) + (1 if tokenizer.documents else 0)  # + <|endoftext|>
@@ -166,7 +165,7 @@ def literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def onnx_loop(folder: str, tokenizer: Tokenizer, prompt: str = PROMPT, max_new_tokens: int = NEW_TOKENS,
+def onnx_loop(folder: str, tokenizer: Tokenizer, prompt: str = "ROMEO:", max_new_tokens: int = NEW_TOKENS,
               instruct: dict | None = None) -> str:
     """ONNX_LOOP for this model, reading the folder at the path folder."""
     eot, show = tokenizer.eot_id, ONNX_SHOW
@@ -234,8 +233,7 @@ def model_card(model: GPT, tokenizer: Tokenizer, ckpt: dict, fmt: str, name: str
     start = ckpt.get("started_from") or cfg.get("init_from", "scratch")  # (kept through resumes)
     origin = ("trained" if start == "scratch" else f"finetuned from {start}" if start != "resume" else
               "trained (its checkpoint does not record whether it started from a pretrained model)")
-    best = ckpt.get("best_val_loss")
-    best = f"{best:.4f}" if isinstance(best, float) and best != float("inf") else "not measured"
+    best = checkpoint.val_loss_text(ckpt) or "not measured"
     options = c.non_gpt2_options()
     arch = f"GPT-2's architecture with {', '.join(options)}" if options else "GPT-2's architecture"
     gpt2_layout = fmt == "gguf" or (fmt == "hf" and not options)  # always has biases
@@ -285,7 +283,7 @@ exported by its `export.py` ({fmt} format).
 | tokenizer | {tok} |
 | dataset | {cfg.get("dataset", "unknown")} |
 | iterations | {ckpt.get("iter_num", "unknown")} |
-| best validation loss | {best} |
+| validation loss | {best} |
 
 ## How to use
 
@@ -697,6 +695,17 @@ def is_working_folder(dest: Path) -> bool:
     return dest.resolve() == working_folder()
 
 
+FORMAT_NAMES = {"hf": "Hugging Face (--format=hf)", "onnx": "ONNX (--format=onnx)", "gguf": "GGUF (--format=gguf)"}
+FORMAT_FILES = {"hf": "model.safetensors", "onnx": "model.onnx", "gguf": "model.gguf"}  # what tells them apart
+
+
+def export_format(dest: Path) -> str | None:
+    """The --format of the export of ours in dest, by the weights file its card lists (None: unknown)."""
+    card = (dest / "README.md").read_text(encoding="utf-8", errors="replace")
+    listed_files = exported_manifest(card) or []
+    return next((fmt for fmt, name in FORMAT_FILES.items() if name in listed_files), None)
+
+
 def check_destination(dest: Path, force: bool):
     if blocker := durable.file_in_the_way(dest):
         raise UserError(f"--dest={dest} lies under {blocker}, which is a file, not a folder; choose another --dest")
@@ -820,16 +829,18 @@ def main(argv=None):
                         f"model; --format=onnx exports it (adding an option to hf_remote/: docs/options.md)")
     card = model_card(model, tokenizer, ckpt, cfg.format, str(dest), cfg.repo_id)
     users, unlisted = users_files(dest)
+    before = export_format(dest) if dest.is_dir() and is_our_export(dest) else None  # another format's, replaced
     written: list[str] = []
 
     def write(folder: Path):
         WRITERS[cfg.format](model, tokenizer, folder, ckpt.get("instruct"))
         if (folder / "tokenizer_config.json").is_file():  # the run's figures, for app.py's card of the folder
             config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-            best = ckpt.get("best_val_loss")
+            finite = {k: v if isinstance(v, float) and math.isfinite(v) else None
+                      for k, v in ((k, ckpt.get(k)) for k in ("best_val_loss", "val_loss"))}
             config[hf_format.OUR_RUN_KEY] = {"dataset": (ckpt.get("config") or {}).get("dataset"),
-                                             "iter_num": ckpt.get("iter_num"),
-                                             "best_val_loss": best if isinstance(best, float) and math.isfinite(best) else None}
+                                             "iter_num": ckpt.get("iter_num"), **finite,
+                                             "holds_best": ckpt.get("holds_best", True), "best_iter": ckpt.get("best_iter")}
             write_json(folder / "tokenizer_config.json", config)
         written[:] = sorted({p.name for p in folder.iterdir()} | {"README.md"})
         if (clash := [p.name for p in users if p.name in written]) and not cfg.force and unlisted:
@@ -854,6 +865,10 @@ def main(argv=None):
         print(f"kept what you had added or changed there: {', '.join(kept)}", file=sys.stderr)
     if replaced := [p.name for p in users if p.name in written]:
         print(f"replaced what you had added or changed there (--force): {', '.join(replaced)}", file=sys.stderr)
+    if before not in (None, cfg.format):  # the two cannot share a folder: each has its own config.json
+        print(f"note: this {FORMAT_NAMES[cfg.format]} export replaced the {FORMAT_NAMES[before]} export that was "
+              f"in {dest}; to keep both, export each format to its own --dest (e.g. {dest}-{before})",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -126,6 +126,31 @@ def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool, instruct:
                                                             " it knows, or --prompt=FILE:PATH"))
 
 
+def too_long(n_ids: int, block_size: int, instruct: bool) -> str | None:
+    """A note for a prompt longer than the model's context, whose start the model never reads
+    (an instruction model's template with it), else None."""
+    if n_ids <= block_size:
+        return None
+    return (f"note: the prompt is {n_ids} tokens, more than the model's context of {block_size}: it reads only "
+            f"the last {block_size}" + (", without the start of the template it was trained with, so the answer "
+                                        "will be poor: shorten the question" if instruct else ""))
+
+
+EXAMPLE_PROMPT, EXAMPLE_QUESTION = "ROMEO:", "What is 2+2?"  # a plain model's example prompt; an instruction model's
+
+
+def example_prompt(tokenizer: Tokenizer, instruct: dict | None = None) -> str:
+    """A prompt to show as an example (a model card's, the page's placeholder): a question for an
+    instruction model; ROMEO: where the model knows its characters; else a letter (or another
+    character) of a char vocabulary's own."""
+    if instruct:
+        return EXAMPLE_QUESTION
+    chars = tokenizer.chars  # None for a BPE, which encodes any text
+    if chars is None or set(EXAMPLE_PROMPT) <= set(chars):
+        return EXAMPLE_PROMPT
+    return next((c for c in chars if c.isalpha()), next((c for c in chars if not c.isspace()), chars[0]))
+
+
 def shown_prompt(tokenizer: Tokenizer, prompt_ids: list[int]) -> list[int]:
     """The prompt as the model reads it (unknown characters dropped), without the boundary
     token a new document (or an empty BPE prompt) starts from."""

@@ -313,12 +313,14 @@ def instruct_of(folder: Path) -> dict | None:
 
 
 def run_of(folder: Path) -> dict:
-    """What an export of ours recorded of its run (dataset, iter_num, best_val_loss: the model
-    card's figures), each None where the folder says nothing of it."""
+    """What an export of ours recorded of its run (dataset, iter_num, best_val_loss, and where the
+    model is not the run's best its own val_loss, holds_best and best_iter: the model card's
+    figures), each None where the folder says nothing of it."""
     run = _ours_in_tokenizer_config(folder, OUR_RUN_KEY) or {}
-    kinds = {"dataset": str, "iter_num": int, "best_val_loss": (int, float)}
-    return {k: run.get(k) if isinstance(run.get(k), kind) and not isinstance(run.get(k), bool) else None
-            for k, kind in kinds.items()}
+    kinds = {"dataset": str, "iter_num": int, "best_val_loss": (int, float), "val_loss": (int, float),
+             "holds_best": bool, "best_iter": int}
+    return {k: run.get(k) if isinstance(run.get(k), kind) and (kind is bool or not isinstance(run.get(k), bool))
+            else None for k, kind in kinds.items()}
 
 
 def _vocab_of(folder: Path) -> tuple[dict[str, int], dict[str, int], bool]:
@@ -417,12 +419,14 @@ def resolve(init_from: str) -> Path:
 
 
 def refuse_onnx_export(folder: Path, flag: str):
-    """An ONNX export of ours (its graphs, no weights torch loads, no ckpt.pt) where a model to
-    load belongs: one line saying what it is and what to pass instead."""
-    if any(folder.glob("*.onnx")) and not (folder / "ckpt.pt").exists() and not any(
-            (folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
-        raise UserError(f"{flag}={folder} is an ONNX export (export.py --format=onnx): it runs in onnxruntime "
-                        f"and is not loaded back here; use its run's --out_dir, or an --format=hf export")
+    """An ONNX or GGUF export of ours (no weights torch loads, no ckpt.pt) where a model to load
+    belongs: one line saying what it is and what to pass instead."""
+    if (folder / "ckpt.pt").exists() or any((folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
+        return
+    for fmt, kind, runner in (("onnx", "an ONNX", "onnxruntime"), ("gguf", "a GGUF", "llama.cpp")):
+        if any(folder.glob(f"*.{fmt}")):
+            raise UserError(f"{flag}={folder} is {kind} export (export.py --format={fmt}): it runs in "
+                            f"{runner} and is not loaded back here; use its run's --out_dir, or an --format=hf export")
 
 
 def check_memory(folder: Path, config: GPTConfig):

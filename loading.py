@@ -101,7 +101,7 @@ def load(folder: str, device: str) -> tuple[GPT, Tokenizer, dict]:
     if (Path(folder) / "ckpt.pt").is_file() or not is_hf_folder(Path(folder)):
         model, tokenizer, ckpt = load_model(folder, device)  # (an ONNX export: said as such there)
         return model, tokenizer, {k: ckpt.get(k) for k in ("model_args", "config", "iter_num", "best_val_loss",
-                                                           "instruct")}
+                                                           "instruct", "val_loss", "holds_best", "best_iter")}
     return load_hf(folder, device)
 
 
@@ -112,6 +112,6 @@ def load_hf(init_from: str, device: str) -> tuple[GPT, Tokenizer, dict]:
     run = hf_format.run_of(hf_format.resolve(init_from))  # an export of ours: its run's figures
     info = {"model_args": dataclasses.asdict(model.config),
             "config": {"dataset": run["dataset"] or "(Hugging Face folder)"},
-            "iter_num": run["iter_num"], "best_val_loss": run["best_val_loss"],
+            "iter_num": run["iter_num"], **{k: run[k] for k in ("best_val_loss", "val_loss", "holds_best", "best_iter")},
             "instruct": hf_format.instruct_of(hf_format.resolve(init_from))}  # an instruction model's template
     return model.to(device), tokenizer, info

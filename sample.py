@@ -65,7 +65,7 @@ import hardware
 from config import parse_config
 from documents import not_utf8, text_of
 from errors import UserError, run_main
-from generation import GenerationConfig, choose_decoder, encode_prompt, generate_text, shown_prompt
+from generation import GenerationConfig, choose_decoder, encode_prompt, generate_text, shown_prompt, too_long
 from loading import check_one_model, choose_precision, load, load_hf
 from model import GPT
 import template
@@ -183,16 +183,6 @@ def report_stats(cfg: SampleConfig, n_tokens: int, seconds: float, cpu_seconds: 
     print(f"{n_tokens} tokens x {cfg.num_samples} sample(s) in {seconds:.2f}s "
           f"({cpu_seconds:.2f}s of CPU time, {torch.get_num_threads()} thread(s)): {rate:.1f} "
           f"tokens/s per sample ({'with' if cfg.use_cache else 'without'} KV cache)", file=sys.stderr)
-
-
-def too_long(n_ids: int, block_size: int, instruct: bool) -> str | None:
-    """A note for a prompt longer than the model's context, whose start the model never reads
-    (an instruction model's template with it), else None."""
-    if n_ids <= block_size:
-        return None
-    return (f"note: the prompt is {n_ids} tokens, more than the model's context of {block_size}: it reads only "
-            f"the last {block_size}" + (", without the start of the template it was trained with, so the answer "
-                                        "will be poor: shorten the question" if instruct else ""))
 
 
 def chat_turn(model, tokenizer, cfg, precision, generator, out, tmpl: dict, block_size: int,

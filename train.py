@@ -791,13 +791,16 @@ def estimate_loss(model, data: Dataset, cfg: TrainConfig, precision: hardware.Pr
 
 def save_checkpoint(path: Path, raw_model: GPT, optimizer, scaler, iter_num: int, best_val_loss: float,
                     run: dict, data_gen: torch.Generator, procs: Processes, train_seconds: float,
-                    holds_best: bool = False, best_iter: int | None = None, eval_owed: bool = False):
+                    holds_best: bool = False, best_iter: int | None = None, eval_owed: bool = False,
+                    val_loss: float | None = None):
     """Called on every rank (DDP gathers each rank's data-sampler state); rank 0 writes. run holds
     what stays the same all run long: model_args, config, tokenizer and precision; train_seconds
     is the training time spent so far (TimeBudget); holds_best: saved at an evaluation that
     improved the val loss (not at a stop), so --patience may keep it as the best model; best_iter:
     where the best val loss was measured (--patience's count goes on from there on resume);
-    eval_owed: a stop dropped the evaluation due at iter_num, so the resumed run makes it."""
+    eval_owed: a stop dropped the evaluation due at iter_num, so the resumed run makes it;
+    val_loss: this model's own val loss, where it was evaluated at iter_num (a model card says it
+    where the checkpoint does not hold the run's best)."""
     if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
         raise UserError(f"the model holds NaN or inf at iteration {iter_num}; not saving it over "
                         f"{path}. Lower --learning_rate or use --dtype=float32")
@@ -819,6 +822,7 @@ def save_checkpoint(path: Path, raw_model: GPT, optimizer, scaler, iter_num: int
         "best_iter": iter_num if best_iter is None else best_iter,
         "train_seconds": train_seconds,
         "eval_owed": eval_owed,
+        "val_loss": val_loss,
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if on_cuda else [],
                 "data": [data for data, _ in states],
@@ -1039,7 +1043,8 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
                 keep_every = cfg.always_save_checkpoint and not cfg.patience  # patience: ckpt.pt is the best
                 if iter_num > 0 and (improved or keep_every) and not cfg.eval_only:
                     save_checkpoint(ckpt_path, raw_model, optimizer, scaler, iter_num, best_val_loss, run_info,
-                                    data_gen, procs, budget.spent, holds_best=improved, best_iter=patience.best_iter)
+                                    data_gen, procs, budget.spent, holds_best=improved, best_iter=patience.best_iter,
+                                    val_loss=last_val)
                     saved, holds_best = True, improved
                     if master:
                         progress.write(f"saved checkpoint to {ckpt_path}")
@@ -1073,7 +1078,8 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
                 keep_best = cfg.patience and holds_best
                 if not keep_best:
                     save_checkpoint(ckpt_path, raw_model, optimizer, scaler, iter_num, best_val_loss, run_info,
-                                    data_gen, procs, budget.spent, best_iter=patience.best_iter, eval_owed=dropped)
+                                    data_gen, procs, budget.spent, best_iter=patience.best_iter, eval_owed=dropped,
+                                    val_loss=last_val if evaluate and not dropped else None)
                     saved = True
                 if master:
                     report_stop(stop.signum, iter_num, ckpt_path, progress, curve,
@@ -1124,7 +1130,7 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
         # the val loss never beat the first evaluation's (the start, never saved): a run that ends
         # without a checkpoint would leave nothing to sample or resume, so the last model is kept
         save_checkpoint(ckpt_path, raw_model, optimizer, scaler, iter_num, best_val_loss, run_info,
-                        data_gen, procs, budget.spent, best_iter=patience.best_iter)
+                        data_gen, procs, budget.spent, best_iter=patience.best_iter, val_loss=last_val)
         done = (f"done: {iter_num} iterations; the val loss ({last_val:.4f} at the end) never went below the "
                 f"first evaluation's {best_val_loss:.4f}, so ckpt.pt holds the last model, in {ckpt_path} "
                 f"(a lower --learning_rate or a longer run may do better)")

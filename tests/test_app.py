@@ -124,7 +124,7 @@ def test_bad_requests_get_a_message_and_the_server_goes_on(client):
 
 def test_model_card_and_loss_curve(client, runs):
     card, curve = client.predict("b", api_name="/model_card")
-    for fact in ("### b", "parameters", "1 layers", "dataset**: tiny", "char (", "4 iterations", "best val loss"):
+    for fact in ("### b", "parameters", "1 layers", "dataset**: tiny", "char (", "4 iterations", "val loss"):
         assert fact in card, (fact, card)
     assert Path(curve).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -242,7 +242,7 @@ def test_browser_generate_and_stop(page, client, tmp_path):
     while output.input_value() != text and time.monotonic() < deadline:
         time.sleep(0.1)
     assert output.input_value() == text
-    assert "best val loss" in page.get_by_text("best val loss").first.inner_text()
+    assert "val loss" in page.get_by_text("val loss").first.inner_text()
     page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
     print(f"screenshot: {tmp_path / 'app.png'}")
 
@@ -279,7 +279,7 @@ def test_loss_curve_drawn_from_metrics_when_the_run_has_no_png(runs, tmp_path):
     assert Path(curve).parent == tmp_path and Path(curve).read_bytes()[:4] == b"\x89PNG"
     (folder / "metrics.jsonl").write_text("damaged\n{}\n")
     assert app.loss_curve(loaded, tmp_path / "x") is None  # no picture, but the model still serves
-    assert "best val loss" in app.model_card("copied", loaded)
+    assert "**val loss**" in app.model_card("copied", loaded)
 
 
 # ---------------------------------------------------------------------------- the pure functions, without a server
@@ -317,9 +317,14 @@ def test_model_card_shows_the_checkpoints_shape_and_no_infinite_loss(tmp_path):
 
     text = card(1.23456, 1500)
     assert "1 layers, 2 heads, 16 wide, context 24 tokens" in text
-    assert "**trained**: 1,500 iterations; **best val loss**: 1.2346" in text and "3 characters" in text
-    assert "**best val loss**: not evaluated" in card(float("inf"), 0)  # a run that never evaluated
+    assert "**trained**: 1,500 iterations; **val loss**: 1.2346" in text and "3 characters" in text
+    assert "**val loss**: not evaluated" in card(float("inf"), 0)  # a run that never evaluated
     assert "**trained**: unknown iterations" in card(None, None)
+    # always_save_checkpoint keeps the last model: where it is not the run's best, its own loss is said
+    worse = {"model_args": args, "config": {"dataset": "tiny"}, "iter_num": 20, "best_val_loss": 2.6396,
+             "val_loss": 4.2066, "holds_best": False, "best_iter": 0}
+    text = app.model_card("m", app.Loaded(model, Tokenizer.char_from_text("abc"), tmp_path, worse, model))
+    assert "**val loss**: 4.2066 (this model's; the run's best was 2.6396, at iteration 0)" in text
 
 
 def test_find_model_folders_sorted_and_leaves_out_hidden_folders_datasets_and_environments(tmp_path):

@@ -394,6 +394,9 @@ def hf_world(world):
     (world / "onnx").mkdir()  # what export.py --format=onnx writes, in short
     (world / "onnx" / "config.json").write_text(json.dumps(gpt2))
     (world / "onnx" / "model.onnx").write_bytes(b"onnx")
+    (world / "gguf").mkdir()  # a GGUF export: a card, the model file, no config.json
+    (world / "gguf" / "README.md").write_text("# a GGUF export\n")
+    (world / "gguf" / "model.gguf").write_bytes(b"GGUF")
     return world
 
 
@@ -427,6 +430,9 @@ HF_CASES = {
     "train init_from an ONNX export, a shape flag too": (T("--init_from={root}/onnx", "--n_layer=1"),
                                                         "is an ONNX export"),  # what it is, before the shape
     "sample out_dir an ONNX export": (S("--out_dir={root}/onnx"), "--out_dir={root}/onnx is an ONNX export"),
+    "sample init_from a GGUF export": (SI("--init_from={root}/gguf"), "is a GGUF export (export.py --format=gguf): "
+                                                                     "it runs in llama.cpp"),
+    "sample out_dir a GGUF export": (S("--out_dir={root}/gguf"), "--out_dir={root}/gguf is a GGUF export"),
     "export out_dir an ONNX export": (E("--out_dir={root}/onnx"), "is an ONNX export"),
     "export out_dir a Hugging Face folder": (E("--out_dir={root}/relu"), "is a Hugging Face folder, not a run's"),
 }
@@ -499,6 +505,8 @@ SHOW_CASES = {
     "app unknown flag": (A("--out_dir={root}/out", "--max_tokens_limit=5"), "did you mean --max_new_tokens_limit"),
     "app unknown dtype": (A("--out_dir={root}/out", "--dtype=float8"), "unknown dtype"),
     "app negative stream interval": (A("--out_dir={root}/out", "--stream_interval=-1"), "--stream_interval must be"),
+    "app unknown fast weights": (A("--out_dir={root}/out", "--fast_weights=int4"),
+                                 "--fast_weights must be auto, float32 or int8, got 'int4'"),
     "plot no folder": (("plot", []), "name at least one run folder"),
     "plot no metrics": (("plot", ["{root}/truncated"]), "no metrics.jsonl in"),
     "plot damaged metrics": (("plot", ["{root}/badmetrics"]), "line 1 is not a metrics record"),

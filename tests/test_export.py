@@ -112,7 +112,7 @@ def check_export(out_dir, tmp, prompt: str, capsys):
     assert fast.encode(ours).ids == tokenizer.encode(ours)
     assert greedy_sample([f"--init_from={hf_dir}", f"--prompt={prompt}"], capsys) == ours
     card = (hf_dir / "README.md").read_text()
-    assert "best validation loss" in card and f"{ckpt['best_val_loss']:.4f}" in card
+    assert "| validation loss |" in card and f"{ckpt['best_val_loss']:.4f}" in card
     return hf_dir
 
 
@@ -168,7 +168,26 @@ def test_char_model_exports_to_transformers_and_onnxruntime(char_run, tmp_path, 
     # its card shows the run's figures, which the export recorded, as the checkpoint's does
     ckpt = checkpoint.load(char_run / "out" / "ckpt.pt")
     card = app.model_card("hf", models.get("hf"))
-    assert "- **dataset**: tiny;" in card and f"**trained**: 10 iterations; **best val loss**: {ckpt['best_val_loss']:.4f}" in card
+    assert "- **dataset**: tiny;" in card and f"**trained**: 10 iterations; **val loss**: {ckpt['best_val_loss']:.4f}" in card
+
+
+def test_a_card_says_the_loss_of_the_model_it_ships(char_run, tmp_path):
+    """A finetune that gets worse under always_save_checkpoint keeps its last model: the card (and
+    app.py's card of the export) give that model's val loss, with the run's best beside it, not
+    the best alone, which was another model's."""
+    import app
+    import hardware
+    out = tmp_path / "worse"
+    train.main([f"--data_dir={char_run / 'data'}", f"--out_dir={out}", *TINY, f"--init_from={char_run / 'out'}",
+                "--max_iters=4", "--eval_interval=2", "--learning_rate=3", "--warmup_iters=0"])
+    ckpt = checkpoint.load(out / "ckpt.pt")
+    assert not ckpt["holds_best"] and ckpt["val_loss"] > ckpt["best_val_loss"]
+    said = (f"{ckpt['val_loss']:.4f} (this model's; the run's best was {ckpt['best_val_loss']:.4f}, at iteration "
+            f"{ckpt['best_iter']})")
+    export.main([f"--out_dir={out}", f"--dest={tmp_path / 'hf'}"])
+    assert f"| validation loss | {said} |" in (tmp_path / "hf" / "README.md").read_text(encoding="utf-8")
+    models = app.Models({"hf": tmp_path / "hf"}, hardware.resolve("cpu", "float32"))
+    assert f"**val loss**: {said}" in app.model_card("hf", models.get("hf"))
 
 
 # ---------------------------------------------------------------------------- GPT-2 from transformers
@@ -197,7 +216,8 @@ def test_a_gpt2_of_transformers_loads_with_what_its_card_can_say(toy_gpt2):
     model, tokenizer, info = loading.load(str(toy_gpt2), "cpu")
     assert not model.training and tokenizer.vocab_size == 50257
     assert {k: v for k, v in info.items() if k != "model_args"} == {
-        "config": {"dataset": "(Hugging Face folder)"}, "iter_num": None, "best_val_loss": None, "instruct": None}
+        "config": {"dataset": "(Hugging Face folder)"}, "iter_num": None, "best_val_loss": None, "instruct": None,
+        "val_loss": None, "holds_best": None, "best_iter": None}
     assert info["model_args"]["n_layer"] == 2
 
 
@@ -362,7 +382,10 @@ def test_export_replaces_only_its_own_folders(char_run, tmp_path, capsys):
     assert (dest / "ckpt.pt").read_bytes() == b"a training run's checkpoint" and (dest / "notes.txt").read_text() == "mine"
     (dest / "ckpt.pt").unlink()
     (dest / "notes.txt").unlink()
-    export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}", "--format=onnx"])  # ours: replaced
+    capsys.readouterr()
+    export.main([f"--out_dir={char_run / 'out'}", f"--dest={dest}", "--format=onnx"])  # ours: replaced, and said
+    assert (f"note: this ONNX (--format=onnx) export replaced the Hugging Face (--format=hf) export that was in "
+            f"{dest}; to keep both, export each format to its own --dest (e.g. {dest}-hf)") in capsys.readouterr().err
     assert sorted(p.name for p in dest.iterdir()) == ["README.md", "config.json", "model.onnx",
                                                      "model_with_past.onnx", "tokenizer.json", "tokenizer_config.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["dest"]  # no temporary folder left behind
@@ -700,12 +723,16 @@ def test_a_run_record_of_the_wrong_kinds_reads_as_unknown(tmp_path):
     """An export's tokenizer_config.json edited by hand (a best val loss as text, a count as a
     boolean): what the folder says of its run is each figure of its kind or None, never a value
     the card then cannot format."""
-    config = {hf_format.OUR_RUN_KEY: {"dataset": 7, "iter_num": True, "best_val_loss": "1.23"}}
+    unknown = dict.fromkeys(("dataset", "iter_num", "best_val_loss", "val_loss", "holds_best", "best_iter"))
+    config = {hf_format.OUR_RUN_KEY: {"dataset": 7, "iter_num": True, "best_val_loss": "1.23", "val_loss": False,
+                                      "holds_best": "yes", "best_iter": 2.5}}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    assert hf_format.run_of(tmp_path) == {"dataset": None, "iter_num": None, "best_val_loss": None}
-    config[hf_format.OUR_RUN_KEY] = {"dataset": "tiny", "iter_num": 10, "best_val_loss": 2}
+    assert hf_format.run_of(tmp_path) == unknown
+    config[hf_format.OUR_RUN_KEY] = {"dataset": "tiny", "iter_num": 10, "best_val_loss": 2, "val_loss": 2.5,
+                                     "holds_best": False, "best_iter": 4}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    assert hf_format.run_of(tmp_path) == {"dataset": "tiny", "iter_num": 10, "best_val_loss": 2}
+    assert hf_format.run_of(tmp_path) == {"dataset": "tiny", "iter_num": 10, "best_val_loss": 2, "val_loss": 2.5,
+                                          "holds_best": False, "best_iter": 4}
 
 
 def test_an_export_from_before_cards_held_sha256s_is_replaced_and_the_users_files_kept(char_run, tmp_path, capsys):

@@ -442,6 +442,14 @@ def test_app_wraps_prompts_holds_a_chat_and_checks_the_new_settings(instruct_dat
     import app
     import hardware
     models = app.Models({"chat": chat_run, "base": instruct_data / "base"}, hardware.resolve("cpu", "float32"))
+    # the page says what sample.py says of a question longer than the model's context (a toast)
+    warnings, block = [], models.get("chat").model.config.block_size
+    list(app.generate(models, 100, 0.0, "What is 2+2? " * block, 2, 0, 0, 1.0, 1, "chat", warn=warnings.append))
+    list(app.chat(models, 100, 0.0, "What is 2+2? " * block, [], 2, 0, 0, 1.0, 1, "chat", warn=warnings.append))
+    assert len(warnings) == 2 and all(w.startswith("the prompt is ") and "without the start of the template" in w
+                                      for w in warnings), warnings
+    list(app.generate(models, 100, 0.0, "Hi", 2, 0, 0, 1.0, 1, "chat", warn=warnings.append))  # (it fits)
+    assert len(warnings) == 2
     texts = list(app.generate(models, 100, 0.0, "What is 2+2?", 4, 0, 0, 1.0, 1, "chat"))
     loaded = models.get("chat")
     assert texts[-1] == wrapped_answer(loaded.model, loaded.tokenizer, loaded.info["instruct"]["template"],
