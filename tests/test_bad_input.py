@@ -684,6 +684,28 @@ def test_other_os_errors_keep_their_traceback():
         run_main(main, [])
 
 
+def test_a_windows_path_too_long_and_a_disk_quota_are_machine_problems_and_the_line_is_exact(capsys):
+    """Windows says a path is too long with winerror 206 (its errno is EINVAL, no help); a full
+    disk quota (EDQUOT) is the machine's too. The line is the OS's words, the path, the fix."""
+    import errno
+
+    import errors
+    too_long = OSError(errno.EINVAL, "The filename or extension is too long")
+    too_long.winerror = 206
+    assert errors.machine_problem(too_long) == errors.MACHINE_PROBLEMS[errno.ENAMETOOLONG]
+    assert errors.machine_problem(OSError(errno.EINVAL, "Invalid argument")) is None
+    if hasattr(errno, "EDQUOT"):
+        assert "disk quota" in errors.machine_problem(OSError(errno.EDQUOT, "Disk quota exceeded"))
+
+    def main(argv):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "out/ckpt.pt")
+
+    with pytest.raises(SystemExit):
+        run_main(main, [])
+    assert capsys.readouterr().err == (f"error: {os.strerror(errno.ENOSPC)}: out/ckpt.pt; free some space on that "
+                                       f"disk, or write to another one\n")
+
+
 def test_a_reader_that_left_on_windows_ends_quietly(monkeypatch, capsys):
     """Windows says EINVAL, not EPIPE, when the reader of a pipe has left (`python sample.py |
     more`, quit early): the stage ends as on Linux, exit 0 and nothing printed, in every script."""
@@ -708,6 +730,24 @@ def test_a_reader_that_left_on_windows_ends_quietly(monkeypatch, capsys):
         run_main(bad_name, [])
     assert e.value.code == 2 and capsys.readouterr().err == (
         'error: Invalid argument: runs/lr:3e-4; Windows refuses that name: no < > : " | ? * in a file or folder name\n')
+
+
+def test_a_reader_that_left_sends_what_stdout_still_holds_nowhere(monkeypatch):
+    """What is still buffered for a pipe whose reader left would fail again at exit (Python's
+    "Exception ignored ... BrokenPipeError"): stdout is pointed at the null device first."""
+    import errno
+
+    import errors
+    sent = []
+
+    def main(argv):
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr(errors, "_to_null_device", lambda stream: sent.append(stream) or True)
+    monkeypatch.setattr(sys.stderr, "close", lambda: None)
+    with pytest.raises(SystemExit) as e:
+        run_main(main, [])
+    assert e.value.code == 0 and sent == [sys.stdout]
 
 
 # ---------------------------------------------------------------------------- sample.py's paths and config files

@@ -222,3 +222,12 @@ def test_a_wrong_type_in_a_config_file_names_the_file(tmp_path):
         parse_config(TrainConfig, [str(tmp_path / "c.py")])
     with pytest.raises(UserError, match=r"^--batch_size must be an integer, got 'nine'$"):  # the flag's own
         parse_config(TrainConfig, [str(tmp_path / "c.py"), "--batch_size=nine"])
+
+
+def test_only_an_escape_error_gets_the_windows_path_hint_and_a_path_may_hold_spaces(tmp_path):
+    (tmp_path / "a.py").write_text("batch_size = = 3\n", encoding="utf-8")
+    with pytest.raises(UserError, match="line 1 could not be read: SyntaxError") as e:
+        parse_config(TrainConfig, [str(tmp_path / "a.py")])
+    assert "forward slashes" not in str(e.value)
+    (tmp_path / "b.py").write_text("out_dir = 'my runs/first one'\n", encoding="utf-8")
+    assert parse_config(TrainConfig, [str(tmp_path / "b.py")])[0].out_dir == "my runs/first one"

@@ -378,3 +378,21 @@ def test_as_text_reads_any_pieces_as_text_mode_reads_the_file():
         pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])]
         expected = io.TextIOWrapper(io.BytesIO(text.encode("utf-8")), encoding="utf-8-sig", newline=None).read()
         assert "".join(documents.as_text(pieces)) == expected, (pieces, expected)
+
+
+def test_a_plain_models_long_prompt_note_names_no_template(tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    train.main([f"--data_dir={tiny_data}", f"--out_dir={out}", *TINY, "--max_iters=1"])
+    capsys.readouterr()
+    sample.main([f"--out_dir={out}", "--prompt=" + "ROMEO: " * 10, "--max_new_tokens=2", "--device=cpu"])
+    err = capsys.readouterr().err
+    assert "note: the prompt is 70 tokens, more than the model's context of 32: it reads only the last 32\n" in err
+
+
+def test_combo_scoring_of_a_missing_or_non_utf8_file_is_one_line(tmp_path):
+    from data import make_combos as combos
+    with pytest.raises(UserError, match="nope.txt not found$"):
+        combos.read_samples(str(tmp_path / "nope.txt"))
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match="^cannot read .*latin1.txt: 'utf-8' codec can't decode"):
+        combos.read_samples(str(tmp_path / "latin1.txt"))

@@ -654,3 +654,12 @@ def test_the_json_note_is_for_json_files_only_whatever_their_first_bracket(tmp_p
                       "--tokenizer", "char", "--block_size", "8", "--num_workers", "1"])
         note = f"note: {src} is read as plain text, its JSON syntax and keys included" in capsys.readouterr().out
         assert note == name.endswith(".json"), name
+
+
+def test_the_alpaca_hint_needs_both_instruction_and_output():
+    with pytest.raises(ValueError, match="Alpaca's instruction, input and output"):
+        template.record_kind({"instruction": "add", "output": "3"})
+    for record in ({"instruction": "add"}, {"output": "3"}):
+        with pytest.raises(ValueError) as e:
+            template.record_kind(record)
+        assert "Alpaca" not in str(e.value), record

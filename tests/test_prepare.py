@@ -578,3 +578,86 @@ def test_a_vocabulary_too_large_for_its_text_is_said(tmp_path, capsys):
     run_prepare(tmp_path, "--input", str(tmp_path / "a.txt"), "--name", "small", "--tokenizer", "bpe:260",
                 "--block_size", "8", "--num_workers", "1")
     assert "note: a vocabulary" not in capsys.readouterr().err
+
+
+def test_a_tokenizers_name_is_not_a_folder_of_that_name_but_a_path_is(tmp_path, monkeypatch):
+    """--tokenizer=gpt2 (char, bpe:N, a tiktoken encoding) names a tokenizer even where the current
+    folder holds a folder of that name; a path (a slash either way, or an existing folder) names a
+    dataset's or a run's vocabulary, one that is missing too (then said in one line)."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("gpt2", "char", "bpe:300", "cl100k_base", "out"):
+        (tmp_path / name).mkdir()
+    assert not any(prepare.names_a_vocabulary(n) for n in ("gpt2", "char", "bpe:300", "cl100k_base", "nothing"))
+    assert all(prepare.names_a_vocabulary(n) for n in ("out", "data/none", "runs\\none"))
+
+
+def test_a_vocabulary_is_read_from_a_runs_ckpt_pt_and_other_files_are_one_line(tiny_data, tmp_path):
+    import train
+    from conftest import TINY
+
+    train.main([f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'run'}", *TINY, "--max_iters=1"])
+    from_file = prepare.vocabulary_of(str(tmp_path / "run" / "ckpt.pt"))
+    assert from_file.describe() == prepare.vocabulary_of(str(tmp_path / "run")).describe()
+    assert from_file.chars is not None
+    (tmp_path / "a.txt").write_text("not a vocabulary\n", encoding="utf-8")
+    with pytest.raises(UserError, match="no prepared dataset \\(meta.json\\) or run \\(ckpt.pt\\) there"):
+        prepare.vocabulary_of(str(tmp_path / "a.txt"))
+    (tmp_path / "meta.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(UserError, match="cannot read its vocabulary \\(JSONDecodeError"):
+        prepare.vocabulary_of(str(tmp_path / "meta.json"))
+
+
+def test_a_vocabularys_boundary_token_must_fit_the_texts_documents_mode():
+    plain, docs = Tokenizer.char_from_text("ab\n"), Tokenizer.char_from_text("ab\n", documents="line")
+    with pytest.raises(UserError, match="has none \\(it was prepared as plain text\\); prepare this text as plain text"):
+        prepare.check_vocabulary(plain, "data/a", "ab", "line")
+    with pytest.raises(UserError, match="has none \\(it was prepared as plain text\\); records need one"):
+        prepare.check_vocabulary(plain, "data/a", "ab", prepare.JSONL)
+    with pytest.raises(UserError, match="^the vocabulary of data/d has a document-boundary token"):
+        prepare.check_vocabulary(docs, "data/d", "ab", None)
+    prepare.check_vocabulary(docs, "data/d", "ab", "blank")  # this text's own documents mode is recorded
+    assert docs.documents == "blank" and docs.describe()["documents"] == "blank"
+
+
+def test_a_long_line_without_a_late_space_is_cut_at_the_limit_and_one_of_twice_the_limit_in_two():
+    cut, = prepare.cut_long_lines(["a " + "x" * 2000], limit=1000)  # the only space is in the first half
+    assert cut.split("\n") == ["a " + "x" * 998, "x" * 1000, "xx"]
+    cut, = prepare.cut_long_lines(["x" * 2000], limit=1000)
+    assert cut.split("\n") == ["x" * 1000, "x" * 1000]  # no empty piece after the last
+
+
+def test_the_bpe_trainer_reads_long_lines_cut(monkeypatch):
+    seen = []
+    original = prepare.cut_long_lines
+
+    def spy(texts, *args, **kwargs):
+        for text in original(texts, *args, **kwargs):
+            seen.append(text)
+            yield text
+    monkeypatch.setattr(prepare, "cut_long_lines", spy)
+    prepare.train_bpe(["to be or not to be " * 100], 260, None)
+    assert seen and all(len(line) <= prepare.BPE_PIECE_CHARS for line in seen[0].split("\n"))
+
+
+def test_windows_takes_at_most_61_workers_and_other_systems_have_no_such_limit(monkeypatch):
+    import importlib.util
+    assert prepare.MAX_WORKERS is None  # (this is not Windows: no limit)
+    monkeypatch.setattr(sys, "platform", "win32")
+    spec = importlib.util.spec_from_file_location("prepare_on_windows", ROOT / "prepare.py")
+    on_windows = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(on_windows)
+    assert on_windows.MAX_WORKERS == 61
+
+
+def test_the_too_large_vocabulary_note_is_for_trained_vocabularies_only(tmp_path, capsys):
+    """A tiny text under gpt2's 50,257 tokens is no vocabulary chosen too large for it."""
+    (tmp_path / "a.txt").write_text("".join(f"line {i} of a tiny text\n" for i in range(300)), encoding="utf-8")
+    run_prepare(tmp_path, "--input", str(tmp_path / "a.txt"), "--name", "g", "--tokenizer", "gpt2",
+                "--block_size", "8", "--num_workers", "1")
+    assert "note: a vocabulary" not in capsys.readouterr().err
+
+
+def test_what_looks_binary_a_known_start_or_a_nul():
+    assert prepare.looks_binary(b"GIF89a\x01\x02\xff")  # an image's start, no NUL in its first bytes
+    assert prepare.looks_binary(b"\xff\xfe\x01abc\x00def")  # an unknown format with a NUL
+    assert not prepare.looks_binary("caf\u00e9".encode("latin-1"))

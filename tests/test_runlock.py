@@ -486,3 +486,10 @@ def test_a_note_whose_start_time_is_not_a_number_is_read_as_unknown():
     assert runlock.pid_alive(os.getpid(), "2026-11-29T08:50:01") is True
     assert runlock.pid_alive(os.getpid(), True) is True
     assert runlock.holder_is_gone({"pid": os.getpid(), "host": socket.gethostname(), "started": "yesterday"}) is False
+
+
+def test_a_whole_number_start_time_is_a_time():
+    """A note's `started` written as an int (a whole second, another tool's): this process started
+    after 1970, so a note of then is another process that had this number."""
+    assert runlock.pid_alive(os.getpid(), 0) is False
+    assert runlock.pid_alive(os.getpid(), int(time.time()) + 5) is True

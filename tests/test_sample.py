@@ -325,7 +325,7 @@ def test_a_loaded_checkpoint_is_in_eval_mode_with_its_info(tmp_path):
     assert not model.training and not any(m.training for m in model.modules())
     assert tokenizer.chars == CHARS
     assert info == {"model_args": tiny_model(len(CHARS))[1], "config": {}, "iter_num": 0, "best_val_loss": 9.9,
-                    "instruct": None}
+                    "instruct": None, "val_loss": None, "holds_best": None, "best_iter": None}
     (Path(folder) / "config.json").write_text("{}")  # an export written into the run's folder too
     (Path(folder) / "model.safetensors").write_bytes(b"")
     assert loading.load(folder, "cpu")[2] == info  # the run's checkpoint is what loads
@@ -539,3 +539,19 @@ def test_top_p_keeps_the_smallest_set_that_reaches_p():
     assert drawn == {0}
     drawn = {sample_next(logits, 1.0, top_p=0.51, generator=torch.Generator().manual_seed(s)).item() for s in range(40)}
     assert 0 in drawn and len(drawn) == 2
+
+
+def test_stop_notes_are_for_char_models_only_and_a_prompt_note_for_one_over_the_context():
+    bpe = Tokenizer.bpe_from_ranks([bytes([i]) for i in range(256)])
+    assert sample.stops_never_written(bpe, ["\u00a7", "END"]) == []  # a byte-level vocabulary writes any text
+    assert sample.too_long(32, 32, True) is None  # a prompt that fills the context exactly is read whole
+    plain, chat = sample.too_long(33, 32, False), sample.too_long(33, 32, True)
+    assert plain == "note: the prompt is 33 tokens, more than the model's context of 32: it reads only the last 32"
+    assert chat.startswith(plain + ", without the start of the template")
+
+
+def test_the_empty_prompts_example_is_a_letter_the_model_knows_or_a_file():
+    with pytest.raises(UserError, match=r"^the prompt is empty; give some text, e.g. --prompt=a$"):
+        encode_prompt(Tokenizer.char_from_text("\n .a"), "", False)  # not the line end, sorted first
+    with pytest.raises(UserError, match=r"^the prompt is empty; give some text it knows, or --prompt=FILE:PATH$"):
+        encode_prompt(Tokenizer.char_from_text("\n .-"), "", False)  # no letter or digit to show

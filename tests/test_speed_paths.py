@@ -2,6 +2,7 @@
 deterministically under torch.manual_seed, and the chunked attention dropout equals a naive
 attention applying the same mask, forward and backward. Also: bench.py runs."""
 import math
+import json
 import os
 import subprocess
 import sys
@@ -1157,3 +1158,29 @@ def test_bench_sample_rows_time_what_they_name(monkeypatch):
     assert results["sample, kv cache, batch 3"][0] == [3 * 4 / 1] * 3
     assert results["sample, fast path, batch 3"][0] == [3 * 4 / 1] * 3
     assert "batch 3, 4 new tokens" in results["sample, fast path, batch 3"][1]
+
+
+def test_a_remembered_failure_lasts_a_day_says_why_and_a_cache_that_fails_is_no_error(tmp_path, monkeypatch):
+    marker, cc = tmp_path / "new" / "cpu_kernels-x.failed", sys.executable  # (any file stands for the compiler)
+    cpu_kernels.remember_failure(marker, "cc could not build cpu_kernels.c: no message", cc)  # its folder made
+    assert cpu_kernels.remembered_failure(marker, cc) == "cc could not build cpu_kernels.c: no message"
+    hours_ago = time.time() - 23 * 3600
+    os.utime(marker, (hours_ago, hours_ago))
+    assert cpu_kernels.remembered_failure(marker, cc) is not None  # still within the day
+    marker.write_text(json.dumps({"compiler": cpu_kernels.compiler_stamp(cc)}), encoding="utf-8")
+    assert cpu_kernels.remembered_failure(marker, cc) == "unknown"  # a note without its why still remembers it
+    marker.write_text("", encoding="utf-8")
+    assert cpu_kernels.remembered_failure(marker, cc) is None  # unreadable: no failure remembered
+    assert cpu_kernels.remembered_failure(tmp_path / "none.failed", cc) is None
+    (tmp_path / "folder.failed").mkdir()  # not readable as a note: no failure remembered
+    assert cpu_kernels.remembered_failure(tmp_path / "folder.failed", cc) is None
+    (tmp_path / "file").write_text("not a folder", encoding="utf-8")
+    cpu_kernels.remember_failure(tmp_path / "file" / "x.failed", "why", cc)  # a cache that cannot be written: no error
+
+
+def test_macos_where_xcode_select_cannot_run_does_not_run_the_compiler_stub(monkeypatch):
+    def run(cmd, **kwargs):
+        raise FileNotFoundError(cmd[0])
+    monkeypatch.setattr(cpu_kernels.sys, "platform", "darwin")
+    monkeypatch.setattr(subprocess, "run", run)
+    assert "xcode-select --install" in cpu_kernels.no_apple_compiler("/usr/bin/cc")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import checkpoint
+import config
 import hardware
 import train
 import training
@@ -1042,3 +1043,45 @@ def test_a_resume_on_another_number_of_cpu_threads_says_it_will_not_match_bit_fo
     assert f"was trained with {n + 1} CPU threads, this run uses {n}" in capsys.readouterr().out
     run_train(tiny_data, tmp_path / "out", "--init_from=resume", "--max_iters=5")
     assert "CPU threads" not in capsys.readouterr().out
+
+
+def test_a_lost_peers_reason_is_cut_at_a_word_and_kept_whole_up_to_160_characters():
+    assert train.peer_lost_reason(RuntimeError("word " * 60 + "Broken pipe")) == " ".join(["word"] * 31) + " ..."
+    exact = "x" * 149 + "Broken pipe"  # 160 characters
+    assert train.peer_lost_reason(RuntimeError(exact)) == exact
+
+
+def test_a_recipes_bigram_false_is_no_refusal_and_a_table_20x_the_model_is_refused(tmp_path):
+    (tmp_path / "off.py").write_text("bigram = False\nn_layer = 2\nn_embd = 32\nn_head = 2\n", encoding="utf-8")
+    cfg, explicit = config.parse_config(training.TrainConfig, [str(tmp_path / "off.py")])
+    assert train.recipe_bigram_too_large(cfg, explicit, 1000) is None
+    (tmp_path / "on.py").write_text("bigram = True\nn_layer = 2\nn_embd = 32\nn_head = 2\n", encoding="utf-8")
+    cfg, explicit = config.parse_config(training.TrainConfig, [str(tmp_path / "on.py")])
+    assert train.recipe_bigram_too_large(cfg, explicit, 20) is None  # a small char vocabulary: where it pays
+    assert "about 20x the rest of the model" in train.recipe_bigram_too_large(cfg, explicit, 135)
+
+
+def test_a_resume_without_wandb_keeps_the_runs_wandb_id_and_eval_only_draws_no_curve(tiny_data, tmp_path):
+    run_train(tiny_data, tmp_path / "out", "--max_iters=2", "--eval_interval=2")
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)
+    ckpt["wandb_run"] = {"id": "abc123", "out_dir": str((tmp_path / "out").resolve())}  # as --wandb_log left it
+    torch.save(ckpt, tmp_path / "out" / "ckpt.pt")
+    run_train(tiny_data, tmp_path / "out", "--init_from=resume", "--max_iters=4", "--eval_interval=2")
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["wandb_run"]["id"] == "abc123"
+    (tmp_path / "out" / "loss.png").unlink()
+    run_train(tiny_data, tmp_path / "out", "--init_from=resume", "--eval_only=True")
+    assert not (tmp_path / "out" / "loss.png").exists()  # --eval_only adds nothing to the run's record
+
+
+def test_a_resume_under_a_recipe_with_bigram_is_not_refused(tmp_path):
+    """The refusal is for a new model: a run started with --bigram=True under that recipe resumes
+    with the recipe alone (its table is in the checkpoint already)."""
+    import numpy as np
+    from conftest import write_token_dataset
+    rng = np.random.default_rng(0)
+    write_token_dataset(tmp_path / "data", "wide", rng.integers(0, 300, 4000), rng.integers(0, 300, 400))
+    (tmp_path / "recipe.py").write_text("bigram = True\nn_layer = 2\nn_embd = 32\nn_head = 2\n", encoding="utf-8")
+    recipe = [str(tmp_path / "recipe.py"), "--dataset=wide"]
+    run_train(tmp_path / "data", tmp_path / "out", *recipe, "--max_iters=1", "--bigram=True")
+    run_train(tmp_path / "data", tmp_path / "out", *recipe, "--max_iters=2", "--init_from=resume")
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["iter_num"] == 2
