@@ -225,8 +225,8 @@ def model_card(name: str, loaded: Loaded) -> str:
     vocab = f"{tok.vocab_size:,} characters" if tok.name == "char" else f"{tok.vocab_size:,} tokens"
     lines = [
         f"### {name}",
-        f"- **parameters**: {loaded.model.num_params() / 1e6:.2f}M (nanoGPT's count, without position "
-        f"embeddings), {total / 1e6:.2f}M in all",
+        f"- **parameters**: {loaded.model.num_params() / 1e6:.2f}M (nanoGPT's count, without lookup-only "
+        f"tables such as positions), {total / 1e6:.2f}M in all",
         f"- **shape**: {args.get('n_layer')} layers, {args.get('n_head')} heads, {args.get('n_embd')} wide, "
         f"context {args.get('block_size')} tokens",
         f"- **dataset**: {cfg.get('dataset', 'unknown')}; **tokenizer**: {tok.name} ({vocab})",
@@ -249,6 +249,15 @@ def loss_curve(loaded: Loaded, scratch: Path) -> str | None:
     except UserError:  # a damaged metrics.jsonl costs the picture, not the model
         return None
     return str(out)
+
+
+def card_and_curve(name: str, loaded: Loaded, scratch: Path) -> tuple[str, str | None]:
+    """The card, and the loss curve (where the folder has none, an export's, the card says why)."""
+    card, path = model_card(name, loaded), loss_curve(loaded, scratch)
+    if path is None:
+        card += ("\n- **loss curve**: none here (no metrics.jsonl in this folder: an export keeps none; "
+                 "the run's own folder has it)")
+    return card, path
 
 
 # ---------------------------------------------------------------------------- one request
@@ -404,7 +413,7 @@ def build_demo(gr, models: Models, limit: int, interval: float, scratch: Path):
         except UserError as e:  # the card says so (not the model picked before), and a toast
             gr.Warning(str(e))
             return f"### {model}\n**could not be loaded**: {e}", None
-        return model_card(model, loaded), loss_curve(loaded, scratch)
+        return card_and_curve(model, loaded, scratch)
 
     def on_placeholder(model):  # an example prompt the model picked can take
         loaded = models.loaded.get(model)
@@ -441,8 +450,9 @@ def build_demo(gr, models: Models, limit: int, interval: float, scratch: Path):
             with gr.Column(scale=2):
                 model = gr.Dropdown(list(models.folders), value=models.default, label="Model",
                                     interactive=len(models.folders) > 1)
-                card = gr.Markdown(model_card(models.default, first), label="model card")
-                curve = gr.Image(loss_curve(first, scratch), label="loss curve", show_label=False, type="filepath",
+                first_card, first_curve = card_and_curve(models.default, first, scratch)
+                card = gr.Markdown(first_card, label="model card")
+                curve = gr.Image(first_curve, label="loss curve", show_label=False, type="filepath",
                                  interactive=False, format="png")
         settings = [max_new_tokens, temperature, top_k, top_p, seed, model, min_p, repetition_penalty]
         # the page empties the Output first: a refused request must not leave the last text

@@ -233,6 +233,12 @@ def model_card(model: GPT, tokenizer: Tokenizer, ckpt: dict, fmt: str, name: str
     start = ckpt.get("started_from") or cfg.get("init_from", "scratch")  # (kept through resumes)
     origin = ("trained" if start == "scratch" else f"finetuned from {start}" if start != "resume" else
               "trained (its checkpoint does not record whether it started from a pretrained model)")
+    if cfg.get("lora_rank"):  # the adapters are merged into the weights the export holds
+        origin += (f" with LoRA (rank {cfg['lora_rank']} on {cfg.get('lora_targets', 'c_attn,c_proj')}, merged "
+                   f"into the weights)")
+    if instruct := ckpt.get("instruct"):
+        origin += (" on instruction records (a question, then its answer" +
+                   (", and chats" if instruct.get("chat") else "") + "), so a prompt goes through its template")
     best = checkpoint.val_loss_text(ckpt) or "not measured"
     options = c.non_gpt2_options()
     arch = f"GPT-2's architecture with {', '.join(options)}" if options else "GPT-2's architecture"

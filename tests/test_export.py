@@ -169,6 +169,9 @@ def test_char_model_exports_to_transformers_and_onnxruntime(char_run, tmp_path, 
     ckpt = checkpoint.load(char_run / "out" / "ckpt.pt")
     card = app.model_card("hf", models.get("hf"))
     assert "- **dataset**: tiny;" in card and f"**trained**: 10 iterations; **val loss**: {ckpt['best_val_loss']:.4f}" in card
+    card, curve = app.card_and_curve("hf", models.get("hf"), tmp_path)  # an export keeps no metrics: said why
+    assert curve is None and "- **loss curve**: none here (no metrics.jsonl in this folder: an export keeps none" in card
+    assert app.card_and_curve("ckpt", models.get("ckpt"), tmp_path)[1] is not None
 
 
 def test_a_card_says_the_loss_of_the_model_it_ships(char_run, tmp_path):

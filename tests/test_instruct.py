@@ -516,6 +516,11 @@ def test_lora_finetunes_a_checkpoint_folder_of_ours(instruct_data, chat_run):
     for key in ("transformer.h.0.mlp.c_fc.weight", "transformer.h.1.attn.c_attn.weight"):
         assert torch.equal(mine["model"][key], base["model"][key])  # frozen, as the checkpoint had them
     assert mine["lora"]["rank"] == 2 and mine["instruct"] == base["instruct"]
+    import export  # its card says it is a LoRA finetune, of what, and what kind of model
+    export.main([f"--out_dir={instruct_data / 'from_ckpt'}", f"--dest={instruct_data / 'lora-hf'}"])
+    card = (instruct_data / "lora-hf" / "README.md").read_text(encoding="utf-8")
+    assert (f"finetuned from {chat_run} with LoRA (rank 2 on c_attn,c_proj, merged into the weights) on instruction "
+            f"records") in card
 
 
 # ---------------------------------------------------------------- sharing an instruction model
@@ -571,7 +576,9 @@ def test_an_exported_instruction_model_keeps_its_template(chat_run, tmp_path, ca
     export.main([f"--out_dir={chat_run}", f"--dest={tmp_path / 'hf'}", "--format=hf"])
     config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
     assert config["chat_template"] == template.chat_template(template.TEMPLATE)
-    assert "apply_chat_template" in (tmp_path / "hf" / "README.md").read_text()  # the card shows how
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "apply_chat_template" in card  # the card shows how, and says what kind of model it is
+    assert "on instruction records (a question, then its answer, and chats), so a prompt goes through" in card
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     ids = hf.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True,
                                         return_dict=True)
