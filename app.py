@@ -297,7 +297,7 @@ def prompt_ids_of(tokenizer, prompt: str, instruct: dict | None = None) -> list[
         # a model with a boundary token (documents mode, BPE) starts a new document from an
         # empty prompt (generation.encode_prompt); a plain char model has nothing to start from
         raise UserError(f"the prompt is empty; type some text for the model to continue, e.g. "
-                        f"{example_prompt(tokenizer, instruct)}")
+                        f"\"{example_prompt(tokenizer, instruct)}\"")
     try:
         return encode_prompt(tokenizer, prompt, drop_unknown=False, instruct=instruct)
     except UserError as e:

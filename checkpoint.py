@@ -178,7 +178,8 @@ def val_loss_text(record: dict) -> str | None:
         return None
     if record.get("holds_best", True) or own == best:  # (older checkpoints: the best, as they said)
         return f"{best:.4f}"
-    run_best = f"the run's best was {best:.4f}" + (f", at iteration {at:,}" if isinstance(at, int) else "")
+    run_best = f"the run's best was {best:.4f}" + (f", at iteration {at:,}" if isinstance(at, int) else "") + (
+        ": the model this run started from" if at == 0 else "")
     return (f"{own:.4f} (this model's; {run_best})" if isinstance(own, (int, float)) and math.isfinite(own)
-            else f"not measured for this model ({run_best})")
+            else f"this model's not recorded ({run_best})")
 

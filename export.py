@@ -68,7 +68,7 @@ gc.enable()
 FORMATS = ("hf", "onnx", "gguf")
 EXTRAS = {"hf": ("transformers", "safetensors", "tokenizers"), "onnx": ("onnx", "onnxruntime", "tokenizers"),
           "gguf": ("gguf", "tokenizers")}
-MARKER = "exported_by: nanogpt-toolkit export.py"  # in the model card: how we know a folder is ours
+MARKER = hf_format.EXPORT_MARKER  # in the model card: how we know a folder is ours
 EXPORTED_FILES = "exported_files"  # the card's list of what the export wrote (users_files keeps the rest)
 
 
@@ -109,7 +109,7 @@ def card_prompt(tokenizer: Tokenizer, block_size: int, instruct: dict | None = N
     generate() nor the ONNX loop crops the context, so one position past block_size is an
     IndexError. (An instruction model's prompt is a question, wrapped in its template.)"""
     if instruct:  # the snippets ask a question (a shorter one, for a short context) through the template
-        for question in (example_prompt(tokenizer, instruct), "2+2?", "?"):
+        for question in dict.fromkeys((example_prompt(tokenizer, instruct), "2+2?", "?")):
             used = len(template.prompt_ids(tokenizer, instruct["template"], question, drop_unknown=True))
             if used < block_size:
                 break

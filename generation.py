@@ -119,10 +119,8 @@ def encode_prompt(tokenizer: Tokenizer, text: str, drop_unknown: bool, instruct:
     if tokenizer.eot_id is not None:
         return [tokenizer.eot_id]  # BPE: an empty prompt starts a new document
     what = "has no character the model knows" if text else "is empty"
-    known = tokenizer.chars if tokenizer.chars is not None else ["A"]
-    # a character this model knows, typed alike in any shell: a letter, else a digit
-    example = next((c for c in known if c.isalpha()), None) or next((c for c in known if c.isalnum()), None)
-    raise UserError(f"the prompt {what}; give some text" + (f", e.g. --prompt={example}" if example else
+    example = known_character(tokenizer.chars if tokenizer.chars is not None else ["A"])  # one this model knows
+    raise UserError(f"the prompt {what}; give some text" + (f", e.g. --prompt={example}" if example.isalnum() else
                                                             " it knows, or --prompt=FILE:PATH"))
 
 
@@ -143,12 +141,18 @@ def example_prompt(tokenizer: Tokenizer, instruct: dict | None = None) -> str:
     """A prompt to show as an example (a model card's, the page's placeholder): a question for an
     instruction model; ROMEO: where the model knows its characters; else a letter (or another
     character) of a char vocabulary's own."""
-    if instruct:
-        return EXAMPLE_QUESTION
     chars = tokenizer.chars  # None for a BPE, which encodes any text
-    if chars is None or set(EXAMPLE_PROMPT) <= set(chars):
-        return EXAMPLE_PROMPT
-    return next((c for c in chars if c.isalpha()), next((c for c in chars if not c.isspace()), chars[0]))
+    for example in ((EXAMPLE_QUESTION, "2+2?") if instruct else (EXAMPLE_PROMPT,)):
+        if chars is None or set(example) <= set(chars):
+            return example
+    return known_character(chars)
+
+
+def known_character(chars: list[str]) -> str:
+    """A character of a char vocabulary to show as an example, typed alike in any shell: a letter,
+    else a digit, else any character but a space."""
+    return next((c for c in chars if c.isalpha()), None) or next((c for c in chars if c.isalnum()), None) or \
+        next((c for c in chars if not c.isspace()), chars[0])
 
 
 def shown_prompt(tokenizer: Tokenizer, prompt_ids: list[int]) -> list[int]:

@@ -418,13 +418,23 @@ def resolve(init_from: str) -> Path:
     return folder
 
 
+EXPORT_MARKER = "exported_by: nanogpt-toolkit export.py"  # in an export's card: how a folder is known as ours
+
+
 def refuse_onnx_export(folder: Path, flag: str):
-    """An ONNX or GGUF export of ours (no weights torch loads, no ckpt.pt) where a model to load
-    belongs: one line saying what it is and what to pass instead."""
+    """An ONNX or GGUF folder (no weights torch loads, no ckpt.pt) where a model to load belongs:
+    one line saying what it is and what to pass instead (an export of ours, or another's model)."""
     if (folder / "ckpt.pt").exists() or any((folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
         return
+    try:
+        ours = EXPORT_MARKER in (folder / "README.md").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        ours = False
     for fmt, kind, runner in (("onnx", "an ONNX", "onnxruntime"), ("gguf", "a GGUF", "llama.cpp")):
         if any(folder.glob(f"*.{fmt}")):
+            if not ours:
+                raise UserError(f"{flag}={folder} holds {kind} model ({runner}'s format), which is not loaded here; "
+                                f"give a run's --out_dir or a Hugging Face GPT-2 folder")
             raise UserError(f"{flag}={folder} is {kind} export (export.py --format={fmt}): it runs in "
                             f"{runner} and is not loaded back here; use its run's --out_dir, or an --format=hf export")
 

@@ -1064,9 +1064,12 @@ def run(cfg: TrainConfig, explicit: set, held: contextlib.ExitStack):
                                    f"training (--time_budget={cfg.time_budget:g})")
                 elif cfg.time_budget and iter_num >= cfg.max_iters:  # the schedule follows the budget: unfinished
                     share = budget.spent / cfg.time_budget
-                    unfinished = ("warmup and decay" if share * cfg.lr_decay_iters < cfg.warmup_iters else "decay")
-                    schedule = (f"the learning rate follows the budget, so it stood at {lr:.2e}, its {unfinished} "
-                                f"unfinished: " if cfg.decay_lr else "")
+                    at = share * cfg.lr_decay_iters  # where the schedule stood
+                    unfinished = ("its warmup unfinished and its decay not started" if at < cfg.warmup_iters else
+                                  "its decay not started" if cfg.lr_schedule == "wsd" and
+                                  at < (1 - cfg.warmdown_frac) * cfg.lr_decay_iters else "its decay unfinished")
+                    schedule = (f"the learning rate follows the budget, so it stood at {lr:.2e}, {unfinished}: "
+                                if cfg.decay_lr else "")
                     progress.write(f"note: --max_iters={cfg.max_iters} ended this run after {budget.spent:.1f} s of "
                                    f"its --time_budget={cfg.time_budget:g} ({share:.0%}); {schedule}give the time "
                                    f"the run takes, or a higher --max_iters")

@@ -324,7 +324,10 @@ def test_model_card_shows_the_checkpoints_shape_and_no_infinite_loss(tmp_path):
     worse = {"model_args": args, "config": {"dataset": "tiny"}, "iter_num": 20, "best_val_loss": 2.6396,
              "val_loss": 4.2066, "holds_best": False, "best_iter": 0}
     text = app.model_card("m", app.Loaded(model, Tokenizer.char_from_text("abc"), tmp_path, worse, model))
-    assert "**val loss**: 4.2066 (this model's; the run's best was 2.6396, at iteration 0)" in text
+    assert "**val loss**: 4.2066 (this model's; the run's best was 2.6396, at iteration 0: the model this run started from)" in text
+    del worse["val_loss"]  # saved at a stop, or by an older train.py: its own loss is not in the checkpoint
+    text = app.model_card("m", app.Loaded(model, Tokenizer.char_from_text("abc"), tmp_path, worse, model))
+    assert "**val loss**: this model's not recorded (the run's best was 2.6396, at iteration 0: the model this run started from)" in text
 
 
 def test_find_model_folders_sorted_and_leaves_out_hidden_folders_datasets_and_environments(tmp_path):

@@ -394,9 +394,13 @@ def hf_world(world):
     (world / "onnx").mkdir()  # what export.py --format=onnx writes, in short
     (world / "onnx" / "config.json").write_text(json.dumps(gpt2))
     (world / "onnx" / "model.onnx").write_bytes(b"onnx")
+    import hf_format
+    (world / "onnx" / "README.md").write_text(f"---\n{hf_format.EXPORT_MARKER}\n---\n")
     (world / "gguf").mkdir()  # a GGUF export: a card, the model file, no config.json
-    (world / "gguf" / "README.md").write_text("# a GGUF export\n")
+    (world / "gguf" / "README.md").write_text(f"---\n{hf_format.EXPORT_MARKER}\n---\n")
     (world / "gguf" / "model.gguf").write_bytes(b"GGUF")
+    (world / "downloaded").mkdir()  # a llama.cpp model from elsewhere: no run of ours behind it
+    (world / "downloaded" / "llama-7b.Q4_K_M.gguf").write_bytes(b"GGUF")
     return world
 
 
@@ -433,6 +437,8 @@ HF_CASES = {
     "sample init_from a GGUF export": (SI("--init_from={root}/gguf"), "is a GGUF export (export.py --format=gguf): "
                                                                      "it runs in llama.cpp"),
     "sample out_dir a GGUF export": (S("--out_dir={root}/gguf"), "--out_dir={root}/gguf is a GGUF export"),
+    "sample init_from another's GGUF": (SI("--init_from={root}/downloaded"), "holds a GGUF model (llama.cpp's format), "
+                                                                          "which is not loaded here"),
     "export out_dir an ONNX export": (E("--out_dir={root}/onnx"), "is an ONNX export"),
     "export out_dir a Hugging Face folder": (E("--out_dir={root}/relu"), "is a Hugging Face folder, not a run's"),
 }

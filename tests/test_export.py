@@ -185,8 +185,9 @@ def test_a_card_says_the_loss_of_the_model_it_ships(char_run, tmp_path):
                 "--max_iters=4", "--eval_interval=2", "--learning_rate=3", "--warmup_iters=0"])
     ckpt = checkpoint.load(out / "ckpt.pt")
     assert not ckpt["holds_best"] and ckpt["val_loss"] > ckpt["best_val_loss"]
+    assert ckpt["best_iter"] == 0  # the model the finetune started from
     said = (f"{ckpt['val_loss']:.4f} (this model's; the run's best was {ckpt['best_val_loss']:.4f}, at iteration "
-            f"{ckpt['best_iter']})")
+            f"0: the model this run started from)")
     export.main([f"--out_dir={out}", f"--dest={tmp_path / 'hf'}"])
     assert f"| validation loss | {said} |" in (tmp_path / "hf" / "README.md").read_text(encoding="utf-8")
     models = app.Models({"hf": tmp_path / "hf"}, hardware.resolve("cpu", "float32"))

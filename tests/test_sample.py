@@ -555,3 +555,20 @@ def test_the_empty_prompts_example_is_a_letter_the_model_knows_or_a_file():
         encode_prompt(Tokenizer.char_from_text("\n .a"), "", False)  # not the line end, sorted first
     with pytest.raises(UserError, match=r"^the prompt is empty; give some text it knows, or --prompt=FILE:PATH$"):
         encode_prompt(Tokenizer.char_from_text("\n .-"), "", False)  # no letter or digit to show
+
+
+def test_an_example_prompt_is_one_the_model_can_take():
+    """The page's placeholder and the card's prompt: ROMEO: or a question where the model knows
+    their characters, else a character of its own (a letter, a digit, then anything but a
+    space), the same one sample.py's empty-prompt hint names."""
+    from generation import example_prompt
+    instruct = {"template": template.TEMPLATE}
+    bpe = Tokenizer.bpe_from_ranks([bytes([i]) for i in range(256)])
+    assert example_prompt(bpe) == "ROMEO:" and example_prompt(bpe, instruct) == "What is 2+2?"
+    assert example_prompt(Tokenizer.char_from_text("ROMEO: abc")) == "ROMEO:"
+    assert example_prompt(Tokenizer.char_from_text("add 12 and 3\n"), instruct) == "a"  # no '?', no 'W'
+    assert example_prompt(Tokenizer.char_from_text("2+2? 4"), instruct) == "2+2?"
+    digits = Tokenizer.char_from_text("0123 ,.\n")
+    assert example_prompt(digits) == "0"
+    with pytest.raises(UserError, match=r"e.g. --prompt=0$"):
+        encode_prompt(digits, "", False)

@@ -67,11 +67,14 @@ def test_resumed_budget_run_spends_only_what_is_left(tiny_data, tmp_path, capsys
     out_text = capsys.readouterr().out
     assert (f"note: --max_iters=6 ended this run after {spent:.1f} s of its --time_budget=1000 (0%); the learning "
             f"rate follows the budget, so it stood at ") in out_text
-    assert "its warmup and decay unfinished: give the time" in out_text  # (TINY warms up for 2 of 100)
+    assert "its warmup unfinished and its decay not started: give the time" in out_text  # (TINY: 2 of 100)
     # past the warmup only the decay is left; without a schedule, nothing of one is said
     run_train(tiny_data, tmp_path / "warm", "--time_budget=1000", "--max_iters=6", "--lr_decay_iters=100",
               "--warmup_iters=0")
     assert "stood at" in (text := capsys.readouterr().out) and "its decay unfinished: give the time" in text
+    run_train(tiny_data, tmp_path / "wsd", "--time_budget=1000", "--max_iters=6", "--lr_decay_iters=100",
+              "--warmup_iters=0", "--lr_schedule=wsd")  # still in its stable phase
+    assert "its decay not started: give the time" in capsys.readouterr().out
     run_train(tiny_data, tmp_path / "flat", "--time_budget=1000", "--max_iters=6", "--decay_lr=False")
     assert "(0%); give the time the run takes, or a higher --max_iters" in capsys.readouterr().out
     run_train(tiny_data, out, "--init_from=resume", "--max_iters=9")
