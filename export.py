@@ -206,7 +206,8 @@ def hf_usage(name: str, model: GPT, tokenizer: Tokenizer, instruct: dict | None 
             f"from transformers import AutoModelForCausalLM, AutoTokenizer\n"
             f"model = AutoModelForCausalLM.from_pretrained({literal(repo_id or name)}{trust})\n"
             f"tokenizer = AutoTokenizer.from_pretrained({literal(repo_id or name)}{trust})\n{ids}"
-            f"out = model.generate(ids, max_new_tokens={max_new_tokens}, do_sample=True, top_k=200, temperature=0.8{more})  # {ends}\n"
+            f"out = model.generate(ids, max_new_tokens={max_new_tokens}, max_length=None, do_sample=True, top_k=200, "
+            f"temperature=0.8{more})  # {ends}\n"
             f"print(tokenizer.decode({shown}, skip_special_tokens=True))\n")
     why = ("\n\nThe model uses options GPT-2's architecture lacks, so its code ships in this folder "
            "(`modeling_nanogpt.py`, `configuration_nanogpt.py`: plain PyTorch, read them before you trust "
