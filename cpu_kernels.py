@@ -25,13 +25,11 @@ dropout and SDPA) side by side with ours.
 import contextlib
 import ctypes
 import hashlib
-import json
 import math
 import os
 import platform
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +37,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from hardware import mark_used, prune_cache, user_cache
+from hardware import failure_noted, mark_used, note_failure, prune_cache, user_cache
 
 
 _enabled = True  # False inside torch_kernels()
@@ -236,23 +234,11 @@ def compiler_stamp(compiler: str) -> list:
 def remembered_failure(marker: Path, compiler: str) -> str | None:
     """Why the build that marker remembers failed, if it failed in the last day with this very
     compiler; else None."""
-    try:
-        if time.time() - marker.stat().st_mtime > FAILURE_KEPT_HOURS * 3600:
-            return None
-        record = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or record.get("compiler") != compiler_stamp(compiler):
-        return None
-    return str(record.get("why", "unknown"))
+    return failure_noted(marker, FAILURE_KEPT_HOURS * 3600, {"compiler": compiler_stamp(compiler)})
 
 
 def remember_failure(marker: Path, why: str, compiler: str):
-    try:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"why": why, "compiler": compiler_stamp(compiler)}) + "\n", encoding="utf-8")
-    except OSError:  # a read-only cache: the next run tries again
-        pass
+    note_failure(marker, why, {"compiler": compiler_stamp(compiler)})
 
 
 def no_apple_compiler(compiler: str) -> str | None:

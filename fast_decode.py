@@ -54,7 +54,7 @@ import durable
 import errors
 import model as model_module
 import hardware
-from hardware import mark_used, prune_cache, user_cache
+from hardware import failure_noted, mark_used, note_failure, prune_cache, user_cache
 from model import GPT, GPTConfig, KVCache, RMSNorm, apply_rotary, slide_window
 
 # the model options this decoder does not implement: a model that uses one of them (a value other
@@ -305,9 +305,7 @@ class FastDecoder:
                 why += f"; {space}"
             log(f"could not compile the decoding step ({why}); decoding with the eager step")
             if build_failed:  # the machine's, not the step's: remembered, so later runs skip the same minute
-                with contextlib.suppress(OSError):
-                    failed.parent.mkdir(parents=True, exist_ok=True)
-                    durable.write_text(failed, json.dumps({"why": why, **build_environment()}) + "\n")
+                note_failure(failed, why, build_environment())
             return "eager step (its compile failed)"
         return f"step compiled in {time.perf_counter() - t0:.0f} s, kept in {path}"
 
@@ -631,15 +629,7 @@ def failed_before(marker: Path) -> str | None:
     """Why the build failed before in this environment (its marker), else None: a marker of
     another environment (a new virtual environment, a compiler installed since), an unreadable
     one or one over a week old is no reason not to try."""
-    try:
-        if time.time() - marker.stat().st_mtime > 7 * 24 * 3600:
-            return None
-        record = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or {k: record.get(k) for k in ("python", "compiler")} != build_environment():
-        return None
-    return str(record.get("why", "unknown"))
+    return failure_noted(marker, 7 * 24 * 3600, build_environment())
 
 
 def decoder_for(model: nn.Module, batch_size: int, weights: str = "auto", compile: bool | None = None,

@@ -16,6 +16,7 @@ and macOS alike and answers False for x86 features on arm CPUs; nothing here rea
 """
 import contextlib
 import functools
+import json
 import os
 import platform
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 import psutil
 import torch
 
+import durable
 from errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -94,6 +96,31 @@ def prune_cache(path: Path, pattern: str):
                 other.unlink()
         except OSError:
             pass
+
+
+def failure_noted(marker: Path, max_age: float, context: dict) -> str | None:
+    """Why a build failed, as note_failure kept it beside where its result would be, if that was
+    less than max_age seconds ago in the same context (the compiler, the Python environment);
+    else None: no note, an unreadable or old one, or another context's is no reason not to try."""
+    try:
+        if time.time() - marker.stat().st_mtime > max_age:
+            return None
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or {k: record.get(k) for k in context} != context:
+        return None
+    return str(record.get("why", "unknown"))
+
+
+def note_failure(marker: Path, why: str, context: dict):
+    """Keep why a build failed, in its context, for failure_noted. A cache that cannot be written
+    is no error: the next run tries again."""
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        durable.write_text(marker, json.dumps({"why": why, **context}) + "\n")
+    except OSError:
+        pass
 
 
 def available_memory() -> int:

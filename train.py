@@ -512,6 +512,12 @@ def accumulation_problem(cfg: TrainConfig, procs: Processes) -> str | None:
     return None
 
 
+def training_memory(n_params: int) -> str:
+    """What n float32 parameters take while they train (weights, gradients, AdamW's two moments)."""
+    size = 16 * n_params
+    return f"{size / 2 ** 30:.1f} GB" if size >= 2 ** 30 else f"{size / 2 ** 20:.0f} MB"
+
+
 BIGRAM_RECIPE_LIMIT = 10  # a config file's --bigram is refused where its table outweighs the rest this many times
 
 
@@ -525,11 +531,10 @@ def recipe_bigram_too_large(cfg: TrainConfig, explicit: set, vocab_size: int) ->
     rest = 12 * cfg.n_layer * cfg.n_embd ** 2 + vocab_size * cfg.n_embd * (1 if cfg.tie_head else 2)  # about
     if table <= BIGRAM_RECIPE_LIMIT * rest:
         return None
-    size = 16 * table  # float32: weights, gradients, AdamW's two moments
-    size = f"{size / 2 ** 30:.1f} GB" if size >= 2 ** 30 else f"{size / 2 ** 20:.0f} MB"
     return (f"the config file's bigram = True adds a table of {table / 1e6:.0f}M parameters on dataset "
             f"{cfg.dataset!r} (a vocabulary of {vocab_size:,} tokens), about {table / rest:.0f}x the rest of the "
-            f"model (~{size} with its gradients and optimizer state; it pays on small char vocabularies): pass "
+            f"model (~{training_memory(table)} with its gradients and optimizer state; it pays on small char "
+            f"vocabularies): pass "
             f"--bigram=False, or --bigram=True to keep it")
 
 
@@ -540,11 +545,10 @@ def announce_model(raw_model: GPT, cfg: TrainConfig):
     tables = f" (and {(total - counted) / 1e6:.2f}M in lookup tables)" if total - counted > counted else ""
     print(f"number of parameters: {counted / 1e6:.2f}M{tables}")
     if raw_model.config.bigram and (n := raw_model.bigram.weight.numel()) > counted:
-        V, C, size = raw_model.config.vocab_size, raw_model.config.n_embd, 16 * n  # float32: weights, grads, AdamW's 2
-        size = f"{size / 2 ** 30:.1f} GB" if size >= 2 ** 30 else f"{size / 2 ** 20:.0f} MB"
+        V, C = raw_model.config.vocab_size, raw_model.config.n_embd
         print(f"note: the bigram table alone holds {n / 1e6:.2f}M parameters ({V + 1:,} x {V:,} rows of {C}), "
               f"{n / counted:.0f}x the rest of the model; with its gradients and optimizer state it takes "
-              f"~{size}: --bigram=False drops it (it pays on small char vocabularies)")
+              f"~{training_memory(n)}: --bigram=False drops it (it pays on small char vocabularies)")
     if cfg.lora_rank:
         n = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         print(f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {n:,} parameters train "
